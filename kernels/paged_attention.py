@@ -1,0 +1,86 @@
+"""Paged attention over packed variable-length sequences: the plain-torch reference.
+
+The KV cache of one layer is two tensors `[num_blocks, block_size, kv_heads, head_dim]`.
+A sequence's tokens live in the blocks its block table lists, in order. One step carries a
+packed batch: sequence i contributes `query_lens[i]` new tokens (a prefill chunk, or 1 for
+decode) whose K/V are first written into the cache, then every new token attends to all of
+its sequence's cached tokens up to and including itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Per-step attention inputs, shared by every layer of the step."""
+
+    query_start_loc: torch.Tensor  # [S+1] int32, offsets of each sequence in the packed batch
+    context_lens: torch.Tensor  # [S] int32, cached tokens after this step (incl. new ones)
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    slot_mapping: torch.Tensor  # [T] int64, cache slot of every new token
+    query_lens_host: tuple[int, ...]
+    context_lens_host: tuple[int, ...]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_host)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.query_lens_host)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys/values `[T, kv_heads, head_dim]` into their cache slots."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    # [nb, bs, H, D] -> [length, H, D]
+    return cache[blocks].flatten(0, 1)[:length]
+
+
+def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          meta: AttentionMetadata, scale: float,
+                          sliding_window: int | None = None) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D]. Reads K/V (already written) from the paged cache."""
+    q_heads, kv_heads = q.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    out = torch.empty_like(q)
+    bs = meta.block_size
+    start = 0
+    for i, (n, ctx) in enumerate(zip(meta.query_lens_host, meta.context_lens_host)):
+        nb = -(-ctx // bs)
+        blocks = meta.block_tables[i, :nb].long()
+        k = _gather(k_cache, blocks, ctx)  # [ctx, Hkv, D]
+        v = _gather(v_cache, blocks, ctx)
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]  # [n, 1]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]  # [1, ctx]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= q_pos - k_pos < sliding_window
+        qi = q[start:start + n].transpose(0, 1)  # [Hq, n, D]
+        o = F.scaled_dot_product_attention(qi, k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=mask, scale=scale)
+        out[start:start + n] = o.transpose(0, 1)
+        start += n
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """Dispatch point: the torch reference everywhere for now; faster kernels plug in here
+    with the same signature."""
+    return paged_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)

@@ -1,0 +1,6 @@
+"""Rank and device discovery for processes started by mpirun, srun or a spawning parent."""
+
+from trtdist.launch.device import bind_device, cpu_threads_per_rank
+from trtdist.launch.env import RankInfo, discover_rank
+
+__all__ = ["RankInfo", "bind_device", "cpu_threads_per_rank", "discover_rank"]

@@ -1,0 +1,88 @@
+"""Tensor-parallel layers. Each holds only its shard and gets its TP communicator passed in.
+
+Weights follow torch's Linear layout `[out_features, in_features]`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trtdist.comm.base import Communicator
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y_local = X @ W_local^T: the output features are split; no communication."""
+
+    def __init__(self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype,
+                                               device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_local, dtype=dtype, device=device),
+                                  requires_grad=False) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Y = sum over ranks of X_local @ W_local^T: the input features are split, then an
+    all-reduce. A bias is added once, after the reduction."""
+
+    def __init__(self, in_local: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device, comm: Communicator) -> None:
+        super().__init__()
+        self.comm = comm
+        self.weight = nn.Parameter(torch.empty(out_features, in_local, dtype=dtype,
+                                               device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                  requires_grad=False) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.comm.all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds rows [start, end) of the table; ids outside give zeros, then the
+    all-reduce assembles the full embedding."""
+
+    def __init__(self, vocab_start: int, vocab_end: int, local_rows: int, hidden: int,
+                 dtype: torch.dtype, device: torch.device, comm: Communicator) -> None:
+        super().__init__()
+        self.comm = comm
+        self.vocab_start, self.vocab_end = vocab_start, vocab_end
+        self.weight = nn.Parameter(torch.empty(local_rows, hidden, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.comm.size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        return self.comm.all_reduce(out)
+
+
+class ParallelLMHead(nn.Module):
+    """Vocab-parallel logits: each rank computes its slice, then an all-gather assembles
+    `[T, vocab_size]` on every rank of the group (padding columns dropped)."""
+
+    def __init__(self, local_rows: int, hidden: int, vocab_size: int, dtype: torch.dtype,
+                 device: torch.device, comm: Communicator) -> None:
+        super().__init__()
+        self.comm = comm
+        self.vocab_size = vocab_size
+        self.weight = nn.Parameter(torch.empty(local_rows, hidden, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.linear(x, self.weight)  # [T, V_local]
+        if self.comm.size == 1:
+            return local[:, : self.vocab_size]
+        gathered = self.comm.all_gather(local)  # [tp*T, V_local]
+        t = x.shape[0]
+        full = gathered.view(self.comm.size, t, -1).permute(1, 0, 2).reshape(t, -1)
+        return full[:, : self.vocab_size]

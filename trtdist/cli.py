@@ -1,0 +1,161 @@
+"""`trtdist` command line: build, generate, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from trtdist import __version__
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _partition(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer counts such as 3,5, got {value!r}") from None
+
+
+_DTYPES = ["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
+
+
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp-size", type=_positive, default=None,
+                   help="tensor-parallel ranks (default: the engine's, else the world size)")
+    p.add_argument("--pp-size", type=_positive, default=None,
+                   help="pipeline stages (default: the engine's, else 1)")
+    p.add_argument("--pp-partition", type=_partition, default=None,
+                   help="layers per stage, e.g. 3,5 (default: even split)")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--dummy-weights", action="store_true",
+                   help="random weights; MODEL may be a preset (llama3-8b, llama3-70b) or a "
+                        "config.json")
+    p.add_argument("--skip-checksums", action="store_true",
+                   help="do not verify engine file checksums at load")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trtdist", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"trtdist {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="shard a Hugging Face checkpoint into a per-rank engine")
+    b.add_argument("model", help="Hugging Face checkpoint directory")
+    b.add_argument("-o", "--output", required=True, help="engine directory to write")
+    b.add_argument("--tp-size", type=_positive, default=1)
+    b.add_argument("--pp-size", type=_positive, default=1)
+    b.add_argument("--pp-partition", type=_partition, default=None)
+    b.add_argument("--dtype", choices=_DTYPES, default="auto")
+    b.add_argument("--quant", choices=["none"], default="none",
+                   help="weight quantization (only 'none' so far)")
+
+    g = sub.add_parser("generate", help="complete a prompt (run under mpirun -n TP*PP)")
+    g.add_argument("model", nargs="?", default=None,
+                   help="engine or Hugging Face directory (default: built-in tiny model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=_positive, default=32)
+    g.add_argument("--ignore-eos", action="store_true")
+    _add_parallel(g)
+
+    i = sub.add_parser("info", help="describe an engine or checkpoint directory")
+    i.add_argument("model", nargs="?", default=None)
+    return parser
+
+
+def _mapping_sizes(args: argparse.Namespace, source, world_size: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    if source.kind == "engine":
+        em = source.engine_meta["mapping"]
+        tp = args.tp_size or em["tp_size"]
+        pp = args.pp_size or em["pp_size"]
+    else:
+        pp = args.pp_size or 1
+        tp = args.tp_size or max(world_size // pp, 1)
+    return tp, pp
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from trtdist.comm.world import World
+    from trtdist.engine.source import resolve_model
+    from trtdist.runtime.rank import RankOptions, WorldError, start_rank
+    from trtdist.runtime.single import greedy_generate
+
+    world = World()
+    try:
+        source = resolve_model(args.model, args.dummy_weights)
+        tp, pp = _mapping_sizes(args, source, world.size)
+        opts = RankOptions(tp_size=tp, pp_size=pp, dtype=args.dtype, device=args.device,
+                           pp_partition=args.pp_partition,
+                           verify_checksums=not args.skip_checksums)
+        runner = start_rank(world, source, opts)
+    except WorldError as e:
+        if world.is_leader:
+            print(f"trtdist generate: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"trtdist generate: rank {world.rank}: error: {e}", file=sys.stderr)
+        return 1
+    if not world.is_leader:
+        runner.serve_forever()
+        return 0
+    try:
+        from trtdist.tokenizer import Tokenizer
+
+        if source.tokenizer_dir is None:
+            raise ValueError(f"{source.name} has no tokenizer.json; generate needs one")
+        tok = Tokenizer(source.tokenizer_dir)
+        ids = tok.encode(args.prompt)
+        eos = () if args.ignore_eos else tok.eos_token_ids or source.config.eos_token_ids
+        out = greedy_generate(runner, ids, args.max_tokens, eos)
+        print(tok.decode(out))
+        return 0
+    finally:
+        runner.shutdown()
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from trtdist.engine.build import build_engine
+
+    out = build_engine(args.model, args.output, args.tp_size, args.pp_size, args.dtype,
+                       args.pp_partition)
+    print(f"engine written to {out} ({args.tp_size * args.pp_size} rank files)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from trtdist.engine.source import resolve_model
+
+    src = resolve_model(args.model)
+    info = {"kind": src.kind, "path": str(src.path), "model": src.config.to_dict()}
+    if src.engine_meta:
+        info |= {k: src.engine_meta[k] for k in ("mapping", "build", "files")}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"build": cmd_build, "generate": cmd_generate, "info": cmd_info}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"trtdist {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""`trtdist build`: shard a Hugging Face checkpoint into one safetensors file per rank."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from trtdist.config import DTYPE_NAMES, parse_dtype
+from trtdist.engine.checkpoint import HFCheckpoint
+from trtdist.engine.source import ENGINE_FORMAT, ENGINE_VERSION
+from trtdist.models.llama_weights import required_hf_names, shard_llama
+from trtdist.parallel.mapping import Mapping
+from trtdist.parallel.pipeline import split_layers
+from trtdist.parallel.shard import attention_shard
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def validate_parallelism(cfg, tp_size: int, pp_size: int,  # type: ignore[no-untyped-def]
+                         partition: Sequence[int] | None = None) -> list[range]:
+    """Fail early, naming the numbers, if the model cannot be split this way."""
+    Mapping(tp_size * pp_size, tp_size, pp_size, 0)
+    for r in range(tp_size):
+        attention_shard(cfg.num_heads, cfg.num_kv_heads, tp_size, r)
+    if cfg.intermediate_size % tp_size:
+        raise ValueError(f"intermediate_size {cfg.intermediate_size} is not divisible by "
+                         f"tp_size {tp_size}")
+    return split_layers(cfg.num_layers, pp_size, partition)
+
+
+def resolve_dtype(name: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    return checkpoint_dtype if name == "auto" else parse_dtype(name)
+
+
+def build_engine(hf_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_size: int = 1,
+                 dtype: str = "auto", pp_partition: Sequence[int] | None = None,
+                 progress: bool = True) -> Path:
+    """Write `out_dir/config.json` and `out_dir/rank{r}.safetensors` for every rank."""
+    ckpt = HFCheckpoint(hf_dir)
+    cfg = ckpt.config
+    stages = validate_parallelism(cfg, tp_size, pp_size, pp_partition)
+    torch_dtype = resolve_dtype(dtype, cfg.checkpoint_dtype())
+    world = tp_size * pp_size
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for rank in range(world):  # check every needed tensor before writing anything
+        m = Mapping(world, tp_size, pp_size, rank)
+        missing = [n for n in required_hf_names(cfg, m, stages[m.pp_rank]) if n not in ckpt]
+        if missing:
+            raise ValueError(f"checkpoint {hf_dir} lacks {len(missing)} tensor(s) needed by "
+                             f"rank {rank}, e.g. {missing[:3]}")
+    files: dict[str, dict[str, object]] = {}
+    bar = tqdm(total=world, desc="build", unit="rank", disable=not progress)
+    for rank in range(world):
+        m = Mapping(world, tp_size, pp_size, rank)
+        tensors = {name: t.to(torch_dtype).contiguous()
+                   for name, t in shard_llama(ckpt.get, cfg, m, stages[m.pp_rank])}
+        path = out / rank_file(rank)
+        save_file(tensors, str(path), metadata={"rank": str(rank), "format": ENGINE_FORMAT})
+        files[rank_file(rank)] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        bar.update(1)
+    bar.close()
+    for name in TOKENIZER_FILES:
+        if (Path(hf_dir) / name).exists():
+            shutil.copy2(Path(hf_dir) / name, out / name)
+    meta = {
+        "format": ENGINE_FORMAT, "version": ENGINE_VERSION,
+        "model": cfg.to_dict(),
+        "mapping": {"world_size": world, "tp_size": tp_size, "pp_size": pp_size,
+                    "pp_partition": [len(s) for s in stages]},
+        "build": {"dtype": DTYPE_NAMES[torch_dtype], "quant": None,
+                  "source": str(Path(hf_dir).resolve())},
+        "files": files,
+    }
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    return out

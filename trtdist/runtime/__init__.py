@@ -1,0 +1,1 @@
+"""Per-rank execution and the leader's control loop."""
