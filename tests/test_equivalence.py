@@ -39,3 +39,28 @@ def test_engines_match_transformers(tp: int, pp: int, hf_models: dict[str, Path]
         err = relative_error(torch.from_numpy(res[f"logits{i}"]), ref_logits)
         assert err <= 1e-4, f"{kind} {d}: logits relative error {err:.2e}"
         assert res[f"tokens{i}"].tolist() == ref_tokens, f"{kind} {d}: greedy tokens differ"
+
+
+@pytest.mark.gpu
+@pytest.mark.mpi
+@pytest.mark.parametrize("tp,pp", [(2, 1), (4, 1), (2, 2)])
+def test_bf16_engines_match_transformers_bf16(tp: int, pp: int, hf_models: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    if torch.cuda.device_count() < tp * pp:
+        pytest.skip(f"needs {tp * pp} GPUs, have {torch.cuda.device_count()}")
+    import transformers
+
+    engines = [build_engine(hf_models[k], tmp_path / k, tp, pp, "bfloat16", progress=False)
+               for k in MODELS]
+    out = tmp_path / "out.npz"
+    mpirun(tp * pp, [str(MPI_SCRIPTS / "run_model.py"), str(out), str(tp), str(pp), "auto",
+                     ",".join(map(str, PROMPT)), "1", *map(str, engines)])
+    res = np.load(out)
+    for i, k in enumerate(MODELS):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            hf_models[k], dtype=torch.bfloat16).cuda().eval()
+        with torch.no_grad():
+            ref = model(torch.tensor([PROMPT]).cuda()).logits[0].float().cpu()
+        err = relative_error(torch.from_numpy(res[f"logits{i}"]), ref)
+        print(f"bf16 tp={tp} pp={pp} {k}: relative error {err:.2e}")
+        assert err <= 2e-2, f"{k}: bf16 logits relative error {err:.2e}"

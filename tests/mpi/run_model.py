@@ -1,5 +1,6 @@
 """Under mpirun: load each named model on the world, compute prompt logits and greedy tokens,
-and (leader) save them to an .npz. Usage: run_model.py OUT.npz TP PP DTYPE PROMPT_IDS N DIR..."""
+and (leader) save them to an .npz.
+Usage: run_model.py OUT.npz TP PP DTYPE PROMPT_IDS N [--dummy] MODEL..."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from trtdist.runtime.single import greedy_generate, prompt_logits
 
 def main() -> None:
     out, tp, pp, dtype, prompt, n, *dirs = sys.argv[1:]
+    dummy = dirs[:1] == ["--dummy"]
+    dirs = dirs[1:] if dummy else dirs
     ids = [int(x) for x in prompt.split(",")]
     world = World()
     results = {}
     for i, d in enumerate(dirs):
-        runner = start_rank(world, resolve_model(d), RankOptions(int(tp), int(pp), dtype))
+        runner = start_rank(world, resolve_model(d, dummy_weights=dummy), RankOptions(int(tp), int(pp), dtype))
         if world.is_leader:
             results[f"logits{i}"] = prompt_logits(runner, ids)
             results[f"tokens{i}"] = np.array(greedy_generate(runner, ids, int(n)))
