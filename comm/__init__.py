@@ -8,7 +8,8 @@ __all__ = ["Communicator", "MpiCommunicator", "World", "make_communicator"]
 
 
 def make_communicator(mpi_comm, device) -> Communicator:  # type: ignore[no-untyped-def]
-    """NCCL on a CUDA device, MPI on the CPU; both over the ranks of `mpi_comm`."""
+    """NCCL on a CUDA device, MPI on the CPU; both over the ranks of `mpi_comm`, which the
+    communicator then owns (its `destroy()` frees it)."""
     if device.type == "cuda":
         from trtdist.comm.nccl import NcclCommunicator
 

@@ -39,3 +39,7 @@ class Communicator(Protocol):
 
     def barrier(self) -> None:
         ...
+
+    def destroy(self) -> None:
+        """Release the communicator (and the MPI group it owns). Collective."""
+        ...

@@ -63,5 +63,10 @@ class MpiCommunicator:
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    def destroy(self) -> None:
+        if self.comm not in (MPI.COMM_WORLD, MPI.COMM_SELF, MPI.COMM_NULL):
+            self.comm.Free()
+        self.comm = MPI.COMM_NULL
+
 
 _TENSOR_TAG = 17

@@ -155,6 +155,7 @@ class NcclCommunicator:
 
     def __init__(self, mpi_comm: MPI.Intracomm, device: torch.device) -> None:
         self.lib = nccl_library()
+        self.mpi_comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
         self.device = device
@@ -224,5 +225,9 @@ class NcclCommunicator:
 
     def destroy(self) -> None:
         if getattr(self, "comm", None):
+            torch.cuda.synchronize(self.device)
             self.lib.check(self.lib.lib.ncclCommDestroy(self.comm), "ncclCommDestroy")
             self.comm = None
+        if self.mpi_comm not in (MPI.COMM_WORLD, MPI.COMM_SELF, MPI.COMM_NULL):
+            self.mpi_comm.Free()
+        self.mpi_comm = MPI.COMM_NULL

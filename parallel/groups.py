@@ -27,3 +27,8 @@ class ParallelGroups:
         tp_mpi = world.split(color=mapping.pp_rank, key=mapping.tp_rank)
         pp_mpi = world.split(color=mapping.tp_rank, key=mapping.pp_rank)
         return cls(mapping, make_communicator(tp_mpi, device), make_communicator(pp_mpi, device))
+
+    def destroy(self) -> None:
+        """Collective: release both communicators."""
+        self.tp.destroy()
+        self.pp.destroy()

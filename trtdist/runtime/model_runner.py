@@ -3,6 +3,8 @@ to the next stage, and (last stage) turn logits into tokens for the leader."""
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 
@@ -12,6 +14,7 @@ from trtdist.models.llama import LlamaStage
 from trtdist.parallel.groups import ParallelGroups
 from trtdist.runtime.kv_cache import KVCache
 from trtdist.runtime.plan import RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
+from trtdist.runtime.sampler import Sampler, result_width
 
 _RESULT_TAG = 31
 
@@ -24,7 +27,9 @@ class ModelRunner:
         self.world, self.groups, self.model, self.kv = world, groups, model, kv
         self.mapping = groups.mapping
         self.device = model.device
-        self._local_result: np.ndarray | None = None
+        self._local_results: deque[np.ndarray] = deque()
+        self.samples = self.mapping.is_last_stage and self.mapping.tp_rank == 0
+        self.sampler = Sampler(self.device) if self.samples else None
 
     # ---- control plane -------------------------------------------------------------
     def broadcast_plan(self, plan: StepPlan | None) -> StepPlan:
@@ -71,41 +76,58 @@ class ModelRunner:
         if not m.is_last_stage:
             self.groups.pp.send(h, m.pp_rank + 1)
             return
+        rows = np.nonzero(plan.sample)[0]
         if plan.flags & RETURN_ALL_LOGITS:
             logits = self.model.compute_logits(h)
         else:
-            logits = self.model.compute_logits(h[meta.query_start_loc[1:].long() - 1])
-        if m.tp_rank != 0:
+            last = torch.from_numpy(np.cumsum(plan.query_lens)[rows] - 1).to(dev)
+            logits = self.model.compute_logits(h[last])
+        if not self.samples:
             return
-        result = self._result(plan, logits)
+        assert self.sampler is not None
+        self.sampler.observe(plan)
+        if plan.flags & RETURN_ALL_LOGITS:
+            result = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
+        else:
+            result = self.sampler.sample(logits, plan, rows)
         if self.world.rank == 0:
-            self._local_result = result
+            self._local_results.append(result)
         else:
             self.world.comm.Send(result, dest=0, tag=_RESULT_TAG)
 
-    def _result(self, plan: StepPlan, logits: torch.Tensor) -> np.ndarray:
-        if plan.flags & RETURN_ALL_LOGITS:
-            return np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
-        return logits.argmax(dim=-1).cpu().numpy().astype(np.int64)
-
     def collect(self, plan: StepPlan) -> np.ndarray:
-        """Leader: the step's result from the sampling rank (token ids, or all logits)."""
-        if self._local_result is not None:
-            out, self._local_result = self._local_result, None
-            return out
+        """Leader: the oldest outstanding step's result from the sampling rank: all logits
+        `[T, vocab]` float32, or one row per sampled sequence (see `Sampler.sample`)."""
+        if self._local_results:
+            return self._local_results.popleft()
         if plan.flags & RETURN_ALL_LOGITS:
             out = np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
         else:
-            out = np.empty(plan.num_seqs, dtype=np.int64)
+            rows = np.nonzero(plan.sample)[0]
+            k = max(int(plan.logprobs[rows].max(initial=-1)), 0)
+            out = np.empty((rows.size, result_width(k)), dtype=np.float64)
         self.world.comm.Recv(out, source=self.mapping.last_stage_leader, tag=_RESULT_TAG)
         return out
 
-    def step(self, plan: StepPlan) -> np.ndarray:
-        """Leader: broadcast, execute its own part, and wait for the result."""
+    def launch(self, plan: StepPlan) -> None:
+        """Leader: broadcast a plan and run its own part; the result is collected later, so
+        with pipeline parallelism several plans can be in flight."""
         self.broadcast_plan(plan)
         self.execute(plan)
+
+    def step(self, plan: StepPlan) -> np.ndarray:
+        """Leader: broadcast, execute its own part, and wait for the result."""
+        self.launch(plan)
         return self.collect(plan)
 
     def shutdown(self) -> None:
+        """Leader: tell every rank to leave `serve_forever`."""
         if self.world.is_leader:
             self.broadcast_plan(StepPlan.shutdown())
+
+    def close(self) -> None:
+        """Collective (after shutdown): release communicators and the KV pool."""
+        self.groups.destroy()
+        del self.kv.data, self.kv.layers
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,20 +1,33 @@
 """The step plan: what every rank runs in one step, sent leader -> all as one int64 buffer.
 
-Layout of the buffer (all int64):
-    header  [kind, T, S, max_blocks, flags]
-    input_ids[T] positions[T] query_lens[S] context_lens[S] block_tables[S*max_blocks]
+Layout (int64; float fields travel bit-cast to int64):
+    header  [kind, T, S, max_blocks, flags, R]
+    per token     input_ids[T] positions[T]
+    per sequence  query_lens context_lens seq_ids prompt_lens sample top_k seeds logprobs [S]
+                  block_tables[S*max_blocks]  floats[S*6] (temperature top_p min_p
+                  repetition presence frequency)
+    released[R]   sequences whose sampler state the last stage can drop
 Slot mappings are derived on each rank from positions and block tables, so they never travel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 FORWARD, SHUTDOWN = 0, 1
 RETURN_ALL_LOGITS = 1
-_HEADER = 5
+_HEADER = 6
+_INT_FIELDS = ("query_lens", "context_lens", "seq_ids", "prompt_lens", "sample", "top_k",
+               "seeds", "logprobs")
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition", "presence", "frequency")
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _ints(n: int, value: int = 0) -> np.ndarray:
+    return np.full(n, value, dtype=np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +39,14 @@ class StepPlan:
     context_lens: np.ndarray  # [S] cached tokens per sequence after this step
     block_tables: np.ndarray  # [S, max_blocks]
     flags: int = 0
+    seq_ids: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S]
+    prompt_lens: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S]
+    sample: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] 1 if this chunk ends the sequence
+    top_k: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] 0 = off
+    seeds: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] -1 = unseeded
+    logprobs: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] -1 = none
+    floats: np.ndarray = field(default_factory=lambda: np.zeros((0, 6)))  # [S, 6] float64, FLOAT_FIELDS
+    released: np.ndarray = field(default_factory=lambda: _EMPTY)  # [R]
 
     def __post_init__(self) -> None:
         t, s = self.input_ids.size, self.query_lens.size
@@ -34,6 +55,16 @@ class StepPlan:
                              f"query lengths summing to {int(self.query_lens.sum())}")
         if self.context_lens.size != s or self.block_tables.shape[0] != s:
             raise ValueError("step plan: per-sequence arrays disagree on the number of sequences")
+        # Defaults for plans built without sampling settings (greedy, every sequence sampled).
+        defaults = {"seq_ids": np.arange(s), "prompt_lens": self.context_lens, "sample": _ints(s, 1),
+                    "top_k": _ints(s), "seeds": _ints(s, -1), "logprobs": _ints(s, -1)}
+        for name, value in defaults.items():
+            if getattr(self, name).size != s:
+                object.__setattr__(self, name, np.asarray(value, dtype=np.int64))
+        if self.floats.shape != (s, 6):
+            f = np.zeros((s, 6))
+            f[:, 1] = f[:, 3] = 1.0  # top_p 1, repetition 1; temperature 0 = greedy
+            object.__setattr__(self, "floats", f)
 
     @property
     def num_tokens(self) -> int:
@@ -45,23 +76,34 @@ class StepPlan:
 
     @classmethod
     def shutdown(cls) -> StepPlan:
-        e = np.zeros(0, dtype=np.int64)
-        return cls(SHUTDOWN, e, e, e, e, np.zeros((0, 0), dtype=np.int64))
+        return cls(SHUTDOWN, _EMPTY, _EMPTY, _EMPTY, _EMPTY, np.zeros((0, 0), dtype=np.int64))
 
     def encode(self) -> np.ndarray:
-        header = np.array([self.kind, self.num_tokens, self.num_seqs,
-                           self.block_tables.shape[1], self.flags], dtype=np.int64)
-        return np.concatenate([header, self.input_ids, self.positions, self.query_lens,
-                               self.context_lens, self.block_tables.reshape(-1)]).astype(np.int64)
+        header = np.array([self.kind, self.num_tokens, self.num_seqs, self.block_tables.shape[1],
+                           self.flags, self.released.size], dtype=np.int64)
+        parts = [header, self.input_ids, self.positions]
+        parts += [getattr(self, name) for name in _INT_FIELDS]
+        parts += [self.block_tables.reshape(-1),
+                  np.ascontiguousarray(self.floats, dtype=np.float64).reshape(-1).view(np.int64),
+                  self.released]
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
     @classmethod
     def decode(cls, buf: np.ndarray) -> StepPlan:
-        kind, t, s, mb, flags = (int(x) for x in buf[:_HEADER])
+        kind, t, s, mb, flags, r = (int(x) for x in buf[:_HEADER])
         o = _HEADER
-        parts = []
-        for n in (t, t, s, s, s * mb):
-            parts.append(buf[o:o + n])
+
+        def take(n: int) -> np.ndarray:
+            nonlocal o
             o += n
+            return buf[o - n:o]
+
+        ids, pos = take(t), take(t)
+        ints = {name: take(s) for name in _INT_FIELDS}
+        tables = take(s * mb).reshape(s, mb)
+        floats = take(s * 6).view(np.float64).reshape(s, 6)
+        released = take(r)
         if o != buf.size:
             raise ValueError(f"step plan buffer has {buf.size} entries, header implies {o}")
-        return cls(kind, parts[0], parts[1], parts[2], parts[3], parts[4].reshape(s, mb), flags)
+        return cls(kind, ids, pos, ints.pop("query_lens"), ints.pop("context_lens"), tables,
+                   flags, floats=floats, released=released, **ints)

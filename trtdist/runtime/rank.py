@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,10 @@ class RankOptions:
     dtype: str = "auto"
     device: str = "auto"
     block_size: int = 16
-    num_kv_blocks: int = 256
+    kv_cache_fraction: float = 0.9
+    num_kv_blocks: int | None = None
+    max_model_len: int | None = None
+    max_batch_size: int = 256
     pp_partition: tuple[int, ...] | None = None
     verify_checksums: bool = True
     seed: int = 0
@@ -38,8 +42,10 @@ class RankOptions:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
-        if self.num_kv_blocks < 1:
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
 
 
 def check_world(world: World, error: str | None) -> None:
@@ -48,6 +54,34 @@ def check_world(world: World, error: str | None) -> None:
     if failed:
         lines = "\n".join(f"  rank {r}: {msg}" for r, msg in failed)
         raise WorldError(f"{len(failed)} of {world.size} rank(s) failed:\n{lines}")
+
+
+def _available_memory(device: torch.device, ranks_on_node: int) -> int:
+    """Bytes this rank may still use: free GPU memory, or its share of the node's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        avail = info["MemAvailable"]
+    except (OSError, KeyError, ValueError):
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return avail // max(ranks_on_node, 1)
+
+
+def kv_blocks_that_fit(bytes_per_block: int, device: torch.device, opts: RankOptions,
+                       max_model_len: int, ranks_on_node: int, rank: int) -> int:
+    """Blocks for `kv_cache_fraction` of the memory left after the weights (TensorRT-LLM's
+    kv_cache_free_gpu_mem_fraction), capped at what max_batch_size full-length sequences use."""
+    fit = int(opts.kv_cache_fraction * _available_memory(device, ranks_on_node)) // bytes_per_block
+    if opts.num_kv_blocks is not None:
+        if opts.num_kv_blocks > fit:
+            raise ValueError(f"rank {rank}: --num-kv-blocks {opts.num_kv_blocks} needs "
+                             f"{opts.num_kv_blocks * bytes_per_block / 2**30:.2f} GiB but only "
+                             f"{fit} blocks fit in the memory left")
+        return opts.num_kv_blocks
+    useful = -(-max_model_len // opts.block_size) * opts.max_batch_size
+    return min(fit, useful)
 
 
 def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRunner:
@@ -69,7 +103,22 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
         cfg = source.config
         shard = attention_shard(cfg.num_heads, cfg.num_kv_heads, mapping.tp_size,
                                 mapping.tp_rank)
-        kv = KVCache(len(model.layer_ids), opts.num_kv_blocks, opts.block_size, shard.kv_heads,
+        max_len = min(opts.max_model_len or cfg.max_position_embeddings,
+                      cfg.max_position_embeddings)
+        per_block = KVCache.bytes_per_block(len(model.layer_ids), opts.block_size,
+                                            shard.kv_heads, cfg.head_dim, model.dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        blocks = kv_blocks_that_fit(per_block, device, opts, max_len, world.info.local_size,
+                                    world.rank)
+    except Exception as e:  # noqa: BLE001
+        error = f"{type(e).__name__}: {e}"
+    check_world(world, error)
+    # NOTE: every rank allocates the same number of blocks, so a block id names the same
+    # slot everywhere; the leader's allocator hands them out.
+    blocks = world.allreduce_min(blocks)
+    try:
+        kv = KVCache(len(model.layer_ids), blocks, opts.block_size, shard.kv_heads,
                      cfg.head_dim, model.dtype, device)
         runner = ModelRunner(world, groups, model, kv)
     except Exception as e:  # noqa: BLE001

@@ -37,7 +37,7 @@ def greedy_generate(runner: ModelRunner, ids: Sequence[int], max_tokens: int,
     out: list[int] = []
     pending, start = list(ids), 0
     while len(out) < max_tokens:
-        token = int(runner.step(_plan(runner, pending, start))[0])
+        token = int(runner.step(_plan(runner, pending, start))[0, 0])
         out.append(token)
         if token in eos_ids:
             break

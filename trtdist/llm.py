@@ -1,0 +1,183 @@
+"""`DistributedLLM`: the Python API over a world of tensor- and pipeline-parallel ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from mpi4py import MPI
+
+from trtdist.comm.world import World
+from trtdist.engine.source import resolve_model
+from trtdist.launch.spawn import SpawnedWorld, spawn_world
+from trtdist.outputs import RequestOutput
+from trtdist.runtime.engine import EngineConfig, LLMEngine
+from trtdist.runtime.rank import RankOptions, start_rank
+from trtdist.sampling_params import SamplingParams
+from trtdist.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+class DistributedLLM:
+    """Generate with a model sharded over `tp_size * pp_size` ranks.
+
+    Two ways to run:
+    - inside an existing MPI world (`mpirun -n 4 python exp.py`): every rank constructs the
+      object with the same arguments; on non-leader ranks the constructor serves the leader
+      and returns once the leader calls `shutdown()` (check `is_leader`);
+    - from a plain `python` process: the object spawns `tp_size * pp_size - 1` worker ranks
+      and this process becomes the leader, so one script can loop over settings.
+
+    `model` is an engine directory, a Hugging Face directory, None for the built-in tiny model,
+    or with `dummy_weights=True` a preset name such as "llama3-8b".
+    """
+
+    def __init__(self, model: str | Path | None = None, *, tp_size: int = 1, pp_size: int = 1,
+                 dtype: str = "auto", device: str = "auto", max_batch_size: int = 256,
+                 max_num_tokens: int = 8192, max_model_len: int | None = None,
+                 kv_cache_fraction: float = 0.9, num_kv_blocks: int | None = None,
+                 block_size: int = 16, enable_prefix_caching: bool = True,
+                 dummy_weights: bool = False, pp_partition: Sequence[int] | None = None,
+                 verify_checksums: bool = True, seed: int = 0) -> None:
+        self.options = RankOptions(
+            tp_size=tp_size, pp_size=pp_size, dtype=dtype, device=device, block_size=block_size,
+            kv_cache_fraction=kv_cache_fraction, num_kv_blocks=num_kv_blocks,
+            max_model_len=max_model_len, max_batch_size=max_batch_size,
+            pp_partition=tuple(pp_partition) if pp_partition else None,
+            verify_checksums=verify_checksums, seed=seed)
+        engine_config = EngineConfig(max_batch_size, max_num_tokens, max_model_len,
+                                     enable_prefix_caching)
+        source = resolve_model(model, dummy_weights)
+        size, existing = tp_size * pp_size, MPI.COMM_WORLD.Get_size()
+        self._spawned: SpawnedWorld | None = None
+        if existing > 1 and existing != size:
+            raise ValueError(f"this MPI world has {existing} ranks but tp_size {tp_size} x "
+                             f"pp_size {pp_size} = {size}; start it with mpirun -n {size}")
+        if existing == 1 and size > 1:
+            self._spawned = spawn_world(size - 1, sys.executable,
+                                        ["-m", "trtdist.runtime.spawned_worker"])
+            world = World(self._spawned.comm)
+            spec = {"model": str(source.path) if source.path else str(model),
+                    "dummy_weights": dummy_weights,
+                    "options": dataclasses.asdict(self.options)}
+            world.bcast_bytes(json.dumps(spec).encode())
+        else:
+            world = World()
+        self.world = world
+        self._closed = False  # set before anything can fail, for __del__
+        try:
+            self._runner = start_rank(world, source, self.options)
+        except Exception:
+            self._disconnect()
+            raise
+        self.engine: LLMEngine | None = None
+        if not world.is_leader:
+            self._runner.serve_forever()
+            self._release()
+            return
+        tokenizer = Tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
+        self.engine = LLMEngine(self._runner, source.config, tokenizer, engine_config,
+                                self._runner.kv.num_blocks, block_size)
+        self._ids = itertools.count()
+
+    @property
+    def is_leader(self) -> bool:
+        return self.world.is_leader
+
+    def _engine(self) -> LLMEngine:
+        if self._closed:
+            raise RuntimeError("this DistributedLLM has been shut down")
+        if self.engine is None:
+            raise RuntimeError(f"rank {self.world.rank} is a worker; call generate on the "
+                               "leader (rank 0)")
+        return self.engine
+
+    # ---- generation ----------------------------------------------------------------
+    def _add(self, prompts: Prompt | Sequence[Prompt],
+             params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
+        engine = self._engine()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = []
+        for prompt, p in zip(prompts, params):
+            rid = f"gen-{next(self._ids)}"
+            engine.add_request(rid, prompt, p)
+            ids.append(rid)
+        return ids
+
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               params: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> Iterator[RequestOutput]:
+        """Yield a `RequestOutput` snapshot each time a request gains tokens or finishes.
+        Closing the iterator early aborts the requests still running."""
+        engine = self._engine()
+        pending = set(self._add(prompts, params))
+        try:
+            while pending:
+                for out in engine.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            for rid in pending:
+                engine.abort_request(rid)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of `prompts`."""
+        final: dict[str, RequestOutput] = {}
+        order: list[str] = []
+        engine = self._engine()
+        order = self._add(prompts, params)
+        pending = set(order)
+        while pending:
+            for out in engine.step():
+                if out.finished and out.request_id in pending:
+                    final[out.request_id] = out
+                    pending.discard(out.request_id)
+        return [final[r] for r in order]
+
+    # ---- lifetime ------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Leader: stop every rank and release the world (idempotent)."""
+        if self._closed or not self.world.is_leader:
+            return
+        assert self.engine is not None
+        self.engine.abort_all()
+        self.engine.drain()
+        self._runner.shutdown()
+        self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        self._runner.close()
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self._spawned is not None:
+            self._spawned.close()
+
+    def __enter__(self) -> DistributedLLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed and self.world.is_leader and self.engine is not None:
+                self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass

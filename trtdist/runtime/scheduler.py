@@ -1,0 +1,154 @@
+"""In-flight batching on the leader.
+
+Each step forms one packed batch: running sequences first (a decode step, or the next chunk
+of a prompt), then waiting prompts in arrival order, within `max_num_tokens` tokens and
+`max_batch_size` sequences. Admission is by KV capacity (blocks from the allocator); when a
+running sequence cannot grow, the newest running sequence is preempted: its blocks are freed
+and it is recomputed later from its prompt and the tokens it already produced.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from trtdist.runtime.block_allocator import KVBlockAllocator
+from trtdist.runtime.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch_size: int = 256
+    max_num_tokens: int = 8192
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_num_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int  # tokens computed this step, from seq.num_computed on
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence, so its last logits are used."""
+        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    entries: list[ScheduledSeq]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_new for e in self.entries)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: KVBlockAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order; the newest is last
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        cfg, alloc = self.config, self.allocator
+        budget, entries = cfg.max_num_tokens, []
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if len(entries) == cfg.max_batch_size or budget == 0:
+                break
+            if seq.in_flight or seq.status is not SequenceStatus.RUNNING:
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not alloc.ensure(seq.seq_id, seq.num_computed + n):
+                victim = self._newest_preemptible(exclude=scheduled)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            entries.append(ScheduledSeq(seq, n))
+            scheduled.add(seq.seq_id)
+            budget -= n
+        while self.waiting and len(entries) < cfg.max_batch_size and budget > 0:
+            seq = self.waiting[0]
+            if seq.parent is not None and not self._parent_ready(seq):
+                break  # its prompt blocks are about to be shared; keep arrival order
+            fresh = seq.seq_id not in alloc.tables
+            if fresh:
+                seq.num_computed = self._admit_blocks(seq)
+                seq.num_cached_prompt = seq.num_computed
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not alloc.ensure(seq.seq_id, seq.num_computed + n):
+                if fresh:
+                    alloc.free_seq(seq.seq_id)
+                    seq.num_computed = 0
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            entries.append(ScheduledSeq(seq, n))
+            budget -= n
+        return ScheduledBatch(entries) if entries else None
+
+    def _parent_ready(self, seq: Sequence) -> bool:
+        p = seq.parent
+        assert p is not None
+        return p.is_finished or p.num_computed >= p.prompt_len or p.seq_id not in \
+            self.allocator.tables
+
+    def _admit_blocks(self, seq: Sequence) -> int:
+        alloc = self.allocator
+        p = seq.parent
+        if (p is not None and not alloc.enable_prefix_caching and p.seq_id in alloc.tables
+                and p.num_computed >= p.prompt_len):
+            return alloc.fork(p.seq_id, seq.seq_id, seq.num_tokens - 1)
+        return alloc.allocate_prefix(seq.seq_id, seq.token_ids)
+
+    def _newest_preemptible(self, exclude: set[int]) -> Sequence:
+        for seq in reversed(self.running):
+            if not seq.in_flight and seq.seq_id not in exclude:
+                return seq
+        raise AssertionError("no sequence can be preempted")  # the caller itself always can
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free_seq(seq.seq_id)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Mark finished and return its blocks (also used for aborts)."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        if not seq.in_flight:
+            self.allocator.free_seq(seq.seq_id)
+
+    def release_in_flight(self, seq: Sequence) -> None:
+        """A finished (aborted) sequence's batch came back: now its blocks can go."""
+        seq.in_flight = False
+        if seq.is_finished:
+            self.allocator.free_seq(seq.seq_id)

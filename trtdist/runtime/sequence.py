@@ -1,0 +1,58 @@
+"""A sequence: one completion of a request (a request with n > 1 has n sequences)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from trtdist.outputs import RequestMetrics, TokenLogprob
+from trtdist.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n completions
+    token_ids: list[int]  # prompt, then generated tokens
+    prompt_len: int
+    params: SamplingParams
+    metrics: RequestMetrics
+    parent: Sequence | None = None  # sibling 0 of an n > 1 request shares its prompt blocks
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed: int = 0  # tokens whose KV is in the cache
+    num_cached_prompt: int = 0  # prompt tokens reused from the prefix cache (last admission)
+    in_flight: bool = False  # part of a batch still in the pipeline
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_preemptions: int = 0
+    text: str = ""  # detokenized output (cut at a stop string)
+    streamed: int = 0  # characters of `text` already handed to a streaming consumer
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def seed(self) -> int | None:
+        s = self.params.seed
+        return None if s is None else (s + self.index) % 2**63

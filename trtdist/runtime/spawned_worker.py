@@ -1,0 +1,39 @@
+"""Entry point of a rank spawned by `DistributedLLM` from a plain python process.
+
+The parent sends the model and rank options as JSON over MPI (typed bytes, never pickle)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from trtdist.comm.world import World
+from trtdist.engine.source import resolve_model
+from trtdist.launch.spawn import join_parent_world
+from trtdist.runtime.rank import RankOptions, WorldError, check_world, start_rank
+
+
+def main() -> int:
+    spawned = join_parent_world()
+    world = World(spawned.comm)
+    spec = json.loads(world.bcast_bytes(None))
+    opts = spec["options"]
+    if opts.get("pp_partition") is not None:
+        opts["pp_partition"] = tuple(opts["pp_partition"])
+    try:
+        try:
+            source = resolve_model(spec["model"], spec["dummy_weights"])
+        except (ValueError, FileNotFoundError) as e:
+            check_world(world, f"rank {world.rank}: {e}")  # raises, on every rank
+        runner = start_rank(world, source, RankOptions(**opts))
+    except WorldError:
+        spawned.close()
+        return 1
+    runner.serve_forever()
+    runner.close()
+    spawned.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
