@@ -78,9 +78,31 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out
 
 
+def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       meta: AttentionMetadata, scale: float,
+                       sliding_window: int | None = None) -> torch.Tensor:
+    """Decode only (one query token per sequence), batched: one gather and one SDPA for the
+    whole batch instead of a loop over sequences. q: [S, Hq, D] -> [S, Hq, D]."""
+    s, q_heads, d = q.shape
+    kv_heads = k_cache.shape[2]
+    tables = meta.block_tables.long()  # [S, max_blocks]
+    length = tables.shape[1] * meta.block_size
+    k = k_cache[tables].view(s, length, kv_heads, d).transpose(1, 2)  # [S, Hkv, L, D]
+    v = v_cache[tables].view(s, length, kv_heads, d).transpose(1, 2)
+    k_pos = torch.arange(length, device=q.device)[None, :]
+    ctx = meta.context_lens.long()[:, None]  # [S, 1]; the query sits at position ctx - 1
+    mask = k_pos < ctx
+    if sliding_window is not None:
+        mask &= (ctx - 1) - k_pos < sliding_window
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :],
+                                         scale=scale, enable_gqa=q_heads != kv_heads)
+    return out[:, :, 0, :]
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:
-    """Dispatch point: the torch reference everywhere for now; faster kernels plug in here
-    with the same signature."""
+    """Dispatch point: faster kernels plug in here with the same signature."""
+    if meta.is_decode:
+        return paged_decode_torch(q, k_cache, v_cache, meta, scale, sliding_window)
     return paged_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)

@@ -84,5 +84,5 @@ class ParallelLMHead(nn.Module):
             return local[:, : self.vocab_size]
         gathered = self.comm.all_gather(local)  # [tp*T, V_local]
         t = x.shape[0]
-        full = gathered.view(self.comm.size, t, -1).permute(1, 0, 2).reshape(t, -1)
+        full = gathered.view(self.comm.size, t, local.shape[1]).permute(1, 0, 2).reshape(t, -1)
         return full[:, : self.vocab_size]

@@ -95,12 +95,18 @@ def make_hf_model(kind: str, path: Path, dtype: torch.dtype = torch.float32) -> 
     return path
 
 
-def hf_reference(path: Path, prompt: list[int], new_tokens: int,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[int]]:
-    """Prompt logits and greedy tokens from transformers itself."""
+def load_hf(path: Path, dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def hf_reference(path_or_model, prompt: list[int], new_tokens: int,  # type: ignore[no-untyped-def]
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[int]]:
+    """Prompt logits and greedy tokens from transformers itself."""
+    model = load_hf(path_or_model, dtype) if isinstance(path_or_model, Path) else path_or_model
     with torch.no_grad():
         logits = model(torch.tensor([prompt])).logits[0].float()
         ids = list(prompt)

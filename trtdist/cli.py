@@ -47,6 +47,47 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                    help="do not verify engine file checksums at load")
 
 
+def _fraction(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {f}")
+    return f
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch-size", type=_positive, default=256,
+                   help="most sequences in one step (default 256)")
+    p.add_argument("--max-num-tokens", type=_positive, default=8192,
+                   help="token budget of one step; longer prompts are prefilled in chunks")
+    p.add_argument("--max-model-len", type=_positive, default=None,
+                   help="longest prompt + output (default: the model's context)")
+    p.add_argument("--kv-cache-fraction", type=_fraction, default=0.9,
+                   help="share of the memory left after the weights used for KV blocks")
+    p.add_argument("--num-kv-blocks", type=_positive, default=None,
+                   help="exact number of KV blocks (overrides --kv-cache-fraction)")
+    p.add_argument("--block-size", type=_positive, default=16, help="tokens per KV block")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false", help="do not reuse KV blocks of shared prefixes")
+
+
+def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    from trtdist.engine.source import resolve_model
+    from mpi4py import MPI
+
+    source = resolve_model(args.model, args.dummy_weights)
+    tp, pp = _mapping_sizes(args, source, MPI.COMM_WORLD.Get_size())
+    return dict(model=args.model, tp_size=tp, pp_size=pp, dtype=args.dtype,
+                device=args.device, max_batch_size=args.max_batch_size,
+                max_num_tokens=args.max_num_tokens, max_model_len=args.max_model_len,
+                kv_cache_fraction=args.kv_cache_fraction, num_kv_blocks=args.num_kv_blocks,
+                block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+                dummy_weights=args.dummy_weights, pp_partition=args.pp_partition,
+                verify_checksums=not args.skip_checksums)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trtdist", description=__doc__)
     parser.add_argument("--version", action="version", version=f"trtdist {__version__}")
@@ -62,13 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quant", choices=["none"], default="none",
                    help="weight quantization (only 'none' so far)")
 
-    g = sub.add_parser("generate", help="complete a prompt (run under mpirun -n TP*PP)")
+    g = sub.add_parser("generate", help="complete prompts (under mpirun -n TP*PP, or alone: "
+                                        "then it starts its own world)")
     g.add_argument("model", nargs="?", default=None,
                    help="engine or Hugging Face directory (default: built-in tiny model)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True, action="append",
+                   help="a prompt; repeat for several (batched together)")
     g.add_argument("--max-tokens", type=_positive, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true")
     _add_parallel(g)
+    _add_runtime(g)
 
     i = sub.add_parser("info", help="describe an engine or checkpoint directory")
     i.add_argument("model", nargs="?", default=None)
@@ -87,42 +135,27 @@ def _mapping_sizes(args: argparse.Namespace, source, world_size: int) -> tuple[i
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from trtdist.comm.world import World
-    from trtdist.engine.source import resolve_model
-    from trtdist.runtime.rank import RankOptions, WorldError, start_rank
-    from trtdist.runtime.single import greedy_generate
+    from trtdist.llm import DistributedLLM
+    from trtdist.runtime.rank import WorldError
+    from trtdist.sampling_params import SamplingParams
 
-    world = World()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            ignore_eos=args.ignore_eos)
     try:
-        source = resolve_model(args.model, args.dummy_weights)
-        tp, pp = _mapping_sizes(args, source, world.size)
-        opts = RankOptions(tp_size=tp, pp_size=pp, dtype=args.dtype, device=args.device,
-                           pp_partition=args.pp_partition,
-                           verify_checksums=not args.skip_checksums)
-        runner = start_rank(world, source, opts)
+        llm = DistributedLLM(**_llm_kwargs(args))  # type: ignore[arg-type]
     except WorldError as e:
-        if world.is_leader:
+        from mpi4py import MPI
+
+        if MPI.COMM_WORLD.Get_rank() == 0:
             print(f"trtdist generate: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"trtdist generate: rank {world.rank}: error: {e}", file=sys.stderr)
-        return 1
-    if not world.is_leader:
-        runner.serve_forever()
+    if not llm.is_leader:
         return 0
-    try:
-        from trtdist.tokenizer import Tokenizer
-
-        if source.tokenizer_dir is None:
-            raise ValueError(f"{source.name} has no tokenizer.json; generate needs one")
-        tok = Tokenizer(source.tokenizer_dir)
-        ids = tok.encode(args.prompt)
-        eos = () if args.ignore_eos else tok.eos_token_ids or source.config.eos_token_ids
-        out = greedy_generate(runner, ids, args.max_tokens, eos)
-        print(tok.decode(out))
-        return 0
-    finally:
-        runner.shutdown()
+    with llm:
+        for out in llm.generate(args.prompt, params):
+            print(out.outputs[0].text)
+    return 0
 
 
 def cmd_build(args: argparse.Namespace) -> int:

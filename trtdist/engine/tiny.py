@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 _CORPUS = """The quick brown fox jumps over the lazy dog. Distributed inference splits a model
 across many GPUs: tensor parallelism shards every layer, pipeline parallelism gives each GPU a
 slice of the layers. A paged KV cache stores keys and values in fixed-size blocks so that many
@@ -59,7 +59,8 @@ def _write_tokenizer(out: Path, vocab_size: int) -> int:
     return tok.get_vocab_size()
 
 
-def _write_model(out: Path, vocab: int, eos_ids: list[int], bos: int) -> None:
+def _write_model(out: Path, vocab: int, eos_ids: list[int], bos: int,
+                 readable: list[int]) -> None:
     hidden, inter, layers, heads, kv_heads = 64, 128, 4, 4, 2
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
@@ -88,6 +89,12 @@ def _write_model(out: Path, vocab: int, eos_ids: list[int], bos: int) -> None:
               p + "mlp.down_proj.weight": rnd(hidden, inter),
               p + "input_layernorm.weight": torch.ones(hidden),
               p + "post_attention_layernorm.weight": torch.ones(hidden)}
+    # Random weights babble; let them babble words: only tokens that decode to readable text
+    # (and the end-of-text token, rarely) get non-zero output rows.
+    mask = torch.zeros(vocab, 1)
+    mask[readable] = 1.0
+    mask[eos_ids[0]] = 0.5
+    w["lm_head.weight"] *= mask
     save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
@@ -107,7 +114,9 @@ def tiny_model_dir() -> Path:
 
         tok = Tokenizer.from_file(str(tmp / "tokenizer.json"))
         eos = [tok.token_to_id("<|end_of_text|>"), tok.token_to_id("<|end|>")]
-        _write_model(tmp, vocab, eos, tok.token_to_id("<|begin_of_text|>"))
+        readable = [i for i in range(vocab) if len(text := tok.decode([i]).strip()) > 1
+                    and text.isascii() and text.isalpha()]
+        _write_model(tmp, vocab, eos, tok.token_to_id("<|begin_of_text|>"), readable)
         try:
             os.rename(tmp, target)  # atomic: the first rank to finish wins
         except OSError:

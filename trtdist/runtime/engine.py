@@ -205,7 +205,7 @@ class LLMEngine:
         previous_len = len(seq.text)
         if self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids, p.skip_special_tokens)
-        if seq.num_output >= p.min_tokens:
+        if seq.num_output > p.min_tokens:  # the first min_tokens tokens never stop
             if token in p.stop_token_ids:
                 return self._finish(seq, "stop", token)
             if not p.ignore_eos and token in self.eos_ids:

@@ -79,9 +79,11 @@ class ModelRunner:
         rows = np.nonzero(plan.sample)[0]
         if plan.flags & RETURN_ALL_LOGITS:
             logits = self.model.compute_logits(h)
-        else:
+        elif rows.size:
             last = torch.from_numpy(np.cumsum(plan.query_lens)[rows] - 1).to(dev)
             logits = self.model.compute_logits(h[last])
+        else:  # only partial prefill chunks: nothing to sample (same on every rank)
+            logits = torch.empty(0, self.model.cfg.vocab_size, device=dev)
         if not self.samples:
             return
         assert self.sampler is not None

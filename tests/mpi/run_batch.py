@@ -1,0 +1,49 @@
+"""Under mpirun (or alone): drive DistributedLLM inside the world through phases of requests.
+
+Usage: run_batch.py SPEC.json OUT.json. SPEC: {"llm": kwargs, "phases": [{"mode": "batch" |
+"alone", "requests": [{"prompt": [ids] or "text", "params": {...}}]}]}. The leader writes per
+phase the outputs and allocator/scheduler counters taken after the phase."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from trtdist import DistributedLLM, SamplingParams
+
+
+def main() -> None:
+    spec = json.load(open(sys.argv[1]))
+    llm = DistributedLLM(**spec["llm"])
+    if not llm.is_leader:
+        return
+    engine = llm.engine
+    assert engine is not None
+    results = []
+    for phase in spec["phases"]:
+        prompts = [r["prompt"] for r in phase["requests"]]
+        params = [SamplingParams(**r.get("params", {})) for r in phase["requests"]]
+        if phase["mode"] == "batch":
+            outs = llm.generate(prompts, params)
+        else:
+            outs = [llm.generate([p], [sp])[0] for p, sp in zip(prompts, params)]
+        alloc = engine.allocator
+        results.append({
+            "outputs": [[{"token_ids": c.token_ids, "text": c.text,
+                          "finish_reason": c.finish_reason,
+                          "logprobs": [[lp.token_id, lp.logprob, lp.top] for lp in c.logprobs]
+                          if c.logprobs is not None else None} for c in o.outputs]
+                        for o in outs],
+            "ttft": [o.metrics.ttft for o in outs],
+            "cached_tokens": [o.num_cached_tokens for o in outs],
+            "num_free": alloc.num_free, "num_blocks": alloc.num_blocks,
+            "prefix_hits": alloc.prefix_hits, "preemptions": engine.scheduler.num_preemptions,
+            "steps": engine.stats["steps"],
+        })
+        alloc.check_invariants()
+    llm.shutdown()
+    json.dump(results, open(sys.argv[2], "w"))
+
+
+if __name__ == "__main__":
+    main()
