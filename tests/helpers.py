@@ -69,8 +69,11 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def make_hf_model(kind: str, path: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Save a tiny random model of `kind` with transformers (the real checkpoint format)."""
+def make_hf_model(kind: str, path: Path, dtype: torch.dtype = torch.float32,
+                  init: float | None = None) -> Path:
+    """Save a tiny random model of `kind` with transformers (the real checkpoint format).
+    `init` overrides the configs' large initializer range (0.2, which keeps greedy decoding
+    of random weights away from near-ties)."""
     import transformers
 
     cls_cfg = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
@@ -79,7 +82,7 @@ def make_hf_model(kind: str, path: Path, dtype: torch.dtype = torch.float32) -> 
                  "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM}[kind]
     torch.manual_seed({"llama": 1, "mistral": 2, "qwen2": 3}[kind])
-    cfg = cls_cfg(**TINY_CONFIGS[kind])
+    cfg = cls_cfg(**(TINY_CONFIGS[kind] | ({} if init is None else {"initializer_range": init})))
     model = cls_model(cfg).to(dtype)
     if kind == "qwen2":  # random biases, so a dropped bias would show
         with torch.no_grad():
