@@ -7,11 +7,22 @@ pickled objects: a rank only ever interprets fixed, typed layouts from its peers
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
 
 from trtdist.launch.env import RankInfo, discover_rank
+
+
+def _poll(request: MPI.Request, spin_s: float = 0.005, max_sleep_s: float = 0.002) -> None:
+    # NOTE: spin first (a busy server's next plan arrives within a few ms), then back off.
+    start = time.perf_counter()
+    sleep = 5e-5
+    while not request.Test():
+        if time.perf_counter() - start > spin_s:
+            time.sleep(sleep)
+            sleep = min(sleep * 2, max_sleep_s)
 
 
 class World:
@@ -37,10 +48,18 @@ class World:
     def barrier(self) -> None:
         self.comm.Barrier()
 
-    def bcast_array(self, array: np.ndarray | None, dtype: np.dtype, root: int = 0) -> np.ndarray:
-        """Broadcast a 1-D array whose length only `root` knows."""
+    def bcast_array(self, array: np.ndarray | None, dtype: np.dtype, root: int = 0,
+                    idle_wait: bool = False) -> np.ndarray:
+        """Broadcast a 1-D array whose length only `root` knows.
+
+        With `idle_wait`, a receiving rank polls for the message and sleeps between polls
+        once it has waited a while, instead of spinning a core inside MPI."""
         n = np.array([0 if array is None else array.size], dtype=np.int64)
-        self.comm.Bcast(n, root=root)
+        if idle_wait:  # MPI matches a non-blocking broadcast only with non-blocking ones
+            request = self.comm.Ibcast(n, root=root)
+            request.Wait() if self.rank == root else _poll(request)
+        else:
+            self.comm.Bcast(n, root=root)
         buf = (np.ascontiguousarray(array, dtype=dtype) if self.rank == root
                else np.empty(int(n[0]), dtype=dtype))
         if n[0]:

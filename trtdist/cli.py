@@ -47,6 +47,26 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                    help="do not verify engine file checksums at load")
 
 
+def _port(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in [0, 65535], got {n}")
+    return n
+
+
+def _nonnegative(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if f < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {f}")
+    return f
+
+
 def _fraction(value: str) -> float:
     try:
         f = float(value)
@@ -118,6 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel(g)
     _add_runtime(g)
 
+    s = sub.add_parser("serve", help="OpenAI-compatible server (run under mpirun -n TP*PP)")
+    s.add_argument("model", nargs="?", default=None,
+                   help="engine or Hugging Face directory (default: built-in tiny model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_port, default=8000)
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--max-queue", type=_positive, default=None,
+                   help="most waiting requests; more get 503 with Retry-After")
+    s.add_argument("--shutdown-timeout", type=_nonnegative, default=30.0,
+                   help="seconds running requests may finish after SIGTERM/SIGINT")
+    s.add_argument("--worker-timeout", type=_nonnegative, default=10.0,
+                   help="seconds without a heartbeat before a rank is declared hung")
+    s.add_argument("--max-body-bytes", type=_positive, default=1 << 20)
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   default="info")
+    _add_parallel(s)
+    _add_runtime(s)
+
     i = sub.add_parser("info", help="describe an engine or checkpoint directory")
     i.add_argument("model", nargs="?", default=None)
     return parser
@@ -158,6 +197,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from trtdist.server.serve import serve
+
+    return serve(args, _llm_kwargs(args))
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from trtdist.engine.build import build_engine
 
@@ -180,7 +225,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"build": cmd_build, "generate": cmd_generate, "info": cmd_info}
+    handlers = {"build": cmd_build, "generate": cmd_generate, "info": cmd_info,
+                "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as e:

@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from mpi4py import MPI
@@ -16,6 +16,7 @@ from trtdist.engine.source import resolve_model
 from trtdist.launch.spawn import SpawnedWorld, spawn_world
 from trtdist.outputs import RequestOutput
 from trtdist.runtime.engine import EngineConfig, LLMEngine
+from trtdist.runtime.health import Heartbeat
 from trtdist.runtime.rank import RankOptions, start_rank
 from trtdist.sampling_params import SamplingParams
 from trtdist.tokenizer import Tokenizer
@@ -35,6 +36,10 @@ class DistributedLLM:
 
     `model` is an engine directory, a Hugging Face directory, None for the built-in tiny model,
     or with `dummy_weights=True` a preset name such as "llama3-8b".
+
+    A rank that sends no heartbeat for `worker_timeout` seconds is reported to
+    `on_rank_failure(rank, seconds)` on the leader; by default the whole world is aborted
+    with a message naming it, rather than left waiting forever.
     """
 
     def __init__(self, model: str | Path | None = None, *, tp_size: int = 1, pp_size: int = 1,
@@ -43,7 +48,8 @@ class DistributedLLM:
                  kv_cache_fraction: float = 0.9, num_kv_blocks: int | None = None,
                  block_size: int = 16, enable_prefix_caching: bool = True,
                  dummy_weights: bool = False, pp_partition: Sequence[int] | None = None,
-                 verify_checksums: bool = True, seed: int = 0) -> None:
+                 verify_checksums: bool = True, seed: int = 0, worker_timeout: float = 10.0,
+                 on_rank_failure: Callable[[int, float], None] | None = None) -> None:
         self.options = RankOptions(
             tp_size=tp_size, pp_size=pp_size, dtype=dtype, device=device, block_size=block_size,
             kv_cache_fraction=kv_cache_fraction, num_kv_blocks=num_kv_blocks,
@@ -75,6 +81,8 @@ class DistributedLLM:
         except Exception:
             self._disconnect()
             raise
+        self.heartbeat = Heartbeat(world.comm, timeout=worker_timeout,
+                                   on_failure=on_rank_failure or self._abort_on_failure)
         self.engine: LLMEngine | None = None
         if not world.is_leader:
             self._runner.serve_forever()
@@ -160,8 +168,13 @@ class DistributedLLM:
         self._runner.shutdown()
         self._release()
 
+    def _abort_on_failure(self, rank: int, seconds: float) -> None:
+        self.world.abort(f"rank {rank} has not answered for {seconds:.1f} s (hung or "
+                         "unreachable); aborting the world")
+
     def _release(self) -> None:
         self._closed = True
+        self.heartbeat.stop()
         self._runner.close()
         self._disconnect()
 

@@ -25,6 +25,7 @@ class CompletionOutput:
 @dataclass(slots=True)
 class RequestMetrics:
     arrival_time: float
+    scheduled_time: float | None = None  # first admitted into a batch
     first_token_time: float | None = None
     finished_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # wall time of every output token

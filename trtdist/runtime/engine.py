@@ -141,6 +141,8 @@ class LLMEngine:
             ints[:, i] = (n, nc + n, seq.seq_id, seq.prompt_len, e.samples, p.top_k,
                           -1 if seq.seed is None else seq.seed,
                           -1 if p.logprobs is None else p.logprobs)
+            if seq.metrics.scheduled_time is None:
+                seq.metrics.scheduled_time = time.time()
             floats[i] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty,
                          p.presence_penalty, p.frequency_penalty)
             seq.in_flight = True

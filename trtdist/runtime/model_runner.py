@@ -35,7 +35,7 @@ class ModelRunner:
     def broadcast_plan(self, plan: StepPlan | None) -> StepPlan:
         """Leader passes the plan; other ranks pass None and receive it."""
         buf = self.world.bcast_array(plan.encode() if plan is not None else None,
-                                     np.dtype(np.int64))
+                                     np.dtype(np.int64), idle_wait=True)
         return plan if plan is not None else StepPlan.decode(buf)
 
     def serve_forever(self) -> None:

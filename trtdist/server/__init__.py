@@ -1,0 +1,1 @@
+"""The leader's OpenAI-compatible HTTP server and its bridge to the engine thread."""
