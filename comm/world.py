@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 from mpi4py import MPI
-
 from trtdist.launch.env import RankInfo, discover_rank
 
 

@@ -3,8 +3,8 @@
 from trtdist.kernels.paged_attention import (
     AttentionMetadata,
     paged_attention,
-    paged_decode_torch,
     paged_attention_torch,
+    paged_decode_torch,
     write_kv_cache,
 )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import torch
-
 from trtdist.launch.env import RankInfo
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from trtdist.comm import Communicator, World, make_communicator
 from trtdist.parallel.mapping import Mapping
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from trtdist.kernels.paged_attention import (
     AttentionMetadata,
     paged_attention_torch,

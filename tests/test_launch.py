@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from trtdist.launch.env import RankInfo, discover_rank
 
 

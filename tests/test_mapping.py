@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from trtdist.parallel.mapping import Mapping
 from trtdist.parallel.pipeline import split_layers
 from trtdist.parallel.shard import attention_shard, vocab_range

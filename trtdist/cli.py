@@ -94,8 +94,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    from trtdist.engine.source import resolve_model
     from mpi4py import MPI
+
+    from trtdist.engine.source import resolve_model
 
     source = resolve_model(args.model, args.dummy_weights)
     tp, pp = _mapping_sizes(args, source, MPI.COMM_WORLD.Get_size())

@@ -27,8 +27,9 @@ class Tokenizer:
         self.chat_template: str | None = template
         self.eos_token_ids = self._eos_ids(path)
 
-    @staticmethod
-    def _token_str(value: Any) -> str | None:
+    def special_token(self, key: str) -> str | None:
+        """A special token's text from tokenizer_config.json (e.g. "bos_token")."""
+        value = self.config.get(key)
         return value.get("content") if isinstance(value, dict) else value
 
     def _eos_ids(self, path: Path) -> tuple[int, ...]:
@@ -37,7 +38,7 @@ class Tokenizer:
         if gen.exists():
             eos = json.loads(gen.read_text()).get("eos_token_id")
             ids += eos if isinstance(eos, list) else ([] if eos is None else [eos])
-        tok = self._token_str(self.config.get("eos_token"))
+        tok = self.special_token("eos_token")
         if tok is not None and (i := self._tok.token_to_id(tok)) is not None:
             ids.append(i)
         return tuple(dict.fromkeys(int(i) for i in ids))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from trtdist.comm import World, make_communicator
 from trtdist.launch.device import bind_device
 

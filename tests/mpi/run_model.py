@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-
 from trtdist.comm.world import World
+
 from trtdist.engine.source import resolve_model
 from trtdist.runtime.rank import RankOptions, start_rank
 from trtdist.runtime.single import greedy_generate, prompt_logits
@@ -22,7 +22,8 @@ def main() -> None:
     world = World()
     results = {}
     for i, d in enumerate(dirs):
-        runner = start_rank(world, resolve_model(d, dummy_weights=dummy), RankOptions(int(tp), int(pp), dtype))
+        source = resolve_model(d, dummy_weights=dummy)
+        runner = start_rank(world, source, RankOptions(int(tp), int(pp), dtype))
         if world.is_leader:
             results[f"logits{i}"] = prompt_logits(runner, ids)
             results[f"tokens{i}"] = np.array(greedy_generate(runner, ids, int(n)))

@@ -41,11 +41,11 @@ class StepPlan:
     flags: int = 0
     seq_ids: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S]
     prompt_lens: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S]
-    sample: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] 1 if this chunk ends the sequence
+    sample: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] 1: chunk ends the sequence
     top_k: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] 0 = off
     seeds: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] -1 = unseeded
-    logprobs: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] -1 = none
-    floats: np.ndarray = field(default_factory=lambda: np.zeros((0, 6)))  # [S, 6] float64, FLOAT_FIELDS
+    logprobs: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] -1: none
+    floats: np.ndarray = field(default_factory=lambda: np.zeros((0, 6)))  # [S, 6] FLOAT_FIELDS
     released: np.ndarray = field(default_factory=lambda: _EMPTY)  # [R]
 
     def __post_init__(self) -> None:
@@ -56,8 +56,9 @@ class StepPlan:
         if self.context_lens.size != s or self.block_tables.shape[0] != s:
             raise ValueError("step plan: per-sequence arrays disagree on the number of sequences")
         # Defaults for plans built without sampling settings (greedy, every sequence sampled).
-        defaults = {"seq_ids": np.arange(s), "prompt_lens": self.context_lens, "sample": _ints(s, 1),
-                    "top_k": _ints(s), "seeds": _ints(s, -1), "logprobs": _ints(s, -1)}
+        defaults = {"seq_ids": np.arange(s), "prompt_lens": self.context_lens,
+                    "sample": _ints(s, 1), "top_k": _ints(s), "seeds": _ints(s, -1),
+                    "logprobs": _ints(s, -1)}
         for name, value in defaults.items():
             if getattr(self, name).size != s:
                 object.__setattr__(self, name, np.asarray(value, dtype=np.int64))

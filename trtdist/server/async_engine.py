@@ -106,7 +106,9 @@ class AsyncEngine:
                 self._deliver(rid, APIError(400, str(e)))
                 self._streams.pop(rid, None)
         elif kind == "abort":
-            self.engine.abort_request(command[1])
+            if self.engine.abort_request(command[1]):
+                self.metrics.request_aborted()
+                log.info("request %s aborted (client gone)", command[1])
 
     def _run(self) -> None:
         engine = self.engine

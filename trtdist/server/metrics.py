@@ -70,6 +70,9 @@ class ServerMetrics:
         self.generation_tokens.inc(self._delta("g", generation_tokens))
         self.preemptions.inc(self._delta("pre", preemptions))
 
+    def request_aborted(self) -> None:
+        self.finished.labels(self.model_name, "abort").inc()
+
     def request_finished(self, out: RequestOutput) -> None:
         m = out.metrics
         reason = out.outputs[0].finish_reason or "abort"

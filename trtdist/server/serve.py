@@ -124,9 +124,8 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
     name = args.served_model_name or (Path(str(model)).name if model else "tiny")
     template = None
     if tokenizer is not None and tokenizer.chat_template:
-        cfg = tokenizer.config
-        template = ChatTemplate(tokenizer.chat_template, Tokenizer_str(cfg.get("bos_token")),
-                                Tokenizer_str(cfg.get("eos_token")))
+        template = ChatTemplate(tokenizer.chat_template, tokenizer.special_token("bos_token"),
+                                tokenizer.special_token("eos_token"))
     metrics = ServerMetrics(name)
     async_engine = AsyncEngine(engine, metrics, args.max_queue)
     holder["engine"] = async_engine
@@ -142,8 +141,9 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
             time.sleep(0.05)
         if server.started:
             host = f"[{args.host}]" if ":" in args.host else args.host
-            print(f"trtdist: serving {name!r} on http://{host}:{args.port} (tp={llm.options.tp_size}"
-                  f" pp={llm.options.pp_size}, {llm.world.size} ranks, leader pid {os.getpid()})",
+            o = llm.options
+            print(f"trtdist: serving {name!r} on http://{host}:{args.port} (tp={o.tp_size} "
+                  f"pp={o.pp_size}, {llm.world.size} ranks, leader pid {os.getpid()})",
                   flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
@@ -157,6 +157,3 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
         log.info("all ranks stopped")
     return 0
 
-
-def Tokenizer_str(value: object) -> str | None:  # noqa: N802 - tiny helper
-    return value.get("content") if isinstance(value, dict) else value  # type: ignore[return-value]
