@@ -183,3 +183,13 @@ def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["build", "x", "-o", "y", "--dtype", "int3"])
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+@pytest.mark.mpi
+def test_cli_bench_prints_json(tmp_path: Path) -> None:
+    proc = trtdist_cli(2, ["bench", "--pp-size", "2", "--num-requests", "6", "--input-len", "8",
+                           "--output-len", "5", "--output", str(tmp_path / "b.json")])
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert json.loads(proc.stdout) == result
+    assert (result["tp_size"], result["pp_size"], result["num_requests"]) == (1, 2, 6)
+    assert result["output_tokens_per_s"] > 0 and result["ttft_s"]["p50"] > 0

@@ -1,4 +1,4 @@
-"""`trtdist` command line: build, generate, info."""
+"""`trtdist` command line: build, generate, serve, bench, info."""
 
 from __future__ import annotations
 
@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel(s)
     _add_runtime(s)
 
+    bn = sub.add_parser("bench", help="offline throughput/latency benchmark (JSON output)")
+    bn.add_argument("model", nargs="?", default=None)
+    bn.add_argument("--num-requests", type=_positive, default=64)
+    bn.add_argument("--input-len", type=_positive, default=128)
+    bn.add_argument("--output-len", type=_positive, default=128)
+    bn.add_argument("--output", default=None, help="also write the JSON result here")
+    _add_parallel(bn)
+    _add_runtime(bn)
+
     i = sub.add_parser("info", help="describe an engine or checkpoint directory")
     i.add_argument("model", nargs="?", default=None)
     return parser
@@ -204,6 +213,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args, _llm_kwargs(args))
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from trtdist.bench import bench_main
+
+    return bench_main(_llm_kwargs(args), args.num_requests, args.input_len, args.output_len,
+                      args.output)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from trtdist.engine.build import build_engine
 
@@ -227,7 +243,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"build": cmd_build, "generate": cmd_generate, "info": cmd_info,
-                "serve": cmd_serve}
+                "serve": cmd_serve, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as e:

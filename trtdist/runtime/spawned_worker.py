@@ -10,6 +10,7 @@ import sys
 from trtdist.comm.world import World
 from trtdist.engine.source import resolve_model
 from trtdist.launch.spawn import join_parent_world
+from trtdist.runtime.health import Heartbeat
 from trtdist.runtime.rank import RankOptions, WorldError, check_world, start_rank
 
 
@@ -29,7 +30,10 @@ def main() -> int:
     except WorldError:
         spawned.close()
         return 1
+    # Same order as the leader's DistributedLLM: heartbeat after start, stopped before close.
+    heartbeat = Heartbeat(world.comm)
     runner.serve_forever()
+    heartbeat.stop()
     runner.close()
     spawned.close()
     return 0
