@@ -12,6 +12,7 @@ The unique id is created on group rank 0 and broadcast over MPI (the CPU control
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -79,13 +80,12 @@ def _candidate_paths() -> list[str]:
     paths = []
     if env := os.environ.get("TRTDIST_NCCL_LIBRARY"):
         paths.append(env)
-    try:  # the nvidia-nccl-cu12 / -cu13 wheel, which torch's CUDA builds also load
+    # the nvidia-nccl-cu12 / -cu13 wheel, which torch's CUDA builds also load
+    with contextlib.suppress(ImportError):
         import nvidia.nccl  # type: ignore[import-not-found]
 
         for root in nvidia.nccl.__path__:
             paths += sorted(glob.glob(os.path.join(root, "lib", "libnccl.so*")))
-    except ImportError:
-        pass
     return paths + ["libnccl.so.2", "libnccl.so"]
 
 

@@ -26,14 +26,11 @@ class AttentionMetadata:
     query_lens_host: tuple[int, ...]
     context_lens_host: tuple[int, ...]
     block_size: int
+    is_decode: bool  # every sequence has exactly one new token
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens_host)
-
-    @property
-    def is_decode(self) -> bool:
-        return all(n == 1 for n in self.query_lens_host)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

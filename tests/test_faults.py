@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -95,11 +96,9 @@ def test_hung_worker_turns_health_503_and_exits_nonzero() -> None:
         assert rc != 0
         assert "rank 1 stopped answering" in log, log[-2000:]
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(workers[0], signal.SIGCONT)
             os.kill(workers[0], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _children(pid: int) -> list[int]:
@@ -126,3 +125,16 @@ def _descends(pid: int, ancestor: int) -> bool:
         if pid == ancestor:
             return True
     return False
+
+
+def test_hung_leader_is_noticed_by_the_workers() -> None:
+    server = start_server(2, ["--worker-timeout", "2"])
+    os.kill(server.leader_pid, signal.SIGSTOP)
+    try:
+        rc, log = server.wait(timeout=30)
+        assert rc != 0
+        assert "rank 0 stopped answering" in log, log[-2000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.leader_pid, signal.SIGCONT)
+            os.kill(server.leader_pid, signal.SIGKILL)

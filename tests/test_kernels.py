@@ -36,7 +36,8 @@ def _setup(ctx_lens: list[int], q_lens: list[int], hq: int, hkv: int, d: int, bs
                                      dtype=torch.int32, device=device),
         context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
         block_tables=bt.to(device), slot_mapping=torch.tensor(slots, device=device),
-        query_lens_host=tuple(q_lens), context_lens_host=tuple(ctx_lens), block_size=bs)
+        query_lens_host=tuple(q_lens), context_lens_host=tuple(ctx_lens), block_size=bs,
+        is_decode=all(n == 1 for n in q_lens))
     q = torch.randn(sum(q_lens), hq, d, generator=g).to(device, dtype)
     k_new = torch.randn(sum(q_lens), hkv, d, generator=g).to(device, dtype)
     v_new = torch.randn(sum(q_lens), hkv, d, generator=g).to(device, dtype)

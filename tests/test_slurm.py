@@ -3,6 +3,7 @@ started here as root; the job serves the tiny model with 2 CPU ranks and answers
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -99,17 +100,11 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
             raise AssertionError(f"the Slurm node never became idle ({state!r}):\n{log}")
         yield env | {"_root": str(root)}
     finally:
-        for name in ("slurmd", "slurmctld"):
-            if (pid := _pid(root / f"{name}.pid")) is not None:
-                try:
+        pids = [_pid(root / f"{name}.pid") for name in ("slurmd", "slurmctld")] + started
+        for pid in pids:
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 15)
-                except ProcessLookupError:
-                    pass
-        for pid in started:
-            try:
-                os.kill(pid, 15)
-            except ProcessLookupError:
-                pass
 
 
 def test_single_node_sbatch_serves_and_ends_cleanly(slurm: dict[str, str]) -> None:

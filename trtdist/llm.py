@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -70,7 +71,8 @@ class DistributedLLM:
             world = World(self._spawned.comm)
             spec = {"model": str(source.path) if source.path else str(model),
                     "dummy_weights": dummy_weights,
-                    "options": dataclasses.asdict(self.options)}
+                    "options": dataclasses.asdict(self.options),
+                    "worker_timeout": worker_timeout}
             world.bcast_bytes(json.dumps(spec).encode())
         else:
             world = World()
@@ -169,8 +171,9 @@ class DistributedLLM:
         self._release()
 
     def _abort_on_failure(self, rank: int, seconds: float) -> None:
-        self.world.abort(f"rank {rank} has not answered for {seconds:.1f} s (hung or "
-                         "unreachable); aborting the world")
+        who = "the leader" if rank == 0 else "a worker"
+        self.world.abort(f"rank {rank} ({who}) has not answered for {seconds:.1f} s (hung or "
+                         "gone); aborting the world")
 
     def _release(self) -> None:
         self._closed = True
@@ -189,8 +192,6 @@ class DistributedLLM:
         self.shutdown()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter teardown: best effort only
             if not self._closed and self.world.is_leader and self.engine is not None:
                 self.shutdown()
-        except Exception:  # noqa: BLE001 - interpreter teardown
-            pass

@@ -209,14 +209,15 @@ class LLMEngine:
             seq.text = self.tokenizer.decode(seq.output_ids, p.skip_special_tokens)
         if seq.num_output > p.min_tokens:  # the first min_tokens tokens never stop
             if token in p.stop_token_ids:
-                return self._finish(seq, "stop", token)
+                self._finish(seq, "stop", token)
+                return
             if not p.ignore_eos and token in self.eos_ids:
-                return self._finish(seq, "stop", None)
+                self._finish(seq, "stop", None)
+                return
             if p.stop and self._cut_at_stop_string(seq, previous_len):
-                return None
+                return
         if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
-        return None
 
     def _cut_at_stop_string(self, seq: Sequence, previous_len: int) -> bool:
         # NOTE: the text is decoded from all output tokens each time (simple and exact when

@@ -1,9 +1,10 @@
-"""Rank liveness: workers send heartbeats, the leader notices a rank that stops.
+"""Rank liveness: heartbeats both ways between the leader and every worker.
 
 A worker whose process dies is reported by mpirun/srun themselves; this catches the ranks
 that stay alive but stop answering (stopped, deadlocked, stuck in a driver call), which
-would otherwise leave the whole world waiting forever. Heartbeats travel on a communicator
-of their own so they never mix with the step plans.
+would otherwise leave the whole world waiting forever. The leader's beats let workers notice a
+leader that vanished (e.g. a killed `python` process that had spawned them). Heartbeats
+travel on a communicator of their own so they never mix with the step plans.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ _TAG = 77
 
 
 class Heartbeat:
-    """Collective: every rank creates one; workers send, the leader watches."""
+    """Collective: every rank creates one. Workers beat to the leader and watch it; the
+    leader beats to every worker and watches them all. `on_failure(rank, seconds)` is
+    called once, on the rank that noticed."""
 
     def __init__(self, comm: MPI.Intracomm, interval: float = 0.5, timeout: float = 10.0,
                  on_failure: Callable[[int, float], None] | None = None) -> None:
@@ -30,34 +33,30 @@ class Heartbeat:
         self.enabled = self.size > 1 and MPI.Query_thread() == MPI.THREAD_MULTIPLE
         self._stop = threading.Event()
         self.last_seen = [time.monotonic()] * self.size
-        target = self._watch if self.rank == 0 else self._beat
-        self._thread = threading.Thread(target=target, name="trtdist-heartbeat", daemon=True)
+        self._pending: list[MPI.Request] = []
+        self._thread = threading.Thread(target=self._loop, name="trtdist-heartbeat",
+                                        daemon=True)
         if self.enabled:
             self._thread.start()
 
-    def _beat(self) -> None:
+    def _loop(self) -> None:
         msg = np.array([self.rank], dtype=np.int64)
-        pending: list[MPI.Request] = []
-        while not self._stop.wait(self.interval):
-            pending = [r for r in pending if not r.Test()]
-            pending.append(self.comm.Isend(msg, dest=0, tag=_TAG))
-        MPI.Request.Waitall(pending) if pending else None
-
-    def _watch(self) -> None:
         buf = np.empty(1, dtype=np.int64)
         status = MPI.Status()
+        peers = range(1, self.size) if self.rank == 0 else [0]
         reported = False
-        while not self._stop.wait(self.interval / 2):
+        while not self._stop.wait(self.interval):
+            self._pending = [r for r in self._pending if not r.Test()]
+            self._pending += [self.comm.Isend(msg, dest=p, tag=_TAG) for p in peers]
             while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):
                 self.comm.Recv(buf, source=status.Get_source(), tag=_TAG)
                 self.last_seen[status.Get_source()] = time.monotonic()
             now = time.monotonic()
-            late = [(r, now - t) for r, t in enumerate(self.last_seen)
-                    if r != 0 and now - t > self.timeout]
+            late = [(p, now - self.last_seen[p]) for p in peers
+                    if now - self.last_seen[p] > self.timeout]
             if late and not reported and self.on_failure is not None:
                 reported = True
-                rank, age = max(late, key=lambda x: x[1])
-                self.on_failure(rank, age)
+                self.on_failure(*max(late, key=lambda x: x[1]))
 
     def stop(self) -> None:
         """Collective: stop the thread and free the communicator."""
@@ -65,10 +64,10 @@ class Heartbeat:
         if self._thread.is_alive():
             self._thread.join()
         self.comm.Barrier()
-        if self.rank == 0:  # drain heartbeats still in flight before freeing
-            buf = np.empty(1, dtype=np.int64)
-            status = MPI.Status()
-            while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):
-                self.comm.Recv(buf, source=status.Get_source(), tag=_TAG)
-        self.comm.Barrier()
+        buf = np.empty(1, dtype=np.int64)  # drain heartbeats still in flight before freeing
+        status = MPI.Status()
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):
+            self.comm.Recv(buf, source=status.Get_source(), tag=_TAG)
+        self.comm.Barrier()  # every beat has been received: our sends are complete
+        MPI.Request.Waitall(self._pending)
         self.comm.Free()

@@ -59,6 +59,7 @@ class ModelRunner:
             query_lens_host=tuple(int(x) for x in plan.query_lens),
             context_lens_host=tuple(int(x) for x in plan.context_lens),
             block_size=bs,
+            is_decode=plan.num_tokens == plan.num_seqs,
         )
 
     @torch.inference_mode()

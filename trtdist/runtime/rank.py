@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,8 @@ from trtdist.parallel.mapping import Mapping
 from trtdist.parallel.shard import attention_shard
 from trtdist.runtime.kv_cache import KVCache
 from trtdist.runtime.model_runner import ModelRunner
+
+log = logging.getLogger("trtdist")
 
 
 class WorldError(RuntimeError):
@@ -97,6 +101,7 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
     assert mapping is not None and device is not None
     groups = ParallelGroups.create(world, mapping, device)
     runner = None
+    start = time.perf_counter()
     try:
         model = load_stage(source, mapping, groups.tp, device, opts.dtype, opts.pp_partition,
                            opts.verify_checksums, opts.seed)
@@ -121,6 +126,12 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
         kv = KVCache(len(model.layer_ids), blocks, opts.block_size, shard.kv_heads,
                      cfg.head_dim, model.dtype, device)
         runner = ModelRunner(world, groups, model, kv)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        log.info("rank %d (tp %d, pp %d) on %s: layers %d-%d, %.1f MiB of weights, %d KV "
+                 "blocks (%.1f MiB), ready in %.1f s", world.rank, mapping.tp_rank,
+                 mapping.pp_rank, device, model.layer_ids.start, model.layer_ids.stop - 1,
+                 weights / 2**20, blocks, kv.data.numel() * kv.data.element_size() / 2**20,
+                 time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}"
     check_world(world, error)

@@ -139,11 +139,8 @@ class Scheduler:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq in self.running:
             self.running.remove(seq)
-        else:
-            try:
-                self.waiting.remove(seq)
-            except ValueError:
-                pass
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
         if not seq.in_flight:
             self.allocator.free_seq(seq.seq_id)
 

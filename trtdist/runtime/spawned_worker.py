@@ -31,7 +31,9 @@ def main() -> int:
         spawned.close()
         return 1
     # Same order as the leader's DistributedLLM: heartbeat after start, stopped before close.
-    heartbeat = Heartbeat(world.comm)
+    heartbeat = Heartbeat(world.comm, timeout=spec.get("worker_timeout", 10.0),
+                          on_failure=lambda rank, s: world.abort(
+                              f"rank {rank} (the leader) has not answered for {s:.1f} s"))
     runner.serve_forever()
     heartbeat.stop()
     runner.close()

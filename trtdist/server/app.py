@@ -154,8 +154,7 @@ def create_app(state: ServerState) -> FastAPI:
                                              for t, v in lp.top]})
         return {"content": content}
 
-    async def collect(request: Request, rid: str,
-                      stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    async def collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
         final = None
         async for out in stream:
             final = out
@@ -231,7 +230,7 @@ def create_app(state: ServerState) -> FastAPI:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return stream_response(rid, "completion", len(ids), params, stream, include,
                                    created)
-        out = await collect(request, rid, stream)
+        out = await collect(stream)
         prefix = req.prompt if (req.echo and isinstance(req.prompt, str)) else ""
         return JSONResponse({
             "id": rid, "object": "text_completion", "created": created,
@@ -262,7 +261,7 @@ def create_app(state: ServerState) -> FastAPI:
         if req.stream:
             include = bool(req.stream_options and req.stream_options.include_usage)
             return stream_response(rid, "chat", len(ids), params, stream, include, created)
-        out = await collect(request, rid, stream)
+        out = await collect(stream)
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created,
             "model": state.model_name,

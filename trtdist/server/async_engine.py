@@ -110,18 +110,22 @@ class AsyncEngine:
                 self.metrics.request_aborted()
                 log.info("request %s aborted (client gone)", command[1])
 
+    def _next_command(self, timeout: float | None) -> tuple | None:
+        try:
+            return (self._commands.get(timeout=timeout) if timeout
+                    else self._commands.get_nowait())
+        except queue.Empty:
+            return None
+
     def _run(self) -> None:
         engine = self.engine
         try:
             while True:
-                idle = not engine.has_unfinished
-                try:
-                    self._handle(self._commands.get(timeout=0.05) if idle
-                                 else self._commands.get_nowait())
-                    while True:
-                        self._handle(self._commands.get_nowait())
-                except queue.Empty:
-                    pass
+                # Block briefly only when idle; otherwise take what is queued and step.
+                command = self._next_command(0.05 if not engine.has_unfinished else None)
+                while command is not None:
+                    self._handle(command)
+                    command = self._next_command(None)
                 if self._stop_at is not None and (not engine.has_unfinished
                                                   or time.monotonic() > self._stop_at):
                     break
