@@ -10,14 +10,24 @@ from collections.abc import Sequence
 from trtdist import __version__
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def _bounded(cast: type, low: float, high: float | None, what: str):  # type: ignore[no-untyped-def]
+    """An argparse type: `cast(value)` within [low, high] (high None: no upper bound)."""
+
+    def parse(value: str) -> int | float:
+        try:
+            n = cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if n < low or (high is not None and n > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
+        return n
+
+    return parse
+
+
+_positive = _bounded(int, 1, None, "a positive integer")
+_port = _bounded(int, 0, 65535, "a port number in [0, 65535]")
+_nonnegative = _bounded(float, 0.0, None, "a non-negative number of seconds")
 
 
 def _partition(value: str) -> tuple[int, ...]:
@@ -47,33 +57,10 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                    help="do not verify engine file checksums at load")
 
 
-def _port(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in [0, 65535], got {n}")
-    return n
-
-
-def _nonnegative(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if f < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {f}")
-    return f
-
-
 def _fraction(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
-    if not 0 < f <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {f}")
+    f = _bounded(float, 0.0, 1.0, "a number in (0, 1]")(value)
+    if f == 0:
+        raise argparse.ArgumentTypeError("expected a number in (0, 1], got 0.0")
     return f
 
 
