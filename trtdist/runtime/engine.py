@@ -20,7 +20,7 @@ from trtdist.runtime.block_allocator import KVBlockAllocator
 from trtdist.runtime.model_runner import ModelRunner
 from trtdist.runtime.plan import FORWARD, StepPlan
 from trtdist.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from trtdist.runtime.sequence import Sequence, SequenceStatus
+from trtdist.runtime.sequence import Sequence
 from trtdist.sampling_params import SamplingParams
 from trtdist.tokenizer import Tokenizer
 
@@ -254,7 +254,7 @@ class LLMEngine:
 
     @property
     def num_running(self) -> int:
-        return sum(1 for s in self.scheduler.running if s.status is SequenceStatus.RUNNING)
+        return len(self.scheduler.running)  # holds only running sequences
 
     @property
     def num_waiting(self) -> int:

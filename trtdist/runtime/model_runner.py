@@ -80,8 +80,8 @@ class ModelRunner:
         rows = np.nonzero(plan.sample)[0]
         if plan.flags & RETURN_ALL_LOGITS:
             logits = self.model.compute_logits(h)
-        elif rows.size:
-            last = torch.from_numpy(np.cumsum(plan.query_lens)[rows] - 1).to(dev)
+        elif rows.size:  # the last token of each sampled sequence
+            last = meta.query_start_loc[1:][torch.from_numpy(rows).to(dev)].long() - 1
             logits = self.model.compute_logits(h[last])
         else:  # only partial prefill chunks: nothing to sample (same on every rank)
             logits = torch.empty(0, self.model.cfg.vocab_size, device=dev)
