@@ -46,6 +46,15 @@ def mpirun(n: int, args: list[str], check: bool = True,
     return proc
 
 
+def need_devices(n: int) -> None:
+    """Ranks bind GPU `local_rank` when CUDA is present: skip a world larger than the GPUs
+    (on a CPU machine every size runs)."""
+    import pytest
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < n:
+        pytest.skip(f"{n} ranks need {n} GPUs here, have {torch.cuda.device_count()}")
+
+
 def trtdist_cli(n: int, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     return mpirun(n, ["-m", "trtdist.cli", *args], check=check)
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from helpers import MPI_SCRIPTS, mpirun
+from helpers import MPI_SCRIPTS, mpirun, need_devices
 
 
 @pytest.mark.mpi
@@ -18,7 +17,6 @@ def test_mpi_communicator(n: int) -> None:
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", [2, 4])
 def test_nccl_communicator_and_graph_capture(n: int) -> None:
-    if torch.cuda.device_count() < n:
-        pytest.skip(f"needs {n} GPUs, have {torch.cuda.device_count()}")
+    need_devices(n)
     proc = mpirun(n, [str(MPI_SCRIPTS / "check_comm.py"), "cuda"])
     assert f"comm ok: {n} ranks on cuda" in proc.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import MPI_SCRIPTS, hf_reference, mpirun, relative_error
+from helpers import MPI_SCRIPTS, hf_reference, mpirun, need_devices, relative_error
 
 from trtdist.engine.build import build_engine
 
@@ -25,6 +25,7 @@ def references(hf_models: dict[str, Path]) -> dict[str, tuple[torch.Tensor, list
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)])
 def test_engines_match_transformers(tp: int, pp: int, hf_models: dict[str, Path],
                                     references: dict, tmp_path: Path) -> None:
+    need_devices(tp * pp)
     engines = [build_engine(hf_models[k], tmp_path / k, tp, pp, "float32", progress=False)
                for k in MODELS]
     # (2, 1) also loads the Hugging Face directories directly (sharded on the fly).

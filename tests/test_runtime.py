@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import MPI_SCRIPTS, hf_reference, load_hf, mpirun
+from helpers import MPI_SCRIPTS, hf_reference, load_hf, mpirun, need_devices
 
 
 def _run(n: int, spec: dict, tmp_path: Path) -> list[dict]:
@@ -41,6 +41,7 @@ def mixed_reference(hf_models: dict[str, Path], mixed: list[dict]) -> list[list[
 def test_batch_equals_alone_and_transformers(tp: int, pp: int, hf_models: dict[str, Path],
                                              mixed: list[dict], mixed_reference: list,
                                              tmp_path: Path) -> None:
+    need_devices(tp * pp)
     spec = {"llm": {"model": str(hf_models["llama"]), "tp_size": tp, "pp_size": pp,
                     "dtype": "float32", "block_size": 4, "num_kv_blocks": 40,
                     "max_num_tokens": 24, "max_model_len": 96, "max_batch_size": 16},
