@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device call (METHOD.md: one script per call): install the checkout (no network there),
+# then run the named phases; logs and JSON land in $OUT, a short table is printed last.
+#   bash scripts/gpu_session.sh kernels model bench
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
+    | tee "$OUT/gpus.txt"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 \
+    | grep -v -i warning | tail -2
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+bench() {  # bench NAME ARGS...: one `trtdist bench` run, JSON kept
+    local name=$1; shift
+    timeout 900 python3 -m trtdist.cli bench "$@" --output "$OUT/bench_$name.json" \
+        > "$OUT/bench_$name.log" 2>&1
+    note "bench $name rc=$? $(python3 scripts/summarize_bench.py "$OUT/bench_$name.json" 2>&1)"
+}
+
+for phase in "$@"; do
+  case $phase in
+    kernels)
+      python3 -m pytest -q -m gpu tests/test_triton_attention.py tests/test_fused_kernels.py \
+          tests/test_kernels.py 2>&1 | tee "$OUT/kernel_tests.log" | tail -15
+      note "kernel tests: $(tail -1 "$OUT/kernel_tests.log")"
+      timeout 600 python3 scripts/bench_kernels.py --output "$OUT/kernels.json" \
+          2>&1 | tee "$OUT/bench_kernels.log" | tail -25
+      timeout 300 python3 scripts/bench_fused_kernels.py --output "$OUT/fused.json" \
+          2>&1 | tee "$OUT/bench_fused.log" | tail -25
+      ;;
+    model)
+      python3 -m pytest -q -rs -m "gpu or not gpu" tests/test_graphs.py tests/test_equivalence.py \
+          tests/test_runtime.py tests/test_kernels.py 2>&1 | tee "$OUT/model_tests.log" | tail -15
+      note "model tests: $(tail -1 "$OUT/model_tests.log")"
+      ;;
+    bench)
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      bench b1 $M --num-requests 1 --input-len 128 --output-len 256
+      bench r128 $M --num-requests 128 --input-len 128 --output-len 128
+      bench r1024 $M --num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024
+      bench ttft8k $M --num-requests 1 --input-len 8192 --output-len 2 --max-model-len 8200
+      ;;
+    *) note "unknown phase $phase";;
+  esac
+done
+echo "==== summary"; cat "$SUMMARY"

@@ -1,0 +1,26 @@
+"""One line from a `trtdist bench` JSON result: the figures BENCHMARKS.md records."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(path: str) -> None:
+    r = json.load(open(path))
+    parts = [f"{r.get('num_requests')}x{r.get('input_len')}/{r.get('output_len')}",
+             f"out {r.get('output_tokens_per_s', 0):,.0f} tok/s"]
+    for key in ("tpot_s", "ttft_s"):
+        if isinstance(r.get(key), dict) and "p50" in r[key]:
+            parts.append(f"{key[:4]} p50 {r[key]['p50'] * 1e3:.2f} ms")
+    for key, fmt in (("copy_bandwidth_gbs", "copy {:,.0f} GB/s"),
+                     ("matmul_tflops", "mm {:,.0f} TFLOP/s"),
+                     ("decode_bandwidth_fraction", "bw frac {:.1%}"),
+                     ("startup_s", "startup {:.1f} s")):
+        if r.get(key) is not None:
+            parts.append(fmt.format(r[key]))
+    print(" | ".join(parts))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
