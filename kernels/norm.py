@@ -110,8 +110,9 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
         raise ValueError(f"{fn}: dtypes must be float16, bfloat16 or float32, got x {x.dtype}, "
                          f"weight {weight.dtype}")
-    if weight.shape != (n,) or weight.stride(0) != 1:
-        raise ValueError(f"{fn}: weight must be a contiguous [{n}], got {tuple(weight.shape)}")
+    if weight.shape != (n,) or weight.stride(0) != 1 or weight.device != x.device:
+        raise ValueError(f"{fn}: weight must be a contiguous [{n}] on {x.device}, got "
+                         f"{tuple(weight.shape)} on {weight.device}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"{fn}: residual must match x ({tuple(x.shape)}, {x.dtype}), got "
                          f"{tuple(residual.shape)}, {residual.dtype}")
