@@ -4,11 +4,29 @@
 uses the rotate-half layout (Llama / transformers) with a precomputed `cos_sin` table
 `[max_positions, D]` float32: cos of the D/2 frequencies in the first half of each row, sin
 in the second. Tokens whose slot is -1 (padding of a CUDA-graph bucket) are not written.
+
+The Triton kernel rotates in float32 (cos/sin straight from the float32 table) and rounds
+once to the model dtype; the reference, like transformers, casts cos/sin to the model dtype
+and rounds each product and the sum. In fp32 the two agree to rounding; in bf16 / fp16 the
+kernel is the closer to the exact rotation, and within about one ulp of the reference.
 """
 
 from __future__ import annotations
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # NOTE: CPU-only installs run the torch reference; kernels never launch.
+    triton = None
+
+    def _jit(fn):  # type: ignore[no-untyped-def]
+        return fn
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def cos_sin_table(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
@@ -52,10 +70,140 @@ def rotary_and_cache_torch(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: 
     return q, k, v
 
 
+@_jit
+def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, cs_stride,
+                             slot_ptr, slot_stride,
+                             kc_ptr, kc_s0, kc_s1, kc_s2, kc_s3,
+                             vc_ptr, vc_s0, vc_s1, vc_s2, vc_s3,
+                             HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                             HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr):
+    """Grid (T, cdiv(HQ + HKV, BLOCK_H)) over the rotated heads of one token.
+
+    Within a qkv row the q heads and then the k heads lie back to back, so rotated head h is at
+    `h * D` for h < HQ + HKV; k head j = h - HQ also owns v head j at `(HQ + HKV + j) * D` and
+    writes both into the cache. Each row of the tile is one head's two halves, padded to
+    HALF_PAD lanes (head_dim 80 / 96 -> 64 lanes of 40 / 48)."""
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
+    half: tl.constexpr = D // 2
+    d = tl.arange(0, HALF_PAD)  # [HP]
+    dmask = d < half
+    mask = (heads < HQ + HKV)[:, None] & dmask[None, :]  # [BH, HP]
+
+    pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
+    cos = tl.load(cs_ptr + pos * cs_stride + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs_ptr + pos * cs_stride + half + d, mask=dmask,
+                  other=0.0).to(tl.float32)[None, :]
+
+    row = qkv_ptr + t * qkv_stride
+    lo = row + heads[:, None] * D + d[None, :]  # [BH, HP] first halves
+    x1 = tl.load(lo, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(lo + half, mask=mask, other=0.0).to(tl.float32)
+    # rotate-half: x * cos + cat(-x2, x1) * sin
+    o1 = (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty)
+    o2 = (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty)
+    tl.store(lo, o1, mask=mask)
+    tl.store(lo + half, o2, mask=mask)
+
+    slot = tl.load(slot_ptr + t * slot_stride).to(tl.int64)
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    kv_head = heads - HQ  # [BH], negative for q heads (masked off)
+    # NOTE: slot -1 marks padding (CUDA-graph buckets): nothing of it reaches the cache.
+    kv_mask = mask & ((heads >= HQ) & (slot >= 0))[:, None]
+    k_dst = (kc_ptr + block * kc_s0 + offset * kc_s1 + kv_head[:, None] * kc_s2
+             + d[None, :] * kc_s3)
+    tl.store(k_dst, o1.to(kc_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(k_dst + half * kc_s3, o2.to(kc_ptr.dtype.element_ty), mask=kv_mask)
+    v_src = row + (HQ + HKV + kv_head[:, None]) * D + d[None, :]
+    v_dst = (vc_ptr + block * vc_s0 + offset * vc_s1 + kv_head[:, None] * vc_s2
+             + d[None, :] * vc_s3)
+    tl.store(v_dst, tl.load(v_src, mask=kv_mask, other=0.0), mask=kv_mask)
+    tl.store(v_dst + half * vc_s3, tl.load(v_src + half, mask=kv_mask, other=0.0),
+             mask=kv_mask)
+
+
+def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                            q_heads: int, kv_heads: int, head_dim: int, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> q `[T, Hq, D]`, k `[T, Hkv, D]` (both rotated), v `[T, Hkv, D]`: views of `qkv`.
+
+    IN PLACE: q and k are rotated inside `qkv` (its row stride may be anything, its last
+    stride must be 1); rotated k and v go to `k_cache` / `v_cache` `[blocks, block_size, Hkv,
+    D]` at `slot_mapping[t]` (int64 or int32, -1 = skip), through the caches' strides (so
+    they may be views of one `[layers, 2, blocks, bs, Hkv, D]` tensor). `positions` (int64 or
+    int32) must index rows of `cos_sin`: not checked, as that would sync with the host. No
+    allocation, no host syncs: CUDA-graph capturable."""
+    if triton is None:
+        raise RuntimeError("rotary_and_cache_triton needs triton, which is not installed")
+    _check(qkv, positions, cos_sin, q_heads, kv_heads, head_dim, k_cache, v_cache, slot_mapping)
+    t = qkv.shape[0]
+    q = qkv[:, :q_heads * head_dim].view(t, q_heads, head_dim)
+    k = qkv[:, q_heads * head_dim:(q_heads + kv_heads) * head_dim].view(t, kv_heads, head_dim)
+    v = qkv[:, (q_heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
+    if t == 0:
+        return q, k, v
+    half_pad = triton.next_power_of_2(head_dim // 2)
+    heads = q_heads + kv_heads
+    # NOTE: ~512-lane tiles: 8 heads of 128 (Llama-3-8B's 32 + 8 heads in 5 full programs).
+    block_h = min(triton.next_power_of_2(heads), max(1, 512 // half_pad))
+    _rotary_and_cache_kernel[(t, triton.cdiv(heads, block_h))](
+        qkv, qkv.stride(0), positions, positions.stride(0), cos_sin, cos_sin.stride(0),
+        slot_mapping, slot_mapping.stride(0),
+        k_cache, *k_cache.stride(), v_cache, *v_cache.stride(),
+        HQ=q_heads, HKV=kv_heads, D=head_dim, HALF_PAD=half_pad, BLOCK_H=block_h,
+        BLOCK_SIZE=k_cache.shape[1], num_warps=2)  # 8 lanes a thread: 16-byte bf16 access
+    return q, k, v
+
+
+def _check(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, q_heads: int,
+           kv_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           slot_mapping: torch.Tensor) -> None:
+    """Shapes, dtypes and strides only: nothing here reads device memory."""
+    fn = "rotary_and_cache_triton"
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"{fn}: head_dim must be even and positive, got {head_dim}")
+    if q_heads <= 0 or kv_heads <= 0 or q_heads % kv_heads:
+        raise ValueError(f"{fn}: q_heads ({q_heads}) must be a positive multiple of kv_heads "
+                         f"({kv_heads})")
+    width = (q_heads + 2 * kv_heads) * head_dim
+    if qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1:
+        raise ValueError(f"{fn}: qkv must be [T, (Hq + 2 * Hkv) * D] = [T, {width}] with a "
+                         f"unit last stride, got {tuple(qkv.shape)} strides {tuple(qkv.stride())}")
+    if qkv.dtype not in _DTYPES:
+        raise ValueError(f"{fn}: qkv dtype must be float16, bfloat16 or float32, got {qkv.dtype}")
+    t = qkv.shape[0]
+    for name, idx in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if idx.shape != (t,) or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{fn}: {name} must be int32 or int64 of shape [{t}], got "
+                             f"{idx.dtype} {tuple(idx.shape)}")
+    if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.stride(1) != 1:
+        raise ValueError(f"{fn}: cos_sin must be [max_positions, {head_dim}] with a unit last "
+                         f"stride, got {tuple(cos_sin.shape)}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (cache.dim() != 4 or cache.shape[2:] != (kv_heads, head_dim)
+                or cache.shape[:2] != k_cache.shape[:2] or cache.dtype != qkv.dtype):
+            raise ValueError(f"{fn}: {name} must be [blocks, block_size, {kv_heads}, "
+                             f"{head_dim}] {qkv.dtype} (as k_cache), got {tuple(cache.shape)} "
+                             f"{cache.dtype}")
+    devices = {x.device for x in (qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)}
+    if len(devices) != 1:
+        raise ValueError(f"{fn}: all tensors must be on one device, got "
+                         f"{sorted(map(str, devices))}")
+
+
 def rotary_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                      q_heads: int, kv_heads: int, head_dim: int, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slot_mapping: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dispatch: the Triton kernel on CUDA, the reference elsewhere."""
+    """Dispatch: the Triton kernel on CUDA, the reference elsewhere.
+
+    Use the returned tensors: on CUDA q and k are rotated in place inside `qkv` and the three
+    are views of it (see `rotary_and_cache_triton`); the reference leaves `qkv` alone."""
+    if qkv.is_cuda and triton is not None:
+        return rotary_and_cache_triton(qkv, positions, cos_sin, q_heads, kv_heads, head_dim,
+                                       k_cache, v_cache, slot_mapping)
     return rotary_and_cache_torch(qkv, positions, cos_sin, q_heads, kv_heads, head_dim,
                                   k_cache, v_cache, slot_mapping)
