@@ -14,6 +14,7 @@ from helpers import MPI_SCRIPTS, mpirun, need_devices, relative_error
 
 from trtdist import DistributedLLM, SamplingParams
 from trtdist.runtime.plan import FORWARD, StepPlan
+from trtdist.runtime.rank import RankOptions
 
 BUCKETS = (1, 2, 4, 8)
 
@@ -35,6 +36,34 @@ def _decode_plan(rng: np.random.Generator, s: int, bs: int, num_blocks: int) -> 
         tables[i, :n] = blocks[o:o + n]
         o += n
     return StepPlan(FORWARD, rng.integers(0, 300, s), ctx - 1, np.ones(s, np.int64), ctx, tables)
+
+
+def test_graph_options_are_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    from trtdist.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--enforce-eager", "--cuda-graph-batch-sizes",
+                                      "1,2,4", "--attention-backend", "torch"])
+    assert (args.enforce_eager, args.cuda_graph_batch_sizes, args.attention_backend) == (
+        True, (1, 2, 4), "torch")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--cuda-graph-batch-sizes", "1,two"])
+    assert "comma-separated positive batch sizes" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"in \[1, max_batch_size 8\]"):
+        RankOptions(max_batch_size=8, cuda_graph_batch_sizes=(1, 16))
+    with pytest.raises(ValueError, match="attention_backend must be auto, torch or triton"):
+        RankOptions(attention_backend="flash")
+    assert RankOptions(cuda_graph_batch_sizes=[4, 1]).cuda_graph_batch_sizes == (4, 1)
+
+
+def test_cpu_runs_eagerly_without_graphs(hf_models: dict[str, Path]) -> None:
+    with DistributedLLM(hf_models["llama"], dtype="float32", device="cpu", block_size=4,
+                        max_model_len=64, max_batch_size=4, max_num_tokens=32,
+                        num_kv_blocks=40) as llm:
+        assert llm._runner.graphs is None and llm._runner.model.attention_backend.name == "torch"
+        outs = llm.generate([p for p, _ in _requests(6, seed=3)],
+                            [sp for _, sp in _requests(6, seed=3)])
+        assert all(len(o.outputs[0].token_ids) == sp.max_tokens
+                   for o, (_, sp) in zip(outs, _requests(6, seed=3)))
 
 
 @pytest.mark.gpu

@@ -67,20 +67,30 @@ def run_stage(model: LlamaStage, kv_layers: list[tuple[torch.Tensor, torch.Tenso
     return model.compute_logits(h.index_select(0, views.logits_rows))
 
 
+def decode_body(model: LlamaStage, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                inputs: StepInputs, hidden_in: torch.Tensor | None,
+                bucket: int) -> torch.Tensor:
+    """What a decode graph of `bucket` rows runs: the stage on the static buffers, with the
+    backend's capture metadata (fixed work whatever the lengths)."""
+    views = inputs.capture_inputs(bucket)
+    meta = model.attention_backend.prepare_for_capture(views.attention)
+    x = views.input_ids if hidden_in is None else hidden_in[:bucket]
+    return run_stage(model, kv_layers, x, views, meta, all_logits=True)
+
+
 def measure_decode_memory(model: LlamaStage, inputs: StepInputs, hidden_in: torch.Tensor | None,
                           kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
                           bucket: int) -> int:
-    """Peak bytes one eager decode step of `bucket` rows allocates (against a small
-    temporary KV pool): what the graphs' shared pool will hold. Also JIT-compiles kernels."""
+    """Peak bytes one eager run of the `bucket` decode body allocates (against a small
+    temporary KV pool): about what the graphs' shared pool will hold. Also JIT-compiles the
+    kernels before capture."""
     device = model.device
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     with torch.inference_mode():
-        views = inputs.fill(padded_decode_plan(bucket, block=1))
-        x = views.input_ids if hidden_in is None else hidden_in[:bucket]
-        meta = model.attention_backend.prepare(views.attention)
-        run_stage(model, kv_layers, x, views, meta, all_logits=True)
+        inputs.fill(padded_decode_plan(0), pad_to=bucket)  # padding only: nothing written
+        decode_body(model, kv_layers, inputs, hidden_in, bucket)
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
 
@@ -103,10 +113,7 @@ class CUDAGraphRunner:
                                           np.arange(self.batch_sizes[-1] + 1))
 
     def _body(self, bucket: int) -> torch.Tensor:
-        views = self.inputs.capture_inputs(bucket)
-        meta = self.model.attention_backend.prepare_for_capture(views.attention)
-        x = views.input_ids if self.hidden_in is None else self.hidden_in[:bucket]
-        return run_stage(self.model, self.kv_layers, x, views, meta, all_logits=True)
+        return decode_body(self.model, self.kv_layers, self.inputs, self.hidden_in, bucket)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -117,7 +124,7 @@ class CUDAGraphRunner:
         stream = torch.cuda.Stream(device)
         for bucket in sorted(self.batch_sizes, reverse=True):
             # All-padding rows: attention reads nothing, the KV write skips every slot.
-            self.inputs.fill(padded_decode_plan(bucket), pad_to=bucket)
+            self.inputs.fill(padded_decode_plan(0), pad_to=bucket)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 self._body(bucket)  # warm-up: JIT compilation, lazy initialisation

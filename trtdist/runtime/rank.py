@@ -152,13 +152,19 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
                                             shard.kv_heads, cfg.head_dim, model.dtype)
         if use_graphs:
             # NOTE: capture needs the real pool, but the pool is sized from the memory left:
-            # measure one eager decode at the largest bucket on a two-block pool first.
+            # run the largest bucket's decode body once eagerly on a two-block pool first.
             scratch = KVCache(len(model.layer_ids), 1, opts.block_size, shard.kv_heads,
                               cfg.head_dim, model.dtype, device)
-            peak = measure_decode_memory(model, inputs, hidden_in, scratch.layers, buckets[-1])
+            try:
+                peak = measure_decode_memory(model, inputs, hidden_in, scratch.layers,
+                                             buckets[-1])
+                reserved = int(peak * 1.25) + (64 << 20)
+            except Exception as e:  # noqa: BLE001 - the same on every rank (same code)
+                log.warning("rank %d: decode warm-up for CUDA graphs failed (%s: %s); decode "
+                            "runs eagerly", world.rank, type(e).__name__, e)
+                use_graphs = False
             del scratch
             torch.cuda.empty_cache()
-            reserved = int(peak * 1.25) + (64 << 20)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         blocks = kv_blocks_that_fit(per_block, device, opts, max_len, world.info.local_size,
@@ -175,10 +181,21 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
                      cfg.head_dim, model.dtype, device)
         if use_graphs:
             graphs = CUDAGraphRunner(model, kv.layers, inputs, hidden_in, buckets)
-            graphs.capture()
+            try:
+                graphs.capture()
+            except Exception as e:  # noqa: BLE001
+                log.warning("rank %d: CUDA-graph capture failed (%s: %s); decode runs eagerly",
+                            world.rank, type(e).__name__, e)
+                graphs = None
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}"
     check_world(world, error)
+    # NOTE: graphs on every rank or on none: a replay all-reduces `bucket` rows, an eager
+    # step only the real ones, and the TP peers of a collective must agree on its size.
+    if world.allreduce_min(int(graphs is not None)) == 0 and graphs is not None:
+        log.warning("rank %d: another rank could not capture CUDA graphs; decode runs "
+                    "eagerly", world.rank)
+        graphs = None
     try:
         runner = ModelRunner(world, groups, model, kv, inputs, hidden_in, graphs)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
