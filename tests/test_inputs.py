@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trtdist.runtime.graph_runner import graph_batch_sizes, padded_decode_plan
+from trtdist.runtime.graph_runner import graph_batch_sizes, padded_decode_plan, pick_bucket
 from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.plan import FORWARD, RETURN_ALL_LOGITS, StepPlan
 
@@ -124,3 +124,17 @@ def test_bucket_ladder() -> None:
         graph_batch_sizes(8, [1, 16])
     with pytest.raises(ValueError, match="CUDA-graph batch sizes"):
         graph_batch_sizes(8, [])
+
+
+def test_decode_steps_pick_the_smallest_bucket_that_holds_them() -> None:
+    sizes = graph_batch_sizes(20)  # 1, 2, 4, 8, 16, 20
+    assert [pick_bucket(sizes, padded_decode_plan(s)) for s in (1, 2, 3, 5, 8, 9, 17, 20)] == [
+        1, 2, 4, 8, 8, 16, 20, 20]
+    assert pick_bucket(sizes, padded_decode_plan(21)) is None  # larger than every bucket
+    assert pick_bucket(sizes, padded_decode_plan(0)) is None
+    prefill = StepPlan(FORWARD, np.arange(3), np.arange(3), np.array([3]), np.array([3]),
+                       np.array([[1]]))
+    assert pick_bucket(sizes, prefill) is None
+    all_logits = StepPlan(FORWARD, np.arange(1), np.arange(1), np.array([1]), np.array([1]),
+                          np.array([[1]]), RETURN_ALL_LOGITS)
+    assert pick_bucket(sizes, all_logits) is None

@@ -13,6 +13,7 @@ reuse its blocks (nano-vllm's `capture_cudagraph`).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Sequence
@@ -42,6 +43,16 @@ def graph_batch_sizes(max_batch_size: int,
     ladder = [1, 2, 4, 8, *range(16, 257, 8), *range(272, max_batch_size + 1, 16)]
     sizes = sorted({b for b in ladder if b <= max_batch_size} | {max_batch_size})
     return tuple(sizes)
+
+
+def pick_bucket(batch_sizes: Sequence[int], plan: StepPlan) -> int | None:
+    """The smallest bucket holding `plan`'s decode batch (`batch_sizes` sorted), or None
+    when the step runs eagerly: prefill or mixed, all logits requested, or larger than every
+    bucket."""
+    s = plan.num_seqs
+    if plan.num_tokens != s or s == 0 or s > batch_sizes[-1] or plan.flags & RETURN_ALL_LOGITS:
+        return None
+    return batch_sizes[bisect.bisect_left(batch_sizes, s)]
 
 
 def padded_decode_plan(rows: int, block: int = 0) -> StepPlan:
@@ -103,14 +114,12 @@ class CUDAGraphRunner:
                  batch_sizes: Sequence[int]) -> None:
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        self.model, self.kv_layers, self.inputs, self.hidden_in = model, kv_layers, inputs, hidden_in
+        self.model, self.kv_layers = model, kv_layers
+        self.inputs, self.hidden_in = inputs, hidden_in
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
-        # bucket_of[s] = the smallest bucket >= s, for s in 0..max bucket
-        self._bucket_of = np.searchsorted(np.array(self.batch_sizes),
-                                          np.arange(self.batch_sizes[-1] + 1))
 
     def _body(self, bucket: int) -> torch.Tensor:
         return decode_body(self.model, self.kv_layers, self.inputs, self.hidden_in, bucket)
@@ -138,13 +147,8 @@ class CUDAGraphRunner:
         self.capture_seconds = time.perf_counter() - start
 
     def bucket_for(self, plan: StepPlan) -> int | None:
-        """The bucket a step replays, or None when it runs eagerly (prefill, mixed, all
-        logits requested, larger than every bucket)."""
-        s = plan.num_seqs
-        if (not self.graphs or plan.num_tokens != s or s == 0 or s > self.batch_sizes[-1]
-                or plan.flags & RETURN_ALL_LOGITS):
-            return None
-        return self.batch_sizes[int(self._bucket_of[s])]
+        """The bucket a step replays, or None when it runs eagerly (see `pick_bucket`)."""
+        return pick_bucket(self.batch_sizes, plan) if self.graphs else None
 
     def replay(self, bucket: int) -> torch.Tensor:
         """Run the bucket's graph on the already-filled static inputs. Returns its static

@@ -1,7 +1,7 @@
 """Leader-side helpers that run one sequence at a time (prompt logits, greedy decoding).
 
-The sequence occupies blocks 1..n of the pool (0 is the null block); the batching runtime replaces this for
-serving, these remain the simplest correctness probes.
+The sequence occupies blocks 1..n of the pool (0 is the null block); the batching runtime
+replaces this for serving, these remain the simplest correctness probes.
 """
 
 from __future__ import annotations
