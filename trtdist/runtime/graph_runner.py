@@ -145,6 +145,8 @@ class CUDAGraphRunner:
             self.graphs[bucket] = graph
         torch.cuda.synchronize(device)
         self.capture_seconds = time.perf_counter() - start
+        log.debug("captured %d decode graphs %s in %.2f s", len(self.graphs), self.batch_sizes,
+                  self.capture_seconds)
 
     def bucket_for(self, plan: StepPlan) -> int | None:
         """The bucket a step replays, or None when it runs eagerly (see `pick_bucket`)."""
