@@ -70,6 +70,9 @@ class StepInputs:
                            else self._host[0])
         self.dev = self._views(self.device_buf)
         self._host_np = [self._numpy_views(h.numpy()) for h in self._host]
+        # Per host buffer: the (rows, columns) of its block tables that may be non-zero;
+        # everything outside is zero, so a step clears only what the last one wrote.
+        self._dirty = [(0, 0)] * count
 
     # ---- layout --------------------------------------------------------------------
     def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -114,14 +117,15 @@ class StepInputs:
         h["positions"][:t] = plan.positions
         qsl = h["query_start_loc"]
         qsl[0] = 0
-        np.cumsum(ql, out=qsl[1:s + 1])
+        qsl[1:s + 1] = np.cumsum(ql)
         h["seq_lens"][:s] = plan.context_lens
         seq_of_token = np.repeat(np.arange(s), ql)
         pos = plan.positions
         h["slot_mapping"][:t] = plan.block_tables[seq_of_token, pos // bs] * bs + pos % bs
-        bt = h["block_tables"]
-        bt[:rows] = 0
+        bt, (dr, dc) = h["block_tables"], self._dirty[self._turn]
+        bt[:dr, :dc] = 0
         bt[:s, :plan.block_tables.shape[1]] = plan.block_tables
+        self._dirty[self._turn] = plan.block_tables.shape
         if pad_to is not None and rows > s:
             h["input_ids"][t:rows] = 0
             h["positions"][t:rows] = 0
