@@ -13,6 +13,7 @@ import torch
 from helpers import MPI_SCRIPTS, mpirun, need_devices, relative_error
 
 from trtdist import DistributedLLM, SamplingParams
+from trtdist.runtime.graph_runner import run_stage
 from trtdist.runtime.plan import FORWARD, StepPlan
 from trtdist.runtime.rank import RankOptions
 
@@ -64,6 +65,28 @@ def test_cpu_runs_eagerly_without_graphs(hf_models: dict[str, Path]) -> None:
                             [sp for _, sp in _requests(6, seed=3)])
         assert all(len(o.outputs[0].token_ids) == sp.max_tokens
                    for o, (_, sp) in zip(outs, _requests(6, seed=3)))
+
+
+def test_padded_bucket_inputs_leave_real_rows_unchanged(hf_models: dict[str, Path]) -> None:
+    """What a graph replay sees (a bucket padded with null-block rows), run through the
+    torch backend on CPU: the real rows' logits equal an unpadded step's, nothing is written
+    to the null block."""
+    with DistributedLLM(hf_models["llama"], dtype="float32", device="cpu", block_size=4,
+                        max_model_len=128, max_batch_size=8, num_kv_blocks=160) as llm:
+        runner = llm._runner
+        runner.kv.data[:, :, 1:].normal_()
+        rng = np.random.default_rng(1)
+        for s, bucket in ((1, 2), (3, 4), (5, 8)):
+            plan = _decode_plan(rng, s, 4, runner.kv.num_blocks)
+            with torch.inference_mode():
+                plain = runner._forward(plan).clone()
+                views = runner.inputs.fill(plan, pad_to=bucket)
+                meta = runner.model.attention_backend.prepare(views.attention)
+                padded = run_stage(runner.model, runner.kv.layers, views.input_ids, views, meta,
+                                   all_logits=True)
+            assert padded.shape[0] == bucket
+            torch.testing.assert_close(padded[:s], plain, rtol=1e-5, atol=1e-5)
+            assert not bool(runner.kv.data[:, :, 0].any()), "the null block was written"
 
 
 @pytest.mark.gpu
