@@ -38,6 +38,11 @@ class DistributedLLM:
     `model` is an engine directory, a Hugging Face directory, None for the built-in tiny model,
     or with `dummy_weights=True` a preset name such as "llama3-8b".
 
+    On CUDA, decode steps replay CUDA graphs captured at load for the batch sizes
+    `cuda_graph_batch_sizes` (default: 1, 2, 4, 8, then steps of 8 up to `max_batch_size`);
+    `enforce_eager=True` never captures. `attention_backend` is auto (Triton on CUDA, the
+    torch reference elsewhere), torch or triton.
+
     A rank that sends no heartbeat for `worker_timeout` seconds is reported to
     `on_rank_failure(rank, seconds)` on the leader; by default the whole world is aborted
     with a message naming it, rather than left waiting forever.
