@@ -25,6 +25,7 @@ Contract shared by both (the runtime relies on it):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,6 +36,8 @@ from trtdist.kernels.paged_attention import (
     paged_attention_torch,
     paged_decode_torch,
 )
+
+log = logging.getLogger("trtdist")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +87,12 @@ class TorchAttentionBackend:
     def prepare(self, inputs: AttentionInputs) -> AttentionMetadata:
         if inputs.query_lens_host is None or inputs.seq_lens_host is None:
             raise ValueError("the torch attention backend needs host-side lengths")
+        # NOTE: the batched decode gathers every column of the block table; keep only the
+        # columns the longest sequence uses (the fixed width serves CUDA graphs).
+        used = -(-inputs.max_seq_len // inputs.block_size)
         return AttentionMetadata(
             query_start_loc=inputs.query_start_loc, context_lens=inputs.seq_lens,
-            block_tables=inputs.block_tables, slot_mapping=inputs.slot_mapping,
+            block_tables=inputs.block_tables[:, :used], slot_mapping=inputs.slot_mapping,
             query_lens_host=inputs.query_lens_host, context_lens_host=inputs.seq_lens_host,
             block_size=inputs.block_size, is_decode=inputs.is_decode)
 
@@ -108,6 +114,11 @@ def default_backend(device: torch.device, name: str = "auto") -> AttentionBacken
         raise ValueError(f"unknown attention backend {name!r}; use auto, torch or triton")
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchAttentionBackend()
-    from trtdist.kernels.triton_attention import TritonAttentionBackend
-
+    try:
+        from trtdist.kernels.triton_attention import TritonAttentionBackend
+    except ImportError as e:
+        if name == "triton":
+            raise ValueError(f"the triton attention backend is not available: {e}") from e
+        log.warning("triton attention backend unavailable (%s); using the torch backend", e)
+        return TorchAttentionBackend()
     return TritonAttentionBackend()

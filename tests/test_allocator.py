@@ -112,3 +112,14 @@ def test_no_double_ownership_no_leaks(ops: list[tuple[str, int, int, int]],
         a.free_seq(s)
     a.check_invariants()
     assert a.num_free == a.num_blocks and all(c == 0 for c in a.ref_counts)
+
+
+def test_null_block_is_never_handed_out() -> None:
+    a = KVBlockAllocator(3, 4, enable_prefix_caching=False)
+    a.allocate_prefix(1, [1])
+    assert a.ensure(1, 12)  # every usable block
+    assert sorted(a.table(1)) == [1, 2, 3] and a.num_free == 0
+    assert not a.ensure(1, 13)
+    a.free_seq(1)
+    a.check_invariants()
+    assert a.num_free == a.num_blocks == 3

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from trtdist import device_roofline
 from trtdist.llm import DistributedLLM
 from trtdist.sampling_params import SamplingParams
 
@@ -34,6 +35,8 @@ def run_bench(llm: DistributedLLM, num_requests: int, input_len: int, output_len
     vocab = engine.model_cfg.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(num_requests)]
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    dev = llm._runner.device
+    roof = device_roofline.measure(dev) if dev.type == "cuda" else {}
     llm.generate(prompts[: min(4, num_requests)], params)  # warm-up: kernels, allocator
     engine.allocator.reset_prefix_cache()  # random prompts; keep the measured run cold
     steps0 = engine.stats["steps"]
@@ -55,7 +58,9 @@ def run_bench(llm: DistributedLLM, num_requests: int, input_len: int, output_len
         "tpot_s": _percentiles([t for o in outs
                                 if (t := o.metrics.time_per_output_token) is not None]),
         "kv_blocks": engine.allocator.num_blocks, "preemptions": engine.scheduler.num_preemptions,
-    }
+    } | device_roofline.bench_fields(
+        roof, sum(p.numel() * p.element_size() for p in llm._runner.model.parameters()),
+        [t for o in outs if (t := o.metrics.time_per_output_token) is not None], num_requests)
 
 
 def bench_main(llm_kwargs: dict[str, Any], num_requests: int, input_len: int, output_len: int,

@@ -38,6 +38,17 @@ def _partition(value: str) -> tuple[int, ...]:
             f"expected comma-separated layer counts such as 3,5, got {value!r}") from None
 
 
+def _batch_sizes(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive batch sizes such as 1,2,4,8, got {value!r}")
+    return sizes
+
+
 _DTYPES = ["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
 
 
@@ -78,6 +89,13 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=_positive, default=16, help="tokens per KV block")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", help="do not reuse KV blocks of shared prefixes")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never capture CUDA graphs; every step runs eagerly")
+    p.add_argument("--cuda-graph-batch-sizes", type=_batch_sizes, default=None,
+                   help="decode batch sizes to capture, e.g. 1,2,4,8,16 (default: 1, 2, 4, "
+                        "8, then steps of 8 up to --max-batch-size)")
+    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="attention kernels: auto = triton on CUDA, torch elsewhere")
 
 
 def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -93,7 +111,9 @@ def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
                 kv_cache_fraction=args.kv_cache_fraction, num_kv_blocks=args.num_kv_blocks,
                 block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                 dummy_weights=args.dummy_weights, pp_partition=args.pp_partition,
-                verify_checksums=not args.skip_checksums)
+                verify_checksums=not args.skip_checksums, enforce_eager=args.enforce_eager,
+                cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
+                attention_backend=args.attention_backend)
 
 
 def build_parser() -> argparse.ArgumentParser:

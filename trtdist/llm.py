@@ -38,6 +38,11 @@ class DistributedLLM:
     `model` is an engine directory, a Hugging Face directory, None for the built-in tiny model,
     or with `dummy_weights=True` a preset name such as "llama3-8b".
 
+    On CUDA, decode steps replay CUDA graphs captured at load for the batch sizes
+    `cuda_graph_batch_sizes` (default: 1, 2, 4, 8, then steps of 8 up to `max_batch_size`);
+    `enforce_eager=True` never captures. `attention_backend` is auto (Triton on CUDA, the
+    torch reference elsewhere), torch or triton.
+
     A rank that sends no heartbeat for `worker_timeout` seconds is reported to
     `on_rank_failure(rank, seconds)` on the leader; by default the whole world is aborted
     with a message naming it, rather than left waiting forever.
@@ -49,14 +54,20 @@ class DistributedLLM:
                  kv_cache_fraction: float = 0.9, num_kv_blocks: int | None = None,
                  block_size: int = 16, enable_prefix_caching: bool = True,
                  dummy_weights: bool = False, pp_partition: Sequence[int] | None = None,
-                 verify_checksums: bool = True, seed: int = 0, worker_timeout: float = 10.0,
+                 verify_checksums: bool = True, seed: int = 0, enforce_eager: bool = False,
+                 cuda_graph_batch_sizes: Sequence[int] | None = None,
+                 attention_backend: str = "auto", worker_timeout: float = 10.0,
                  on_rank_failure: Callable[[int, float], None] | None = None) -> None:
         self.options = RankOptions(
             tp_size=tp_size, pp_size=pp_size, dtype=dtype, device=device, block_size=block_size,
             kv_cache_fraction=kv_cache_fraction, num_kv_blocks=num_kv_blocks,
             max_model_len=max_model_len, max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens,
             pp_partition=tuple(pp_partition) if pp_partition else None,
-            verify_checksums=verify_checksums, seed=seed)
+            verify_checksums=verify_checksums, seed=seed, enforce_eager=enforce_eager,
+            cuda_graph_batch_sizes=(tuple(cuda_graph_batch_sizes)
+                                    if cuda_graph_batch_sizes is not None else None),
+            attention_backend=attention_backend)
         engine_config = EngineConfig(max_batch_size, max_num_tokens, max_model_len,
                                      enable_prefix_caching)
         source = resolve_model(model, dummy_weights)

@@ -6,14 +6,18 @@ Stage 0 also owns the embedding; the last stage owns the final norm and the LM h
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trtdist.comm.base import Communicator
 from trtdist.config import ModelConfig
-from trtdist.kernels.paged_attention import AttentionMetadata, paged_attention, write_kv_cache
-from trtdist.models.rope import RotaryEmbedding
+from trtdist.kernels.activation import silu_and_mul
+from trtdist.kernels.attention import AttentionBackend, TorchAttentionBackend
+from trtdist.kernels.norm import add_rms_norm, rms_norm
+from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
+from trtdist.models.rope import inv_frequencies
 from trtdist.parallel.layers import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -24,6 +28,16 @@ from trtdist.parallel.mapping import Mapping
 from trtdist.parallel.shard import attention_shard, vocab_range
 
 
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What every layer of one step needs besides its hidden states (built once per step)."""
+
+    positions: torch.Tensor  # [T] int32 or int64
+    slot_mapping: torch.Tensor  # [T] int64, -1 = padding (not written)
+    meta: object  # the attention backend's metadata (opaque to the layers)
+    backend: AttentionBackend
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -31,11 +45,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device),
                                    requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the scale, as transformers does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM style: returns `(norm(x + residual), x + residual)`; without a residual,
+        `(norm(x), x)`. Numerics as transformers' LlamaRMSNorm (see kernels/norm.py)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps), x
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -52,17 +68,16 @@ class LlamaAttention(nn.Module):
                                         cfg.qkv_bias, dtype, device)
         self.o = RowParallelLinear(self.q_size, cfg.hidden_size, cfg.o_bias, dtype, device, tp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = RotaryEmbedding.apply(q.view(t, self.q_heads, self.head_dim), cos, sin)
-        k = RotaryEmbedding.apply(k.view(t, self.kv_heads, self.head_dim), cos, sin)
-        v = v.view(t, self.kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window)
+        # Rotary on q and k, and the write of k and v into the paged cache, in one op.
+        q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
+                                   self.kv_heads, self.head_dim, k_cache, v_cache,
+                                   ctx.slot_mapping)
+        o = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale,
+                                self.window)  # [T, Hq, D]
         return self.o(o.reshape(t, self.q_size))
 
 
@@ -79,8 +94,7 @@ class LlamaMLP(nn.Module):
         self.down = RowParallelLinear(self.inter, cfg.hidden_size, cfg.mlp_bias, dtype, device, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.inter, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_and_mul(self.gate_up(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -92,11 +106,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(cfg, mapping, tp, dtype, device)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.attn(self.input_norm(h), cos, sin, kv_cache, meta)
-        return h + self.mlp(self.post_norm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream travels beside the layer output (vLLM style): the add that
+        closes one block is fused with the norm that opens the next."""
+        x, residual = self.input_norm(h, residual)
+        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx), residual)
+        return self.mlp(x), residual
 
 
 class LlamaStage(nn.Module):
@@ -110,7 +127,10 @@ class LlamaStage(nn.Module):
         start, end, local = vocab_range(cfg.vocab_size, mapping.tp_size, mapping.tp_rank)
         self.embed = (VocabParallelEmbedding(start, end, local, cfg.hidden_size, dtype, device, tp)
                       if mapping.is_first_stage else None)
-        self.rope = RotaryEmbedding(cfg, device)
+        # [max_positions, head_dim] float32 cos | sin, indexed by position (not a parameter).
+        self.register_buffer("cos_sin", cos_sin_table(inv_frequencies(cfg).to(device),
+                                                      cfg.max_position_embeddings),
+                             persistent=False)
         self.layers = nn.ModuleDict({
             str(i): LlamaDecoderLayer(cfg, mapping, tp, i, dtype, device) for i in layers
         })
@@ -118,17 +138,25 @@ class LlamaStage(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             self.lm_head = ParallelLMHead(local, cfg.hidden_size, cfg.vocab_size, dtype, device,
                                           tp)
+        self.attention_backend: AttentionBackend = TorchAttentionBackend()
 
-    def forward(self, tokens_or_hidden: torch.Tensor, positions: torch.Tensor,
+    def context(self, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                meta: object) -> StepContext:
+        return StepContext(positions, slot_mapping, meta, self.attention_backend)
+
+    def forward(self, tokens_or_hidden: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata) -> torch.Tensor:
+                ctx: StepContext) -> torch.Tensor:
         """Stage 0 takes token ids `[T]`; later stages take hidden states `[T, hidden]`.
-        Returns hidden states `[T, hidden]` (after the final norm on the last stage)."""
+        Returns hidden states `[T, hidden]`: after the final norm on the last stage, else
+        the residual stream's sum (what the next stage receives)."""
         h = self.embed(tokens_or_hidden) if self.embed is not None else tokens_or_hidden
-        cos, sin = self.rope.cos_sin(positions, h.dtype)
+        residual = None
         for layer, cache in zip(self.layers.values(), kv_caches):
-            h = layer(h, cos, sin, cache, meta)
-        return self.norm(h) if self.mapping.is_last_stage else h
+            h, residual = layer(h, residual, self.cos_sin, cache, ctx)
+        if self.mapping.is_last_stage:
+            return self.norm(h, residual)[0]
+        return h if residual is None else h + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32, full vocabulary on every TP rank."""

@@ -1,4 +1,6 @@
-"""Rotary position embeddings, including Llama 3's frequency scaling.
+"""Rotary position embedding frequencies, including Llama 3's frequency scaling.
+
+The cos/sin table and the rotation itself live in `kernels/rotary.py`.
 
 Formulas follow Hugging Face transformers' `modeling_rope_utils` (default, linear, llama3)
 and compute in float32 before casting, as transformers does, so logits match it closely.
@@ -32,23 +34,3 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         inv = torch.where(medium, smoothed, scaled)
     return inv
-
-
-class RotaryEmbedding(torch.nn.Module):
-    """Applies rotary embeddings (rotate-half layout) to packed q and k."""
-
-    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
-        super().__init__()
-        self.register_buffer("inv_freq", inv_frequencies(cfg).to(device), persistent=False)
-
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: [T, H, D]."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin

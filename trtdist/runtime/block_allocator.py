@@ -5,6 +5,9 @@ sequence references sit in a free queue in least-recently-freed order. A full bl
 tokens are all computed is registered under a hash chained over the whole prefix, so a later
 sequence with the same prefix reuses it. A free block keeps its hash (it is still a valid
 cache entry) until it is taken for new data: that is the LRU eviction.
+
+Block ids run from 1 to num_blocks: block 0 is the KV pool's reserved null block (padding
+rows of CUDA-graph buckets point at it), so it is never handed out.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ class KVBlockAllocator:
                              f"{block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.ref_counts = [0] * num_blocks
-        self.hash_of: list[bytes | None] = [None] * num_blocks
+        # Indexed by block id; entry 0 (the null block) stays unused.
+        self.ref_counts = [0] * (num_blocks + 1)
+        self.hash_of: list[bytes | None] = [None] * (num_blocks + 1)
         self.block_of_hash: dict[bytes, int] = {}
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks + 1))
         self.tables: dict[int, list[int]] = {}
         self.chains: dict[int, list[bytes]] = {}  # hashes of each sequence's full blocks
         self.prefix_queries = 0  # prompt blocks looked up
@@ -157,13 +161,15 @@ class KVBlockAllocator:
 
     def check_invariants(self) -> None:
         """Raise if the bookkeeping disagrees with itself (used by tests)."""
-        counts = [0] * self.num_blocks
+        counts = [0] * (self.num_blocks + 1)
         for table in self.tables.values():
             for b in table:
+                if b == 0:
+                    raise AssertionError("the null block 0 was handed out")
                 counts[b] += 1
         if counts != self.ref_counts:
             raise AssertionError("reference counts disagree with the block tables")
-        free = {b for b in range(self.num_blocks) if counts[b] == 0}
+        free = {b for b in range(1, self.num_blocks + 1) if counts[b] == 0}
         if free != set(self.free):
             raise AssertionError("free queue disagrees with the reference counts")
         for h, b in self.block_of_hash.items():

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from trtdist.comm.world import World
-from trtdist.kernels.paged_attention import AttentionMetadata
 from trtdist.models.llama import LlamaStage
 from trtdist.parallel.groups import ParallelGroups
+from trtdist.runtime.graph_runner import CUDAGraphRunner, run_stage
+from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.kv_cache import KVCache
 from trtdist.runtime.plan import RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
 from trtdist.runtime.sampler import Sampler, result_width
@@ -23,8 +24,12 @@ class ModelRunner:
     """Executes plans for one rank. The leader also collects each step's result."""
 
     def __init__(self, world: World, groups: ParallelGroups, model: LlamaStage,
-                 kv: KVCache) -> None:
+                 kv: KVCache, inputs: StepInputs, hidden_in: torch.Tensor | None = None,
+                 graphs: CUDAGraphRunner | None = None) -> None:
+        """`inputs`: the static step inputs; `hidden_in`: the static buffer `[max_tokens,
+        hidden]` later stages receive into; `graphs`: captured decode graphs, if any."""
         self.world, self.groups, self.model, self.kv = world, groups, model, kv
+        self.inputs, self.hidden_in, self.graphs = inputs, hidden_in, graphs
         self.mapping = groups.mapping
         self.device = model.device
         self._local_results: deque[np.ndarray] = deque()
@@ -44,47 +49,40 @@ class ModelRunner:
             self.execute(plan)
 
     # ---- data plane ----------------------------------------------------------------
-    def _metadata(self, plan: StepPlan) -> AttentionMetadata:
-        bs = self.kv.block_size
-        seq_of_token = np.repeat(np.arange(plan.num_seqs), plan.query_lens)
-        pos = plan.positions
-        slots = plan.block_tables[seq_of_token, pos // bs] * bs + pos % bs
-        qsl = np.concatenate([[0], np.cumsum(plan.query_lens)])
-        dev = self.device
-        return AttentionMetadata(
-            query_start_loc=torch.from_numpy(qsl.astype(np.int32)).to(dev),
-            context_lens=torch.from_numpy(plan.context_lens.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(plan.block_tables.astype(np.int32)).to(dev),
-            slot_mapping=torch.from_numpy(slots.astype(np.int64)).to(dev),
-            query_lens_host=tuple(int(x) for x in plan.query_lens),
-            context_lens_host=tuple(int(x) for x in plan.context_lens),
-            block_size=bs,
-            is_decode=plan.num_tokens == plan.num_seqs,
-        )
+    def _forward(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run this stage for `plan` (graph replay when a decode bucket fits, else eager).
+        Returns the last stage's logits (`[N, vocab]` float32, one row per sampled sequence,
+        or every token's with RETURN_ALL_LOGITS); None on other stages."""
+        m, t = self.mapping, plan.num_tokens
+        bucket = self.graphs.bucket_for(plan) if self.graphs is not None else None
+        views = self.inputs.fill(plan, pad_to=bucket)
+        if not m.is_first_stage:
+            assert self.hidden_in is not None
+            self.groups.pp.recv(self.hidden_in[:t], m.pp_rank - 1)
+        if bucket is not None:
+            assert self.graphs is not None
+            out = self.graphs.replay(bucket)  # [bucket, hidden] or [bucket, vocab]
+            if not m.is_last_stage:
+                self.groups.pp.send(out[:t], m.pp_rank + 1)
+                return None
+            rows = views.logits_rows
+            assert rows is not None
+            return out[:t] if rows.numel() == t else out.index_select(0, rows)
+        x = views.input_ids if m.is_first_stage else self.hidden_in[:t]  # type: ignore[index]
+        meta = self.model.attention_backend.prepare(views.attention)
+        out = run_stage(self.model, self.kv.layers, x, views, meta,
+                        bool(plan.flags & RETURN_ALL_LOGITS))
+        if not m.is_last_stage:
+            self.groups.pp.send(out, m.pp_rank + 1)
+            return None
+        return out
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> None:
-        m, dev = self.mapping, self.device
-        meta = self._metadata(plan)
-        positions = torch.from_numpy(plan.positions).to(dev)
-        if m.is_first_stage:
-            x = torch.from_numpy(plan.input_ids).to(dev)
-        else:
-            x = torch.empty(plan.num_tokens, self.model.cfg.hidden_size, dtype=self.model.dtype,
-                            device=dev)
-            self.groups.pp.recv(x, m.pp_rank - 1)
-        h = self.model(x, positions, self.kv.layers, meta)
-        if not m.is_last_stage:
-            self.groups.pp.send(h, m.pp_rank + 1)
+        logits = self._forward(plan)
+        if logits is None:
             return
         rows = np.nonzero(plan.sample)[0]
-        if plan.flags & RETURN_ALL_LOGITS:
-            logits = self.model.compute_logits(h)
-        elif rows.size:  # the last token of each sampled sequence
-            last = meta.query_start_loc[1:][torch.from_numpy(rows).to(dev)].long() - 1
-            logits = self.model.compute_logits(h[last])
-        else:  # only partial prefill chunks: nothing to sample (same on every rank)
-            logits = torch.empty(0, self.model.cfg.vocab_size, device=dev)
         if not self.samples:
             return
         assert self.sampler is not None
@@ -130,6 +128,7 @@ class ModelRunner:
 
     def close(self) -> None:
         """Collective (after shutdown): release communicators and the KV pool."""
+        self.graphs = None  # the graphs hold the KV pool and the communicators
         self.groups.destroy()
         del self.kv.data, self.kv.layers
         if self.device.type == "cuda":

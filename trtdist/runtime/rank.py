@@ -16,6 +16,13 @@ from trtdist.launch.device import bind_device
 from trtdist.parallel.groups import ParallelGroups
 from trtdist.parallel.mapping import Mapping
 from trtdist.parallel.shard import attention_shard
+from trtdist.kernels.attention import default_backend
+from trtdist.runtime.graph_runner import (
+    CUDAGraphRunner,
+    graph_batch_sizes,
+    measure_decode_memory,
+)
+from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.kv_cache import KVCache
 from trtdist.runtime.model_runner import ModelRunner
 
@@ -39,9 +46,13 @@ class RankOptions:
     num_kv_blocks: int | None = None
     max_model_len: int | None = None
     max_batch_size: int = 256
+    max_num_tokens: int = 8192
     pp_partition: tuple[int, ...] | None = None
     verify_checksums: bool = True
     seed: int = 0
+    enforce_eager: bool = False  # never capture CUDA graphs (vLLM's name)
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None  # None: the default ladder
+    attention_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere), torch, triton
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -50,6 +61,16 @@ class RankOptions:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        for name in ("max_batch_size", "max_num_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be auto, torch or triton, got "
+                             f"{self.attention_backend!r}")
+        if self.cuda_graph_batch_sizes is not None:
+            object.__setattr__(self, "cuda_graph_batch_sizes",
+                               tuple(int(b) for b in self.cuda_graph_batch_sizes))
+            graph_batch_sizes(self.max_batch_size, self.cuda_graph_batch_sizes)  # validates
 
 
 def check_world(world: World, error: str | None) -> None:
@@ -74,10 +95,14 @@ def _available_memory(device: torch.device, ranks_on_node: int) -> int:
 
 
 def kv_blocks_that_fit(bytes_per_block: int, device: torch.device, opts: RankOptions,
-                       max_model_len: int, ranks_on_node: int, rank: int) -> int:
-    """Blocks for `kv_cache_fraction` of the memory left after the weights (TensorRT-LLM's
-    kv_cache_free_gpu_mem_fraction), capped at what max_batch_size full-length sequences use."""
-    fit = int(opts.kv_cache_fraction * _available_memory(device, ranks_on_node)) // bytes_per_block
+                       max_model_len: int, ranks_on_node: int, rank: int,
+                       reserved: int = 0) -> int:
+    """Blocks for `kv_cache_fraction` of the memory left after the weights and the
+    `reserved` bytes of CUDA graphs (TensorRT-LLM's kv_cache_free_gpu_mem_fraction), capped
+    at what max_batch_size full-length sequences use. One more block than returned is
+    allocated: the null block."""
+    left = max(_available_memory(device, ranks_on_node) - reserved, 0)
+    fit = int(opts.kv_cache_fraction * left) // bytes_per_block - 1
     if opts.num_kv_blocks is not None:
         if opts.num_kv_blocks > fit:
             raise ValueError(f"rank {rank}: --num-kv-blocks {opts.num_kv_blocks} needs "
@@ -102,36 +127,86 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
     groups = ParallelGroups.create(world, mapping, device)
     runner = None
     start = time.perf_counter()
+    reserved = 0
+    use_graphs = device.type == "cuda" and not opts.enforce_eager
     try:
         model = load_stage(source, mapping, groups.tp, device, opts.dtype, opts.pp_partition,
                            opts.verify_checksums, opts.seed)
+        model.attention_backend = default_backend(device, opts.attention_backend)
+        if use_graphs and model.attention_backend.name == "torch":
+            log.warning("rank %d: the torch attention backend cannot run in CUDA graphs; "
+                        "decode runs eagerly", world.rank)
+            use_graphs = False
         cfg = source.config
         shard = attention_shard(cfg.num_heads, cfg.num_kv_heads, mapping.tp_size,
                                 mapping.tp_rank)
         max_len = min(opts.max_model_len or cfg.max_position_embeddings,
                       cfg.max_position_embeddings)
+        inputs = StepInputs(opts.max_num_tokens, opts.max_batch_size, max_len, opts.block_size,
+                            device)
+        hidden_in = (None if mapping.is_first_stage else
+                     torch.zeros(inputs.max_tokens, cfg.hidden_size, dtype=model.dtype,
+                                 device=device))
+        buckets = graph_batch_sizes(opts.max_batch_size, opts.cuda_graph_batch_sizes)
         per_block = KVCache.bytes_per_block(len(model.layer_ids), opts.block_size,
                                             shard.kv_heads, cfg.head_dim, model.dtype)
+        if use_graphs:
+            # NOTE: capture needs the real pool, but the pool is sized from the memory left:
+            # run the largest bucket's decode body once eagerly on a two-block pool first.
+            scratch = KVCache(len(model.layer_ids), 1, opts.block_size, shard.kv_heads,
+                              cfg.head_dim, model.dtype, device)
+            try:
+                peak = measure_decode_memory(model, inputs, hidden_in, scratch.layers,
+                                             buckets[-1])
+                reserved = int(peak * 1.25) + (64 << 20)
+            except Exception as e:  # noqa: BLE001 - the same on every rank (same code)
+                log.warning("rank %d: decode warm-up for CUDA graphs failed (%s: %s); decode "
+                            "runs eagerly", world.rank, type(e).__name__, e)
+                use_graphs = False
+            del scratch
+            torch.cuda.empty_cache()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         blocks = kv_blocks_that_fit(per_block, device, opts, max_len, world.info.local_size,
-                                    world.rank)
+                                    world.rank, reserved)
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}"
     check_world(world, error)
     # NOTE: every rank allocates the same number of blocks, so a block id names the same
     # slot everywhere; the leader's allocator hands them out.
     blocks = world.allreduce_min(blocks)
+    graphs = None
     try:
         kv = KVCache(len(model.layer_ids), blocks, opts.block_size, shard.kv_heads,
                      cfg.head_dim, model.dtype, device)
-        runner = ModelRunner(world, groups, model, kv)
+        if use_graphs:
+            graphs = CUDAGraphRunner(model, kv.layers, inputs, hidden_in, buckets)
+            try:
+                graphs.capture()
+            except Exception as e:  # noqa: BLE001
+                log.warning("rank %d: CUDA-graph capture failed (%s: %s); decode runs eagerly",
+                            world.rank, type(e).__name__, e)
+                graphs = None
+    except Exception as e:  # noqa: BLE001
+        error = f"{type(e).__name__}: {e}"
+    check_world(world, error)
+    # NOTE: graphs on every rank or on none: a replay all-reduces `bucket` rows, an eager
+    # step only the real ones, and the TP peers of a collective must agree on its size.
+    if world.allreduce_min(int(graphs is not None)) == 0 and graphs is not None:
+        log.warning("rank %d: another rank could not capture CUDA graphs; decode runs "
+                    "eagerly", world.rank)
+        graphs = None
+    try:
+        runner = ModelRunner(world, groups, model, kv, inputs, hidden_in, graphs)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        graph_note = (f"{len(graphs.graphs)} CUDA graphs captured in "
+                      f"{graphs.capture_seconds:.1f} s" if graphs else "eager (no CUDA graphs)")
         log.info("rank %d (tp %d, pp %d) on %s: layers %d-%d, %.1f MiB of weights, %d KV "
-                 "blocks (%.1f MiB), ready in %.1f s", world.rank, mapping.tp_rank,
-                 mapping.pp_rank, device, model.layer_ids.start, model.layer_ids.stop - 1,
-                 weights / 2**20, blocks, kv.data.numel() * kv.data.element_size() / 2**20,
-                 time.perf_counter() - start)
+                 "blocks (%.1f MiB), attention %s, %s, ready in %.1f s", world.rank,
+                 mapping.tp_rank, mapping.pp_rank, device, model.layer_ids.start,
+                 model.layer_ids.stop - 1, weights / 2**20, blocks,
+                 kv.data.numel() * kv.data.element_size() / 2**20,
+                 model.attention_backend.name, graph_note, time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}"
     check_world(world, error)

@@ -1,7 +1,7 @@
 """Leader-side helpers that run one sequence at a time (prompt logits, greedy decoding).
 
-The sequence occupies blocks 0..n-1 of the pool; the batching runtime replaces this for
-serving, these remain the simplest correctness probes.
+The sequence occupies blocks 1..n of the pool (0 is the null block); the batching runtime
+replaces this for serving, these remain the simplest correctness probes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _plan(runner: ModelRunner, ids: Sequence[int], start: int, flags: int = 0) -
                          f"has {runner.kv.num_blocks}")
     return StepPlan(FORWARD, np.asarray(ids, dtype=np.int64),
                     np.arange(start, total, dtype=np.int64), np.array([len(ids)], np.int64),
-                    np.array([total], np.int64), np.arange(blocks, dtype=np.int64)[None, :],
+                    np.array([total], np.int64), np.arange(1, blocks + 1, dtype=np.int64)[None, :],
                     flags)
 
 

@@ -19,8 +19,9 @@ def main() -> int:
     world = World(spawned.comm)
     spec = json.loads(world.bcast_bytes(None))
     opts = spec["options"]
-    if opts.get("pp_partition") is not None:
-        opts["pp_partition"] = tuple(opts["pp_partition"])
+    for name in ("pp_partition", "cuda_graph_batch_sizes"):  # JSON lists back to tuples
+        if opts.get(name) is not None:
+            opts[name] = tuple(opts[name])
     try:
         try:
             source = resolve_model(spec["model"], spec["dummy_weights"])

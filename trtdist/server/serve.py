@@ -117,8 +117,11 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
         return 0
     engine = llm.engine
     assert engine is not None and sock is not None
-    log.info("loaded in %.1f s: %d KV blocks of %d tokens per rank", time.time() - start,
-             engine.allocator.num_blocks, engine.allocator.block_size)
+    graphs = engine.runner.graphs
+    log.info("loaded in %.1f s: %d KV blocks of %d tokens per rank, %s", time.time() - start,
+             engine.allocator.num_blocks, engine.allocator.block_size,
+             f"{len(graphs.graphs)} CUDA graphs captured in {graphs.capture_seconds:.1f} s"
+             if graphs else "eager (no CUDA graphs)")
     tokenizer = engine.tokenizer
     model = llm_kwargs.get("model")
     name = args.served_model_name or (Path(str(model)).name if model else "tiny")
