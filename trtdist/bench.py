@@ -109,6 +109,7 @@ def _write(result: dict[str, Any], output: str | None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(text + "\n")
 
 
@@ -141,6 +142,7 @@ def bench_main(llm_kwargs: dict[str, Any], num_requests: int, input_len: int, ou
                              "mpirun: each sweep point spawns its own world of tp*pp ranks")
         result = run_sweep(llm_kwargs, parsed, num_requests, input_len, output_len)
         prefix = plot_prefix or (str(Path(output).with_suffix("")) if output else "bench_sweep")
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
         path = plot_sweep(result["points"], list(parsed.values), parsed.name,
                           f"{prefix}_sweep.png",
                           title=f"trtdist bench --sweep {sweep} ({result['date']})")

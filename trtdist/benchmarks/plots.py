@@ -65,7 +65,7 @@ def plot_distributions(samples: Sequence[dict[str, Sequence[float]]], labels: Se
         for s, lab in zip(samples, labels):
             v = np.sort(np.asarray(s.get(key, []), dtype=np.float64))
             if v.size:
-                ax.plot(v, np.arange(1, v.size + 1) / v.size, label=lab)
+                ax.plot(v, np.arange(1, v.size + 1) / v.size, drawstyle="steps-post", label=lab)
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("fraction of samples")
         ax.set_title(f"{name} distribution per point")

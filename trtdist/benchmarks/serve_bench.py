@@ -157,6 +157,9 @@ def run_serve_bench(cfg: ServeBenchConfig, config_echo: dict[str, Any],
         from trtdist.benchmarks.plots import require_matplotlib
 
         require_matplotlib()
+        Path(plot_prefix).parent.mkdir(parents=True, exist_ok=True)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
     served = _served_model(cfg.url)
     body, raw = asyncio.run(_run(cfg))
     labels = [point_label(p, cfg.sweep_param) for p in cfg.points]
