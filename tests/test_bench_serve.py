@@ -134,9 +134,10 @@ def test_bench_serve_counts_errors_when_the_server_stops(tmp_path: Path) -> None
     assert p["num_requests"] == num == p["completed"] + p["failed"]
     assert p["completed"] >= 2 and p["failed"] >= 1
     errors = p["errors"]
-    assert errors["failed"] == p["failed"] == sum(e["count"] for e in errors["first"]) or \
-        errors["distinct"] > len(errors["first"])
-    assert all(e["message"] for e in errors["first"])
+    assert errors["failed"] == p["failed"] and errors["first"]
+    if errors["distinct"] == len(errors["first"]):  # all kinds of failure listed
+        assert sum(e["count"] for e in errors["first"]) == p["failed"]
+    assert all(e["message"] and e["count"] >= 1 for e in errors["first"])
     assert "error x" in stdout
 
 

@@ -44,7 +44,7 @@ def compare_table(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] =
         va, vb = fa.get(k), fb.get(k)
         ratio = ""
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (va, vb))
-        if numeric and va and not k.split(".")[-1] in _INFO:
+        if numeric and va and k.split(".")[-1] not in _INFO:
             ratio = f"{vb / va:.3f}"  # type: ignore[operator]
         rows.append((k, _fmt(va), _fmt(vb), ratio))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
