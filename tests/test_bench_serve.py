@@ -261,3 +261,29 @@ def test_offline_sweep_bad_spec() -> None:
                            "batch=1,2"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1
     assert "--sweep wants NAME=V1,V2,... with NAME one of max-batch-size" in proc.stderr
+
+
+@pytest.mark.mpi
+def test_bench_serve_starts_and_stops_its_own_server(tmp_path: Path) -> None:
+    out = tmp_path / "own.json"
+    proc = bench_serve(["--num-prompts", "3", "--input-len", "8", "--output-len", "4",
+                        "--warmup", "0", "--max-concurrency", "2", "--pp-size", "2",
+                        "--max-batch-size", "8", "--slo", "ttft=60s,e2el=120000ms",
+                        "--output", str(out)])
+    assert "trtdist bench serve: starting" in proc.stderr
+    result = json.loads(out.read_text())
+    assert result["config"]["server"] == {
+        "ranks": 2, "serve_args": ["--max-batch-size", "8", "--tp-size", "1", "--pp-size", "2"]}
+    assert result["model"] == "tiny" and result["plots"] == []
+    check_point(result["points"][0], 3, 8, 4)
+    port = int(result["url"].rsplit(":", 1)[1])
+    with pytest.raises(httpx.ConnectError):  # stopped at the end
+        httpx.get(f"http://127.0.0.1:{port}/health")
+
+
+@pytest.mark.mpi
+def test_bench_serve_reports_a_server_that_fails_to_start() -> None:
+    proc = bench_serve(["--num-prompts", "1", "--num-kv-blocks", "1"], check=False)
+    assert proc.returncode == 1
+    assert "the server did not become ready (exit status" in proc.stderr
+    assert "cannot hold one sequence" in proc.stderr  # the server's own message, passed on

@@ -239,12 +239,16 @@ def build_bench_serve_parser() -> argparse.ArgumentParser:
                     "Poisson request rate and/or a fixed concurrency; reports throughput, "
                     "TTFT / TPOT / ITL / E2E latency (mean, p50, p90, p99), goodput under "
                     "--slo, and failed requests. A comma list in --request-rate or "
-                    "--max-concurrency runs a sweep and plots it. Start the server first, "
-                    "e.g. `mpirun -n 2 trtdist serve MODEL --port 8000`. Exit status 3 when "
-                    "any request failed (the result is still written).")
-    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--model", default=None,
-                   help="model name to send (default: none; the server's own is recorded)")
+                    "--max-concurrency runs a sweep and plots it. Without --url it starts "
+                    "`mpirun -n TP*PP trtdist serve MODEL ...` itself with the model flags "
+                    "below and stops it at the end. Exit status 3 when any request failed "
+                    "(the result is still written).")
+    p.add_argument("--url", default=None,
+                   help="base URL of a running server, e.g. http://127.0.0.1:8000 (default: "
+                        "start one, see the server options)")
+    p.add_argument("--served-model-name", dest="model_name", default=None, metavar="NAME",
+                   help="model name to send in requests (default: none; the server's own "
+                        "name is recorded)")
     p.add_argument("--dataset", default=None, metavar="PROMPTS.jsonl",
                    help='JSONL prompts: {"prompt": "text" or [token ids], "output_len": N}; '
                         "default: synthetic random token ids")
@@ -277,7 +281,43 @@ def build_bench_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-detailed", action="store_true",
                    help="keep every request's TTFT, ITLs, E2EL and error in the JSON")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    srv = p.add_argument_group(
+        "server started by the benchmark (without --url)",
+        "the same flags as `trtdist serve`; the world has tp*pp ranks")
+    srv.add_argument("model", nargs="?", default=None,
+                     help="engine or Hugging Face directory (default: built-in tiny model)")
+    srv.add_argument("--mpirun", default=None, metavar="CMD",
+                     help="launcher command, e.g. 'mpirun --oversubscribe' (default: the "
+                          "mpirun beside this Python, else on PATH)")
+    srv.add_argument("--server-timeout", type=_nonnegative, default=1800.0,
+                     help="seconds the server may take to load (default 1800)")
+    _add_parallel(srv)  # type: ignore[arg-type]
+    _add_runtime(srv)  # type: ignore[arg-type]
     return p
+
+
+def _launch_flags(args: argparse.Namespace) -> tuple[int, list[str]]:
+    """World size and `trtdist serve` flags of the server `bench serve` starts itself: the
+    model flags that differ from their defaults, forwarded as given."""
+    from trtdist.engine.source import resolve_model
+
+    tp, pp = _mapping_sizes(args, resolve_model(args.model, args.dummy_weights), 1)
+    ref = argparse.ArgumentParser(add_help=False)
+    _add_parallel(ref)
+    _add_runtime(ref)
+    flags = [] if args.model is None else [args.model]
+    for action in ref._actions:
+        value = getattr(args, action.dest)
+        if action.dest in ("tp_size", "pp_size") or value == action.default:
+            continue
+        opt = action.option_strings[0]
+        if action.nargs == 0:  # store_true / store_false
+            flags.append(opt)
+        elif isinstance(value, tuple):
+            flags += [opt, ",".join(map(str, value))]
+        else:
+            flags += [opt, str(value)]
+    return tp * pp, [*flags, "--tp-size", str(tp), "--pp-size", str(pp)]
 
 
 def cmd_bench_serve(argv: Sequence[str]) -> int:
@@ -285,7 +325,7 @@ def cmd_bench_serve(argv: Sequence[str]) -> int:
 
     args = build_bench_serve_parser().parse_args(argv)
     try:
-        return bench_serve_main(args)
+        return bench_serve_main(args, None if args.url else _launch_flags(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"trtdist bench serve: error: {e}", file=sys.stderr)
         return 1

@@ -91,9 +91,10 @@ def plot_sweep(points: Sequence[dict[str, Any]], labels: Sequence[str], xlabel: 
         ax.set_xticks(list(xs), list(labels))
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    for key, name in LATENCIES:
+    for i, (key, name) in enumerate(LATENCIES):
         for q, style in (("p50", "o-"), ("p99", "^:")):
-            right.plot(xs, [p[f"{key}_{unit}"][q] for p in points], style, label=f"{name} {q}")
+            right.plot(xs, [p[f"{key}_{unit}"][q] for p in points], style, color=f"C{i}",
+                       label=f"{name} {q}")
     right.set_yscale("log")
     right.set_ylabel(f"latency ({unit})")
     right.legend(fontsize=7)

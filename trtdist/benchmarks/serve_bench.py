@@ -205,8 +205,9 @@ def draw_plots(result: dict[str, Any], raw: Sequence[Sequence[RequestResult]],
             plot_distributions(samples, labels, f"{prefix}_distributions.png", title=title)]
 
 
-def bench_serve_main(args: Any) -> int:
-    """Entry point of `trtdist bench serve` (args from the CLI parser)."""
+def bench_serve_main(args: Any, launch: tuple[int, list[str]] | None = None) -> int:
+    """Entry point of `trtdist bench serve` (args from the CLI parser). Without `args.url`,
+    `launch` = (ranks, `trtdist serve` flags) of the server to start and stop around the run."""
     slo = parse_slo(args.slo) if args.slo else {}
     if args.dataset:
         requests = jsonl_requests(args.dataset, args.num_prompts, args.output_len)
@@ -217,13 +218,22 @@ def bench_serve_main(args: Any) -> int:
     points, param = load_points(parse_rates(args.request_rate),
                                 parse_concurrency(args.max_concurrency)
                                 if args.max_concurrency else None)
-    cfg = ServeBenchConfig(url=args.url.rstrip("/"), model=args.model, requests=requests,
-                           points=points, sweep_param=param, warmup=args.warmup, slo=slo,
-                           seed=args.seed, progress=not args.disable_tqdm)
     echo = {"dataset": args.dataset or "random", "num_prompts": len(requests),
             "input_len": None if args.dataset else args.input_len,
             "output_len": args.output_len, "random_range_ratio": args.random_range_ratio,
             "vocab_size": args.vocab_size, "warmup": args.warmup, "seed": args.seed,
-            "slo_ms": {k: v * 1e3 for k, v in slo.items()}}
-    _, status = run_serve_bench(cfg, echo, args.output, args.plot_prefix, args.save_detailed)
-    return status
+            "slo_ms": {k: v * 1e3 for k, v in slo.items()},
+            "server": None if launch is None else {"ranks": launch[0], "serve_args": launch[1]}}
+
+    def run(url: str) -> int:
+        cfg = ServeBenchConfig(url=url.rstrip("/"), model=args.model_name, requests=requests,
+                               points=points, sweep_param=param, warmup=args.warmup, slo=slo,
+                               seed=args.seed, progress=not args.disable_tqdm)
+        return run_serve_bench(cfg, echo, args.output, args.plot_prefix, args.save_detailed)[1]
+
+    if launch is None:
+        return run(args.url)
+    from trtdist.benchmarks.launch_server import LaunchedServer
+
+    with LaunchedServer(launch[0], launch[1], args.mpirun, args.server_timeout) as url:
+        return run(url)
