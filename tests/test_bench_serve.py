@@ -81,13 +81,17 @@ def test_bench_serve_rate_and_concurrency_sweeps(tmp_path: Path) -> None:
     num, input_len, output_len, warmup = 4, 8, 4, 1
     common = ["--num-prompts", str(num), "--input-len", str(input_len), "--output-len",
               str(output_len), "--warmup", str(warmup), "--slo", "ttft=60s,e2el=120000ms"]
+    dataset = tmp_path / "prompts.jsonl"  # token-id prompts of exactly input_len tokens
+    dataset.write_text("".join(json.dumps({"prompt": [(7 * i + j) % 250 for j in range(8)]})
+                               + "\n" for i in range(num + warmup)))
     server = start_server(2)
     try:
         done0 = server_counter(server, "trtdist:request_success_total")
         rate = bench_serve(["--url", server.url, *common, "--request-rate", "8,inf",
                             "--output", str(tmp_path / "rate.json")])
         conc = bench_serve(["--url", server.url, *common, "--max-concurrency", "1,3",
-                            "--request-rate", "16", "--output", str(tmp_path / "conc.json")])
+                            "--request-rate", "16", "--dataset", str(dataset),
+                            "--output", str(tmp_path / "conc.json")])
         served = server_counter(server, "trtdist:request_success_total") - done0
     finally:
         server.stop()

@@ -30,10 +30,10 @@ EXIT_REQUESTS_FAILED = 3
 class ServeBenchConfig:
     url: str
     model: str | None
-    requests: list[BenchRequest]
+    requests: list[list[BenchRequest]]  # one list per point
+    warmup_requests: list[BenchRequest]
     points: list[LoadPoint]
     sweep_param: str | None  # "request_rate", "max_concurrency" or None (one point)
-    warmup: int
     slo: dict[str, float]
     seed: int
     progress: bool
@@ -104,16 +104,15 @@ def _served_model(url: str) -> str | None:
 
 
 async def _run(cfg: ServeBenchConfig) -> tuple[dict[str, Any], list[list[RequestResult]]]:
-    warm = [cfg.requests[i % len(cfg.requests)] for i in range(cfg.warmup)]
     warm_results: list[RequestResult] = []
-    if warm:
-        warm_results, _ = await run_load(cfg.url, cfg.model, warm,
+    if cfg.warmup_requests:
+        warm_results, _ = await run_load(cfg.url, cfg.model, cfg.warmup_requests,
                                          LoadPoint(math.inf, cfg.points[0].max_concurrency),
                                          progress=cfg.progress, desc="warm-up")
     points, raw = [], []
-    for i, point in enumerate(cfg.points):
+    for i, (point, requests) in enumerate(zip(cfg.points, cfg.requests)):
         results, duration = await run_load(
-            cfg.url, cfg.model, cfg.requests, point, seed=cfg.seed + i, progress=cfg.progress,
+            cfg.url, cfg.model, requests, point, seed=cfg.seed + i, progress=cfg.progress,
             desc=point_label(point, cfg.sweep_param))
         raw.append(results)
         points.append({"request_rate": _json_rate(point.request_rate),
@@ -209,16 +208,25 @@ def bench_serve_main(args: Any, launch: tuple[int, list[str]] | None = None) -> 
     """Entry point of `trtdist bench serve` (args from the CLI parser). Without `args.url`,
     `launch` = (ranks, `trtdist serve` flags) of the server to start and stop around the run."""
     slo = parse_slo(args.slo) if args.slo else {}
-    if args.dataset:
-        requests = jsonl_requests(args.dataset, args.num_prompts, args.output_len)
-    else:
-        requests = synthetic_requests(args.num_prompts, args.input_len, args.output_len,
-                                      range_ratio=args.random_range_ratio,
-                                      vocab_size=args.vocab_size, seed=args.seed)
     points, param = load_points(parse_rates(args.request_rate),
                                 parse_concurrency(args.max_concurrency)
                                 if args.max_concurrency else None)
-    echo = {"dataset": args.dataset or "random", "num_prompts": len(requests),
+    if args.dataset:
+        # NOTE: the same prompts at every point: the server's prefix cache may serve repeats
+        # (start it with --no-enable-prefix-caching for cold numbers)
+        rows = jsonl_requests(args.dataset, args.num_prompts + args.warmup, args.output_len)
+        warm, requests = rows[: args.warmup], [rows[args.warmup:]] * len(points)
+    else:
+        # NOTE: fresh random prompts for the warm-up and for each point, so no point is
+        # flattered by prefix-cache hits on prompts an earlier one sent
+        def synth(num: int, seed: int) -> list[BenchRequest]:
+            return synthetic_requests(num, args.input_len, args.output_len, seed=seed,
+                                      range_ratio=args.random_range_ratio,
+                                      vocab_size=args.vocab_size)
+
+        warm = synth(args.warmup, args.seed)
+        requests = [synth(args.num_prompts, args.seed + 1 + i) for i in range(len(points))]
+    echo = {"dataset": args.dataset or "random", "num_prompts": args.num_prompts,
             "input_len": None if args.dataset else args.input_len,
             "output_len": args.output_len, "random_range_ratio": args.random_range_ratio,
             "vocab_size": args.vocab_size, "warmup": args.warmup, "seed": args.seed,
@@ -227,8 +235,8 @@ def bench_serve_main(args: Any, launch: tuple[int, list[str]] | None = None) -> 
 
     def run(url: str) -> int:
         cfg = ServeBenchConfig(url=url.rstrip("/"), model=args.model_name, requests=requests,
-                               points=points, sweep_param=param, warmup=args.warmup, slo=slo,
-                               seed=args.seed, progress=not args.disable_tqdm)
+                               warmup_requests=warm, points=points, sweep_param=param,
+                               slo=slo, seed=args.seed, progress=not args.disable_tqdm)
         return run_serve_bench(cfg, echo, args.output, args.plot_prefix, args.save_detailed)[1]
 
     if launch is None:

@@ -3,7 +3,8 @@
 Requests arrive as a Poisson process at `request_rate` per second (inf: all at once), and at
 most `max_concurrency` are in flight (None: no limit). Every request asks for `ignore_eos` and
 `max_tokens = output_len` so it produces exactly that many tokens, and for
-`stream_options.include_usage` so the token counts come from the server's usage chunk.
+`stream_options.include_usage` so the token counts come from the server's usage chunk (a
+server without it: one output token per text chunk, token-id prompts counted here).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ async def send_request(client: httpx.AsyncClient, url: str, model: str | None,
                 if usage := obj.get("usage"):
                     result.prompt_len = int(usage["prompt_tokens"])
                     result.output_len = int(usage["completion_tokens"])
-    except (httpx.HTTPError, OSError, ValueError, KeyError) as e:
+    except (httpx.HTTPError, httpx.StreamError, OSError, ValueError, KeyError) as e:
         result.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         return result
     result.latency = time.perf_counter() - result.start
@@ -91,9 +92,11 @@ async def send_request(client: httpx.AsyncClient, url: str, model: str | None,
         result.error = "the stream ended before its finish_reason and [DONE]"
     elif chunks == 0:
         result.error = "the stream carried no output"
-    elif result.output_len == 0:
-        result.error = "the stream carried no usage chunk (stream_options.include_usage)"
     else:
+        if result.output_len == 0:
+            # NOTE: a server that ignores stream_options.include_usage: one token a chunk
+            result.output_len = chunks
+            result.prompt_len = len(req.prompt) if isinstance(req.prompt, list) else 0
         result.ok = True
     return result
 
