@@ -291,3 +291,9 @@ def test_bench_serve_reports_a_server_that_fails_to_start() -> None:
     assert proc.returncode == 1
     assert "the server did not become ready (exit status" in proc.stderr
     assert "cannot hold one sequence" in proc.stderr  # the server's own message, passed on
+
+
+def test_bench_serve_model_flags_need_no_url() -> None:
+    proc = bench_serve(["--url", "http://127.0.0.1:9", "--tp-size", "2"], check=False)
+    assert proc.returncode == 2
+    assert "--tp-size 2: model and server flags only apply when bench serve starts" in proc.stderr

@@ -296,19 +296,15 @@ def build_bench_serve_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _launch_flags(args: argparse.Namespace) -> tuple[int, list[str]]:
-    """World size and `trtdist serve` flags of the server `bench serve` starts itself: the
-    model flags that differ from their defaults, forwarded as given."""
-    from trtdist.engine.source import resolve_model
-
-    tp, pp = _mapping_sizes(args, resolve_model(args.model, args.dummy_weights), 1)
+def _model_flags(args: argparse.Namespace) -> list[str]:
+    """The model and serve flags of `bench serve` that differ from their defaults, as argv."""
     ref = argparse.ArgumentParser(add_help=False)
     _add_parallel(ref)
     _add_runtime(ref)
     flags = [] if args.model is None else [args.model]
     for action in ref._actions:
         value = getattr(args, action.dest)
-        if action.dest in ("tp_size", "pp_size") or value == action.default:
+        if value == action.default:
             continue
         opt = action.option_strings[0]
         if action.nargs == 0:  # store_true / store_false
@@ -317,13 +313,30 @@ def _launch_flags(args: argparse.Namespace) -> tuple[int, list[str]]:
             flags += [opt, ",".join(map(str, value))]
         else:
             flags += [opt, str(value)]
+    return flags
+
+
+def _launch_flags(args: argparse.Namespace) -> tuple[int, list[str]]:
+    """World size and `trtdist serve` argv of the server `bench serve` starts itself."""
+    from trtdist.engine.source import resolve_model
+
+    tp, pp = _mapping_sizes(args, resolve_model(args.model, args.dummy_weights), 1)
+    flags = _model_flags(args)
+    for opt in ("--tp-size", "--pp-size"):  # given explicitly below
+        if opt in flags:
+            i = flags.index(opt)
+            del flags[i:i + 2]
     return tp * pp, [*flags, "--tp-size", str(tp), "--pp-size", str(pp)]
 
 
 def cmd_bench_serve(argv: Sequence[str]) -> int:
     from trtdist.benchmarks.serve_bench import bench_serve_main
 
-    args = build_bench_serve_parser().parse_args(argv)
+    parser = build_bench_serve_parser()
+    args = parser.parse_args(argv)
+    if args.url and (given := _model_flags(args) + (["--mpirun"] if args.mpirun else [])):
+        parser.error(f"{' '.join(given)}: model and server flags only apply when bench serve "
+                     "starts its own server (without --url)")
     try:
         return bench_serve_main(args, None if args.url else _launch_flags(args))
     except (ValueError, FileNotFoundError) as e:
