@@ -101,6 +101,7 @@ def test_bench_serve_rate_and_concurrency_sweeps(tmp_path: Path) -> None:
                                       (conc, "conc", "max_concurrency", [1, 3])):
         result = json.loads((tmp_path / f"{name}.json").read_text())
         assert result["benchmark"] == "serve" and result["model"] == "tiny"
+        assert result["command"].startswith("trtdist bench serve --disable-tqdm --url")
         assert result["sweep"] == {"parameter": param, "values": values}
         assert result["config"]["num_prompts"] == num
         assert result["warmup"] == {"requests": warmup, "completed": warmup, "failed": 0,

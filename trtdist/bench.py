@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 import json
 import random
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,13 +118,14 @@ def _write(result: dict[str, Any], output: str | None) -> None:
 def run_sweep(llm_kwargs: dict[str, Any], sweep: Sweep, num_requests: int, input_len: int,
               output_len: int) -> dict[str, Any]:
     """One world per sweep value, spawned from this (plain, single-rank) process."""
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     points = []
     for value in sweep.values:
         kwargs = llm_kwargs | sweep.overrides(value)
         with DistributedLLM(**kwargs) as llm:
             points.append(run_bench(llm, num_requests, input_len, output_len))
     return {"benchmark": "offline-sweep",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": date, "command": shlex.join(["trtdist", *sys.argv[1:]]),
             "sweep": {"parameter": sweep.name, "values": list(sweep.values)},
             "points": points, "plots": []}
 

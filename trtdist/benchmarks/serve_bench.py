@@ -10,6 +10,7 @@ import asyncio
 import datetime
 import json
 import math
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -160,11 +161,12 @@ def run_serve_bench(cfg: ServeBenchConfig, config_echo: dict[str, Any],
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
     served = _served_model(cfg.url)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     body, raw = asyncio.run(_run(cfg))
     labels = [point_label(p, cfg.sweep_param) for p in cfg.points]
     result: dict[str, Any] = {
         "benchmark": "serve",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": date, "command": shlex.join(["trtdist", *sys.argv[1:]]),
         "url": cfg.url, "model": cfg.model or served, "config": config_echo,
         "sweep": {"parameter": cfg.sweep_param,
                   "values": [p["request_rate" if cfg.sweep_param != "max_concurrency"
