@@ -165,12 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel(s)
     _add_runtime(s)
 
-    bn = sub.add_parser("bench", help="offline throughput/latency benchmark (JSON output)")
-    bn.add_argument("model", nargs="?", default=None)
+    bn = sub.add_parser(
+        "bench", help="benchmarks: offline (default) or online `bench serve --url URL`",
+        description="Offline benchmark: a batch of synthetic requests all at once through "
+                    "DistributedLLM (under mpirun -n TP*PP, or alone: then it spawns its own "
+                    "world); prints a JSON result. The online serving benchmark against a "
+                    "running server is `trtdist bench serve --url URL` (see "
+                    "`trtdist bench serve --help`).",
+        usage="trtdist bench [MODEL] [options]\n       trtdist bench serve --url URL [options]"
+              "\n       trtdist bench --compare A.json B.json")
+    bn.add_argument("model", nargs="?", default=None,
+                    help="engine or Hugging Face directory (default: built-in tiny model)")
     bn.add_argument("--num-requests", type=_positive, default=64)
     bn.add_argument("--input-len", type=_positive, default=128)
     bn.add_argument("--output-len", type=_positive, default=128)
     bn.add_argument("--output", default=None, help="also write the JSON result here")
+    bn.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
+                    help="one run per value, each in its own spawned world (run from a plain "
+                         "process): max-batch-size=1,8,64, max-num-tokens=..., or "
+                         "tp-pp=1x1,2x1,1x2; draws PREFIX_sweep.png")
+    bn.add_argument("--plot-prefix", default=None,
+                    help="path prefix of the sweep plot (default: --output without .json)")
+    bn.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
+                    help="print two result files side by side and exit (runs nothing)")
     _add_parallel(bn)
     _add_runtime(bn)
 
@@ -221,10 +238,130 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.compare:
+        from trtdist.benchmarks.compare import compare_files
+
+        print(compare_files(*args.compare))
+        return 0
     from trtdist.bench import bench_main
 
     return bench_main(_llm_kwargs(args), args.num_requests, args.input_len, args.output_len,
-                      args.output)
+                      args.output, args.sweep, args.plot_prefix)
+
+
+def build_bench_serve_parser() -> argparse.ArgumentParser:
+    """`trtdist bench serve`: parsed apart from the main parser, since `trtdist bench MODEL`
+    takes a positional model that an argparse sub-command would shadow."""
+    p = argparse.ArgumentParser(
+        prog="trtdist bench serve",
+        description="Online serving benchmark: streams /v1/completions (ignore_eos, so every "
+                    "output has the asked length) to a running OpenAI-compatible server at a "
+                    "Poisson request rate and/or a fixed concurrency; reports throughput, "
+                    "TTFT / TPOT / ITL / E2E latency (mean, p50, p90, p99), goodput under "
+                    "--slo, and failed requests. A comma list in --request-rate or "
+                    "--max-concurrency runs a sweep and plots it. Without --url it starts "
+                    "`mpirun -n TP*PP trtdist serve MODEL ...` itself with the model flags "
+                    "below and stops it at the end. Exit status 3 when any request failed "
+                    "(the result is still written).")
+    p.add_argument("--url", default=None,
+                   help="base URL of a running server, e.g. http://127.0.0.1:8000 (default: "
+                        "start one, see the server options)")
+    p.add_argument("--served-model-name", dest="model_name", default=None, metavar="NAME",
+                   help="model name to send in requests (default: none; the server's own "
+                        "name is recorded)")
+    p.add_argument("--dataset", default=None, metavar="PROMPTS.jsonl",
+                   help='JSONL prompts: {"prompt": "text" or [token ids], "output_len": N}; '
+                        "default: synthetic random token ids")
+    p.add_argument("--num-prompts", type=_positive, default=100,
+                   help="measured requests per load point (default 100)")
+    p.add_argument("--input-len", type=_positive, default=1024,
+                   help="synthetic prompt length in tokens (default 1024)")
+    p.add_argument("--output-len", type=_positive, default=128,
+                   help="tokens to generate per request (default 128; JSONL lines may say)")
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="draw lengths uniformly in [len*(1-r), len*(1+r)], r in [0, 1)")
+    p.add_argument("--vocab-size", type=_positive, default=256,
+                   help="synthetic token ids are drawn from [0, N) (default 256)")
+    p.add_argument("--request-rate", default="inf", metavar="R[,R...]",
+                   help="Poisson arrival rate in req/s, inf = all at once (default); a list "
+                        "such as 1,2,4,inf sweeps")
+    p.add_argument("--max-concurrency", default=None, metavar="C[,C...]",
+                   help="most requests in flight (default: no limit); a list such as "
+                        "1,8,32 sweeps")
+    p.add_argument("--warmup", type=_bounded(int, 0, None, "a non-negative integer"),
+                   default=2, help="requests sent first and left out of the results")
+    p.add_argument("--slo", default=None, metavar="ttft=200ms,tpot=50ms",
+                   help="goodput counts requests meeting every limit (ttft, tpot, e2el; "
+                        "units us, ms, s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="write the JSON result here")
+    p.add_argument("--plot-prefix", default=None,
+                   help="draw PREFIX_latency.png and PREFIX_distributions.png (default for a "
+                        "sweep with --output: the output path without .json)")
+    p.add_argument("--save-detailed", action="store_true",
+                   help="keep every request's TTFT, ITLs, E2EL and error in the JSON")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    srv = p.add_argument_group(
+        "server started by the benchmark (without --url)",
+        "the same flags as `trtdist serve`; the world has tp*pp ranks")
+    srv.add_argument("model", nargs="?", default=None,
+                     help="engine or Hugging Face directory (default: built-in tiny model)")
+    srv.add_argument("--mpirun", default=None, metavar="CMD",
+                     help="launcher command, e.g. 'mpirun --oversubscribe' (default: the "
+                          "mpirun beside this Python, else on PATH)")
+    srv.add_argument("--server-timeout", type=_nonnegative, default=1800.0,
+                     help="seconds the server may take to load (default 1800)")
+    _add_parallel(srv)  # type: ignore[arg-type]
+    _add_runtime(srv)  # type: ignore[arg-type]
+    return p
+
+
+def _model_flags(args: argparse.Namespace) -> list[str]:
+    """The model and serve flags of `bench serve` that differ from their defaults, as argv."""
+    ref = argparse.ArgumentParser(add_help=False)
+    _add_parallel(ref)
+    _add_runtime(ref)
+    flags = [] if args.model is None else [args.model]
+    for action in ref._actions:
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        opt = action.option_strings[0]
+        if action.nargs == 0:  # store_true / store_false
+            flags.append(opt)
+        elif isinstance(value, tuple):
+            flags += [opt, ",".join(map(str, value))]
+        else:
+            flags += [opt, str(value)]
+    return flags
+
+
+def _launch_flags(args: argparse.Namespace) -> tuple[int, list[str]]:
+    """World size and `trtdist serve` argv of the server `bench serve` starts itself."""
+    from trtdist.engine.source import resolve_model
+
+    tp, pp = _mapping_sizes(args, resolve_model(args.model, args.dummy_weights), 1)
+    flags = _model_flags(args)
+    for opt in ("--tp-size", "--pp-size"):  # given explicitly below
+        if opt in flags:
+            i = flags.index(opt)
+            del flags[i:i + 2]
+    return tp * pp, [*flags, "--tp-size", str(tp), "--pp-size", str(pp)]
+
+
+def cmd_bench_serve(argv: Sequence[str]) -> int:
+    from trtdist.benchmarks.serve_bench import bench_serve_main
+
+    parser = build_bench_serve_parser()
+    args = parser.parse_args(argv)
+    if args.url and (given := _model_flags(args) + (["--mpirun"] if args.mpirun else [])):
+        parser.error(f"{' '.join(given)}: model and server flags only apply when bench serve "
+                     "starts its own server (without --url)")
+    try:
+        return bench_serve_main(args, None if args.url else _launch_flags(args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"trtdist bench serve: error: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -248,6 +385,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "serve"]:
+        return cmd_bench_serve(argv[2:])
     args = build_parser().parse_args(argv)
     handlers = {"build": cmd_build, "generate": cmd_generate, "info": cmd_info,
                 "serve": cmd_serve, "bench": cmd_bench}
