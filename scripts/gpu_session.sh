@@ -32,6 +32,23 @@ for phase in "$@"; do
       timeout 300 python3 scripts/bench_fused_kernels.py --output "$OUT/fused.json" \
           2>&1 | tee "$OUT/bench_fused.log" | tail -25
       ;;
+    fused)
+      python3 -m pytest -q -m gpu tests/test_fused_kernels.py 2>&1 | tee "$OUT/fused_tests.log" | tail -8
+      note "fused tests: $(tail -1 "$OUT/fused_tests.log")"
+      timeout 300 python3 scripts/bench_fused_kernels.py --output "$OUT/fused.json" \
+          2>&1 | tee "$OUT/bench_fused.log" | tail -25
+      ;;
+    equiv)
+      python3 -m pytest -q -rs tests/test_equivalence.py tests/test_runtime.py tests/test_graphs.py \
+          tests/test_inputs.py 2>&1 | tee "$OUT/equiv_tests.log" | tail -25
+      note "equiv tests: $(tail -1 "$OUT/equiv_tests.log")"
+      ;;
+    quick)
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      bench b1eager $M --num-requests 1 --input-len 128 --output-len 64 --enforce-eager
+      bench b1 $M --num-requests 1 --input-len 128 --output-len 256
+      bench r256 $M --num-requests 256 --input-len 128 --output-len 64
+      ;;
     model)
       python3 -m pytest -q -rs -m "gpu or not gpu" tests/test_graphs.py tests/test_equivalence.py \
           tests/test_runtime.py tests/test_kernels.py 2>&1 | tee "$OUT/model_tests.log" | tail -15
