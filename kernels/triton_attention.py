@@ -76,10 +76,10 @@ def _online_update(acc, l_i, m_i, qk, v, DOT_PREC: tl.constexpr):
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts"])
 def _decode_partial(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
-    qk_scale, window,
+    qk_scale, window, num_parts,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -87,7 +87,7 @@ def _decode_partial(
     stride_ws_s, stride_ws_h, stride_ws_p, stride_lse_s,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_PARTS: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -98,7 +98,7 @@ def _decode_partial(
     if HAS_WINDOW:
         kv_start = tl.maximum(seq_len - window, 0)
     # Equal slices of this sequence's keys, rounded to whole tiles.
-    chunk = tl.cdiv(tl.cdiv(seq_len - kv_start, NUM_PARTS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len - kv_start, num_parts), BLOCK_N) * BLOCK_N
     lo = kv_start + part * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
@@ -146,42 +146,46 @@ def _decode_partial(
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no keys stay 0
     gd_mask = mask_g[:, None] & mask_d[None, :]
-    if NUM_PARTS == 1:
+    if not SPLIT:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=gd_mask)
     else:
         ws = seq.to(tl.int64) * stride_ws_s + heads * stride_ws_h + part * stride_ws_p  # [G]
         tl.store(ws_o_ptr + ws[:, None] + offs_d[None, :], out, mask=gd_mask)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        tl.store(ws_lse_ptr + seq * stride_lse_s + heads * NUM_PARTS + part, lse, mask=mask_g)
+        tl.store(ws_lse_ptr + seq * stride_lse_s + heads * num_parts + part, lse, mask=mask_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts"])
 def _decode_reduce(
-    out_ptr, ws_o_ptr, ws_lse_ptr,
-    stride_ot, stride_oh, stride_ws_s, stride_ws_h, stride_ws_p,
-    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    NUM_PARTS: tl.constexpr, P_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    out_ptr, ws_o_ptr, ws_lse_ptr, num_parts,
+    stride_ot, stride_oh, stride_ws_s, stride_ws_h, stride_ws_p, stride_lse_s,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """Merge the partitions of one (sequence, head), BLOCK_P at a time, by their base-2
+    log-sum-exp; empty partitions have lse = -inf and weigh nothing."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    offs_p = tl.arange(0, P_PAD)
     offs_d = tl.arange(0, D_PAD)
-    lse_base = ws_lse_ptr + (seq * HEADS + head) * NUM_PARTS
-    lse = tl.load(lse_base + offs_p, mask=offs_p < NUM_PARTS, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # an empty sequence: every weight is 0
-    total = tl.sum(tl.exp2(lse - m), 0)
-    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    offs_p = tl.arange(0, BLOCK_P)
+    lse_base = ws_lse_ptr + seq.to(tl.int64) * stride_lse_s + head * num_parts
     base = ws_o_ptr + seq.to(tl.int64) * stride_ws_s + head * stride_ws_h
-    for p0 in range(0, NUM_PARTS, BLOCK_P):
-        pp = p0 + tl.arange(0, BLOCK_P)
-        mask_p = pp < NUM_PARTS
-        w = tl.exp2(tl.load(lse_base + pp, mask=mask_p, other=float("-inf")) - m)  # [BP]
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    m = tl.full([1], _NEG, dtype=tl.float32)
+    for p0 in range(0, num_parts, BLOCK_P):
+        pp = p0 + offs_p
+        mask_p = pp < num_parts
+        lse = tl.load(lse_base + pp, mask=mask_p, other=float("-inf"))  # [BP]
+        m_new = tl.maximum(m, tl.max(lse, 0))  # [1]
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)  # [BP]
         o = tl.load(base + pp[:, None] * stride_ws_p + offs_d[None, :],
                     mask=mask_p[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        acc += tl.sum(w[:, None] * o, 0)
-    out = acc / tl.where(total > 0.0, total, 1.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        total = total * alpha + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)  # an empty sequence: zeros
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
@@ -378,12 +382,17 @@ class TritonAttentionBackend:
     name = "triton"
 
     def __init__(self, num_q_heads: int | None = None, num_kv_heads: int | None = None,
-                 head_dim: int | None = None) -> None:
+                 head_dim: int | None = None, target_programs: int | None = None) -> None:
         self.shape = (num_q_heads, num_kv_heads, head_dim)
         self._eager_ws = _Workspace(for_graph=False)
+        # Programs the decode split aims for; None = 4 per SM of the device (tests set it to
+        # force or forbid the split).
+        self.target_programs = target_programs
         self._targets: dict[torch.device, int] = {}
 
     def _target_programs(self, device: torch.device) -> int:
+        if self.target_programs is not None:
+            return self.target_programs
         if device not in self._targets:
             sms = (torch.cuda.get_device_properties(device).multi_processor_count
                    if device.type == "cuda" else 4)
@@ -450,21 +459,19 @@ class TritonAttentionBackend:
         lse_stride = ws_lse.stride(0) if parts > 1 else 0
         _decode_partial[(s, hkv, parts)](
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, ws_o, ws_lse,
-            scale * _LOG2E, window or 0,
+            scale * _LOG2E, window or 0, parts,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             meta.block_tables.stride(0), out.stride(0), out.stride(1), *ws_strides, lse_stride,
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, D_PAD=d_pad,
-            BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, NUM_PARTS=parts,
+            BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             num_warps=warps, num_stages=stages)
         if parts > 1:
             _decode_reduce[(s, hq)](
-                out, ws_o, ws_lse, out.stride(0), out.stride(1), *ws_strides,
-                HEADS=hq, HEAD_DIM=d, D_PAD=d_pad, NUM_PARTS=parts,
-                P_PAD=triton.next_power_of_2(parts), BLOCK_P=min(16, triton.next_power_of_2(parts)),
-                num_warps=4)
+                out, ws_o, ws_lse, parts, out.stride(0), out.stride(1), *ws_strides,
+                lse_stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16, num_warps=4)
 
 
 def _launch_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
