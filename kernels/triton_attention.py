@@ -296,6 +296,11 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _d_pad(d: int) -> int:
+    # a power of two for tl.arange, and >= 16 for tl.dot
+    return max(16, triton.next_power_of_2(d))
+
+
 def _prefill_config(d_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): known-good Hopper flash-attention configs,
     smaller where the tiles would not fit in shared memory (fp32, head_dim 256)."""
@@ -305,7 +310,7 @@ def _prefill_config(d_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]
         return 128, 64, 4, 3
     if d_pad <= 128:
         return 128, 64, 8, 3
-    return 64, 32, 4, 2
+    return 64, 32, 8, 2
 
 
 def _decode_config(d_pad: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -414,7 +419,7 @@ class TritonAttentionBackend:
             p = _num_partitions(meta.num_seqs, hkv, meta.max_seq_len,
                                 self._target_programs(device))
             if p > 1:
-                meta.workspace.views(meta.num_seqs, hq, p, triton.next_power_of_2(d), device)
+                meta.workspace.views(meta.num_seqs, hq, p, _d_pad(d), device)
         return meta
 
     @staticmethod
@@ -448,7 +453,7 @@ class TritonAttentionBackend:
         s, hq, d = q.shape
         hkv = k_cache.shape[2]
         group = hq // hkv
-        d_pad = triton.next_power_of_2(d)
+        d_pad = _d_pad(d)
         parts = _num_partitions(s, hkv, meta.max_seq_len, self._target_programs(q.device))
         block_n, warps, stages = _decode_config(d_pad, q.dtype)
         use_dot = group >= 2
@@ -481,7 +486,7 @@ def _launch_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
                     window: int | None, out: torch.Tensor) -> None:
     _, hq, d = q.shape
     hkv = k_cache.shape[2]
-    d_pad = triton.next_power_of_2(d)
+    d_pad = _d_pad(d)
     block_m, block_n, warps, stages = _prefill_config(d_pad, q.dtype)
     grid = (triton.cdiv(meta.max_query_len, block_m), meta.num_seqs, hq)
     _prefill[grid](

@@ -203,13 +203,20 @@ GQA = [(8, 8), (32, 8), (32, 4)]  # ratios 1, 4, 8
 BLOCKS = [16, 32, 64, 128]
 
 
+def _blocks(dtype: torch.dtype, d: int, hq: int, hkv: int) -> list[int]:
+    """Two block sizes per (dtype, head_dim, GQA) point, rotating so that every block size
+    meets every dtype, head_dim and ratio across the matrix (each size compiles its own
+    kernels; the full product would take many minutes of compilation)."""
+    i = DTYPES.index(dtype) + HEAD_DIMS.index(d) + GQA.index((hq, hkv))
+    return [BLOCKS[i % 4], BLOCKS[(i + 2) % 4]]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("hq,hkv", GQA)
 def test_gpu_decode_matrix(dtype: torch.dtype, d: int, hq: int, hkv: int) -> None:
-    for i, bs in enumerate(BLOCKS):
-        window = None if i % 2 else 500
+    for window, bs in zip((None, 500), _blocks(dtype, d, hq, hkv)):
         case = Case([1, 700, 2048, 0, 33, 4096 + 7], [1] * 6, hq, hkv, d, bs, dtype,
                     seed=d + bs)
         check(case, window)
@@ -220,14 +227,27 @@ def test_gpu_decode_matrix(dtype: torch.dtype, d: int, hq: int, hkv: int) -> Non
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("hq,hkv", GQA)
 def test_gpu_prefill_matrix(dtype: torch.dtype, d: int, hq: int, hkv: int) -> None:
-    # query lengths 1..512, most after a cached prefix (chunked prefill / prefix reuse)
+    for window, bs in zip((None, 256), _blocks(dtype, d, hq, hkv)):
+        check(_mixed_batch(hq, hkv, d, bs, dtype), window)
+
+
+def _mixed_batch(hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype) -> Case:
+    """Query lengths 1..512, most after a cached prefix (chunked prefill / prefix reuse)."""
     q_lens = [1, 17, 512, 128, 300, 1, 64]
     prefixes = [0, 100, 0, 1000, 37, 2000, 511]
-    for i, bs in enumerate(BLOCKS):
-        window = None if i % 2 else 256
-        case = Case([p + n for p, n in zip(prefixes, q_lens)], q_lens, hq, hkv, d, bs, dtype,
-                    seed=d * bs)
-        check(case, window)
+    return Case([p + n for p, n in zip(prefixes, q_lens)], q_lens, hq, hkv, d, bs, dtype,
+                seed=d * bs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", BLOCKS)
+@pytest.mark.parametrize("window", [None, 100])
+def test_gpu_every_block_size(bs: int, window: int | None) -> None:
+    """Llama-3-8B shapes (bf16, 32 / 8 heads, 128) at every block size, with and without a
+    window: decode, and the mixed prefill batch."""
+    dtype = torch.bfloat16
+    check(Case([1, 700, 2048, 0, 33, 4103], [1] * 6, 32, 8, 128, bs, dtype, seed=bs), window)
+    check(_mixed_batch(32, 8, 128, bs, dtype), window)
 
 
 @pytest.mark.gpu
