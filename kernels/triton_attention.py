@@ -19,6 +19,8 @@ block of one sequence's new queries for one head; it first attends to the cached
 (`seq_len - query_len` tokens, chunked prefill and prefix reuse) read from the paged cache,
 then to the new tokens themselves read from the packed `k` / `v` (contiguous, causal mask only
 on the diagonal tiles). Sliding window: query at position i sees keys j with i - j < window.
+In a batch of several sequences the one-token queries (decode rows mixed with prefill chunks)
+are left to the split decode kernel, which finds them through `query_start_loc`.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def _online_update(acc, l_i, m_i, qk, v, DOT_PREC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_parts"])
 def _decode_partial(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
     qk_scale, window, num_parts,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -88,12 +90,18 @@ def _decode_partial(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, MIXED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    row = seq  # the query's row in q / out
+    valid = seq >= 0
+    if MIXED:  # a prefill batch: only the sequences with one new token are ours
+        row = tl.load(qsl_ptr + seq)
+        valid = tl.load(qsl_ptr + seq + 1) - row == 1
+        seq_len = tl.where(valid, seq_len, 0)
     kv_start = 0
     if HAS_WINDOW:
         kv_start = tl.maximum(seq_len - window, 0)
@@ -108,7 +116,7 @@ def _decode_partial(
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g  # [G]
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [G, D]
     if not USE_DOT:
         q = q.to(tl.float32)
@@ -147,8 +155,8 @@ def _decode_partial(
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no keys stay 0
     gd_mask = mask_g[:, None] & mask_d[None, :]
     if not SPLIT:
-        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=gd_mask)
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gd_mask & valid)
     else:
         ws = seq.to(tl.int64) * stride_ws_s + heads * stride_ws_h + part * stride_ws_p  # [G]
         tl.store(ws_o_ptr + ws[:, None] + offs_d[None, :], out, mask=gd_mask)
@@ -158,14 +166,19 @@ def _decode_partial(
 
 @triton.jit(do_not_specialize=["num_parts"])
 def _decode_reduce(
-    out_ptr, ws_o_ptr, ws_lse_ptr, num_parts,
+    out_ptr, ws_o_ptr, ws_lse_ptr, qsl_ptr, num_parts,
     stride_ot, stride_oh, stride_ws_s, stride_ws_h, stride_ws_p, stride_lse_s,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MIXED: tl.constexpr,
 ):
     """Merge the partitions of one (sequence, head), BLOCK_P at a time, by their base-2
     log-sum-exp; empty partitions have lse = -inf and weigh nothing."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    row = seq
+    valid = seq >= 0
+    if MIXED:
+        row = tl.load(qsl_ptr + seq)
+        valid = tl.load(qsl_ptr + seq + 1) - row == 1
     offs_d = tl.arange(0, D_PAD)
     offs_p = tl.arange(0, BLOCK_P)
     lse_base = ws_lse_ptr + seq.to(tl.int64) * stride_lse_s + head * num_parts
@@ -186,8 +199,8 @@ def _decode_reduce(
         total = total * alpha + tl.sum(w, 0)
         m = m_new
     out = acc / tl.where(total > 0.0, total, 1.0)  # an empty sequence: zeros
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=(offs_d < HEAD_DIM) & valid)
 
 
 @triton.jit
@@ -199,7 +212,7 @@ def _prefill(
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_SINGLE: tl.constexpr,
 ):
     # NOTE: the last query blocks of a causal prompt have the most keys: start them first so
     # the short ones fill the tail of the launch.
@@ -210,7 +223,10 @@ def _prefill(
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     m0 = mblk * BLOCK_M
-    if m0 >= q_len:
+    done = m0 >= q_len
+    if SKIP_SINGLE:  # one-token queries went to the decode kernel
+        done = done | (q_len == 1)
+    if done:
         return
     ctx_len = tl.load(seq_lens_ptr + seq) - q_len  # cached prefix before the new tokens
 
@@ -442,15 +458,22 @@ class TritonAttentionBackend:
         if q.shape[0] == 0:
             return out
         if meta.is_decode:
-            self._decode(q, k_cache, v_cache, meta, scale, sliding_window, out)
-        else:
-            _launch_prefill(q, k, v, k_cache, v_cache, meta, scale, sliding_window, out)
+            self._decode(q, k_cache, v_cache, meta, scale, sliding_window, out, mixed=False)
+            return out
+        # NOTE: in a mixed batch the one-token queries (decode rows beside prefill chunks)
+        # go to the split decode kernel: in the prefill kernel each would take a whole
+        # BLOCK_M tile per query head and walk its context alone. Which rows those are is
+        # known only on the device, so both kernels look at query_start_loc.
+        mixed = meta.num_seqs > 1
+        if mixed:
+            self._decode(q, k_cache, v_cache, meta, scale, sliding_window, out, mixed=True)
+        _launch_prefill(q, k, v, k_cache, v_cache, meta, scale, sliding_window, out, mixed)
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 meta: TritonAttentionMetadata, scale: float, window: int | None,
-                out: torch.Tensor) -> None:
-        s, hq, d = q.shape
+                out: torch.Tensor, mixed: bool) -> None:
+        s, (_, hq, d) = meta.num_seqs, q.shape
         hkv = k_cache.shape[2]
         group = hq // hkv
         d_pad = _d_pad(d)
@@ -465,8 +488,8 @@ class TritonAttentionBackend:
         ws_strides = (ws_o.stride(0), ws_o.stride(1), ws_o.stride(2)) if parts > 1 else (0,) * 3
         lse_stride = ws_lse.stride(0) if parts > 1 else 0
         _decode_partial[(s, hkv, parts)](
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, ws_o, ws_lse,
-            scale * _LOG2E, window or 0, parts,
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
+            ws_o, ws_lse, scale * _LOG2E, window or 0, parts,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -474,16 +497,17 @@ class TritonAttentionBackend:
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, D_PAD=d_pad,
             BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
-            num_warps=warps, num_stages=stages)
+            MIXED=mixed, num_warps=warps, num_stages=stages)
         if parts > 1:
             _decode_reduce[(s, hq)](
-                out, ws_o, ws_lse, parts, out.stride(0), out.stride(1), *ws_strides,
-                lse_stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16, num_warps=4)
+                out, ws_o, ws_lse, meta.query_start_loc, parts, out.stride(0), out.stride(1),
+                *ws_strides, lse_stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16, MIXED=mixed,
+                num_warps=4)
 
 
 def _launch_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: TritonAttentionMetadata, scale: float,
-                    window: int | None, out: torch.Tensor) -> None:
+                    window: int | None, out: torch.Tensor, skip_single: bool) -> None:
     _, hq, d = q.shape
     hkv = k_cache.shape[2]
     d_pad = _d_pad(d)
@@ -498,7 +522,8 @@ def _launch_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         meta.block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=hq // hkv, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=meta.block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window is not None,
-        DOT_PREC=_dot_prec(q.dtype), num_warps=warps, num_stages=stages)
+        DOT_PREC=_dot_prec(q.dtype), SKIP_SINGLE=skip_single, num_warps=warps,
+        num_stages=stages)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
