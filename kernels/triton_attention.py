@@ -35,7 +35,8 @@ import triton.language as tl
 from trtdist.kernels.attention import AttentionInputs
 
 _LOG2E = 1.4426950408889634
-_NEG = -1.0e30  # finite "minus infinity": a fully masked tile then gives p = 0, never NaN
+# A finite "minus infinity": a fully masked tile then gives p = 0, never NaN.
+_NEG = tl.constexpr(-1.0e30)
 _MIN_CHUNK = 256  # fewest keys a decode partition is worth (below that, merging costs more)
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -319,19 +320,21 @@ def _d_pad(d: int) -> int:
 
 def _prefill_config(d_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages): known-good Hopper flash-attention configs,
-    smaller where the tiles would not fit in shared memory (fp32, head_dim 256)."""
+    checked free of register spills with ptxas for sm_90a. fp32 (the exactness path, whose
+    ieee dots run on FMA units) needs small tiles to stay out of local memory."""
     if dtype == torch.float32:
-        return (64, 32, 4, 2) if d_pad <= 128 else (32, 32, 4, 1)
-    if d_pad <= 64:
-        return 128, 64, 4, 3
+        return 16, 16, 4, 1
     if d_pad <= 128:
         return 128, 64, 8, 3
     return 64, 32, 8, 2
 
 
 def _decode_config(d_pad: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for the decode partial kernel."""
-    if dtype == torch.float32 or d_pad > 128:
+    """(BLOCK_N, num_warps, num_stages) for the decode partial kernel (spill-free on sm_90a;
+    K/V tiles are prefetched with cp.async)."""
+    if dtype == torch.float32:
+        return 16, 4, 2 if d_pad <= 128 else 1
+    if d_pad > 128:
         return 32, 4, 2
     return 64, 4, 2
 
