@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
-
 from trtdist.kernels.attention import AttentionInputs
 
 _LOG2E = 1.4426950408889634

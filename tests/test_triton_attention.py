@@ -268,7 +268,8 @@ def test_gpu_decode_graph_replay_equals_eager(batch: int) -> None:
     g = torch.Generator().manual_seed(batch)
 
     def lengths() -> list[int]:
-        lens = torch.randint(1, max_model_len, (batch,), generator=g).tolist()
+        longest = max_model_len if batch <= 8 else 2048  # keeps the float64 reference small
+        lens = torch.randint(1, longest, (batch,), generator=g).tolist()
         if batch > 1:
             lens[-1] = 0  # a padded row
         return lens
