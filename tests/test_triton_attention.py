@@ -160,10 +160,13 @@ def test_capture_metadata_survives_new_lengths(target: int) -> None:
     max_model_len, bs, hq, hkv, d = 1024, 16, 8, 2, 16
     width = max_model_len // bs
     first = Case([5, 300, 17, 0], [1] * 4, hq, hkv, d, bs, seed=1, width=width)
-    backend = TritonAttentionBackend(target_programs=target)
+    backend = TritonAttentionBackend(hq, hkv, d, target_programs=target)
     static = first.inputs()
     meta = backend.prepare_for_capture(
         AttentionInputs(**{**_fields(static), "max_seq_len": max_model_len}))
+    # the model shape is known: a split decode gets its workspace here, never in forward
+    assert (meta.workspace.out is not None) == (target > 1)
+    workspace = meta.workspace.out
     for seed, lens in ((1, [5, 300, 17, 0]), (2, [1000, 0, 3, 64])):
         case = Case(lens, [1] * 4, hq, hkv, d, bs, seed=seed, width=width)
         new = case.inputs()
@@ -173,6 +176,7 @@ def test_capture_metadata_survives_new_lengths(target: int) -> None:
         want = case.reference(None)
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
         assert (got[[i for i, c in enumerate(lens) if c == 0]] == 0).all()
+    assert meta.workspace.out is workspace
 
 
 def test_bad_inputs_are_named() -> None:
