@@ -378,7 +378,7 @@ class _Workspace:
         return (self.out[:need].view(s, h, p, d_pad), self.lse[:s * h * p].view(s, h, p))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class TritonAttentionMetadata:
     """What `prepare` hands every layer: the step's device tensors and host-side bounds."""
 
