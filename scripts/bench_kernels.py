@@ -1,0 +1,228 @@
+"""Kernel benchmarks for the Triton attention backend, beside the machine's own limits.
+
+Runs standalone on a CUDA machine with only torch and triton installed (the trtdist kernels
+are loaded from this checkout, not from an installed package):
+
+    python scripts/bench_kernels.py --output out.json
+
+First measures the device-to-device copy bandwidth (bytes read + written) and the bf16
+8192^3 matmul rate, then decode attention (Llama-3-8B shapes: 32 q heads, 8 kv heads,
+head_dim 128, bf16, block 16) as time and KV bytes read per second as a fraction of the copy
+bandwidth, and causal prefill attention as TFLOP/s (2 * 2 * T^2 * H * D / 2 for causal).
+Decode is timed as a CUDA graph of many calls rotating over disjoint copies of the KV cache,
+so neither launch overhead nor L2 residency flatters it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+L2_FLUSH_BYTES = 512 << 20  # rotate over at least this much KV (H200 L2: 60 MB)
+
+
+def _load_kernels() -> types.ModuleType:
+    """`trtdist.kernels.triton_attention` from this checkout, without importing the rest of
+    trtdist (its package `__init__` pulls nothing heavy, but MPI etc. may be absent)."""
+    if "trtdist" not in sys.modules:
+        pkg = types.ModuleType("trtdist")
+        pkg.__path__ = [str(ROOT / "trtdist")]
+        sys.modules["trtdist"] = pkg
+        kernels = types.ModuleType("trtdist.kernels")
+        kernels.__path__ = [str(ROOT / "kernels")]
+        sys.modules["trtdist.kernels"] = kernels
+    import trtdist.kernels.triton_attention as ta
+
+    return ta
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", type=Path, help="write the results as JSON here")
+    p.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    return p.parse_args(argv)
+
+
+def _median_ms(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    import torch
+
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        start[i].record()
+        fn()
+        end[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(start, end))
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(device: str, reps: int) -> float:
+    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read + written."""
+    import torch
+
+    n = 1 << 30  # bf16 elements: 2 GiB each
+    a = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    b.copy_(a)
+    ms = _median_ms(lambda: b.copy_(a), reps)
+    return 2 * a.numel() * a.element_size() / (ms * 1e-3)
+
+
+def matmul_rate(device: str, reps: int) -> float:
+    """FLOP/s of a bf16 8192^3 matmul."""
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    c = torch.empty_like(a)
+    torch.matmul(a, b, out=c)
+    ms = _median_ms(lambda: torch.matmul(a, b, out=c), reps)
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def bench_decode(ta: types.ModuleType, device: str, batch: int, context: int, reps: int,
+                 hq: int = 32, hkv: int = 8, d: int = 128, bs: int = 16) -> dict[str, float]:
+    """Decode attention: one query per sequence over `context` cached tokens each."""
+    import torch
+    from trtdist.kernels.attention import AttentionInputs
+
+    dtype = torch.bfloat16
+    blocks_per_seq = -(-context // bs)
+    kv_bytes = batch * context * hkv * d * 2 * dtype.itemsize  # K and V
+    copies = max(1, min(64, math.ceil(L2_FLUSH_BYTES / kv_bytes)))
+    num_blocks = 1 + copies * batch * blocks_per_seq
+    k_cache = torch.randn(num_blocks, bs, hkv, d, dtype=dtype, device=device)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(batch, hq, d, dtype=dtype, device=device)
+    backend = ta.TritonAttentionBackend()
+    perm = torch.randperm(num_blocks - 1, device=device).to(torch.int32) + 1  # scattered pages
+    metas = []
+    for c in range(copies):
+        tables = perm[c * batch * blocks_per_seq:(c + 1) * batch * blocks_per_seq]
+        metas.append(backend.prepare(AttentionInputs(
+            query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=device),
+            seq_lens=torch.full((batch,), context, dtype=torch.int32, device=device),
+            block_tables=tables.view(batch, blocks_per_seq).contiguous(),
+            slot_mapping=torch.zeros(batch, dtype=torch.int64, device=device),
+            block_size=bs, max_query_len=1, max_seq_len=context, is_decode=True)))
+    scale = d ** -0.5
+
+    def step(meta: object) -> torch.Tensor:
+        return backend.forward(q, q, q, k_cache, v_cache, meta, scale)
+
+    for meta in metas:  # compile, allocate the workspace
+        step(meta)
+    torch.cuda.synchronize()
+    calls = max(copies, 32)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            step(metas[i % copies])
+    graph.replay()
+    ms = _median_ms(graph.replay, reps) / calls
+    return {"time_us": ms * 1e3, "kv_bytes": kv_bytes, "kv_bytes_per_s": kv_bytes / (ms * 1e-3),
+            "partitions": ta._num_partitions(batch, hkv, context,
+                                             backend._target_programs(torch.device(device)))}
+
+
+def bench_prefill(ta: types.ModuleType, device: str, tokens: int, reps: int, hq: int = 32,
+                  hkv: int = 8, d: int = 128, bs: int = 16) -> dict[str, float]:
+    """Causal prefill of one `tokens`-long prompt (no cached prefix); beside torch's SDPA."""
+    import torch
+    import torch.nn.functional as F
+    from trtdist.kernels.attention import AttentionInputs
+
+    dtype = torch.bfloat16
+    q = torch.randn(tokens, hq, d, dtype=dtype, device=device)
+    k = torch.randn(tokens, hkv, d, dtype=dtype, device=device)
+    v = torch.randn(tokens, hkv, d, dtype=dtype, device=device)
+    nb = -(-tokens // bs)
+    k_cache = torch.zeros(nb + 1, bs, hkv, d, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    backend = ta.TritonAttentionBackend()
+    meta = backend.prepare(AttentionInputs(
+        query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([tokens], dtype=torch.int32, device=device),
+        block_tables=torch.arange(1, nb + 1, dtype=torch.int32, device=device)[None],
+        slot_mapping=torch.arange(bs, bs + tokens, device=device),
+        block_size=bs, max_query_len=tokens, max_seq_len=tokens, is_decode=False))
+    scale = d ** -0.5
+    fn = lambda: backend.forward(q, k, v, k_cache, v_cache, meta, scale)  # noqa: E731
+    fn()
+    ms = _median_ms(fn, reps)
+    flops = 2 * 2 * tokens * tokens * hq * d / 2
+    result = {"time_us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12}
+    # For scale only: torch's own causal SDPA on the same shapes (its flash kernel).
+    qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
+    sdpa = lambda: F.scaled_dot_product_attention(  # noqa: E731
+        qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+    try:
+        sdpa()
+        sdpa_ms = _median_ms(sdpa, reps)
+        result.update(torch_sdpa_time_us=sdpa_ms * 1e3,
+                      torch_sdpa_tflops=flops / (sdpa_ms * 1e-3) / 1e12)
+    except (RuntimeError, TypeError) as e:  # an older torch without enable_gqa
+        print(f"torch SDPA skipped: {e}", file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("bench_kernels: needs a CUDA device", file=sys.stderr)
+        return 2
+    ta = _load_kernels()
+    dev = args.device
+    reps = 5 if args.quick else 30
+    props = torch.cuda.get_device_properties(dev)
+    t0 = time.time()
+    bw = copy_bandwidth(dev, reps)
+    mm = matmul_rate(dev, reps)
+    results: dict[str, object] = {
+        "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "copy_bandwidth_GBps": bw / 1e9, "bf16_matmul_tflops": mm / 1e12, "cases": {}}
+    rows = [("copy bandwidth (read+write)", f"{bw / 1e9:,.0f} GB/s", ""),
+            ("bf16 matmul 8192^3", f"{mm / 1e12:,.0f} TFLOP/s", "")]
+    cases: dict[str, dict[str, float]] = {}
+    for batch, context in ((64, 4096), (1, 8192), (256, 256)):
+        name = f"decode b{batch} ctx{context}"
+        r = bench_decode(ta, dev, batch, context, reps)
+        r["fraction_of_copy_bw"] = r["kv_bytes_per_s"] / bw
+        cases[name] = r
+        goal = " (goal >= 75%)" if (batch, context) == (64, 4096) else ""
+        rows.append((name, f"{r['time_us']:,.1f} us",
+                     f"{r['kv_bytes_per_s'] / 1e9:,.0f} GB/s = "
+                     f"{100 * r['fraction_of_copy_bw']:.0f}% of copy{goal}"))
+    r = bench_prefill(ta, dev, 8192, reps)
+    cases["prefill causal 8192"] = r
+    sdpa = (f"; torch SDPA {r['torch_sdpa_tflops']:,.0f} TFLOP/s"
+            if "torch_sdpa_tflops" in r else "")
+    rows.append(("prefill causal 8192", f"{r['time_us']:,.1f} us",
+                 f"{r['tflops']:,.0f} TFLOP/s (goal >= 300){sdpa}"))
+    results["cases"] = cases
+    results["seconds"] = time.time() - t0
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
+    w = max(len(r[0]) for r in rows)
+    for name, t, extra in rows:
+        print(f"{name:<{w}}  {t:>16}  {extra}")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
