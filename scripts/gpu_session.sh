@@ -32,6 +32,15 @@ for phase in "$@"; do
       timeout 300 python3 scripts/bench_fused_kernels.py --output "$OUT/fused.json" \
           2>&1 | tee "$OUT/bench_fused.log" | tail -25
       ;;
+    attnbench)
+      timeout 300 python3 scripts/bench_kernels.py --output "$OUT/kernels.json" \
+          2>&1 | tee "$OUT/bench_kernels.log" | tail -20
+      ;;
+    attn)
+      timeout ${ATTN_TIMEOUT:-400} python3 -m pytest -q -x -m gpu tests/test_triton_attention.py \
+          ${ATTN_K:+-k "$ATTN_K"} 2>&1 | tee "$OUT/attn_tests.log" | tail -15
+      note "attn tests: $(tail -1 "$OUT/attn_tests.log")"
+      ;;
     fused)
       python3 -m pytest -q -m gpu tests/test_fused_kernels.py 2>&1 | tee "$OUT/fused_tests.log" | tail -8
       note "fused tests: $(tail -1 "$OUT/fused_tests.log")"

@@ -60,6 +60,7 @@ def test_batch_equals_alone_and_transformers(tp: int, pp: int, hf_models: dict[s
 @pytest.mark.mpi
 def test_prefix_reuse_counts_hits_and_changes_nothing(hf_models: dict[str, Path],
                                                       tmp_path: Path) -> None:
+    need_devices(2)
     rng = random.Random(11)
     prefix = [rng.randrange(300) for _ in range(26)]
     reqs = [{"prompt": prefix + [rng.randrange(300) for _ in range(rng.randint(1, 6))],
@@ -82,6 +83,7 @@ def test_prefix_reuse_counts_hits_and_changes_nothing(hf_models: dict[str, Path]
 @pytest.mark.mpi
 def test_seeded_sampling_alone_equals_batched(hf_models: dict[str, Path],
                                               tmp_path: Path) -> None:
+    need_devices(2)
     reqs = _mixed_requests(12, seed=9)
     for i, r in enumerate(reqs):
         r["params"] = {"max_tokens": 10, "temperature": 0.9, "top_k": 40, "top_p": 0.95,
