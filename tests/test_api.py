@@ -81,7 +81,7 @@ def test_bad_requests_are_refused_with_reasons(llm: DistributedLLM) -> None:
 
 
 def test_stop_strings_on_the_tiny_model() -> None:
-    with DistributedLLM(num_kv_blocks=64) as tiny:
+    with DistributedLLM("tiny", num_kv_blocks=64) as tiny:
         ref = tiny.generate("Hello world", SamplingParams(max_tokens=16, temperature=0.0,
                                                           ignore_eos=True))[0].outputs[0]
         assert ref.text
