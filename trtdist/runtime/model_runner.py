@@ -14,7 +14,8 @@ from trtdist.models.llama import LlamaStage
 from trtdist.parallel.groups import ParallelGroups
 from trtdist.runtime.kv_cache import KVCache
 from trtdist.runtime.plan import RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
-from trtdist.runtime.sampler import Sampler, result_width
+from trtdist.runtime.prompt_logprobs import prompt_logprobs_of, result_shape, with_prompt_rows
+from trtdist.runtime.sampler import Sampler
 
 _RESULT_TAG = 31
 
@@ -85,6 +86,7 @@ class ModelRunner:
             logits = self.model.compute_logits(h[last])
         else:  # only partial prefill chunks: nothing to sample (same on every rank)
             logits = torch.empty(0, self.model.cfg.vocab_size, device=dev)
+        prompt_rows = prompt_logprobs_of(self.model, h, plan)  # collective over the TP group
         if not self.samples:
             return
         assert self.sampler is not None
@@ -92,7 +94,7 @@ class ModelRunner:
         if plan.flags & RETURN_ALL_LOGITS:
             result = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
         else:
-            result = self.sampler.sample(logits, plan, rows)
+            result = with_prompt_rows(self.sampler.sample(logits, plan, rows), prompt_rows)
         if self.world.rank == 0:
             self._local_results.append(result)
         else:
@@ -100,15 +102,14 @@ class ModelRunner:
 
     def collect(self, plan: StepPlan) -> np.ndarray:
         """Leader: the oldest outstanding step's result from the sampling rank: all logits
-        `[T, vocab]` float32, or one row per sampled sequence (see `Sampler.sample`)."""
+        `[T, vocab]` float32, or one row per sampled sequence then one per scored prompt token
+        (see `runtime/prompt_logprobs.py`)."""
         if self._local_results:
             return self._local_results.popleft()
         if plan.flags & RETURN_ALL_LOGITS:
             out = np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
         else:
-            rows = np.nonzero(plan.sample)[0]
-            k = max(int(plan.logprobs[rows].max(initial=-1)), 0)
-            out = np.empty((rows.size, result_width(k)), dtype=np.float64)
+            out = np.empty(result_shape(plan), dtype=np.float64)
         self.world.comm.Recv(out, source=self.mapping.last_stage_leader, tag=_RESULT_TAG)
         return out
 
