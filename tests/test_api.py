@@ -69,7 +69,8 @@ def test_bad_requests_are_refused_with_reasons(llm: DistributedLLM) -> None:
         llm.generate([[]])
     with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 301\)"):
         llm.generate([[5, 999]])
-    with pytest.raises(ValueError, match="maximum context length is 128 tokens, and the prompt has 200"):
+    with pytest.raises(ValueError,
+                       match="maximum context length is 128 tokens, and the prompt has 200"):
         llm.generate([[1] * 200])
     for kwargs, match in [({"temperature": -1}, "temperature must be >= 0"),
                           ({"top_p": 0}, r"top_p must be in \(0, 1\]"),

@@ -196,8 +196,9 @@ def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.mpi
 def test_cli_bench_prints_json(tmp_path: Path) -> None:
-    proc = trtdist_cli(2, ["bench", "tiny", "--pp-size", "2", "--num-requests", "6", "--input-len", "8",
-                           "--output-len", "5", "--output", str(tmp_path / "b.json")])
+    proc = trtdist_cli(2, ["bench", "tiny", "--pp-size", "2", "--num-requests", "6",
+                           "--input-len", "8", "--output-len", "5",
+                           "--output", str(tmp_path / "b.json")])
     result = json.loads((tmp_path / "b.json").read_text())
     assert json.loads(proc.stdout) == result
     assert (result["tp_size"], result["pp_size"], result["num_requests"]) == (1, 2, 6)

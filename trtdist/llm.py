@@ -36,7 +36,8 @@ class DistributedLLM:
       and this process becomes the leader, so one script can loop over settings.
 
     `model` is an engine directory, a Hugging Face directory, a llama `.gguf` file, "tiny" for
-    the built-in tiny random model, None for the default SmolLM2-135M-Instruct, or with `dummy_weights=True` a preset name such as "llama3-8b".
+    the built-in tiny random model, None for the default SmolLM2-135M-Instruct, or with
+    `dummy_weights=True` a preset name such as "llama3-8b".
 
     A rank that sends no heartbeat for `worker_timeout` seconds is reported to
     `on_rank_failure(rank, seconds)` on the leader; by default the whole world is aborted

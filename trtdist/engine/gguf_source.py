@@ -27,6 +27,7 @@ import torch
 from trtdist.config import ModelConfig
 
 GGUF_SUFFIX = ".gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _TOKENIZER_VERSION = 1
 _CONTROL_TOKEN = 3  # llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user defined, 6 byte
 _USER_DEFINED_TOKEN = 4
@@ -52,7 +53,8 @@ def _reader(path: Path):  # type: ignore[no-untyped-def]
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise ImportError("reading a GGUF file needs the `gguf` package: pip install gguf") from None
+        raise ImportError("reading a GGUF file needs the `gguf` package: "
+                          "pip install gguf") from None
     try:
         return GGUFReader(str(path))
     except (ValueError, OSError) as e:
@@ -185,8 +187,15 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _tokenizer_files(reader: Any, path: Path, hf_config: dict[str, Any]) -> dict[str, str]:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":

@@ -19,8 +19,8 @@ from trtdist.outputs import CompletionOutput, RequestMetrics, RequestOutput, Tok
 from trtdist.runtime.block_allocator import KVBlockAllocator
 from trtdist.runtime.model_runner import ModelRunner
 from trtdist.runtime.plan import FORWARD, StepPlan
-from trtdist.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from trtdist.runtime.prompt_logprobs import prompt_targets
+from trtdist.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from trtdist.runtime.sequence import Sequence
 from trtdist.runtime.validation import RequestError, check_request
 from trtdist.sampling_params import SamplingParams

@@ -1,10 +1,10 @@
 """Token sampling on the last pipeline stage.
 
-Per sequence: repetition / presence / frequency penalties and logit bias, then greedy, or temperature with
-top-k, top-p and min-p. Sampling draws from an exponential race (argmax of p / q with
-q ~ Exp(1)), which picks token i with probability p_i. A seeded sequence takes its noise from
-a generator seeded by (seed, position), so its tokens do not depend on what else is in the
-batch, nor on preemption and recomputation.
+Per sequence: repetition / presence / frequency penalties and logit bias, then greedy, or
+temperature with top-k, top-p and min-p. Sampling draws from an exponential race (argmax of
+p / q with q ~ Exp(1)), which picks token i with probability p_i. A seeded sequence takes
+its noise from a generator seeded by (seed, position), so its tokens do not depend on what
+else is in the batch, nor on preemption and recomputation.
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ def _make_server(config):  # type: ignore[no-untyped-def]
 def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
     import uvicorn
 
+    from trtdist.engine.gguf_source import DEFAULT_MODEL_NAME
     from trtdist.llm import DistributedLLM
     from trtdist.runtime.rank import WorldError
     from trtdist.server.app import ServerState, create_app
@@ -104,7 +105,7 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
         threading.Thread(target=abort, daemon=True).start()
 
     start = time.time()
-    log.info("loading %s", llm_kwargs.get("model") or "the built-in tiny model")
+    log.info("loading %s", llm_kwargs.get("model") or f"the default model {DEFAULT_MODEL_NAME}")
     try:
         llm = DistributedLLM(**llm_kwargs, worker_timeout=args.worker_timeout,  # type: ignore[arg-type]
                              on_rank_failure=on_rank_failure)
@@ -121,7 +122,7 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
              engine.allocator.num_blocks, engine.allocator.block_size)
     tokenizer = engine.tokenizer
     model = llm_kwargs.get("model")
-    name = args.served_model_name or (Path(str(model)).name if model else "tiny")
+    name = args.served_model_name or (Path(str(model)).name if model else DEFAULT_MODEL_NAME)
     template = None
     if tokenizer is not None and tokenizer.chat_template:
         template = ChatTemplate(tokenizer.chat_template, tokenizer.special_token("bos_token"),
