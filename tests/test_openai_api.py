@@ -193,3 +193,17 @@ def test_accepted_no_op_values_and_model_lookup(server: LiveServer,
     assert client.models.retrieve("tiny").id == "tiny"
     missing = httpx.get(f"{server.url}/v1/models/gpt-9")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
+def test_listening_socket_lets_asyncio_disable_nagle() -> None:
+    """asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets; without it a streamed token waits
+    for the client's delayed ACK and reaches it together with the next one."""
+    import socket
+
+    from trtdist.server.serve import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
