@@ -84,8 +84,9 @@ def test_default_model_is_smollm2(smollm2_gguf: Path) -> None:
 def test_chat_answers_capital_of_france() -> None:
     from openai import OpenAI
 
-    server = start_server(2, ["--pp-size", "2", "--dtype", "float32", "--max-model-len", "512"],
-                          model=None)
+    # the README's first command: no model named, two ranks, PP=2 (9 heads: TP 1 or 3)
+    server = start_server(2, ["--pp-size", "2", "--max-model-len", "512", "--max-batch-size",
+                              "8"], model=None)
     try:
         client = OpenAI(base_url=server.url + "/v1", api_key="none")
         r = client.chat.completions.create(
