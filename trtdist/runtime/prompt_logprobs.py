@@ -55,10 +55,12 @@ def prompt_targets(plan: StepPlan) -> PromptTargets:
         counts[i] = count
         index.append(np.arange(a, a + count))
         targets.append(ids[:count])
-    top_k = int(plan.prompt_logprobs[counts > 0].max(initial=0))
-    cat = (lambda xs: np.concatenate(xs).astype(np.int64)) if index else (
-        lambda _: np.zeros(0, dtype=np.int64))
-    return PromptTargets(counts, cat(index), cat(targets), top_k)
+    if not index:  # asked, but these chunks hold no prompt token to score
+        empty = np.zeros(0, dtype=np.int64)
+        return PromptTargets(counts, empty, empty, 0)
+    top_k = int(plan.prompt_logprobs[counts > 0].max())
+    return PromptTargets(counts, np.concatenate(index).astype(np.int64),
+                         np.concatenate(targets).astype(np.int64), top_k)
 
 
 def result_shape(plan: StepPlan) -> tuple[int, int]:
