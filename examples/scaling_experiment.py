@@ -30,7 +30,7 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default="tiny")
     p.add_argument("--dummy-weights", action="store_true")
     p.add_argument("--settings", default="1x1,2x1,1x2,2x2", type=parse_settings)
     p.add_argument("--requests", type=int, default=16)

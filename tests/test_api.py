@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import ROOT, mpi_env
 
 from trtdist import DistributedLLM, SamplingParams
@@ -24,12 +25,17 @@ PROMPT = [5, 17, 42, 7, 99, 3, 250, 11]
 
 
 def test_n_greater_than_one_shares_prompt_and_differs(llm: DistributedLLM) -> None:
-    out, = llm.generate([PROMPT], SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=3,
+    prompt = [200 + i for i in range(9)]  # not seen before: nothing of it is cached yet
+    computed = llm.engine.stats["prompt_tokens"]
+    out, = llm.generate([prompt], SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=3,
                                                  ignore_eos=True))
+    # completion 0 computes the 9 prompt tokens; the 3 others share its 2 full blocks of 4
+    # and compute only the last prompt token
+    assert llm.engine.stats["prompt_tokens"] - computed == 9 + 3 * 1
     assert [c.index for c in out.outputs] == [0, 1, 2, 3]
     assert all(len(c.token_ids) == 8 for c in out.outputs)
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
-    again, = llm.generate([PROMPT], SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=3,
+    again, = llm.generate([prompt], SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=3,
                                                    ignore_eos=True))
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
 
@@ -55,11 +61,15 @@ def test_streaming_and_abort_return_blocks(llm: DistributedLLM) -> None:
     seen = []
     stream = llm.stream([PROMPT, PROMPT[:3]], params)
     for out in stream:
-        seen.append(len(out.outputs[0].token_ids))
+        assert not out.finished
+        seen.append((out.request_id, len(out.outputs[0].token_ids)))
         if len(seen) == 5:
             break
     stream.close()  # aborts what is still running
-    assert seen and max(seen) < 30
+    # a snapshot per request per step, each one token longer: streamed, not collected at the end
+    a, b = seen[0][0], seen[1][0]
+    assert a != b and seen == [(a, 1), (b, 1), (a, 2), (b, 2), (a, 3)]
+    assert not llm.engine.requests  # both aborted, long before their 30 tokens
     alloc = llm.engine.allocator
     assert not llm.engine.has_unfinished and alloc.num_free == alloc.num_blocks
 
@@ -69,19 +79,20 @@ def test_bad_requests_are_refused_with_reasons(llm: DistributedLLM) -> None:
         llm.generate([[]])
     with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 301\)"):
         llm.generate([[5, 999]])
-    with pytest.raises(ValueError, match="this model's context is 128"):
+    with pytest.raises(ValueError,
+                       match="maximum context length is 128 tokens, and the prompt has 200"):
         llm.generate([[1] * 200])
     for kwargs, match in [({"temperature": -1}, "temperature must be >= 0"),
                           ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
                           ({"n": 0}, "n must be >= 1"),
                           ({"logprobs": 50}, r"logprobs must be in \[0, 20\]"),
-                          ({"max_tokens": 0}, "max_tokens must be >= 1")]:
+                          ({"max_tokens": -1}, "max_tokens must be >= 0")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kwargs)
 
 
 def test_stop_strings_on_the_tiny_model() -> None:
-    with DistributedLLM(num_kv_blocks=64) as tiny:
+    with DistributedLLM("tiny", num_kv_blocks=64) as tiny:
         ref = tiny.generate("Hello world", SamplingParams(max_tokens=16, temperature=0.0,
                                                           ignore_eos=True))[0].outputs[0]
         assert ref.text
@@ -104,3 +115,33 @@ def test_scaling_experiment_spawns_worlds_in_a_loop() -> None:
     assert [(int(r[0]), int(r[1])) for r in lines] == [(1, 1), (2, 1), (1, 2), (2, 2)]
     firsts = {" ".join(r[4:]) for r in lines}
     assert len(firsts) == 1, f"settings disagree: {firsts}"  # same greedy tokens everywhere
+
+
+def test_prompt_logprobs_equal_transformers_with_chunks_and_cache(
+        hf_models: dict[str, Path]) -> None:
+    from helpers import load_hf
+
+    prompt = [5, 17, 42, 7, 99, 3, 250, 11, 8, 9, 10, 12, 13, 14]
+    with torch.no_grad():
+        ref = torch.log_softmax(load_hf(hf_models["llama"])(torch.tensor([prompt])).logits[0],
+                                dim=-1)
+    # chunks of 5 prompt tokens; the second run finds the prompt in the prefix cache, which
+    # a scored prompt must not use
+    with DistributedLLM(hf_models["llama"], dtype="float32", block_size=4, max_model_len=64,
+                        max_num_tokens=5) as llm:
+        for _ in range(2):
+            out, = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=2))
+            assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"
+            lps = out.prompt_logprobs
+            assert lps is not None and lps[0] is None and len(lps) == len(prompt)
+            for i in range(1, len(prompt)):
+                assert lps[i].token_id == prompt[i]
+                assert abs(lps[i].logprob - float(ref[i - 1, prompt[i]])) < 1e-4
+                top = ref[i - 1].topk(2)
+                assert [t for t, _ in lps[i].top] == top.indices.tolist()
+        # logit_bias: +100 on one token makes it every sampled token
+        out, = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=1.0, seed=5,
+                                                     logit_bias={77: 100.0}, ignore_eos=True))
+        assert out.outputs[0].token_ids == [77] * 4
+        with pytest.raises(ValueError, match=r"logit_bias token ids must be in \[0, 301\)"):
+            llm.generate([prompt], SamplingParams(logit_bias={301: 1.0}))

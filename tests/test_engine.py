@@ -157,21 +157,30 @@ def test_corrupt_missing_and_mismatched_engines(hf_models: dict[str, Path],
 
 
 @pytest.mark.mpi
-def test_cli_build_info_and_generate(hf_models: dict[str, Path], tmp_path: Path) -> None:
+def test_cli_build_info_and_generate(hf_models: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     from trtdist.cli import main
 
     eng = tmp_path / "engine"
     assert main(["build", str(hf_models["qwen2"]), "-o", str(eng), "--tp-size", "2",
                  "--dtype", "float32"]) == 0
     assert (eng / "rank0.safetensors").exists() and (eng / "rank1.safetensors").exists()
-    # the built-in tiny model (with its tokenizer) under 2 ranks, TP and PP
-    for flags in (["--tp-size", "2"], ["--pp-size", "2"]):
-        proc = trtdist_cli(2, ["generate", "--prompt", "Hello world", "--max-tokens", "8",
-                               "--ignore-eos", *flags])
-        assert proc.stdout.strip(), proc.stderr
-    single = trtdist_cli(1, ["generate", "--prompt", "Hello world", "--max-tokens", "8",
+    capsys.readouterr()
+    assert main(["info", str(eng)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "engine" and info["model"]["model_type"] == "qwen2"
+    assert info["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1,
+                               "pp_partition": [info["model"]["num_layers"]]}
+    assert info["build"]["dtype"] == "float32" and sorted(info["files"]) == [
+        "rank0.safetensors", "rank1.safetensors"]
+    # the built-in tiny model (with its tokenizer) under 1 and 2 ranks, TP and PP: same text
+    single = trtdist_cli(1, ["generate", "tiny", "--prompt", "Hello world", "--max-tokens", "8",
                              "--ignore-eos"])
-    assert single.stdout == proc.stdout  # same text whatever the split
+    assert single.stdout.strip(), single.stderr
+    for flags in (["--tp-size", "2"], ["--pp-size", "2"]):
+        proc = trtdist_cli(2, ["generate", "tiny", "--prompt", "Hello world", "--max-tokens",
+                               "8", "--ignore-eos", *flags])
+        assert proc.stdout == single.stdout, (flags, proc.stderr)
 
 
 def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
@@ -187,8 +196,9 @@ def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.mpi
 def test_cli_bench_prints_json(tmp_path: Path) -> None:
-    proc = trtdist_cli(2, ["bench", "--pp-size", "2", "--num-requests", "6", "--input-len", "8",
-                           "--output-len", "5", "--output", str(tmp_path / "b.json")])
+    proc = trtdist_cli(2, ["bench", "tiny", "--pp-size", "2", "--num-requests", "6",
+                           "--input-len", "8", "--output-len", "5",
+                           "--output", str(tmp_path / "b.json")])
     result = json.loads((tmp_path / "b.json").read_text())
     assert json.loads(proc.stdout) == result
     assert (result["tp_size"], result["pp_size"], result["num_requests"]) == (1, 2, 6)

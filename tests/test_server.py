@@ -8,7 +8,12 @@ import json
 import httpx
 import openai
 import pytest
+from helpers import hf_reference, load_hf
 from server_helpers import LiveServer, start_server
+
+from trtdist.engine.tiny import tiny_model_dir
+from trtdist.server.chat import ChatTemplate
+from trtdist.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.mpi
 
@@ -46,16 +51,23 @@ def test_models_health_version(server: LiveServer, client: openai.OpenAI) -> Non
 
 
 def test_completion_and_chat(client: openai.OpenAI) -> None:
+    """Greedy text and token counts equal transformers' on the same model and prompt."""
+    tok = Tokenizer(tiny_model_dir())
+    model = load_hf(tiny_model_dir())
+    ids = tok.encode("Hello world")
     c = client.completions.create(model="tiny", prompt="Hello world", max_tokens=7,
                                   temperature=0, extra_body={"ignore_eos": True})
-    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 7
-    assert c.usage.prompt_tokens > 0 and isinstance(c.choices[0].text, str)
-    chat = client.chat.completions.create(
-        model="tiny", messages=[{"role": "system", "content": "be brief"},
-                                {"role": "user", "content": "hi there"}],
-        max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert c.choices[0].text == tok.decode(hf_reference(model, ids, 7)[1])
+    assert c.choices[0].finish_reason == "length"
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (len(ids), 7)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    text = ChatTemplate(tok.chat_template or "", None, None).render(messages, True)
+    ids = tok.encode(text, add_special_tokens=False)
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5,
+                                          temperature=0, extra_body={"ignore_eos": True})
     assert chat.choices[0].message.role == "assistant"
-    assert chat.usage.completion_tokens == 5
+    assert chat.choices[0].message.content == tok.decode(hf_reference(model, ids, 5)[1])
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (len(ids), 5)
 
 
 def test_streaming_with_usage_matches_non_streaming(client: openai.OpenAI) -> None:
@@ -115,7 +127,9 @@ BAD = [  # (path, body or raw string, status, error type, message fragment)
     ("/v1/completions", {"prompt": "hi", "max_tokens": 1000}, 400, "invalid_request_error",
      "However, you requested"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "invalid_request_error",
-     "max_tokens: Input should be greater than or equal to 1"),
+     "max_tokens: 0 is only allowed with echo"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "invalid_request_error",
+     "max_tokens: Input should be greater than or equal to 0"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "invalid_request_error",
      "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "temperature": -0.5}, 400, "invalid_request_error",

@@ -35,8 +35,9 @@ class DistributedLLM:
     - from a plain `python` process: the object spawns `tp_size * pp_size - 1` worker ranks
       and this process becomes the leader, so one script can loop over settings.
 
-    `model` is an engine directory, a Hugging Face directory, None for the built-in tiny model,
-    or with `dummy_weights=True` a preset name such as "llama3-8b".
+    `model` is an engine directory, a Hugging Face directory, a llama `.gguf` file, "tiny" for
+    the built-in tiny random model, None for the default SmolLM2-135M-Instruct, or with
+    `dummy_weights=True` a preset name such as "llama3-8b".
 
     On CUDA, decode steps replay CUDA graphs captured at load for the batch sizes
     `cuda_graph_batch_sizes` (default: 1, 2, 4, 8, then steps of 8 up to `max_batch_size`);

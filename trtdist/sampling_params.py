@@ -13,7 +13,11 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1 and min_p 0 disable
     theirs. A `seed` makes sampling reproducible whatever else is in the batch. `logprobs`
-    asks for the sampled token's log-probability plus that many most likely alternatives.
+    asks for the sampled token's log-probability plus that many most likely alternatives;
+    `prompt_logprobs` the same for every prompt token after the first (vLLM's names).
+    `max_tokens` 0 generates nothing (useful with `prompt_logprobs`, to score a prompt).
+    `logit_bias` maps token ids to a value added to their logits before sampling (OpenAI's
+    range, -100 to 100); it is kept as sorted (id, bias) pairs.
     """
 
     n: int = 1
@@ -30,6 +34,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -40,11 +46,18 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = self.logit_bias
+        items = bias.items() if isinstance(bias, dict) else bias
+        try:
+            pairs = tuple(sorted((int(t), float(b)) for t, b in items))
+        except (TypeError, ValueError):
+            raise ValueError("logit_bias must map token ids to numbers") from None
+        object.__setattr__(self, "logit_bias", pairs)
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be -1, 0 (off) or positive, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -57,6 +70,11 @@ class SamplingParams:
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}"),
+            (all(-100 <= b <= 100 for _, b in self.logit_bias),
+             "logit_bias values must be in [-100, 100]"),
+            (all(t >= 0 for t, _ in self.logit_bias), "logit_bias token ids must be >= 0"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got "
                                                           f"{self.seed}"),
             (0 <= self.min_tokens <= self.max_tokens,

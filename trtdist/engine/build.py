@@ -1,4 +1,5 @@
-"""`trtdist build`: shard a Hugging Face checkpoint into one safetensors file per rank."""
+"""`trtdist build`: shard a Hugging Face checkpoint (or a GGUF file) into one safetensors file per
+rank."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from trtdist.config import DTYPE_NAMES, parse_dtype
-from trtdist.engine.checkpoint import HFCheckpoint
+from trtdist.engine.checkpoint import open_checkpoint
+from trtdist.engine.gguf_source import GGUFCheckpoint
 from trtdist.engine.source import ENGINE_FORMAT, ENGINE_VERSION
 from trtdist.models.llama_weights import required_hf_names, shard_llama
 from trtdist.parallel.mapping import Mapping
@@ -55,8 +57,11 @@ def resolve_dtype(name: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
 def build_engine(hf_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_size: int = 1,
                  dtype: str = "auto", pp_partition: Sequence[int] | None = None,
                  progress: bool = True) -> Path:
-    """Write `out_dir/config.json` and `out_dir/rank{r}.safetensors` for every rank."""
-    ckpt = HFCheckpoint(hf_dir)
+    """Write `out_dir/config.json` and `out_dir/rank{r}.safetensors` for every rank.
+
+    `hf_dir` is a Hugging Face checkpoint directory or a llama `.gguf` file.
+    """
+    ckpt = open_checkpoint(hf_dir)
     cfg = ckpt.config
     stages = validate_parallelism(cfg, tp_size, pp_size, pp_partition)
     torch_dtype = resolve_dtype(dtype, cfg.checkpoint_dtype())
@@ -80,9 +85,13 @@ def build_engine(hf_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_s
         files[rank_file(rank)] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         bar.update(1)
     bar.close()
-    for name in TOKENIZER_FILES:
-        if (Path(hf_dir) / name).exists():
-            shutil.copy2(Path(hf_dir) / name, out / name)
+    if isinstance(ckpt, GGUFCheckpoint):
+        for name, text in ckpt.tokenizer_files().items():
+            (out / name).write_text(text)
+    else:
+        for name in TOKENIZER_FILES:
+            if (Path(hf_dir) / name).exists():
+                shutil.copy2(Path(hf_dir) / name, out / name)
     meta = {
         "format": ENGINE_FORMAT, "version": ENGINE_VERSION,
         "model": cfg.to_dict(),

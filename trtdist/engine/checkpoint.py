@@ -1,4 +1,4 @@
-"""Read a Hugging Face checkpoint directory (config.json + safetensors)."""
+"""Read a Hugging Face checkpoint directory (config.json + safetensors) or a GGUF file."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from trtdist.config import ModelConfig
+from trtdist.engine.gguf_source import GGUFCheckpoint, is_gguf
 
 
 class HFCheckpoint:
@@ -56,3 +57,8 @@ class HFCheckpoint:
         except KeyError:
             raise KeyError(f"checkpoint {self.path} has no tensor {name!r}") from None
         return self._handles[file].get_tensor(name)
+
+
+def open_checkpoint(path: str | Path) -> HFCheckpoint | GGUFCheckpoint:
+    """The checkpoint at `path`: a `.gguf` file or a Hugging Face directory."""
+    return GGUFCheckpoint(path) if is_gguf(path) else HFCheckpoint(path)

@@ -1,5 +1,5 @@
-"""Load one rank's shard: from its engine file, from a Hugging Face checkpoint (sharded on the
-fly), or as dummy random weights for speed work."""
+"""Load one rank's shard: from its engine file, from a Hugging Face checkpoint or a GGUF file
+(sharded on the fly), or as dummy random weights for speed work."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from trtdist.comm.base import Communicator
 from trtdist.config import DTYPE_NAMES, parse_dtype
 from trtdist.engine.build import rank_file, resolve_dtype, sha256_file, validate_parallelism
-from trtdist.engine.checkpoint import HFCheckpoint
+from trtdist.engine.checkpoint import open_checkpoint
 from trtdist.engine.source import ModelSource
 from trtdist.models.llama import LlamaStage
 from trtdist.models.llama_weights import shard_llama
@@ -115,9 +115,9 @@ def load_stage(source: ModelSource, mapping: Mapping, tp: Communicator, device: 
     with torch.no_grad():
         if source.kind == "engine":
             _copy_into(model, _engine_tensors(source, mapping.rank, verify_checksums), where)
-        elif source.kind == "hf":
+        elif source.kind in ("hf", "gguf"):
             assert source.path is not None
-            ckpt = HFCheckpoint(source.path)
+            ckpt = open_checkpoint(source.path)
             _copy_into(model, shard_llama(ckpt.get, cfg, mapping, layers),
                        f"{where} loading {Path(source.path)}")
         else:

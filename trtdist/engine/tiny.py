@@ -31,7 +31,8 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start|>", "<|end|>"]
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """Where trtdist caches generated files ($TRTDIST_CACHE, else ~/.cache/trtdist)."""
     root = os.environ.get("TRTDIST_CACHE") or os.path.join(Path.home(), ".cache", "trtdist")
     return Path(root)
 
@@ -103,7 +104,7 @@ def _write_model(out: Path, vocab: int, eos_ids: list[int], bos: int,
 
 def tiny_model_dir() -> Path:
     """Path of the tiny model, creating it on first use (safe when many ranks race)."""
-    target = _cache_root() / f"tiny-llama-v{TINY_VERSION}"
+    target = cache_root() / f"tiny-llama-v{TINY_VERSION}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -73,8 +73,9 @@ class KVBlockAllocator:
             del self.free[block]
         self.ref_counts[block] += 1
 
-    def allocate_prefix(self, seq_id: int, token_ids: Seq[int]) -> int:
-        """Start `seq_id`'s block table, reusing cached blocks of its longest cached prefix.
+    def allocate_prefix(self, seq_id: int, token_ids: Seq[int], reuse: bool = True) -> int:
+        """Start `seq_id`'s block table, reusing cached blocks of its longest cached prefix
+        (unless `reuse` is False).
 
         Returns the number of tokens whose KV is already present. At least one token is
         always left to compute, since the last token's logits are needed.
@@ -83,7 +84,7 @@ class KVBlockAllocator:
             raise ValueError(f"sequence {seq_id} already has a block table")
         table: list[int] = []
         chain: list[bytes] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and reuse:
             bs, parent = self.block_size, b""
             max_blocks = (len(token_ids) - 1) // bs
             self.prefix_queries += max_blocks

@@ -19,8 +19,10 @@ from trtdist.outputs import CompletionOutput, RequestMetrics, RequestOutput, Tok
 from trtdist.runtime.block_allocator import KVBlockAllocator
 from trtdist.runtime.model_runner import ModelRunner
 from trtdist.runtime.plan import FORWARD, StepPlan
+from trtdist.runtime.prompt_logprobs import prompt_targets
 from trtdist.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from trtdist.runtime.sequence import Sequence
+from trtdist.runtime.validation import RequestError, check_request
 from trtdist.sampling_params import SamplingParams
 from trtdist.tokenizer import Tokenizer
 
@@ -83,19 +85,12 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer; pass prompt token ids")
+                raise RequestError("this model has no tokenizer; pass prompt token ids",
+                                   "prompt")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_cfg.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
-                             f"{min(ids) if min(ids) < 0 else max(ids)}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is "
-                             f"{self.max_model_len}, leaving no room for output")
+        check_request(ids, params, self.model_cfg.vocab_size, self.max_model_len)
         arrival = time.time() if arrival_time is None else arrival_time
         seqs: list[Sequence] = []
         for i in range(params.n):
@@ -132,15 +127,24 @@ class LLMEngine:
         width = max(len(t) for t in tables)
         block_tables = np.zeros((s, width), dtype=np.int64)
         floats = np.empty((s, 6))
-        ints = np.empty((8, s), dtype=np.int64)
+        ints = np.empty((11, s), dtype=np.int64)
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
         for i, (e, table) in enumerate(zip(entries, tables)):
             seq, nc, n, p = e.seq, e.seq.num_computed, e.num_new, e.seq.params
             ids.append(seq.token_ids[nc:nc + n])
             pos.append(range(nc, nc + n))
             block_tables[i, :len(table)] = table
+            scores = seq.wants_prompt_logprobs and nc < seq.prompt_len
             ints[:, i] = (n, nc + n, seq.seq_id, seq.prompt_len, e.samples, p.top_k,
                           -1 if seq.seed is None else seq.seed,
-                          -1 if p.logprobs is None else p.logprobs)
+                          -1 if p.logprobs is None else p.logprobs,
+                          p.prompt_logprobs if scores else -1,
+                          seq.token_ids[nc + n] if nc + n < seq.prompt_len else -1,
+                          len(p.logit_bias) if e.samples else 0)
+            if e.samples and p.logit_bias:
+                bias_ids += [t for t, _ in p.logit_bias]
+                bias_values += [b for _, b in p.logit_bias]
             if seq.metrics.scheduled_time is None:
                 seq.metrics.scheduled_time = time.time()
             floats[i] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty,
@@ -150,7 +154,10 @@ class LLMEngine:
         return StepPlan(FORWARD, np.fromiter(itertools.chain.from_iterable(ids), np.int64),
                         np.fromiter(itertools.chain.from_iterable(pos), np.int64),
                         ints[0], ints[1], block_tables, 0, ints[2], ints[3], ints[4], ints[5],
-                        ints[6], ints[7], floats, released)
+                        ints[6], ints[7], floats, released, prompt_logprobs=ints[8],
+                        next_prompt_token=ints[9], bias_counts=ints[10],
+                        bias_ids=np.array(bias_ids, dtype=np.int64),
+                        bias_values=np.array(bias_values, dtype=np.float64))
 
     def step(self) -> list[RequestOutput]:
         """Launch batches until the pipeline is full, then finish the oldest one. Returns the
@@ -167,19 +174,28 @@ class LLMEngine:
         batch, plan = self.in_flight.popleft()
         result = self.runner.collect(plan)
         self.stats["steps"] += 1
-        return self._process(batch, result)
+        return self._process(batch, plan, result)
 
-    def _process(self, batch: ScheduledBatch, result: np.ndarray) -> list[RequestOutput]:
+    def _process(self, batch: ScheduledBatch, plan: StepPlan,
+                 result: np.ndarray) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, _Request] = {}
         row = 0
-        for e in batch.entries:
+        # rows after the sampled ones score prompt tokens (runtime/prompt_logprobs.py)
+        prompt_row = int(np.count_nonzero(plan.sample))
+        prompt_counts = prompt_targets(plan).counts
+        for i, e in enumerate(batch.entries):
             seq = e.seq
             samples = e.samples
             self.scheduler.release_in_flight(seq)
             if samples:
                 r = result[row]
                 row += 1
+            if prompt_counts[i]:
+                rows = result[prompt_row:prompt_row + prompt_counts[i]]
+                prompt_row += int(prompt_counts[i])
+                if not seq.is_finished:
+                    self._add_prompt_logprobs(seq, seq.num_computed + 1, rows)
             if seq.is_finished:  # aborted while in flight
                 continue
             if seq.num_output == 0 and seq.num_computed < seq.prompt_len:
@@ -187,6 +203,10 @@ class LLMEngine:
             seq.num_computed += e.num_new
             self.allocator.register(seq.seq_id, seq.token_ids, seq.num_computed)
             if not samples:
+                continue
+            touched[seq.request_id] = self.requests[seq.request_id]
+            if seq.params.max_tokens == 0:  # only the prompt was wanted (scored)
+                self._finish(seq, "length")
                 continue
             token = int(r[0])
             seq.token_ids.append(token)
@@ -199,8 +219,18 @@ class LLMEngine:
                 top = [(int(r[2 + 2 * j]), float(r[3 + 2 * j])) for j in range(k)]
                 seq.logprobs.append(TokenLogprob(token, float(r[1]), top))
             self._check_stop(seq, token)
-            touched[seq.request_id] = self.requests[seq.request_id]
         return [self._output(req) for req in touched.values()]
+
+    @staticmethod
+    def _add_prompt_logprobs(seq: Sequence, first_position: int, rows: np.ndarray) -> None:
+        """Rows for prompt positions first_position...; positions already scored (before a
+        preemption made the prompt run again) are skipped."""
+        k = seq.params.prompt_logprobs or 0
+        for j, r in enumerate(rows):
+            if first_position + j != len(seq.prompt_logprobs):
+                continue
+            top = [(int(r[2 + 2 * m]), float(r[3 + 2 * m])) for m in range(k)]
+            seq.prompt_logprobs.append(TokenLogprob(int(r[0]), float(r[1]), top))
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -239,8 +269,11 @@ class LLMEngine:
         finished = req.finished
         if finished:
             del self.requests[req.request_id]
+        first = req.seqs[0]
+        prompt_lps = (list(first.prompt_logprobs) if first.params.prompt_logprobs is not None
+                      else None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
-                             req.seqs[0].metrics, req.seqs[0].num_cached_prompt)
+                             first.metrics, first.num_cached_prompt, prompt_lps)
 
     def abort_all(self) -> None:
         for rid in list(self.requests):
@@ -250,7 +283,7 @@ class LLMEngine:
         """Collect every batch still in flight (e.g. before shutdown)."""
         while self.in_flight:
             batch, plan = self.in_flight.popleft()
-            self._process(batch, self.runner.collect(plan))
+            self._process(batch, plan, self.runner.collect(plan))
 
     @property
     def num_running(self) -> int:

@@ -65,12 +65,15 @@ def padded_decode_plan(rows: int, block: int = 0) -> StepPlan:
 
 def run_stage(model: LlamaStage, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
               x: torch.Tensor, views: StepViews, meta: object,
-              all_logits: bool) -> torch.Tensor:
+              all_logits: bool, hidden_out: list[torch.Tensor] | None = None) -> torch.Tensor:
     """This stage's forward. Last stage: logits of every row when `all_logits`, else of
-    `views.logits_rows`; other stages: the hidden states to send on."""
+    `views.logits_rows`; other stages: the hidden states to send on. `hidden_out`, if given,
+    receives the last stage's final hidden states (prompt logprobs read them)."""
     h = model(x, kv_layers, model.context(views.positions, views.attention.slot_mapping, meta))
     if not model.mapping.is_last_stage:
         return h
+    if hidden_out is not None:
+        hidden_out.append(h)
     if all_logits or views.logits_rows is None:
         return model.compute_logits(h)
     if views.logits_rows.numel() == 0:  # only partial prefill chunks (same on every rank)

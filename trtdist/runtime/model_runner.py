@@ -15,7 +15,13 @@ from trtdist.runtime.graph_runner import CUDAGraphRunner, run_stage
 from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.kv_cache import KVCache
 from trtdist.runtime.plan import RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
-from trtdist.runtime.sampler import Sampler, result_width
+from trtdist.runtime.prompt_logprobs import (
+    prompt_logprobs_of,
+    prompt_targets,
+    result_shape,
+    with_prompt_rows,
+)
+from trtdist.runtime.sampler import Sampler
 
 _RESULT_TAG = 31
 
@@ -35,6 +41,7 @@ class ModelRunner:
         self._local_results: deque[np.ndarray] = deque()
         self.samples = self.mapping.is_last_stage and self.mapping.tp_rank == 0
         self.sampler = Sampler(self.device) if self.samples else None
+        self._hidden: list[torch.Tensor] = []  # last stage: final hidden states, when needed
 
     # ---- control plane -------------------------------------------------------------
     def broadcast_plan(self, plan: StepPlan | None) -> StepPlan:
@@ -50,11 +57,18 @@ class ModelRunner:
 
     # ---- data plane ----------------------------------------------------------------
     def _forward(self, plan: StepPlan) -> torch.Tensor | None:
+        self._hidden.clear()
+        scores_prompt = self.mapping.is_last_stage and prompt_targets(plan).num_rows > 0
+        return self._run(plan, scores_prompt)
+
+    def _run(self, plan: StepPlan, scores_prompt: bool) -> torch.Tensor | None:
         """Run this stage for `plan` (graph replay when a decode bucket fits, else eager).
         Returns the last stage's logits (`[N, vocab]` float32, one row per sampled sequence,
         or every token's with RETURN_ALL_LOGITS); None on other stages."""
         m, t = self.mapping, plan.num_tokens
-        bucket = self.graphs.bucket_for(plan) if self.graphs is not None else None
+        # NOTE: steps that score prompt tokens need the hidden states: they run eagerly.
+        bucket = (self.graphs.bucket_for(plan) if self.graphs is not None and not scores_prompt
+                  else None)
         views = self.inputs.fill(plan, pad_to=bucket)
         if not m.is_first_stage:
             assert self.hidden_in is not None
@@ -71,7 +85,8 @@ class ModelRunner:
         x = views.input_ids if m.is_first_stage else self.hidden_in[:t]  # type: ignore[index]
         meta = self.model.attention_backend.prepare(views.attention)
         out = run_stage(self.model, self.kv.layers, x, views, meta,
-                        bool(plan.flags & RETURN_ALL_LOGITS))
+                        bool(plan.flags & RETURN_ALL_LOGITS),
+                        self._hidden if scores_prompt else None)
         if not m.is_last_stage:
             self.groups.pp.send(out, m.pp_rank + 1)
             return None
@@ -83,6 +98,9 @@ class ModelRunner:
         if logits is None:
             return
         rows = np.nonzero(plan.sample)[0]
+        prompt_rows = None
+        if self._hidden:  # collective over the TP group, like the logits
+            prompt_rows = prompt_logprobs_of(self.model, self._hidden.pop(), plan)
         if not self.samples:
             return
         assert self.sampler is not None
@@ -90,7 +108,7 @@ class ModelRunner:
         if plan.flags & RETURN_ALL_LOGITS:
             result = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
         else:
-            result = self.sampler.sample(logits, plan, rows)
+            result = with_prompt_rows(self.sampler.sample(logits, plan, rows), prompt_rows)
         if self.world.rank == 0:
             self._local_results.append(result)
         else:
@@ -98,15 +116,14 @@ class ModelRunner:
 
     def collect(self, plan: StepPlan) -> np.ndarray:
         """Leader: the oldest outstanding step's result from the sampling rank: all logits
-        `[T, vocab]` float32, or one row per sampled sequence (see `Sampler.sample`)."""
+        `[T, vocab]` float32, or one row per sampled sequence then one per scored prompt token
+        (see `runtime/prompt_logprobs.py`)."""
         if self._local_results:
             return self._local_results.popleft()
         if plan.flags & RETURN_ALL_LOGITS:
             out = np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
         else:
-            rows = np.nonzero(plan.sample)[0]
-            k = max(int(plan.logprobs[rows].max(initial=-1)), 0)
-            out = np.empty((rows.size, result_width(k)), dtype=np.float64)
+            out = np.empty(result_shape(plan), dtype=np.float64)
         self.world.comm.Recv(out, source=self.mapping.last_stage_leader, tag=_RESULT_TAG)
         return out
 

@@ -1,12 +1,17 @@
 """The step plan: what every rank runs in one step, sent leader -> all as one int64 buffer.
 
 Layout (int64; float fields travel bit-cast to int64):
-    header  [kind, T, S, max_blocks, flags, R]
+    header  [kind, T, S, max_blocks, flags, R, B]
     per token     input_ids[T] positions[T]
-    per sequence  query_lens context_lens seq_ids prompt_lens sample top_k seeds logprobs [S]
+    per sequence  query_lens context_lens seq_ids prompt_lens sample top_k seeds logprobs
+                  prompt_logprobs next_prompt_token bias_counts [S]
                   block_tables[S*max_blocks]  floats[S*6] (temperature top_p min_p
                   repetition presence frequency)
     released[R]   sequences whose sampler state the last stage can drop
+    logit bias    bias_ids[B] bias_values[B] (sequence i owns the next bias_counts[i] pairs)
+`prompt_logprobs` >= 0 asks the last stage for the log-probabilities of this chunk's prompt
+tokens (each predicted by the position before it); `next_prompt_token` is the prompt token
+just after the chunk (-1 if none), the target of the chunk's last position.
 Slot mappings are derived on each rank from positions and block tables, so they never travel.
 """
 
@@ -18,9 +23,9 @@ import numpy as np
 
 FORWARD, SHUTDOWN = 0, 1
 RETURN_ALL_LOGITS = 1
-_HEADER = 6
+_HEADER = 7
 _INT_FIELDS = ("query_lens", "context_lens", "seq_ids", "prompt_lens", "sample", "top_k",
-               "seeds", "logprobs")
+               "seeds", "logprobs", "prompt_logprobs", "next_prompt_token", "bias_counts")
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition", "presence", "frequency")
 
 _EMPTY = np.zeros(0, dtype=np.int64)
@@ -47,6 +52,11 @@ class StepPlan:
     logprobs: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] -1: none
     floats: np.ndarray = field(default_factory=lambda: np.zeros((0, 6)))  # [S, 6] FLOAT_FIELDS
     released: np.ndarray = field(default_factory=lambda: _EMPTY)  # [R]
+    prompt_logprobs: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] -1: none
+    next_prompt_token: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] -1: none
+    bias_counts: np.ndarray = field(default_factory=lambda: _EMPTY)  # [S] logit_bias pairs
+    bias_ids: np.ndarray = field(default_factory=lambda: _EMPTY)  # [B]
+    bias_values: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [B] float64
 
     def __post_init__(self) -> None:
         t, s = self.input_ids.size, self.query_lens.size
@@ -58,7 +68,8 @@ class StepPlan:
         # Defaults for plans built without sampling settings (greedy, every sequence sampled).
         defaults = {"seq_ids": np.arange(s), "prompt_lens": self.context_lens,
                     "sample": _ints(s, 1), "top_k": _ints(s), "seeds": _ints(s, -1),
-                    "logprobs": _ints(s, -1)}
+                    "logprobs": _ints(s, -1), "prompt_logprobs": _ints(s, -1),
+                    "next_prompt_token": _ints(s, -1), "bias_counts": _ints(s)}
         for name, value in defaults.items():
             if getattr(self, name).size != s:
                 object.__setattr__(self, name, np.asarray(value, dtype=np.int64))
@@ -66,6 +77,10 @@ class StepPlan:
             f = np.zeros((s, 6))
             f[:, 1] = f[:, 3] = 1.0  # top_p 1, repetition 1; temperature 0 = greedy
             object.__setattr__(self, "floats", f)
+        if int(self.bias_counts.sum()) != self.bias_ids.size or \
+                self.bias_ids.size != self.bias_values.size:
+            raise ValueError(f"step plan: logit bias counts sum to {int(self.bias_counts.sum())}"
+                             f" but {self.bias_ids.size} ids and {self.bias_values.size} values")
 
     @property
     def num_tokens(self) -> int:
@@ -81,17 +96,18 @@ class StepPlan:
 
     def encode(self) -> np.ndarray:
         header = np.array([self.kind, self.num_tokens, self.num_seqs, self.block_tables.shape[1],
-                           self.flags, self.released.size], dtype=np.int64)
+                           self.flags, self.released.size, self.bias_ids.size], dtype=np.int64)
         parts = [header, self.input_ids, self.positions]
         parts += [getattr(self, name) for name in _INT_FIELDS]
         parts += [self.block_tables.reshape(-1),
                   np.ascontiguousarray(self.floats, dtype=np.float64).reshape(-1).view(np.int64),
-                  self.released]
+                  self.released, self.bias_ids,
+                  np.ascontiguousarray(self.bias_values, dtype=np.float64).view(np.int64)]
         return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
     @classmethod
     def decode(cls, buf: np.ndarray) -> StepPlan:
-        kind, t, s, mb, flags, r = (int(x) for x in buf[:_HEADER])
+        kind, t, s, mb, flags, r, b = (int(x) for x in buf[:_HEADER])
         o = _HEADER
 
         def take(n: int) -> np.ndarray:
@@ -104,7 +120,9 @@ class StepPlan:
         tables = take(s * mb).reshape(s, mb)
         floats = take(s * 6).view(np.float64).reshape(s, 6)
         released = take(r)
+        bias_ids, bias_values = take(b), take(b).view(np.float64)
         if o != buf.size:
             raise ValueError(f"step plan buffer has {buf.size} entries, header implies {o}")
         return cls(kind, ids, pos, ints.pop("query_lens"), ints.pop("context_lens"), tables,
-                   flags, floats=floats, released=released, **ints)
+                   flags, floats=floats, released=released, bias_ids=bias_ids,
+                   bias_values=bias_values, **ints)

@@ -1,10 +1,10 @@
 """Token sampling on the last pipeline stage.
 
-Per sequence: repetition / presence / frequency penalties, then greedy, or temperature with
-top-k, top-p and min-p. Sampling draws from an exponential race (argmax of p / q with
-q ~ Exp(1)), which picks token i with probability p_i. A seeded sequence takes its noise from
-a generator seeded by (seed, position), so its tokens do not depend on what else is in the
-batch, nor on preemption and recomputation.
+Per sequence: repetition / presence / frequency penalties and logit bias, then greedy, or
+temperature with top-k, top-p and min-p. Sampling draws from an exponential race (argmax of
+p / q with q ~ Exp(1)), which picks token i with probability p_i. A seeded sequence takes
+its noise from a generator seeded by (seed, position), so its tokens do not depend on what
+else is in the batch, nor on preemption and recomputation.
 """
 
 from __future__ import annotations
@@ -60,6 +60,21 @@ class Sampler:
                 counts = torch.bincount(out, minlength=row.numel()).to(row.dtype)
                 row -= freq * counts + pres * (counts > 0).to(row.dtype)
 
+    def _apply_bias(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray) -> None:
+        """Add each sequence's logit_bias to its row: one scatter for the whole batch."""
+        owner = np.repeat(np.arange(plan.num_seqs), plan.bias_counts)  # [B] plan sequence
+        row_of = np.full(plan.num_seqs, -1, dtype=np.int64)
+        row_of[rows] = np.arange(rows.size)
+        r = row_of[owner]
+        keep = r >= 0  # sequences not sampled in this step ignore their bias
+        if not keep.any():
+            return
+        dev = self.device
+        logits.index_put_((torch.from_numpy(r[keep]).to(dev),
+                           torch.from_numpy(plan.bias_ids[keep]).to(dev)),
+                          torch.from_numpy(plan.bias_values[keep]).to(dev, logits.dtype),
+                          accumulate=True)
+
     def _noise(self, plan: StepPlan, rows: np.ndarray, vocab: int) -> torch.Tensor:
         q = torch.empty(len(rows), vocab, device=self.device)
         q.exponential_(generator=self._generator)
@@ -79,6 +94,8 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = logits.clone()
         self._apply_penalties(logits, plan, rows)
+        if plan.bias_ids.size:
+            self._apply_bias(logits, plan, rows)
         f = torch.from_numpy(plan.floats[rows]).to(self.device, torch.float32)
         temperature, top_p, min_p = f[:, 0], f[:, 1], f[:, 2]
         top_k = torch.from_numpy(plan.top_k[rows]).to(self.device)

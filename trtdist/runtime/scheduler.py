@@ -116,7 +116,10 @@ class Scheduler:
         if (p is not None and not alloc.enable_prefix_caching and p.seq_id in alloc.tables
                 and p.num_computed >= p.prompt_len):
             return alloc.fork(p.seq_id, seq.seq_id, seq.num_tokens - 1)
-        return alloc.allocate_prefix(seq.seq_id, seq.token_ids)
+        # NOTE: a prompt whose logprobs are wanted is computed in full: cached blocks would
+        # skip the positions that score it.
+        return alloc.allocate_prefix(seq.seq_id, seq.token_ids,
+                                     reuse=not seq.wants_prompt_logprobs)
 
     def _newest_preemptible(self, exclude: set[int]) -> Sequence:
         for seq in reversed(self.running):

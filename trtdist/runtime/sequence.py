@@ -32,6 +32,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # the prompt's token logprobs, by position (None for the first), when asked for
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
     num_preemptions: int = 0
     text: str = ""  # detokenized output (cut at a stop string)
     streamed: int = 0  # characters of `text` already handed to a streaming consumer
@@ -56,3 +58,10 @@ class Sequence:
     def seed(self) -> int | None:
         s = self.params.seed
         return None if s is None else (s + self.index) % 2**63
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Still has prompt tokens to score (only completion 0 of a request scores them; its
+        siblings share the same prompt)."""
+        return (self.params.prompt_logprobs is not None and self.index == 0
+                and len(self.prompt_logprobs) < self.prompt_len)

@@ -103,7 +103,8 @@ class AsyncEngine:
             try:
                 self.engine.add_request(rid, ids, params, arrival)
             except ValueError as e:
-                self._deliver(rid, APIError(400, str(e)))
+                self._deliver(rid, APIError(400, str(e), param=getattr(e, "param", None),
+                                            code=getattr(e, "code", None)))
                 self._streams.pop(rid, None)
         elif kind == "abort":
             if self.engine.abort_request(command[1]):

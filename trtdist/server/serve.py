@@ -34,7 +34,9 @@ def _setup_logging(level: str) -> None:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # NOTE: the protocol must be named: asyncio sets TCP_NODELAY only on sockets whose proto
+    # is IPPROTO_TCP, and without it each streamed token waits ~40 ms for the client's ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -72,6 +74,7 @@ def _make_server(config):  # type: ignore[no-untyped-def]
 def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
     import uvicorn
 
+    from trtdist.engine.gguf_source import DEFAULT_MODEL_NAME
     from trtdist.llm import DistributedLLM
     from trtdist.runtime.rank import WorldError
     from trtdist.server.app import ServerState, create_app
@@ -104,7 +107,7 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
         threading.Thread(target=abort, daemon=True).start()
 
     start = time.time()
-    log.info("loading %s", llm_kwargs.get("model") or "the built-in tiny model")
+    log.info("loading %s", llm_kwargs.get("model") or f"the default model {DEFAULT_MODEL_NAME}")
     try:
         llm = DistributedLLM(**llm_kwargs, worker_timeout=args.worker_timeout,  # type: ignore[arg-type]
                              on_rank_failure=on_rank_failure)
@@ -124,7 +127,7 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
              if graphs else "eager (no CUDA graphs)")
     tokenizer = engine.tokenizer
     model = llm_kwargs.get("model")
-    name = args.served_model_name or (Path(str(model)).name if model else "tiny")
+    name = args.served_model_name or (Path(str(model)).name if model else DEFAULT_MODEL_NAME)
     template = None
     if tokenizer is not None and tokenizer.chat_template:
         template = ChatTemplate(tokenizer.chat_template, tokenizer.special_token("bos_token"),
