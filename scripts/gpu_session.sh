@@ -41,6 +41,14 @@ for phase in "$@"; do
           ${ATTN_K:+-k "$ATTN_K"} 2>&1 | tee "$OUT/attn_tests.log" | tail -15
       note "attn tests: $(tail -1 "$OUT/attn_tests.log")"
       ;;
+    profile)
+      for bc in 1:128 256:256; do
+        timeout 300 python3 scripts/profile_decode.py --batch ${bc%%:*} --context ${bc##*:} \
+            --steps 32 --output "$OUT/profile_${bc%%:*}.json" > "$OUT/profile_${bc%%:*}.log" 2>&1
+        note "profile b${bc%%:*}: $(tail -1 "$OUT/profile_${bc%%:*}.log")"
+        grep -A16 "^kernel " "$OUT/profile_${bc%%:*}.log" | head -17
+      done
+      ;;
     fused)
       python3 -m pytest -q -m gpu tests/test_fused_kernels.py 2>&1 | tee "$OUT/fused_tests.log" | tail -8
       note "fused tests: $(tail -1 "$OUT/fused_tests.log")"
