@@ -20,6 +20,11 @@ from torch.profiler import ProfilerActivity, profile
 from trtdist import DistributedLLM, SamplingParams
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="llama3-8b")
@@ -29,7 +34,8 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
-    llm = DistributedLLM(args.model, dummy_weights=True, dtype="bfloat16",
+    dummy = args.model in ("llama3-8b", "llama3-70b")
+    llm = DistributedLLM(args.model, dummy_weights=dummy, dtype="bfloat16" if dummy else "auto",
                          max_batch_size=max(args.batch, 1), enforce_eager=args.enforce_eager,
                          max_model_len=args.context + 4 * args.steps + 64)
     engine = llm.engine
@@ -42,16 +48,16 @@ def main() -> None:
         engine.step()  # prefill, then every sequence decodes
     for _ in range(8):
         engine.step()  # warm decode
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         engine.step()
-    torch.cuda.synchronize()
+    _sync()
     wall = (time.perf_counter() - t0) / args.steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             engine.step()
-        torch.cuda.synchronize()
+        _sync()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     gpu_total = sum(e.self_device_time_total for e in events) / 1e3 / args.steps  # ms
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:15]
