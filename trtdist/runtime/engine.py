@@ -21,6 +21,7 @@ from trtdist.runtime.model_runner import ModelRunner
 from trtdist.runtime.plan import FORWARD, StepPlan
 from trtdist.runtime.prompt_logprobs import prompt_targets
 from trtdist.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from trtdist.runtime.detokenize import IncrementalDetokenizer
 from trtdist.runtime.sequence import Sequence
 from trtdist.runtime.validation import RequestError, check_request
 from trtdist.sampling_params import SamplingParams
@@ -76,7 +77,8 @@ class LLMEngine:
         self.pipeline_depth = runner.mapping.pp_size
         self._released: list[int] = []
         self._seq_ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
+                      "detokenized_tokens": 0}
 
     # ---- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | Seq[int],
@@ -115,6 +117,9 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         seq.metrics.finished_time = time.time()
+        if seq.detok is not None:  # a trailing incomplete character becomes text now
+            seq.detok.flush()
+            seq.text = seq.detok.text
         self.scheduler.finish(seq, reason, stop_reason)
         self._released.append(seq.seq_id)
 
@@ -234,33 +239,30 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        previous_len = len(seq.text)
+        can_stop = seq.num_output > p.min_tokens  # the first min_tokens tokens never stop
+        stop_string = None
         if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids, p.skip_special_tokens)
-        if seq.num_output > p.min_tokens:  # the first min_tokens tokens never stop
+            # NOTE: incremental: constant work per token (runtime/detokenize.py), where
+            # decoding the whole output again each time made a long output quadratic.
+            if seq.detok is None:
+                seq.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens,
+                                                   p.stop, p.include_stop_str_in_output)
+            before = seq.detok.decoded_tokens
+            stop_string = seq.detok.append([token], check_stop=can_stop)
+            self.stats["detokenized_tokens"] += seq.detok.decoded_tokens - before
+            seq.text = seq.detok.text
+        if can_stop:
             if token in p.stop_token_ids:
                 self._finish(seq, "stop", token)
                 return
             if not p.ignore_eos and token in self.eos_ids:
                 self._finish(seq, "stop", None)
                 return
-            if p.stop and self._cut_at_stop_string(seq, previous_len):
+            if stop_string is not None:
+                self._finish(seq, "stop", stop_string)
                 return
         if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
-
-    def _cut_at_stop_string(self, seq: Sequence, previous_len: int) -> bool:
-        # NOTE: the text is decoded from all output tokens each time (simple and exact when
-        # tokens merge across boundaries); only a match ending in the new text can be new.
-        longest = max(len(s) for s in seq.params.stop)
-        start = max(0, previous_len - longest + 1)
-        hits = [(i, s) for s in seq.params.stop if (i := seq.text.find(s, start)) >= 0]
-        if not hits:
-            return False
-        i, s = min(hits)
-        seq.text = seq.text[:i + len(s)] if seq.params.include_stop_str_in_output else seq.text[:i]
-        self._finish(seq, "stop", s)
-        return True
 
     def _output(self, req: _Request) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from trtdist.runtime.detokenize import IncrementalDetokenizer
 from trtdist.outputs import RequestMetrics, TokenLogprob
 from trtdist.sampling_params import SamplingParams
 
@@ -37,6 +38,7 @@ class Sequence:
     num_preemptions: int = 0
     text: str = ""  # detokenized output (cut at a stop string)
     streamed: int = 0  # characters of `text` already handed to a streaming consumer
+    detok: IncrementalDetokenizer | None = None  # owns `text` when there is a tokenizer
 
     @property
     def num_tokens(self) -> int:
