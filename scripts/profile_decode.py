@@ -40,7 +40,7 @@ def main() -> None:
                          max_model_len=args.context + 4 * args.steps + 64)
     engine = llm.engine
     assert engine is not None
-    prompts = [[(7 * i + j) % 1000 + 10 for j in range(args.context)] for i in range(args.batch)]
+    prompts = [[(7 * i + j) % 300 + 10 for j in range(args.context)] for i in range(args.batch)]
     params = SamplingParams(max_tokens=4 * args.steps + 8, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
