@@ -55,6 +55,11 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                         "config.json")
     p.add_argument("--skip-checksums", action="store_true",
                    help="do not verify engine file checksums at load")
+    p.add_argument("--quant", choices=["auto", "none", "fp8"], default="auto",
+                   help="linear layers of a Hugging Face checkpoint or of --dummy-weights: "
+                        "fp8 quantizes them on the fly (E4M3, per-channel weight scales, "
+                        "per-token activations); auto keeps the model's own (an engine's is "
+                        "fixed at build)")
 
 
 def _fraction(value: str) -> float:
@@ -93,7 +98,7 @@ def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
                 kv_cache_fraction=args.kv_cache_fraction, num_kv_blocks=args.num_kv_blocks,
                 block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                 dummy_weights=args.dummy_weights, pp_partition=args.pp_partition,
-                verify_checksums=not args.skip_checksums)
+                verify_checksums=not args.skip_checksums, quant=args.quant)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,8 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pp-size", type=_positive, default=1)
     b.add_argument("--pp-partition", type=_partition, default=None)
     b.add_argument("--dtype", choices=_DTYPES, default="auto")
-    b.add_argument("--quant", choices=["none"], default="none",
-                   help="weight quantization (only 'none' so far)")
+    b.add_argument("--quant", choices=["auto", "none", "fp8"], default="auto",
+                   help="fp8: E4M3 weights with per-output-channel scales, activations "
+                        "quantized per token at run time (or per tensor with --calib-data); "
+                        "none: the model dtype (dequantizes an FP8 checkpoint); auto (default): "
+                        "fp8 if the checkpoint is FP8, else none")
+    b.add_argument("--calib-data", default=None, metavar="FILE",
+                   help="prompts (text, one a line, or JSONL with \"text\") run through the "
+                        "model here to calibrate static per-tensor FP8 activation scales")
 
     g = sub.add_parser("generate", help="complete prompts (under mpirun -n TP*PP, or alone: "
                                         "then it starts its own world)")
@@ -211,8 +222,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from trtdist.engine.build import build_engine
 
     out = build_engine(args.model, args.output, args.tp_size, args.pp_size, args.dtype,
-                       args.pp_partition)
-    print(f"engine written to {out} ({args.tp_size * args.pp_size} rank files)")
+                       args.pp_partition, quant=args.quant, calib_data=args.calib_data)
+    quant = json.loads((out / "config.json").read_text())["build"]["quant"]
+    scheme = f", {quant['method']} ({quant['activation']} activations)" if quant else ""
+    print(f"engine written to {out} ({args.tp_size * args.pp_size} rank files{scheme})")
     return 0
 
 
@@ -223,6 +236,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {"kind": src.kind, "path": str(src.path), "model": src.config.to_dict()}
     if src.engine_meta:
         info |= {k: src.engine_meta[k] for k in ("mapping", "build", "files")}
+        info["quant"] = src.engine_meta["build"].get("quant") or "none"
+    elif src.path is not None:
+        from trtdist.engine.checkpoint import checkpoint_quant
+
+        cq = checkpoint_quant(json.loads((src.path / "config.json").read_text()))
+        info["quant"] = {"method": "fp8", "checkpoint": cq.to_dict()} if cq else "none"
     print(json.dumps(info, indent=2))
     return 0
 

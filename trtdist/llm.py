@@ -36,7 +36,9 @@ class DistributedLLM:
       and this process becomes the leader, so one script can loop over settings.
 
     `model` is an engine directory, a Hugging Face directory, None for the built-in tiny model,
-    or with `dummy_weights=True` a preset name such as "llama3-8b".
+    or with `dummy_weights=True` a preset name such as "llama3-8b". `quant` ('auto', 'none',
+    'fp8') quantizes a Hugging Face checkpoint or dummy weights on the fly; an engine keeps
+    the scheme it was built with ('auto' = the model's own: an FP8 checkpoint stays FP8).
 
     A rank that sends no heartbeat for `worker_timeout` seconds is reported to
     `on_rank_failure(rank, seconds)` on the leader; by default the whole world is aborted
@@ -49,14 +51,15 @@ class DistributedLLM:
                  kv_cache_fraction: float = 0.9, num_kv_blocks: int | None = None,
                  block_size: int = 16, enable_prefix_caching: bool = True,
                  dummy_weights: bool = False, pp_partition: Sequence[int] | None = None,
-                 verify_checksums: bool = True, seed: int = 0, worker_timeout: float = 10.0,
+                 verify_checksums: bool = True, seed: int = 0, quant: str = "auto",
+                 worker_timeout: float = 10.0,
                  on_rank_failure: Callable[[int, float], None] | None = None) -> None:
         self.options = RankOptions(
             tp_size=tp_size, pp_size=pp_size, dtype=dtype, device=device, block_size=block_size,
             kv_cache_fraction=kv_cache_fraction, num_kv_blocks=num_kv_blocks,
             max_model_len=max_model_len, max_batch_size=max_batch_size,
             pp_partition=tuple(pp_partition) if pp_partition else None,
-            verify_checksums=verify_checksums, seed=seed)
+            verify_checksums=verify_checksums, seed=seed, quant=quant)
         engine_config = EngineConfig(max_batch_size, max_num_tokens, max_model_len,
                                      enable_prefix_caching)
         source = resolve_model(model, dummy_weights)

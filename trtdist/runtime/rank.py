@@ -42,6 +42,7 @@ class RankOptions:
     pp_partition: tuple[int, ...] | None = None
     verify_checksums: bool = True
     seed: int = 0
+    quant: str = "auto"  # linear method where the model does not fix it (see load_stage)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -104,7 +105,7 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
     start = time.perf_counter()
     try:
         model = load_stage(source, mapping, groups.tp, device, opts.dtype, opts.pp_partition,
-                           opts.verify_checksums, opts.seed)
+                           opts.verify_checksums, opts.seed, opts.quant)
         cfg = source.config
         shard = attention_shard(cfg.num_heads, cfg.num_kv_heads, mapping.tp_size,
                                 mapping.tp_rank)
