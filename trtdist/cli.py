@@ -1,4 +1,4 @@
-"""`trtdist` command line: build, generate, serve, bench, info."""
+"""`trtdist` command line: build, generate, serve, bench, perplexity, info."""
 
 from __future__ import annotations
 
@@ -165,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel(bn)
     _add_runtime(bn)
 
+    pp = sub.add_parser("perplexity", help="perplexity of a text file through the runtime "
+                                           "(JSON output), e.g. to compare an FP8 engine "
+                                           "with its original")
+    pp.add_argument("model", nargs="?", default=None)
+    pp.add_argument("--text-file", required=True, help="the text to score")
+    pp.add_argument("--chunk", type=_positive, default=512, help="tokens per prefill step")
+    _add_parallel(pp)
+    _add_runtime(pp)
+
     i = sub.add_parser("info", help="describe an engine or checkpoint directory")
     i.add_argument("model", nargs="?", default=None)
     return parser
@@ -218,6 +227,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       args.output)
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trtdist.eval import perplexity
+    from trtdist.llm import DistributedLLM
+
+    text = Path(args.text_file).read_text()
+    llm = DistributedLLM(**_llm_kwargs(args))  # type: ignore[arg-type]
+    if not llm.is_leader:
+        return 0
+    with llm:
+        tok = llm.engine.tokenizer if llm.engine is not None else None
+        if tok is None:
+            raise ValueError(f"model {args.model} has no tokenizer to read --text-file with")
+        ids = tok.encode(text)
+        print(json.dumps({"perplexity": perplexity(llm, ids, args.chunk), "tokens": len(ids)}))
+    return 0
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from trtdist.engine.build import build_engine
 
@@ -249,7 +277,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"build": cmd_build, "generate": cmd_generate, "info": cmd_info,
-                "serve": cmd_serve, "bench": cmd_bench}
+                "serve": cmd_serve, "bench": cmd_bench, "perplexity": cmd_perplexity}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as e:

@@ -31,8 +31,7 @@ def token_logprobs(llm: DistributedLLM, ids: Sequence[int], chunk: int = 512) ->
         raise ValueError(f"need at least 2 tokens to score, got {len(ids)}")
     if len(ids) > engine.max_model_len:
         raise ValueError(f"the text has {len(ids)} tokens; the model's context is "
-                         f"{engine.max_model_len} (pass a shorter text or raise "
-                         "--max-model-len)")
+                         f"{engine.max_model_len}: pass a shorter text")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     alloc = engine.allocator
