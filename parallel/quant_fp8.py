@@ -48,7 +48,8 @@ def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None
     values beyond the calibrated range saturate). Returns (E4M3 [M, K], scale [M, 1])."""
     if input_scale is None:
         return quantize_per_token(x)
-    scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1)  # [M, 1]
+    # NOTE: materialised (not an expand view): row-wise _scaled_mm wants a contiguous [M, 1].
+    scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()  # [M, 1]
     return quantize_to_fp8(x, scale), scale
 
 
