@@ -174,12 +174,13 @@ def test_build_fp8_shards_and_scales(hf_models: dict[str, Path], tmp_path: Path)
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_fp8_engine_matches_fake_quant_transformers(tp: int, pp: int,
+@pytest.mark.parametrize("kind,tp,pp", [("llama", 2, 1), ("llama", 1, 2), ("qwen2", 2, 1)])
+def test_fp8_engine_matches_fake_quant_transformers(kind: str, tp: int, pp: int,
                                                     hf_models: dict[str, Path],
                                                     tmp_path: Path) -> None:
+    """Qwen2 adds QKV biases (added after the FP8 GEMM) and a KV head replicated by TP."""
     need_devices(tp * pp)
-    src = hf_models["llama"]
+    src = hf_models[kind]
     eng = build_engine(src, tmp_path / "e", tp, pp, "float32", progress=False, quant="fp8")
     out = tmp_path / "o.npz"
     mpirun(tp * pp, [str(MPI_SCRIPTS / "run_model.py"), str(out), str(tp), str(pp), "auto",
@@ -251,6 +252,33 @@ def test_compressed_tensors_checkpoint_loads_and_matches(hf_models: dict[str, Pa
         err = float(np.abs(res[f"logits{i}"] - logits.numpy()).max() / logits.abs().max())
         assert err < 1e-4, (i, err)
         assert res[f"tokens{i}"].tolist() == tokens
+
+
+def test_fp8_checkpoint_info_and_dequantized_load(hf_models: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`info` names an FP8 checkpoint's scheme; `--quant none` runs it dequantized (the
+    model dtype holding exactly the FP8 values times their scales)."""
+    from trtdist.cli import main
+    from trtdist.eval import token_logprobs
+    from trtdist.llm import DistributedLLM
+
+    ckpt = tmp_path / "ct"
+    deq, _ = _write_compressed_tensors(hf_models["llama"], ckpt)
+    assert main(["info", str(ckpt)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["quant"]["checkpoint"] == {"format": "compressed-tensors",
+                                           "weight_block_size": None, "static_inputs": True}
+    ids = PROMPT * 3
+    with DistributedLLM(ckpt, quant="none", dtype="float32", num_kv_blocks=16) as llm:
+        got = token_logprobs(llm, ids, chunk=7)
+    ref = load_hf(hf_models["llama"])
+    for name, mod in ref.named_modules():
+        if name in deq:
+            mod.weight.data = deq[name]
+    with torch.no_grad():
+        logits = ref(torch.tensor([ids])).logits[0].double()
+    want = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-4)
 
 
 def test_fp8_checkpoint_formats_read(hf_models: dict[str, Path], tmp_path: Path) -> None:
