@@ -129,6 +129,9 @@ class HFCheckpoint:
     def _channel_scale(self, weight_name: str) -> torch.Tensor:
         if weight_name not in self:
             raise KeyError(f"checkpoint {self.path} has no tensor {weight_name!r}")
+        if weight_name + "_scale" not in self:
+            raise ValueError(f"FP8 checkpoint {self.path} has no {weight_name}_scale: a layer "
+                             "left unquantized (mixed-precision checkpoints are not supported)")
         handle = self._handles[self.weight_map[weight_name]]
         out_rows = handle.get_slice(weight_name).get_shape()[0]
         s = self._raw(weight_name + "_scale").float()

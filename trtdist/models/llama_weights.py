@@ -72,7 +72,11 @@ def shard_llama(read: Reader, cfg: ModelConfig, mapping: Mapping, layers: range,
     rows = ("weight_scale",) if weight_scales else ()  # 1-D, sharded like the output rows
 
     def input_scale(*names: str) -> torch.Tensor:
-        scales = torch.stack([read(n + ".input_scale").float().reshape(()) for n in names])
+        try:
+            scales = torch.stack([read(n + ".input_scale").float().reshape(()) for n in names])
+        except KeyError as e:  # static activations, yet one layer lacks its scale
+            raise ValueError(f"{e.args[0]} (static FP8 activations need an input_scale for "
+                             "every linear layer)") from None
         return scales.amax().reshape(1)
 
     if mapping.is_first_stage:
