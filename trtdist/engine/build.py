@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from trtdist.config import DTYPE_NAMES, parse_dtype
-from trtdist.engine.checkpoint import CheckpointQuant, HFCheckpoint
+from trtdist.engine.checkpoint import CheckpointQuant, HFCheckpoint, resolve_quant
 from trtdist.engine.source import ENGINE_FORMAT, ENGINE_VERSION
 from trtdist.models.llama_weights import process_linears, required_hf_names, shard_llama
 from trtdist.parallel.layers import make_linear_method
@@ -68,8 +68,6 @@ def build_engine(hf_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_s
     FP8 activations static: the prompts run through the unquantized model here, and each
     linear layer's input amax / 448 becomes its `input_scale`.
     """
-    from trtdist.engine.load import resolve_quant  # NOTE: load imports this module
-
     ckpt = HFCheckpoint(hf_dir)
     cfg = ckpt.config
     stages = validate_parallelism(cfg, tp_size, pp_size, pp_partition)

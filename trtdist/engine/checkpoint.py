@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from trtdist.config import ModelConfig
+from trtdist.parallel.quant import QUANT_METHODS, QuantConfig
 from trtdist.parallel.quant_fp8 import FP8_DTYPE, dequantize_blockwise
 
 
@@ -69,6 +70,20 @@ def checkpoint_quant(hf_config: dict[str, Any]) -> CheckpointQuant | None:
         return CheckpointQuant("compressed-tensors", None, static)
     raise ValueError(f"checkpoint quantization {method!r} is not supported; supported: fp8 "
                      "(quant_method 'fp8' or FP8 compressed-tensors)")
+
+
+def resolve_quant(name: str, ckpt_quant: CheckpointQuant | None,
+                  static: bool = False) -> QuantConfig:
+    """The scheme for a checkpoint: `name` 'auto' (FP8 if the checkpoint is FP8, else none),
+    'none' or 'fp8'. Activations are static when the checkpoint holds input scales or
+    `static` (a calibration) says so, else dynamic."""
+    if name not in ("auto", *QUANT_METHODS):
+        raise ValueError(f"unknown quantization {name!r}; use auto, {', '.join(QUANT_METHODS)}")
+    method = ("fp8" if ckpt_quant is not None else "none") if name == "auto" else name
+    if method == "none":
+        return QuantConfig()
+    static = static or (ckpt_quant is not None and ckpt_quant.static_inputs)
+    return QuantConfig(method, "static" if static else "dynamic")
 
 
 class HFCheckpoint:

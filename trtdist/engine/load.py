@@ -12,27 +12,13 @@ from safetensors import SafetensorError, safe_open
 from trtdist.comm.base import Communicator
 from trtdist.config import DTYPE_NAMES, parse_dtype
 from trtdist.engine.build import rank_file, resolve_dtype, sha256_file, validate_parallelism
-from trtdist.engine.checkpoint import CheckpointQuant, HFCheckpoint
+from trtdist.engine.checkpoint import HFCheckpoint, resolve_quant
 from trtdist.engine.source import ModelSource
 from trtdist.models.llama import LlamaStage
 from trtdist.models.llama_weights import process_linears, shard_llama
 from trtdist.parallel.layers import ColumnParallelLinear, RowParallelLinear, make_linear_method
 from trtdist.parallel.mapping import Mapping
-from trtdist.parallel.quant import QUANT_METHODS, QuantConfig
-
-
-def resolve_quant(name: str, ckpt_quant: CheckpointQuant | None,
-                  static: bool = False) -> QuantConfig:
-    """The scheme for a checkpoint: `name` 'auto' (FP8 if the checkpoint is FP8, else none),
-    'none' or 'fp8'. Activations are static when the checkpoint holds input scales or
-    `static` (a calibration) says so, else dynamic."""
-    if name not in ("auto", *QUANT_METHODS):
-        raise ValueError(f"unknown quantization {name!r}; use auto, {', '.join(QUANT_METHODS)}")
-    method = ("fp8" if ckpt_quant is not None else "none") if name == "auto" else name
-    if method == "none":
-        return QuantConfig()
-    static = static or (ckpt_quant is not None and ckpt_quant.static_inputs)
-    return QuantConfig(method, "static" if static else "dynamic")
+from trtdist.parallel.quant import QuantConfig
 
 
 def source_quant(source: ModelSource, quant: str,
