@@ -395,7 +395,8 @@ def test_scaled_mm_gemm_against_dequantized_reference(m: int) -> None:
         out = torch.full((m, 384), float("nan"), device="cuda", dtype=torch.bfloat16)
         out.copy_(fp8_linear_cuda(x, q, s.view(1, -1), static, b))
         xq, xs = quantize_activation(x, static)
-        ref = (xq.double() * xs.double()) @ (q.double() * s.double()[:, None]).T + b.double()
+        ref = (xq.float().double() * xs.double()) @ (q.float().double()
+                                                     * s.double()[:, None]).T + b.double()
         rel = float((out.double() - ref).norm() / ref.norm())
         assert rel < 2e-2, rel
 
@@ -413,6 +414,7 @@ _TEXT = ("The quick brown fox jumps over the lazy dog. Distributed inference spl
          "across many GPUs, and a paged KV cache stores keys and values in blocks. ") * 5
 
 
+@pytest.mark.mpi
 def test_perplexity_harness_and_fp8_within_a_few_percent(tmp_path: Path) -> None:
     """The runtime's perplexity equals transformers' on the same tokens; FP8 weights and
     activations keep it within 3% (random weights: a hard case, no outlier structure)."""
@@ -438,8 +440,11 @@ def test_perplexity_harness_and_fp8_within_a_few_percent(tmp_path: Path) -> None
     assert abs(results["fp8"] / results["none"] - 1) < 0.03, results
     text = tmp_path / "text.txt"
     text.write_text(_TEXT)
-    proc = trtdist_cli(1, ["perplexity", str(src), "--text-file", str(text), "--quant", "fp8",
-                           "--dtype", "float32", "--num-kv-blocks", "64", "--chunk", "64"])
+    # the CLI, and the probe across two pipeline stages
+    need_devices(2)
+    proc = trtdist_cli(2, ["perplexity", str(src), "--text-file", str(text), "--quant", "fp8",
+                           "--dtype", "float32", "--num-kv-blocks", "64", "--chunk", "64",
+                           "--pp-size", "2"])
     got = json.loads(proc.stdout)
     assert got["tokens"] == len(ids)
     assert got["perplexity"] == pytest.approx(results["fp8"], rel=1e-5)
