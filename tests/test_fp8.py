@@ -322,6 +322,41 @@ def test_fp8_checkpoint_formats_read(hf_models: dict[str, Path], tmp_path: Path)
         HFCheckpoint(d)
 
 
+def test_blockwise_checkpoint_runs_requantized_per_channel(hf_models: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    """A DeepSeek-style block-wise FP8 checkpoint: dequantized at load, then requantized per
+    output channel; the tokens' log-probabilities are those of that model."""
+    from trtdist.eval import token_logprobs
+    from trtdist.llm import DistributedLLM
+
+    src, ckpt = hf_models["llama"], tmp_path / "blocks"
+    shutil.copytree(src, ckpt)
+    tensors, out, weights = load_file(str(src / "model.safetensors")), {}, {}
+    for name, t in tensors.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            tiles = t.reshape(t.shape[0] // 32, 32, t.shape[1] // 32, 32)
+            s = (tiles.abs().amax((1, 3)) / 448.0).float()  # [N/32, K/32]
+            full = s.repeat_interleave(32, 0).repeat_interleave(32, 1)
+            out[name] = (t / full).clamp(-448, 448).to(E4M3)
+            out[name + "_scale_inv"] = s
+            weights[name.removesuffix(".weight")] = _fake_quant(out[name].float() * full)
+        else:
+            out[name] = t
+    save_file(out, str(ckpt / "model.safetensors"))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "weight_block_size": [32, 32]}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    ids = PROMPT * 3
+    with DistributedLLM(ckpt, dtype="float32", num_kv_blocks=16) as llm:
+        got = token_logprobs(llm, ids, chunk=9)
+    ref = _fp8_reference_model(src, 1, weights=weights)
+    with torch.no_grad():
+        logits = ref(torch.tensor([ids])).logits[0].double()
+    want = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-4)
+
+
 # ---- CLI, calibration, dummy weights -----------------------------------------------------
 @pytest.mark.mpi
 def test_cli_build_calibrated_info_and_generate(tmp_path: Path) -> None:
