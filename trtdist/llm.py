@@ -43,6 +43,9 @@ class DistributedLLM:
     `cuda_graph_batch_sizes` (default: 1, 2, 4, 8, then steps of 8 up to `max_batch_size`);
     `enforce_eager=True` never captures. `attention_backend` is auto (Triton on CUDA, the
     torch reference elsewhere), torch or triton.
+    `quant` ('auto', 'none', 'fp8') quantizes a Hugging Face checkpoint or dummy weights
+    on the fly; an engine keeps the scheme it was built with ('auto' = the model's own: an
+    FP8 checkpoint stays FP8).
 
     A rank that sends no heartbeat for `worker_timeout` seconds is reported to
     `on_rank_failure(rank, seconds)` on the leader; by default the whole world is aborted
@@ -57,7 +60,8 @@ class DistributedLLM:
                  dummy_weights: bool = False, pp_partition: Sequence[int] | None = None,
                  verify_checksums: bool = True, seed: int = 0, enforce_eager: bool = False,
                  cuda_graph_batch_sizes: Sequence[int] | None = None,
-                 attention_backend: str = "auto", worker_timeout: float = 10.0,
+                 attention_backend: str = "auto", quant: str = "auto",
+                 worker_timeout: float = 10.0,
                  on_rank_failure: Callable[[int, float], None] | None = None) -> None:
         self.options = RankOptions(
             tp_size=tp_size, pp_size=pp_size, dtype=dtype, device=device, block_size=block_size,
@@ -68,7 +72,7 @@ class DistributedLLM:
             verify_checksums=verify_checksums, seed=seed, enforce_eager=enforce_eager,
             cuda_graph_batch_sizes=(tuple(cuda_graph_batch_sizes)
                                     if cuda_graph_batch_sizes is not None else None),
-            attention_backend=attention_backend)
+            attention_backend=attention_backend, quant=quant)
         engine_config = EngineConfig(max_batch_size, max_num_tokens, max_model_len,
                                      enable_prefix_caching)
         source = resolve_model(model, dummy_weights)
