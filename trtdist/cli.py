@@ -92,6 +92,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=_positive, default=None,
                    help="exact number of KV blocks (overrides --kv-cache-fraction)")
     p.add_argument("--block-size", type=_positive, default=16, help="tokens per KV block")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="do not plan step N+1 while step N runs (overlap is on by default "
+                        "with one pipeline stage)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--enforce-eager", action="store_true",
@@ -117,6 +120,7 @@ def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
                 block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                 dummy_weights=args.dummy_weights, pp_partition=args.pp_partition,
                 verify_checksums=not args.skip_checksums, enforce_eager=args.enforce_eager,
+                overlap=args.overlap,
                 cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
                 attention_backend=args.attention_backend, quant=args.quant)
 

@@ -41,7 +41,8 @@ class DistributedLLM:
 
     On CUDA, decode steps replay CUDA graphs captured at load for the batch sizes
     `cuda_graph_batch_sizes` (default: 1, 2, 4, 8, then steps of 8 up to `max_batch_size`);
-    `enforce_eager=True` never captures. `attention_backend` is auto (Triton on CUDA, the
+    `enforce_eager=True` never captures. `overlap` (default on; pp_size 1) plans and launches
+    step N+1 while step N runs, reading not-yet-seen sampled tokens on the device. `attention_backend` is auto (Triton on CUDA, the
     torch reference elsewhere), torch or triton.
     `quant` ('auto', 'none', 'fp8') quantizes a Hugging Face checkpoint or dummy weights
     on the fly; an engine keeps the scheme it was built with ('auto' = the model's own: an
@@ -59,6 +60,7 @@ class DistributedLLM:
                  block_size: int = 16, enable_prefix_caching: bool = True,
                  dummy_weights: bool = False, pp_partition: Sequence[int] | None = None,
                  verify_checksums: bool = True, seed: int = 0, enforce_eager: bool = False,
+                 overlap: bool = True,
                  cuda_graph_batch_sizes: Sequence[int] | None = None,
                  attention_backend: str = "auto", quant: str = "auto",
                  worker_timeout: float = 10.0,
@@ -74,7 +76,7 @@ class DistributedLLM:
                                     if cuda_graph_batch_sizes is not None else None),
             attention_backend=attention_backend, quant=quant)
         engine_config = EngineConfig(max_batch_size, max_num_tokens, max_model_len,
-                                     enable_prefix_caching)
+                                     enable_prefix_caching, overlap)
         source = resolve_model(model, dummy_weights)
         size, existing = tp_size * pp_size, MPI.COMM_WORLD.Get_size()
         self._spawned: SpawnedWorld | None = None

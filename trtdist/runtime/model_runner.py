@@ -14,7 +14,7 @@ from trtdist.parallel.groups import ParallelGroups
 from trtdist.runtime.graph_runner import CUDAGraphRunner, run_stage
 from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.kv_cache import KVCache
-from trtdist.runtime.plan import RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
+from trtdist.runtime.plan import FEEDBACK, RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
 from trtdist.runtime.prompt_logprobs import (
     prompt_logprobs_of,
     prompt_targets,
@@ -24,6 +24,29 @@ from trtdist.runtime.prompt_logprobs import (
 from trtdist.runtime.sampler import Sampler
 
 _RESULT_TAG = 31
+
+
+class _PendingResult:
+    """A step's result rows on their way to the host: a non-blocking copy into pinned memory
+    and an event, so the leader can plan the next step before this one has finished."""
+
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        self.host, self.event = host, event
+
+    @classmethod
+    def start(cls, out: torch.Tensor) -> _PendingResult:
+        if out.device.type != "cuda":
+            return cls(out, None)
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, event)
+
+    def wait(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
 
 
 class ModelRunner:
@@ -38,10 +61,12 @@ class ModelRunner:
         self.inputs, self.hidden_in, self.graphs = inputs, hidden_in, graphs
         self.mapping = groups.mapping
         self.device = model.device
-        self._local_results: deque[np.ndarray] = deque()
+        self._local_results: deque[np.ndarray | _PendingResult] = deque()
         self.samples = self.mapping.is_last_stage and self.mapping.tp_rank == 0
         self.sampler = Sampler(self.device) if self.samples else None
         self._hidden: list[torch.Tensor] = []  # last stage: final hidden states, when needed
+        # the last step's sampled tokens, on every rank of a one-stage world (see FEEDBACK)
+        self.fed_back = torch.zeros(inputs.max_seqs, dtype=torch.int32, device=self.device)
 
     # ---- control plane -------------------------------------------------------------
     def broadcast_plan(self, plan: StepPlan | None) -> StepPlan:
@@ -70,6 +95,8 @@ class ModelRunner:
         bucket = (self.graphs.bucket_for(plan) if self.graphs is not None and not scores_prompt
                   else None)
         views = self.inputs.fill(plan, pad_to=bucket)
+        if plan.flags & FEEDBACK and m.is_first_stage:
+            self._resolve_fed_back(views.input_ids[:t])
         if not m.is_first_stage:
             assert self.hidden_in is not None
             self.groups.pp.recv(self.hidden_in[:t], m.pp_rank - 1)
@@ -92,6 +119,12 @@ class ModelRunner:
             return None
         return out
 
+    def _resolve_fed_back(self, ids: torch.Tensor) -> None:
+        """Input ids -1 - r become the token sampled in the previous step's row r (read on
+        the device, in stream order after that step's sampler: no host round trip)."""
+        rows = (-1 - ids).clamp_(min=0).long()
+        torch.where(ids < 0, self.fed_back.index_select(0, rows), ids, out=ids)
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> None:
         logits = self._forward(plan)
@@ -102,24 +135,47 @@ class ModelRunner:
         if self._hidden:  # collective over the TP group, like the logits
             prompt_rows = prompt_logprobs_of(self.model, self._hidden.pop(), plan)
         if not self.samples:
+            self._share_sampled(None, rows.size)
             return
         assert self.sampler is not None
         self.sampler.observe(plan)
+        result: np.ndarray | _PendingResult
         if plan.flags & RETURN_ALL_LOGITS:
             result = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
+            self._share_sampled(None, rows.size)
         else:
-            result = with_prompt_rows(self.sampler.sample(logits, plan, rows), prompt_rows)
+            out = self.sampler.sample_device(logits, plan, rows)  # [N, width] float64
+            self._share_sampled(out[:, 0], rows.size)
+            if prompt_rows is not None:
+                result = with_prompt_rows(out.cpu().numpy(), prompt_rows)
+            else:
+                result = _PendingResult.start(out)
         if self.world.rank == 0:
             self._local_results.append(result)
         else:
+            if isinstance(result, _PendingResult):
+                result = result.wait()
             self.world.comm.Send(result, dest=0, tag=_RESULT_TAG)
+
+    def _share_sampled(self, tokens: torch.Tensor | None, n: int) -> None:
+        """Keep this step's sampled tokens on the device for the next step's inputs
+        (overlap: `FEEDBACK` plans). With one pipeline stage every rank runs the embedding,
+        so the sampling rank broadcasts them over the TP group (a few bytes, on the stream)."""
+        if self.mapping.pp_size != 1 or n == 0:
+            return
+        buf = self.fed_back[:n]
+        if tokens is not None:
+            buf.copy_(tokens)
+        if self.mapping.tp_size > 1:
+            self.groups.tp.broadcast(buf, 0)
 
     def collect(self, plan: StepPlan) -> np.ndarray:
         """Leader: the oldest outstanding step's result from the sampling rank: all logits
         `[T, vocab]` float32, or one row per sampled sequence then one per scored prompt token
         (see `runtime/prompt_logprobs.py`)."""
         if self._local_results:
-            return self._local_results.popleft()
+            result = self._local_results.popleft()
+            return result.wait() if isinstance(result, _PendingResult) else result
         if plan.flags & RETURN_ALL_LOGITS:
             out = np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
         else:
