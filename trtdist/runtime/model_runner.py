@@ -7,6 +7,7 @@ from collections import deque
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
 from trtdist.comm.world import World
 from trtdist.kernels.paged_attention import AttentionMetadata
@@ -28,6 +29,12 @@ class ModelRunner:
         self.mapping = groups.mapping
         self.device = model.device
         self._local_results: deque[np.ndarray] = deque()
+        # NOTE: the leader posts the receive of each plan's result when it launches the plan,
+        # and the last stage sends with Isend. A result over MPI's eager limit (~4 KiB on
+        # shared memory) otherwise blocks the last stage in Send while the leader blocks in
+        # the next plan's broadcast: a deadlock as soon as two batches are in flight.
+        self._pending_results: deque[tuple[MPI.Request, np.ndarray]] = deque()
+        self._pending_sends: list[tuple[MPI.Request, np.ndarray]] = []
         self.samples = self.mapping.is_last_stage and self.mapping.tp_rank == 0
         self.sampler = Sampler(self.device) if self.samples else None
 
@@ -96,25 +103,40 @@ class ModelRunner:
         if self.world.rank == 0:
             self._local_results.append(result)
         else:
-            self.world.comm.Send(result, dest=0, tag=_RESULT_TAG)
+            self._send_result(np.ascontiguousarray(result))
+
+    def _send_result(self, result: np.ndarray) -> None:
+        # Completed sends release their buffers; the rest stay referenced until complete.
+        self._pending_sends = [(r, b) for r, b in self._pending_sends if not r.Test()]
+        self._pending_sends.append((self.world.comm.Isend(result, dest=0, tag=_RESULT_TAG),
+                                    result))
+
+    def _result_buffer(self, plan: StepPlan) -> np.ndarray:
+        """An empty array shaped like `plan`'s result (see `collect`)."""
+        if plan.flags & RETURN_ALL_LOGITS:
+            return np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
+        rows = np.nonzero(plan.sample)[0]
+        k = max(int(plan.logprobs[rows].max(initial=-1)), 0)
+        return np.empty((rows.size, result_width(k)), dtype=np.float64)
 
     def collect(self, plan: StepPlan) -> np.ndarray:
         """Leader: the oldest outstanding step's result from the sampling rank: all logits
         `[T, vocab]` float32, or one row per sampled sequence (see `Sampler.sample`)."""
         if self._local_results:
             return self._local_results.popleft()
-        if plan.flags & RETURN_ALL_LOGITS:
-            out = np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
-        else:
-            rows = np.nonzero(plan.sample)[0]
-            k = max(int(plan.logprobs[rows].max(initial=-1)), 0)
-            out = np.empty((rows.size, result_width(k)), dtype=np.float64)
-        self.world.comm.Recv(out, source=self.mapping.last_stage_leader, tag=_RESULT_TAG)
+        request, out = self._pending_results.popleft()
+        request.Wait()
         return out
 
     def launch(self, plan: StepPlan) -> None:
         """Leader: broadcast a plan and run its own part; the result is collected later, so
-        with pipeline parallelism several plans can be in flight."""
+        with pipeline parallelism several plans can be in flight. The receive of the result
+        is posted first (results arrive in launch order: one source, one tag)."""
+        if not self.samples:
+            out = self._result_buffer(plan)
+            self._pending_results.append(
+                (self.world.comm.Irecv(out, source=self.mapping.last_stage_leader,
+                                       tag=_RESULT_TAG), out))
         self.broadcast_plan(plan)
         self.execute(plan)
 
@@ -130,6 +152,8 @@ class ModelRunner:
 
     def close(self) -> None:
         """Collective (after shutdown): release communicators and the KV pool."""
+        MPI.Request.Waitall([r for r, _ in self._pending_sends])
+        self._pending_sends.clear()
         self.groups.destroy()
         del self.kv.data, self.kv.layers
         if self.device.type == "cuda":
