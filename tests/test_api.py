@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -73,11 +77,51 @@ def test_bad_requests_are_refused_with_reasons(llm: DistributedLLM) -> None:
         llm.generate([[1] * 200])
     for kwargs, match in [({"temperature": -1}, "temperature must be >= 0"),
                           ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
-                          ({"n": 0}, "n must be >= 1"),
+                          ({"n": 0}, r"n must be in \[1, 64\]"),
                           ({"logprobs": 50}, r"logprobs must be in \[0, 20\]"),
-                          ({"max_tokens": 0}, "max_tokens must be >= 1")]:
+                          ({"max_tokens": 0}, r"max_tokens must be in \[1, 2147483647\]")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kwargs)
+
+
+WRONG_PARAMS = [  # (kwargs, the field the message must name)
+    ({"n": 2.5}, "n must be an integer"), ({"n": True}, "n must be an integer"),
+    ({"n": 65}, r"n must be in \[1, 64\]"),
+    ({"max_tokens": "16"}, "max_tokens must be an integer"),
+    ({"max_tokens": 2**31}, "max_tokens must be in"),
+    ({"ignore_eos": "no"}, "ignore_eos must be True or False"),
+    ({"temperature": float("inf")}, "temperature must be a finite number"),
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number"),
+    ({"top_p": float("nan")}, "top_p must be a finite number"),
+    ({"min_p": float("nan")}, "min_p must be a finite number"),
+    ({"presence_penalty": float("nan")}, "presence_penalty must be a finite number"),
+    ({"frequency_penalty": float("-inf")}, "frequency_penalty must be a finite number"),
+    ({"top_k": 9223372036854775808}, "top_k must be"), ({"top_k": 2**31}, "top_k must be"),
+    ({"top_k": 1.5}, "top_k must be an integer"),
+    ({"seed": 2**63}, r"seed must be in \[0, 2\^63\)"), ({"seed": "1"}, "seed must be"),
+    ({"logprobs": 2.0}, "logprobs must be an integer"),
+    ({"min_tokens": 2**40}, "min_tokens must be in"),
+    ({"stop_token_ids": [2**63]}, "stop_token_ids must be token ids"),
+    ({"stop_token_ids": ["a"]}, "stop_token_ids must be token ids"),
+    ({"skip_special_tokens": 1}, "skip_special_tokens must be True or False"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", WRONG_PARAMS, ids=[str(k) for k, _ in WRONG_PARAMS])
+def test_sampling_params_wrong_types_and_huge_values_name_the_field(kwargs: dict,
+                                                                    match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_top_k_beyond_the_vocabulary_is_refused_and_the_engine_keeps_working(
+        llm: DistributedLLM) -> None:
+    with pytest.raises(ValueError, match=r"top_k must be at most the vocabulary size \(301\)"):
+        llm.generate([PROMPT], SamplingParams(top_k=302, max_tokens=2))
+    out, = llm.generate([PROMPT], SamplingParams(top_k=301, max_tokens=2, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 2
+    assert SamplingParams(temperature=0, n=2, seed=2**63 - 1).temperature == 0.0
 
 
 def test_stop_strings_on_the_tiny_model() -> None:
@@ -104,3 +148,65 @@ def test_scaling_experiment_spawns_worlds_in_a_loop() -> None:
     assert [(int(r[0]), int(r[1])) for r in lines] == [(1, 1), (2, 1), (1, 2), (2, 2)]
     firsts = {" ".join(r[4:]) for r in lines}
     assert len(firsts) == 1, f"settings disagree: {firsts}"  # same greedy tokens everywhere
+
+
+_NO_SHUTDOWN_SCRIPT = """
+import sys
+from trtdist import DistributedLLM, SamplingParams
+
+llm = DistributedLLM(tp_size=2, num_kv_blocks=64)
+llm.generate("hi", SamplingParams(max_tokens=2))
+mode = sys.argv[1]
+print("ready", flush=True)
+if mode == "exit":
+    sys.exit(3)
+if mode == "raise":
+    raise RuntimeError("boom")
+if mode == "sigint":
+    while True:
+        llm.generate(["hi", "there"], SamplingParams(max_tokens=8, ignore_eos=True))
+"""
+
+
+def _processes_with(token: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if token.encode() in open(f"/proc/{entry}/environ", "rb").read():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode,codes", [("eof", {0}), ("exit", {3}), ("raise", {1}),
+                                        ("sigint", {-signal.SIGINT, 130})])
+def test_spawned_world_exits_without_shutdown(mode: str, codes: set[int],
+                                              tmp_path: Path) -> None:
+    """The script never calls shutdown(): the world must still stop and every process go."""
+    script = tmp_path / "no_shutdown.py"
+    script.write_text(_NO_SHUTDOWN_SCRIPT)
+    token = f"TRTDIST_TEST_TOKEN={uuid.uuid4().hex}"
+    env = mpi_env({token.split("=")[0]: token.split("=")[1]})
+    proc = subprocess.Popen([sys.executable, str(script), mode], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
+    if mode == "sigint":
+        time.sleep(1.0)  # inside the generate loop
+        proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the script did not exit ({mode}); it hangs at exit") from None
+    stderr = proc.stderr.read()
+    assert rc in codes, stderr[-3000:]
+    for _ in range(100):  # the spawned workers and Open MPI's daemon follow the leader
+        left = _processes_with(token)
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes left behind: {left}"

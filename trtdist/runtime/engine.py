@@ -93,6 +93,9 @@ class LLMEngine:
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
                              f"{min(ids) if min(ids) < 0 else max(ids)}")
+        if params.top_k > vocab:
+            raise ValueError(f"top_k must be at most the vocabulary size ({vocab}), got "
+                             f"{params.top_k}")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this model's context is "
                              f"{self.max_model_len}, leaving no room for output")
