@@ -19,9 +19,17 @@ from trtdist import __version__
 from trtdist.outputs import CompletionOutput, RequestOutput
 from trtdist.sampling_params import SamplingParams
 from trtdist.server.async_engine import AsyncEngine
+from trtdist.server.auth import authorized
+from trtdist.server.body import read_json as _read_json
 from trtdist.server.chat import ChatTemplate
 from trtdist.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from trtdist.server.sse import ending_with_done
 from trtdist.tokenizer import Tokenizer
+
+
+# The cap on n x max_tokens of one request, and so the default max_tokens of a chat request
+# that names none (the room left in the context, at most this over n).
+DEFAULT_MAX_TOKENS_PER_REQUEST = 32768
 
 
 @dataclass(slots=True)
@@ -34,6 +42,7 @@ class ServerState:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     chat_template: ChatTemplate | None = None
+    max_tokens_per_request: int = DEFAULT_MAX_TOKENS_PER_REQUEST  # n x max_tokens
 
 
 def _validation_error(e: ValidationError) -> APIError:
@@ -41,26 +50,6 @@ def _validation_error(e: ValidationError) -> APIError:
     param = ".".join(str(x) for x in err["loc"]) or None
     msg = err["msg"].removeprefix("Value error, ")
     return APIError(400, f"{param}: {msg}" if param else msg, param=param)
-
-
-async def _read_json(request: Request, limit: int) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body has {length} bytes; the limit is {limit}",
-                       code="body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"the request body exceeds the limit of {limit} bytes",
-                           code="body_too_large")
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return data
 
 
 def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
@@ -91,7 +80,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.middleware("http")
     async def _auth(request: Request, call_next):  # type: ignore[no-untyped-def]
         if state.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {state.api_key}":
+            if not authorized(request.headers.get("authorization"), state.api_key):
                 return JSONResponse(APIError(401, "a valid API key is required (Authorization: "
                                                   "Bearer <key>)", code="invalid_api_key").body(),
                                     status_code=401)
@@ -114,20 +103,35 @@ def create_app(state: ServerState) -> FastAPI:
                                 f"{bad[0]}", param="prompt")
         return list(prompt)
 
-    def budget(ids: list[int], max_tokens: int | None, default: int | None) -> int:
-        limit = state.max_model_len
+    def budget(ids: list[int], max_tokens: int | None, default: int | None,
+               n: int = 1) -> int:
+        limit, cap = state.max_model_len, state.max_tokens_per_request
         if len(ids) >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens, and "
                                 f"the prompt has {len(ids)}; shorten the prompt.",
                            param="prompt", code="context_length_exceeded")
         room = limit - len(ids)
-        tokens = max_tokens if max_tokens is not None else (default or room)
+        if max_tokens is None:  # the room left, within the per-request cap
+            tokens = min(default or room, room, max(cap // n, 1))
+        else:
+            tokens = max_tokens
         if tokens > room:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. "
                                 f"However, you requested {len(ids) + tokens} tokens "
                                 f"({len(ids)} in the prompt, {tokens} for the completion).",
                            param="max_tokens", code="context_length_exceeded")
-        return min(tokens, room)
+        if n * tokens > cap:
+            raise APIError(400, f"n x max_tokens = {n} x {tokens} = {n * tokens} exceeds this "
+                                f"server's limit of {cap} output tokens per request "
+                                "(--max-tokens-per-request)", param="max_tokens",
+                           code="max_tokens_per_request_exceeded")
+        return tokens
+
+    def sampling(req: Any, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return req.sampling_params(max_tokens, logprobs)
+        except ValueError as e:  # bounds the request model does not know (types, ranges)
+            raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
     def token_text(token_id: int) -> str:
         return state.tokenizer.decode([token_id], False) if state.tokenizer else str(token_id)
@@ -213,7 +217,7 @@ def create_app(state: ServerState) -> FastAPI:
                 yield chunk([], usage=_usage(prompt_len, last))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(ending_with_done(events()), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/completions")
@@ -222,8 +226,8 @@ def create_app(state: ServerState) -> FastAPI:
             request, state.max_body_bytes))
         check_model(req.model)
         ids = prompt_ids(req.prompt)  # type: ignore[arg-type]
-        max_tokens = budget(ids, req.max_tokens, 16)
-        params = req.sampling_params(max_tokens, req.logprobs)
+        max_tokens = budget(ids, req.max_tokens, 16, req.n)
+        params = sampling(req, max_tokens, req.logprobs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         stream = state.engine.submit(rid, ids, params)
         if req.stream:
@@ -254,8 +258,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"messages: {e}", param="messages") from None
         text = state.chat_template.render(messages, req.add_generation_prompt)
         ids = state.tokenizer.encode(text, add_special_tokens=False)
-        max_tokens = budget(ids, req.max_completion_tokens or req.max_tokens, None)
-        params = req.sampling_params(max_tokens, req.requested_logprobs())
+        max_tokens = budget(ids, req.max_completion_tokens or req.max_tokens, None, req.n)
+        params = sampling(req, max_tokens, req.requested_logprobs())
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = state.engine.submit(rid, ids, params)
         if req.stream:
