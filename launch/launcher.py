@@ -25,6 +25,7 @@ from types import FrameType
 from trtdist.launch.env import discover_rank
 
 PID_FILE_ENV = "TRTDIST_LEADER_PID_FILE"
+LAUNCHER_PID_ENV = "TRTDIST_LAUNCHER_PID"  # the process to signal for an orderly stop
 
 # Open MPI refuses to run as root, or more ranks than cores, unless told (as launch/spawn.py).
 _MPI_DEFAULTS = {"PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
@@ -36,6 +37,11 @@ def inside_mpi_job(env: _Env[str, str] | None = None) -> bool:
     """Whether this process was started by a launcher (mpirun, srun, a trtdist launcher)."""
     env = os.environ if env is None else env
     return PID_FILE_ENV in env or discover_rank(env).launcher != "none"
+
+
+def stop_pid() -> int:
+    """The pid whose SIGTERM stops this world in order: the launcher's, else this one's."""
+    return int(os.environ.get(LAUNCHER_PID_ENV, os.getpid()))
 
 
 def write_leader_pid() -> None:
@@ -66,6 +72,7 @@ def run_under_mpirun(n: int, argv: list[str]) -> int:
     tmpdir = tempfile.mkdtemp(prefix="trtdist-launch-")
     pid_file = Path(tmpdir) / "leader.pid"
     env[PID_FILE_ENV] = str(pid_file)
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
     cmd = [_mpirun(), "-n", str(n), sys.executable, "-m", "trtdist.cli", *argv]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 

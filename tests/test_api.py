@@ -210,3 +210,48 @@ def test_spawned_world_exits_without_shutdown(mode: str, codes: set[int],
             break
         time.sleep(0.1)
     assert not left, f"processes left behind: {left}"
+
+
+def test_a_failed_engine_step_fails_the_streams_and_calls_on_fatal(
+        hf_models: dict[str, Path]) -> None:
+    """A step that raises (here: a value no validation would let through, planted past it)
+    must end every open stream with an error and hand the failure to `on_fatal`, which the
+    server uses to take the world down, instead of leaving a server that answers 503
+    forever. A refused request fails alone."""
+    import asyncio
+
+    from trtdist.server.async_engine import AsyncEngine
+    from trtdist.server.metrics import ServerMetrics
+    from trtdist.server.protocol import APIError
+
+    fatal: list[str] = []
+    own = DistributedLLM(hf_models["llama"], dtype="float32", block_size=4, max_model_len=64)
+    engine = own.engine
+    assert engine is not None
+    bad = SamplingParams(max_tokens=4)
+    object.__setattr__(bad, "logprobs", 2**64)  # overflows the int64 step plan
+
+    async def main() -> tuple[list[object], list[object]]:
+        a = AsyncEngine(engine, ServerMetrics("fatal-test"), on_fatal=fatal.append)
+        a.start()
+        results: list[list[object]] = [[], []]
+
+        async def drain(stream, out: list[object]) -> None:  # type: ignore[no-untyped-def]
+            try:
+                async for item in stream:
+                    out.append(item)
+            except APIError as e:
+                out.append(e)
+
+        refused = a.submit("refused", PROMPT, SamplingParams(top_k=10_000))
+        await drain(refused, results[0])
+        await drain(a.submit("bad", PROMPT, bad), results[1])
+        assert a._done.wait(120), "the engine thread did not stop after the failure"
+        return results[0], results[1]
+
+    refused, failed = asyncio.run(main())
+    own.shutdown()
+    assert isinstance(refused[-1], APIError) and refused[-1].status == 400
+    assert isinstance(failed[-1], APIError) and failed[-1].status == 500
+    assert "engine failure: OverflowError" in failed[-1].message
+    assert fatal and "the engine loop failed" in fatal[0]

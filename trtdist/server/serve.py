@@ -1,8 +1,10 @@
 """`trtdist serve`: every rank joins the world; the leader also runs the HTTP server.
 
-Shutdown: SIGTERM or SIGINT on the leader stops accepting connections, lets running requests
-finish for up to --shutdown-timeout seconds, aborts the rest, then tells every rank to stop;
-all ranks exit 0. Workers ignore those signals and wait for the leader (a launcher that
+Shutdown: SIGTERM or SIGINT on the leader (forwarded by the `trtdist serve` top process when
+it launched the world, see launch/launcher.py) stops accepting requests, lets running ones
+finish for up to --shutdown-timeout seconds, aborts the rest (their streams end with an error
+event), then tells every rank to stop; all ranks exit 0. A second signal aborts at once.
+Workers ignore those signals and wait for the leader (a launcher that
 signals every rank, as Slurm does, still gets the orderly path). A rank that stops sending
 heartbeats for --worker-timeout seconds turns /health to 503 and takes the world down with a
 message naming it.
@@ -92,7 +94,7 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
     from trtdist.server.app import ServerState, create_app
     from trtdist.server.async_engine import AsyncEngine
     from trtdist.server.auth import resolve_api_key
-    from trtdist.launch.launcher import write_leader_pid
+    from trtdist.launch.launcher import stop_pid, write_leader_pid
     from trtdist.server.chat import ChatTemplate
     from trtdist.server.protocol import APIError
     from trtdist.server.metrics import ServerMetrics
@@ -183,8 +185,8 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
             host = f"[{args.host}]" if ":" in args.host else args.host
             o = llm.options
             print(f"trtdist: serving {name!r} on http://{host}:{args.port} (tp={o.tp_size} "
-                  f"pp={o.pp_size}, {llm.world.size} ranks, leader pid {os.getpid()})",
-                  flush=True)
+                  f"pp={o.pp_size}, {llm.world.size} ranks, leader pid {os.getpid()}; stop: "
+                  f"kill -TERM {stop_pid()})", flush=True)
             write_leader_pid()  # a launcher may now forward SIGINT/SIGTERM here
 
     threading.Thread(target=announce, daemon=True).start()
