@@ -165,13 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel(g)
     _add_runtime(g)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible server (run under mpirun -n TP*PP)")
+    s = sub.add_parser("serve", help="OpenAI-compatible server; starts its own world of TP*PP "
+                                     "ranks (or run it under mpirun -n TP*PP / srun)")
     s.add_argument("model", nargs="?", default=None,
                    help=_MODEL_HELP)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--served-model-name", default=None)
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $TRTDIST_API_KEY; a "
+                        "key on the command line is visible in ps)")
+    s.add_argument("--api-key-file", default=None,
+                   help="read the API key from this file (its first line)")
+    s.add_argument("--max-tokens-per-request", type=_positive, default=32768,
+                   help="most output tokens one request may ask for, n x max_tokens (default "
+                        "32768; more gets 400). A chat request without max_tokens gets the "
+                        "room left in the context, at most this over n; a completion gets 16")
     s.add_argument("--max-queue", type=_positive, default=None,
                    help="most waiting requests; more get 503 with Retry-After")
     s.add_argument("--shutdown-timeout", type=_nonnegative, default=30.0,
@@ -260,6 +269,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from trtdist.launch.launcher import inside_mpi_job, run_under_mpirun
+
+    if not inside_mpi_job():
+        # NOTE: started alone, the ranks run under an mpirun child that this process stops
+        # in order on SIGINT/SIGTERM (see launch/launcher.py); MPI is never initialised here.
+        from trtdist.engine.source import resolve_model
+
+        tp, pp = _mapping_sizes(args, resolve_model(args.model, args.dummy_weights), 1)
+        if tp * pp > 1:
+            return run_under_mpirun(tp * pp, args.argv)
     from trtdist.server.serve import serve
 
     return serve(args, _llm_kwargs(args))
@@ -444,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:2] == ["bench", "serve"]:
         return cmd_bench_serve(argv[2:])
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handlers = {"build": cmd_build, "generate": cmd_generate, "info": cmd_info,
                 "serve": cmd_serve, "bench": cmd_bench, "perplexity": cmd_perplexity}
     try:

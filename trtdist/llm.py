@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import itertools
 import json
+import signal
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -23,6 +27,34 @@ from trtdist.sampling_params import SamplingParams
 from trtdist.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+
+
+def _shutdown_hook(ref: weakref.ref[DistributedLLM]) -> Callable[[], None]:
+    def hook() -> None:
+        llm = ref()
+        if llm is not None:
+            llm.shutdown()
+
+    return hook
+
+
+@contextlib.contextmanager
+def _sigint_at_step_boundary() -> Iterator[None]:
+    """Hold a Ctrl-C (KeyboardInterrupt) until the step ends: a step interrupted between
+    its collectives would leave the ranks in different ones, and the shutdown that follows
+    (at exit) would hang."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda sig, _frame: pending.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
 
 
 class DistributedLLM:
@@ -112,6 +144,12 @@ class DistributedLLM:
         self.engine = LLMEngine(self._runner, source.config, tokenizer, engine_config,
                                 self._runner.kv.num_blocks, block_size)
         self._ids = itertools.count()
+        # NOTE: a script that ends without shutdown() (end of file, sys.exit, an exception,
+        # Ctrl-C) would otherwise hang in MPI_Finalize waiting for the workers: __del__ runs
+        # after mpi4py's exit hook. atexit runs hooks last-in first-out, and mpi4py registered
+        # its own when MPI was imported, so this one runs first.
+        self._exit_hook = _shutdown_hook(weakref.ref(self))
+        atexit.register(self._exit_hook)
 
     @property
     def is_leader(self) -> bool:
@@ -152,7 +190,7 @@ class DistributedLLM:
         pending = set(self._add(prompts, params))
         try:
             while pending:
-                for out in engine.step():
+                for out in self._step(engine):
                     if out.request_id in pending:
                         if out.finished:
                             pending.discard(out.request_id)
@@ -171,18 +209,25 @@ class DistributedLLM:
         order = self._add(prompts, params)
         pending = set(order)
         while pending:
-            for out in engine.step():
+            for out in self._step(engine):
                 if out.finished and out.request_id in pending:
                     final[out.request_id] = out
                     pending.discard(out.request_id)
         return [final[r] for r in order]
 
+    @staticmethod
+    def _step(engine: LLMEngine) -> list[RequestOutput]:
+        with _sigint_at_step_boundary():
+            return engine.step()
+
     # ---- lifetime ------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Leader: stop every rank and release the world (idempotent)."""
+        """Leader: stop every rank and release the world (idempotent). Runs by itself at
+        interpreter exit if the script did not call it."""
         if self._closed or not self.world.is_leader:
             return
         assert self.engine is not None
+        atexit.unregister(self._exit_hook)
         self.engine.abort_all()
         self.engine.drain()
         self._runner.shutdown()

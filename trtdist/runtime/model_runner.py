@@ -7,6 +7,7 @@ from collections import deque
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
 from trtdist.comm.world import World
 from trtdist.models.llama import LlamaStage
@@ -62,6 +63,12 @@ class ModelRunner:
         self.mapping = groups.mapping
         self.device = model.device
         self._local_results: deque[np.ndarray | _PendingResult] = deque()
+        # NOTE: the leader posts the receive of each plan's result when it launches the plan,
+        # and the last stage sends with Isend. A result over MPI's eager limit (~4 KiB on
+        # shared memory) otherwise blocks the last stage in Send while the leader blocks in
+        # the next plan's broadcast: a deadlock as soon as two batches are in flight.
+        self._pending_results: deque[tuple[MPI.Request, np.ndarray]] = deque()
+        self._pending_sends: list[tuple[MPI.Request, np.ndarray]] = []
         self.samples = self.mapping.is_last_stage and self.mapping.tp_rank == 0
         self.sampler = Sampler(self.device) if self.samples else None
         self._hidden: list[torch.Tensor] = []  # last stage: final hidden states, when needed
@@ -155,7 +162,19 @@ class ModelRunner:
         else:
             if isinstance(result, _PendingResult):
                 result = result.wait()
-            self.world.comm.Send(result, dest=0, tag=_RESULT_TAG)
+            self._send_result(np.ascontiguousarray(result))
+
+    def _send_result(self, result: np.ndarray) -> None:
+        # Completed sends release their buffers; the rest stay referenced until complete.
+        self._pending_sends = [(r, b) for r, b in self._pending_sends if not r.Test()]
+        self._pending_sends.append((self.world.comm.Isend(result, dest=0, tag=_RESULT_TAG),
+                                    result))
+
+    def _result_buffer(self, plan: StepPlan) -> np.ndarray:
+        """An empty array shaped like `plan`'s result (see `collect`)."""
+        if plan.flags & RETURN_ALL_LOGITS:
+            return np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
+        return np.empty(result_shape(plan), dtype=np.float64)
 
     def _share_sampled(self, tokens: torch.Tensor | None, n: int) -> None:
         """Keep this step's sampled tokens on the device for the next step's inputs
@@ -176,16 +195,19 @@ class ModelRunner:
         if self._local_results:
             result = self._local_results.popleft()
             return result.wait() if isinstance(result, _PendingResult) else result
-        if plan.flags & RETURN_ALL_LOGITS:
-            out = np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
-        else:
-            out = np.empty(result_shape(plan), dtype=np.float64)
-        self.world.comm.Recv(out, source=self.mapping.last_stage_leader, tag=_RESULT_TAG)
+        request, out = self._pending_results.popleft()
+        request.Wait()
         return out
 
     def launch(self, plan: StepPlan) -> None:
         """Leader: broadcast a plan and run its own part; the result is collected later, so
-        with pipeline parallelism several plans can be in flight."""
+        with pipeline parallelism several plans can be in flight. The receive of the result
+        is posted first (results arrive in launch order: one source, one tag)."""
+        if not self.samples:
+            out = self._result_buffer(plan)
+            self._pending_results.append(
+                (self.world.comm.Irecv(out, source=self.mapping.last_stage_leader,
+                                       tag=_RESULT_TAG), out))
         self.broadcast_plan(plan)
         self.execute(plan)
 
@@ -202,6 +224,8 @@ class ModelRunner:
     def close(self) -> None:
         """Collective (after shutdown): release communicators and the KV pool."""
         self.graphs = None  # the graphs hold the KV pool and the communicators
+        MPI.Request.Waitall([r for r, _ in self._pending_sends])
+        self._pending_sends.clear()
         self.groups.destroy()
         del self.kv.data, self.kv.layers
         if self.device.type == "cuda":
