@@ -16,7 +16,9 @@ def main(path: str) -> None:
     for key, fmt in (("copy_bandwidth_gb_s", "copy {:,.0f} GB/s"),
                      ("bf16_matmul_tflop_s", "mm {:,.0f} TFLOP/s"),
                      ("decode_bandwidth_fraction", "bw frac {:.1%}"),
-                     ("startup_s", "startup {:.1f} s")):
+                     ("startup_s", "startup {:.1f} s"),
+                     ("leader_host_ms_per_step", "host {:.2f} ms/step"),
+                     ("gpu_idle_fraction", "gpu idle {:.1%}")):
         if r.get(key) is not None:
             parts.append(fmt.format(r[key]))
     print(" | ".join(parts))

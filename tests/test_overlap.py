@@ -56,3 +56,17 @@ def test_overlap_changes_no_output_and_emits_no_extra_token(max_batch_size: int)
             assert tokens[-1] in p.stop_token_ids
     assert {r for _, _, r, _ in ahead} >= {"length", "stop"}
     assert s1["free"] == s1["blocks"] and s0["free"] == s0["blocks"]
+
+
+def test_step_timer_records_only_when_enabled() -> None:
+    from trtdist.runtime.step_timing import StepTimer
+
+    t = StepTimer()
+    t.host(0.5)
+    assert t.summary() == {}
+    t.enabled = True
+    t.host(0.002)
+    t.host(0.004)
+    assert abs(t.summary()["leader_host_ms_per_step"] - 3.0) < 1e-9
+    t.reset()
+    assert t.summary() == {}

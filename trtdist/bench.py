@@ -49,9 +49,14 @@ def run_bench(llm: DistributedLLM, num_requests: int, input_len: int, output_len
     llm.generate(prompts[: min(4, num_requests)], params)  # warm-up: kernels, allocator
     engine.allocator.reset_prefix_cache()  # random prompts; keep the measured run cold
     steps0 = engine.stats["steps"]
+    timer = llm._runner.timer
+    timer.enabled = True
+    timer.reset()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
+    timing = timer.summary()
+    timer.enabled = False
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
               and llm.options.device != "cpu" else "cpu")
@@ -72,7 +77,7 @@ def run_bench(llm: DistributedLLM, num_requests: int, input_len: int, output_len
         "e2el_s": stats([x.finished_time - x.arrival_time for x in m
                          if x.finished_time is not None]),
         "kv_blocks": engine.allocator.num_blocks, "preemptions": engine.scheduler.num_preemptions,
-    } | device_roofline.bench_fields(
+    } | timing | device_roofline.bench_fields(
         roof, sum(p.numel() * p.element_size() for p in llm._runner.model.parameters()),
         [t for o in outs if (t := o.metrics.time_per_output_token) is not None], num_requests)
 

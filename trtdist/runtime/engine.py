@@ -190,6 +190,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Launch batches until the pipeline is full, then finish the oldest one. Returns the
         outputs of every request that produced tokens or finished in this step."""
+        start = time.perf_counter()
         while len(self.in_flight) < self.pipeline_depth:
             batch = self.scheduler.schedule()
             if batch is None:
@@ -201,9 +202,13 @@ class LLMEngine:
         if not self.in_flight:
             return []
         batch, plan = self.in_flight.popleft()
+        waited = time.perf_counter()
         result = self.runner.collect(plan)
+        waited = time.perf_counter() - waited
         self.stats["steps"] += 1
-        return self._process(batch, plan, result)
+        outputs = self._process(batch, plan, result)
+        self.runner.timer.host(time.perf_counter() - start - waited)
+        return outputs
 
     def _process(self, batch: ScheduledBatch, plan: StepPlan,
                  result: np.ndarray) -> list[RequestOutput]:

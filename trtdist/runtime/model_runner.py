@@ -23,6 +23,7 @@ from trtdist.runtime.prompt_logprobs import (
     with_prompt_rows,
 )
 from trtdist.runtime.sampler import Sampler
+from trtdist.runtime.step_timing import StepTimer
 
 _RESULT_TAG = 31
 
@@ -72,6 +73,7 @@ class ModelRunner:
         self.samples = self.mapping.is_last_stage and self.mapping.tp_rank == 0
         self.sampler = Sampler(self.device) if self.samples else None
         self._hidden: list[torch.Tensor] = []  # last stage: final hidden states, when needed
+        self.timer = StepTimer()  # off unless a benchmark turns it on
         # the last step's sampled tokens, on every rank of a one-stage world (see FEEDBACK)
         self.fed_back = torch.zeros(inputs.max_seqs, dtype=torch.int32, device=self.device)
 
@@ -134,6 +136,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> None:
+        self.timer.gpu_begin(self.device)
+        try:
+            self._execute(plan)
+        finally:
+            self.timer.gpu_end(self.device)
+
+    def _execute(self, plan: StepPlan) -> None:
         logits = self._forward(plan)
         if logits is None:
             return
