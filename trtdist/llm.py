@@ -211,16 +211,16 @@ class DistributedLLM:
         order = self._add(prompts, params)
         pending = set(order)
         while pending:
-            for out in self._step(engine):
+            for out in self._step(engine, finished_only=True):
                 if out.finished and out.request_id in pending:
                     final[out.request_id] = out
                     pending.discard(out.request_id)
         return [final[r] for r in order]
 
     @staticmethod
-    def _step(engine: LLMEngine) -> list[RequestOutput]:
+    def _step(engine: LLMEngine, finished_only: bool = False) -> list[RequestOutput]:
         with _sigint_at_step_boundary():
-            return engine.step()
+            return engine.step(finished_only)
 
     # ---- lifetime ------------------------------------------------------------------
     def shutdown(self) -> None:

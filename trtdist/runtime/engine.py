@@ -139,8 +139,8 @@ class LLMEngine:
         tables = [self.allocator.table(e.seq.seq_id) for e in entries]
         width = max(len(t) for t in tables)
         block_tables = np.zeros((s, width), dtype=np.int64)
-        floats = np.empty((s, 6))
-        ints = np.empty((11, s), dtype=np.int64)
+        int_rows: list[tuple[int, ...]] = []
+        float_rows: list[tuple[float, ...]] = []
         bias_ids: list[int] = []
         bias_values: list[float] = []
         sampled_rows = 0
@@ -155,19 +155,19 @@ class LLMEngine:
             pos.append(range(nc, nc + n))
             block_tables[i, :len(table)] = table
             scores = seq.wants_prompt_logprobs and nc < seq.prompt_len
-            ints[:, i] = (n, nc + n, seq.seq_id, seq.prompt_len, e.samples, p.top_k,
-                          -1 if seq.seed is None else seq.seed,
-                          -1 if p.logprobs is None else p.logprobs,
-                          p.prompt_logprobs if scores else -1,
-                          seq.token_ids[nc + n] if nc + n < seq.prompt_len else -1,
-                          len(p.logit_bias) if e.samples else 0)
+            int_rows.append((n, nc + n, seq.seq_id, seq.prompt_len, e.samples, p.top_k,
+                             -1 if seq.seed is None else seq.seed,
+                             -1 if p.logprobs is None else p.logprobs,
+                             p.prompt_logprobs if scores else -1,
+                             seq.token_ids[nc + n] if nc + n < seq.prompt_len else -1,
+                             len(p.logit_bias) if e.samples else 0))
             if e.samples and p.logit_bias:
                 bias_ids += [t for t, _ in p.logit_bias]
                 bias_values += [b for _, b in p.logit_bias]
             if seq.metrics.scheduled_time is None:
                 seq.metrics.scheduled_time = time.time()
-            floats[i] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty,
-                         p.presence_penalty, p.frequency_penalty)
+            float_rows.append((p.temperature, p.top_p, p.min_p, p.repetition_penalty,
+                               p.presence_penalty, p.frequency_penalty))
             if seq.num_output == 0 and nc < seq.prompt_len:
                 self.stats["prompt_tokens"] += min(n, seq.prompt_len - nc)
             # NOTE: counters move when the batch is launched, not when it returns, so that
@@ -178,6 +178,9 @@ class LLMEngine:
                 seq.num_pending += 1
                 seq.sample_row = sampled_rows
                 sampled_rows += 1
+        # NOTE: one conversion per column set, not one small numpy assignment per sequence
+        ints = np.array(int_rows, dtype=np.int64).T.copy()
+        floats = np.array(float_rows, dtype=np.float64)
         released, self._released = np.array(self._released, dtype=np.int64), []
         return StepPlan(FORWARD, np.fromiter(itertools.chain.from_iterable(ids), np.int64),
                         np.fromiter(itertools.chain.from_iterable(pos), np.int64),
@@ -187,9 +190,10 @@ class LLMEngine:
                         bias_ids=np.array(bias_ids, dtype=np.int64),
                         bias_values=np.array(bias_values, dtype=np.float64))
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Launch batches until the pipeline is full, then finish the oldest one. Returns the
-        outputs of every request that produced tokens or finished in this step."""
+        outputs of every request that produced tokens or finished in this step (only those
+        that finished with `finished_only`: snapshots of running requests cost O(length))."""
         start = time.perf_counter()
         while len(self.in_flight) < self.pipeline_depth:
             batch = self.scheduler.schedule()
@@ -206,12 +210,12 @@ class LLMEngine:
         result = self.runner.collect(plan)
         waited = time.perf_counter() - waited
         self.stats["steps"] += 1
-        outputs = self._process(batch, plan, result)
+        outputs = self._process(batch, plan, result, finished_only)
         self.runner.timer.host(time.perf_counter() - start - waited)
         return outputs
 
-    def _process(self, batch: ScheduledBatch, plan: StepPlan,
-                 result: np.ndarray) -> list[RequestOutput]:
+    def _process(self, batch: ScheduledBatch, plan: StepPlan, result: np.ndarray,
+                 finished_only: bool = False) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, _Request] = {}
         row = 0
@@ -253,7 +257,8 @@ class LLMEngine:
                 top = [(int(r[2 + 2 * j]), float(r[3 + 2 * j])) for j in range(k)]
                 seq.logprobs.append(TokenLogprob(token, float(r[1]), top))
             self._check_stop(seq, token)
-        return [self._output(req) for req in touched.values()]
+        return [self._output(req) for req in touched.values()
+                if not finished_only or req.finished]
 
     @staticmethod
     def _add_prompt_logprobs(seq: Sequence, first_position: int, rows: np.ndarray) -> None:
