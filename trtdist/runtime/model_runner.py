@@ -15,12 +15,7 @@ from trtdist.runtime.graph_runner import CUDAGraphRunner, run_stage
 from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.kv_cache import KVCache
 from trtdist.runtime.plan import RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
-from trtdist.runtime.prompt_logprobs import (
-    prompt_logprobs_of,
-    prompt_targets,
-    result_shape,
-    with_prompt_rows,
-)
+from trtdist.runtime.prompt_logprobs import prompt_logprobs_of, prompt_targets, result_shape
 from trtdist.runtime.sampler import Sampler
 
 _RESULT_TAG = 31
@@ -40,7 +35,7 @@ class ModelRunner:
         self.device = model.device
         self._local_results: deque[np.ndarray] = deque()
         self.samples = self.mapping.is_last_stage and self.mapping.tp_rank == 0
-        self.sampler = Sampler(self.device) if self.samples else None
+        self.sampler = Sampler(self.device, model.cfg.vocab_size) if self.samples else None
         self._hidden: list[torch.Tensor] = []  # last stage: final hidden states, when needed
 
     # ---- control plane -------------------------------------------------------------
@@ -99,7 +94,7 @@ class ModelRunner:
             return
         rows = np.nonzero(plan.sample)[0]
         prompt_rows = None
-        if self._hidden:  # collective over the TP group, like the logits
+        if self._hidden:  # the logits' gather is collective over the TP group
             prompt_rows = prompt_logprobs_of(self.model, self._hidden.pop(), plan)
         if not self.samples:
             return
@@ -108,7 +103,7 @@ class ModelRunner:
         if plan.flags & RETURN_ALL_LOGITS:
             result = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
         else:
-            result = with_prompt_rows(self.sampler.sample(logits, plan, rows), prompt_rows)
+            result = self.sampler.sample(logits, plan, rows, prompt_rows=prompt_rows)
         if self.world.rank == 0:
             self._local_results.append(result)
         else:
