@@ -46,6 +46,7 @@ class Sampler:
         self._pin = device.type == "cuda"
         self._params_host = torch.empty(0, dtype=torch.int64, pin_memory=self._pin)
         self._result_host = torch.empty(0, dtype=torch.float64, pin_memory=self._pin)
+        self._copied = torch.cuda.Event() if self._pin else None
         self.host_copies = 0  # device-to-host copies made (one per sampled step)
 
     # ---- penalty state -------------------------------------------------------------
@@ -103,33 +104,45 @@ class Sampler:
         """logits [N, V] float32 for plan sequences `rows` -> result rows [N, width] float64
         (`result_width`), followed by `prompt_rows` (prompt-logprob rows, already in the
         result layout, see `runtime/prompt_logprobs.py`) padded to one width."""
-        n, vocab = logits.shape
+        n = logits.shape[0]
         f = plan.floats[rows]  # [N, 6] host copy of the parameters: every decision is here
         greedy = f[:, 0] == 0
-        pen = penalised(f)
         k = max(int(plan.logprobs[rows].max(initial=-1)), 0)
         want_logprobs = bool((plan.logprobs[rows] >= 0).any())
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        tokens = None
+        if n:
+            params, adjusted = self._adjusted(logits, plan, rows)
+            tokens = adjusted.argmax(dim=-1)  # [N]
+            if not greedy.all():
+                tokens = self._draw(adjusted, params, plan.top_k[rows], greedy, tokens)
+        return self._results(n, tokens, raw_logprobs, k, prompt_rows)
+
+    @torch.inference_mode()
+    def adjusted_logits(self, logits: torch.Tensor, plan: StepPlan,
+                        rows: np.ndarray) -> torch.Tensor:
+        """The logits after penalties and logit bias (what greedy takes the argmax of)."""
+        return self._adjusted(logits, plan, rows)[1]
+
+    def _adjusted(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(params [N, 10] on the device, logits after penalties and bias: `logits` itself
+        when neither applies, else a copy)."""
+        n, vocab = logits.shape
+        pen = penalised(plan.floats[rows])
         state_rows = np.full(n, -1, dtype=np.int64)
         if pen.any():
             state_rows[pen] = self._state(vocab).rows_of(plan.seq_ids[rows[pen]])
             pen &= state_rows >= 0  # never observed: nothing seen, nothing to penalise
-        params = self._params(plan, rows, state_rows) if n else None
-
-        tokens = None
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if n:
-            assert params is not None
-            adjusted = logits
-            if pen.any() or plan.bias_ids.size:
-                adjusted = logits.clone()
-            if pen.any():
-                self._penalise(adjusted, params, pen, state_rows)
-            if plan.bias_ids.size:
-                self._apply_bias(adjusted, plan, rows)
-            tokens = adjusted.argmax(dim=-1)  # [N]
-            if not greedy.all():
-                tokens = self._draw(adjusted, params, f, plan.top_k[rows], greedy, tokens)
-        return self._results(n, tokens, raw_logprobs, k, prompt_rows)
+        params = self._params(plan, rows, state_rows)
+        if not pen.any() and not plan.bias_ids.size:
+            return params, logits
+        adjusted = logits.clone()
+        if pen.any():
+            self._penalise(adjusted, params, pen, state_rows)
+        if plan.bias_ids.size:
+            self._apply_bias(adjusted, plan, rows)
+        return params, adjusted
 
     def _penalise(self, logits: torch.Tensor, params: torch.Tensor, pen: np.ndarray,
                   state_rows: np.ndarray) -> None:
@@ -158,9 +171,8 @@ class Sampler:
         logits.index_put_((dev[0], dev[1]), dev[2].view(torch.float64).to(logits.dtype),
                           accumulate=True)
 
-    def _draw(self, logits: torch.Tensor, params: torch.Tensor, f: np.ndarray,
-              top_k: np.ndarray, greedy: np.ndarray, greedy_tokens: torch.Tensor
-              ) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, params: torch.Tensor, top_k: np.ndarray,
+              greedy: np.ndarray, greedy_tokens: torch.Tensor) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p and the Gumbel-max draw for every row at once;
         greedy rows keep `greedy_tokens`."""
         vocab = logits.shape[1]
@@ -215,5 +227,7 @@ class Sampler:
                                             dtype=torch.float64, pin_memory=True)
         host = self._result_host[:size].view(out.shape)
         host.copy_(out, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()  # the step's one sync
+        assert self._copied is not None
+        self._copied.record()
+        self._copied.synchronize()  # the step's one sync
         return host.numpy().copy()  # NOTE: the pinned buffer is reused by the next step
