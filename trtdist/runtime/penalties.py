@@ -111,7 +111,8 @@ class PenaltyState:
         if b > a:
             self.prompt_seen.view(-1).index_fill_(0, idx[a:b], True)
         if idx.numel() > b:
-            self.counts.view(-1).index_put_((idx[b:],), self._one, accumulate=True)
+            # NOTE: index_add_ (duplicates add up), not index_put_(accumulate=True): no sync
+            self.counts.view(-1).index_add_(0, idx[b:], self._one.expand(idx.numel() - b))
 
     def apply(self, logits: torch.Tensor, logit_rows: torch.Tensor, state_rows: torch.Tensor,
               floats: torch.Tensor) -> None:

@@ -129,6 +129,8 @@ class Sampler:
         """(params [N, 10] on the device, logits after penalties and bias: `logits` itself
         when neither applies, else a copy)."""
         n, vocab = logits.shape
+        if self._pending:  # plans observed before the vocabulary size was known
+            self._state(vocab)
         pen = penalised(plan.floats[rows])
         state_rows = np.full(n, -1, dtype=np.int64)
         if pen.any():
@@ -137,7 +139,7 @@ class Sampler:
         params = self._params(plan, rows, state_rows)
         if not pen.any() and not plan.bias_ids.size:
             return params, logits
-        adjusted = logits.clone()
+        adjusted = logits.clone(memory_format=torch.contiguous_format)
         if pen.any():
             self._penalise(adjusted, params, pen, state_rows)
         if plan.bias_ids.size:
@@ -165,11 +167,12 @@ class Sampler:
         keep = r >= 0  # sequences not sampled in this step ignore their bias
         if not keep.any():
             return
-        packed = np.stack([r[keep], plan.bias_ids[keep],
-                           np.ascontiguousarray(plan.bias_values[keep]).view(np.int64)])
-        dev = torch.from_numpy(packed).to(self.device, non_blocking=True)  # [3, B]
-        logits.index_put_((dev[0], dev[1]), dev[2].view(torch.float64).to(logits.dtype),
-                          accumulate=True)
+        vocab = logits.shape[1]
+        flat = r[keep] * vocab + plan.bias_ids[keep]  # [B'] into the flattened logits
+        packed = np.stack([flat, np.ascontiguousarray(plan.bias_values[keep]).view(np.int64)])
+        dev = torch.from_numpy(packed).to(self.device, non_blocking=True)  # [2, B']
+        # NOTE: index_add_, not index_put_(accumulate=True): no hidden sync on CUDA
+        logits.view(-1).index_add_(0, dev[0], dev[1].view(torch.float64).to(logits.dtype))
 
     def _draw(self, logits: torch.Tensor, params: torch.Tensor, top_k: np.ndarray,
               greedy: np.ndarray, greedy_tokens: torch.Tensor) -> torch.Tensor:
