@@ -22,7 +22,8 @@ _CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.3
              9: 27.88, 10: 29.59, 11: 31.26, 12: 32.91, 13: 34.53, 14: 36.12, 15: 37.70}
 
 
-def _plan(rows: list[dict], history: list[list[int]] | None = None, **extra) -> StepPlan:  # type: ignore[no-untyped-def]
+def _plan(rows: list[dict], history: list[list[int]] | None = None,
+          **extra: np.ndarray) -> StepPlan:
     """One sequence per row; each feeds its `history` (default one token) this step."""
     history = history or [[1]] * len(rows)
     s = len(rows)
@@ -43,14 +44,16 @@ def _plan(rows: list[dict], history: list[list[int]] | None = None, **extra) -> 
                     **extra)
 
 
-def _sample(logits: torch.Tensor, rows: list[dict], history=None, seed: int = 0) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _sample(logits: torch.Tensor, rows: list[dict], history: list[list[int]] | None = None,
+            seed: int = 0) -> np.ndarray:
     sampler = Sampler(CPU, seed=seed)
     plan = _plan(rows, history)
     sampler.observe(plan)
     return sampler.sample(logits.clone(), plan, np.arange(len(rows)))
 
 
-def _reference(logits: torch.Tensor, rows: list[dict], history=None, seed: int = 0) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _reference(logits: torch.Tensor, rows: list[dict], history: list[list[int]] | None = None,
+               seed: int = 0) -> np.ndarray:
     sampler = ReferenceSampler(CPU)
     sampler._generator.manual_seed(seed)
     plan = _plan(rows, history)
@@ -100,7 +103,7 @@ def test_each_mode_matches_the_reference_distribution(mode: str, path: str) -> N
     logits = _LOGITS.repeat(_DRAWS, 1)
     new = _sample(logits, rows, history, seed=1)[:, 0].astype(int)
     ref = _reference(logits, rows, history, seed=2)[:, 0].astype(int)
-    assert set(new) <= set(ref) | set(range(8)) and set(new) == set(ref)
+    assert set(new) == set(ref)  # the same support: filters keep the same tokens
     stat, critical = chi_square_same(new, ref, 8)
     assert stat < critical, f"{mode} ({path}): chi-square {stat:.1f} >= {critical}"
 
@@ -166,11 +169,9 @@ def test_seeded_rows_ignore_the_rest_of_the_batch() -> None:
         assert alone[0, 0] == batch[3, 0], row
     draws = {int(_sample(logits[3:4], [{"seed": s}])[0, 0]) for s in range(30)}
     assert len(draws) > 5  # different seeds do differ
-    # unseeded rows follow the sampler's own seed
+    # unseeded rows draw from the sampler's own per-step seeds
     assert not np.array_equal(_sample(logits, [{}] * 8, seed=1)[:, 0],
-                              _sample(logits, [{}] * 8, seed=2)[:, 0]) or \
-        not np.array_equal(_sample(logits, [{}] * 8, seed=3)[:, 0],
-                           _sample(logits, [{}] * 8, seed=4)[:, 0])
+                              _sample(logits, [{}] * 8, seed=2)[:, 0])
 
 
 def _feed(samplers: tuple[Sampler, ReferenceSampler], logits: torch.Tensor, rows: list[dict],
@@ -313,6 +314,6 @@ def test_a_cuda_step_has_no_hidden_sync() -> None:
         assert not syncs, syncs
         cpu = Sampler(CPU, vocab_size=1000)
         cpu.observe(plan)
-        if rows[0].get("seed") is not None or rows[0]["temperature"] == 0.0:
+        if rows[0].get("seed") is not None or rows[0].get("temperature", 1.0) == 0.0:
             want = cpu.sample(logits.cpu(), plan, np.arange(32))
             assert np.array_equal(out[:, 0], want[:, 0])  # same keyed noise on both devices

@@ -1,5 +1,6 @@
 """Under mpirun: exercise every collective of the communicator for DEVICE (cpu or cuda),
-including (cuda) an all-reduce and a gather captured in CUDA graphs. Exits non-zero on any mismatch."""
+including (cuda) an all-reduce and a gather captured in CUDA graphs. Exits non-zero on any
+mismatch."""
 
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ def result_width(max_logprobs: int) -> int:
 
 class Sampler:
     """Samples the last stage's logits. `vocab_size` sizes the penalty state (taken from the
-    first logits seen when not given)."""
+    first logits seen when not given); `seed` seeds the host generator of the unseeded rows'
+    per-step seeds (None: fresh entropy)."""
 
     def __init__(self, device: torch.device, vocab_size: int | None = None,
                  seed: int | None = None) -> None:
