@@ -317,3 +317,19 @@ def test_a_cuda_step_has_no_hidden_sync() -> None:
         if rows[0].get("seed") is not None or rows[0].get("temperature", 1.0) == 0.0:
             want = cpu.sample(logits.cpu(), plan, np.arange(32))
             assert np.array_equal(out[:, 0], want[:, 0])  # same keyed noise on both devices
+
+
+@pytest.mark.gpu
+def test_steps_in_flight_keep_their_own_host_buffers() -> None:
+    dev = torch.device("cuda")
+    sampler = Sampler(dev, vocab_size=500)
+    logits = [torch.randn(n, 500, device=dev) for n in (3, 9, 5)]
+    plans = [_plan([{"seed": 10 * n + i, "top_k": 7, "logprobs": 1} for i in range(n)])
+             for n in (3, 9, 5)]
+    pending = [sampler.sample_async(x, p, np.arange(p.num_seqs)) for x, p in zip(logits, plans)]
+    got = [step.wait() for step in pending]  # three results in flight at once
+    assert len(sampler._slots) == 3
+    for x, p, g in zip(logits, plans, got):
+        want = sampler.sample(x, p, np.arange(p.num_seqs))  # reuses a free slot
+        assert np.array_equal(g, want)
+    assert len(sampler._slots) == 3

@@ -10,7 +10,8 @@ batch, and after preemption and recomputation; unseeded rows get seeds drawn on 
 Hot-path rules: every decision (greedy-only, top-k bound, logprobs asked, penalties present)
 is made on the host from the plan; the step's parameters travel in one host-to-device copy;
 the results (token ids, logprobs, prompt-logprob rows) are packed into one tensor and come
-back in one device-to-host copy into a pinned buffer reused across steps, the only sync.
+back in one device-to-host copy into a pinned buffer reused across steps, the only sync
+(`sample` waits for it; `sample_async` returns a `SampledStep` to wait on later).
 """
 
 from __future__ import annotations
@@ -32,6 +33,51 @@ def result_width(max_logprobs: int) -> int:
     return 2 + 2 * max_logprobs
 
 
+class _HostSlot:
+    """One step's pinned host buffers (CUDA only): its parameters on their way to the device
+    and its results on their way back, with the event of the results' copy. Busy until the
+    results are waited for, which also proves the parameters' copy (earlier on the same
+    stream) is done, so both buffers can serve another step."""
+
+    def __init__(self) -> None:
+        self.params = torch.empty(0, dtype=torch.int64, pin_memory=True)
+        self.buffer = torch.empty(0, dtype=torch.float64, pin_memory=True)
+        self.event = torch.cuda.Event()
+        self.busy = False
+
+    def reserve(self, params: int, results: int) -> None:
+        """Grow the buffers (rarely: doubling) to hold `params` and `results` values."""
+        if self.params.numel() < params:
+            self.params = torch.empty(max(params, 2 * self.params.numel()), dtype=torch.int64,
+                                      pin_memory=True)
+        if self.buffer.numel() < results:
+            self.buffer = torch.empty(max(results, 2 * self.buffer.numel()),
+                                      dtype=torch.float64, pin_memory=True)
+
+
+class SampledStep:
+    """A step's results on their way to the host: `wait()` blocks until the one copy is
+    done and returns the rows `[rows, width]` float64."""
+
+    def __init__(self, rows: np.ndarray | None, slot: _HostSlot | None = None,
+                 shape: tuple[int, int] = (0, 0)) -> None:
+        self._rows, self._slot, self._shape = rows, slot, shape
+
+    def ready(self) -> bool:
+        """True when `wait()` would not block."""
+        return self._slot is None or self._slot.event.query()
+
+    def wait(self) -> np.ndarray:
+        if self._rows is None:
+            assert self._slot is not None
+            self._slot.event.synchronize()  # the step's one sync
+            n = self._shape[0] * self._shape[1]
+            self._rows = self._slot.buffer[:n].numpy().reshape(self._shape).copy()
+            self._slot.busy = False  # NOTE: the pinned buffer serves a later step now
+            self._slot = None
+        return self._rows
+
+
 class Sampler:
     """Samples the last stage's logits. `vocab_size` sizes the penalty state (taken from the
     first logits seen when not given); `seed` seeds the host generator of the unseeded rows'
@@ -44,10 +90,7 @@ class Sampler:
         self.penalties: PenaltyState | None = None
         self._pending: list[StepPlan] = []  # observed before the vocabulary was known
         self._rng = np.random.default_rng(seed)  # seeds of unseeded rows
-        self._pin = device.type == "cuda"
-        self._params_host = torch.empty(0, dtype=torch.int64, pin_memory=self._pin)
-        self._result_host = torch.empty(0, dtype=torch.float64, pin_memory=self._pin)
-        self._copied = torch.cuda.Event() if self._pin else None
+        self._slots: list[_HostSlot] = []  # pinned result buffers, reused across steps
         self.host_copies = 0  # device-to-host copies made (one per sampled step)
 
     # ---- penalty state -------------------------------------------------------------
@@ -71,19 +114,18 @@ class Sampler:
         return self.penalties
 
     # ---- host to device ------------------------------------------------------------
-    def _staged(self, host: np.ndarray) -> torch.Tensor:
-        """One host-to-device copy of int64 `host` through a reused (pinned) buffer."""
+    def _staged(self, host: np.ndarray, slot: _HostSlot | None) -> torch.Tensor:
+        """One host-to-device copy of int64 `host` (through the step's pinned buffer)."""
+        if slot is None:
+            return torch.from_numpy(host.copy())
         flat = host.reshape(-1)
-        if self._params_host.numel() < flat.size:
-            self._params_host = torch.empty(max(flat.size, 2 * self._params_host.numel()),
-                                            dtype=torch.int64, pin_memory=self._pin)
-        buf = self._params_host[:flat.size]
+        slot.reserve(flat.size, 0)
+        buf = slot.params[:flat.size]
         buf.numpy()[:] = flat
-        if self.device.type == "cpu":
-            return buf.clone().view(host.shape)
         return buf.to(self.device, non_blocking=True).view(host.shape)
 
-    def _params(self, plan: StepPlan, rows: np.ndarray, state_rows: np.ndarray) -> torch.Tensor:
+    def _params(self, plan: StepPlan, rows: np.ndarray, state_rows: np.ndarray,
+                slot: _HostSlot | None) -> torch.Tensor:
         """[N, 10] int64 on the device: the floats (bit-cast), top_k, seed, position."""
         n = rows.size
         seeds = plan.seeds[rows].copy()
@@ -96,16 +138,23 @@ class Sampler:
         host[:, 7] = seeds
         host[:, 8] = plan.context_lens[rows]  # the position of the token drawn
         host[:, 9] = state_rows
-        return self._staged(host)
+        return self._staged(host, slot)
 
     # ---- the step ------------------------------------------------------------------
-    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray,
                prompt_rows: torch.Tensor | None = None) -> np.ndarray:
         """logits [N, V] float32 for plan sequences `rows` -> result rows [N, width] float64
         (`result_width`), followed by `prompt_rows` (prompt-logprob rows, already in the
         result layout, see `runtime/prompt_logprobs.py`) padded to one width."""
+        return self.sample_async(logits, plan, rows, prompt_rows).wait()
+
+    @torch.inference_mode()
+    def sample_async(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray,
+                     prompt_rows: torch.Tensor | None = None) -> SampledStep:
+        """`sample` without waiting: the results' copy to the host is enqueued, and the
+        returned `SampledStep` waits for it (so the host can prepare the next step)."""
         n = logits.shape[0]
+        slot = self._free_slot() if self.device.type == "cuda" else None
         f = plan.floats[rows]  # [N, 6] host copy of the parameters: every decision is here
         greedy = f[:, 0] == 0
         k = max(int(plan.logprobs[rows].max(initial=-1)), 0)
@@ -113,20 +162,27 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         tokens = None
         if n:
-            params, adjusted = self._adjusted(logits, plan, rows)
+            params, adjusted = self._adjusted(logits, plan, rows, slot)
             tokens = adjusted.argmax(dim=-1)  # [N]
             if not greedy.all():
                 tokens = self._draw(adjusted, params, plan.top_k[rows], greedy, tokens)
-        return self._results(n, tokens, raw_logprobs, k, prompt_rows)
+        return self._results(n, tokens, raw_logprobs, k, prompt_rows, slot)
 
     @torch.inference_mode()
     def adjusted_logits(self, logits: torch.Tensor, plan: StepPlan,
                         rows: np.ndarray) -> torch.Tensor:
         """The logits after penalties and logit bias (what greedy takes the argmax of)."""
-        return self._adjusted(logits, plan, rows)[1]
+        slot = self._free_slot() if self.device.type == "cuda" else None
+        try:
+            return self._adjusted(logits, plan, rows, slot)[1]
+        finally:
+            if slot is not None:
+                slot.event.record()
+                slot.event.synchronize()  # NOTE: not the hot path (tests, debugging)
+                slot.busy = False
 
-    def _adjusted(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _adjusted(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray,
+                  slot: _HostSlot | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(params [N, 10] on the device, logits after penalties and bias: `logits` itself
         when neither applies, else a copy)."""
         n, vocab = logits.shape
@@ -137,7 +193,7 @@ class Sampler:
         if pen.any():
             state_rows[pen] = self._state(vocab).rows_of(plan.seq_ids[rows[pen]])
             pen &= state_rows >= 0  # never observed: nothing seen, nothing to penalise
-        params = self._params(plan, rows, state_rows)
+        params = self._params(plan, rows, state_rows, slot)
         if not pen.any() and not plan.bias_ids.size:
             return params, logits
         adjusted = logits.clone(memory_format=torch.contiguous_format)
@@ -202,7 +258,8 @@ class Sampler:
         return torch.where(g, greedy_tokens, drawn)
 
     def _results(self, n: int, tokens: torch.Tensor | None, raw_logprobs: torch.Tensor | None,
-                 k: int, prompt_rows: torch.Tensor | None) -> np.ndarray:
+                 k: int, prompt_rows: torch.Tensor | None, slot: _HostSlot | None
+                 ) -> SampledStep:
         """Pack tokens, logprobs and prompt rows into one tensor; one copy to the host."""
         p = 0 if prompt_rows is None else prompt_rows.shape[0]
         width = result_width(k)
@@ -223,15 +280,21 @@ class Sampler:
         if prompt_rows is not None:
             out[n:, :prompt_rows.shape[1]] = prompt_rows
         self.host_copies += 1
-        if self.device.type == "cpu":
-            return out.numpy()
-        size = out.numel()
-        if self._result_host.numel() < size:
-            self._result_host = torch.empty(max(size, 2 * self._result_host.numel()),
-                                            dtype=torch.float64, pin_memory=True)
-        host = self._result_host[:size].view(out.shape)
-        host.copy_(out, non_blocking=True)
-        assert self._copied is not None
-        self._copied.record()
-        self._copied.synchronize()  # the step's one sync
-        return host.numpy().copy()  # NOTE: the pinned buffer is reused by the next step
+        if slot is None:
+            return SampledStep(out.numpy())
+        slot.reserve(0, out.numel())
+        slot.buffer[:out.numel()].view(out.shape).copy_(out, non_blocking=True)
+        slot.event.record()
+        return SampledStep(None, slot, (out.shape[0], out.shape[1]))
+
+    def _free_slot(self) -> _HostSlot:
+        """Pinned buffers not holding a pending result (a new slot only while every one is
+        pending: as many as steps in flight)."""
+        for slot in self._slots:
+            if not slot.busy:
+                break
+        else:
+            slot = _HostSlot()
+            self._slots.append(slot)
+        slot.busy = True
+        return slot
