@@ -90,19 +90,29 @@ _MODES = {
 }
 
 
+_UNFILTERED = {"temperature 1", "temperature 0.6", "temperature 1.7", "penalties"}
+
+
 @pytest.mark.parametrize("mode", list(_MODES))
-@pytest.mark.parametrize("path", ["topk", "sort"])
+@pytest.mark.parametrize("path", ["topk", "sort", "direct"])
 def test_each_mode_matches_the_reference_distribution(mode: str, path: str) -> None:
+    """`path`: the batch makes the sampler take topk (every row has a top_k), the full sort
+    (an extra, uncounted row filters without top_k) or, for rows that filter nothing, the
+    Gumbel-max over the whole vocabulary."""
+    if path == "direct" and mode not in _UNFILTERED:
+        pytest.skip("rows that filter cannot take the unfiltered path")
     row = dict(_MODES[mode])
-    if path == "sort":
-        row.setdefault("top_k", 0)  # every row without top_k: the full sort
-    elif not row.get("top_k"):
-        row["top_k"] = 8  # a top_k that keeps the whole (small) vocabulary: the topk path
+    if path == "topk" and not row.get("top_k"):
+        row["top_k"] = 8  # a top_k that keeps the whole (small) vocabulary
     rows = [row] * _DRAWS
     history = [[3, 0, 3, 5, 5]] * _DRAWS if mode == "penalties" else None
     logits = _LOGITS.repeat(_DRAWS, 1)
-    new = _sample(logits, rows, history, seed=1)[:, 0].astype(int)
     ref = _reference(logits, rows, history, seed=2)[:, 0].astype(int)
+    if path == "sort":
+        rows = rows + [{"top_p": 0.5}]
+        history = None if history is None else history + [[1]]
+        logits = _LOGITS.repeat(_DRAWS + 1, 1)
+    new = _sample(logits, rows, history, seed=1)[:_DRAWS, 0].astype(int)
     assert set(new) == set(ref)  # the same support: filters keep the same tokens
     stat, critical = chi_square_same(new, ref, 8)
     assert stat < critical, f"{mode} ({path}): chi-square {stat:.1f} >= {critical}"
@@ -289,6 +299,12 @@ def test_a_greedy_step_syncs_once_and_skips_softmax_and_sort() -> None:
     with _Calls() as calls:
         sampler.sample(logits[:4], plan, np.arange(4))
     assert "topk" in calls.names and "sort" not in calls.names
+    assert not _SYNCS & set(calls.names)
+    # sampled rows that filter nothing: neither softmax, nor sort, nor topk
+    plan = _plan([{"temperature": 0.7, "seed": i} for i in range(3)] + [{"temperature": 0.0}])
+    with _Calls() as calls:
+        sampler.sample(logits[:4], plan, np.arange(4))
+    assert not {"softmax", "sort", "topk"} & set(calls.names)
     assert not _SYNCS & set(calls.names)
 
 

@@ -165,7 +165,7 @@ class Sampler:
             params, adjusted = self._adjusted(logits, plan, rows, slot)
             tokens = adjusted.argmax(dim=-1)  # [N]
             if not greedy.all():
-                tokens = self._draw(adjusted, params, plan.top_k[rows], greedy, tokens)
+                tokens = self._draw(adjusted, params, f, plan.top_k[rows], greedy, tokens)
         return self._results(n, tokens, raw_logprobs, k, prompt_rows, slot)
 
     @torch.inference_mode()
@@ -231,17 +231,25 @@ class Sampler:
         # NOTE: index_add_, not index_put_(accumulate=True): no hidden sync on CUDA
         logits.view(-1).index_add_(0, dev[0], dev[1].view(torch.float64).to(logits.dtype))
 
-    def _draw(self, logits: torch.Tensor, params: torch.Tensor, top_k: np.ndarray,
-              greedy: np.ndarray, greedy_tokens: torch.Tensor) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, params: torch.Tensor, f: np.ndarray,
+              top_k: np.ndarray, greedy: np.ndarray, greedy_tokens: torch.Tensor
+              ) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p and the Gumbel-max draw for every row at once;
-        greedy rows keep `greedy_tokens`."""
+        greedy rows keep `greedy_tokens`. `f` and `top_k`: the rows' parameters on the host,
+        which pick the cheapest path that serves every row."""
         vocab = logits.shape[1]
         fl = params[:, :6].view(torch.float64).to(torch.float32)  # [N, 6]
         temperature, top_p, min_p = fl[:, 0], fl[:, 1], fl[:, 2]
         k_dev = params[:, 6]
         g = temperature == 0  # [N] the greedy rows
         scaled = logits / torch.where(g, 1.0, temperature)[:, None]
-        sampled_k = top_k[~greedy]
+        sampled_k, fs = top_k[~greedy], f[~greedy]
+        if not ((0 < sampled_k) & (sampled_k < vocab)).any() and (fs[:, 1] >= 1).all() \
+                and (fs[:, 2] <= 0).all():
+            # NOTE: no row filters: Gumbel-max over the whole vocabulary, no softmax, no sort.
+            ids = torch.arange(vocab, device=self.device).expand(logits.shape[0], vocab)
+            drawn = (scaled + gumbel(params[:, 7], params[:, 8], ids)).argmax(dim=-1)
+            return torch.where(g, greedy_tokens, drawn)
         if (sampled_k > 0).all() and int(sampled_k.max()) <= min(TOPK_LIMIT, vocab):
             # NOTE: every sampled row keeps at most K tokens: a partial selection, no sort.
             cand_l, cand_ids = scaled.topk(int(sampled_k.max()), dim=-1)  # [N, K] descending
