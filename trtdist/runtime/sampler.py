@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trtdist.runtime.host_transfer import PinnedRing, SampledStep
 from trtdist.runtime.penalties import PenaltyState, penalised
 from trtdist.runtime.plan import StepPlan
 from trtdist.runtime.random_hash import gumbel
@@ -33,51 +34,6 @@ def result_width(max_logprobs: int) -> int:
     return 2 + 2 * max_logprobs
 
 
-class _HostSlot:
-    """One step's pinned host buffers (CUDA only): its parameters on their way to the device
-    and its results on their way back, with the event of the results' copy. Busy until the
-    results are waited for, which also proves the parameters' copy (earlier on the same
-    stream) is done, so both buffers can serve another step."""
-
-    def __init__(self) -> None:
-        self.params = torch.empty(0, dtype=torch.int64, pin_memory=True)
-        self.buffer = torch.empty(0, dtype=torch.float64, pin_memory=True)
-        self.event = torch.cuda.Event()
-        self.busy = False
-
-    def reserve(self, params: int, results: int) -> None:
-        """Grow the buffers (rarely: doubling) to hold `params` and `results` values."""
-        if self.params.numel() < params:
-            self.params = torch.empty(max(params, 2 * self.params.numel()), dtype=torch.int64,
-                                      pin_memory=True)
-        if self.buffer.numel() < results:
-            self.buffer = torch.empty(max(results, 2 * self.buffer.numel()),
-                                      dtype=torch.float64, pin_memory=True)
-
-
-class SampledStep:
-    """A step's results on their way to the host: `wait()` blocks until the one copy is
-    done and returns the rows `[rows, width]` float64."""
-
-    def __init__(self, rows: np.ndarray | None, slot: _HostSlot | None = None,
-                 shape: tuple[int, int] = (0, 0)) -> None:
-        self._rows, self._slot, self._shape = rows, slot, shape
-
-    def ready(self) -> bool:
-        """True when `wait()` would not block."""
-        return self._slot is None or self._slot.event.query()
-
-    def wait(self) -> np.ndarray:
-        if self._rows is None:
-            assert self._slot is not None
-            self._slot.event.synchronize()  # the step's one sync
-            n = self._shape[0] * self._shape[1]
-            self._rows = self._slot.buffer[:n].numpy().reshape(self._shape).copy()
-            self._slot.busy = False  # NOTE: the pinned buffer serves a later step now
-            self._slot = None
-        return self._rows
-
-
 class Sampler:
     """Samples the last stage's logits. `vocab_size` sizes the penalty state (taken from the
     first logits seen when not given); `seed` seeds the host generator of the unseeded rows'
@@ -90,7 +46,9 @@ class Sampler:
         self.penalties: PenaltyState | None = None
         self._pending: list[StepPlan] = []  # observed before the vocabulary was known
         self._rng = np.random.default_rng(seed)  # seeds of unseeded rows
-        self._slots: list[_HostSlot] = []  # pinned result buffers, reused across steps
+        cuda = device.type == "cuda"
+        self._params_ring = PinnedRing(torch.int64) if cuda else None  # host -> device
+        self._results_ring = PinnedRing(torch.float64) if cuda else None  # device -> host
         self.host_copies = 0  # device-to-host copies made (one per sampled step)
 
     # ---- penalty state -------------------------------------------------------------
@@ -114,18 +72,13 @@ class Sampler:
         return self.penalties
 
     # ---- host to device ------------------------------------------------------------
-    def _staged(self, host: np.ndarray, slot: _HostSlot | None) -> torch.Tensor:
-        """One host-to-device copy of int64 `host` (through the step's pinned buffer)."""
-        if slot is None:
+    def _staged(self, host: np.ndarray) -> torch.Tensor:
+        """One host-to-device copy of int64 `host` (through a reused pinned buffer)."""
+        if self._params_ring is None:
             return torch.from_numpy(host.copy())
-        flat = host.reshape(-1)
-        slot.reserve(flat.size, 0)
-        buf = slot.params[:flat.size]
-        buf.numpy()[:] = flat
-        return buf.to(self.device, non_blocking=True).view(host.shape)
+        return self._params_ring.to_device(host, self.device)
 
-    def _params(self, plan: StepPlan, rows: np.ndarray, state_rows: np.ndarray,
-                slot: _HostSlot | None) -> torch.Tensor:
+    def _params(self, plan: StepPlan, rows: np.ndarray, state_rows: np.ndarray) -> torch.Tensor:
         """[N, 10] int64 on the device: the floats (bit-cast), top_k, seed, position."""
         n = rows.size
         seeds = plan.seeds[rows].copy()
@@ -138,7 +91,7 @@ class Sampler:
         host[:, 7] = seeds
         host[:, 8] = plan.context_lens[rows]  # the position of the token drawn
         host[:, 9] = state_rows
-        return self._staged(host, slot)
+        return self._staged(host)
 
     # ---- the step ------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray,
@@ -148,13 +101,23 @@ class Sampler:
         result layout, see `runtime/prompt_logprobs.py`) padded to one width."""
         return self.sample_async(logits, plan, rows, prompt_rows).wait()
 
-    @torch.inference_mode()
     def sample_async(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray,
                      prompt_rows: torch.Tensor | None = None) -> SampledStep:
         """`sample` without waiting: the results' copy to the host is enqueued, and the
         returned `SampledStep` waits for it (so the host can prepare the next step)."""
+        return self.to_host(self.sample_device(logits, plan, rows, prompt_rows))
+
+    def to_host(self, out: torch.Tensor) -> SampledStep:
+        """Start the one device-to-host copy of a step's result rows (`sample_device`)."""
+        self.host_copies += 1
+        return SampledStep.start(out, self._results_ring)
+
+    @torch.inference_mode()
+    def sample_device(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray,
+                      prompt_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Like `sample`, left on the device: float64 `[N + P, width]`; column 0 of the
+        first N rows holds the sampled token ids."""
         n = logits.shape[0]
-        slot = self._free_slot() if self.device.type == "cuda" else None
         f = plan.floats[rows]  # [N, 6] host copy of the parameters: every decision is here
         greedy = f[:, 0] == 0
         k = max(int(plan.logprobs[rows].max(initial=-1)), 0)
@@ -162,27 +125,20 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         tokens = None
         if n:
-            params, adjusted = self._adjusted(logits, plan, rows, slot)
+            params, adjusted = self._adjusted(logits, plan, rows)
             tokens = adjusted.argmax(dim=-1)  # [N]
             if not greedy.all():
                 tokens = self._draw(adjusted, params, f, plan.top_k[rows], greedy, tokens)
-        return self._results(n, tokens, raw_logprobs, k, prompt_rows, slot)
+        return self._results(n, tokens, raw_logprobs, k, prompt_rows)
 
     @torch.inference_mode()
     def adjusted_logits(self, logits: torch.Tensor, plan: StepPlan,
                         rows: np.ndarray) -> torch.Tensor:
         """The logits after penalties and logit bias (what greedy takes the argmax of)."""
-        slot = self._free_slot() if self.device.type == "cuda" else None
-        try:
-            return self._adjusted(logits, plan, rows, slot)[1]
-        finally:
-            if slot is not None:
-                slot.event.record()
-                slot.event.synchronize()  # NOTE: not the hot path (tests, debugging)
-                slot.busy = False
+        return self._adjusted(logits, plan, rows)[1]
 
-    def _adjusted(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray,
-                  slot: _HostSlot | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _adjusted(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """(params [N, 10] on the device, logits after penalties and bias: `logits` itself
         when neither applies, else a copy)."""
         n, vocab = logits.shape
@@ -193,7 +149,7 @@ class Sampler:
         if pen.any():
             state_rows[pen] = self._state(vocab).rows_of(plan.seq_ids[rows[pen]])
             pen &= state_rows >= 0  # never observed: nothing seen, nothing to penalise
-        params = self._params(plan, rows, state_rows, slot)
+        params = self._params(plan, rows, state_rows)
         if not pen.any() and not plan.bias_ids.size:
             return params, logits
         adjusted = logits.clone(memory_format=torch.contiguous_format)
@@ -266,9 +222,8 @@ class Sampler:
         return torch.where(g, greedy_tokens, drawn)
 
     def _results(self, n: int, tokens: torch.Tensor | None, raw_logprobs: torch.Tensor | None,
-                 k: int, prompt_rows: torch.Tensor | None, slot: _HostSlot | None
-                 ) -> SampledStep:
-        """Pack tokens, logprobs and prompt rows into one tensor; one copy to the host."""
+                 k: int, prompt_rows: torch.Tensor | None) -> torch.Tensor:
+        """Pack tokens, logprobs and prompt rows into one device tensor."""
         p = 0 if prompt_rows is None else prompt_rows.shape[0]
         width = result_width(k)
         if prompt_rows is not None:
@@ -287,22 +242,4 @@ class Sampler:
                     out[:n, 3:result_width(k):2] = top_lp.double()
         if prompt_rows is not None:
             out[n:, :prompt_rows.shape[1]] = prompt_rows
-        self.host_copies += 1
-        if slot is None:
-            return SampledStep(out.numpy())
-        slot.reserve(0, out.numel())
-        slot.buffer[:out.numel()].view(out.shape).copy_(out, non_blocking=True)
-        slot.event.record()
-        return SampledStep(None, slot, (out.shape[0], out.shape[1]))
-
-    def _free_slot(self) -> _HostSlot:
-        """Pinned buffers not holding a pending result (a new slot only while every one is
-        pending: as many as steps in flight)."""
-        for slot in self._slots:
-            if not slot.busy:
-                break
-        else:
-            slot = _HostSlot()
-            self._slots.append(slot)
-        slot.busy = True
-        return slot
+        return out
