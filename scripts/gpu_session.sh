@@ -41,6 +41,14 @@ for phase in "$@"; do
           ${ATTN_K:+-k "$ATTN_K"} 2>&1 | tee "$OUT/attn_tests.log" | tail -15
       note "attn tests: $(tail -1 "$OUT/attn_tests.log")"
       ;;
+    profile)
+      for bc in 1:128 256:256; do
+        timeout 300 python3 scripts/profile_decode.py --batch ${bc%%:*} --context ${bc##*:} \
+            --steps 32 --output "$OUT/profile_${bc%%:*}.json" > "$OUT/profile_${bc%%:*}.log" 2>&1
+        note "profile b${bc%%:*}: $(tail -1 "$OUT/profile_${bc%%:*}.log")"
+        grep -A16 "^kernel " "$OUT/profile_${bc%%:*}.log" | head -17
+      done
+      ;;
     fused)
       python3 -m pytest -q -m gpu tests/test_fused_kernels.py 2>&1 | tee "$OUT/fused_tests.log" | tail -8
       note "fused tests: $(tail -1 "$OUT/fused_tests.log")"
@@ -68,9 +76,33 @@ for phase in "$@"; do
       bench b1 $M --num-requests 1 --input-len 128 --output-len 256
       bench r128 $M --num-requests 128 --input-len 128 --output-len 128
       bench r1024 $M --num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024
-      bench ttft8k $M --num-requests 1 --input-len 8192 --output-len 2 --max-model-len 8200
+      bench ttft8k $M --num-requests 1 --input-len 8190 --output-len 2
+      ;;
+    step256)
+      timeout 300 python3 scripts/profile_decode.py --batch 256 --context 256 --steps 32 \
+          --output "$OUT/step256.json" > "$OUT/step256.log" 2>&1
+      note "step b256 ctx256: $(tail -1 "$OUT/step256.log")"
+      ;;
+    long)
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      bench r1024x1000 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
+          --max-batch-size 1024
+      ;;
+    fp8)
+      python3 -m pytest -q -m gpu tests/test_fp8.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -8
+      note "fp8 tests: $(tail -1 "$OUT/fp8_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8"
+      bench fp8_b1 $M --num-requests 1 --input-len 128 --output-len 256
+      bench fp8_r1024 $M --num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024
+      ;;
+    fp8long)
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8"
+      bench fp8_r1024x1000 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
+          --max-batch-size 1024
       ;;
     *) note "unknown phase $phase";;
   esac
 done
+# the device tool returns at most 8 files: pack everything into one
+tar czf /tmp/all.tgz -C "$OUT" . && mv /tmp/all.tgz "$OUT/all.tgz"
 echo "==== summary"; cat "$SUMMARY"

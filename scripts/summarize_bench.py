@@ -13,8 +13,8 @@ def main(path: str) -> None:
     for key in ("tpot_s", "ttft_s"):
         if isinstance(r.get(key), dict) and "p50" in r[key]:
             parts.append(f"{key[:4]} p50 {r[key]['p50'] * 1e3:.2f} ms")
-    for key, fmt in (("copy_bandwidth_gbs", "copy {:,.0f} GB/s"),
-                     ("matmul_tflops", "mm {:,.0f} TFLOP/s"),
+    for key, fmt in (("copy_bandwidth_gb_s", "copy {:,.0f} GB/s"),
+                     ("bf16_matmul_tflop_s", "mm {:,.0f} TFLOP/s"),
                      ("decode_bandwidth_fraction", "bw frac {:.1%}"),
                      ("startup_s", "startup {:.1f} s")):
         if r.get(key) is not None:

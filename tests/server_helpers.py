@@ -58,14 +58,21 @@ class LiveServer:
 
 
 def start_server(n: int = 2, args: list[str] | None = None, timeout: float = 120,
+                 launcher: bool = False, env: dict[str, str] | None = None,
                  model: str | None = "tiny") -> LiveServer:
-    """`mpirun -n N trtdist serve MODEL` on a free port (the tiny random model by default;
-    None names no model, so the server uses the default one)."""
+    """`mpirun -n N trtdist serve MODEL ARGS`, or with `launcher` plain `trtdist serve MODEL
+    ARGS` (ARGS then name the sizes), which runs mpirun itself and is the top process. Either
+    way the top process leads a session of its own, so `os.killpg(proc.pid, SIGINT)` is a
+    terminal's Ctrl-C. MODEL is the tiny random model by default; None names no model, so
+    the server uses the default one."""
     port = free_port()
-    cmd = [mpirun_path(), "-n", str(n), "--oversubscribe", sys.executable, "-m", "trtdist.cli",
-           "serve", *([model] if model else []), "--port", str(port), *(args or [])]
-    proc = subprocess.Popen(cmd, env=mpi_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    cmd = [sys.executable, "-m", "trtdist.cli", "serve", *([model] if model else []),
+           "--port", str(port), *(args or [])]
+    if not launcher:
+        cmd = [mpirun_path(), "-n", str(n), "--oversubscribe", *cmd]
+    proc = subprocess.Popen(cmd, env=mpi_env(env), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)
     lines: list[str] = []
     deadline = time.time() + timeout
     assert proc.stdout is not None

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -84,11 +88,51 @@ def test_bad_requests_are_refused_with_reasons(llm: DistributedLLM) -> None:
         llm.generate([[1] * 200])
     for kwargs, match in [({"temperature": -1}, "temperature must be >= 0"),
                           ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
-                          ({"n": 0}, "n must be >= 1"),
+                          ({"n": 0}, r"n must be in \[1, 64\]"),
                           ({"logprobs": 50}, r"logprobs must be in \[0, 20\]"),
-                          ({"max_tokens": -1}, "max_tokens must be >= 0")]:
+                          ({"max_tokens": -1}, r"max_tokens must be in \[0, 2147483647\]")]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kwargs)
+
+
+WRONG_PARAMS = [  # (kwargs, the field the message must name)
+    ({"n": 2.5}, "n must be an integer"), ({"n": True}, "n must be an integer"),
+    ({"n": 65}, r"n must be in \[1, 64\]"),
+    ({"max_tokens": "16"}, "max_tokens must be an integer"),
+    ({"max_tokens": 2**31}, "max_tokens must be in"),
+    ({"ignore_eos": "no"}, "ignore_eos must be True or False"),
+    ({"temperature": float("inf")}, "temperature must be a finite number"),
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty must be a finite number"),
+    ({"top_p": float("nan")}, "top_p must be a finite number"),
+    ({"min_p": float("nan")}, "min_p must be a finite number"),
+    ({"presence_penalty": float("nan")}, "presence_penalty must be a finite number"),
+    ({"frequency_penalty": float("-inf")}, "frequency_penalty must be a finite number"),
+    ({"top_k": 9223372036854775808}, "top_k must be"), ({"top_k": 2**31}, "top_k must be"),
+    ({"top_k": 1.5}, "top_k must be an integer"),
+    ({"seed": 2**63}, r"seed must be in \[0, 2\^63\)"), ({"seed": "1"}, "seed must be"),
+    ({"logprobs": 2.0}, "logprobs must be an integer"),
+    ({"min_tokens": 2**40}, "min_tokens must be in"),
+    ({"stop_token_ids": [2**63]}, "stop_token_ids must be token ids"),
+    ({"stop_token_ids": ["a"]}, "stop_token_ids must be token ids"),
+    ({"skip_special_tokens": 1}, "skip_special_tokens must be True or False"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", WRONG_PARAMS, ids=[str(k) for k, _ in WRONG_PARAMS])
+def test_sampling_params_wrong_types_and_huge_values_name_the_field(kwargs: dict,
+                                                                    match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_top_k_beyond_the_vocabulary_is_refused_and_the_engine_keeps_working(
+        llm: DistributedLLM) -> None:
+    with pytest.raises(ValueError, match=r"top_k must be at most the vocabulary size \(301\)"):
+        llm.generate([PROMPT], SamplingParams(top_k=302, max_tokens=2))
+    out, = llm.generate([PROMPT], SamplingParams(top_k=301, max_tokens=2, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 2
+    assert SamplingParams(temperature=0, n=2, seed=2**63 - 1).temperature == 0.0
 
 
 def test_stop_strings_on_the_tiny_model() -> None:
@@ -148,3 +192,110 @@ def test_prompt_logprobs_equal_transformers_with_chunks_and_cache(
         assert out.outputs[0].token_ids == [77] * 4
         with pytest.raises(ValueError, match=r"logit_bias token ids must be in \[0, 301\)"):
             llm.generate([prompt], SamplingParams(logit_bias={301: 1.0}))
+
+
+_NO_SHUTDOWN_SCRIPT = """
+import sys
+from trtdist import DistributedLLM, SamplingParams
+
+llm = DistributedLLM("tiny", tp_size=2, num_kv_blocks=64)
+llm.generate("hi", SamplingParams(max_tokens=2))
+mode = sys.argv[1]
+print("ready", flush=True)
+if mode == "exit":
+    sys.exit(3)
+if mode == "raise":
+    raise RuntimeError("boom")
+if mode == "sigint":
+    while True:
+        llm.generate(["hi", "there"], SamplingParams(max_tokens=8, ignore_eos=True))
+"""
+
+
+def _processes_with(token: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if token.encode() in open(f"/proc/{entry}/environ", "rb").read():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode,codes", [("eof", {0}), ("exit", {3}), ("raise", {1}),
+                                        ("sigint", {-signal.SIGINT, 130})])
+def test_spawned_world_exits_without_shutdown(mode: str, codes: set[int],
+                                              tmp_path: Path) -> None:
+    """The script never calls shutdown(): the world must still stop and every process go."""
+    script = tmp_path / "no_shutdown.py"
+    script.write_text(_NO_SHUTDOWN_SCRIPT)
+    token = f"TRTDIST_TEST_TOKEN={uuid.uuid4().hex}"
+    env = mpi_env({token.split("=")[0]: token.split("=")[1]})
+    proc = subprocess.Popen([sys.executable, str(script), mode], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
+    if mode == "sigint":
+        time.sleep(1.0)  # inside the generate loop
+        proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the script did not exit ({mode}); it hangs at exit") from None
+    stderr = proc.stderr.read()
+    assert rc in codes, stderr[-3000:]
+    for _ in range(100):  # the spawned workers and Open MPI's daemon follow the leader
+        left = _processes_with(token)
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes left behind: {left}"
+
+
+def test_a_failed_engine_step_fails_the_streams_and_calls_on_fatal(
+        hf_models: dict[str, Path]) -> None:
+    """A step that raises (here: a value no validation would let through, planted past it)
+    must end every open stream with an error and hand the failure to `on_fatal`, which the
+    server uses to take the world down, instead of leaving a server that answers 503
+    forever. A refused request fails alone."""
+    import asyncio
+
+    from trtdist.server.async_engine import AsyncEngine
+    from trtdist.server.metrics import ServerMetrics
+    from trtdist.server.protocol import APIError
+
+    fatal: list[str] = []
+    own = DistributedLLM(hf_models["llama"], dtype="float32", block_size=4, max_model_len=64)
+    engine = own.engine
+    assert engine is not None
+    bad = SamplingParams(max_tokens=4)
+    object.__setattr__(bad, "logprobs", 2**64)  # overflows the int64 step plan
+
+    async def main() -> tuple[list[object], list[object]]:
+        a = AsyncEngine(engine, ServerMetrics("fatal-test"), on_fatal=fatal.append)
+        a.start()
+        results: list[list[object]] = [[], []]
+
+        async def drain(stream, out: list[object]) -> None:  # type: ignore[no-untyped-def]
+            try:
+                async for item in stream:
+                    out.append(item)
+            except APIError as e:
+                out.append(e)
+
+        refused = a.submit("refused", PROMPT, SamplingParams(top_k=10_000))
+        await drain(refused, results[0])
+        await drain(a.submit("bad", PROMPT, bad), results[1])
+        assert a._done.wait(120), "the engine thread did not stop after the failure"
+        return results[0], results[1]
+
+    refused, failed = asyncio.run(main())
+    own.shutdown()
+    assert isinstance(refused[-1], APIError) and refused[-1].status == 400
+    assert isinstance(failed[-1], APIError) and failed[-1].status == 500
+    assert "engine failure: OverflowError" in failed[-1].message
+    assert fatal and "the engine loop failed" in fatal[0]

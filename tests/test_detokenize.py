@@ -87,3 +87,23 @@ def test_work_per_token_is_constant_for_long_outputs(tok: Tokenizer) -> None:
         per_step.append(d.decoded_tokens - before)
     assert max(per_step[-1000:]) == max(per_step[:1000]) <= 2 * 6 + 1
     assert sum(per_step[-1000:]) <= sum(per_step[:1000]) * 1.05
+
+
+def test_engine_detokenizes_a_constant_number_of_tokens_per_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Through the engine: a 400-token output with stop strings decodes about the same
+    number of tokens per step at the end as at the start."""
+    from trtdist import DistributedLLM, SamplingParams
+
+    with DistributedLLM("tiny", device="cpu", max_model_len=512) as llm:
+        engine = llm.engine
+        assert engine is not None
+        engine.add_request("r", [5, 6, 7], SamplingParams(
+            max_tokens=400, temperature=0.0, ignore_eos=True, stop=["<x>", "zz", "END", "@@"]))
+        per_step = []
+        while engine.has_unfinished:
+            before = engine.stats["detokenized_tokens"]
+            engine.step()
+            per_step.append(engine.stats["detokenized_tokens"] - before)
+    decode = per_step[1:]  # the first step is the prefill
+    assert len(decode) >= 390
+    assert max(decode[-50:]) <= 2 * 6 + 1 and max(decode[:50]) <= 2 * 6 + 1

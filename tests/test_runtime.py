@@ -103,3 +103,32 @@ def test_seeded_sampling_alone_equals_batched(hf_models: dict[str, Path],
         for (tb, lb, topb), (ta, la, topa) in zip(b[0]["logprobs"], a[0]["logprobs"]):
             assert tb == ta and abs(lb - la) < 1e-4 and len(topb) == 2
             assert all(abs(x[1] - y[1]) < 1e-4 for x, y in zip(topb, topa))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("count,logprobs,max_batch", [(300, None, 256), (40, 20, 16)],
+                         ids=["300-requests", "logprobs-20"])
+def test_pipeline_results_over_the_eager_limit_do_not_deadlock(
+        count: int, logprobs: int | None, max_batch: int, hf_models: dict[str, Path],
+        tmp_path: Path) -> None:
+    """A step result larger than MPI's eager limit (~4 KiB: 256 rows, or 13 with 20 logprobs)
+    used to block the last stage in `Send` while the leader blocked in the next plan's
+    broadcast, because the next batch was launched before the receive was posted."""
+    rng = random.Random(21)
+    params = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+    if logprobs is not None:
+        params["logprobs"] = logprobs
+    reqs = [{"prompt": [rng.randrange(300) for _ in range(8)], "params": params}
+            for _ in range(count)]
+    spec = {"llm": {"model": str(hf_models["llama"]), "tp_size": 1, "pp_size": 2,
+                    "dtype": "float32", "block_size": 8, "max_model_len": 32,
+                    "num_kv_blocks": 4 * count, "max_batch_size": max_batch},
+            "phases": [{"mode": "batch", "requests": reqs},
+                       {"mode": "alone", "requests": reqs}]}
+    batch, alone = _run(2, spec, tmp_path)
+    tokens = [o[0]["token_ids"] for o in batch["outputs"]]
+    assert tokens == [o[0]["token_ids"] for o in alone["outputs"]]
+    assert all(len(t) == 16 for t in tokens)
+    if logprobs is not None:
+        assert all(len(lp[2]) == logprobs for o in batch["outputs"] for lp in o[0]["logprobs"])
+    assert batch["num_free"] == batch["num_blocks"]

@@ -349,3 +349,30 @@ def test_steps_in_flight_keep_their_own_host_buffers() -> None:
         want = sampler.sample(x, p, np.arange(p.num_seqs))  # reuses a free slot
         assert np.array_equal(g, want)
     assert sampler._results_ring is not None and len(sampler._results_ring.entries) == 3
+
+
+def test_penalty_counts_read_fed_back_tokens_on_the_device() -> None:
+    """Overlap: a decode input may be a placeholder (-1 - row) for a token sampled on the
+    device; the counts then take the ids the model read, not the plan's."""
+    torch.manual_seed(5)
+    v = 24
+    logits = torch.randn(2, v)
+    rows = [{"rep": 1.4, "pres": 0.3, "freq": 0.7, "prompt_len": 3, "sid": 4},
+            {"rep": 2.0, "freq": 0.5, "prompt_len": 2, "sid": 9}]
+    new, ref = Sampler(CPU, vocab_size=v), ReferenceSampler(CPU)
+    first = _plan(rows, [[1, 2, 3], [7, 8]])
+    for s in (new, ref):
+        s.observe(first)
+    # step 2 feeds the tokens sampled in step 1 (17 and 5), known to the host only as -1 - r
+    decode = [{**rows[0], "start": 3}, {**rows[1], "start": 2}]
+    placeholders = _plan(decode, [[-1], [-2]])
+    real = _plan(decode, [[17], [5]])
+    new.observe(placeholders, torch.tensor([17, 5], dtype=torch.int32))
+    ref.observe(real)
+    got = new.adjusted_logits(logits.clone(), real, np.arange(2))
+    want = logits.clone()
+    ref._apply_penalties(want, real, np.arange(2))
+    assert torch.equal(got, want)
+    later = [{**rows[0], "start": 4}, {**rows[1], "start": 3}]
+    with pytest.raises(ValueError, match="placeholder ids"):
+        new.observe(_plan(later, [[-1], [-2]]))  # placeholders without the device ids

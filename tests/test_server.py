@@ -20,7 +20,7 @@ pytestmark = pytest.mark.mpi
 
 @pytest.fixture(scope="module")
 def server() -> LiveServer:
-    s = start_server(2, ["--max-model-len", "256"])
+    s = start_server(2, ["--max-model-len", "256", "--max-tokens-per-request", "1000"])
     yield s
     s.stop()
 
@@ -170,6 +170,27 @@ BAD = [  # (path, body or raw string, status, error type, message fragment)
                               "top_logprobs": 2}, 400, "invalid_request_error",
      "top_logprobs requires logprobs"),
     ("/v1/nothing", {}, 404, "invalid_request_error", "Not Found"),
+    # Values past what the engine takes are refused up front; the server keeps serving.
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "top_k": 9223372036854775808}, 400,
+     "invalid_request_error", "top_k must be"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "top_k": 2**31}, 400,
+     "invalid_request_error", "top_k must be"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "top_k": 100000}, 400,
+     "invalid_request_error", "top_k must be at most the vocabulary size"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stop_token_ids": [2**70]}, 400,
+     "invalid_request_error", "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "seed": 2**64}, 400,
+     "invalid_request_error", "seed"),
+    ("/v1/completions", '{"prompt": "a \\ud800 b", "max_tokens": 2}', 400,
+     "invalid_request_error", "lone surrogate"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udc00"}]}', 400,
+     "invalid_request_error", "lone surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "\ud800"}]}]}, 400, "invalid_request_error", "lone surrogate"),
+    ("/v1/completions", '{"prompt": "hi", "x": ' + "[" * 5000 + "]" * 5000 + "}", 400,
+     "invalid_request_error", "nested too deeply"),
+    ("/v1/completions", {"prompt": "hi", "n": 8, "max_tokens": 200}, 400,
+     "invalid_request_error", "--max-tokens-per-request"),
 ]
 
 
@@ -188,6 +209,79 @@ def test_bad_input_gets_openai_errors(server: LiveServer, path: str, body: objec
 
 def test_server_keeps_serving_after_bad_input(client: openai.OpenAI) -> None:
     assert client.completions.create(model="tiny", prompt="ok", max_tokens=2).choices
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_non_json_content_type_is_refused(server: LiveServer, content_type: str | None) -> None:
+    """Blind cross-site POSTs (forms, text/plain) need no CORS preflight; refuse them."""
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "hi"}', headers=headers)
+    assert r.status_code == 415, r.text
+    assert "application/json" in r.json()["error"]["message"]
+    ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 1},
+                    headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_default_max_tokens_fills_the_per_request_cap(server: LiveServer) -> None:
+    """A chat request without max_tokens gets the room left, at most the cap over n."""
+    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+        "messages": [{"role": "user", "content": "hi"}], "n": 8, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 8 * (1000 // 8)
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 16  # OpenAI's completions default
+
+
+def _median_keepalive_ms(url: str, count: int = 25) -> float:
+    import statistics
+    import time
+
+    with httpx.Client() as c:
+        c.get(url)  # connect
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            assert c.get(url).status_code == 200
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def test_keepalive_requests_are_not_held_by_nagle(server: LiveServer) -> None:
+    """The same kind of app on a listening socket made with protocol 0 (what serve._bind used
+    to do) waits for the client's delayed ACK on every keep-alive response; ours must not."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    ref = FastAPI()
+
+    @ref.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # protocol 0: no TCP_NODELAY
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(ref, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not uv.started:
+            time.sleep(0.05)
+        nagle = _median_keepalive_ms(f"http://127.0.0.1:{port}/health")
+        ours = _median_keepalive_ms(f"{server.url}/health")
+    finally:
+        uv.should_exit = True
+        thread.join()
+    assert ours < nagle / 4, f"median keep-alive /health {ours:.2f} ms vs {nagle:.2f} ms " \
+                             "with Nagle's delay"
 
 
 def test_200_concurrent_streams_then_all_blocks_free(server: LiveServer) -> None:

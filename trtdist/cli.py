@@ -1,4 +1,4 @@
-"""`trtdist` command line: build, generate, serve, bench, info."""
+"""`trtdist` command line: build, generate, serve, bench, perplexity, info."""
 
 from __future__ import annotations
 
@@ -66,6 +66,11 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                         "config.json")
     p.add_argument("--skip-checksums", action="store_true",
                    help="do not verify engine file checksums at load")
+    p.add_argument("--quant", choices=["auto", "none", "fp8"], default="auto",
+                   help="linear layers of a Hugging Face checkpoint or of --dummy-weights: "
+                        "fp8 quantizes them on the fly (E4M3, per-channel weight scales, "
+                        "per-token activations); auto keeps the model's own (an engine's is "
+                        "fixed at build)")
 
 
 def _fraction(value: str) -> float:
@@ -87,6 +92,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=_positive, default=None,
                    help="exact number of KV blocks (overrides --kv-cache-fraction)")
     p.add_argument("--block-size", type=_positive, default=16, help="tokens per KV block")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="do not plan step N+1 while step N runs (overlap is on by default "
+                        "with one pipeline stage)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false", help="do not reuse KV blocks of shared prefixes")
     p.add_argument("--enforce-eager", action="store_true",
@@ -112,8 +120,9 @@ def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
                 block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                 dummy_weights=args.dummy_weights, pp_partition=args.pp_partition,
                 verify_checksums=not args.skip_checksums, enforce_eager=args.enforce_eager,
+                overlap=args.overlap,
                 cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
-                attention_backend=args.attention_backend)
+                attention_backend=args.attention_backend, quant=args.quant)
 
 
 _MODEL_HELP = ("engine directory, Hugging Face directory, .gguf file, or 'tiny' (random test "
@@ -132,8 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pp-size", type=_positive, default=1)
     b.add_argument("--pp-partition", type=_partition, default=None)
     b.add_argument("--dtype", choices=_DTYPES, default="auto")
-    b.add_argument("--quant", choices=["none"], default="none",
-                   help="weight quantization (only 'none' so far)")
+    b.add_argument("--quant", choices=["auto", "none", "fp8"], default="auto",
+                   help="fp8: E4M3 weights with per-output-channel scales, activations "
+                        "quantized per token at run time (or per tensor with --calib-data); "
+                        "none: the model dtype (dequantizes an FP8 checkpoint); auto (default): "
+                        "fp8 if the checkpoint is FP8, else none")
+    b.add_argument("--calib-data", default=None, metavar="FILE",
+                   help="prompts (text, one a line, or JSONL with \"text\") run through the "
+                        "model here to calibrate static per-tensor FP8 activation scales")
 
     g = sub.add_parser("generate", help="complete prompts (under mpirun -n TP*PP, or alone: "
                                         "then it starts its own world)")
@@ -150,13 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallel(g)
     _add_runtime(g)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible server (run under mpirun -n TP*PP)")
+    s = sub.add_parser("serve", help="OpenAI-compatible server; starts its own world of TP*PP "
+                                     "ranks (or run it under mpirun -n TP*PP / srun)")
     s.add_argument("model", nargs="?", default=None,
                    help=_MODEL_HELP)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--served-model-name", default=None)
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $TRTDIST_API_KEY; a "
+                        "key on the command line is visible in ps)")
+    s.add_argument("--api-key-file", default=None,
+                   help="read the API key from this file (its first line)")
+    s.add_argument("--max-tokens-per-request", type=_positive, default=32768,
+                   help="most output tokens one request may ask for, n x max_tokens (default "
+                        "32768; more gets 400). A chat request without max_tokens gets the "
+                        "room left in the context, at most this over n; a completion gets 16")
     s.add_argument("--max-queue", type=_positive, default=None,
                    help="most waiting requests; more get 503 with Retry-After")
     s.add_argument("--shutdown-timeout", type=_nonnegative, default=30.0,
@@ -194,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print two result files side by side and exit (runs nothing)")
     _add_parallel(bn)
     _add_runtime(bn)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a text file through the runtime "
+                                           "(JSON output), e.g. to compare an FP8 engine "
+                                           "with its original")
+    pp.add_argument("model", nargs="?", default=None)
+    pp.add_argument("--text-file", required=True, help="the text to score")
+    pp.add_argument("--chunk", type=_positive, default=512, help="tokens per prefill step")
+    _add_parallel(pp)
+    _add_runtime(pp)
 
     i = sub.add_parser("info", help="describe an engine or checkpoint directory")
     i.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
@@ -236,6 +269,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from trtdist.launch.launcher import inside_mpi_job, run_under_mpirun
+
+    if not inside_mpi_job():
+        # NOTE: started alone, the ranks run under an mpirun child that this process stops
+        # in order on SIGINT/SIGTERM (see launch/launcher.py); MPI is never initialised here.
+        from trtdist.engine.source import resolve_model
+
+        tp, pp = _mapping_sizes(args, resolve_model(args.model, args.dummy_weights), 1)
+        if tp * pp > 1:
+            return run_under_mpirun(tp * pp, args.argv)
     from trtdist.server.serve import serve
 
     return serve(args, _llm_kwargs(args))
@@ -368,12 +411,33 @@ def cmd_bench_serve(argv: Sequence[str]) -> int:
         return 1
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trtdist.eval import perplexity
+    from trtdist.llm import DistributedLLM
+
+    text = Path(args.text_file).read_text()
+    llm = DistributedLLM(**_llm_kwargs(args))  # type: ignore[arg-type]
+    if not llm.is_leader:
+        return 0
+    with llm:
+        tok = llm.engine.tokenizer if llm.engine is not None else None
+        if tok is None:
+            raise ValueError(f"model {args.model} has no tokenizer to read --text-file with")
+        ids = tok.encode(text)
+        print(json.dumps({"perplexity": perplexity(llm, ids, args.chunk), "tokens": len(ids)}))
+    return 0
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from trtdist.engine.build import build_engine
 
     out = build_engine(args.model, args.output, args.tp_size, args.pp_size, args.dtype,
-                       args.pp_partition)
-    print(f"engine written to {out} ({args.tp_size * args.pp_size} rank files)")
+                       args.pp_partition, quant=args.quant, calib_data=args.calib_data)
+    quant = json.loads((out / "config.json").read_text())["build"]["quant"]
+    scheme = f", {quant['method']} ({quant['activation']} activations)" if quant else ""
+    print(f"engine written to {out} ({args.tp_size * args.pp_size} rank files{scheme})")
     return 0
 
 
@@ -384,6 +448,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {"kind": src.kind, "path": str(src.path), "model": src.config.to_dict()}
     if src.engine_meta:
         info |= {k: src.engine_meta[k] for k in ("mapping", "build", "files")}
+        info["quant"] = src.engine_meta["build"].get("quant") or "none"
+    elif src.path is not None:
+        from trtdist.engine.checkpoint import checkpoint_quant
+
+        cq = checkpoint_quant(json.loads((src.path / "config.json").read_text()))
+        info["quant"] = {"method": "fp8", "checkpoint": cq.to_dict()} if cq else "none"
     print(json.dumps(info, indent=2))
     return 0
 
@@ -393,8 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:2] == ["bench", "serve"]:
         return cmd_bench_serve(argv[2:])
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handlers = {"build": cmd_build, "generate": cmd_generate, "info": cmd_info,
-                "serve": cmd_serve, "bench": cmd_bench}
+                "serve": cmd_serve, "bench": cmd_bench, "perplexity": cmd_perplexity}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as e:

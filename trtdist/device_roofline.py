@@ -14,9 +14,16 @@ import torch
 
 
 def _time_cuda(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """Median seconds per call of `fn` on `device` (after one warm-up call)."""
-    fn()
-    torch.cuda.synchronize(device)
+    """Median seconds per call of `fn` on `device`, after ~0.2 s of warm-up calls.
+
+    NOTE: an idle GPU sits at low clocks (seen: 405 MHz SM on an H200); one warm-up call
+    is not enough to bring them up, and the ceilings came out ~30% low."""
+    import time
+
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.2:
+        fn()
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -53,9 +60,9 @@ def measure(device: torch.device) -> dict[str, float]:
     """`copy_bandwidth_gb_s` and `bf16_matmul_tflop_s` of a CUDA device."""
     if device.type != "cuda":
         raise ValueError(f"device roofline measurements need a CUDA device, got {device}")
-    # NOTE: runs after the KV pool took its share: stay well inside the memory left.
+    # NOTE: may run after the KV pool took its share: stay well inside the memory left.
     free = torch.cuda.mem_get_info(device)[0]
-    nbytes = max(min(1 << 30, free // 4) >> 20, 1) << 20
+    nbytes = max(min(2 << 30, free // 4) >> 20, 1) << 20
     n = 8192 if free >= 4 * 3 * 8192 ** 2 * 2 else 4096
     result = {"copy_bandwidth_gb_s": copy_bandwidth(device, nbytes) / 1e9,
               "bf16_matmul_tflop_s": matmul_flops(device, n) / 1e12}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import itertools
 import json
+import signal
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -25,6 +29,34 @@ from trtdist.tokenizer import Tokenizer
 Prompt = str | Sequence[int]
 
 
+def _shutdown_hook(ref: weakref.ref[DistributedLLM]) -> Callable[[], None]:
+    def hook() -> None:
+        llm = ref()
+        if llm is not None:
+            llm.shutdown()
+
+    return hook
+
+
+@contextlib.contextmanager
+def _sigint_at_step_boundary() -> Iterator[None]:
+    """Hold a Ctrl-C (KeyboardInterrupt) until the step ends: a step interrupted between
+    its collectives would leave the ranks in different ones, and the shutdown that follows
+    (at exit) would hang."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda sig, _frame: pending.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
+
+
 class DistributedLLM:
     """Generate with a model sharded over `tp_size * pp_size` ranks.
 
@@ -41,8 +73,12 @@ class DistributedLLM:
 
     On CUDA, decode steps replay CUDA graphs captured at load for the batch sizes
     `cuda_graph_batch_sizes` (default: 1, 2, 4, 8, then steps of 8 up to `max_batch_size`);
-    `enforce_eager=True` never captures. `attention_backend` is auto (Triton on CUDA, the
+    `enforce_eager=True` never captures. `overlap` (default on; pp_size 1) plans and launches
+    step N+1 while step N runs, reading not-yet-seen sampled tokens on the device. `attention_backend` is auto (Triton on CUDA, the
     torch reference elsewhere), torch or triton.
+    `quant` ('auto', 'none', 'fp8') quantizes a Hugging Face checkpoint or dummy weights
+    on the fly; an engine keeps the scheme it was built with ('auto' = the model's own: an
+    FP8 checkpoint stays FP8).
 
     A rank that sends no heartbeat for `worker_timeout` seconds is reported to
     `on_rank_failure(rank, seconds)` on the leader; by default the whole world is aborted
@@ -56,8 +92,10 @@ class DistributedLLM:
                  block_size: int = 16, enable_prefix_caching: bool = True,
                  dummy_weights: bool = False, pp_partition: Sequence[int] | None = None,
                  verify_checksums: bool = True, seed: int = 0, enforce_eager: bool = False,
+                 overlap: bool = True,
                  cuda_graph_batch_sizes: Sequence[int] | None = None,
-                 attention_backend: str = "auto", worker_timeout: float = 10.0,
+                 attention_backend: str = "auto", quant: str = "auto",
+                 worker_timeout: float = 10.0,
                  on_rank_failure: Callable[[int, float], None] | None = None) -> None:
         self.options = RankOptions(
             tp_size=tp_size, pp_size=pp_size, dtype=dtype, device=device, block_size=block_size,
@@ -68,9 +106,9 @@ class DistributedLLM:
             verify_checksums=verify_checksums, seed=seed, enforce_eager=enforce_eager,
             cuda_graph_batch_sizes=(tuple(cuda_graph_batch_sizes)
                                     if cuda_graph_batch_sizes is not None else None),
-            attention_backend=attention_backend)
+            attention_backend=attention_backend, quant=quant)
         engine_config = EngineConfig(max_batch_size, max_num_tokens, max_model_len,
-                                     enable_prefix_caching)
+                                     enable_prefix_caching, overlap)
         source = resolve_model(model, dummy_weights)
         size, existing = tp_size * pp_size, MPI.COMM_WORLD.Get_size()
         self._spawned: SpawnedWorld | None = None
@@ -106,6 +144,12 @@ class DistributedLLM:
         self.engine = LLMEngine(self._runner, source.config, tokenizer, engine_config,
                                 self._runner.kv.num_blocks, block_size)
         self._ids = itertools.count()
+        # NOTE: a script that ends without shutdown() (end of file, sys.exit, an exception,
+        # Ctrl-C) would otherwise hang in MPI_Finalize waiting for the workers: __del__ runs
+        # after mpi4py's exit hook. atexit runs hooks last-in first-out, and mpi4py registered
+        # its own when MPI was imported, so this one runs first.
+        self._exit_hook = _shutdown_hook(weakref.ref(self))
+        atexit.register(self._exit_hook)
 
     @property
     def is_leader(self) -> bool:
@@ -146,7 +190,7 @@ class DistributedLLM:
         pending = set(self._add(prompts, params))
         try:
             while pending:
-                for out in engine.step():
+                for out in self._step(engine):
                     if out.request_id in pending:
                         if out.finished:
                             pending.discard(out.request_id)
@@ -165,18 +209,25 @@ class DistributedLLM:
         order = self._add(prompts, params)
         pending = set(order)
         while pending:
-            for out in engine.step():
+            for out in self._step(engine):
                 if out.finished and out.request_id in pending:
                     final[out.request_id] = out
                     pending.discard(out.request_id)
         return [final[r] for r in order]
 
+    @staticmethod
+    def _step(engine: LLMEngine) -> list[RequestOutput]:
+        with _sigint_at_step_boundary():
+            return engine.step()
+
     # ---- lifetime ------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Leader: stop every rank and release the world (idempotent)."""
+        """Leader: stop every rank and release the world (idempotent). Runs by itself at
+        interpreter exit if the script did not call it."""
         if self._closed or not self.world.is_leader:
             return
         assert self.engine is not None
+        atexit.unregister(self._exit_hook)
         self.engine.abort_all()
         self.engine.drain()
         self._runner.shutdown()

@@ -2,9 +2,48 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_N = 64  # most completions per request (the OpenAI API's 128 is more than a batch wants)
+MAX_INT32 = 2**31 - 1  # bound of token counts, top_k and token ids (the runtime's int32 ops)
+_INT_FIELDS = ("n", "max_tokens", "top_k", "min_tokens")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+
+
+def _check_types(p: SamplingParams) -> None:
+    """Wrong Python types fail here, naming the field, not deep in the engine."""
+    def is_int(v: object) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    for name in _INT_FIELDS:
+        v = getattr(p, name)
+        if not is_int(v):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+        object.__setattr__(p, name, int(v))
+    for name in ("seed", "logprobs", "prompt_logprobs"):
+        v = getattr(p, name)
+        if v is not None:
+            if not is_int(v):
+                raise ValueError(f"{name} must be an integer or None, got {v!r}")
+            object.__setattr__(p, name, int(v))
+    for name in _FLOAT_FIELDS:
+        v = getattr(p, name)
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+        object.__setattr__(p, name, float(v))
+    for name in _BOOL_FIELDS:
+        v = getattr(p, name)
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be True or False, got {v!r}")
+    if not all(is_int(t) and 0 <= t <= MAX_INT32 for t in p.stop_token_ids):
+        raise ValueError(f"stop_token_ids must be token ids in [0, {MAX_INT32}], got "
+                         f"{list(p.stop_token_ids)}")
+    object.__setattr__(p, "stop_token_ids", tuple(int(t) for t in p.stop_token_ids))
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +84,8 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check_types(self)
         bias = self.logit_bias
         items = bias.items() if isinstance(bias, dict) else bias
         try:
@@ -56,10 +96,12 @@ class SamplingParams:
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         checks = [
-            (self.n >= 1, f"n must be >= 1, got {self.n}"),
-            (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
+            (1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}"),
+            (0 <= self.max_tokens <= MAX_INT32,
+             f"max_tokens must be in [0, {MAX_INT32}], got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be -1, 0 (off) or positive, got {self.top_k}"),
+            (0 <= self.top_k <= MAX_INT32,
+             f"top_k must be -1 or 0 (off), or in [1, {MAX_INT32}], got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0,
@@ -74,7 +116,8 @@ class SamplingParams:
              f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}"),
             (all(-100 <= b <= 100 for _, b in self.logit_bias),
              "logit_bias values must be in [-100, 100]"),
-            (all(t >= 0 for t, _ in self.logit_bias), "logit_bias token ids must be >= 0"),
+            (all(0 <= t <= MAX_INT32 for t, _ in self.logit_bias),
+             f"logit_bias token ids must be in [0, {MAX_INT32}]"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got "
                                                           f"{self.seed}"),
             (0 <= self.min_tokens <= self.max_tokens,

@@ -1,5 +1,5 @@
-"""`trtdist build`: shard a Hugging Face checkpoint (or a GGUF file) into one safetensors file per
-rank."""
+"""`trtdist build`: shard (and optionally quantize) a Hugging Face checkpoint or a GGUF file
+into one safetensors file per rank."""
 
 from __future__ import annotations
 
@@ -8,18 +8,21 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from trtdist.config import DTYPE_NAMES, parse_dtype
-from trtdist.engine.checkpoint import open_checkpoint
+from trtdist.engine.checkpoint import CheckpointQuant, open_checkpoint, resolve_quant
 from trtdist.engine.gguf_source import GGUFCheckpoint
 from trtdist.engine.source import ENGINE_FORMAT, ENGINE_VERSION
-from trtdist.models.llama_weights import required_hf_names, shard_llama
+from trtdist.models.llama_weights import process_linears, required_hf_names, shard_llama
+from trtdist.parallel.layers import make_linear_method
 from trtdist.parallel.mapping import Mapping
 from trtdist.parallel.pipeline import split_layers
+from trtdist.parallel.quant import QuantConfig
 from trtdist.parallel.shard import attention_shard
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -56,15 +59,26 @@ def resolve_dtype(name: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
 
 def build_engine(hf_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_size: int = 1,
                  dtype: str = "auto", pp_partition: Sequence[int] | None = None,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, quant: str = "auto",
+                 calib_data: str | Path | None = None) -> Path:
     """Write `out_dir/config.json` and `out_dir/rank{r}.safetensors` for every rank.
 
     `hf_dir` is a Hugging Face checkpoint directory or a llama `.gguf` file.
+
+    `quant`: 'none', 'fp8' (E4M3 weights, one scale per output channel computed from each
+    rank's shard; activations per token at run time) or 'auto' (FP8 if the checkpoint is).
+    `calib_data` (a text file, one prompt a line, or JSONL with "text"/"prompt" fields) makes
+    FP8 activations static: the prompts run through the unquantized model here, and each
+    linear layer's input amax / 448 becomes its `input_scale`.
     """
     ckpt = open_checkpoint(hf_dir)
     cfg = ckpt.config
     stages = validate_parallelism(cfg, tp_size, pp_size, pp_partition)
     torch_dtype = resolve_dtype(dtype, cfg.checkpoint_dtype())
+    qc = resolve_quant(quant, ckpt.quant, static=calib_data is not None)
+    if calib_data is not None and not qc.is_quantized:
+        raise ValueError("--calib-data calibrates FP8 activation scales; it needs --quant fp8")
+    method = make_linear_method(qc)
     world = tp_size * pp_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,12 +88,21 @@ def build_engine(hf_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_s
         if missing:
             raise ValueError(f"checkpoint {hf_dir} lacks {len(missing)} tensor(s) needed by "
                              f"rank {rank}, e.g. {missing[:3]}")
+    input_scales, calib_info = None, None
+    if calib_data is not None:
+        from trtdist.engine.calibrate import calibrate_input_scales
+
+        input_scales, calib_info = calibrate_input_scales(hf_dir, calib_data, dtype)
+    cq = ckpt.quant
     files: dict[str, dict[str, object]] = {}
     bar = tqdm(total=world, desc="build", unit="rank", disable=not progress)
     for rank in range(world):
         m = Mapping(world, tp_size, pp_size, rank)
-        tensors = {name: t.to(torch_dtype).contiguous()
-                   for name, t in shard_llama(ckpt.get, cfg, m, stages[m.pp_rank])}
+        shard = shard_llama(ckpt.get, cfg, m, stages[m.pp_rank],
+                            weight_scales=cq is not None and cq.block is None,
+                            input_scales=cq is not None and cq.static_inputs and not input_scales)
+        tensors = {name: t.contiguous() for name, t in
+                   process_linears(shard, method, torch_dtype, f"rank {rank}", input_scales)}
         path = out / rank_file(rank)
         save_file(tensors, str(path), metadata={"rank": str(rank), "format": ENGINE_FORMAT})
         files[rank_file(rank)] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -97,9 +120,24 @@ def build_engine(hf_dir: str | Path, out_dir: str | Path, tp_size: int = 1, pp_s
         "model": cfg.to_dict(),
         "mapping": {"world_size": world, "tp_size": tp_size, "pp_size": pp_size,
                     "pp_partition": [len(s) for s in stages]},
-        "build": {"dtype": DTYPE_NAMES[torch_dtype], "quant": None,
+        "build": {"dtype": DTYPE_NAMES[torch_dtype], "quant": _quant_meta(qc, cq, calib_info),
                   "source": str(Path(hf_dir).resolve())},
         "files": files,
     }
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def _quant_meta(qc: QuantConfig, ckpt_quant: CheckpointQuant | None,
+                calib: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`build.quant` of config.json: the scheme, and where its scales came from."""
+    meta = qc.to_dict()
+    if meta is None:
+        return None
+    meta["weight_scales"] = ("from the checkpoint" if ckpt_quant is not None
+                             and ckpt_quant.block is None else "amax / 448 per rank's shard")
+    if ckpt_quant is not None:
+        meta["checkpoint"] = ckpt_quant.to_dict()
+    if calib is not None:
+        meta["calibration"] = calib
+    return meta

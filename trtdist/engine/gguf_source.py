@@ -118,6 +118,8 @@ def _config_dict(reader: Any, path: Path, tied: bool) -> dict[str, Any]:
 class GGUFCheckpoint:
     """Tensors of a llama GGUF file under Hugging Face names, dequantized to float32 lazily."""
 
+    quant = None  # GGUF's own quantizations are dequantized on read (no FP8 layout to keep)
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():

@@ -12,11 +12,30 @@ from safetensors import SafetensorError, safe_open
 from trtdist.comm.base import Communicator
 from trtdist.config import DTYPE_NAMES, parse_dtype
 from trtdist.engine.build import rank_file, resolve_dtype, sha256_file, validate_parallelism
-from trtdist.engine.checkpoint import open_checkpoint
+from trtdist.engine.checkpoint import HFCheckpoint, open_checkpoint, resolve_quant
+from trtdist.engine.gguf_source import GGUFCheckpoint
 from trtdist.engine.source import ModelSource
 from trtdist.models.llama import LlamaStage
-from trtdist.models.llama_weights import shard_llama
+from trtdist.models.llama_weights import process_linears, shard_llama
+from trtdist.parallel.layers import ColumnParallelLinear, RowParallelLinear, make_linear_method
 from trtdist.parallel.mapping import Mapping
+from trtdist.parallel.quant import QuantConfig
+
+
+def source_quant(source: ModelSource, quant: str,
+                 ckpt: HFCheckpoint | GGUFCheckpoint | None = None) -> QuantConfig:
+    """The scheme this source runs with: an engine's is fixed at build (asking for another
+    is an error); a Hugging Face checkpoint is quantized (or dequantized) on the fly; dummy
+    weights take `quant` ('auto' = none)."""
+    if source.kind == "engine":
+        assert source.engine_meta is not None
+        built = QuantConfig.from_dict(source.engine_meta["build"].get("quant"))
+        if quant not in ("auto", built.method):
+            raise ValueError(f"engine {source.path} was built with quantization "
+                             f"{built.method!r}; --quant {quant} needs a rebuild (or pass "
+                             "--quant auto)")
+        return built
+    return resolve_quant(quant, ckpt.quant if ckpt is not None else None)
 
 
 def stage_dtype(source: ModelSource, dtype: str) -> torch.dtype:
@@ -92,7 +111,16 @@ def _engine_tensors(source: ModelSource, rank: int,
 
 def _dummy_fill(model: LlamaStage, seed: int, rank: int) -> None:
     gen = torch.Generator(device=model.device).manual_seed(seed * 1009 + rank)
+    done: set[str] = set()
+    for prefix, mod in model.named_modules():
+        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
+            mod.method.dummy_fill(mod, gen)  # random weights in the method's own layout
+            if mod.bias is not None:
+                mod.bias.data.zero_()
+            done.update(f"{prefix}.{n}" for n, _ in mod.named_parameters())
     for name, p in model.named_parameters():
+        if name in done:
+            continue
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
         elif name.endswith(".bias"):
@@ -103,23 +131,32 @@ def _dummy_fill(model: LlamaStage, seed: int, rank: int) -> None:
 
 def load_stage(source: ModelSource, mapping: Mapping, tp: Communicator, device: torch.device,
                dtype: str = "auto", pp_partition: Sequence[int] | None = None,
-               verify_checksums: bool = True, seed: int = 0) -> LlamaStage:
-    """Build this rank's `LlamaStage` and fill it from `source`."""
+               verify_checksums: bool = True, seed: int = 0,
+               quant: str = "auto") -> LlamaStage:
+    """Build this rank's `LlamaStage` and fill it from `source`. `quant` ('auto', 'none',
+    'fp8') picks the linear method where the source does not fix it (see `source_quant`)."""
     cfg = source.config
     partition = engine_partition(source, mapping) or pp_partition
     stages = validate_parallelism(cfg, mapping.tp_size, mapping.pp_size, partition)
     layers = stages[mapping.pp_rank]
     torch_dtype = stage_dtype(source, dtype)
-    model = LlamaStage(cfg, mapping, layers, tp, torch_dtype, device)
+    ckpt = None
+    if source.kind in ("hf", "gguf"):
+        assert source.path is not None
+        ckpt = open_checkpoint(source.path)
+    method = make_linear_method(source_quant(source, quant, ckpt))
+    model = LlamaStage(cfg, mapping, layers, tp, torch_dtype, device, quant=method)
     where = f"rank {mapping.rank}"
     with torch.no_grad():
         if source.kind == "engine":
             _copy_into(model, _engine_tensors(source, mapping.rank, verify_checksums), where)
-        elif source.kind in ("hf", "gguf"):
-            assert source.path is not None
-            ckpt = open_checkpoint(source.path)
-            _copy_into(model, shard_llama(ckpt.get, cfg, mapping, layers),
-                       f"{where} loading {Path(source.path)}")
+        elif ckpt is not None:
+            where = f"{where} loading {Path(ckpt.path)}"
+            cq = ckpt.quant
+            shard = shard_llama(ckpt.get, cfg, mapping, layers,
+                                weight_scales=cq is not None and cq.block is None,
+                                input_scales=cq is not None and cq.static_inputs)
+            _copy_into(model, process_linears(shard, method, torch_dtype, where), where)
         else:
             _dummy_fill(model, seed, mapping.rank)
     return model.eval()

@@ -20,6 +20,7 @@ from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
 from trtdist.models.rope import inv_frequencies
 from trtdist.parallel.layers import (
     ColumnParallelLinear,
+    LinearMethod,
     ParallelLMHead,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -56,7 +57,8 @@ class RMSNorm(nn.Module):
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, mapping: Mapping, tp: Communicator,
-                 window: int | None, dtype: torch.dtype, device: torch.device) -> None:
+                 window: int | None, dtype: torch.dtype, device: torch.device,
+                 quant: LinearMethod | None = None) -> None:
         super().__init__()
         shard = attention_shard(cfg.num_heads, cfg.num_kv_heads, mapping.tp_size,
                                 mapping.tp_rank)
@@ -65,8 +67,9 @@ class LlamaAttention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.window = window
         self.qkv = ColumnParallelLinear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
-                                        cfg.qkv_bias, dtype, device)
-        self.o = RowParallelLinear(self.q_size, cfg.hidden_size, cfg.o_bias, dtype, device, tp)
+                                        cfg.qkv_bias, dtype, device, quant)
+        self.o = RowParallelLinear(self.q_size, cfg.hidden_size, cfg.o_bias, dtype, device, tp,
+                                   quant)
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> torch.Tensor:
@@ -83,15 +86,17 @@ class LlamaAttention(nn.Module):
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mapping: Mapping, tp: Communicator,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device,
+                 quant: LinearMethod | None = None) -> None:
         super().__init__()
         if cfg.intermediate_size % mapping.tp_size:
             raise ValueError(f"intermediate_size {cfg.intermediate_size} is not divisible by "
                              f"tp_size {mapping.tp_size}")
         self.inter = cfg.intermediate_size // mapping.tp_size
         self.gate_up = ColumnParallelLinear(cfg.hidden_size, 2 * self.inter, cfg.mlp_bias,
-                                            dtype, device)
-        self.down = RowParallelLinear(self.inter, cfg.hidden_size, cfg.mlp_bias, dtype, device, tp)
+                                            dtype, device, quant)
+        self.down = RowParallelLinear(self.inter, cfg.hidden_size, cfg.mlp_bias, dtype, device, tp,
+                                      quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(silu_and_mul(self.gate_up(x)))
@@ -99,12 +104,14 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, mapping: Mapping, tp: Communicator, index: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device,
+                 quant: LinearMethod | None = None) -> None:
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.attn = LlamaAttention(cfg, mapping, tp, cfg.sliding_windows[index], dtype, device)
+        self.attn = LlamaAttention(cfg, mapping, tp, cfg.sliding_windows[index], dtype, device,
+                                   quant)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(cfg, mapping, tp, dtype, device)
+        self.mlp = LlamaMLP(cfg, mapping, tp, dtype, device, quant)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext
@@ -120,7 +127,8 @@ class LlamaStage(nn.Module):
     """One pipeline stage of one TP rank. Parameter names are the engine file's names."""
 
     def __init__(self, cfg: ModelConfig, mapping: Mapping, layers: range, tp: Communicator,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device,
+                 quant: LinearMethod | None = None) -> None:
         super().__init__()
         self.cfg, self.mapping, self.layer_ids = cfg, mapping, layers
         self.dtype, self.device = dtype, device
@@ -132,7 +140,7 @@ class LlamaStage(nn.Module):
                                                       cfg.max_position_embeddings),
                              persistent=False)
         self.layers = nn.ModuleDict({
-            str(i): LlamaDecoderLayer(cfg, mapping, tp, i, dtype, device) for i in layers
+            str(i): LlamaDecoderLayer(cfg, mapping, tp, i, dtype, device, quant) for i in layers
         })
         if mapping.is_last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)

@@ -51,9 +51,10 @@ class IncrementalDetokenizer:
         self.decoded_tokens += len(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def append(self, token_ids: Sequence[int]) -> str | None:
+    def append(self, token_ids: Sequence[int], check_stop: bool = True) -> str | None:
         """Add generated tokens. Returns the stop string if the text now ends at one (no
-        further text is produced after that)."""
+        further text is produced after that). `check_stop` False (the first min_tokens
+        tokens) lets text through that contains a stop string."""
         if self.stopped is not None:
             return self.stopped
         self.tokens.extend(token_ids)
@@ -67,7 +68,7 @@ class IncrementalDetokenizer:
         self.text += full[len(prefix_text):]
         self._prefix = max(self._read, len(self.tokens) - _CONTEXT)
         self._read = len(self.tokens)
-        return self._check_stop(before)
+        return self._check_stop(before) if check_stop else None
 
     def _check_stop(self, before: int) -> str | None:
         if not self.stop:

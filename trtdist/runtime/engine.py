@@ -18,9 +18,10 @@ from trtdist.config import ModelConfig
 from trtdist.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from trtdist.runtime.block_allocator import KVBlockAllocator
 from trtdist.runtime.model_runner import ModelRunner
-from trtdist.runtime.plan import FORWARD, StepPlan
+from trtdist.runtime.plan import FEEDBACK, FORWARD, StepPlan
 from trtdist.runtime.prompt_logprobs import prompt_targets
 from trtdist.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from trtdist.runtime.detokenize import IncrementalDetokenizer
 from trtdist.runtime.sequence import Sequence
 from trtdist.runtime.validation import RequestError, check_request
 from trtdist.sampling_params import SamplingParams
@@ -35,6 +36,9 @@ class EngineConfig:
     max_num_tokens: int = 8192
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    # Schedule and launch step N+1 while step N runs (pp_size 1): decode inputs that are
+    # still being sampled are read on the device; stops are seen one step late.
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens"):
@@ -67,16 +71,22 @@ class LLMEngine:
                              f"hold one sequence of max_model_len {self.max_model_len}; lower "
                              "--max-model-len or give the KV cache more memory")
         self.allocator = KVBlockAllocator(num_blocks, block_size, config.enable_prefix_caching)
+        # NOTE: overlap needs the sampled tokens on the first stage's device: with one
+        # pipeline stage the sampling rank is on it (pp_size > 1 keeps its own pipelining).
+        self.overlap = config.overlap and runner.mapping.pp_size == 1
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_num_tokens,
-                                                   self.max_model_len), self.allocator)
+                                                   self.max_model_len, self.overlap),
+                                   self.allocator)
         self.eos_ids = frozenset((tokenizer.eos_token_ids if tokenizer else ())
                                  or model_cfg.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self.in_flight: deque[tuple[ScheduledBatch, StepPlan]] = deque()
-        self.pipeline_depth = runner.mapping.pp_size
+        # batches in flight: one per pipeline stage, plus one with overlap
+        self.pipeline_depth = runner.mapping.pp_size + int(self.overlap)
         self._released: list[int] = []
         self._seq_ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
+                      "detokenized_tokens": 0, "overlapped_steps": 0}
 
     # ---- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | Seq[int],
@@ -115,6 +125,9 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         seq.metrics.finished_time = time.time()
+        if seq.detok is not None:  # a trailing incomplete character becomes text now
+            seq.detok.flush()
+            seq.text = seq.detok.text
         self.scheduler.finish(seq, reason, stop_reason)
         self._released.append(seq.seq_id)
 
@@ -130,9 +143,15 @@ class LLMEngine:
         ints = np.empty((11, s), dtype=np.int64)
         bias_ids: list[int] = []
         bias_values: list[float] = []
+        sampled_rows = 0
+        feedback = False
         for i, (e, table) in enumerate(zip(entries, tables)):
             seq, nc, n, p = e.seq, e.seq.num_computed, e.num_new, e.seq.params
-            ids.append(seq.token_ids[nc:nc + n])
+            known = seq.token_ids[nc:nc + n]
+            if len(known) < n:  # the pending token: read on the device (overlap)
+                known = [*known, -1 - seq.sample_row]
+                feedback = True
+            ids.append(known)
             pos.append(range(nc, nc + n))
             block_tables[i, :len(table)] = table
             scores = seq.wants_prompt_logprobs and nc < seq.prompt_len
@@ -149,11 +168,20 @@ class LLMEngine:
                 seq.metrics.scheduled_time = time.time()
             floats[i] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty,
                          p.presence_penalty, p.frequency_penalty)
-            seq.in_flight = True
+            if seq.num_output == 0 and nc < seq.prompt_len:
+                self.stats["prompt_tokens"] += min(n, seq.prompt_len - nc)
+            # NOTE: counters move when the batch is launched, not when it returns, so that
+            # the next batch can be planned while this one runs.
+            seq.in_flight += 1
+            seq.num_computed = nc + n
+            if e.samples:
+                seq.num_pending += 1
+                seq.sample_row = sampled_rows
+                sampled_rows += 1
         released, self._released = np.array(self._released, dtype=np.int64), []
         return StepPlan(FORWARD, np.fromiter(itertools.chain.from_iterable(ids), np.int64),
                         np.fromiter(itertools.chain.from_iterable(pos), np.int64),
-                        ints[0], ints[1], block_tables, 0, ints[2], ints[3], ints[4], ints[5],
+                        ints[0], ints[1], block_tables, FEEDBACK if feedback else 0, ints[2], ints[3], ints[4], ints[5],
                         ints[6], ints[7], floats, released, prompt_logprobs=ints[8],
                         next_prompt_token=ints[9], bias_counts=ints[10],
                         bias_ids=np.array(bias_ids, dtype=np.int64),
@@ -167,6 +195,7 @@ class LLMEngine:
             if batch is None:
                 break
             plan = self._plan(batch)
+            self.stats["overlapped_steps"] += bool(plan.flags & FEEDBACK)
             self.runner.launch(plan)
             self.in_flight.append((batch, plan))
         if not self.in_flight:
@@ -184,6 +213,7 @@ class LLMEngine:
         # rows after the sampled ones score prompt tokens (runtime/prompt_logprobs.py)
         prompt_row = int(np.count_nonzero(plan.sample))
         prompt_counts = prompt_targets(plan).counts
+        starts = plan.context_lens - plan.query_lens  # num_computed when planned
         for i, e in enumerate(batch.entries):
             seq = e.seq
             samples = e.samples
@@ -191,17 +221,16 @@ class LLMEngine:
             if samples:
                 r = result[row]
                 row += 1
+                seq.num_pending -= 1
             if prompt_counts[i]:
                 rows = result[prompt_row:prompt_row + prompt_counts[i]]
                 prompt_row += int(prompt_counts[i])
                 if not seq.is_finished:
-                    self._add_prompt_logprobs(seq, seq.num_computed + 1, rows)
-            if seq.is_finished:  # aborted while in flight
+                    self._add_prompt_logprobs(seq, int(starts[i]) + 1, rows)
+            if seq.is_finished:  # aborted (or stopped a step late) while in flight
                 continue
-            if seq.num_output == 0 and seq.num_computed < seq.prompt_len:
-                self.stats["prompt_tokens"] += min(e.num_new, seq.prompt_len - seq.num_computed)
-            seq.num_computed += e.num_new
-            self.allocator.register(seq.seq_id, seq.token_ids, seq.num_computed)
+            self.allocator.register(seq.seq_id, seq.token_ids,
+                                    min(seq.num_computed, seq.num_tokens))
             if not samples:
                 continue
             touched[seq.request_id] = self.requests[seq.request_id]
@@ -234,33 +263,30 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        previous_len = len(seq.text)
+        can_stop = seq.num_output > p.min_tokens  # the first min_tokens tokens never stop
+        stop_string = None
         if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids, p.skip_special_tokens)
-        if seq.num_output > p.min_tokens:  # the first min_tokens tokens never stop
+            # NOTE: incremental: constant work per token (runtime/detokenize.py), where
+            # decoding the whole output again each time made a long output quadratic.
+            if seq.detok is None:
+                seq.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens,
+                                                   p.stop, p.include_stop_str_in_output)
+            before = seq.detok.decoded_tokens
+            stop_string = seq.detok.append([token], check_stop=can_stop)
+            self.stats["detokenized_tokens"] += seq.detok.decoded_tokens - before
+            seq.text = seq.detok.text
+        if can_stop:
             if token in p.stop_token_ids:
                 self._finish(seq, "stop", token)
                 return
             if not p.ignore_eos and token in self.eos_ids:
                 self._finish(seq, "stop", None)
                 return
-            if p.stop and self._cut_at_stop_string(seq, previous_len):
+            if stop_string is not None:
+                self._finish(seq, "stop", stop_string)
                 return
         if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
-
-    def _cut_at_stop_string(self, seq: Sequence, previous_len: int) -> bool:
-        # NOTE: the text is decoded from all output tokens each time (simple and exact when
-        # tokens merge across boundaries); only a match ending in the new text can be new.
-        longest = max(len(s) for s in seq.params.stop)
-        start = max(0, previous_len - longest + 1)
-        hits = [(i, s) for s in seq.params.stop if (i := seq.text.find(s, start)) >= 0]
-        if not hits:
-            return False
-        i, s = min(hits)
-        seq.text = seq.text[:i + len(s)] if seq.params.include_stop_str_in_output else seq.text[:i]
-        self._finish(seq, "stop", s)
-        return True
 
     def _output(self, req: _Request) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,

@@ -45,7 +45,14 @@ class Heartbeat:
         status = MPI.Status()
         peers = range(1, self.size) if self.rank == 0 else [0]
         reported = False
+        tick = time.monotonic()
         while not self._stop.wait(self.interval):
+            if (now := time.monotonic()) - tick > max(self.timeout / 2, 4 * self.interval):
+                # NOTE: this thread itself did not run for a while (the process was stopped
+                # and resumed, or starved): every peer looks late to it, and blaming one would
+                # name the wrong rank. Give each peer a fresh timeout from now instead.
+                self.last_seen = [now] * self.size
+            tick = now
             self._pending = [r for r in self._pending if not r.Test()]
             self._pending += [self.comm.Isend(msg, dest=p, tag=_TAG) for p in peers]
             while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):

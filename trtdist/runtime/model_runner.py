@@ -7,6 +7,7 @@ from collections import deque
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
 from trtdist.comm.world import World
 from trtdist.models.llama import LlamaStage
@@ -14,7 +15,8 @@ from trtdist.parallel.groups import ParallelGroups
 from trtdist.runtime.graph_runner import CUDAGraphRunner, run_stage
 from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.kv_cache import KVCache
-from trtdist.runtime.plan import RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
+from trtdist.runtime.host_transfer import SampledStep
+from trtdist.runtime.plan import FEEDBACK, RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
 from trtdist.runtime.prompt_logprobs import prompt_logprobs_of, prompt_targets, result_shape
 from trtdist.runtime.sampler import Sampler
 
@@ -33,10 +35,18 @@ class ModelRunner:
         self.inputs, self.hidden_in, self.graphs = inputs, hidden_in, graphs
         self.mapping = groups.mapping
         self.device = model.device
-        self._local_results: deque[np.ndarray] = deque()
+        self._local_results: deque[np.ndarray | SampledStep] = deque()
+        # NOTE: the leader posts the receive of each plan's result when it launches the plan,
+        # and the last stage sends with Isend. A result over MPI's eager limit (~4 KiB on
+        # shared memory) otherwise blocks the last stage in Send while the leader blocks in
+        # the next plan's broadcast: a deadlock as soon as two batches are in flight.
+        self._pending_results: deque[tuple[MPI.Request, np.ndarray]] = deque()
+        self._pending_sends: list[tuple[MPI.Request, np.ndarray]] = []
         self.samples = self.mapping.is_last_stage and self.mapping.tp_rank == 0
         self.sampler = Sampler(self.device, model.cfg.vocab_size) if self.samples else None
         self._hidden: list[torch.Tensor] = []  # last stage: final hidden states, when needed
+        # the last step's sampled tokens, on every rank of a one-stage world (see FEEDBACK)
+        self.fed_back = torch.zeros(inputs.max_seqs, dtype=torch.int32, device=self.device)
 
     # ---- control plane -------------------------------------------------------------
     def broadcast_plan(self, plan: StepPlan | None) -> StepPlan:
@@ -65,6 +75,8 @@ class ModelRunner:
         bucket = (self.graphs.bucket_for(plan) if self.graphs is not None and not scores_prompt
                   else None)
         views = self.inputs.fill(plan, pad_to=bucket)
+        if plan.flags & FEEDBACK and m.is_first_stage:
+            self._resolve_fed_back(views.input_ids[:t])
         if not m.is_first_stage:
             assert self.hidden_in is not None
             self.groups.pp.recv(self.hidden_in[:t], m.pp_rank - 1)
@@ -87,6 +99,12 @@ class ModelRunner:
             return None
         return out
 
+    def _resolve_fed_back(self, ids: torch.Tensor) -> None:
+        """Input ids -1 - r become the token sampled in the previous step's row r (read on
+        the device, in stream order after that step's sampler: no host round trip)."""
+        rows = (-1 - ids).clamp_(min=0).long()
+        torch.where(ids < 0, self.fed_back.index_select(0, rows), ids, out=ids)
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> None:
         logits = self._forward(plan)
@@ -97,34 +115,73 @@ class ModelRunner:
         if self._hidden:  # the logits' gather is collective over the TP group
             prompt_rows = prompt_logprobs_of(self.model, self._hidden.pop(), plan)
         if not self.samples:
+            self._share_sampled(None, rows.size)
             return
         assert self.sampler is not None
-        self.sampler.observe(plan)
+        # NOTE: the ids the model read: FEEDBACK placeholders resolved on the (first) stage
+        ids = self.inputs.dev["input_ids"][:plan.num_tokens] if self.mapping.is_first_stage \
+            else None
+        self.sampler.observe(plan, ids)
+        result: np.ndarray | SampledStep
         if plan.flags & RETURN_ALL_LOGITS:
             result = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
+            self._share_sampled(None, rows.size)
         else:
-            result = self.sampler.sample(logits, plan, rows, prompt_rows=prompt_rows)
+            # [N + P, width] float64: sampled rows, then prompt-logprob rows
+            out = self.sampler.sample_device(logits, plan, rows, prompt_rows)
+            self._share_sampled(out[:rows.size, 0], rows.size)
+            result = self.sampler.to_host(out)  # the step's one device-to-host copy
         if self.world.rank == 0:
             self._local_results.append(result)
         else:
-            self.world.comm.Send(result, dest=0, tag=_RESULT_TAG)
+            if isinstance(result, SampledStep):
+                result = result.wait()
+            self._send_result(np.ascontiguousarray(result))
+
+    def _send_result(self, result: np.ndarray) -> None:
+        # Completed sends release their buffers; the rest stay referenced until complete.
+        self._pending_sends = [(r, b) for r, b in self._pending_sends if not r.Test()]
+        self._pending_sends.append((self.world.comm.Isend(result, dest=0, tag=_RESULT_TAG),
+                                    result))
+
+    def _result_buffer(self, plan: StepPlan) -> np.ndarray:
+        """An empty array shaped like `plan`'s result (see `collect`)."""
+        if plan.flags & RETURN_ALL_LOGITS:
+            return np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
+        return np.empty(result_shape(plan), dtype=np.float64)
+
+    def _share_sampled(self, tokens: torch.Tensor | None, n: int) -> None:
+        """Keep this step's sampled tokens on the device for the next step's inputs
+        (overlap: `FEEDBACK` plans). With one pipeline stage every rank runs the embedding,
+        so the sampling rank broadcasts them over the TP group (a few bytes, on the stream)."""
+        if self.mapping.pp_size != 1 or n == 0:
+            return
+        buf = self.fed_back[:n]
+        if tokens is not None:
+            buf.copy_(tokens)
+        if self.mapping.tp_size > 1:
+            self.groups.tp.broadcast(buf, 0)
 
     def collect(self, plan: StepPlan) -> np.ndarray:
         """Leader: the oldest outstanding step's result from the sampling rank: all logits
         `[T, vocab]` float32, or one row per sampled sequence then one per scored prompt token
         (see `runtime/prompt_logprobs.py`)."""
         if self._local_results:
-            return self._local_results.popleft()
-        if plan.flags & RETURN_ALL_LOGITS:
-            out = np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
-        else:
-            out = np.empty(result_shape(plan), dtype=np.float64)
-        self.world.comm.Recv(out, source=self.mapping.last_stage_leader, tag=_RESULT_TAG)
+            result = self._local_results.popleft()
+            return result.wait() if isinstance(result, SampledStep) else result
+        request, out = self._pending_results.popleft()
+        request.Wait()
         return out
 
     def launch(self, plan: StepPlan) -> None:
         """Leader: broadcast a plan and run its own part; the result is collected later, so
-        with pipeline parallelism several plans can be in flight."""
+        with pipeline parallelism several plans can be in flight. The receive of the result
+        is posted first (results arrive in launch order: one source, one tag)."""
+        if not self.samples:
+            out = self._result_buffer(plan)
+            self._pending_results.append(
+                (self.world.comm.Irecv(out, source=self.mapping.last_stage_leader,
+                                       tag=_RESULT_TAG), out))
         self.broadcast_plan(plan)
         self.execute(plan)
 
@@ -141,6 +198,8 @@ class ModelRunner:
     def close(self) -> None:
         """Collective (after shutdown): release communicators and the KV pool."""
         self.graphs = None  # the graphs hold the KV pool and the communicators
+        MPI.Request.Waitall([r for r, _ in self._pending_sends])
+        self._pending_sends.clear()
         self.groups.destroy()
         del self.kv.data, self.kv.layers
         if self.device.type == "cuda":

@@ -79,8 +79,11 @@ class PenaltyState:
             self.seq_ids[rows[new]] = seq_ids[new]
         return rows, new
 
-    def observe(self, plan: StepPlan) -> None:
-        """Count the tokens the plan feeds to penalised sequences; drop released ones."""
+    def observe(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> None:
+        """Count the tokens the plan feeds to penalised sequences; drop released ones.
+        `input_ids` `[T]` on the device: the step's token ids as the model read them, needed
+        when the plan's host ids hold placeholders for tokens sampled on the device
+        (overlap, `plan.FEEDBACK`); without it the plan's ids are used."""
         self.release(plan.released)
         pen = penalised(plan.floats)
         if not pen.any():
@@ -97,14 +100,25 @@ class PenaltyState:
         tok_plen = np.repeat(plan.prompt_lens, plan.query_lens)  # [T]
         pos = plan.positions
         keep = (tok_row >= 0) & (pos >= self.seen_len[np.maximum(tok_row, 0)])
-        flat = tok_row * self.vocab + plan.input_ids  # [T] index into the flattened state
-        in_prompt = keep & (pos < tok_plen)
-        in_output = keep & (pos >= tok_plen)
+        in_prompt = np.nonzero(keep & (pos < tok_plen))[0]  # [Tp] token indices
+        in_output = np.nonzero(keep & (pos >= tok_plen))[0]  # [To]
         self.seen_len[rows] = np.maximum(self.seen_len[rows], plan.context_lens[seqs])
-        cleared, p_idx, o_idx = rows[clear], flat[in_prompt], flat[in_output]
-        packed = torch.from_numpy(np.concatenate([cleared, p_idx, o_idx]).astype(np.int64))
-        idx = packed.to(self.device, non_blocking=True)
-        a, b = cleared.size, cleared.size + p_idx.size
+        cleared = rows[clear]
+        a, b = cleared.size, cleared.size + in_prompt.size
+        if input_ids is None:  # the flat indices into the state, on the host
+            if (plan.input_ids[keep] < 0).any():
+                raise ValueError("penalty counts: the plan holds placeholder ids of tokens "
+                                 "sampled on the device; pass the step's device input_ids")
+            flat = tok_row * self.vocab + plan.input_ids
+            packed = np.concatenate([cleared, flat[in_prompt], flat[in_output]])
+            idx = torch.from_numpy(packed).to(self.device, non_blocking=True)
+        else:  # token ids read on the device: rows and token indices travel, not ids
+            tok = np.concatenate([in_prompt, in_output])
+            packed = np.concatenate([cleared, tok_row[tok], tok])
+            dev = torch.from_numpy(packed).to(self.device, non_blocking=True)
+            m = tok.size
+            ids = input_ids.index_select(0, dev[a + m:]).long()  # [Tp + To]
+            idx = torch.cat([dev[:a], dev[a:a + m] * self.vocab + ids])
         if a:
             self.prompt_seen.index_fill_(0, idx[:a], False)
             self.counts.index_fill_(0, idx[:a], 0)

@@ -23,6 +23,9 @@ import numpy as np
 
 FORWARD, SHUTDOWN = 0, 1
 RETURN_ALL_LOGITS = 1
+# Some input ids are -1 - r: the token the sequence sampled in the previous step, row r of
+# that step's sampled rows, read on the device (overlap scheduling).
+FEEDBACK = 2
 _HEADER = 7
 _INT_FIELDS = ("query_lens", "context_lens", "seq_ids", "prompt_lens", "sample", "top_k",
                "seeds", "logprobs", "prompt_logprobs", "next_prompt_token", "bias_counts")

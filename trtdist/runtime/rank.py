@@ -53,6 +53,7 @@ class RankOptions:
     enforce_eager: bool = False  # never capture CUDA graphs (vLLM's name)
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # None: the default ladder
     attention_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere), torch, triton
+    quant: str = "auto"  # linear method where the model does not fix it (see load_stage)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -131,7 +132,7 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
     use_graphs = device.type == "cuda" and not opts.enforce_eager
     try:
         model = load_stage(source, mapping, groups.tp, device, opts.dtype, opts.pp_partition,
-                           opts.verify_checksums, opts.seed)
+                           opts.verify_checksums, opts.seed, opts.quant)
         model.attention_backend = default_backend(device, opts.attention_backend)
         if use_graphs and model.attention_backend.name == "torch":
             log.warning("rank %d: the torch attention backend cannot run in CUDA graphs; "

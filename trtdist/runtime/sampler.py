@@ -52,15 +52,19 @@ class Sampler:
         self.host_copies = 0  # device-to-host copies made (one per sampled step)
 
     # ---- penalty state -------------------------------------------------------------
-    def observe(self, plan: StepPlan) -> None:
-        """Count the tokens fed to sequences that use penalties; drop released ones."""
+    def observe(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> None:
+        """Count the tokens fed to sequences that use penalties; drop released ones.
+        `input_ids`: the step's token ids on the device (see `PenaltyState.observe`)."""
         if self.penalties is None:
             if self.vocab_size is None:
                 if penalised(plan.floats).any() or self._pending:
+                    if input_ids is not None:
+                        raise ValueError("observe: device input ids need the vocabulary size:"
+                                         " construct the Sampler with vocab_size")
                     self._pending.append(plan)
                 return
             self.penalties = PenaltyState(self.device, self.vocab_size)
-        self.penalties.observe(plan)
+        self.penalties.observe(plan, input_ids)
 
     def _state(self, vocab: int) -> PenaltyState:
         if self.penalties is None:

@@ -21,6 +21,9 @@ class SchedulerConfig:
     max_batch_size: int = 256
     max_num_tokens: int = 8192
     max_model_len: int = 2048
+    # Overlap scheduling: a decode sequence whose last token is still being sampled may be
+    # scheduled again, its input read on the device (one engine loop, pp_size == 1).
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens", "max_model_len"):
@@ -32,11 +35,13 @@ class SchedulerConfig:
 class ScheduledSeq:
     seq: Sequence
     num_new: int  # tokens computed this step, from seq.num_computed on
+    # Whether this chunk reaches the end of the sequence, so its last logits are sampled.
+    # Fixed when scheduled: the sequence's counters move on while the batch is in flight.
+    samples: bool = False
 
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the sequence, so its last logits are used."""
-        return self.seq.num_computed + self.num_new == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        seq = self.seq
+        self.samples = seq.num_computed + self.num_new == seq.num_tokens + seq.num_pending
 
 
 @dataclass(slots=True)
@@ -70,9 +75,13 @@ class Scheduler:
         for seq in list(self.running):
             if len(entries) == cfg.max_batch_size or budget == 0:
                 break
-            if seq.in_flight or seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not SequenceStatus.RUNNING:
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            if seq.in_flight and not self._may_run_ahead(seq):
+                continue
+            n = min(seq.num_tokens + seq.num_pending - seq.num_computed, budget)
+            if seq.in_flight and not alloc.ensure(seq.seq_id, seq.num_computed + n):
+                continue  # running ahead is optional: never preempt for it
             while not alloc.ensure(seq.seq_id, seq.num_computed + n):
                 victim = self._newest_preemptible(exclude=scheduled)
                 self._preempt(victim)
@@ -103,6 +112,17 @@ class Scheduler:
             entries.append(ScheduledSeq(seq, n))
             budget -= n
         return ScheduledBatch(entries) if entries else None
+
+    def _may_run_ahead(self, seq: Sequence) -> bool:
+        """An in-flight sequence may join the next batch only under overlap, as a plain
+        decode of its pending token, when it cannot already be known to end there (a length
+        limit). Penalties need no host-side history: the sampler counts the tokens the model
+        read on the device (`runtime/penalties.py`)."""
+        p = seq.params
+        return (self.config.overlap and seq.in_flight == 1 and seq.num_pending == 1
+                and seq.num_computed == seq.num_tokens
+                and seq.num_output + 1 < p.max_tokens
+                and seq.num_tokens + 1 < self.config.max_model_len)
 
     def _parent_ready(self, seq: Sequence) -> bool:
         p = seq.parent
@@ -149,6 +169,6 @@ class Scheduler:
 
     def release_in_flight(self, seq: Sequence) -> None:
         """A finished (aborted) sequence's batch came back: now its blocks can go."""
-        seq.in_flight = False
-        if seq.is_finished:
+        seq.in_flight -= 1
+        if seq.is_finished and not seq.in_flight:
             self.allocator.free_seq(seq.seq_id)

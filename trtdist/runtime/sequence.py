@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from trtdist.runtime.detokenize import IncrementalDetokenizer
 from trtdist.outputs import RequestMetrics, TokenLogprob
 from trtdist.sampling_params import SamplingParams
 
@@ -28,7 +29,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed: int = 0  # tokens whose KV is in the cache
     num_cached_prompt: int = 0  # prompt tokens reused from the prefix cache (last admission)
-    in_flight: bool = False  # part of a batch still in the pipeline
+    in_flight: int = 0  # batches still in the pipeline that hold this sequence
+    # Tokens sampled on the device but not yet seen by the leader (overlap scheduling): the
+    # next decode input names "the token this sequence sampled in the last step" instead.
+    num_pending: int = 0
+    sample_row: int = -1  # its row among the sampled rows of the last batch it sampled in
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -37,6 +42,7 @@ class Sequence:
     num_preemptions: int = 0
     text: str = ""  # detokenized output (cut at a stop string)
     streamed: int = 0  # characters of `text` already handed to a streaming consumer
+    detok: IncrementalDetokenizer | None = None  # owns `text` when there is a tokenizer
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,7 @@ The parent sends the model and rank options as JSON over MPI (typed bytes, never
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 from trtdist.comm.world import World
@@ -15,6 +16,9 @@ from trtdist.runtime.rank import RankOptions, WorldError, check_world, start_ran
 
 
 def main() -> int:
+    # A terminal's Ctrl-C reaches the whole foreground process group; the leader (the user's
+    # script) stops the world in order, so the workers wait for it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     spawned = join_parent_world()
     world = World(spawned.comm)
     spec = json.loads(world.bcast_bytes(None))

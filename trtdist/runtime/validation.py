@@ -41,6 +41,9 @@ def check_request(prompt_ids: Sequence[int], params: SamplingParams, vocab_size:
                            f"However, you requested {n + params.max_tokens} tokens ({n} in the "
                            f"prompt, {params.max_tokens} for the completion).", "max_tokens",
                            "context_length_exceeded")
+    if params.top_k > vocab_size:
+        raise RequestError(f"top_k must be at most the vocabulary size ({vocab_size}), got "
+                           f"{params.top_k}", "top_k")
     bad = [t for t, _ in params.logit_bias if t >= vocab_size]
     if bad:
         raise RequestError(f"logit_bias token ids must be in [0, {vocab_size}), got {bad[0]}",

@@ -18,10 +18,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trtdist import __version__
 from trtdist.server.async_engine import AsyncEngine
+from trtdist.server.auth import authorized
+from trtdist.server.body import read_json as _read_json
 from trtdist.server.chat import ChatTemplate
 from trtdist.server.handlers import chat, check_model, completions, model_card
 from trtdist.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from trtdist.server.sse import ending_with_done
 from trtdist.tokenizer import Tokenizer
+
+
+# The cap on n x max_tokens of one request, and so the default max_tokens of a chat request
+# that names none (the room left in the context, at most this over n).
+DEFAULT_MAX_TOKENS_PER_REQUEST = 32768
 
 
 @dataclass(slots=True)
@@ -34,6 +42,7 @@ class ServerState:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     chat_template: ChatTemplate | None = None
+    max_tokens_per_request: int = DEFAULT_MAX_TOKENS_PER_REQUEST  # n x max_tokens
 
 
 def _validation_error(e: ValidationError) -> APIError:
@@ -41,26 +50,6 @@ def _validation_error(e: ValidationError) -> APIError:
     param = ".".join(str(x) for x in err["loc"]) or None
     msg = err["msg"].removeprefix("Value error, ")
     return APIError(400, f"{param}: {msg}" if param else msg, param=param)
-
-
-async def _read_json(request: Request, limit: int) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body has {length} bytes; the limit is {limit}",
-                       code="body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"the request body exceeds the limit of {limit} bytes",
-                           code="body_too_large")
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return data
 
 
 def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
@@ -85,7 +74,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.middleware("http")
     async def _auth(request: Request, call_next):  # type: ignore[no-untyped-def]
         if state.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {state.api_key}":
+            if not authorized(request.headers.get("authorization"), state.api_key):
                 return JSONResponse(APIError(401, "a valid API key is required (Authorization: "
                                                   "Bearer <key>)", code="invalid_api_key").body(),
                                     status_code=401)

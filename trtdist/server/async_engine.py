@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from trtdist.outputs import RequestOutput
@@ -32,8 +32,12 @@ class _Stream:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, metrics: ServerMetrics,
-                 max_queue: int | None = None) -> None:
+                 max_queue: int | None = None,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        """`on_fatal(message)` is called (on the engine thread) when a step fails: the
+        world's state is unknown then, so the caller takes the world down."""
         self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
+        self.on_fatal = on_fatal
         self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -102,9 +106,14 @@ class AsyncEngine:
                 self._queued -= 1
             try:
                 self.engine.add_request(rid, ids, params, arrival)
-            except ValueError as e:
+            except Exception as e:  # noqa: BLE001 - leader-local: fails this request only
+                if not isinstance(e, ValueError):
+                    log.exception("request %s refused", rid)
                 self._deliver(rid, APIError(400, str(e), param=getattr(e, "param", None),
-                                            code=getattr(e, "code", None)))
+                                            code=getattr(e, "code", None))
+                              if isinstance(e, ValueError) else
+                              APIError(500, f"the request failed: {type(e).__name__}",
+                                       "internal_error"))
                 self._streams.pop(rid, None)
         elif kind == "abort":
             if self.engine.abort_request(command[1]):
@@ -120,6 +129,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.engine
+        failed = False
         try:
             while True:
                 # Block briefly only when idle; otherwise take what is queued and step.
@@ -136,12 +146,23 @@ class AsyncEngine:
                 self._update_metrics()
         except Exception as e:  # noqa: BLE001 - reported, then the world is taken down
             log.exception("engine loop failed")
+            failed = True
             self.healthy = False
-            for rid in list(self._streams):
-                self._deliver(rid, APIError(500, f"engine failure: {e}", "internal_error"))
-            raise
+            self.accepting = False
+            self.fail_streams(APIError(500, f"engine failure: {type(e).__name__}: {e}",
+                                       "internal_error"))
+            if self.on_fatal is not None:
+                self.on_fatal(f"the engine loop failed ({type(e).__name__}: {e})")
         finally:
-            self._finish_shutdown()
+            # NOTE: after a failed step the ranks may sit in different collectives; draining
+            # would hang, so only the orderly path drains.
+            self._finish_shutdown(drain=not failed)
+
+    def fail_streams(self, error: APIError) -> None:
+        """End every open stream with `error` (safe from any thread)."""
+        for rid in list(self._streams):
+            self._deliver(rid, error)
+            self._streams.pop(rid, None)
 
     def _publish(self, out: RequestOutput) -> None:
         self._deliver(out.request_id, out)
@@ -161,22 +182,29 @@ class AsyncEngine:
                                    a.prefix_queries, a.prefix_hits, e.stats["prompt_tokens"],
                                    e.stats["generation_tokens"], e.scheduler.num_preemptions)
 
-    def _finish_shutdown(self) -> None:
+    def _finish_shutdown(self, drain: bool = True) -> None:
         e = self.engine
-        for rid in list(self._streams):
-            self._deliver(rid, APIError(503, "the server shut down before the request "
-                                             "finished", "service_unavailable"))
-        e.abort_all()
-        e.drain()
-        self._update_metrics()
+        self.fail_streams(APIError(503, "the server shut down before the request finished",
+                                   "service_unavailable", code="shutting_down"))
+        if drain:
+            e.abort_all()
+            e.drain()
+            self._update_metrics()
         self._done.set()
 
     # ---- lifetime ------------------------------------------------------------------
-    def shutdown(self, timeout: float) -> None:
-        """Stop accepting; let running requests finish for up to `timeout` seconds, then
-        abort the rest. Returns when the engine thread has stopped."""
+    def begin_shutdown(self, timeout: float) -> None:
+        """Stop accepting; running requests may finish for up to `timeout` seconds more, then
+        the rest are aborted (their streams end with an error event). Calling it again with
+        a shorter timeout brings the stop forward."""
         self.accepting = False
-        self._stop_at = time.monotonic() + timeout
+        stop_at = time.monotonic() + timeout
+        if self._stop_at is None or stop_at < self._stop_at:
+            self._stop_at = stop_at
         self._commands.put(("wake",))
+
+    def shutdown(self, timeout: float) -> None:
+        """`begin_shutdown(timeout)`, then wait until the engine thread has stopped."""
+        self.begin_shutdown(timeout)
         self._done.wait()
         self._thread.join(timeout=5)

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from trtdist.outputs import RequestOutput
 from trtdist.runtime.validation import RequestError, check_request, default_max_tokens
 from trtdist.sampling_params import SamplingParams
+from trtdist.server.sse import ending_with_done
 from trtdist.server.formatting import (
     TokenTexts,
     chat_logprobs,
@@ -80,8 +81,36 @@ async def _collect(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
+    # A stream that must end early (shutdown, engine failure) ends with an error event and
+    # [DONE], never a cut (see sse.py).
+    return StreamingResponse(ending_with_done(events), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
+
+
+def _max_tokens(state: ServerState, prompt_len: int, asked: int | None, default: int | None,
+                completions: int) -> int:
+    """`max_tokens` of each of a request's `completions` (n x prompts) outputs: as asked, or
+    the default (the room left in the context, at most the per-request cap shared out);
+    n x prompts x max_tokens may not exceed --max-tokens-per-request."""
+    cap = state.max_tokens_per_request
+    if asked is None:
+        tokens = min(default_max_tokens(prompt_len, state.max_model_len, default),
+                     max(cap // completions, 1))
+    else:
+        tokens = asked
+    if completions * tokens > cap:
+        raise APIError(400, f"{completions} completion(s) x max_tokens {tokens} = "
+                            f"{completions * tokens} exceeds this server's limit of {cap} "
+                            "output tokens per request (--max-tokens-per-request)",
+                       param="max_tokens", code="max_tokens_per_request_exceeded")
+    return tokens
+
+
+def _sampling(req: Any, *args: Any) -> SamplingParams:
+    try:
+        return req.sampling_params(*args)
+    except ValueError as e:  # bounds the request model does not know (types, ranges)
+        raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
 
 
 def _stream_spec(state: ServerState, kind: str, rid: str, created: int, req: Any,
@@ -104,9 +133,9 @@ async def completions(state: ServerState, req: CompletionRequest) -> Response:
     requests = []
     for prompt in req.prompts:
         ids = _prompt_ids(state, prompt)
-        max_tokens = (req.max_tokens if req.max_tokens is not None
-                      else default_max_tokens(len(ids), state.max_model_len, 16))
-        params = req.sampling_params(max_tokens, req.logprobs, prompt_lps)
+        max_tokens = _max_tokens(state, len(ids), req.max_tokens, 16,
+                                 req.n * len(req.prompts))
+        params = _sampling(req, max_tokens, req.logprobs, prompt_lps)
         _check(state, ids, params)
         requests.append((ids, params))
     echo_texts = [(p if isinstance(p, str) else texts.text(ids)) if req.echo else None
@@ -144,9 +173,8 @@ async def chat(state: ServerState, req: ChatCompletionRequest) -> Response:
     text = state.chat_template.render(messages, req.add_generation_prompt)
     ids = state.tokenizer.encode(text, add_special_tokens=False)
     asked = req.max_completion_tokens or req.max_tokens
-    max_tokens = (asked if asked is not None
-                  else default_max_tokens(len(ids), state.max_model_len, None))
-    params = req.sampling_params(max_tokens, req.requested_logprobs())
+    max_tokens = _max_tokens(state, len(ids), asked, None, req.n)
+    params = _sampling(req, max_tokens, req.requested_logprobs())
     _check(state, ids, params)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     stream, = _submit_all(state, rid, [(ids, params)])

@@ -1,8 +1,10 @@
 """`trtdist serve`: every rank joins the world; the leader also runs the HTTP server.
 
-Shutdown: SIGTERM or SIGINT on the leader stops accepting connections, lets running requests
-finish for up to --shutdown-timeout seconds, aborts the rest, then tells every rank to stop;
-all ranks exit 0. Workers ignore those signals and wait for the leader (a launcher that
+Shutdown: SIGTERM or SIGINT on the leader (forwarded by the `trtdist serve` top process when
+it launched the world, see launch/launcher.py) stops accepting requests, lets running ones
+finish for up to --shutdown-timeout seconds, aborts the rest (their streams end with an error
+event), then tells every rank to stop; all ranks exit 0. A second signal aborts at once.
+Workers ignore those signals and wait for the leader (a launcher that
 signals every rank, as Slurm does, still gets the orderly path). A rank that stops sending
 heartbeats for --worker-timeout seconds turns /health to 503 and takes the world down with a
 message naming it.
@@ -34,8 +36,9 @@ def _setup_logging(level: str) -> None:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # NOTE: the protocol must be named: asyncio sets TCP_NODELAY only on sockets whose proto
-    # is IPPROTO_TCP, and without it each streamed token waits ~40 ms for the client's ACK.
+    # NOTE: asyncio sets TCP_NODELAY on accepted sockets only when the listening socket's
+    # protocol is IPPROTO_TCP; with protocol 0 every keep-alive response waits ~40 ms
+    # (Nagle against the client's delayed ACK), and streamed tokens are held back.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -48,12 +51,24 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _make_server(config):  # type: ignore[no-untyped-def]
+def _make_server(config, on_signal=None):  # type: ignore[no-untyped-def]
     import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn re-raises SIGTERM/SIGINT after its graceful exit, which would kill the
-        leader before it can stop the other ranks; here the signal only starts the exit."""
+        leader before it can stop the other ranks; here the signal only starts the exit.
+
+        `on_signal(count)` runs first (count 1, 2, ...): it stops the engine from taking
+        requests, and brings the stop forward on a second signal. uvicorn's own second-signal
+        force exit would cut the streams, so it is not used: the engine ends them instead."""
+
+        signals = 0
+
+        def handle_exit(self, sig, frame):  # type: ignore[no-untyped-def]
+            self.signals += 1
+            if on_signal is not None:
+                on_signal(self.signals)
+            self.should_exit = True
 
         @contextlib.contextmanager
         def capture_signals(self):  # type: ignore[no-untyped-def]
@@ -79,10 +94,14 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
     from trtdist.runtime.rank import WorldError
     from trtdist.server.app import ServerState, create_app
     from trtdist.server.async_engine import AsyncEngine
+    from trtdist.server.auth import resolve_api_key
+    from trtdist.launch.launcher import stop_pid, write_leader_pid
     from trtdist.server.chat import ChatTemplate
+    from trtdist.server.protocol import APIError
     from trtdist.server.metrics import ServerMetrics
 
     _setup_logging(args.log_level)
+    api_key = resolve_api_key(args.api_key, args.api_key_file)  # fails on every rank alike
     world_rank = MPI.COMM_WORLD.Get_rank()
     if world_rank != 0:  # workers stop when the leader says so, not on their own
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -92,19 +111,26 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
         sock = _bind(args.host, args.port)  # fail before loading anything if taken
     holder: dict[str, AsyncEngine] = {}
 
-    def on_rank_failure(rank: int, seconds: float) -> None:
-        log.error("rank %d has not answered for %.1f s: /health now answers 503; stopping the "
-                  "world", rank, seconds)
+    def take_world_down(message: str) -> None:
+        """/health turns 503 and open streams end with an error event; then, after health
+        checkers and clients had a moment to see that, the world is aborted."""
         if (engine := holder.get("engine")) is not None:
             engine.healthy = False
+            engine.accepting = False
+            engine.fail_streams(APIError(503, f"the server failed: {message}",
+                                         "service_unavailable", code="server_failed"))
 
         def abort() -> None:
-            time.sleep(2.0)  # let health checkers see the 503 first
-            print(f"[trtdist rank 0] fatal: rank {rank} stopped answering (no heartbeat for "
-                  f"{seconds:.1f} s)", file=sys.stderr, flush=True)
+            time.sleep(2.0)
+            print(f"[trtdist rank {world_rank}] fatal: {message}", file=sys.stderr, flush=True)
             MPI.COMM_WORLD.Abort(3)
 
         threading.Thread(target=abort, daemon=True).start()
+
+    def on_rank_failure(rank: int, seconds: float) -> None:
+        log.error("rank %d has not answered for %.1f s: /health now answers 503; stopping the "
+                  "world", rank, seconds)
+        take_world_down(f"rank {rank} stopped answering (no heartbeat for {seconds:.1f} s)")
 
     start = time.time()
     log.info("loading %s", llm_kwargs.get("model") or f"the default model {DEFAULT_MODEL_NAME}")
@@ -133,13 +159,27 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
         template = ChatTemplate(tokenizer.chat_template, tokenizer.special_token("bos_token"),
                                 tokenizer.special_token("eos_token"))
     metrics = ServerMetrics(name)
-    async_engine = AsyncEngine(engine, metrics, args.max_queue)
+    async_engine = AsyncEngine(engine, metrics, args.max_queue, on_fatal=take_world_down)
     holder["engine"] = async_engine
     state = ServerState(async_engine, tokenizer, name, engine.max_model_len,
-                        engine.model_cfg.vocab_size, args.api_key, args.max_body_bytes, template)
+                        engine.model_cfg.vocab_size, api_key, args.max_body_bytes, template,
+                        args.max_tokens_per_request)
+
+    def on_signal(count: int) -> None:
+        if count == 1:
+            log.info("stopping: no new requests; running ones may finish for up to %.0f s",
+                     args.shutdown_timeout)
+            async_engine.begin_shutdown(args.shutdown_timeout)
+        else:
+            log.info("second signal: aborting the running requests now")
+            async_engine.begin_shutdown(0.0)
+
+    # NOTE: uvicorn's own grace period outlasts the engine's, so streams still running at
+    # --shutdown-timeout end with an error event from the engine instead of being cut.
     server = _make_server(uvicorn.Config(
-        create_app(state), log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout,
-        lifespan="off", access_log=False))
+        create_app(state), log_level="warning",
+        timeout_graceful_shutdown=args.shutdown_timeout + 10, lifespan="off",
+        access_log=False), on_signal)
     async_engine.start()
 
     def announce() -> None:
@@ -149,8 +189,9 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
             host = f"[{args.host}]" if ":" in args.host else args.host
             o = llm.options
             print(f"trtdist: serving {name!r} on http://{host}:{args.port} (tp={o.tp_size} "
-                  f"pp={o.pp_size}, {llm.world.size} ranks, leader pid {os.getpid()})",
-                  flush=True)
+                  f"pp={o.pp_size}, {llm.world.size} ranks, leader pid {os.getpid()}; stop: "
+                  f"kill -TERM {stop_pid()})", flush=True)
+            write_leader_pid()  # a launcher may now forward SIGINT/SIGTERM here
 
     threading.Thread(target=announce, daemon=True).start()
     try:
