@@ -100,6 +100,17 @@ for phase in "$@"; do
       bench fp8_r1024x1000 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
           --max-batch-size 1024
       ;;
+    serve)
+      # the server's web stack is not on the GPU machines: carried as wheels in .whl
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+          --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+      timeout 500 python3 -m trtdist.cli bench serve llama3-8b --dummy-weights --dtype bfloat16 \
+          --max-batch-size 512 --input-len 1024 --output-len 256 --num-prompts ${SERVE_N:-256} \
+          --request-rate ${SERVE_RATES:-4,16,inf} --slo ttft=500ms,tpot=50ms --disable-tqdm \
+          --mpirun "mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE -x PYTHONPATH" \
+          --output "$OUT/serve.json" --plot-prefix "$OUT/serve" > "$OUT/serve.log" 2>&1
+      note "bench serve rc=$?: $(tail -4 "$OUT/serve.log" | tr '\n' ' ')"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

@@ -114,6 +114,7 @@ def test_pipeline_results_over_the_eager_limit_do_not_deadlock(
     """A step result larger than MPI's eager limit (~4 KiB: 256 rows, or 13 with 20 logprobs)
     used to block the last stage in `Send` while the leader blocked in the next plan's
     broadcast, because the next batch was launched before the receive was posted."""
+    need_devices(2)
     rng = random.Random(21)
     params = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
     if logprobs is not None:

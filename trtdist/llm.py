@@ -198,6 +198,8 @@ class DistributedLLM:
         finally:
             for rid in pending:
                 engine.abort_request(rid)
+            if not engine.requests:  # nothing else running: let the batches in flight
+                engine.drain()       # (overlap runs a step ahead) return their blocks now
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None

@@ -127,8 +127,9 @@ class Scheduler:
     def _parent_ready(self, seq: Sequence) -> bool:
         p = seq.parent
         assert p is not None
-        return p.is_finished or p.num_computed >= p.prompt_len or p.seq_id not in \
-            self.allocator.tables
+        # NOTE: its prompt's blocks are registered for reuse once the step that computed
+        # them came back (num_computed moves at launch), i.e. when it has its first token.
+        return p.is_finished or p.num_output > 0 or p.seq_id not in self.allocator.tables
 
     def _admit_blocks(self, seq: Sequence) -> int:
         alloc = self.allocator
