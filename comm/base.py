@@ -25,6 +25,12 @@ class Communicator(Protocol):
         """Concatenate every rank's `tensor` along dim 0 into a new tensor."""
         ...
 
+    def gather(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        """Concatenate every rank's `tensor` (same shape on all) along dim 0 on group rank
+        `dst`, which gets a new `[size * N, ...]` tensor; the other ranks get `tensor` back.
+        Collective; on NCCL it may be captured in a CUDA graph."""
+        ...
+
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """Overwrite `tensor` with rank `src`'s, in place; returns it."""
         ...

@@ -48,6 +48,20 @@ class MpiCommunicator:
         self.comm.Allgather(_view(tensor), _view(out))
         return out
 
+    def gather(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        if not 0 <= dst < self.size:
+            raise ValueError(f"gather: dst must be a group rank in [0, {self.size}), got {dst}")
+        tensor = tensor.contiguous()
+        if self.rank != dst:
+            if self.size > 1:
+                self.comm.Gather(_view(tensor), None, root=dst)
+            return tensor
+        out = torch.empty((self.size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
+        if self.size == 1:
+            return out.copy_(tensor)
+        self.comm.Gather(_view(tensor), _view(out), root=dst)
+        return out
+
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         if self.size > 1:
             self.comm.Bcast(_view(tensor), root=src)

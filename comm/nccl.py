@@ -69,6 +69,10 @@ _FUNCTIONS: dict[str, tuple[object, list[object]]] = {
     #   int peer, ncclComm_t comm, cudaStream_t stream)
     "ncclRecv": (ncclResult_t, [buffer_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                 ncclComm_t, cudaStream_t]),
+    # ncclResult_t ncclGroupStart()
+    "ncclGroupStart": (ncclResult_t, []),
+    # ncclResult_t ncclGroupEnd()
+    "ncclGroupEnd": (ncclResult_t, []),
     # ncclResult_t ncclCommDestroy(ncclComm_t comm)
     "ncclCommDestroy": (ncclResult_t, [ncclComm_t]),
     # ncclResult_t ncclCommAbort(ncclComm_t comm)
@@ -196,6 +200,36 @@ class NcclCommunicator:
             buffer_t(tensor.data_ptr()), buffer_t(out.data_ptr()), tensor.numel(),
             _dtype(tensor), self.comm, _stream()), "ncclAllGather")
         return out
+
+    def gather(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        """NCCL has no gather: point-to-point sends to `dst` fused into one group call, so
+        they proceed together and can be captured in a CUDA graph."""
+        if not 0 <= dst < self.size:
+            raise ValueError(f"gather: dst must be a group rank in [0, {self.size}), got {dst}")
+        tensor = tensor.contiguous()
+        if self.rank == dst:
+            out = torch.empty((self.size * tensor.shape[0], *tensor.shape[1:]),
+                              dtype=tensor.dtype, device=tensor.device)
+            out[dst * tensor.shape[0]:(dst + 1) * tensor.shape[0]].copy_(tensor)
+            parts = out.view(self.size, -1)
+        if self.size == 1:
+            return out
+        self._check_tensor(tensor)
+        lib, stream, dtype = self.lib.lib, _stream(), _dtype(tensor)
+        self.lib.check(lib.ncclGroupStart(), "ncclGroupStart")
+        try:
+            if self.rank == dst:
+                for peer in range(self.size):
+                    if peer != dst:
+                        self.lib.check(lib.ncclRecv(buffer_t(parts[peer].data_ptr()),
+                                                    tensor.numel(), dtype, peer, self.comm,
+                                                    stream), f"ncclRecv(from {peer})")
+            else:
+                self.lib.check(lib.ncclSend(buffer_t(tensor.data_ptr()), tensor.numel(), dtype,
+                                            dst, self.comm, stream), f"ncclSend(to {dst})")
+        finally:
+            self.lib.check(lib.ncclGroupEnd(), "ncclGroupEnd")
+        return out if self.rank == dst else tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         if self.size == 1:

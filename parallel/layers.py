@@ -208,8 +208,11 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """Vocab-parallel logits: each rank computes its slice, then an all-gather assembles
-    `[T, vocab_size]` on every rank of the group (padding columns dropped)."""
+    """Vocab-parallel logits: each rank computes its slice, then a gather assembles
+    `[T, vocab_size]` (padding columns dropped) on group rank 0 only, the rank that samples;
+    the other ranks get their own slice `[T, V_local]` back (they only take part)."""
+
+    SAMPLING_RANK = 0
 
     def __init__(self, local_rows: int, hidden: int, vocab_size: int, dtype: torch.dtype,
                  device: torch.device, comm: Communicator) -> None:
@@ -223,7 +226,9 @@ class ParallelLMHead(nn.Module):
         local = F.linear(x, self.weight)  # [T, V_local]
         if self.comm.size == 1:
             return local[:, : self.vocab_size]
-        gathered = self.comm.all_gather(local)  # [tp*T, V_local]
+        gathered = self.comm.gather(local, self.SAMPLING_RANK)  # [tp*T, V_local] on rank 0
+        if self.comm.rank != self.SAMPLING_RANK:
+            return local
         t = x.shape[0]
         full = gathered.view(self.comm.size, t, local.shape[1]).permute(1, 0, 2).reshape(t, -1)
         return full[:, : self.vocab_size]

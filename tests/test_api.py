@@ -161,18 +161,21 @@ def test_scaling_experiment_spawns_worlds_in_a_loop() -> None:
     assert len(firsts) == 1, f"settings disagree: {firsts}"  # same greedy tokens everywhere
 
 
+@pytest.mark.parametrize("tp", [1, 2])
 def test_prompt_logprobs_equal_transformers_with_chunks_and_cache(
-        hf_models: dict[str, Path]) -> None:
-    from helpers import load_hf
+        tp: int, hf_models: dict[str, Path]) -> None:
+    from helpers import load_hf, need_devices
 
+    need_devices(tp)
     prompt = [5, 17, 42, 7, 99, 3, 250, 11, 8, 9, 10, 12, 13, 14]
     with torch.no_grad():
         ref = torch.log_softmax(load_hf(hf_models["llama"])(torch.tensor([prompt])).logits[0],
                                 dim=-1)
     # chunks of 5 prompt tokens; the second run finds the prompt in the prefix cache, which
     # a scored prompt must not use
+    # tp 2: the logits are gathered to the sampling rank, which alone computes log-softmax
     with DistributedLLM(hf_models["llama"], dtype="float32", block_size=4, max_model_len=64,
-                        max_num_tokens=5) as llm:
+                        max_num_tokens=5, tp_size=tp) as llm:
         for _ in range(2):
             out, = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=2))
             assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"

@@ -16,10 +16,12 @@ def _requests(tokenizer_vocab: int, seed: int) -> tuple[list[list[int]], list[Sa
     for i in range(16):
         prompts.append([rng.randrange(4, tokenizer_vocab) for _ in range(rng.randint(2, 30))])
         kind = i % 4
-        if kind == 0:  # stops on max_tokens
-            p = SamplingParams(max_tokens=rng.randint(1, 25), temperature=0.0, ignore_eos=True)
+        if kind == 0:  # stops on max_tokens; penalties count fed-back tokens on the device
+            p = SamplingParams(max_tokens=rng.randint(1, 25), temperature=0.0, ignore_eos=True,
+                               repetition_penalty=1.3, presence_penalty=0.5,
+                               frequency_penalty=0.4 * (i % 8 == 0))
         elif kind == 1:  # EOS, with a seed
-            p = SamplingParams(max_tokens=40, temperature=1.0, seed=i)
+            p = SamplingParams(max_tokens=40, temperature=1.0, seed=i, frequency_penalty=0.3)
         elif kind == 2:  # stop token ids (two common ones of the tiny model)
             p = SamplingParams(max_tokens=40, temperature=0.8, seed=i, ignore_eos=True,
                                stop_token_ids=(rng.randrange(4, 60), rng.randrange(4, 60)))

@@ -1,5 +1,6 @@
 """Under mpirun: exercise every collective of the communicator for DEVICE (cpu or cuda),
-including (cuda) an all-reduce captured in a CUDA graph. Exits non-zero on any mismatch."""
+including (cuda) an all-reduce and a gather captured in CUDA graphs. Exits non-zero on any
+mismatch."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ def main() -> None:
         g = comm.all_gather(torch.full((2,), r, dtype=dtype, device=device))
         want = torch.arange(n, device=device).repeat_interleave(2).to(dtype)
         check(torch.equal(g, want), f"all_gather {dtype}: {g}", r)
+        for dst in range(n):
+            part = torch.full((2, 3), r, dtype=dtype, device=device)
+            got = comm.gather(part, dst)
+            if r == dst:
+                want = torch.arange(n, device=device).repeat_interleave(6).view(2 * n, 3)
+                check(torch.equal(got, want.to(dtype)), f"gather to {dst} {dtype}: {got}", r)
+            else:
+                check(got is part, f"gather to {dst}: non-root got a new tensor", r)
         b = torch.full((4,), r, dtype=dtype, device=device)
         comm.broadcast(b, src=n - 1)
         check(bool((b == n - 1).all()), f"broadcast {dtype}: {b}", r)
@@ -59,6 +68,26 @@ def main() -> None:
             torch.cuda.synchronize()
             want_val = sum(2 * (k + step) for k in range(n))
             check(bool((buf == want_val).all()), f"graph replay {step}: {buf[0]} != {want_val}", r)
+    if device.type == "cuda":
+        # A gather captured in a graph: on replay the root sees every rank's fresh values.
+        part = torch.zeros(8, 5, device=device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            comm.gather(part, 0)  # warm-up outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                gathered = comm.gather(part * 3, 0)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        for step in range(3):
+            part.fill_(r + 10 * step)
+            graph.replay()
+            torch.cuda.synchronize()
+            if r == 0:
+                want = 3 * (torch.arange(n, device=device) + 10 * step).float()
+                want = want.repeat_interleave(8 * 5).view(8 * n, 5)
+                check(torch.equal(gathered, want), f"gather graph replay {step}", r)
     if world.is_leader:
         print(f"comm ok: {n} ranks on {device.type}")
 

@@ -167,5 +167,8 @@ class LlamaStage(nn.Module):
         return h if residual is None else h + residual
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32, full vocabulary on every TP rank."""
-        return self.lm_head(hidden).float()
+        """[N, hidden] -> [N, vocab] float32 on TP rank 0 (the sampling rank); the other TP
+        ranks take part in the gather and get their vocabulary slice `[N, V_local]` (in the
+        model's dtype: nobody reads it)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if self.mapping.tp_rank == ParallelLMHead.SAMPLING_RANK else logits

@@ -67,7 +67,9 @@ def run_stage(model: LlamaStage, kv_layers: list[tuple[torch.Tensor, torch.Tenso
               x: torch.Tensor, views: StepViews, meta: object,
               all_logits: bool, hidden_out: list[torch.Tensor] | None = None) -> torch.Tensor:
     """This stage's forward. Last stage: logits of every row when `all_logits`, else of
-    `views.logits_rows`; other stages: the hidden states to send on. `hidden_out`, if given,
+    `views.logits_rows` (the full vocabulary on TP rank 0, which samples; the other TP ranks
+    get their vocabulary slice, see `ParallelLMHead`); other stages: the hidden states to
+    send on. `hidden_out`, if given,
     receives the last stage's final hidden states (prompt logprobs read them)."""
     h = model(x, kv_layers, model.context(views.positions, views.attention.slot_mapping, meta))
     if not model.mapping.is_last_stage:

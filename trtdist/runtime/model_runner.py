@@ -15,40 +15,13 @@ from trtdist.parallel.groups import ParallelGroups
 from trtdist.runtime.graph_runner import CUDAGraphRunner, run_stage
 from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.kv_cache import KVCache
+from trtdist.runtime.host_transfer import SampledStep
 from trtdist.runtime.plan import FEEDBACK, RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
-from trtdist.runtime.prompt_logprobs import (
-    prompt_logprobs_of,
-    prompt_targets,
-    result_shape,
-    with_prompt_rows,
-)
+from trtdist.runtime.prompt_logprobs import prompt_logprobs_of, prompt_targets, result_shape
 from trtdist.runtime.sampler import Sampler
 from trtdist.runtime.step_timing import StepTimer
 
 _RESULT_TAG = 31
-
-
-class _PendingResult:
-    """A step's result rows on their way to the host: a non-blocking copy into pinned memory
-    and an event, so the leader can plan the next step before this one has finished."""
-
-    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None) -> None:
-        self.host, self.event = host, event
-
-    @classmethod
-    def start(cls, out: torch.Tensor) -> _PendingResult:
-        if out.device.type != "cuda":
-            return cls(out, None)
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return cls(host, event)
-
-    def wait(self) -> np.ndarray:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.numpy()
 
 
 class ModelRunner:
@@ -63,7 +36,7 @@ class ModelRunner:
         self.inputs, self.hidden_in, self.graphs = inputs, hidden_in, graphs
         self.mapping = groups.mapping
         self.device = model.device
-        self._local_results: deque[np.ndarray | _PendingResult] = deque()
+        self._local_results: deque[np.ndarray | SampledStep] = deque()
         # NOTE: the leader posts the receive of each plan's result when it launches the plan,
         # and the last stage sends with Isend. A result over MPI's eager limit (~4 KiB on
         # shared memory) otherwise blocks the last stage in Send while the leader blocks in
@@ -71,7 +44,7 @@ class ModelRunner:
         self._pending_results: deque[tuple[MPI.Request, np.ndarray]] = deque()
         self._pending_sends: list[tuple[MPI.Request, np.ndarray]] = []
         self.samples = self.mapping.is_last_stage and self.mapping.tp_rank == 0
-        self.sampler = Sampler(self.device) if self.samples else None
+        self.sampler = Sampler(self.device, model.cfg.vocab_size) if self.samples else None
         self._hidden: list[torch.Tensor] = []  # last stage: final hidden states, when needed
         self.timer = StepTimer()  # off unless a benchmark turns it on
         # the last step's sampled tokens, on every rank of a one-stage world (see FEEDBACK)
@@ -148,28 +121,29 @@ class ModelRunner:
             return
         rows = np.nonzero(plan.sample)[0]
         prompt_rows = None
-        if self._hidden:  # collective over the TP group, like the logits
+        if self._hidden:  # the logits' gather is collective over the TP group
             prompt_rows = prompt_logprobs_of(self.model, self._hidden.pop(), plan)
         if not self.samples:
             self._share_sampled(None, rows.size)
             return
         assert self.sampler is not None
-        self.sampler.observe(plan)
-        result: np.ndarray | _PendingResult
+        # NOTE: the ids the model read: FEEDBACK placeholders resolved on the (first) stage
+        ids = self.inputs.dev["input_ids"][:plan.num_tokens] if self.mapping.is_first_stage \
+            else None
+        self.sampler.observe(plan, ids)
+        result: np.ndarray | SampledStep
         if plan.flags & RETURN_ALL_LOGITS:
             result = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
             self._share_sampled(None, rows.size)
         else:
-            out = self.sampler.sample_device(logits, plan, rows)  # [N, width] float64
-            self._share_sampled(out[:, 0], rows.size)
-            if prompt_rows is not None:
-                result = with_prompt_rows(out.cpu().numpy(), prompt_rows)
-            else:
-                result = _PendingResult.start(out)
+            # [N + P, width] float64: sampled rows, then prompt-logprob rows
+            out = self.sampler.sample_device(logits, plan, rows, prompt_rows)
+            self._share_sampled(out[:rows.size, 0], rows.size)
+            result = self.sampler.to_host(out)  # the step's one device-to-host copy
         if self.world.rank == 0:
             self._local_results.append(result)
         else:
-            if isinstance(result, _PendingResult):
+            if isinstance(result, SampledStep):
                 result = result.wait()
             self._send_result(np.ascontiguousarray(result))
 
@@ -203,7 +177,7 @@ class ModelRunner:
         (see `runtime/prompt_logprobs.py`)."""
         if self._local_results:
             result = self._local_results.popleft()
-            return result.wait() if isinstance(result, _PendingResult) else result
+            return result.wait() if isinstance(result, SampledStep) else result
         request, out = self._pending_results.popleft()
         request.Wait()
         return out

@@ -73,16 +73,20 @@ def result_shape(plan: StepPlan) -> tuple[int, int]:
 
 def prompt_logprobs_of(model, hidden: torch.Tensor,  # type: ignore[no-untyped-def]
                        plan: StepPlan) -> torch.Tensor | None:
-    """Last stage, every TP rank (the vocab-parallel logits are collective): result rows
-    [P, width] float64 for the plan's scored prompt tokens, or None if none are asked for."""
+    """Last stage, every TP rank (the gather of the vocab-parallel logits is collective):
+    on the sampling rank (TP rank 0) result rows [P, width] float64 on the device for the
+    plan's scored prompt tokens; None on the other ranks, or if none are asked for."""
     t = prompt_targets(plan)
     if t.num_rows == 0:
         return None
-    index = torch.from_numpy(t.token_index).to(hidden.device)
-    logprobs = torch.log_softmax(model.compute_logits(hidden[index]), dim=-1)  # [P, V] fp32
-    targets = torch.from_numpy(t.target_ids).to(hidden.device)
-    out = torch.empty(t.num_rows, result_width(t.top_k), dtype=torch.float64,
-                      device=hidden.device)
+    dev = hidden.device
+    index = torch.from_numpy(t.token_index).to(dev, non_blocking=True)
+    logits = model.compute_logits(hidden.index_select(0, index))  # [P, V] on TP rank 0 only
+    if model.mapping.tp_rank != 0:
+        return None
+    logprobs = torch.log_softmax(logits, dim=-1)  # [P, V] fp32
+    targets = torch.from_numpy(t.target_ids).to(dev, non_blocking=True)
+    out = torch.empty(t.num_rows, result_width(t.top_k), dtype=torch.float64, device=dev)
     out[:, 0] = targets.double()
     out[:, 1] = logprobs.gather(1, targets[:, None])[:, 0].double()
     if t.top_k:
@@ -93,7 +97,8 @@ def prompt_logprobs_of(model, hidden: torch.Tensor,  # type: ignore[no-untyped-d
 
 
 def with_prompt_rows(sampled: np.ndarray, prompt: torch.Tensor | None) -> np.ndarray:
-    """The sampler's rows followed by the prompt-token rows, padded to one width."""
+    """The sampler's rows followed by the prompt-token rows, padded to one width (the layout
+    `Sampler.sample(..., prompt_rows=...)` builds on the device)."""
     if prompt is None:
         return sampled
     rows = prompt.cpu().numpy()

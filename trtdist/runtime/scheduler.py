@@ -116,13 +116,13 @@ class Scheduler:
     def _may_run_ahead(self, seq: Sequence) -> bool:
         """An in-flight sequence may join the next batch only under overlap, as a plain
         decode of its pending token, when it cannot already be known to end there (a length
-        limit) and needs no host-side token history (penalties)."""
+        limit). Penalties need no host-side history: the sampler counts the tokens the model
+        read on the device (`runtime/penalties.py`)."""
         p = seq.params
         return (self.config.overlap and seq.in_flight == 1 and seq.num_pending == 1
                 and seq.num_computed == seq.num_tokens
                 and seq.num_output + 1 < p.max_tokens
-                and seq.num_tokens + 1 < self.config.max_model_len
-                and not p.uses_penalties)
+                and seq.num_tokens + 1 < self.config.max_model_len)
 
     def _parent_ready(self, seq: Sequence) -> bool:
         p = seq.parent
