@@ -207,3 +207,18 @@ def test_listening_socket_lets_asyncio_disable_nagle() -> None:
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_a_model_without_tokenizer_streams_every_token(hf_models: dict) -> None:
+    """Token-id prompts to a model with no tokenizer: no text, but each token is still its
+    own chunk as soon as it exists (what a benchmark times as inter-token latency)."""
+    server = start_server(1, ["--dtype", "float32", "--max-model-len", "128"],
+                          model=str(hf_models["llama"]))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x")
+        chunks = list(client.completions.create(model=None, prompt=[5, 6, 7], max_tokens=6,
+                                                stream=True, extra_body={"ignore_eos": True}))
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+        assert finishes.count("length") == 1 and len(finishes) >= 6, finishes
+    finally:
+        server.stop()

@@ -129,7 +129,10 @@ async def sse_events(spec: StreamSpec, prompts: Sequence[PromptStream],
             delta = _delta(c, st, spec.stop_hold)
             new_tokens = len(c.token_ids) > st.sent_tokens
             echo = ps.echo_text is not None and not st.started
-            if not (delta or done or echo or (new_tokens and c.logprobs is not None)):
+            # NOTE: a model without a tokenizer has no text to stream: each new token is
+            # still a chunk (empty text), so clients see the tokens arrive as they do.
+            if not (delta or done or echo or (new_tokens and (c.logprobs is not None
+                                                              or texts.tokenizer is None))):
                 continue
             lp_start, text_start = st.sent_tokens, st.sent_text
             st.sent_text += len(delta)
