@@ -137,15 +137,19 @@ class LLMEngine:
         s = len(entries)
         ids, pos = [], []
         tables = [self.allocator.table(e.seq.seq_id) for e in entries]
-        width = max(len(t) for t in tables)
-        block_tables = np.zeros((s, width), dtype=np.int64)
+        # NOTE: block tables in one scatter from the flattened lists, not a row at a time
+        lens = np.fromiter(map(len, tables), np.int64, s)
+        block_tables = np.zeros((s, int(lens.max())), dtype=np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(lens.sum()))
+        row_of = np.repeat(np.arange(s), lens)
+        block_tables[row_of, np.arange(flat.size) - np.repeat(np.cumsum(lens) - lens, lens)] = flat
         int_rows: list[tuple[int, ...]] = []
         float_rows: list[tuple[float, ...]] = []
         bias_ids: list[int] = []
         bias_values: list[float] = []
         sampled_rows = 0
         feedback = False
-        for i, (e, table) in enumerate(zip(entries, tables)):
+        for e in entries:
             seq, nc, n, p = e.seq, e.seq.num_computed, e.num_new, e.seq.params
             known = seq.token_ids[nc:nc + n]
             if len(known) < n:  # the pending token: read on the device (overlap)
@@ -153,7 +157,6 @@ class LLMEngine:
                 feedback = True
             ids.append(known)
             pos.append(range(nc, nc + n))
-            block_tables[i, :len(table)] = table
             scores = seq.wants_prompt_logprobs and nc < seq.prompt_len
             int_rows.append((n, nc + n, seq.seq_id, seq.prompt_len, e.samples, p.top_k,
                              -1 if seq.seed is None else seq.seed,
