@@ -57,7 +57,8 @@ for phase in "$@"; do
       ;;
     equiv)
       python3 -m pytest -q -rs tests/test_equivalence.py tests/test_runtime.py tests/test_graphs.py \
-          tests/test_inputs.py 2>&1 | tee "$OUT/equiv_tests.log" | tail -25
+          tests/test_inputs.py tests/test_overlap.py tests/test_sampler.py \
+          tests/test_prompt_logprobs.py 2>&1 | tee "$OUT/equiv_tests.log" | tail -25
       note "equiv tests: $(tail -1 "$OUT/equiv_tests.log")"
       ;;
     quick)
