@@ -1,0 +1,214 @@
+"""Small-M (decode) FP8 GEMM: `y [M, N] = (xq * xs) @ (W * ws)^T (+ bias)` reading the E4M3
+weight `W [N, K]` once from HBM (1 byte per weight, half of bf16's traffic).
+
+At M <= SMALL_M_MAX (16) a linear layer is bound by weight bandwidth; cuBLASLt's FP8 GEMM is
+tuned for large M and reads the weight inefficiently there. Here:
+- `fp8_linear_small_m(x, ...)`: two launches (three with split-K): the fused per-token
+  quantization of `kernels/fp8_quant.py`, then `_fp8_gemm_kernel` over the quantized rows.
+  NOTE: quantizing inside the GEMM would need every program to take the amax of the whole
+  row (M * K reads per program, ~2x the weight traffic at M = 16, K = 14336), so one small
+  launch first is cheaper.
+- `_fp8_gemm_kernel`: grid (cdiv(N, BLOCK_N), SPLIT_K); each program owns BLOCK_N output
+  channels and one K slice; M is padded to 16 (masked loads) so the product is a `tl.dot`
+  (FP8 x FP8 -> float32 on compute capability >= 8.9, products exact; float16 operands in the
+  interpreter: E4M3 values are exact in float16). Per-token and per-channel scales (and the
+  bias) are applied in the epilogue in float32, then one rounding to the output dtype.
+- split-K: when N / BLOCK_N programs would not cover ~2 waves of SMs, K is split and each
+  slice writes float32 partials to a cached workspace `[SPLIT_K, 16, N]`; `_splitk_epilogue`
+  sums them in a fixed order (deterministic, no atomics, no memset) and applies the epilogue.
+  Workspaces are allocated once per (device, N, SPLIT_K) and kept: no allocation beyond the
+  output per call, so the path is CUDA-graph capturable (no host syncs either).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trtdist.kernels.fp8_quant import FP8_DTYPE, quantize_activation_triton
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # NOTE: CPU-only installs run the torch reference; kernels never launch.
+    triton = None
+
+    def _jit(fn):  # type: ignore[no-untyped-def]
+        return fn
+
+# NOTE: up to 16 rows one tl.dot tile covers M, so the weight is read exactly once; above,
+# the GEMM starts to be compute-shaped and cuBLASLt (`torch._scaled_mm`) is the better choice.
+SMALL_M_MAX = 16
+_BLOCK_M = 16
+_BLOCK_N = 64
+_BLOCK_K = 256
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_workspaces: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+_sm_counts: dict[torch.device, int] = {}
+
+
+def fp8_gemm_torch(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Reference: `[M, K] E4M3 x [M, 1] scale, [N, K] E4M3 x [N] scale -> [M, N]` computed in
+    float32 (the numbers of `parallel.quant_fp8.fp8_linear_reference`)."""
+    y = torch.nn.functional.linear(xq.float() * xs.float(), w.float() * ws.float()[:, None])
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@_jit
+def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
+                     M, N, K, stride_xm, stride_wn, stride_om,
+                     K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, DOT_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    k_start = pid_k * K_PER_SPLIT
+    x_ptrs = xq_ptr + rm[:, None] * stride_xm + (k_start + rk)[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (k_start + rk)[None, :]  # [BN, BK]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = k_start + k0 + rk < K
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if DOT_FP8:
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if SPLIT_K == 1:
+        xs = tl.load(xs_ptr + rm, mask=mask_m, other=0.0)
+        ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
+        y = acc * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        p_ptrs = part_ptr + (pid_k * BLOCK_M + rm)[:, None] * N + rn[None, :]
+        tl.store(p_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@_jit
+def _splitk_epilogue(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, N, stride_om,
+                     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Grid (M, cdiv(N, BLOCK)): sum the SPLIT_K float32 partials of one row in a fixed order,
+    then scales, bias, one rounding."""
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = rn < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + (s * BLOCK_M + m) * N + rn, mask=mask, other=0.0)
+    y = acc * tl.load(xs_ptr + m) * tl.load(ws_ptr + rn, mask=mask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # interpreter: keep the grid small
+    if device not in _sm_counts:
+        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_counts[device]
+
+
+def choose_split_k(n: int, k: int, sm_count: int) -> int:
+    """Split K until the grid holds about two programs per SM, keeping >= 4 BLOCK_K steps per
+    split (each slice must stream enough weight to pipeline its loads)."""
+    blocks_n = -(-n // _BLOCK_N)
+    k_steps = -(-k // _BLOCK_K)
+    split = 1
+    while blocks_n * split < 2 * sm_count and k_steps // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
+def _workspace(device: torch.device, n: int, split: int) -> torch.Tensor:
+    key = (device, n, split)
+    ws = _workspaces.get(key)
+    if ws is None:
+        # NOTE: kept for the life of the process: a CUDA graph captured with it keeps its address.
+        ws = torch.empty((split * _BLOCK_M, n), dtype=torch.float32, device=device)
+        _workspaces[key] = ws
+    return ws
+
+
+def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, *,
+                     split_k: int | None = None, dot_fp8: bool | None = None) -> torch.Tensor:
+    """`xq [M, K]` E4M3 with `xs [M, 1]` float32, `w [N, K]` E4M3 with `ws [N]` float32,
+    `bias [N]` or None -> `[M, N]` in `out_dtype`, for M <= SMALL_M_MAX. `split_k` and
+    `dot_fp8` override the automatic choices (tests, benchmarks)."""
+    if triton is None:
+        raise RuntimeError("fp8_gemm_small_m needs triton, which is not installed")
+    m, k = xq.shape
+    n = w.shape[0]
+    if m > SMALL_M_MAX:
+        raise ValueError(f"fp8_gemm_small_m: M = {m} rows, at most {SMALL_M_MAX} allowed")
+    if xq.dtype != FP8_DTYPE or w.dtype != FP8_DTYPE or w.shape[1] != k:
+        raise ValueError(f"fp8_gemm_small_m: want xq [M, K] and w [N, K] float8_e4m3fn, got "
+                         f"{tuple(xq.shape)} {xq.dtype} and {tuple(w.shape)} {w.dtype}")
+    if xq.stride(-1) != 1 or w.stride(-1) != 1:
+        raise ValueError("fp8_gemm_small_m: xq and w need a unit last stride")
+    if xs.numel() != m or xs.dtype != torch.float32 or not xs.is_contiguous():
+        raise ValueError(f"fp8_gemm_small_m: xs must be [{m}, 1] float32 contiguous, got "
+                         f"{tuple(xs.shape)} {xs.dtype}")
+    if ws.numel() != n or ws.dtype != torch.float32 or not ws.is_contiguous():
+        raise ValueError(f"fp8_gemm_small_m: ws must be [{n}] float32 contiguous, got "
+                         f"{tuple(ws.shape)} {ws.dtype}")
+    if bias is not None and (bias.numel() != n or not bias.is_contiguous()):
+        raise ValueError(f"fp8_gemm_small_m: bias must be [{n}] contiguous, got "
+                         f"{tuple(bias.shape)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"fp8_gemm_small_m: out_dtype must be float16, bfloat16 or float32, "
+                         f"got {out_dtype}")
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return out
+    split = split_k if split_k is not None else choose_split_k(n, k, _sm_count(xq.device))
+    k_steps = -(-k // _BLOCK_K)
+    split = max(1, min(split, k_steps))
+    k_per_split = -(-k_steps // split) * _BLOCK_K
+    split = -(-k // k_per_split)  # no empty slices
+    if dot_fp8 is None:
+        dot_fp8 = xq.is_cuda and torch.cuda.get_device_capability(xq.device) >= (8, 9)
+    part = _workspace(xq.device, n, split) if split > 1 else out
+    b = bias if bias is not None else ws  # unused when HAS_BIAS is False
+    grid = (triton.cdiv(n, _BLOCK_N), split)
+    _fp8_gemm_kernel[grid](
+        xq, xs, w, ws, b, out, part, m, n, k, xq.stride(0), w.stride(0), out.stride(0),
+        K_PER_SPLIT=k_per_split, SPLIT_K=split, EVEN_K=k_per_split * split == k,
+        HAS_BIAS=bias is not None, DOT_FP8=dot_fp8, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+        BLOCK_K=_BLOCK_K, num_warps=4, num_stages=4)
+    if split > 1:
+        block = min(triton.next_power_of_2(n), 1024)
+        _splitk_epilogue[(m, triton.cdiv(n, block))](
+            part, xs, ws, b, out, n, out.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
+            BLOCK_M=_BLOCK_M, BLOCK=block, num_warps=4)
+    return out
+
+
+def fp8_linear_small_m(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                       input_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                       **kw: object) -> torch.Tensor:
+    """`x [M, K]` (M <= SMALL_M_MAX, float16/bfloat16/float32) -> `[M, N]` in x's dtype: the
+    fused activation quantization, then the small-M GEMM. Same numbers as
+    `parallel.quant_fp8.fp8_linear_reference` up to float32 summation order."""
+    xq, xs = quantize_activation_triton(x, input_scale)
+    return fp8_gemm_small_m(xq, xs, w, ws, bias, x.dtype, **kw)  # type: ignore[arg-type]
