@@ -151,10 +151,12 @@ def _workspace(device: torch.device, n: int, split: int) -> torch.Tensor:
 
 def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
                      bias: torch.Tensor | None, out_dtype: torch.dtype, *,
-                     split_k: int | None = None, dot_fp8: bool | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, split_k: int | None = None,
+                     dot_fp8: bool | None = None) -> torch.Tensor:
     """`xq [M, K]` E4M3 with `xs [M, 1]` float32, `w [N, K]` E4M3 with `ws [N]` float32,
-    `bias [N]` or None -> `[M, N]` in `out_dtype`, for M <= SMALL_M_MAX. `split_k` and
-    `dot_fp8` override the automatic choices (tests, benchmarks)."""
+    `bias [N]` or None -> `[M, N]` in `out_dtype` (a new tensor, or `out`), for
+    M <= SMALL_M_MAX. `split_k` and `dot_fp8` override the automatic choices (tests,
+    benchmarks)."""
     if triton is None:
         raise RuntimeError("fp8_gemm_small_m needs triton, which is not installed")
     m, k = xq.shape
@@ -178,7 +180,11 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"fp8_gemm_small_m: out_dtype must be float16, bfloat16 or float32, "
                          f"got {out_dtype}")
-    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(-1) != 1:
+        raise ValueError(f"fp8_gemm_small_m: out must be [{m}, {n}] {out_dtype} with a unit "
+                         f"last stride, got {tuple(out.shape)} {out.dtype} {tuple(out.stride())}")
     if m == 0 or n == 0:
         return out
     split = split_k if split_k is not None else choose_split_k(n, k, _sm_count(xq.device))

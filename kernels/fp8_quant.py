@@ -44,10 +44,13 @@ def quantize_activation_torch(x: torch.Tensor, input_scale: torch.Tensor | None
 
 
 @_jit
-def _quant_fp8_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, in_scale_ptr, K,
+def _quant_fp8_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, in_scale_ptr, K: tl.constexpr,
                       STATIC: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
     """Grid (M,): one program per token row. Dynamic: pass 1 takes the row's amax, pass 2
-    quantizes (with ONE_PASS the row stays in registers between them)."""
+    quantizes (with ONE_PASS the row stays in registers between them).
+
+    NOTE: K is a compile-time constant (a model has a handful of hidden sizes): the compiler
+    then knows the row alignment and issues 16-byte loads; the interpreter also needs it."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     q_row = q_ptr + row * q_stride
@@ -109,7 +112,7 @@ def quantize_activation_triton(x: torch.Tensor, input_scale: torch.Tensor | None
     block = min(triton.next_power_of_2(k), _MAX_BLOCK)
     in_scale = input_scale if input_scale is not None else scale  # unused when dynamic
     _quant_fp8_kernel[(m,)](
-        x, x.stride(0), xq, xq.stride(0), scale, in_scale, k,
+        x, x.stride(0), xq, xq.stride(0), scale, in_scale, K=k,
         STATIC=input_scale is not None, BLOCK=block, ONE_PASS=k <= block,
         num_warps=max(1, min(8, block // 512)))  # 8 bf16 values (16 bytes) per thread and load
     return xq, scale
