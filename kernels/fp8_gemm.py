@@ -22,6 +22,8 @@ tuned for large M and reads the weight inefficiently there. Here:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from trtdist.kernels.fp8_quant import FP8_DTYPE, quantize_activation_triton
@@ -43,9 +45,13 @@ SMALL_M_MAX = 16
 _BLOCK_M = 16
 _BLOCK_N = 64
 _BLOCK_K = 256
+_log = logging.getLogger("trtdist")
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _workspaces: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 _sm_counts: dict[torch.device, int] = {}
+# NOTE: per device, whether the FP8 x FP8 tl.dot compiled; set False after a compile failure
+# (the float16-operand dot is then used: same numbers, more conversion work).
+_dot_fp8_ok: dict[torch.device, bool] = {}
 
 
 def fp8_gemm_torch(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
@@ -124,7 +130,9 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # interpreter: keep the grid small
     if device not in _sm_counts:
-        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        props = torch.cuda.get_device_properties(device)
+        _sm_counts[device] = props.multi_processor_count
+        _dot_fp8_ok.setdefault(device, (props.major, props.minor) >= (8, 9))
     return _sm_counts[device]
 
 
@@ -192,16 +200,26 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
     split = max(1, min(split, k_steps))
     k_per_split = -(-k_steps // split) * _BLOCK_K
     split = -(-k // k_per_split)  # no empty slices
-    if dot_fp8 is None:
-        dot_fp8 = xq.is_cuda and torch.cuda.get_device_capability(xq.device) >= (8, 9)
+    auto_dot = dot_fp8 is None
+    if auto_dot:
+        _sm_count(xq.device)
+        dot_fp8 = _dot_fp8_ok.get(xq.device, False)
     part = _workspace(xq.device, n, split) if split > 1 else out
     b = bias if bias is not None else ws  # unused when HAS_BIAS is False
     grid = (triton.cdiv(n, _BLOCK_N), split)
-    _fp8_gemm_kernel[grid](
-        xq, xs, w, ws, b, out, part, m, n, k, xq.stride(0), w.stride(0), out.stride(0),
-        K_PER_SPLIT=k_per_split, SPLIT_K=split, EVEN_K=k_per_split * split == k,
-        HAS_BIAS=bias is not None, DOT_FP8=dot_fp8, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K, num_warps=4, num_stages=4)
+    args = (xq, xs, w, ws, b, out, part, m, n, k, xq.stride(0), w.stride(0), out.stride(0))
+    consts = dict(K_PER_SPLIT=k_per_split, SPLIT_K=split, EVEN_K=k_per_split * split == k,
+                  HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+                  BLOCK_K=_BLOCK_K, num_warps=4, num_stages=4)
+    try:
+        _fp8_gemm_kernel[grid](*args, DOT_FP8=dot_fp8, **consts)
+    except Exception as e:  # noqa: BLE001 - e.g. a Triton build without FP8 MMA for this GPU
+        if not (auto_dot and dot_fp8):
+            raise
+        _log.warning("fp8_gemm: the FP8 tl.dot failed to compile (%s); using float16 "
+                     "operands", e)
+        _dot_fp8_ok[xq.device] = False
+        _fp8_gemm_kernel[grid](*args, DOT_FP8=False, **consts)
     if split > 1:
         block = min(triton.next_power_of_2(n), 1024)
         _splitk_epilogue[(m, triton.cdiv(n, block))](
