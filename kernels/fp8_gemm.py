@@ -152,6 +152,8 @@ def _workspace(device: torch.device, n: int, split: int) -> torch.Tensor:
     ws = _workspaces.get(key)
     if ws is None:
         # NOTE: kept for the life of the process: a CUDA graph captured with it keeps its address.
+        # Layers of one shape share it, which is safe while one stream runs a forward at a time
+        # (trtdist's executor); the partials are consumed by the next launch on that stream.
         ws = torch.empty((split * _BLOCK_M, n), dtype=torch.float32, device=device)
         _workspaces[key] = ws
     return ws
