@@ -14,10 +14,13 @@ tuned for large M and reads the weight inefficiently there. Here:
   interpreter: E4M3 values are exact in float16). Per-token and per-channel scales (and the
   bias) are applied in the epilogue in float32, then one rounding to the output dtype.
 - split-K: when N / BLOCK_N programs would not cover ~2 waves of SMs, K is split and each
-  slice writes float32 partials to a cached workspace `[SPLIT_K, 16, N]`; `_splitk_epilogue`
-  sums them in a fixed order (deterministic, no atomics, no memset) and applies the epilogue.
-  Workspaces are allocated once per (device, N, SPLIT_K) and kept: no allocation beyond the
-  output per call, so the path is CUDA-graph capturable (no host syncs either).
+  slice writes float32 partials to a cached workspace `[SPLIT_K, 16, N]`. With SPLITK_FIXUP
+  (default) the last slice program of each N block to finish (an atomic counter per block,
+  reset by that program) sums the partials in a fixed order and applies the epilogue;
+  otherwise `_splitk_epilogue`, a second launch, does. Both are deterministic and need no
+  memset. Workspaces and counters are allocated once per (device, N[, SPLIT_K]) and kept: no
+  allocation beyond the output per call, so the path is CUDA-graph capturable (no host syncs
+  either).
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ _BLOCK_N = 64
 _BLOCK_K = 256
 _log = logging.getLogger("trtdist")
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# NOTE: split-K reduction: True = in the GEMM (the last program of each N block, counted by an
+# atomic: one launch less); False = a second kernel (`_splitk_epilogue`). Both are tested.
+SPLITK_FIXUP = True
 _workspaces: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 _sm_counts: dict[torch.device, int] = {}
 # NOTE: per device, whether the FP8 x FP8 tl.dot compiled; set False after a compile failure
 # (the float16-operand dot is then used: same numbers, more conversion work).
@@ -65,11 +72,11 @@ def fp8_gemm_torch(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torc
 
 
 @_jit
-def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
+def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
                      M, N, K, stride_xm, stride_wn, stride_om,
                      K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, DOT_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     FIXUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP8: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -95,17 +102,35 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
             acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if SPLIT_K == 1:
+    mask = mask_m[:, None] & mask_n[None, :]
+    last = True
+    if SPLIT_K > 1:
+        p_ptrs = part_ptr + (pid_k * BLOCK_M + rm)[:, None] * N + rn[None, :]
+        tl.store(p_ptrs, acc, mask=mask)
+        last = False
+        if FIXUP:
+            # NOTE: the last of the SPLIT_K programs of this N block to arrive sums the partials
+            # (a fixed order: deterministic) and writes the output. The barrier orders every
+            # thread's partial stores before the release of the count; the acquire makes all
+            # partials visible to the last program, which loads them past L1 (.cg: L1 is not
+            # coherent). It then resets the counter for the next call or graph replay.
+            tl.debug_barrier()
+            count = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            last = count == SPLIT_K - 1
+            if last:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    acc += tl.load(part_ptr + (s * BLOCK_M + rm)[:, None] * N + rn[None, :],
+                                   mask=mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+    if last:
         xs = tl.load(xs_ptr + rm, mask=mask_m, other=0.0)
         ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
         y = acc * xs[:, None] * ws[None, :]
         if HAS_BIAS:
             y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    else:
-        p_ptrs = part_ptr + (pid_k * BLOCK_M + rm)[:, None] * N + rn[None, :]
-        tl.store(p_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -159,14 +184,25 @@ def _workspace(device: torch.device, n: int, split: int) -> torch.Tensor:
     return ws
 
 
+def _counter(device: torch.device, n: int) -> torch.Tensor:
+    """Per N block, how many split-K programs have finished; zero between calls (the last
+    program resets it), so layers of one N share it."""
+    key = (device, n)
+    cnt = _counters.get(key)
+    if cnt is None:
+        cnt = torch.zeros(-(-n // _BLOCK_N), dtype=torch.int32, device=device)
+        _counters[key] = cnt
+    return cnt
+
+
 def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
                      bias: torch.Tensor | None, out_dtype: torch.dtype, *,
                      out: torch.Tensor | None = None, split_k: int | None = None,
-                     dot_fp8: bool | None = None) -> torch.Tensor:
+                     dot_fp8: bool | None = None, fixup: bool | None = None) -> torch.Tensor:
     """`xq [M, K]` E4M3 with `xs [M, 1]` float32, `w [N, K]` E4M3 with `ws [N]` float32,
     `bias [N]` or None -> `[M, N]` in `out_dtype` (a new tensor, or `out`), for
-    M <= SMALL_M_MAX. `split_k` and `dot_fp8` override the automatic choices (tests,
-    benchmarks)."""
+    M <= SMALL_M_MAX. `split_k`, `dot_fp8` and `fixup` (split-K reduction in the GEMM, else in
+    a second kernel; default SPLITK_FIXUP) override the automatic choices (tests, benchmarks)."""
     if triton is None:
         raise RuntimeError("fp8_gemm_small_m needs triton, which is not installed")
     m, k = xq.shape
@@ -206,11 +242,15 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
     if auto_dot:
         _sm_count(xq.device)
         dot_fp8 = _dot_fp8_ok.get(xq.device, False)
+    fixup = SPLITK_FIXUP if fixup is None else fixup
     part = _workspace(xq.device, n, split) if split > 1 else out
+    cnt = _counter(xq.device, n) if split > 1 and fixup else xs  # unused unless FIXUP
     b = bias if bias is not None else ws  # unused when HAS_BIAS is False
     grid = (triton.cdiv(n, _BLOCK_N), split)
-    args = (xq, xs, w, ws, b, out, part, m, n, k, xq.stride(0), w.stride(0), out.stride(0))
+    args = (xq, xs, w, ws, b, out, part, cnt, m, n, k, xq.stride(0), w.stride(0),
+            out.stride(0))
     consts = dict(K_PER_SPLIT=k_per_split, SPLIT_K=split, EVEN_K=k_per_split * split == k,
+                  FIXUP=fixup,
                   HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
                   BLOCK_K=_BLOCK_K, num_warps=4, num_stages=4)
     try:
@@ -222,7 +262,7 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
                      "operands", e)
         _dot_fp8_ok[xq.device] = False
         _fp8_gemm_kernel[grid](*args, DOT_FP8=False, **consts)
-    if split > 1:
+    if split > 1 and not fixup:
         block = min(triton.next_power_of_2(n), 1024)
         _splitk_epilogue[(m, triton.cdiv(n, block))](
             part, xs, ws, b, out, n, out.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,

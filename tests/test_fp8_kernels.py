@@ -80,16 +80,20 @@ def test_quant_kernel_rejects_bad_input() -> None:
 @pytest.mark.parametrize("n,k,split", [(96, 512, None), (80, 520, 3), (64, 1024, 4),
                                        (70, 300, 1), (130, 768, 2)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fixup", [True, False])
 def test_small_m_gemm_interpreter(m: int, n: int, k: int, split: int | None,
-                                  out_dtype: torch.dtype) -> None:
+                                  out_dtype: torch.dtype, fixup: bool) -> None:
     torch.manual_seed(m * 1000 + n + k)
     w, ws = quantize_weight_per_channel(torch.randn(n, k) * 0.05)
     xq, xs = quantize_activation(torch.randn(m, k), None)
     bias = torch.randn(n) if n % 2 == 0 else None
     _poison_workspaces()
     out = torch.full((m, n), float("nan"), dtype=out_dtype)
-    y = fp8_gemm_small_m(xq, xs, w, ws, bias, out_dtype, out=out, split_k=split, dot_fp8=False)
+    for _ in range(2):  # twice: the split-K counters must be back at zero after a call
+        y = fp8_gemm_small_m(xq, xs, w, ws, bias, out_dtype, out=out, split_k=split,
+                             dot_fp8=False, fixup=fixup)
     assert y.data_ptr() == out.data_ptr()
+    assert all(int(c.abs().sum()) == 0 for c in fp8_gemm._counters.values())
     ref = _ref64(xq, xs, w, ws, bias)
     tol = 1e-5 if out_dtype == torch.float32 else 2e-3
     assert _rel(y, ref) < tol
@@ -197,19 +201,25 @@ def test_small_m_gemm_split_k_and_dot_gpu(n: int, k: int, m: int) -> None:
     ref = _ref64(xq, xs, w, ws, bias)
     for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
         for split in (None, 1, 2, 3, 8):
-            for dot_fp8 in (True, False):
+            for dot_fp8, fixup in ((True, True), (False, True), (True, False)):
                 _poison_workspaces()
                 out = torch.full((m, n), float("nan"), device=dev, dtype=out_dtype)
-                fp8_gemm_small_m(xq, xs, w, ws, bias, out_dtype, out=out, split_k=split,
-                                 dot_fp8=dot_fp8)
+                for _ in range(3):  # the counters must reset between calls
+                    fp8_gemm_small_m(xq, xs, w, ws, bias, out_dtype, out=out, split_k=split,
+                                     dot_fp8=dot_fp8, fixup=fixup)
                 tol = 1e-5 if out_dtype == torch.float32 else 1e-2
-                assert _rel(out, ref) < tol, (out_dtype, split, dot_fp8)
+                assert _rel(out, ref) < tol, (out_dtype, split, dot_fp8, fixup)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in fp8_gemm._counters.values())
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 64])
-def test_fp8_linear_cuda_graph_capture_replay_gpu(m: int) -> None:
+@pytest.mark.parametrize("fixup", [True, False])
+def test_fp8_linear_cuda_graph_capture_replay_gpu(m: int, fixup: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     dev = _need_fp8()
+    monkeypatch.setattr(fp8_gemm, "SPLITK_FIXUP", fixup)
     quant_fp8._fast.clear()
     torch.manual_seed(m)
     n, k = 4096, 14336  # split-K at small M: the workspace must survive capture
