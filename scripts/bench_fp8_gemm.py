@@ -10,6 +10,7 @@ Llama-3-8B linear shapes (N x K: qkv 6144x4096, o 4096x4096, gate/up 28672x4096,
 4096x14336) and M = 1, 8, 64, 256 tokens times, per call including the activation
 quantization:
 - `small_m`: `kernels.fp8_gemm.fp8_linear_small_m` (fused quantization + Triton GEMM; M <= 16)
+- `small_m_2kernel`: the same with the split-K reduction in a second kernel (split shapes)
 - `scaled_mm_fused`: fused Triton quantization + `_scaled_mm(use_fast_accum=True)` (M > 16)
 - `scaled_mm_torch`: the previous path, torch `quantize_activation` + `_scaled_mm`
 - `bf16`: `F.linear` with a bf16 weight
@@ -125,6 +126,9 @@ def bench_shape(mods: tuple, device: str, n: int, k: int, ms: list[int], reps: i
         if m <= g.SMALL_M_MAX:
             impls["small_m"] = lambda i: g.fp8_linear_small_m(  # noqa: B023 (timed at once)
                 x, w8[i], s8[i], None, None)
+            if g.choose_split_k(n, k, props_sms(device)) > 1:  # reduction in a second kernel
+                impls["small_m_2kernel"] = lambda i: g.fp8_linear_small_m(  # noqa: B023
+                    x, w8[i], s8[i], None, None, fixup=False)
         res: dict[str, dict[str, float]] = {}
         for name, fn in impls.items():
             us = _graph_time_us(fn, copies, reps)
@@ -142,6 +146,12 @@ def bench_shape(mods: tuple, device: str, n: int, k: int, ms: list[int], reps: i
     del w16
     torch.cuda.empty_cache()
     return out
+
+
+def props_sms(device: str) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _mm_call(quant, x, w8, s8, *, fast: bool):  # type: ignore[no-untyped-def]
