@@ -30,6 +30,9 @@ except ImportError:  # NOTE: CPU-only installs run the torch reference; kernels 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3FN value
 MIN_SCALE = 1e-12  # mirrors parallel.quant_fp8._MIN_SCALE (an all-zero row stays finite)
+# NOTE: jitted code may only read globals that are tl.constexpr (the interpreter is lenient).
+_FP8_MAX_C = tl.constexpr(FP8_MAX) if triton is not None else FP8_MAX
+_MIN_SCALE_C = tl.constexpr(MIN_SCALE) if triton is not None else MIN_SCALE
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BLOCK = 4096
 
@@ -62,17 +65,17 @@ def _quant_fp8_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, in_scale_ptr, K: 
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX), MIN_SCALE)
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), _FP8_MAX_C), _MIN_SCALE_C)
     if ONE_PASS:
         mask = cols < K
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX_C), _FP8_MAX_C)
         tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     else:
         for k0 in range(0, K, BLOCK):
             mask = k0 + cols < K
             x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX_C), _FP8_MAX_C)
             tl.store(q_row + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 
