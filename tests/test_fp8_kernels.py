@@ -11,6 +11,10 @@ quantized values themselves are compared bit-exact under `gpu`.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -139,6 +143,60 @@ def test_fp8_linear_cuda_falls_back_when_a_kernel_fails(
             assert y.shape == (m, 48) and _rel(y, ref.double()) < 1e-2  # bf16 output
     assert "simulated compile failure" in quant_fp8._fast["off"]  # type: ignore[operator]
     assert sum("FP8 Triton kernels disabled" in r.message for r in caplog.records) == 1
+
+
+_AOT_SCRIPT = textwrap.dedent("""
+    import re, sys, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from trtdist.kernels import fp8_gemm as g, fp8_quant as q
+
+    def compile_(fn, sig, consts, cc, **options):
+        for c in consts:
+            sig[c] = "constexpr"
+        # as the runtime specialises pointers, strides, N and K (multiples of 16); not M
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
+                 if t != "constexpr" and name != "M"}
+        return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
+                              options=options).asm["ptx"]
+
+    for cc in (89, 90):
+        gemm = dict(xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32",
+                    b_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", cnt_ptr="*i32", M="i32",
+                    N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_om="i32")
+        for dot in (True, False):
+            for split, fixup in ((1, True), (4, True), (4, False)):
+                ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
+                    K_PER_SPLIT=1024, SPLIT_K=split, EVEN_K=True, FIXUP=fixup, HAS_BIAS=True,
+                    DOT_FP8=dot, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256), cc, num_warps=4,
+                    num_stages=4)
+                assert "mma.sync" in ptx and "cp.async" in ptx, (cc, dot, split)  # pipelined
+        compile_(g._splitk_epilogue, dict(part_ptr="*fp32", xs_ptr="*fp32", ws_ptr="*fp32",
+                 b_ptr="*bf16", out_ptr="*bf16", N="i32", stride_om="i32"),
+                 dict(SPLIT_K=4, HAS_BIAS=True, BLOCK_M=16, BLOCK=1024), cc, num_warps=4)
+        for static, k in ((False, 4096), (False, 14336), (True, 4096)):
+            ptx = compile_(q._quant_fp8_kernel, dict(x_ptr="*bf16", x_stride="i32",
+                           q_ptr="*fp8e4nv", q_stride="i32", s_ptr="*fp32",
+                           in_scale_ptr="*fp32"),
+                           dict(K=k, STATIC=static, BLOCK=4096, ONE_PASS=k <= 4096), cc,
+                           num_warps=8)
+            assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, k)
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_ada_and_hopper() -> None:
+    """Without a GPU: compile every kernel variant to PTX + cubin for sm_89 and sm_90 (Triton
+    ships ptxas), checking the GEMM's loads are pipelined (cp.async) and the quantization
+    uses IEEE division and the hardware E4M3 conversion."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
 
 
 # ---- GPU ---------------------------------------------------------------------------------
