@@ -4,12 +4,9 @@
 scale [M, 1] float32)` as `parallel.quant_fp8.quantize_activation` (the torch reference,
 four to five small kernels: abs/amax, divide, clamp, cast): `scale = max(amax(row) / 448,
 1e-12)` (dynamic) or `input_scale` (static), `xq = clamp(x / scale, -448, 448)` rounded to
-E4M3. Both divisions are IEEE round-to-nearest (`div_rn`), so on a GPU the kernel's output is
-bit-equal to the reference.
-
-NOTE: Triton 3.6's interpreter rounds float32 -> float8 wrongly when the rounding carries into
-the exponent (31.78 -> 16 instead of 32), so under the interpreter only the scales are
-comparable; the quantized values are tested on a GPU.
+E4M3. Both divisions are IEEE round-to-nearest (`div_rn`) and the rounding to E4M3 is done
+explicitly (`_round_to_e4m3`, ties to even like torch's cast), so the kernel's output is
+bit-equal to the reference on a GPU and in Triton's interpreter alike.
 """
 
 from __future__ import annotations
@@ -47,6 +44,33 @@ def quantize_activation_torch(x: torch.Tensor, input_scale: torch.Tensor | None
 
 
 @_jit
+def _round_to_e4m3(v):
+    """float32 `v` within [-448, 448] -> the nearest E4M3 value (ties to even), as float32.
+
+    NOTE: explicit so that the kernel's numbers are the same on a GPU and in Triton's
+    interpreter (whose float32 -> float8 cast mis-rounds when the rounding carries into the
+    exponent: 31.78 -> 16); the cast of the rounded value is then exact everywhere. Normal
+    E4M3 (|v| >= 2^-6) keeps 3 mantissa bits: round float32's 23 at bit 20, ties to even.
+    Subnormal E4M3 is a multiple of 2^-9: adding and subtracting 1.5 * 2^14 (float32 spacing
+    2^-9 there) rounds to it, ties to even. The sign is put back by bits (-x is 0 - x in
+    Triton, which would lose -0)."""
+    bits = v.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    sign = bits ^ mag
+    normal = (mag + 0x7FFFF + ((mag >> 20) & 1)) & -1048576  # clear the low 20 bits
+    a = mag.to(tl.float32, bitcast=True)
+    sub = ((a + 24576.0) - 24576.0).to(tl.int32, bitcast=True)
+    return (tl.where(a < 0.015625, sub, normal) | sign).to(tl.float32, bitcast=True)
+
+
+@_jit
+def _quantize(x, scale):
+    """`clamp(x / scale, -448, 448)` rounded to E4M3 (float32 holding an E4M3 value)."""
+    return _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX_C),
+                                     _FP8_MAX_C))
+
+
+@_jit
 def _quant_fp8_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, in_scale_ptr, K: tl.constexpr,
                       STATIC: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
     """Grid (M,): one program per token row. Dynamic: pass 1 takes the row's amax, pass 2
@@ -69,13 +93,13 @@ def _quant_fp8_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, in_scale_ptr, K: 
     if ONE_PASS:
         mask = cols < K
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX_C), _FP8_MAX_C)
+        q = _quantize(x, scale)
         tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     else:
         for k0 in range(0, K, BLOCK):
             mask = k0 + cols < K
             x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX_C), _FP8_MAX_C)
+            q = _quantize(x, scale)
             tl.store(q_row + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 

@@ -2,10 +2,8 @@
 (`kernels/fp8_quant.py`), the small-M GEMM (`kernels/fp8_gemm.py`) and their dispatch in
 `parallel.quant_fp8.fp8_linear_cuda` (fallback to torch when a kernel fails).
 
-On CPU the kernels run in Triton's interpreter. Its float32 -> float8 conversion is wrong
-when rounding carries into the exponent (31.78 -> 16, not 32), so there only the
-quantization scales are compared (bit-exact) and the GEMM is fed torch-quantized inputs; the
-quantized values themselves are compared bit-exact under `gpu`.
+On CPU the kernels run in Triton's interpreter (the quantization bit-exact there too: it
+rounds to E4M3 explicitly), and every kernel variant is compiled for sm_89 / sm_90.
 """
 
 from __future__ import annotations
@@ -59,7 +57,7 @@ def _poison_allocator(device: torch.device) -> None:
 # ---- interpreter (CPU) -------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("k", [200, 5000])  # one pass / looping (BLOCK 4096)
-def test_quant_kernel_scales_interpreter(dtype: torch.dtype, k: int) -> None:
+def test_quant_kernel_bit_exact_interpreter(dtype: torch.dtype, k: int) -> None:
     torch.manual_seed(k)
     x = (torch.randn(5, k) * 3).to(dtype)
     x[2] = 0  # an all-zero token gets the minimum scale, not 0
@@ -67,10 +65,25 @@ def test_quant_kernel_scales_interpreter(dtype: torch.dtype, k: int) -> None:
         q = torch.full((5, k), float("nan")).to(torch.float8_e4m3fn)
         s = torch.full((5, 1), float("nan"))
         xq, xs = quantize_activation_triton(x, static, out=(q, s))
-        _, ref_s = quantize_activation_torch(x, static)
+        ref_q, ref_s = quantize_activation_torch(x, static)
         assert xq.data_ptr() == q.data_ptr() and xs.data_ptr() == s.data_ptr()
         assert torch.equal(xs, ref_s)
-        assert not xq.float().isnan().any()
+        assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def test_e4m3_rounding_bit_exact_interpreter() -> None:
+    """Every E4M3 value, every midpoint between neighbours (ties go to even), subnormals, -0
+    and saturation, through the static-scale kernel (scale 1) against torch's cast."""
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = vals[~vals.isnan()].unique().sort().values  # [-448 .. 448]
+    mids = (vals[1:] + vals[:-1]) / 2
+    torch.manual_seed(0)
+    x = torch.cat([vals, mids, torch.nextafter(mids, torch.zeros(())), torch.tensor([-0.0]),
+                   torch.randn(3000) * 0.003, torch.randn(3000) * 100,
+                   torch.tensor([500.0, -1e6, 449.0, 464.0])])[None]
+    xq, _ = quantize_activation_triton(x, torch.tensor([1.0]))
+    ref_q, _ = quantize_activation_torch(x, torch.tensor([1.0]))
+    assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
 
 
 def test_quant_kernel_rejects_bad_input() -> None:
