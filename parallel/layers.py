@@ -91,8 +91,10 @@ class Fp8LinearMethod(LinearMethod):
     """`weight [out, in]` float8_e4m3fn with `weight_scale [out]` float32 (per output
     channel), and with static activations `input_scale [1]` float32.
 
-    GEMM: on CUDA `torch._scaled_mm` (needs compute capability >= 8.9; the error says so
-    otherwise), with activations quantized per token (dynamic) or with `input_scale`; shapes
+    GEMM (`fp8_linear_cuda`; needs compute capability >= 8.9, the error says so otherwise):
+    on CUDA at M <= 16 tokens the Triton small-M GEMM of `kernels/fp8_gemm.py` (weight read
+    once, activations quantized by one fused kernel), above that the fused quantization and
+    `torch._scaled_mm`, activations quantized per token (dynamic) or with `input_scale`; shapes
     cuBLASLt cannot take (in or out not a multiple of 16) and CPUs use the dequantizing
     reference, which computes the same numbers in float32.
     """

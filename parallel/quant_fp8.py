@@ -4,8 +4,10 @@ or per tensor (static), and the two GEMMs that consume them.
 Scales follow the convention of vLLM / TensorRT-LLM / compressed-tensors: a stored scale `s`
 *dequantizes*, `x ~= q.float() * s`, with `s = amax / 448` (448 = the largest E4M3 value).
 
-- `fp8_linear_cuda`: `torch._scaled_mm` (cuBLASLt FP8, compute capability >= 8.9) with
-  row-wise scales: `scale_a [M, 1]` per token, `scale_b [1, N]` per output channel, bf16 out.
+- `fp8_linear_cuda`: at M <= 16 (decode) the Triton small-M GEMM of `kernels/fp8_gemm.py`;
+  above, the fused quantization of `kernels/fp8_quant.py` and `torch._scaled_mm` (cuBLASLt
+  FP8, compute capability >= 8.9) with row-wise scales: `scale_a [M, 1]` per token,
+  `scale_b [1, N]` per output channel, bf16 out.
 - `fp8_linear_reference`: the same numbers in float32 on any device (the CPU path): the
   activations go through the identical per-token quantize -> dequantize, the weight is
   dequantized, so results equal the quantized model up to float32 summation order.
@@ -13,8 +15,12 @@ Scales follow the convention of vLLM / TensorRT-LLM / compressed-tensors: a stor
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+_log = logging.getLogger("trtdist")
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -102,18 +108,63 @@ def scaled_mm_supported(n: int, k: int) -> bool:
     return n % 16 == 0 and k % 16 == 0
 
 
+_fast: dict[str, object] = {}  # the Triton kernels once imported; {"off": reason} if not
+
+
+def _fast_kernels() -> dict[str, object]:
+    """Import `kernels.fp8_quant` / `kernels.fp8_gemm` once; on failure warn and stay on the
+    torch path (a broken kernel must not take FP8 inference down)."""
+    if not _fast:
+        try:
+            from trtdist.kernels.fp8_gemm import SMALL_M_MAX, fp8_linear_small_m
+            from trtdist.kernels.fp8_quant import quantize_activation_triton
+        except Exception as e:  # noqa: BLE001 - any import failure means: use torch
+            _disable_fast(f"import failed: {e!r}")
+        else:
+            _fast.update(quant=quantize_activation_triton, small_m=fp8_linear_small_m,
+                         small_m_max=SMALL_M_MAX)
+    return _fast
+
+
+def _disable_fast(reason: str) -> None:
+    _fast.clear()
+    _fast["off"] = reason
+    _log.warning("FP8 Triton kernels disabled, using torch quantization + _scaled_mm: %s",
+                 reason)
+
+
 def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale_row: torch.Tensor,
                     input_scale: torch.Tensor | None,
                     bias: torch.Tensor | None) -> torch.Tensor:
-    """`torch._scaled_mm` with per-token (or static, broadcast) activation scales and
-    per-channel weight scales. `weight_scale_row` is the weight scale as `[1, N]` float32.
+    """FP8 linear on CUDA; `weight_scale_row` is the weight scale as `[1, N]` float32.
 
-    NOTE: row-wise scaling only produces bf16, so fp16/fp32 models get a bf16 result cast
-    back (one extra rounding, far below the FP8 error)."""
+    - M <= SMALL_M_MAX (decode): `kernels.fp8_gemm.fp8_linear_small_m`, a bandwidth-bound
+      Triton GEMM reading each FP8 weight once, output written directly in x's dtype.
+    - larger M: the fused Triton quantization (`kernels.fp8_quant`, one launch) and
+      `torch._scaled_mm` (cuBLASLt) with row-wise scales and `use_fast_accum=True`.
+    If the Triton kernels fail to import or to run, a warning is logged once and the torch
+    quantization (`quantize_activation`) is used from then on.
+
+    NOTE: row-wise scaling in `_scaled_mm` only produces bf16, so fp16/fp32 models get a bf16
+    result cast back (one extra rounding, far below the FP8 error)."""
     shape = x.shape
-    xq, xs = quantize_activation(x.reshape(-1, shape[-1]), input_scale)  # [M, K], [M, 1]
+    x2 = x.reshape(-1, shape[-1])  # [M, K]
+    fast = _fast_kernels()
+    xq = xs = None
+    if "off" not in fast:
+        try:
+            if x2.shape[0] <= fast["small_m_max"] and x2.stride(-1) == 1:  # type: ignore[operator]
+                y = fast["small_m"](x2, weight, weight_scale_row.view(-1),  # type: ignore[operator]
+                                    input_scale, bias)
+                return y.reshape(*shape[:-1], weight.shape[0])
+            xq, xs = fast["quant"](x2.contiguous(), input_scale)  # type: ignore[operator]
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch
+            _disable_fast(f"{type(e).__name__}: {e}")
+            xq = xs = None
+    if xq is None:
+        xq, xs = quantize_activation(x2, input_scale)  # [M, K], [M, 1]
     y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale_row,
-                         out_dtype=torch.bfloat16)
+                         out_dtype=torch.bfloat16, use_fast_accum=True)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])

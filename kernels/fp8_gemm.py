@@ -1,0 +1,280 @@
+"""Small-M (decode) FP8 GEMM: `y [M, N] = (xq * xs) @ (W * ws)^T (+ bias)` reading the E4M3
+weight `W [N, K]` once from HBM (1 byte per weight, half of bf16's traffic).
+
+At M <= SMALL_M_MAX (16) a linear layer is bound by weight bandwidth; cuBLASLt's FP8 GEMM is
+tuned for large M and reads the weight inefficiently there. Here:
+- `fp8_linear_small_m(x, ...)`: two launches (three with split-K): the fused per-token
+  quantization of `kernels/fp8_quant.py`, then `_fp8_gemm_kernel` over the quantized rows.
+  NOTE: quantizing inside the GEMM would need every program to take the amax of the whole
+  row (M * K reads per program, ~2x the weight traffic at M = 16, K = 14336), so one small
+  launch first is cheaper.
+- `_fp8_gemm_kernel`: grid (cdiv(N, BLOCK_N), SPLIT_K); each program owns BLOCK_N output
+  channels and one K slice; M is padded to 16 (masked loads) so the product is a `tl.dot`
+  (FP8 x FP8 -> float32 on compute capability >= 8.9, products exact; float16 operands in the
+  interpreter: E4M3 values are exact in float16). Per-token and per-channel scales (and the
+  bias) are applied in the epilogue in float32, then one rounding to the output dtype.
+- split-K: when N / BLOCK_N programs would not cover ~2 waves of SMs, K is split and each
+  slice writes float32 partials to a cached workspace `[SPLIT_K, 16, N]`. With SPLITK_FIXUP
+  (default) the last slice program of each N block to finish (an atomic counter per block,
+  reset by that program) sums the partials in a fixed order and applies the epilogue;
+  otherwise `_splitk_epilogue`, a second launch, does. Both are deterministic and need no
+  memset. Workspaces and counters are allocated once per (device, N[, SPLIT_K]) and kept: no
+  allocation beyond the output per call, so the path is CUDA-graph capturable (no host syncs
+  either).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from trtdist.kernels.fp8_quant import FP8_DTYPE, quantize_activation_triton
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # NOTE: CPU-only installs run the torch reference; kernels never launch.
+    triton = None
+
+    def _jit(fn):  # type: ignore[no-untyped-def]
+        return fn
+
+# NOTE: up to 16 rows one tl.dot tile covers M, so the weight is read exactly once; above,
+# the GEMM starts to be compute-shaped and cuBLASLt (`torch._scaled_mm`) is the better choice.
+SMALL_M_MAX = 16
+_BLOCK_M = 16
+_BLOCK_N = 64
+_BLOCK_K = 256
+_log = logging.getLogger("trtdist")
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# NOTE: split-K reduction: True = in the GEMM (the last program of each N block, counted by an
+# atomic: one launch less); False = a second kernel (`_splitk_epilogue`). Both are tested.
+SPLITK_FIXUP = True
+_workspaces: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+_sm_counts: dict[torch.device, int] = {}
+# NOTE: per device, whether the FP8 x FP8 tl.dot compiled; set False after a compile failure
+# (the float16-operand dot is then used: same numbers, more conversion work).
+_dot_fp8_ok: dict[torch.device, bool] = {}
+
+
+def fp8_gemm_torch(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Reference: `[M, K] E4M3 x [M, 1] scale, [N, K] E4M3 x [N] scale -> [M, N]` computed in
+    float32 (the numbers of `parallel.quant_fp8.fp8_linear_reference`)."""
+    y = torch.nn.functional.linear(xq.float() * xs.float(), w.float() * ws.float()[:, None])
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@_jit
+def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+                     M, N, K, stride_xm, stride_wn, stride_om,
+                     K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     FIXUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP8: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    k_start = pid_k * K_PER_SPLIT
+    x_ptrs = xq_ptr + rm[:, None] * stride_xm + (k_start + rk)[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (k_start + rk)[None, :]  # [BN, BK]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = k_start + k0 + rk < K
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if DOT_FP8:
+            acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    mask = mask_m[:, None] & mask_n[None, :]
+    last = True
+    if SPLIT_K > 1:
+        p_ptrs = part_ptr + (pid_k * BLOCK_M + rm)[:, None] * N + rn[None, :]
+        tl.store(p_ptrs, acc, mask=mask)
+        last = False
+        if FIXUP:
+            # NOTE: the last of the SPLIT_K programs of this N block to arrive sums the partials
+            # (a fixed order: deterministic) and writes the output. The barrier orders every
+            # thread's partial stores before the release of the count; the acquire makes all
+            # partials visible to the last program, which loads them past L1 (.cg: L1 is not
+            # coherent). It then resets the counter for the next call or graph replay.
+            tl.debug_barrier()
+            count = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            last = count == SPLIT_K - 1
+            if last:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    acc += tl.load(part_ptr + (s * BLOCK_M + rm)[:, None] * N + rn[None, :],
+                                   mask=mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+    if last:
+        xs = tl.load(xs_ptr + rm, mask=mask_m, other=0.0)
+        ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
+        y = acc * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _splitk_epilogue(part_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, N, stride_om,
+                     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Grid (M, cdiv(N, BLOCK)): sum the SPLIT_K float32 partials of one row in a fixed order,
+    then scales, bias, one rounding."""
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = rn < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + (s * BLOCK_M + m) * N + rn, mask=mask, other=0.0)
+    y = acc * tl.load(xs_ptr + m) * tl.load(ws_ptr + rn, mask=mask, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # interpreter: keep the grid small
+    if device not in _sm_counts:
+        props = torch.cuda.get_device_properties(device)
+        _sm_counts[device] = props.multi_processor_count
+        _dot_fp8_ok.setdefault(device, (props.major, props.minor) >= (8, 9))
+    return _sm_counts[device]
+
+
+def choose_split_k(n: int, k: int, sm_count: int) -> int:
+    """Split K until the grid holds about two programs per SM, keeping >= 4 BLOCK_K steps per
+    split (each slice must stream enough weight to pipeline its loads)."""
+    blocks_n = -(-n // _BLOCK_N)
+    k_steps = -(-k // _BLOCK_K)
+    split = 1
+    while blocks_n * split < 2 * sm_count and k_steps // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
+def _workspace(device: torch.device, n: int, split: int) -> torch.Tensor:
+    key = (device, n, split)
+    ws = _workspaces.get(key)
+    if ws is None:
+        # NOTE: kept for the life of the process: a CUDA graph captured with it keeps its address.
+        # Layers of one shape share it, which is safe while one stream runs a forward at a time
+        # (trtdist's executor); the partials are consumed by the next launch on that stream.
+        ws = torch.empty((split * _BLOCK_M, n), dtype=torch.float32, device=device)
+        _workspaces[key] = ws
+    return ws
+
+
+def _counter(device: torch.device, n: int) -> torch.Tensor:
+    """Per N block, how many split-K programs have finished; zero between calls (the last
+    program resets it), so layers of one N share it."""
+    key = (device, n)
+    cnt = _counters.get(key)
+    if cnt is None:
+        cnt = torch.zeros(-(-n // _BLOCK_N), dtype=torch.int32, device=device)
+        _counters[key] = cnt
+    return cnt
+
+
+def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, *,
+                     out: torch.Tensor | None = None, split_k: int | None = None,
+                     dot_fp8: bool | None = None, fixup: bool | None = None) -> torch.Tensor:
+    """`xq [M, K]` E4M3 with `xs [M, 1]` float32, `w [N, K]` E4M3 with `ws [N]` float32,
+    `bias [N]` or None -> `[M, N]` in `out_dtype` (a new tensor, or `out`), for
+    M <= SMALL_M_MAX. `split_k`, `dot_fp8` and `fixup` (split-K reduction in the GEMM, else in
+    a second kernel; default SPLITK_FIXUP) override the automatic choices (tests, benchmarks)."""
+    if triton is None:
+        raise RuntimeError("fp8_gemm_small_m needs triton, which is not installed")
+    m, k = xq.shape
+    n = w.shape[0]
+    if m > SMALL_M_MAX:
+        raise ValueError(f"fp8_gemm_small_m: M = {m} rows, at most {SMALL_M_MAX} allowed")
+    if xq.dtype != FP8_DTYPE or w.dtype != FP8_DTYPE or w.shape[1] != k:
+        raise ValueError(f"fp8_gemm_small_m: want xq [M, K] and w [N, K] float8_e4m3fn, got "
+                         f"{tuple(xq.shape)} {xq.dtype} and {tuple(w.shape)} {w.dtype}")
+    if xq.stride(-1) != 1 or w.stride(-1) != 1:
+        raise ValueError("fp8_gemm_small_m: xq and w need a unit last stride")
+    if xs.numel() != m or xs.dtype != torch.float32 or not xs.is_contiguous():
+        raise ValueError(f"fp8_gemm_small_m: xs must be [{m}, 1] float32 contiguous, got "
+                         f"{tuple(xs.shape)} {xs.dtype}")
+    if ws.numel() != n or ws.dtype != torch.float32 or not ws.is_contiguous():
+        raise ValueError(f"fp8_gemm_small_m: ws must be [{n}] float32 contiguous, got "
+                         f"{tuple(ws.shape)} {ws.dtype}")
+    if bias is not None and (bias.numel() != n or not bias.is_contiguous()):
+        raise ValueError(f"fp8_gemm_small_m: bias must be [{n}] contiguous, got "
+                         f"{tuple(bias.shape)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"fp8_gemm_small_m: out_dtype must be float16, bfloat16 or float32, "
+                         f"got {out_dtype}")
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(-1) != 1:
+        raise ValueError(f"fp8_gemm_small_m: out must be [{m}, {n}] {out_dtype} with a unit "
+                         f"last stride, got {tuple(out.shape)} {out.dtype} {tuple(out.stride())}")
+    if m == 0 or n == 0:
+        return out
+    split = split_k if split_k is not None else choose_split_k(n, k, _sm_count(xq.device))
+    k_steps = -(-k // _BLOCK_K)
+    split = max(1, min(split, k_steps))
+    k_per_split = -(-k_steps // split) * _BLOCK_K
+    split = -(-k // k_per_split)  # no empty slices
+    auto_dot = dot_fp8 is None
+    if auto_dot:
+        _sm_count(xq.device)
+        dot_fp8 = _dot_fp8_ok.get(xq.device, False)
+    fixup = SPLITK_FIXUP if fixup is None else fixup
+    part = _workspace(xq.device, n, split) if split > 1 else out
+    cnt = _counter(xq.device, n) if split > 1 and fixup else xs  # unused unless FIXUP
+    b = bias if bias is not None else ws  # unused when HAS_BIAS is False
+    grid = (triton.cdiv(n, _BLOCK_N), split)
+    args = (xq, xs, w, ws, b, out, part, cnt, m, n, k, xq.stride(0), w.stride(0),
+            out.stride(0))
+    consts = dict(K_PER_SPLIT=k_per_split, SPLIT_K=split, EVEN_K=k_per_split * split == k,
+                  FIXUP=fixup,
+                  HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+                  BLOCK_K=_BLOCK_K, num_warps=4, num_stages=4)
+    try:
+        _fp8_gemm_kernel[grid](*args, DOT_FP8=dot_fp8, **consts)
+    except Exception as e:  # noqa: BLE001 - e.g. a Triton build without FP8 MMA for this GPU
+        if not (auto_dot and dot_fp8):
+            raise
+        _log.warning("fp8_gemm: the FP8 tl.dot failed to compile (%s); using float16 "
+                     "operands", e)
+        _dot_fp8_ok[xq.device] = False
+        _fp8_gemm_kernel[grid](*args, DOT_FP8=False, **consts)
+    if split > 1 and not fixup:
+        block = min(triton.next_power_of_2(n), 1024)
+        _splitk_epilogue[(m, triton.cdiv(n, block))](
+            part, xs, ws, b, out, n, out.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
+            BLOCK_M=_BLOCK_M, BLOCK=block, num_warps=4)
+    return out
+
+
+def fp8_linear_small_m(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                       input_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                       **kw: object) -> torch.Tensor:
+    """`x [M, K]` (M <= SMALL_M_MAX, float16/bfloat16/float32) -> `[M, N]` in x's dtype: the
+    fused activation quantization, then the small-M GEMM. Same numbers as
+    `parallel.quant_fp8.fp8_linear_reference` up to float32 summation order."""
+    xq, xs = quantize_activation_triton(x, input_scale)
+    return fp8_gemm_small_m(xq, xs, w, ws, bias, x.dtype, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,145 @@
+"""FP8 (E4M3) activation quantization in one launch: per token (dynamic) or per tensor (static).
+
+`quantize_activation_triton(x, input_scale)` returns the same `(xq [M, K] float8_e4m3fn,
+scale [M, 1] float32)` as `parallel.quant_fp8.quantize_activation` (the torch reference,
+four to five small kernels: abs/amax, divide, clamp, cast): `scale = max(amax(row) / 448,
+1e-12)` (dynamic) or `input_scale` (static), `xq = clamp(x / scale, -448, 448)` rounded to
+E4M3. Both divisions are IEEE round-to-nearest (`div_rn`) and the rounding to E4M3 is done
+explicitly (`_round_to_e4m3`, ties to even like torch's cast), so the kernel's output is
+bit-equal to the reference on a GPU and in Triton's interpreter alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # NOTE: CPU-only installs run the torch reference; kernels never launch.
+    triton = None
+
+    def _jit(fn):  # type: ignore[no-untyped-def]
+        return fn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite E4M3FN value
+MIN_SCALE = 1e-12  # mirrors parallel.quant_fp8._MIN_SCALE (an all-zero row stays finite)
+# NOTE: jitted code may only read globals that are tl.constexpr (the interpreter is lenient).
+_FP8_MAX_C = tl.constexpr(FP8_MAX) if triton is not None else FP8_MAX
+_MIN_SCALE_C = tl.constexpr(MIN_SCALE) if triton is not None else MIN_SCALE
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_BLOCK = 4096
+
+
+def quantize_activation_torch(x: torch.Tensor, input_scale: torch.Tensor | None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: `parallel.quant_fp8.quantize_activation` (imported lazily: imports flow
+    parallel -> kernels)."""
+    from trtdist.parallel.quant_fp8 import quantize_activation
+
+    return quantize_activation(x, input_scale)
+
+
+@_jit
+def _round_to_e4m3(v):
+    """float32 `v` within [-448, 448] -> the nearest E4M3 value (ties to even), as float32.
+
+    NOTE: explicit so that the kernel's numbers are the same on a GPU and in Triton's
+    interpreter (whose float32 -> float8 cast mis-rounds when the rounding carries into the
+    exponent: 31.78 -> 16); the cast of the rounded value is then exact everywhere. Normal
+    E4M3 (|v| >= 2^-6) keeps 3 mantissa bits: round float32's 23 at bit 20, ties to even.
+    Subnormal E4M3 is a multiple of 2^-9: adding and subtracting 1.5 * 2^14 (float32 spacing
+    2^-9 there) rounds to it, ties to even. The sign is put back by bits (-x is 0 - x in
+    Triton, which would lose -0)."""
+    bits = v.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    sign = bits ^ mag
+    normal = (mag + 0x7FFFF + ((mag >> 20) & 1)) & -1048576  # clear the low 20 bits
+    a = mag.to(tl.float32, bitcast=True)
+    sub = ((a + 24576.0) - 24576.0).to(tl.int32, bitcast=True)
+    return (tl.where(a < 0.015625, sub, normal) | sign).to(tl.float32, bitcast=True)
+
+
+@_jit
+def _quantize(x, scale):
+    """`clamp(x / scale, -448, 448)` rounded to E4M3 (float32 holding an E4M3 value)."""
+    return _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX_C),
+                                     _FP8_MAX_C))
+
+
+@_jit
+def _quant_fp8_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, in_scale_ptr, K: tl.constexpr,
+                      STATIC: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+    """Grid (M,): one program per token row. Dynamic: pass 1 takes the row's amax, pass 2
+    quantizes (with ONE_PASS the row stays in registers between them).
+
+    NOTE: K is a compile-time constant (a model has a handful of hidden sizes): the compiler
+    then knows the row alignment and issues 16-byte loads; the interpreter also needs it."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    q_row = q_ptr + row * q_stride
+    cols = tl.arange(0, BLOCK)
+    if STATIC:
+        scale = tl.load(in_scale_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), _FP8_MAX_C), _MIN_SCALE_C)
+    if ONE_PASS:
+        mask = cols < K
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        q = _quantize(x, scale)
+        tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        for k0 in range(0, K, BLOCK):
+            mask = k0 + cols < K
+            x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+            q = _quantize(x, scale)
+            tl.store(q_row + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def quantize_activation_triton(x: torch.Tensor, input_scale: torch.Tensor | None, *,
+                               out: tuple[torch.Tensor, torch.Tensor] | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[M, K]` activations -> `(xq [M, K] float8_e4m3fn, scale [M, 1] float32)`, per token
+    (`input_scale` None) or with the static per-tensor `input_scale` (one float32 element).
+    `out` may supply both outputs (preallocated). No host syncs: CUDA-graph capturable."""
+    if triton is None:
+        raise RuntimeError("quantize_activation_triton needs triton, which is not installed")
+    if x.dim() != 2 or x.dtype not in _DTYPES or x.stride(-1) != 1:
+        raise ValueError(f"quantize_activation_triton: x must be a 2-D float16/bfloat16/float32 "
+                         f"tensor with a unit last stride, got shape {tuple(x.shape)} "
+                         f"{x.dtype} strides {tuple(x.stride())}")
+    if input_scale is not None and (input_scale.numel() != 1
+                                    or input_scale.dtype != torch.float32):
+        raise ValueError(f"quantize_activation_triton: input_scale must hold one float32 value, "
+                         f"got shape {tuple(input_scale.shape)} {input_scale.dtype}")
+    m, k = x.shape
+    if out is None:
+        xq = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+        scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    else:
+        xq, scale = out
+        if (xq.shape != (m, k) or xq.dtype != FP8_DTYPE or xq.stride(-1) != 1
+                or scale.shape != (m, 1) or scale.dtype != torch.float32
+                or not scale.is_contiguous()):
+            raise ValueError(f"quantize_activation_triton: out must be ([{m}, {k}] float8_e4m3fn, "
+                             f"[{m}, 1] float32 contiguous), got ({tuple(xq.shape)} {xq.dtype}, "
+                             f"{tuple(scale.shape)} {scale.dtype})")
+    if k == 0:
+        raise ValueError("quantize_activation_triton: x has no columns (K = 0)")
+    if m == 0:
+        return xq, scale
+    block = min(triton.next_power_of_2(k), _MAX_BLOCK)
+    in_scale = input_scale if input_scale is not None else scale  # unused when dynamic
+    _quant_fp8_kernel[(m,)](
+        x, x.stride(0), xq, xq.stride(0), scale, in_scale, K=k,
+        STATIC=input_scale is not None, BLOCK=block, ONE_PASS=k <= block,
+        num_warps=max(1, min(8, block // 512)))  # 8 bf16 values (16 bytes) per thread and load
+    return xq, scale

@@ -1,0 +1,315 @@
+"""FP8 Triton kernels against their torch references: the fused activation quantization
+(`kernels/fp8_quant.py`), the small-M GEMM (`kernels/fp8_gemm.py`) and their dispatch in
+`parallel.quant_fp8.fp8_linear_cuda` (fallback to torch when a kernel fails).
+
+On CPU the kernels run in Triton's interpreter (the quantization bit-exact there too: it
+rounds to E4M3 explicitly), and every kernel variant is compiled for sm_89 / sm_90.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from trtdist.kernels import fp8_gemm
+from trtdist.kernels.fp8_gemm import fp8_gemm_small_m, fp8_gemm_torch
+from trtdist.kernels.fp8_quant import quantize_activation_torch, quantize_activation_triton
+from trtdist.parallel import quant_fp8
+from trtdist.parallel.quant_fp8 import (
+    fp8_linear_cuda,
+    fp8_linear_reference,
+    quantize_activation,
+    quantize_weight_per_channel,
+)
+
+LLAMA3_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K)
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def _ref64(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """The quantized model's product in float64: `[M, N]`."""
+    y = (xq.double() * xs.double()) @ (w.double() * ws.double()[:, None]).T
+    return y if bias is None else y + bias.double()
+
+
+def _poison_workspaces() -> None:
+    for ws in fp8_gemm._workspaces.values():
+        ws.fill_(float("nan"))
+
+
+def _poison_allocator(device: torch.device) -> None:
+    """Fill freed cached blocks with NaN so that a kernel leaving any output element unwritten
+    shows up (torch.empty reuses them)."""
+    junk = torch.full((64 << 20,), float("nan"), device=device)
+    del junk
+
+
+# ---- interpreter (CPU) -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("k", [200, 5000])  # one pass / looping (BLOCK 4096)
+def test_quant_kernel_bit_exact_interpreter(dtype: torch.dtype, k: int) -> None:
+    torch.manual_seed(k)
+    x = (torch.randn(5, k) * 3).to(dtype)
+    x[2] = 0  # an all-zero token gets the minimum scale, not 0
+    for static in (None, torch.tensor([0.02])):
+        q = torch.full((5, k), float("nan")).to(torch.float8_e4m3fn)
+        s = torch.full((5, 1), float("nan"))
+        xq, xs = quantize_activation_triton(x, static, out=(q, s))
+        ref_q, ref_s = quantize_activation_torch(x, static)
+        assert xq.data_ptr() == q.data_ptr() and xs.data_ptr() == s.data_ptr()
+        assert torch.equal(xs, ref_s)
+        assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def test_e4m3_rounding_bit_exact_interpreter() -> None:
+    """Every E4M3 value, every midpoint between neighbours (ties go to even), subnormals, -0
+    and saturation, through the static-scale kernel (scale 1) against torch's cast."""
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = vals[~vals.isnan()].unique().sort().values  # [-448 .. 448]
+    mids = (vals[1:] + vals[:-1]) / 2
+    torch.manual_seed(0)
+    x = torch.cat([vals, mids, torch.nextafter(mids, torch.zeros(())), torch.tensor([-0.0]),
+                   torch.randn(3000) * 0.003, torch.randn(3000) * 100,
+                   torch.tensor([500.0, -1e6, 449.0, 464.0])])[None]
+    xq, _ = quantize_activation_triton(x, torch.tensor([1.0]))
+    ref_q, _ = quantize_activation_torch(x, torch.tensor([1.0]))
+    assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def test_quant_kernel_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_activation_triton(torch.randn(2, 3, 4), None)
+    with pytest.raises(ValueError, match="input_scale"):
+        quantize_activation_triton(torch.randn(2, 4), torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k,split", [(96, 512, None), (80, 520, 3), (64, 1024, 4),
+                                       (70, 300, 1), (130, 768, 2)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fixup", [True, False])
+def test_small_m_gemm_interpreter(m: int, n: int, k: int, split: int | None,
+                                  out_dtype: torch.dtype, fixup: bool) -> None:
+    torch.manual_seed(m * 1000 + n + k)
+    w, ws = quantize_weight_per_channel(torch.randn(n, k) * 0.05)
+    xq, xs = quantize_activation(torch.randn(m, k), None)
+    bias = torch.randn(n) if n % 2 == 0 else None
+    _poison_workspaces()
+    out = torch.full((m, n), float("nan"), dtype=out_dtype)
+    for _ in range(2):  # twice: the split-K counters must be back at zero after a call
+        y = fp8_gemm_small_m(xq, xs, w, ws, bias, out_dtype, out=out, split_k=split,
+                             dot_fp8=False, fixup=fixup)
+    assert y.data_ptr() == out.data_ptr()
+    assert all(int(c.abs().sum()) == 0 for c in fp8_gemm._counters.values())
+    ref = _ref64(xq, xs, w, ws, bias)
+    tol = 1e-5 if out_dtype == torch.float32 else 2e-3
+    assert _rel(y, ref) < tol
+    assert _rel(fp8_gemm_torch(xq, xs, w, ws, bias, out_dtype), ref) < tol
+
+
+def test_small_m_gemm_rejects_bad_input() -> None:
+    w, ws = quantize_weight_per_channel(torch.randn(32, 64))
+    xq, xs = quantize_activation(torch.randn(17, 64), None)
+    with pytest.raises(ValueError, match="at most 16"):
+        fp8_gemm_small_m(xq, xs, w, ws, None, torch.float32)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_gemm_small_m(xq[:2].float(), xs[:2], w, ws, None, torch.float32)
+    with pytest.raises(ValueError, match="ws must be"):
+        fp8_gemm_small_m(xq[:2], xs[:2], w, ws[:5], None, torch.float32)
+
+
+def test_split_k_choice() -> None:
+    # 132 SMs (H100/H200): narrow outputs split K until ~2 programs per SM, wide ones do not.
+    assert fp8_gemm.choose_split_k(28672, 4096, 132) == 1
+    assert fp8_gemm.choose_split_k(4096, 14336, 132) == 8
+    assert fp8_gemm.choose_split_k(4096, 4096, 132) == 4
+    assert fp8_gemm.choose_split_k(64, 512, 132) == 1  # too short a K to split
+
+
+def test_fp8_linear_cuda_falls_back_when_a_kernel_fails(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel that raises must not break FP8 inference: warn once, use torch from then on.
+    (`torch._scaled_mm` runs on CPU too, so the whole dispatch runs here.)"""
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("simulated compile failure")
+
+    monkeypatch.setattr(quant_fp8, "_fast", {"quant": broken, "small_m": broken,
+                                             "small_m_max": 16})
+    torch.manual_seed(0)
+    w, ws = quantize_weight_per_channel(torch.randn(48, 64))
+    bias = torch.randn(48)
+    with caplog.at_level(logging.WARNING, logger="trtdist"):
+        for m in (2, 40):  # the small-M path, then (already off) the _scaled_mm path
+            x = torch.randn(m, 64)
+            y = fp8_linear_cuda(x, w, ws.view(1, -1), None, bias)
+            ref = fp8_linear_reference(x, w, ws, None, bias)
+            assert y.shape == (m, 48) and _rel(y, ref.double()) < 1e-2  # bf16 output
+    assert "simulated compile failure" in quant_fp8._fast["off"]  # type: ignore[operator]
+    assert sum("FP8 Triton kernels disabled" in r.message for r in caplog.records) == 1
+
+
+_AOT_SCRIPT = textwrap.dedent("""
+    import re, sys, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from trtdist.kernels import fp8_gemm as g, fp8_quant as q
+
+    def compile_(fn, sig, consts, cc, **options):
+        for c in consts:
+            sig[c] = "constexpr"
+        # as the runtime specialises pointers, strides, N and K (multiples of 16); not M
+        attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
+                 if t != "constexpr" and name != "M"}
+        return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
+                              options=options).asm["ptx"]
+
+    for cc in (89, 90):
+        gemm = dict(xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32",
+                    b_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", cnt_ptr="*i32", M="i32",
+                    N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_om="i32")
+        for dot in (True, False):
+            for split, fixup in ((1, True), (4, True), (4, False)):
+                ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
+                    K_PER_SPLIT=1024, SPLIT_K=split, EVEN_K=True, FIXUP=fixup, HAS_BIAS=True,
+                    DOT_FP8=dot, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256), cc, num_warps=4,
+                    num_stages=4)
+                assert "mma.sync" in ptx and "cp.async" in ptx, (cc, dot, split)  # pipelined
+        compile_(g._splitk_epilogue, dict(part_ptr="*fp32", xs_ptr="*fp32", ws_ptr="*fp32",
+                 b_ptr="*bf16", out_ptr="*bf16", N="i32", stride_om="i32"),
+                 dict(SPLIT_K=4, HAS_BIAS=True, BLOCK_M=16, BLOCK=1024), cc, num_warps=4)
+        for static, k in ((False, 4096), (False, 14336), (True, 4096)):
+            ptx = compile_(q._quant_fp8_kernel, dict(x_ptr="*bf16", x_stride="i32",
+                           q_ptr="*fp8e4nv", q_stride="i32", s_ptr="*fp32",
+                           in_scale_ptr="*fp32"),
+                           dict(K=k, STATIC=static, BLOCK=4096, ONE_PASS=k <= 4096), cc,
+                           num_warps=8)
+            assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, k)
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_ada_and_hopper() -> None:
+    """Without a GPU: compile every kernel variant to PTX + cubin for sm_89 and sm_90 (Triton
+    ships ptxas), checking the GEMM's loads are pipelined (cp.async) and the quantization
+    uses IEEE division and the hardware E4M3 conversion."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+# ---- GPU ---------------------------------------------------------------------------------
+def _need_fp8() -> torch.device:
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability >= 8.9")
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("m,k", [(1, 4096), (16, 14336), (300, 5000), (7, 200)])
+def test_quant_kernel_bit_exact_gpu(dtype: torch.dtype, m: int, k: int) -> None:
+    dev = _need_fp8()
+    torch.manual_seed(m + k)
+    x = (torch.randn(m, k, device=dev) * 4).to(dtype)
+    x[0, : k // 2] = 0
+    if m > 1:
+        x[1] = 0
+    for static in (None, torch.tensor([0.01], device=dev)):
+        q = torch.full((m, k), float("nan"), device=dev).to(torch.float8_e4m3fn)
+        s = torch.full((m, 1), float("nan"), device=dev)
+        xq, xs = quantize_activation_triton(x, static, out=(q, s))
+        ref_q, ref_s = quantize_activation_torch(x, static)
+        assert torch.equal(xs, ref_s)
+        assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", LLAMA3_8B_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 300])
+def test_fp8_linear_cuda_llama_shapes_gpu(n: int, k: int, m: int) -> None:
+    """Both paths (small-M kernel at M <= 16, fused quantization + _scaled_mm above) against
+    the quantized model in float64."""
+    dev = _need_fp8()
+    quant_fp8._fast.clear()
+    torch.manual_seed(n + k + m)
+    w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev) * 0.02)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    bias = torch.randn(n, device=dev, dtype=torch.bfloat16) if n == 6144 else None
+    for static in (None, torch.tensor([4.0 / 448], device=dev)):
+        _poison_workspaces()
+        _poison_allocator(dev)
+        y = fp8_linear_cuda(x, w, ws.view(1, -1), static, bias)
+        xq, xs = quantize_activation(x, static)
+        assert y.dtype == torch.bfloat16 and not y.isnan().any()
+        assert _rel(y, _ref64(xq, xs, w, ws, bias)) < 1e-2
+    assert "off" not in quant_fp8._fast, quant_fp8._fast.get("off")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 14336), (6144, 4096), (200, 272)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_small_m_gemm_split_k_and_dot_gpu(n: int, k: int, m: int) -> None:
+    dev = _need_fp8()
+    torch.manual_seed(m)
+    w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev) * 0.02)
+    xq, xs = quantize_activation(torch.randn(m, k, device=dev), None)
+    bias = torch.randn(n, device=dev)
+    ref = _ref64(xq, xs, w, ws, bias)
+    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for split in (None, 1, 2, 3, 8):
+            for dot_fp8, fixup in ((True, True), (False, True), (True, False)):
+                _poison_workspaces()
+                out = torch.full((m, n), float("nan"), device=dev, dtype=out_dtype)
+                for _ in range(3):  # the counters must reset between calls
+                    fp8_gemm_small_m(xq, xs, w, ws, bias, out_dtype, out=out, split_k=split,
+                                     dot_fp8=dot_fp8, fixup=fixup)
+                tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+                assert _rel(out, ref) < tol, (out_dtype, split, dot_fp8, fixup)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in fp8_gemm._counters.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("fixup", [True, False])
+def test_fp8_linear_cuda_graph_capture_replay_gpu(m: int, fixup: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = _need_fp8()
+    monkeypatch.setattr(fp8_gemm, "SPLITK_FIXUP", fixup)
+    quant_fp8._fast.clear()
+    torch.manual_seed(m)
+    n, k = 4096, 14336  # split-K at small M: the workspace must survive capture
+    w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev) * 0.02)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fp8_linear_cuda(x, w, ws.view(1, -1), None, None)  # warm up: compile outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fp8_linear_cuda(x, w, ws.view(1, -1), None, None)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        x.copy_(torch.randn(m, k, device=dev, dtype=torch.bfloat16))
+        y.fill_(float("nan"))
+        _poison_workspaces()
+        graph.replay()
+        xq, xs = quantize_activation(x, None)
+        assert _rel(y, _ref64(xq, xs, w, ws, None)) < 1e-2
+    assert "off" not in quant_fp8._fast, quant_fp8._fast.get("off")
