@@ -90,8 +90,10 @@ for phase in "$@"; do
           --max-batch-size 1024
       ;;
     fp8)
-      python3 -m pytest -q -m gpu tests/test_fp8.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -8
+      python3 -m pytest -q -m gpu tests/test_fp8.py tests/test_fp8_kernels.py tests/test_sampler.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -8
       note "fp8 tests: $(tail -1 "$OUT/fp8_tests.log")"
+      timeout 200 python3 scripts/bench_fp8_gemm.py --quick --output "$OUT/fp8_gemm.json" \
+          > "$OUT/fp8_gemm.log" 2>&1; tail -22 "$OUT/fp8_gemm.log"
       M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8"
       bench fp8_b1 $M --num-requests 1 --input-len 128 --output-len 256
       bench fp8_r1024 $M --num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024

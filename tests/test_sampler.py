@@ -326,7 +326,9 @@ def test_a_cuda_step_has_no_hidden_sync() -> None:
                 out = sampler.sample(logits, plan, np.arange(32))
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        # torch warns once that the debug mode is a prototype: not a sync of ours
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)
+                 and "prototype" not in str(w.message)]
         assert not syncs, syncs
         cpu = Sampler(CPU, vocab_size=1000)
         cpu.observe(plan)
