@@ -9,17 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # NOTE: CPU-only installs run the torch reference; kernels never launch.
-    triton = None
-
-    def _jit(fn):  # type: ignore[no-untyped-def]
-        return fn
+from trtdist.kernels._triton import jit as _jit
+from trtdist.kernels._triton import tl, triton
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-
 from trtdist.kernels.paged_attention import (
     AttentionMetadata,
     paged_attention_torch,

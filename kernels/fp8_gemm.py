@@ -28,19 +28,9 @@ from __future__ import annotations
 import logging
 
 import torch
-
+from trtdist.kernels._triton import jit as _jit
+from trtdist.kernels._triton import tl, triton
 from trtdist.kernels.fp8_quant import FP8_DTYPE, quantize_activation_triton
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # NOTE: CPU-only installs run the torch reference; kernels never launch.
-    triton = None
-
-    def _jit(fn):  # type: ignore[no-untyped-def]
-        return fn
 
 # NOTE: up to 16 rows one tl.dot tile covers M, so the weight is read exactly once; above,
 # the GEMM starts to be compute-shaped and cuBLASLt (`torch._scaled_mm`) is the better choice.

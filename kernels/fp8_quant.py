@@ -12,17 +12,8 @@ bit-equal to the reference on a GPU and in Triton's interpreter alike.
 from __future__ import annotations
 
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # NOTE: CPU-only installs run the torch reference; kernels never launch.
-    triton = None
-
-    def _jit(fn):  # type: ignore[no-untyped-def]
-        return fn
+from trtdist.kernels._triton import jit as _jit
+from trtdist.kernels._triton import tl, triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3FN value

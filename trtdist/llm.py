@@ -74,8 +74,9 @@ class DistributedLLM:
     On CUDA, decode steps replay CUDA graphs captured at load for the batch sizes
     `cuda_graph_batch_sizes` (default: 1, 2, 4, 8, then steps of 8 up to `max_batch_size`);
     `enforce_eager=True` never captures. `overlap` (default on; pp_size 1) plans and launches
-    step N+1 while step N runs, reading not-yet-seen sampled tokens on the device. `attention_backend` is auto (Triton on CUDA, the
-    torch reference elsewhere), torch or triton.
+    step N+1 while step N runs, reading not-yet-seen sampled tokens on the device.
+    `attention_backend` is auto (Triton on CUDA, the torch reference elsewhere), torch or
+    triton.
     `quant` ('auto', 'none', 'fp8') quantizes a Hugging Face checkpoint or dummy weights
     on the fly; an engine keeps the scheme it was built with ('auto' = the model's own: an
     FP8 checkpoint stays FP8).

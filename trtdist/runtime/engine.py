@@ -17,11 +17,11 @@ import numpy as np
 from trtdist.config import ModelConfig
 from trtdist.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from trtdist.runtime.block_allocator import KVBlockAllocator
+from trtdist.runtime.detokenize import IncrementalDetokenizer
 from trtdist.runtime.model_runner import ModelRunner
 from trtdist.runtime.plan import FEEDBACK, FORWARD, StepPlan
 from trtdist.runtime.prompt_logprobs import prompt_targets
 from trtdist.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from trtdist.runtime.detokenize import IncrementalDetokenizer
 from trtdist.runtime.sequence import Sequence
 from trtdist.runtime.validation import RequestError, check_request
 from trtdist.sampling_params import SamplingParams
@@ -187,8 +187,9 @@ class LLMEngine:
         released, self._released = np.array(self._released, dtype=np.int64), []
         return StepPlan(FORWARD, np.fromiter(itertools.chain.from_iterable(ids), np.int64),
                         np.fromiter(itertools.chain.from_iterable(pos), np.int64),
-                        ints[0], ints[1], block_tables, FEEDBACK if feedback else 0, ints[2], ints[3], ints[4], ints[5],
-                        ints[6], ints[7], floats, released, prompt_logprobs=ints[8],
+                        ints[0], ints[1], block_tables, FEEDBACK if feedback else 0, ints[2],
+                        ints[3], ints[4], ints[5], ints[6], ints[7], floats, released,
+                        prompt_logprobs=ints[8],
                         next_prompt_token=ints[9], bias_counts=ints[10],
                         bias_ids=np.array(bias_ids, dtype=np.int64),
                         bias_values=np.array(bias_values, dtype=np.float64))

@@ -13,9 +13,9 @@ from trtdist.comm.world import World
 from trtdist.models.llama import LlamaStage
 from trtdist.parallel.groups import ParallelGroups
 from trtdist.runtime.graph_runner import CUDAGraphRunner, run_stage
+from trtdist.runtime.host_transfer import SampledStep
 from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.kv_cache import KVCache
-from trtdist.runtime.host_transfer import SampledStep
 from trtdist.runtime.plan import FEEDBACK, RETURN_ALL_LOGITS, SHUTDOWN, StepPlan
 from trtdist.runtime.prompt_logprobs import prompt_logprobs_of, prompt_targets, result_shape
 from trtdist.runtime.sampler import Sampler

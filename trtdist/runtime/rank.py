@@ -12,11 +12,11 @@ import torch
 from trtdist.comm.world import World
 from trtdist.engine.load import load_stage
 from trtdist.engine.source import ModelSource
+from trtdist.kernels.attention import default_backend
 from trtdist.launch.device import bind_device
 from trtdist.parallel.groups import ParallelGroups
 from trtdist.parallel.mapping import Mapping
 from trtdist.parallel.shard import attention_shard
-from trtdist.kernels.attention import default_backend
 from trtdist.runtime.graph_runner import (
     CUDAGraphRunner,
     graph_batch_sizes,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from trtdist.runtime.detokenize import IncrementalDetokenizer
 from trtdist.outputs import RequestMetrics, TokenLogprob
+from trtdist.runtime.detokenize import IncrementalDetokenizer
 from trtdist.sampling_params import SamplingParams
 
 

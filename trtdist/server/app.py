@@ -6,7 +6,6 @@ request); `create_app` only wires routes, errors and auth.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +22,7 @@ from trtdist.server.body import read_json as _read_json
 from trtdist.server.chat import ChatTemplate
 from trtdist.server.handlers import chat, check_model, completions, model_card
 from trtdist.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from trtdist.server.sse import ending_with_done
 from trtdist.tokenizer import Tokenizer
-
 
 # The cap on n x max_tokens of one request, and so the default max_tokens of a chat request
 # that names none (the room left in the context, at most this over n).

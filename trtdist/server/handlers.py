@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from trtdist.outputs import RequestOutput
 from trtdist.runtime.validation import RequestError, check_request, default_max_tokens
 from trtdist.sampling_params import SamplingParams
-from trtdist.server.sse import ending_with_done
 from trtdist.server.formatting import (
     TokenTexts,
     chat_logprobs,
@@ -28,6 +27,7 @@ from trtdist.server.formatting import (
     usage,
 )
 from trtdist.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from trtdist.server.sse import ending_with_done
 from trtdist.server.streaming import PromptStream, StreamSpec, sse_events
 
 if TYPE_CHECKING:

@@ -90,15 +90,15 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
     import uvicorn
 
     from trtdist.engine.gguf_source import DEFAULT_MODEL_NAME
+    from trtdist.launch.launcher import stop_pid, write_leader_pid
     from trtdist.llm import DistributedLLM
     from trtdist.runtime.rank import WorldError
     from trtdist.server.app import ServerState, create_app
     from trtdist.server.async_engine import AsyncEngine
     from trtdist.server.auth import resolve_api_key
-    from trtdist.launch.launcher import stop_pid, write_leader_pid
     from trtdist.server.chat import ChatTemplate
-    from trtdist.server.protocol import APIError
     from trtdist.server.metrics import ServerMetrics
+    from trtdist.server.protocol import APIError
 
     _setup_logging(args.log_level)
     api_key = resolve_api_key(args.api_key, args.api_key_file)  # fails on every rank alike
