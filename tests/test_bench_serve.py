@@ -233,7 +233,7 @@ def test_compare_table() -> None:
 @pytest.mark.mpi
 def test_offline_sweep_over_tp_pp_and_compare(tmp_path: Path) -> None:
     out = tmp_path / "sweep.json"
-    proc = subprocess.run([sys.executable, "-m", "trtdist.cli", "bench", "--sweep",
+    proc = subprocess.run([sys.executable, "-m", "trtdist.cli", "bench", "tiny", "--sweep",
                            "tp-pp=1x1,2x1", "--num-requests", "3", "--input-len", "8",
                            "--output-len", "4", "--output", str(out)],
                           capture_output=True, text=True, cwd=ROOT, env=mpi_env())
@@ -271,14 +271,15 @@ def test_offline_sweep_bad_spec() -> None:
 @pytest.mark.mpi
 def test_bench_serve_starts_and_stops_its_own_server(tmp_path: Path) -> None:
     out = tmp_path / "own.json"
-    proc = bench_serve(["--num-prompts", "3", "--input-len", "8", "--output-len", "4",
+    proc = bench_serve(["tiny", "--num-prompts", "3", "--input-len", "8", "--output-len", "4",
                         "--warmup", "0", "--max-concurrency", "2", "--pp-size", "2",
                         "--max-batch-size", "8", "--slo", "ttft=60s,e2el=120000ms",
                         "--output", str(out)])
     assert "trtdist bench serve: starting" in proc.stderr
     result = json.loads(out.read_text())
     assert result["config"]["server"] == {
-        "ranks": 2, "serve_args": ["--max-batch-size", "8", "--tp-size", "1", "--pp-size", "2"]}
+        "ranks": 2,
+        "serve_args": ["tiny", "--max-batch-size", "8", "--tp-size", "1", "--pp-size", "2"]}
     assert result["model"] == "tiny" and result["plots"] == []
     check_point(result["points"][0], 3, 8, 4)
     port = int(result["url"].rsplit(":", 1)[1])

@@ -85,7 +85,9 @@ def test_padded_bucket_inputs_leave_real_rows_unchanged(hf_models: dict[str, Pat
                 padded = run_stage(runner.model, runner.kv.layers, views.input_ids, views, meta,
                                    all_logits=True)
             assert padded.shape[0] == bucket
-            torch.testing.assert_close(padded[:s], plain, rtol=1e-5, atol=1e-5)
+            # NOTE: a GEMM over more rows may block the sums differently (fp32, ~1e-5): the
+            # padding must not change the real rows beyond that
+            torch.testing.assert_close(padded[:s], plain, rtol=1e-4, atol=1e-4)
             assert not bool(runner.kv.data[:, :, 0].any()), "the null block was written"
 
 

@@ -109,7 +109,8 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
 
 def test_single_node_sbatch_serves_and_ends_cleanly(slurm: dict[str, str]) -> None:
     out = Path(slurm["_root"]) / "job.out"
-    env = mpi_env(slurm) | {"TRTDIST_SMOKE_TEST": "1", "PORT": str(free_port())}
+    env = mpi_env(slurm) | {"TRTDIST_SMOKE_TEST": "1", "PORT": str(free_port()),
+                            "MODEL": "tiny"}
     proc = _run(["sbatch", "--wait", "--ntasks-per-node=2", f"--output={out}",
                  str(ROOT / "slurm" / "serve-single-node.sbatch")], env=env, cwd=ROOT)
     text = out.read_text() if out.exists() else ""

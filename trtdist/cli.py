@@ -238,10 +238,28 @@ def _mapping_sizes(args: argparse.Namespace, source, world_size: int) -> tuple[i
         em = source.engine_meta["mapping"]
         tp = args.tp_size or em["tp_size"]
         pp = args.pp_size or em["pp_size"]
+    elif args.tp_size is None and args.pp_size is None and world_size > 1 \
+            and not _splits(source.config, world_size, 1) and _splits(source.config, 1, world_size):
+        # NOTE: `mpirun -n 2 trtdist serve` on a model whose heads the world cannot split
+        # (the default SmolLM2 has 9) runs the ranks as pipeline stages instead of failing.
+        print(f"trtdist: {world_size} ranks cannot split this model's attention heads for tensor "
+              f"parallelism; running them as {world_size} pipeline stages (--pp-size "
+              f"{world_size}). Pass --tp-size/--pp-size to choose.", file=sys.stderr)
+        tp, pp = 1, world_size
     else:
         pp = args.pp_size or 1
         tp = args.tp_size or max(world_size // pp, 1)
     return tp, pp
+
+
+def _splits(cfg, tp: int, pp: int) -> bool:  # type: ignore[no-untyped-def]
+    from trtdist.engine.build import validate_parallelism
+
+    try:
+        validate_parallelism(cfg, tp, pp)
+    except ValueError:
+        return False
+    return True
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
