@@ -73,17 +73,6 @@ def _median_ms(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
     return times[len(times) // 2]
 
 
-def copy_bandwidth(device: str, reps: int) -> float:
-    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read + written."""
-    import torch
-
-    a = torch.empty(1 << 30, dtype=torch.bfloat16, device=device).normal_()
-    b = torch.empty_like(a)
-    b.copy_(a)
-    ms = _median_ms(lambda: b.copy_(a), reps)
-    return 2 * a.numel() * a.element_size() / (ms * 1e-3)
-
-
 def _graph_time_us(step, copies: int, reps: int) -> float:  # type: ignore[no-untyped-def]
     """Per-call time of `step(i)` for i over the weight copies, captured in one CUDA graph."""
     import torch
@@ -185,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     dev = args.device
     reps = 5 if args.quick else 30
     props = torch.cuda.get_device_properties(dev)
-    bw = copy_bandwidth(dev, reps)
+    import trtdist.device_roofline as roof  # the same ceiling `trtdist bench` measures
+
+    bw = roof.copy_bandwidth(torch.device(dev), 2 << 30, reps)
     results: dict[str, object] = {
         "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

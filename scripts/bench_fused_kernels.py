@@ -59,23 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
-    """Device-to-device copy, bytes read + written per second (best of `iters`)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * nbytes / best
-
-
 def time_graph(fn: Callable[[], Any], reps: int, iters: int) -> float:
     """Seconds per call of `fn`, replayed from a CUDA graph of `reps` calls (median replay)."""
     stream = torch.cuda.Stream()
@@ -176,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_fused_kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]
-    copy_bw = copy_bandwidth()
+    from trtdist.device_roofline import copy_bandwidth  # what `trtdist bench` measures
+
+    copy_bw = copy_bandwidth(torch.device("cuda"), 1 << 30, 20)
     device = torch.cuda.get_device_name()
     print(f"{device}, {args.dtype}; copy bandwidth {copy_bw / 1e9:,.0f} GB/s "
           f"(device-to-device, read + write)")

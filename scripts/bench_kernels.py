@@ -64,31 +64,6 @@ def _median_ms(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
     return times[len(times) // 2]
 
 
-def copy_bandwidth(device: str, reps: int) -> float:
-    """Bytes/s of a 2 GiB device-to-device copy, counting bytes read + written."""
-    import torch
-
-    n = 1 << 30  # bf16 elements: 2 GiB each
-    a = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
-    b = torch.empty_like(a)
-    b.copy_(a)
-    ms = _median_ms(lambda: b.copy_(a), reps)
-    return 2 * a.numel() * a.element_size() / (ms * 1e-3)
-
-
-def matmul_rate(device: str, reps: int) -> float:
-    """FLOP/s of a bf16 8192^3 matmul."""
-    import torch
-
-    n = 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    c = torch.empty_like(a)
-    torch.matmul(a, b, out=c)
-    ms = _median_ms(lambda: torch.matmul(a, b, out=c), reps)
-    return 2 * n ** 3 / (ms * 1e-3)
-
-
 def bench_decode(ta: types.ModuleType, device: str, batch: int, context: int, reps: int,
                  hq: int = 32, hkv: int = 8, d: int = 128, bs: int = 16) -> dict[str, float]:
     """Decode attention: one query per sequence over `context` cached tokens each."""
@@ -188,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     reps = 5 if args.quick else 30
     props = torch.cuda.get_device_properties(dev)
     t0 = time.time()
-    bw = copy_bandwidth(dev, reps)
-    mm = matmul_rate(dev, reps)
+    import trtdist.device_roofline as roof  # the same ceilings `trtdist bench` measures
+
+    bw = roof.copy_bandwidth(torch.device(dev), 2 << 30, reps)
+    mm = roof.matmul_flops(torch.device(dev), 8192, reps)
     results: dict[str, object] = {
         "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
