@@ -64,15 +64,12 @@ class ModelRunner:
 
     # ---- data plane ----------------------------------------------------------------
     def _forward(self, plan: StepPlan) -> torch.Tensor | None:
-        self._hidden.clear()
-        scores_prompt = self.mapping.is_last_stage and prompt_targets(plan).num_rows > 0
-        return self._run(plan, scores_prompt)
-
-    def _run(self, plan: StepPlan, scores_prompt: bool) -> torch.Tensor | None:
         """Run this stage for `plan` (graph replay when a decode bucket fits, else eager).
         Returns the last stage's logits (`[N, vocab]` float32, one row per sampled sequence,
         or every token's with RETURN_ALL_LOGITS); None on other stages."""
         m, t = self.mapping, plan.num_tokens
+        self._hidden.clear()
+        scores_prompt = m.is_last_stage and prompt_targets(plan).num_rows > 0
         # NOTE: steps that score prompt tokens need the hidden states: they run eagerly.
         bucket = (self.graphs.bucket_for(plan) if self.graphs is not None and not scores_prompt
                   else None)

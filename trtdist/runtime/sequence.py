@@ -41,7 +41,6 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
     num_preemptions: int = 0
     text: str = ""  # detokenized output (cut at a stop string)
-    streamed: int = 0  # characters of `text` already handed to a streaming consumer
     detok: IncrementalDetokenizer | None = None  # owns `text` when there is a tokenizer
 
     @property
