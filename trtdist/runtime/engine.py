@@ -19,13 +19,16 @@ from trtdist.outputs import CompletionOutput, RequestMetrics, RequestOutput, Tok
 from trtdist.runtime.block_allocator import KVBlockAllocator
 from trtdist.runtime.detokenize import IncrementalDetokenizer
 from trtdist.runtime.model_runner import ModelRunner
-from trtdist.runtime.plan import FEEDBACK, FORWARD, StepPlan
+from trtdist.runtime.plan import FEEDBACK, FORWARD, TABLE_ROWS, StepPlan
 from trtdist.runtime.prompt_logprobs import prompt_targets
 from trtdist.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-from trtdist.runtime.sequence import Sequence
+from trtdist.runtime.sequence import Sequence, SequenceStatus
 from trtdist.runtime.validation import RequestError, check_request
 from trtdist.sampling_params import SamplingParams
 from trtdist.tokenizer import Tokenizer
+
+_NO_TABLES = np.zeros(0, dtype=np.int64)
+FINISHED = SequenceStatus.FINISHED
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +60,10 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        for s in self.seqs:
+            if s.status is not FINISHED:
+                return False
+        return True
 
 
 class LLMEngine:
@@ -74,8 +80,10 @@ class LLMEngine:
         # NOTE: overlap needs the sampled tokens on the first stage's device: with one
         # pipeline stage the sampling rank is on it (pp_size > 1 keeps its own pipelining).
         self.overlap = config.overlap and runner.mapping.pp_size == 1
+        # NOTE: as many block-table rows as every rank's persistent table holds
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_num_tokens,
-                                                   self.max_model_len, self.overlap),
+                                                   self.max_model_len, self.overlap,
+                                                   runner.inputs.table.shape[0]),
                                    self.allocator)
         self.eos_ids = frozenset((tokenizer.eos_token_ids if tokenizer else ())
                                  or model_cfg.eos_token_ids)
@@ -133,66 +141,78 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------
     def _plan(self, batch: ScheduledBatch) -> StepPlan:
+        """The step plan of `batch`, and the sequences' counters moved on (at launch, not
+        when the batch returns, so the next batch can be planned while this one runs).
+
+        NOTE: per-sequence columns are numpy gathers by block-table row (sampling settings
+        written once at admission, `runtime/block_table.py`); the one loop over the batch
+        collects token ids and moves counters; prompt chunks and logit bias, rare in a decode
+        step, are handled for just the sequences that have them."""
         entries = batch.entries
         s = len(entries)
-        ids, pos = [], []
-        tables = [self.allocator.table(e.seq.seq_id) for e in entries]
-        # NOTE: block tables in one scatter from the flattened lists, not a row at a time
-        lens = np.fromiter(map(len, tables), np.int64, s)
-        block_tables = np.zeros((s, int(lens.max())), dtype=np.int64)
-        flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(lens.sum()))
-        row_of = np.repeat(np.arange(s), lens)
-        block_tables[row_of, np.arange(flat.size) - np.repeat(np.cumsum(lens) - lens, lens)] = flat
-        int_rows: list[tuple[int, ...]] = []
-        float_rows: list[tuple[float, ...]] = []
-        bias_ids: list[int] = []
-        bias_values: list[float] = []
-        sampled_rows = 0
+        seqs = [e.seq for e in entries]
+        table_rows = self.scheduler.rows
+        rows = np.fromiter([q.row for q in seqs], np.int64, s)
+        start = np.fromiter([q.num_computed for q in seqs], np.int64, s)  # computed before
+        n = np.fromiter([e.num_new for e in entries], np.int64, s)
+        samples = np.fromiter([e.samples for e in entries], np.bool_, s)
+        end = start + n
+        ids: list[int] = []
         feedback = False
+        sampled_rows = 0
         for e in entries:
-            seq, nc, n, p = e.seq, e.seq.num_computed, e.num_new, e.seq.params
-            known = seq.token_ids[nc:nc + n]
-            if len(known) < n:  # the pending token: read on the device (overlap)
-                known = [*known, -1 - seq.sample_row]
-                feedback = True
-            ids.append(known)
-            pos.append(range(nc, nc + n))
-            scores = seq.wants_prompt_logprobs and nc < seq.prompt_len
-            int_rows.append((n, nc + n, seq.seq_id, seq.prompt_len, e.samples, p.top_k,
-                             -1 if seq.seed is None else seq.seed,
-                             -1 if p.logprobs is None else p.logprobs,
-                             p.prompt_logprobs if scores else -1,
-                             seq.token_ids[nc + n] if nc + n < seq.prompt_len else -1,
-                             len(p.logit_bias) if e.samples else 0))
-            if e.samples and p.logit_bias:
-                bias_ids += [t for t, _ in p.logit_bias]
-                bias_values += [b for _, b in p.logit_bias]
-            if seq.metrics.scheduled_time is None:
-                seq.metrics.scheduled_time = time.time()
-            float_rows.append((p.temperature, p.top_p, p.min_p, p.repetition_penalty,
-                               p.presence_penalty, p.frequency_penalty))
-            if seq.num_output == 0 and nc < seq.prompt_len:
-                self.stats["prompt_tokens"] += min(n, seq.prompt_len - nc)
-            # NOTE: counters move when the batch is launched, not when it returns, so that
-            # the next batch can be planned while this one runs.
+            seq, k = e.seq, e.num_new
+            nc, toks = seq.num_computed, seq.token_ids
+            if k == 1 and nc < len(toks):
+                ids.append(toks[nc])
+            else:
+                known = toks[nc:nc + k]
+                if len(known) < k:  # the pending token: read on the device (overlap)
+                    known.append(-1 - seq.sample_row)
+                    feedback = True
+                ids.extend(known)
             seq.in_flight += 1
-            seq.num_computed = nc + n
+            seq.num_computed = nc + k
             if e.samples:
                 seq.num_pending += 1
                 seq.sample_row = sampled_rows
                 sampled_rows += 1
-        # NOTE: one conversion per column set, not one small numpy assignment per sequence
-        ints = np.array(int_rows, dtype=np.int64).T.copy()
-        floats = np.array(float_rows, dtype=np.float64)
+        t = len(ids)
+        first = np.cumsum(n) - n  # [S] each sequence's first token in the packed batch
+        positions = np.arange(t, dtype=np.int64) + np.repeat(start - first, n)
+        seq_ids, prompt_lens, top_k, seeds, logprobs, bias_len = table_rows.ints[:, rows]
+        prompt_lp = table_rows.prompt_logprobs[rows]
+        next_prompt = np.full(s, -1, dtype=np.int64)
+        for i in np.flatnonzero(start < prompt_lens).tolist():  # prompt chunks only
+            seq, nc, k = seqs[i], int(start[i]), int(n[i])
+            if nc + k < seq.prompt_len:
+                next_prompt[i] = seq.token_ids[nc + k]
+            if seq.metrics.scheduled_time is None:
+                seq.metrics.scheduled_time = time.time()
+            if seq.num_output == 0:
+                self.stats["prompt_tokens"] += min(k, seq.prompt_len - nc)
+        for i in np.flatnonzero(prompt_lp >= 0).tolist():  # rare: prompt logprobs asked
+            seq = seqs[i]
+            if not (seq.wants_prompt_logprobs and start[i] < seq.prompt_len):
+                prompt_lp[i] = -1
+        bias_counts = np.where(samples, bias_len, 0)
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
+        for i in np.flatnonzero(bias_counts).tolist():
+            bias = seqs[i].params.logit_bias
+            bias_ids += [tok for tok, _ in bias]
+            bias_values += [v for _, v in bias]
+        cleared, updates = table_rows.changes(
+            rows, [self.allocator.tables[q.seq_id] for q in seqs])
         released, self._released = np.array(self._released, dtype=np.int64), []
-        return StepPlan(FORWARD, np.fromiter(itertools.chain.from_iterable(ids), np.int64),
-                        np.fromiter(itertools.chain.from_iterable(pos), np.int64),
-                        ints[0], ints[1], block_tables, FEEDBACK if feedback else 0, ints[2],
-                        ints[3], ints[4], ints[5], ints[6], ints[7], floats, released,
-                        prompt_logprobs=ints[8],
-                        next_prompt_token=ints[9], bias_counts=ints[10],
+        return StepPlan(FORWARD, np.array(ids, dtype=np.int64), positions, n, end,
+                        _NO_TABLES.reshape(s, 0), TABLE_ROWS | (FEEDBACK if feedback else 0),
+                        seq_ids, prompt_lens, samples.astype(np.int64), top_k, seeds, logprobs,
+                        table_rows.floats[rows], released, prompt_logprobs=prompt_lp,
+                        next_prompt_token=next_prompt, bias_counts=bias_counts,
                         bias_ids=np.array(bias_ids, dtype=np.int64),
-                        bias_values=np.array(bias_values, dtype=np.float64))
+                        bias_values=np.array(bias_values, dtype=np.float64), rows=rows,
+                        cleared_rows=cleared, table_updates=updates)
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Launch batches until the pipeline is full, then finish the oldest one. Returns the
@@ -222,45 +242,62 @@ class LLMEngine:
                  finished_only: bool = False) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, _Request] = {}
+        requests, alloc = self.requests, self.allocator
+        bs, chains = alloc.block_size, alloc.chains
+        register = alloc.enable_prefix_caching
         row = 0
         # rows after the sampled ones score prompt tokens (runtime/prompt_logprobs.py)
-        prompt_row = int(np.count_nonzero(plan.sample))
+        n_sampled = prompt_row = int(np.count_nonzero(plan.sample))
+        tokens = result[:n_sampled, 0].astype(np.int64).tolist()  # one conversion per step
         prompt_counts = prompt_targets(plan).counts
+        scored = bool(prompt_counts.any())
         starts = plan.context_lens - plan.query_lens  # num_computed when planned
+        generated = 0
         for i, e in enumerate(batch.entries):
             seq = e.seq
             samples = e.samples
-            self.scheduler.release_in_flight(seq)
+            # Scheduler.release_in_flight, inlined (once per sequence per step)
+            seq.in_flight -= 1
+            finished = seq.status is FINISHED
+            if finished and not seq.in_flight:
+                alloc.free_seq(seq.seq_id)
             if samples:
-                r = result[row]
+                j = row
                 row += 1
                 seq.num_pending -= 1
-            if prompt_counts[i]:
+            if scored and prompt_counts[i]:
                 rows = result[prompt_row:prompt_row + prompt_counts[i]]
                 prompt_row += int(prompt_counts[i])
-                if not seq.is_finished:
+                if not finished:
                     self._add_prompt_logprobs(seq, int(starts[i]) + 1, rows)
-            if seq.is_finished:  # aborted (or stopped a step late) while in flight
+            if finished:  # aborted (or stopped a step late) while in flight
                 continue
-            self.allocator.register(seq.seq_id, seq.token_ids,
-                                    min(seq.num_computed, seq.num_tokens))
+            toks = seq.token_ids
+            # NOTE: hash newly full blocks only when one became full (register's own test)
+            if register and min(seq.num_computed, len(toks)) // bs > len(chains[seq.seq_id]):
+                alloc.register(seq.seq_id, toks, min(seq.num_computed, len(toks)))
             if not samples:
                 continue
-            touched[seq.request_id] = self.requests[seq.request_id]
-            if seq.params.max_tokens == 0:  # only the prompt was wanted (scored)
+            p = seq.params
+            if p.max_tokens == 0:  # only the prompt was wanted (scored)
+                touched[seq.request_id] = requests[seq.request_id]
                 self._finish(seq, "length")
                 continue
-            token = int(r[0])
-            seq.token_ids.append(token)
-            self.stats["generation_tokens"] += 1
-            if seq.metrics.first_token_time is None:
-                seq.metrics.first_token_time = now
-            seq.metrics.token_times.append(now)
-            if seq.params.logprobs is not None:
-                k = seq.params.logprobs
-                top = [(int(r[2 + 2 * j]), float(r[3 + 2 * j])) for j in range(k)]
+            token = tokens[j]
+            toks.append(token)
+            generated += 1
+            m = seq.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.token_times.append(now)
+            if p.logprobs is not None:
+                r = result[j]
+                top = [(int(r[2 + 2 * x]), float(r[3 + 2 * x])) for x in range(p.logprobs)]
                 seq.logprobs.append(TokenLogprob(token, float(r[1]), top))
             self._check_stop(seq, token)
+            if not finished_only or seq.status is FINISHED:
+                touched[seq.request_id] = requests[seq.request_id]
+        self.stats["generation_tokens"] += generated
         return [self._output(req) for req in touched.values()
                 if not finished_only or req.finished]
 
@@ -277,7 +314,8 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        can_stop = seq.num_output > p.min_tokens  # the first min_tokens tokens never stop
+        num_output = len(seq.token_ids) - seq.prompt_len
+        can_stop = num_output > p.min_tokens  # the first min_tokens tokens never stop
         stop_string = None
         if self.tokenizer is not None:
             # NOTE: incremental: constant work per token (runtime/detokenize.py), where
@@ -299,7 +337,7 @@ class LLMEngine:
             if stop_string is not None:
                 self._finish(seq, "stop", stop_string)
                 return
-        if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length")
 
     def _output(self, req: _Request) -> RequestOutput:

@@ -8,6 +8,11 @@ block_size)`. A step packs its values into a pinned host buffer of the same layo
 (vectorised, no loop over sequences) and issues ONE non-blocking host-to-device copy of the
 used prefix. Views of fixed buffers never move, so CUDA graphs captured on them stay valid.
 
+The engine's plans name each sequence's row of a persistent block table (`table`, host
+memory, `[table_rows, W]`) and carry only its changes (`runtime/block_table.py`); `fill`
+applies them, then gathers the step's rows into the block-table section of the host buffer,
+so the one copy still carries them. Hand-built plans carry whole tables instead.
+
 NOTE: two host buffers alternate, each guarded by an event recorded after its copy, so that
 packing step N+1 never overwrites bytes the copy of step N has not read yet, while the host
 may still run one step ahead of the GPU. On CPU the "device" buffer is the host buffer.
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 
 from trtdist.kernels.attention import AttentionInputs
-from trtdist.runtime.plan import RETURN_ALL_LOGITS, StepPlan
+from trtdist.runtime.plan import RETURN_ALL_LOGITS, TABLE_ROWS, StepPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,16 +47,22 @@ class StepInputs:
     """Persistent step-input buffers of one rank (see the module docstring)."""
 
     def __init__(self, max_num_tokens: int, max_batch_size: int, max_model_len: int,
-                 block_size: int, device: torch.device) -> None:
-        if min(max_num_tokens, max_batch_size, max_model_len, block_size) < 1:
+                 block_size: int, device: torch.device, table_rows: int | None = None) -> None:
+        """`table_rows`: rows of the persistent block table (default `table_rows(
+        max_batch_size, 1)`, see `runtime/block_table.py`)."""
+        table_rows = 2 * max_batch_size if table_rows is None else table_rows
+        if min(max_num_tokens, max_batch_size, max_model_len, block_size, table_rows) < 1:
             raise ValueError("step inputs need positive sizes, got max_num_tokens "
                              f"{max_num_tokens}, max_batch_size {max_batch_size}, "
-                             f"max_model_len {max_model_len}, block_size {block_size}")
+                             f"max_model_len {max_model_len}, block_size {block_size}, "
+                             f"table_rows {table_rows}")
         # NOTE: a decode step of max_batch_size sequences has that many tokens.
         t = self.max_tokens = max(max_num_tokens, max_batch_size)
         s = self.max_seqs = max_batch_size
         w = self.width = -(-max_model_len // block_size)
         self.block_size, self.max_model_len, self.device = block_size, max_model_len, device
+        # the persistent block table: row r holds the blocks of the sequence given row r
+        self.table = np.zeros((table_rows, w), dtype=np.int32)  # [table_rows, W]
         self._offsets: dict[str, tuple[int, int]] = {}
         o = 0
         for name, n in (("slot_mapping", 2 * t), ("input_ids", t), ("positions", t),
@@ -95,6 +106,27 @@ class StepInputs:
         if plan.block_tables.shape[1] > self.width:
             raise ValueError(f"block tables of width {plan.block_tables.shape[1]} exceed the "
                              f"fixed width {self.width} (max_model_len {self.max_model_len})")
+        if plan.flags & TABLE_ROWS:
+            n_rows, u = self.table.shape[0], plan.table_updates
+            bad_rows = [r for r in (plan.rows, plan.cleared_rows, u[:, 0])
+                        if r.size and (r.min() < 0 or r.max() >= n_rows)]
+            if bad_rows or (u.size and (u[:, 1].min() < 0 or u[:, 1].max() >= self.width)):
+                raise ValueError(f"step plan names block-table rows or columns outside the "
+                                 f"persistent table ({n_rows} rows, {self.width} columns)")
+
+    def _step_tables(self, plan: StepPlan) -> np.ndarray:
+        """[S, max_blocks] this step's block tables: the plan's own, or (TABLE_ROWS) its rows
+        of the persistent table after applying the plan's changes (once per plan)."""
+        if not plan.flags & TABLE_ROWS:
+            return plan.block_tables
+        table = self.table
+        if plan.cleared_rows.size:
+            table[plan.cleared_rows] = 0
+        u = plan.table_updates
+        if u.size:
+            table[u[:, 0], u[:, 1]] = u[:, 2]
+        width = -(-int(plan.context_lens.max(initial=0)) // self.block_size)
+        return table[plan.rows, :width]
 
     # ---- per step ------------------------------------------------------------------
     def fill(self, plan: StepPlan, pad_to: int | None = None) -> StepViews:
@@ -107,6 +139,7 @@ class StepInputs:
             raise ValueError(f"padding to {pad_to} rows needs a decode step of at most that "
                              f"many sequences, got {s} sequences and {t} tokens")
         self._check(plan, rows)
+        tables = self._step_tables(plan)  # [S, max_blocks]
         h = self._host_np[self._turn]
         event = self._events[self._turn]
         if event is not None:
@@ -121,11 +154,11 @@ class StepInputs:
         h["seq_lens"][:s] = plan.context_lens
         seq_of_token = np.repeat(np.arange(s), ql)
         pos = plan.positions
-        h["slot_mapping"][:t] = plan.block_tables[seq_of_token, pos // bs] * bs + pos % bs
+        h["slot_mapping"][:t] = tables[seq_of_token, pos // bs].astype(np.int64) * bs + pos % bs
         bt, (dr, dc) = h["block_tables"], self._dirty[self._turn]
         bt[:dr, :dc] = 0
-        bt[:s, :plan.block_tables.shape[1]] = plan.block_tables
-        self._dirty[self._turn] = plan.block_tables.shape
+        bt[:s, :tables.shape[1]] = tables
+        self._dirty[self._turn] = tables.shape
         if pad_to is not None and rows > s:
             h["input_ids"][t:rows] = 0
             h["positions"][t:rows] = 0

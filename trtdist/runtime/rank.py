@@ -22,6 +22,7 @@ from trtdist.runtime.graph_runner import (
     graph_batch_sizes,
     measure_decode_memory,
 )
+from trtdist.runtime.block_table import table_rows
 from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.kv_cache import KVCache
 from trtdist.runtime.model_runner import ModelRunner
@@ -144,7 +145,7 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
         max_len = min(opts.max_model_len or cfg.max_position_embeddings,
                       cfg.max_position_embeddings)
         inputs = StepInputs(opts.max_num_tokens, opts.max_batch_size, max_len, opts.block_size,
-                            device)
+                            device, table_rows(opts.max_batch_size, mapping.pp_size))
         hidden_in = (None if mapping.is_first_stage else
                      torch.zeros(inputs.max_tokens, cfg.hidden_size, dtype=model.dtype,
                                  device=device))

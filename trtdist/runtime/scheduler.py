@@ -5,6 +5,13 @@ of a prompt), then waiting prompts in arrival order, within `max_num_tokens` tok
 `max_batch_size` sequences. Admission is by KV capacity (blocks from the allocator); when a
 running sequence cannot grow, the newest running sequence is preempted: its blocks are freed
 and it is recomputed later from its prompt and the tokens it already produced.
+
+A running sequence holds a row of the persistent block table (`runtime/block_table.py`)
+from admission to finish or preemption; admission waits for a free row.
+
+NOTE: `schedule` is the leader's one Python loop over the running sequences per step, so it
+reads each sequence's counters once and calls the allocator only when a sequence needs a
+new block (one step in `block_size` for a decode).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from trtdist.runtime.block_allocator import KVBlockAllocator
+from trtdist.runtime.block_table import TableRows, table_rows
 from trtdist.runtime.sequence import Sequence, SequenceStatus
 
 
@@ -24,9 +32,14 @@ class SchedulerConfig:
     # Overlap scheduling: a decode sequence whose last token is still being sampled may be
     # scheduled again, its input read on the device (one engine loop, pp_size == 1).
     overlap: bool = False
+    # Rows of the persistent block table (running sequences at once); 0: the default of
+    # `table_rows(max_batch_size, 1)`.
+    table_rows: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_num_tokens", "max_model_len"):
+        if self.table_rows == 0:
+            object.__setattr__(self, "table_rows", table_rows(self.max_batch_size, 1))
+        for name in ("max_batch_size", "max_num_tokens", "max_model_len", "table_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -37,11 +50,12 @@ class ScheduledSeq:
     num_new: int  # tokens computed this step, from seq.num_computed on
     # Whether this chunk reaches the end of the sequence, so its last logits are sampled.
     # Fixed when scheduled: the sequence's counters move on while the batch is in flight.
-    samples: bool = False
+    samples: bool
 
-    def __post_init__(self) -> None:
-        seq = self.seq
-        self.samples = seq.num_computed + self.num_new == seq.num_tokens + seq.num_pending
+    @classmethod
+    def of(cls, seq: Sequence, num_new: int) -> ScheduledSeq:
+        return cls(seq, num_new,
+                   seq.num_computed + num_new == seq.num_tokens + seq.num_pending)
 
 
 @dataclass(slots=True)
@@ -53,12 +67,16 @@ class ScheduledBatch:
         return sum(e.num_new for e in self.entries)
 
 
+RUNNING = SequenceStatus.RUNNING
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: KVBlockAllocator) -> None:
         self.config = config
         self.allocator = allocator
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the newest is last
+        self.rows = TableRows(config.table_rows)
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -72,27 +90,37 @@ class Scheduler:
         cfg, alloc = self.config, self.allocator
         budget, entries = cfg.max_num_tokens, []
         scheduled: set[int] = set()
+        running = RUNNING
+        tables, bs = alloc.tables, alloc.block_size
+        overlap, max_len = cfg.overlap, cfg.max_model_len
         for seq in list(self.running):
             if len(entries) == cfg.max_batch_size or budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not running:  # preempted earlier in this loop
                 continue
-            if seq.in_flight and not self._may_run_ahead(seq):
+            nc, nt, pending = seq.num_computed, len(seq.token_ids), seq.num_pending
+            if seq.in_flight and not (
+                    # _may_run_ahead, inlined: this loop runs for every decode every step
+                    overlap and seq.in_flight == 1 and pending == 1 and nc == nt
+                    and nt - seq.prompt_len + 1 < seq.params.max_tokens and nt + 1 < max_len):
                 continue
-            n = min(seq.num_tokens + seq.num_pending - seq.num_computed, budget)
-            if seq.in_flight and not alloc.ensure(seq.seq_id, seq.num_computed + n):
-                continue  # running ahead is optional: never preempt for it
-            while not alloc.ensure(seq.seq_id, seq.num_computed + n):
-                victim = self._newest_preemptible(exclude=scheduled)
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            entries.append(ScheduledSeq(seq, n))
+            n = min(nt + pending - nc, budget)
+            table = tables.get(seq.seq_id)
+            if table is None or nc + n > len(table) * bs:  # needs a new block
+                if seq.in_flight and not alloc.ensure(seq.seq_id, nc + n):
+                    continue  # running ahead is optional: never preempt for it
+                while not alloc.ensure(seq.seq_id, nc + n):
+                    victim = self._newest_preemptible(exclude=scheduled)
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not running:
+                    continue
+            entries.append(ScheduledSeq(seq, n, nc + n == nt + pending))
             scheduled.add(seq.seq_id)
             budget -= n
-        while self.waiting and len(entries) < cfg.max_batch_size and budget > 0:
+        while (self.waiting and len(entries) < cfg.max_batch_size and budget > 0
+               and self.rows.num_free):
             seq = self.waiting[0]
             if seq.parent is not None and not self._parent_ready(seq):
                 break  # its prompt blocks are about to be shared; keep arrival order
@@ -108,8 +136,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            self.rows.assign(seq)
             self.running.append(seq)
-            entries.append(ScheduledSeq(seq, n))
+            entries.append(ScheduledSeq.of(seq, n))
             budget -= n
         return ScheduledBatch(entries) if entries else None
 
@@ -151,6 +180,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free_seq(seq.seq_id)
         self.running.remove(seq)
+        self.rows.release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed = 0
         seq.num_preemptions += 1
@@ -161,8 +191,9 @@ class Scheduler:
         """Mark finished and return its blocks (also used for aborts)."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        if seq in self.running:
+        if seq.row >= 0:  # running (only running sequences hold rows)
             self.running.remove(seq)
+            self.rows.release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         if not seq.in_flight:

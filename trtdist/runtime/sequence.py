@@ -34,6 +34,7 @@ class Sequence:
     # next decode input names "the token this sequence sampled in the last step" instead.
     num_pending: int = 0
     sample_row: int = -1  # its row among the sampled rows of the last batch it sampled in
+    row: int = -1  # its row of the persistent block table while running (block_table.py)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
