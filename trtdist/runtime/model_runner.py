@@ -3,6 +3,7 @@ to the next stage, and (last stage) turn logits into tokens for the leader."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import numpy as np
@@ -47,6 +48,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, model.cfg.vocab_size) if self.samples else None
         self._hidden: list[torch.Tensor] = []  # last stage: final hidden states, when needed
         self.timer = StepTimer()  # off unless a benchmark turns it on
+        self._compute_start: float | None = None  # CPU: when this step's compute began
         # the last step's sampled tokens, on every rank of a one-stage world (see FEEDBACK)
         self.fed_back = torch.zeros(inputs.max_seqs, dtype=torch.int32, device=self.device)
 
@@ -74,6 +76,8 @@ class ModelRunner:
         bucket = (self.graphs.bucket_for(plan) if self.graphs is not None and not scores_prompt
                   else None)
         views = self.inputs.fill(plan, pad_to=bucket)
+        if self.device.type == "cpu" and self.timer.enabled:
+            self._compute_start = time.perf_counter()  # see StepTimer.cpu_compute
         if plan.flags & FEEDBACK and m.is_first_stage:
             self._resolve_fed_back(views.input_ids[:t])
         if not m.is_first_stage:
@@ -107,10 +111,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> None:
         self.timer.gpu_begin(self.device)
+        self._compute_start = None
         try:
             self._execute(plan)
         finally:
             self.timer.gpu_end(self.device)
+            if self._compute_start is not None:
+                self.timer.cpu_compute(time.perf_counter() - self._compute_start)
 
     def _execute(self, plan: StepPlan) -> None:
         logits = self._forward(plan)
