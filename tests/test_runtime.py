@@ -46,8 +46,10 @@ def test_batch_equals_alone_and_transformers(tp: int, pp: int, hf_models: dict[s
                     "dtype": "float32", "block_size": 4, "num_kv_blocks": 40,
                     "max_num_tokens": 24, "max_model_len": 96, "max_batch_size": 16},
             "phases": [{"mode": "batch", "requests": mixed},
-                       {"mode": "alone", "requests": mixed}]}
+                       {"mode": "alone", "requests": mixed}], "check_tables": True}
     batch, alone = _run(tp * pp, spec, tmp_path)
+    # every rank rebuilt the same block table from the plans' changes (issue 9, item 5)
+    assert batch["tables_agree"]
     got = [o[0]["token_ids"] for o in batch["outputs"]]
     assert got == [o[0]["token_ids"] for o in alone["outputs"]]
     assert got == mixed_reference

@@ -353,6 +353,24 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
                              first.metrics, first.num_cached_prompt, prompt_lps)
 
+    def check_block_tables(self) -> None:
+        """Raise unless this rank's persistent block table (`runner.inputs.table`, rebuilt
+        from the plans' changes) holds every running sequence's allocator table in its row,
+        zeros after it (used by tests; meaningful between steps)."""
+        table = self.runner.inputs.table
+        for seq in self.scheduler.running:
+            want = self.allocator.tables[seq.seq_id]
+            row = table[seq.row]
+            if row[:len(want)].tolist() != want or row[len(want):].any():
+                raise AssertionError(f"sequence {seq.seq_id}: row {seq.row} holds "
+                                     f"{row[:len(want) + 2].tolist()}..., the allocator "
+                                     f"{want}")
+        rows = [seq.row for seq in self.scheduler.running]
+        if len(set(rows)) != len(rows) or self.scheduler.rows.num_free + len(rows) != \
+                table.shape[0]:
+            raise AssertionError(f"block-table rows {sorted(rows)} are shared or lost "
+                                 f"({self.scheduler.rows.num_free} free of {table.shape[0]})")
+
     def abort_all(self) -> None:
         for rid in list(self.requests):
             self.abort_request(rid)

@@ -49,6 +49,7 @@ class ModelRunner:
         self._hidden: list[torch.Tensor] = []  # last stage: final hidden states, when needed
         self.timer = StepTimer()  # off unless a benchmark turns it on
         self._compute_start: float | None = None  # CPU: when this step's compute began
+        self.plan_bytes = 0  # bytes of every plan broadcast (or received) so far
         # the last step's sampled tokens, on every rank of a one-stage world (see FEEDBACK)
         self.fed_back = torch.zeros(inputs.max_seqs, dtype=torch.int32, device=self.device)
 
@@ -57,6 +58,7 @@ class ModelRunner:
         """Leader passes the plan; other ranks pass None and receive it."""
         buf = self.world.bcast_array(plan.encode() if plan is not None else None,
                                      np.dtype(np.int64), idle_wait=True)
+        self.plan_bytes += buf.nbytes
         return plan if plan is not None else StepPlan.decode(buf)
 
     def serve_forever(self) -> None:
