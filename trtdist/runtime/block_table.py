@@ -61,8 +61,10 @@ class TableRows:
             raise ValueError(f"sequence {seq.seq_id} already holds row {seq.row}")
         if not self._free:
             raise RuntimeError("no block-table row is free")
-        row = seq.row = self._free.pop()
+        row = self._free[-1]
         p = seq.params
+        # NOTE: columns first, so a value that does not fit int64 (which validation refuses)
+        # raises before the row is taken
         self.ints[:, row] = (seq.seq_id, seq.prompt_len, p.top_k,
                              -1 if seq.seed is None else seq.seed,
                              -1 if p.logprobs is None else p.logprobs, len(p.logit_bias))
@@ -70,6 +72,7 @@ class TableRows:
                             p.presence_penalty, p.frequency_penalty)
         self.prompt_logprobs[row] = (p.prompt_logprobs if p.prompt_logprobs is not None
                                      and seq.index == 0 else -1)
+        seq.row = self._free.pop()
         self.sent[row] = 0
         self._cleared.append(row)
         return row

@@ -134,9 +134,9 @@ class Scheduler:
                     alloc.free_seq(seq.seq_id)
                     seq.num_computed = 0
                 break
+            self.rows.assign(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.rows.assign(seq)
             self.running.append(seq)
             entries.append(ScheduledSeq.of(seq, n))
             budget -= n
