@@ -18,6 +18,7 @@ admission, so a step's per-sequence columns are gathers by row, not rebuilt per 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence as Seq
 
 import numpy as np
@@ -93,11 +94,13 @@ class TableRows:
         cleared, self._cleared = np.array(self._cleared, dtype=np.int64), []
         if grew.size == 0:
             return cleared, np.zeros((0, 3), dtype=np.int64)
-        parts = []
-        for i in grew.tolist():  # O(changes): about one sequence in block_size per decode step
-            start, end, row = int(sent[i]), int(lens[i]), int(rows[i])
-            cols = np.arange(start, end, dtype=np.int64)
-            parts.append(np.stack([np.full(end - start, row, dtype=np.int64), cols,
-                                   np.asarray(tables[i][start:end], dtype=np.int64)], axis=1))
+        first, count = sent[grew], lens[grew] - sent[grew]  # [G] new columns of each row
+        total = int(count.sum())
+        out = np.empty((total, 3), dtype=np.int64)
+        out[:, 0] = np.repeat(rows[grew], count)
+        out[:, 1] = np.arange(total) + np.repeat(first - (np.cumsum(count) - count), count)
+        # O(changes): about one sequence in block_size gains a block per decode step
+        out[:, 2] = np.fromiter(itertools.chain.from_iterable(
+            tables[i][a:] for i, a in zip(grew.tolist(), first.tolist())), np.int64, total)
         self.sent[rows[grew]] = lens[grew]
-        return cleared, np.concatenate(parts)
+        return cleared, out

@@ -104,7 +104,9 @@ class Scheduler:
                     overlap and seq.in_flight == 1 and pending == 1 and nc == nt
                     and nt - seq.prompt_len + 1 < seq.params.max_tokens and nt + 1 < max_len):
                 continue
-            n = min(nt + pending - nc, budget)
+            n = nt + pending - nc
+            if n > budget:
+                n = budget
             table = tables.get(seq.seq_id)
             if table is None or nc + n > len(table) * bs:  # needs a new block
                 if seq.in_flight and not alloc.ensure(seq.seq_id, nc + n):
