@@ -72,3 +72,15 @@ def test_step_timer_records_only_when_enabled() -> None:
     assert abs(t.summary()["leader_host_ms_per_step"] - 3.0) < 1e-9
     t.reset()
     assert t.summary() == {}
+
+
+def test_step_timer_reports_host_time_without_cpu_compute() -> None:
+    from trtdist.runtime.step_timing import StepTimer
+
+    t = StepTimer(enabled=True)
+    t.host(0.010)
+    t.host(0.006)
+    t.cpu_compute(0.004)  # the forward and sampler a CPU leader ran itself
+    s = t.summary()
+    assert abs(s["leader_host_ms_per_step"] - 8.0) < 1e-9
+    assert abs(s["leader_host_ms_per_step_excl_cpu_compute"] - 6.0) < 1e-9

@@ -17,12 +17,12 @@ from trtdist.launch.device import bind_device
 from trtdist.parallel.groups import ParallelGroups
 from trtdist.parallel.mapping import Mapping
 from trtdist.parallel.shard import attention_shard
+from trtdist.runtime.block_table import table_rows
 from trtdist.runtime.graph_runner import (
     CUDAGraphRunner,
     graph_batch_sizes,
     measure_decode_memory,
 )
-from trtdist.runtime.block_table import table_rows
 from trtdist.runtime.inputs import StepInputs
 from trtdist.runtime.kv_cache import KVCache
 from trtdist.runtime.model_runner import ModelRunner

@@ -56,8 +56,9 @@ class StepTimer:
         self._events.clear()
 
     def summary(self) -> dict[str, float]:
-        """`leader_host_ms_per_step` (mean; on CPU also `..._excl_cpu_compute`) and, on CUDA, `gpu_busy_ms_per_step` and
-        `gpu_idle_fraction` (idle gaps between steps over the span of all steps)."""
+        """`leader_host_ms_per_step` (mean; on CPU also `..._excl_cpu_compute`) and, on
+        CUDA, `gpu_busy_ms_per_step` and `gpu_idle_fraction` (idle gaps between steps over
+        the span of all steps)."""
         out: dict[str, float] = {}
         if self.host_s:
             out["leader_host_ms_per_step"] = 1e3 * sum(self.host_s) / len(self.host_s)
