@@ -86,8 +86,8 @@ class TableRows:
 
     def changes(self, rows: np.ndarray, tables: Seq[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """(cleared rows [Z], updates [U, 3] of (row, column, block)) that bring the ranks'
-        rows `rows` up to `tables` (the allocator's lists, in the same order). Only the
-        sequences whose table grew are visited."""
+        rows `rows` up to `tables` (the allocator's lists, in the same order). The caller
+        passes only the rows whose table may have grown (the scheduler knows them)."""
         lens = np.fromiter(map(len, tables), np.int64, len(tables))
         sent = self.sent[rows]
         grew = np.flatnonzero(lens > sent)

@@ -202,8 +202,9 @@ class LLMEngine:
             bias = seqs[i].params.logit_bias
             bias_ids += [tok for tok, _ in bias]
             bias_values += [v for _, v in bias]
+        tables = self.allocator.tables
         cleared, updates = table_rows.changes(
-            rows, [self.allocator.tables[q.seq_id] for q in seqs])
+            rows[batch.grown], [tables[seqs[i].seq_id] for i in batch.grown])
         released, self._released = np.array(self._released, dtype=np.int64), []
         return StepPlan(FORWARD, np.array(ids, dtype=np.int64), positions, n, end,
                         _NO_TABLES.reshape(s, 0), TABLE_ROWS | (FEEDBACK if feedback else 0),

@@ -17,7 +17,7 @@ new block (one step in `block_size` for a decode).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trtdist.runtime.block_allocator import KVBlockAllocator
 from trtdist.runtime.block_table import TableRows, table_rows
@@ -61,6 +61,9 @@ class ScheduledSeq:
 @dataclass(slots=True)
 class ScheduledBatch:
     entries: list[ScheduledSeq]
+    # Entries whose block table may have grown in this schedule (admitted, or given a new
+    # block): the only ones whose table changes the plan must carry.
+    grown: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +92,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         cfg, alloc = self.config, self.allocator
         budget, entries = cfg.max_num_tokens, []
+        grown: list[int] = []
         scheduled: set[int] = set()
         running = RUNNING
         tables, bs = alloc.tables, alloc.block_size
@@ -118,6 +122,7 @@ class Scheduler:
                         break
                 if seq.status is not running:
                     continue
+                grown.append(len(entries))
             entries.append(ScheduledSeq(seq, n, nc + n == nt + pending))
             scheduled.add(seq.seq_id)
             budget -= n
@@ -140,9 +145,10 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            grown.append(len(entries))
             entries.append(ScheduledSeq.of(seq, n))
             budget -= n
-        return ScheduledBatch(entries) if entries else None
+        return ScheduledBatch(entries, grown) if entries else None
 
     def _may_run_ahead(self, seq: Sequence) -> bool:
         """An in-flight sequence may join the next batch only under overlap, as a plain
