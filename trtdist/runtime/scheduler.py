@@ -103,8 +103,11 @@ class Scheduler:
             if seq.status is not running:  # preempted earlier in this loop
                 continue
             nc, nt, pending = seq.num_computed, len(seq.token_ids), seq.num_pending
+            # NOTE: an in-flight sequence may join the next batch only under overlap, as a
+            # plain decode of its pending token, when it cannot already be known to end there
+            # (a length limit). Penalties need no host-side history: the sampler counts the
+            # tokens the model read on the device (`runtime/penalties.py`).
             if seq.in_flight and not (
-                    # _may_run_ahead, inlined: this loop runs for every decode every step
                     overlap and seq.in_flight == 1 and pending == 1 and nc == nt
                     and nt - seq.prompt_len + 1 < seq.params.max_tokens and nt + 1 < max_len):
                 continue
@@ -149,17 +152,6 @@ class Scheduler:
             entries.append(ScheduledSeq.of(seq, n))
             budget -= n
         return ScheduledBatch(entries, grown) if entries else None
-
-    def _may_run_ahead(self, seq: Sequence) -> bool:
-        """An in-flight sequence may join the next batch only under overlap, as a plain
-        decode of its pending token, when it cannot already be known to end there (a length
-        limit). Penalties need no host-side history: the sampler counts the tokens the model
-        read on the device (`runtime/penalties.py`)."""
-        p = seq.params
-        return (self.config.overlap and seq.in_flight == 1 and seq.num_pending == 1
-                and seq.num_computed == seq.num_tokens
-                and seq.num_output + 1 < p.max_tokens
-                and seq.num_tokens + 1 < self.config.max_model_len)
 
     def _parent_ready(self, seq: Sequence) -> bool:
         p = seq.parent
