@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from trtdist.comm.base import Communicator
+from trtdist.kernels import gemv
 from trtdist.parallel.quant import QuantConfig
 from trtdist.parallel.quant_fp8 import (
     FP8_DTYPE,
@@ -72,7 +73,7 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return gemv.linear(x, layer.weight, bias)
 
     def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                 where: str) -> dict[str, torch.Tensor]:
@@ -225,7 +226,7 @@ class ParallelLMHead(nn.Module):
                                    requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight)  # [T, V_local]
+        local = gemv.linear(x, self.weight)  # [T, V_local]
         if self.comm.size == 1:
             return local[:, : self.vocab_size]
         gathered = self.comm.gather(local, self.SAMPLING_RANK)  # [tp*T, V_local] on rank 0
