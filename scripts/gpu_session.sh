@@ -122,9 +122,6 @@ for phase in "$@"; do
       python3 -m pytest -q -rs -m gpu tests/test_gemv.py tests/test_fp8.py \
           tests/test_fp8_kernels.py tests/test_sampler.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -12
       note "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"
-      python3 -m pytest -q -s tests/test_fp8.py -k smollm2 2>&1 | tee "$OUT/smollm2.log" \
-          | grep -E "perplexity|passed|failed"
-      note "smollm2: $(grep perplexity "$OUT/smollm2.log") $(tail -1 "$OUT/smollm2.log")"
       ;;
     b1)
       bench b1 llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128 \

@@ -578,15 +578,17 @@ _EVAL_TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
 
 def test_smollm2_fp8_perplexity_and_greedy_side_by_side() -> None:
     """FP8 weights + activations on a real model: perplexity of a fixed text of ~3,000 tokens
-    within 3% of the unquantized model's (bf16 on a GPU, as the issue states; float32 on a
-    CPU), and greedy continuations of 20 prompts printed side by side."""
+    within 3% of the bf16 model's, and greedy continuations of 20 prompts printed side by side.
+
+    NOTE: bf16 on any device (the CPU runs it too). The GPU machines cannot take the model: its
+    GGUF file (94 MB) is over what a device call may carry (64 MiB)."""
     from trtdist.eval import perplexity
     from trtdist.llm import DistributedLLM
     from trtdist.sampling_params import SamplingParams
 
     src = _smollm2_dir()
     text = _EVAL_TEXT.read_text()
-    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    dtype = "bfloat16"
     params = SamplingParams(max_tokens=12, temperature=0.0)
     ppl, texts = {}, {}
     for quant in ("none", "fp8"):
@@ -602,7 +604,7 @@ def test_smollm2_fp8_perplexity_and_greedy_side_by_side() -> None:
         print(f"{p!r:45} | {a!r:40} | {b!r}")
     assert tokens > 2500, tokens
     assert ppl["none"] < 30, ppl  # a real model reads real prose
-    # NOTE: measured on CPU: float32 13.79 -> fp8 14.17 (+2.75%); bfloat16 13.82 -> fp8
-    # 14.17 (+2.53%). Most of it is weight rounding, on weights that were a Q4_1 grid.
+    # NOTE: measured on CPU: bfloat16 13.82 -> fp8 14.17 (+2.53%); against float32 (13.79)
+    # +2.75%. Most of it is weight rounding, on weights that were a Q4_1 grid.
     assert abs(ppl["fp8"] / ppl["none"] - 1) < 0.03, ppl
     assert "Paris" in texts["none"][0] and "Paris" in texts["fp8"][0]
