@@ -127,6 +127,15 @@ for phase in "$@"; do
       bench b1 llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128 \
           --output-len 256
       ;;
+    b1nogemv)  # A/B in one run: the same batch-1 bench with the GEMV table emptied
+      cp kernels/gemv.py /tmp/gemv.py.bak
+      python3 -c "import re,pathlib; p=pathlib.Path('kernels/gemv.py'); s=p.read_text(); \
+p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {', \
+'CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {} and {'))"
+      bench b1nogemv llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 \
+          --input-len 128 --output-len 256
+      cp /tmp/gemv.py.bak kernels/gemv.py
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
