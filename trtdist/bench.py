@@ -77,6 +77,7 @@ def run_bench(llm: DistributedLLM, num_requests: int, input_len: int, output_len
         "e2el_s": stats([x.finished_time - x.arrival_time for x in m
                          if x.finished_time is not None]),
         "kv_blocks": engine.allocator.num_blocks, "preemptions": engine.scheduler.num_preemptions,
+        "scheduler_policy": engine.scheduler.config.policy,
     } | timing | device_roofline.bench_fields(
         roof, sum(p.numel() * p.element_size() for p in llm._runner.model.parameters()),
         [t for o in outs if (t := o.metrics.time_per_output_token) is not None], num_requests)

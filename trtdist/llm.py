@@ -80,6 +80,8 @@ class DistributedLLM:
     `quant` ('auto', 'none', 'fp8') quantizes a Hugging Face checkpoint or dummy weights
     on the fly; an engine keeps the scheme it was built with ('auto' = the model's own: an
     FP8 checkpoint stays FP8).
+    `scheduler_policy` is "max_utilization" (admit while blocks are free, preempt and
+    recompute when full) or "guaranteed_no_evict" (admit only what can run to `max_tokens`).
 
     A rank that sends no heartbeat for `worker_timeout` seconds is reported to
     `on_rank_failure(rank, seconds)` on the leader; by default the whole world is aborted
@@ -96,6 +98,7 @@ class DistributedLLM:
                  overlap: bool = True,
                  cuda_graph_batch_sizes: Sequence[int] | None = None,
                  attention_backend: str = "auto", quant: str = "auto",
+                 scheduler_policy: str = "max_utilization",
                  worker_timeout: float = 10.0,
                  on_rank_failure: Callable[[int, float], None] | None = None) -> None:
         self.options = RankOptions(
@@ -109,7 +112,7 @@ class DistributedLLM:
                                     if cuda_graph_batch_sizes is not None else None),
             attention_backend=attention_backend, quant=quant)
         engine_config = EngineConfig(max_batch_size, max_num_tokens, max_model_len,
-                                     enable_prefix_caching, overlap)
+                                     enable_prefix_caching, overlap, scheduler_policy)
         source = resolve_model(model, dummy_weights)
         size, existing = tp_size * pp_size, MPI.COMM_WORLD.Get_size()
         self._spawned: SpawnedWorld | None = None

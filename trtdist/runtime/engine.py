@@ -39,6 +39,9 @@ class EngineConfig:
     # Schedule and launch step N+1 while step N runs (pp_size 1): decode inputs that are
     # still being sampled are read on the device; stops are seen one step late.
     overlap: bool = True
+    # KV admission: "max_utilization" (preempt when full) or "guaranteed_no_evict"
+    # (runtime/scheduler.py)
+    scheduler_policy: str = "max_utilization"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens"):
@@ -75,7 +78,8 @@ class LLMEngine:
         # pipeline stage the sampling rank is on it (pp_size > 1 keeps its own pipelining).
         self.overlap = config.overlap and runner.mapping.pp_size == 1
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_num_tokens,
-                                                   self.max_model_len, self.overlap),
+                                                   self.max_model_len, self.overlap,
+                                                   config.scheduler_policy),
                                    self.allocator)
         self.eos_ids = frozenset((tokenizer.eos_token_ids if tokenizer else ())
                                  or model_cfg.eos_token_ids)
