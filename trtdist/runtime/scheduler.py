@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from trtdist.runtime.block_allocator import KVBlockAllocator
 from trtdist.runtime.sequence import Sequence, SequenceStatus
 
-
 POLICIES = ("max_utilization", "guaranteed_no_evict")
 
 
