@@ -136,6 +136,13 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
           --input-len 128 --output-len 256
       cp /tmp/gemv.py.bak kernels/gemv.py
       ;;
+    longgne)  # 1000 / 1000 without preemption (guaranteed_no_evict), bf16 and FP8 weights
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1024 --input-len 1000"
+      bench r1024x1000gne $M --output-len 1000 --max-batch-size 1024 \
+          --scheduler-policy guaranteed_no_evict
+      bench fp8_r1024x1000gne $M --output-len 1000 --max-batch-size 1024 --quant fp8 \
+          --scheduler-policy guaranteed_no_evict ${LONG_EXTRA:-}
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
