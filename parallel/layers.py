@@ -5,6 +5,8 @@ Weights follow torch's Linear layout `[out_features, in_features]`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,10 +18,29 @@ from trtdist.parallel.quant_fp8 import (
     check_fp8_device,
     dequantize,
     fp8_linear_cuda,
+    fp8_linear_quantized_cuda,
+    fp8_linear_quantized_reference,
     fp8_linear_reference,
+    fused_quantization_available,
     quantize_weight_per_channel,
     scaled_mm_supported,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedActivation:
+    """An activation already quantized to FP8 by the kernel that produced it (the fused
+    RMSNorm or SiLU x up of `kernels/fp8_fused.py`), handed to a linear layer whose method
+    `wants_quantized_input`: saves the separate quantization launch."""
+
+    q: torch.Tensor  # [T, K] float8_e4m3fn
+    scale: torch.Tensor  # [T, 1] float32, dequantizing: x ~= q * scale
+    dtype: torch.dtype  # the model dtype: the linear layer's output dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        """The activation's shape `[T, K]` (as the model-dtype tensor it replaces)."""
+        return self.q.shape
 
 
 class LinearMethod:
@@ -38,10 +59,20 @@ class LinearMethod:
                        dtype: torch.dtype, device: torch.device) -> None:
         raise NotImplementedError
 
-    def apply(self, layer: nn.Module, x: torch.Tensor,
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:
-        """[..., in] -> [..., out] in x's dtype, plus `bias` when given."""
+        """[..., in] -> [..., out] in x's dtype, plus `bias` when given. A
+        `QuantizedActivation` is accepted when `wants_quantized_input(layer)`."""
         raise NotImplementedError
+
+    def wants_quantized_input(self, layer: nn.Module) -> bool:
+        """Whether the producer of this layer's input should hand `apply` a
+        `QuantizedActivation` made with `input_scale(layer)` (None: per token)."""
+        return False
+
+    def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
+        """The static activation scale `[1]` float32, or None (dynamic, per token)."""
+        return None
 
     def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                 where: str) -> dict[str, torch.Tensor]:
@@ -70,8 +101,11 @@ class UnquantizedLinearMethod(LinearMethod):
                        dtype: torch.dtype, device: torch.device) -> None:
         layer.weight = _param((out_features, in_features), dtype, device)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor,
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            raise TypeError("an unquantized linear layer got an FP8 QuantizedActivation; only "
+                            "layers whose method wants_quantized_input take one")
         return F.linear(x, layer.weight, bias)
 
     def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -111,8 +145,22 @@ class Fp8LinearMethod(LinearMethod):
         layer.use_scaled_mm = device.type == "cuda" and scaled_mm_supported(out_features,
                                                                             in_features)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor,
+    def wants_quantized_input(self, layer: nn.Module) -> bool:
+        # NOTE: only where the Triton kernels run (CUDA, cuBLASLt-compatible shape); the CPU
+        # path keeps quantizing inside `fp8_linear_reference`, exactly as before.
+        return bool(layer.use_scaled_mm) and fused_quantization_available()
+
+    def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
+        return layer.input_scale
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            if layer.use_scaled_mm:
+                return fp8_linear_quantized_cuda(x.q, x.scale, layer.weight,
+                                                 layer.weight_scale.view(1, -1), bias, x.dtype)
+            return fp8_linear_quantized_reference(x.q, x.scale, layer.weight,
+                                                  layer.weight_scale, bias, x.dtype)
         if layer.use_scaled_mm:
             return fp8_linear_cuda(x, layer.weight, layer.weight_scale.view(1, -1),
                                    layer.input_scale, bias)
@@ -165,7 +213,17 @@ class ColumnParallelLinear(nn.Module):
         self.method.create_weights(self, out_local, in_features, dtype, device)
         self.bias = _param((out_local,), dtype, device) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def wants_quantized_input(self) -> bool:
+        """See `LinearMethod.wants_quantized_input`."""
+        return self.method.wants_quantized_input(self)
+
+    @property
+    def activation_scale(self) -> torch.Tensor | None:
+        """The static FP8 input scale, or None (per token, or unquantized)."""
+        return self.method.input_scale(self)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
 
 
@@ -183,7 +241,17 @@ class RowParallelLinear(nn.Module):
         self.method.create_weights(self, out_features, in_local, dtype, device)
         self.bias = _param((out_features,), dtype, device) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def wants_quantized_input(self) -> bool:
+        """See `LinearMethod.wants_quantized_input`."""
+        return self.method.wants_quantized_input(self)
+
+    @property
+    def activation_scale(self) -> torch.Tensor | None:
+        """The static FP8 input scale, or None (per token, or unquantized)."""
+        return self.method.input_scale(self)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         y = self.comm.all_reduce(self.method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 

@@ -8,6 +8,7 @@ rounds to E4M3 explicitly), and every kernel variant is compiled for sm_89 / sm_
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -17,7 +18,9 @@ import textwrap
 import pytest
 import torch
 from trtdist.kernels import fp8_gemm
+from trtdist.kernels import fp8_gemm_configs
 from trtdist.kernels.fp8_gemm import fp8_gemm_small_m, fp8_gemm_torch
+from trtdist.kernels.fp8_gemm_configs import DEFAULT_DOT, Fp8GemmConfig
 from trtdist.kernels.fp8_quant import quantize_activation_torch, quantize_activation_triton
 from trtdist.parallel import quant_fp8
 from trtdist.parallel.quant_fp8 import (
@@ -123,13 +126,73 @@ def test_small_m_gemm_interpreter(m: int, n: int, k: int, split: int | None,
 
 def test_small_m_gemm_rejects_bad_input() -> None:
     w, ws = quantize_weight_per_channel(torch.randn(32, 64))
-    xq, xs = quantize_activation(torch.randn(17, 64), None)
-    with pytest.raises(ValueError, match="at most 16"):
+    xq, xs = quantize_activation(torch.randn(33, 64), None)
+    with pytest.raises(ValueError, match="at most 32"):
         fp8_gemm_small_m(xq, xs, w, ws, None, torch.float32)
+    with pytest.raises(ValueError, match="block_m = 16 cannot hold M = 17"):
+        fp8_gemm_small_m(xq[:17], xs[:17], w, ws, None, torch.float32, config=DEFAULT_DOT)
+    with pytest.raises(ValueError, match="block_m = 2 cannot hold M = 3"):
+        fp8_gemm_small_m(xq[:3], xs[:3], w, ws, None, torch.float32,
+                         config=Fp8GemmConfig("gemv", block_m=2, block_n=16, block_k=64))
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         fp8_gemm_small_m(xq[:2].float(), xs[:2], w, ws, None, torch.float32)
     with pytest.raises(ValueError, match="ws must be"):
         fp8_gemm_small_m(xq[:2], xs[:2], w, ws[:5], None, torch.float32)
+
+
+# one of each mode and accumulation variant, small enough for the interpreter
+_CONFIGS = [Fp8GemmConfig("gemv", 1, 16, 64, k_acc=True, x_2d=True),
+            Fp8GemmConfig("gemv", 2, 16, 64, k_acc=False, x_2d=False),
+            Fp8GemmConfig("gemv", 4, 32, 128, k_acc=True, x_2d=False),
+            Fp8GemmConfig("gemv", 4, 16, 64, k_acc=False, x_2d=True),
+            Fp8GemmConfig("dot_swap", 16, 64, 128, num_stages=3),
+            Fp8GemmConfig("dot", 32, 32, 64, num_stages=3)]
+
+
+@pytest.mark.parametrize("cfg", _CONFIGS, ids=lambda c: f"{c.mode}{c.block_m}")
+@pytest.mark.parametrize("n,k,split", [(80, 520, 3), (96, 512, None), (70, 300, 1)])
+def test_small_m_gemm_configs_interpreter(cfg: Fp8GemmConfig, n: int, k: int,
+                                          split: int | None) -> None:
+    """Every mode, with ragged N and K (masks), split-K both ways, each M its tile holds."""
+    for m in sorted({1, 2, 3, cfg.block_m} & set(range(1, cfg.block_m + 1))):
+        torch.manual_seed(m * 100 + n)
+        w, ws = quantize_weight_per_channel(torch.randn(n, k) * 0.05)
+        xq, xs = quantize_activation(torch.randn(m, k), None)
+        bias = torch.randn(n)
+        ref = _ref64(xq, xs, w, ws, bias)
+        for fixup in (True, False):
+            _poison_workspaces()
+            out = torch.full((m, n), float("nan"))
+            fp8_gemm_small_m(xq, xs, w, ws, bias, torch.float32, out=out, config=cfg,
+                             split_k=split, dot_fp8=False, fixup=fixup)
+            assert _rel(out, ref) < 1e-5, (m, fixup)
+    assert all(int(c.abs().sum()) == 0 for c in fp8_gemm._counters.values())
+
+
+def test_config_table_lookup_and_json(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    gemv = Fp8GemmConfig("gemv", 4, 16, 512, split_k=4, num_warps=8)
+    monkeypatch.setattr(fp8_gemm_configs, "CONFIGS", {(4, 6144, 4096): gemv})
+    assert fp8_gemm_configs.lookup(3, 6144, 4096) == gemv  # bucket 4
+    assert fp8_gemm_configs.lookup(4, 6144, 4096) == gemv
+    assert fp8_gemm_configs.lookup(5, 6144, 4096) == DEFAULT_DOT  # bucket 8: not tuned
+    assert fp8_gemm_configs.lookup(1, 4096, 4096) == DEFAULT_DOT  # unknown shape
+    assert fp8_gemm_configs.lookup(20, 4096, 4096).block_m == 32
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"configs": [{"m": 2, "n": 64, "k": 128,
+                                             "config": gemv.to_dict()}]}))
+    fp8_gemm_configs.load_file(path)
+    assert fp8_gemm_configs.lookup(2, 64, 128) == gemv
+    assert (4, 6144, 4096) not in fp8_gemm_configs.CONFIGS  # replaced: TUNED + the file
+    with pytest.raises(ValueError, match="power of two"):
+        Fp8GemmConfig("gemv", 3)
+    with pytest.raises(ValueError, match="gemv takes block_m <= 4"):
+        Fp8GemmConfig("gemv", 8)
+    with pytest.raises(ValueError, match="tl.dot needs"):
+        Fp8GemmConfig("dot", 8)
+    with pytest.raises(ValueError, match="mode 'mma' unknown"):
+        Fp8GemmConfig("mma")
+    with pytest.raises(ValueError, match="bad entry"):
+        fp8_gemm_configs.from_json({"configs": [{"m": 1}]})
 
 
 def test_split_k_choice() -> None:
@@ -164,16 +227,17 @@ def test_fp8_linear_cuda_falls_back_when_a_kernel_fails(
 
 _AOT_SCRIPT = textwrap.dedent("""
     import re, sys, triton
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from trtdist.kernels import fp8_gemm as g, fp8_quant as q
+    from trtdist.kernels import fp8_fused as f, fp8_gemm as g, fp8_quant as q
 
     def compile_(fn, sig, consts, cc, **options):
         for c in consts:
             sig[c] = "constexpr"
         # as the runtime specialises pointers, strides, N and K (multiples of 16); not M
         attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
-                 if t != "constexpr" and name != "M"}
+                 if t not in ("constexpr", "fp32") and name != "M"}
         return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
                               options=options).asm["ptx"]
 
@@ -185,9 +249,41 @@ _AOT_SCRIPT = textwrap.dedent("""
             for split, fixup in ((1, True), (4, True), (4, False)):
                 ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
                     K_PER_SPLIT=1024, SPLIT_K=split, EVEN_K=True, FIXUP=fixup, HAS_BIAS=True,
-                    DOT_FP8=dot, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256), cc, num_warps=4,
-                    num_stages=4)
+                    DOT_FP8=dot, MODE=0, K_ACC=True, X_2D=False, BLOCK_M=16, BLOCK_N=64,
+                    BLOCK_K=256), cc, num_warps=4, num_stages=4)
                 assert "mma.sync" in ptx and "cp.async" in ptx, (cc, dot, split)  # pipelined
+        # the weight on the MMA's M side: Hopper's wgmma
+        ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
+            K_PER_SPLIT=1024, SPLIT_K=4, EVEN_K=True, FIXUP=True, HAS_BIAS=True, DOT_FP8=True,
+            MODE=1, K_ACC=True, X_2D=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256), cc,
+            num_warps=4, num_stages=4)
+        assert ("wgmma" in ptx) == (cc == 90) and "cp.async" in ptx, cc
+        # gemv: no MMA; 16-byte weight loads
+        for bm, k_acc, x_2d, even in ((1, True, True, True), (2, False, False, True),
+                                      (4, True, True, False), (4, False, True, True)):
+            ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
+                K_PER_SPLIT=1024, SPLIT_K=4, EVEN_K=even, FIXUP=True, HAS_BIAS=True,
+                DOT_FP8=True, MODE=2, K_ACC=k_acc, X_2D=x_2d, BLOCK_M=bm, BLOCK_N=16,
+                BLOCK_K=512), cc, num_warps=4, num_stages=1)
+            assert "mma" not in ptx and any("ld.global" in ln and ".v4" in ln
+                                                 for ln in ptx.splitlines()), (cc, bm)
+        fused = dict(x_ptr="*bf16", x_stride="i32", res_ptr="*bf16", res_stride="i32",
+                     w_ptr="*bf16", q_ptr="*fp8e4nv", q_stride="i32", s_ptr="*fp32",
+                     in_scale_ptr="*fp32", eps="fp32")
+        for static, n, res in ((False, 4096, True), (True, 4096, False), (False, 20480, True)):
+            block = min(16384, 1 << (n - 1).bit_length())
+            ptx = compile_(f._rms_norm_quant_kernel, dict(fused), dict(
+                N=n, HAS_RESIDUAL=res, STATIC=static, Y_DTYPE=tl.bfloat16, BLOCK=block,
+                ONE_PASS=block >= n), cc, num_warps=8)
+            assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, n)
+        for static, inter in ((False, 14336), (True, 3584), (False, 1024)):
+            block = min(8192, 1 << (inter - 1).bit_length())
+            ptx = compile_(f._silu_mul_quant_kernel, dict(
+                x_ptr="*bf16", x_stride="i32", q_ptr="*fp8e4nv", q_stride="i32",
+                s_ptr="*fp32", in_scale_ptr="*fp32"), dict(
+                INTER=inter, STATIC=static, Y_DTYPE=tl.bfloat16, BLOCK=block,
+                ONE_PASS=block >= inter), cc, num_warps=8)
+            assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, inter)
         compile_(g._splitk_epilogue, dict(part_ptr="*fp32", xs_ptr="*fp32", ws_ptr="*fp32",
                  b_ptr="*bf16", out_ptr="*bf16", N="i32", stride_om="i32"),
                  dict(SPLIT_K=4, HAS_BIAS=True, BLOCK_M=16, BLOCK=1024), cc, num_warps=4)
