@@ -31,7 +31,7 @@ from trtdist.kernels.norm import add_rms_norm_torch, rms_norm_torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_ONE_PASS_NORM = 16384
-_MAX_ONE_PASS_SILU = 8192
+_MAX_ONE_PASS_SILU = 16384  # gate + up + product: ~96 registers a thread at 16 warps
 _TL_DTYPES = ({torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
               if triton is not None else {})
 

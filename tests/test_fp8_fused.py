@@ -9,6 +9,7 @@ a GPU.
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +27,7 @@ from trtdist.parallel.layers import (
     QuantizedActivation,
     UnquantizedLinearMethod,
 )
+from trtdist.parallel import quant_fp8
 from trtdist.parallel.quant_fp8 import (
     fp8_linear_reference,
     quantize_activation,
@@ -82,7 +84,7 @@ def test_rms_norm_quant_interpreter(dtype: torch.dtype, n: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("inter", [200, 4096, 9000])  # one pass, one pass, chunked (> 8192)
+@pytest.mark.parametrize("inter", [200, 4096, 17000])  # one pass, one pass, chunked
 def test_silu_and_mul_quant_interpreter(dtype: torch.dtype, inter: int) -> None:
     torch.manual_seed(inter)
     x = (torch.randn(3, 2 * inter) * 3).to(dtype)
@@ -136,6 +138,29 @@ def test_fp8_linear_takes_a_quantized_activation_cpu(static: bool) -> None:
     assert not plain.wants_quantized_input and plain.activation_scale is None
     with pytest.raises(TypeError, match="unquantized linear layer got an FP8"):
         plain(QuantizedActivation(q, s, torch.float32))
+
+
+def test_quantized_activation_path_falls_back_when_the_gemm_fails(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A failing small-M kernel: `_scaled_mm` on the given E4M3 rows (it runs on CPU too), a
+    warning, and the layers stop asking for quantized input."""
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        raise RuntimeError("simulated launch failure")
+
+    monkeypatch.setattr(quant_fp8, "_fast", {"gemm": broken, "small_m_max": 16})
+    torch.manual_seed(0)
+    layer = _fp8_layer(48, 64, False)
+    layer.use_scaled_mm = True  # as on CUDA
+    assert layer.wants_quantized_input
+    x = torch.randn(3, 64)
+    q, s = quantize_activation(x, None)
+    with caplog.at_level(logging.WARNING, logger="trtdist"):
+        y = layer(QuantizedActivation(q, s, torch.float32))
+    ref = fp8_linear_reference(x, layer.weight, layer.weight_scale, None, layer.bias)
+    assert y.dtype == torch.float32 and float((y - ref).norm() / ref.norm()) < 1e-2
+    assert "simulated launch failure" in quant_fp8._fast["off"]  # type: ignore[operator]
+    assert not layer.wants_quantized_input
+    assert any("FP8 Triton kernels disabled" in r.message for r in caplog.records)
 
 
 @pytest.mark.parametrize("static", [False, True])

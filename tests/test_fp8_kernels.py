@@ -276,8 +276,8 @@ _AOT_SCRIPT = textwrap.dedent("""
                 N=n, HAS_RESIDUAL=res, STATIC=static, Y_DTYPE=tl.bfloat16, BLOCK=block,
                 ONE_PASS=block >= n), cc, num_warps=8)
             assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, n)
-        for static, inter in ((False, 14336), (True, 3584), (False, 1024)):
-            block = min(8192, 1 << (inter - 1).bit_length())
+        for static, inter in ((False, 14336), (True, 3584), (False, 20000)):
+            block = min(16384, 1 << (inter - 1).bit_length())
             ptx = compile_(f._silu_mul_quant_kernel, dict(
                 x_ptr="*bf16", x_stride="i32", q_ptr="*fp8e4nv", q_stride="i32",
                 s_ptr="*fp32", in_scale_ptr="*fp32"), dict(
