@@ -68,6 +68,16 @@ def fp8_gemm_torch(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torc
 
 
 @_jit
+def _load_w(w_ptrs, mask_n, cols, K, EVEN_K: tl.constexpr, valid):
+    """gemv: one E4M3 weight tile `[BN, BK]` (columns `cols`), zeros where masked or not
+    `valid`; streamed once, so it should not push the activations out of L2."""
+    mask = mask_n[:, None] & valid
+    if not EVEN_K:
+        mask = mask & (cols < K)[None, :]
+    return tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+
+
+@_jit
 def _gemv_step(acc, w, x_ptrs, mask, K_ACC: tl.constexpr, X_2D: tl.constexpr):
     """gemv: one token row's products with the dequantized weight tile `w [BN, BK]`."""
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -96,6 +106,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
                      K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                      FIXUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP8: tl.constexpr,
                      MODE: tl.constexpr, K_ACC: tl.constexpr, X_2D: tl.constexpr,
+                     PREFETCH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K). MODE 0: tl.dot(x, w^T); 1: tl.dot(w, x^T) (swapped);
     2: gemv (no MMA; BLOCK_M <= 4 accumulators of [BLOCK_N, BLOCK_K] or [BLOCK_N])."""
@@ -129,14 +140,23 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
         if BLOCK_M > 2:
             acc2 = tl.zeros_like(acc0)
             acc3 = tl.zeros_like(acc0)
+        if PREFETCH:
+            w_next = _load_w(w_ptrs, mask_n, k_start + rk, K, EVEN_K, True)
         for k0 in range(0, K_PER_SPLIT, BLOCK_K):
             if EVEN_K:
                 mask_k = rk < BLOCK_K
-                w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0).to(tl.float32)
             else:
                 mask_k = k_start + k0 + rk < K
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :],
-                            other=0.0).to(tl.float32)
+            if PREFETCH:
+                # NOTE: Triton does not pipeline loads that feed no tl.dot: the next tile's
+                # load is issued here, before this tile's math, so two tiles are in flight
+                # per program (16 more registers for a [16, 512] E4M3 tile at 4 warps).
+                w_raw = w_next
+                w_next = _load_w(w_ptrs + BLOCK_K, mask_n, k_start + k0 + BLOCK_K + rk, K,
+                                 EVEN_K, k0 + BLOCK_K < K_PER_SPLIT)
+            else:
+                w_raw = _load_w(w_ptrs, mask_n, k_start + k0 + rk, K, EVEN_K, True)
+            w = w_raw.to(tl.float32)
             if X_2D:
                 mask_x = mask_k[None, :]
             else:
@@ -343,7 +363,7 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
             out.stride(0))
     consts = dict(K_PER_SPLIT=k_per_split, SPLIT_K=split, EVEN_K=k_per_split * split == k,
                   FIXUP=fixup, HAS_BIAS=bias is not None, MODE=mode, K_ACC=cfg.k_acc,
-                  X_2D=cfg.x_2d,
+                  X_2D=cfg.x_2d, PREFETCH=cfg.prefetch,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     try:

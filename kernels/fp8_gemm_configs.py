@@ -50,6 +50,7 @@ class Fp8GemmConfig:
     num_stages: int = 4
     k_acc: bool = True  # gemv: keep [BN, BK] partial sums per row until the end of K
     x_2d: bool = False  # gemv: load token rows as [BN, BK] broadcasts (no layout conversion)
+    prefetch: bool = False  # gemv: load the next weight tile before this one's math
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -33,11 +33,13 @@ import bench_fp8_gemm as bench  # noqa: E402  (its loader and CUDA-graph timer)
 SHAPES = bench.SHAPES
 MAX_REL_ERR = 1e-2  # bf16 output: ~2e-3 from its rounding; a wrong kernel is O(1)
 # Most promising first (a pair whose budget runs out keeps the ones timed).
-# gemv tiles: (block_n, block_k, num_warps, k_acc, x_2d)
-GEMV_TILES = [(16, 512, 4, True, True), (32, 256, 4, False, True), (8, 1024, 4, False, True),
-              (16, 512, 4, False, True), (16, 1024, 8, False, True), (8, 512, 4, True, True),
-              (32, 512, 8, False, True), (64, 256, 8, False, True), (16, 256, 4, True, True),
-              (16, 512, 4, True, False), (32, 256, 4, False, False)]
+# gemv tiles: (block_n, block_k, num_warps, k_acc, x_2d, prefetch)
+GEMV_TILES = [(16, 512, 4, True, True, True), (32, 256, 4, False, True, True),
+              (8, 1024, 4, False, True, True), (16, 512, 4, False, True, True),
+              (16, 256, 4, True, True, True), (8, 512, 4, True, True, True),
+              (16, 1024, 8, False, True, True), (32, 512, 8, False, True, True),
+              (64, 256, 8, False, True, True), (16, 512, 4, True, True, False),
+              (16, 512, 4, True, False, True), (32, 256, 4, False, False, False)]
 # tl.dot tiles: (mode, block_m, block_n, block_k, num_warps, num_stages)
 DOT_TILES = [("dot_swap", 16, 64, 256, 4, 4), ("dot_swap", 16, 128, 256, 4, 3),
              ("dot", 16, 64, 512, 4, 3), ("dot", 16, 32, 256, 4, 4),
@@ -71,10 +73,10 @@ def candidates(cfgs, m: int, k: int) -> list:  # type: ignore[no-untyped-def]
     out = [cfgs.default_config(m)]
     bm = cfgs.m_bucket(m)
     if bm <= cfgs.GEMV_MAX_M:
-        for bn, bk, warps, k_acc, x_2d in GEMV_TILES:
+        for bn, bk, warps, k_acc, x_2d, prefetch in GEMV_TILES:
             regs = (bm if k_acc else 1) * bn * bk // (32 * warps)
             if regs <= 64 and bk <= max(256, k):
-                out.append(C("gemv", bm, bn, bk, 0, warps, 1, k_acc, x_2d))
+                out.append(C("gemv", bm, bn, bk, 0, warps, 1, k_acc, x_2d, prefetch))
     for mode, tbm, bn, bk, warps, stages in DOT_TILES:
         if m <= tbm and bk <= max(256, k):
             out.append(C(mode, tbm, bn, bk, 0, warps, stages))
@@ -90,7 +92,8 @@ def _split_of(cfgs, c, n: int, k: int, sms: int) -> int:  # type: ignore[no-unty
     return c.split_k or cfgs.choose_split_k(n, k, sms, c.block_n, c.block_k)
 
 
-def _time(g, c, xq, xs, w8, s8, out, copies: int, reps: int) -> float:  # type: ignore[no-untyped-def]
+def _time(g, c, xq, xs, w8, s8, out, copies: int,  # type: ignore[no-untyped-def]
+          reps: int) -> float:
     def step(i: int) -> None:
         g.fp8_gemm_small_m(xq, xs, w8[i], s8[i], None, out.dtype, out=out, config=c)
 
@@ -185,7 +188,7 @@ def tune_shape(mods, name: str, n: int, k: int, ms: list[int], args, bw: float,
 def as_python(rows: list[dict]) -> str:
     """The `TUNED` dict literal for `kernels/fp8_gemm_configs.py`."""
     lines = ["# (M, N, K): Fp8GemmConfig(mode, block_m, block_n, block_k, split_k, num_warps,",
-             "#                           num_stages, k_acc, x_2d)  # time, share of copy BW",
+             "#                           num_stages, k_acc, x_2d, prefetch)  # time, % copy BW",
              "TUNED: dict[tuple[int, int, int], Fp8GemmConfig] = {"]
     for r in sorted(rows, key=lambda r: (r["n"], r["k"], r["m"])):
         args = ", ".join(repr(v) for v in r["config"].values())

@@ -141,9 +141,9 @@ def test_small_m_gemm_rejects_bad_input() -> None:
 
 
 # one of each mode and accumulation variant, small enough for the interpreter
-_CONFIGS = [Fp8GemmConfig("gemv", 1, 16, 64, k_acc=True, x_2d=True),
+_CONFIGS = [Fp8GemmConfig("gemv", 1, 16, 64, k_acc=True, x_2d=True, prefetch=True),
             Fp8GemmConfig("gemv", 2, 16, 64, k_acc=False, x_2d=False),
-            Fp8GemmConfig("gemv", 4, 32, 128, k_acc=True, x_2d=False),
+            Fp8GemmConfig("gemv", 4, 32, 128, k_acc=True, x_2d=False, prefetch=True),
             Fp8GemmConfig("gemv", 4, 16, 64, k_acc=False, x_2d=True),
             Fp8GemmConfig("dot_swap", 16, 64, 128, num_stages=3),
             Fp8GemmConfig("dot", 32, 32, 64, num_stages=3)]
@@ -249,22 +249,24 @@ _AOT_SCRIPT = textwrap.dedent("""
             for split, fixup in ((1, True), (4, True), (4, False)):
                 ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
                     K_PER_SPLIT=1024, SPLIT_K=split, EVEN_K=True, FIXUP=fixup, HAS_BIAS=True,
-                    DOT_FP8=dot, MODE=0, K_ACC=True, X_2D=False, BLOCK_M=16, BLOCK_N=64,
-                    BLOCK_K=256), cc, num_warps=4, num_stages=4)
+                    DOT_FP8=dot, MODE=0, K_ACC=True, X_2D=False, PREFETCH=False, BLOCK_M=16,
+                    BLOCK_N=64, BLOCK_K=256), cc, num_warps=4, num_stages=4)
                 assert "mma.sync" in ptx and "cp.async" in ptx, (cc, dot, split)  # pipelined
         # the weight on the MMA's M side: Hopper's wgmma
         ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
             K_PER_SPLIT=1024, SPLIT_K=4, EVEN_K=True, FIXUP=True, HAS_BIAS=True, DOT_FP8=True,
-            MODE=1, K_ACC=True, X_2D=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256), cc,
-            num_warps=4, num_stages=4)
+            MODE=1, K_ACC=True, X_2D=False, PREFETCH=False, BLOCK_M=16, BLOCK_N=64,
+            BLOCK_K=256), cc, num_warps=4, num_stages=4)
         assert ("wgmma" in ptx) == (cc == 90) and "cp.async" in ptx, cc
         # gemv: no MMA; 16-byte weight loads
-        for bm, k_acc, x_2d, even in ((1, True, True, True), (2, False, False, True),
-                                      (4, True, True, False), (4, False, True, True)):
+        for bm, k_acc, x_2d, even, pf in ((1, True, True, True, True),
+                                          (2, False, False, True, False),
+                                          (4, True, True, False, True),
+                                          (4, False, True, True, False)):
             ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
                 K_PER_SPLIT=1024, SPLIT_K=4, EVEN_K=even, FIXUP=True, HAS_BIAS=True,
-                DOT_FP8=True, MODE=2, K_ACC=k_acc, X_2D=x_2d, BLOCK_M=bm, BLOCK_N=16,
-                BLOCK_K=512), cc, num_warps=4, num_stages=1)
+                DOT_FP8=True, MODE=2, K_ACC=k_acc, X_2D=x_2d, PREFETCH=pf, BLOCK_M=bm,
+                BLOCK_N=16, BLOCK_K=512), cc, num_warps=4, num_stages=1)
             assert "mma" not in ptx and any("ld.global" in ln and ".v4" in ln
                                                  for ln in ptx.splitlines()), (cc, bm)
         fused = dict(x_ptr="*bf16", x_stride="i32", res_ptr="*bf16", res_stride="i32",
