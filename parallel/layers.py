@@ -42,6 +42,10 @@ class QuantizedActivation:
         """The activation's shape `[T, K]` (as the model-dtype tensor it replaces)."""
         return self.q.shape
 
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
 
 class LinearMethod:
     """How a linear layer stores and multiplies its weight: the seam every quantization scheme
