@@ -33,9 +33,9 @@ from __future__ import annotations
 import logging
 
 import torch
+from trtdist.kernels import fp8_gemm_configs as _cfg
 from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import tl, triton
-from trtdist.kernels import fp8_gemm_configs as _cfg
 from trtdist.kernels.fp8_gemm_configs import Fp8GemmConfig
 from trtdist.kernels.fp8_quant import FP8_DTYPE, quantize_activation_triton
 

@@ -127,14 +127,14 @@ def _fast_kernels() -> dict[str, object]:
     torch path (a broken kernel must not take FP8 inference down)."""
     if not _fast:
         try:
+            from trtdist.kernels.fp8_fused import (
+                rms_norm_quant_triton,
+                silu_and_mul_quant_triton,
+            )
             from trtdist.kernels.fp8_gemm import (
                 SMALL_M_MAX,
                 fp8_gemm_small_m,
                 fp8_linear_small_m,
-            )
-            from trtdist.kernels.fp8_fused import (
-                rms_norm_quant_triton,
-                silu_and_mul_quant_triton,
             )
             from trtdist.kernels.fp8_quant import quantize_activation_triton
         except Exception as e:  # noqa: BLE001 - any import failure means: use torch

@@ -126,7 +126,8 @@ def tune_shape(mods, name: str, n: int, k: int, ms: list[int], args, bw: float,
         results: list[tuple[float, object]] = []
         tried = []
 
-        def run(c) -> None:  # type: ignore[no-untyped-def]
+        def run(c, xq=xq, xs=xs, out=out, ref=ref, m=m,  # type: ignore[no-untyped-def]
+                results=results, tried=tried) -> None:
             rec = {"config": c.to_dict(), "split": _split_of(cfgs, c, n, k, sms)}
             try:
                 out.fill_(float("nan"))

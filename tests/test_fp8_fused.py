@@ -20,19 +20,20 @@ from trtdist.kernels.fp8_fused import (
     silu_and_mul_quant_torch,
     silu_and_mul_quant_triton,
 )
-from trtdist.models.llama import LlamaMLP, RMSNorm
+from trtdist.parallel import quant_fp8
 from trtdist.parallel.layers import (
     ColumnParallelLinear,
     Fp8LinearMethod,
     QuantizedActivation,
     UnquantizedLinearMethod,
 )
-from trtdist.parallel import quant_fp8
 from trtdist.parallel.quant_fp8 import (
     fp8_linear_reference,
     quantize_activation,
     quantize_weight_per_channel,
 )
+
+from trtdist.models.llama import LlamaMLP, RMSNorm
 
 
 def _assert_quant_close(got: tuple[torch.Tensor, torch.Tensor],

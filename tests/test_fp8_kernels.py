@@ -17,8 +17,7 @@ import textwrap
 
 import pytest
 import torch
-from trtdist.kernels import fp8_gemm
-from trtdist.kernels import fp8_gemm_configs
+from trtdist.kernels import fp8_gemm, fp8_gemm_configs
 from trtdist.kernels.fp8_gemm import fp8_gemm_small_m, fp8_gemm_torch
 from trtdist.kernels.fp8_gemm_configs import DEFAULT_DOT, Fp8GemmConfig
 from trtdist.kernels.fp8_quant import quantize_activation_torch, quantize_activation_triton
