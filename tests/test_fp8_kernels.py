@@ -419,3 +419,36 @@ def test_fp8_linear_cuda_graph_capture_replay_gpu(m: int, fixup: bool,
         xq, xs = quantize_activation(x, None)
         assert _rel(y, _ref64(xq, xs, w, ws, None)) < 1e-2
     assert "off" not in quant_fp8._fast, quant_fp8._fast.get("off")
+
+
+_GPU_CONFIGS = [Fp8GemmConfig("gemv", 1, 16, 512, k_acc=True, x_2d=True, prefetch=True),
+                Fp8GemmConfig("gemv", 4, 32, 256, k_acc=False, x_2d=True, prefetch=True),
+                Fp8GemmConfig("gemv", 4, 16, 512, k_acc=True, x_2d=False),
+                Fp8GemmConfig("gemv", 2, 8, 1024, k_acc=False, x_2d=True, prefetch=True),
+                Fp8GemmConfig("dot_swap", 16, 64, 256, num_stages=4),
+                Fp8GemmConfig("dot_swap", 16, 128, 128, num_warps=8),
+                Fp8GemmConfig("dot", 32, 64, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", _GPU_CONFIGS, ids=lambda c: f"{c.mode}{c.block_m}x{c.block_n}")
+@pytest.mark.parametrize("n,k", [(4096, 14336), (6144, 4096), (200, 272)])
+def test_small_m_gemm_modes_gpu(cfg: Fp8GemmConfig, n: int, k: int) -> None:
+    """The tuner's modes on a GPU (FP8 MMA, wgmma, gemv with its variants), every M the tile
+    holds, with and without split-K, against the quantized model in float64."""
+    dev = _need_fp8()
+    w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev) * 0.02)
+    bias = torch.randn(n, device=dev)
+    for m in sorted({1, 2, 3, cfg.block_m} & set(range(1, cfg.block_m + 1))):
+        torch.manual_seed(m)
+        xq, xs = quantize_activation(torch.randn(m, k, device=dev), None)
+        ref = _ref64(xq, xs, w, ws, bias)
+        for split in (None, 1, 3, 8):
+            _poison_workspaces()
+            out = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
+            for _ in range(2):
+                fp8_gemm_small_m(xq, xs, w, ws, bias, torch.bfloat16, out=out, config=cfg,
+                                 split_k=split)
+            assert _rel(out, ref) < 1e-2, (m, split)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in fp8_gemm._counters.values())
