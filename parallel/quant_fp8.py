@@ -127,6 +127,8 @@ def _fast_kernels() -> dict[str, object]:
     torch path (a broken kernel must not take FP8 inference down)."""
     if not _fast:
         try:
+            # NOTE: the fused producers too (models call them directly): if any of these
+            # fails to import, the FP8 layers stop asking for quantized input.
             from trtdist.kernels.fp8_fused import (
                 rms_norm_quant_triton,
                 silu_and_mul_quant_triton,

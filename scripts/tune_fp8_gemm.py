@@ -38,7 +38,8 @@ GEMV_TILES = [(16, 512, 4, True, True, True), (32, 256, 4, False, True, True),
               (8, 1024, 4, False, True, True), (16, 512, 4, False, True, True),
               (16, 256, 4, True, True, True), (8, 512, 4, True, True, True),
               (16, 1024, 8, False, True, True), (32, 512, 8, False, True, True),
-              (64, 256, 8, False, True, True), (16, 512, 4, True, True, False),
+              (64, 256, 8, False, True, True), (8, 512, 2, True, True, True),
+              (16, 512, 4, True, True, False),
               (16, 512, 4, True, False, True), (32, 256, 4, False, False, False)]
 # tl.dot tiles: (mode, block_m, block_n, block_k, num_warps, num_stages)
 DOT_TILES = [("dot_swap", 16, 64, 256, 4, 4), ("dot_swap", 16, 128, 256, 4, 3),

@@ -58,8 +58,8 @@ class RMSNorm(nn.Module):
         if quant_for is not None and x.dim() == 2 and quant_for.wants_quantized_input:
             q, scale, residual = rms_norm_quant_triton(x, residual, self.weight, self.eps,
                                                        quant_for.activation_scale)
-            return QuantizedActivation(q, scale, torch.promote_types(x.dtype,
-                                                                     self.weight.dtype)), residual
+            dtype = torch.promote_types(x.dtype, self.weight.dtype)  # what the norm returns
+            return QuantizedActivation(q, scale, dtype), residual
         if residual is None:
             return rms_norm(x, self.weight, self.eps), x
         return add_rms_norm(x, residual, self.weight, self.eps)
