@@ -19,13 +19,12 @@ tuned for large M and reads the weight inefficiently there. Here:
   bias) are applied in the epilogue in float32, then one rounding to the output dtype.
 - split-K: when N / BLOCK_N programs would not cover ~2 waves of SMs (or as the config
   says), K is split and each slice writes float32 partials to a cached workspace
-  `[SPLIT_K, BLOCK_M, N]`. With SPLITK_FIXUP
-  (default) the last slice program of each N block to finish (an atomic counter per block,
-  reset by that program) sums the partials in a fixed order and applies the epilogue;
-  otherwise `_splitk_epilogue`, a second launch, does. Both are deterministic and need no
-  memset. Workspaces and counters are allocated once per (device, N[, SPLIT_K]) and kept: no
-  allocation beyond the output per call, so the path is CUDA-graph capturable (no host syncs
-  either).
+  `[SPLIT_K, BLOCK_M, N]`. With SPLITK_FIXUP (default) the last slice program of each N
+  block to finish (an atomic counter per block, reset by that program) sums the partials in
+  a fixed order and applies the epilogue; otherwise `_splitk_epilogue`, a second launch,
+  does. Both are deterministic and need no memset. Workspaces (per device, N, SPLIT_K,
+  BLOCK_M) and counters (per device, N, BLOCK_N) are allocated once and kept: no allocation
+  beyond the output per call, so the path is CUDA-graph capturable (no host syncs either).
 """
 
 from __future__ import annotations
@@ -49,8 +48,8 @@ _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # NOTE: split-K reduction: True = in the GEMM (the last program of each N block, counted by an
 # atomic: one launch less); False = a second kernel (`_splitk_epilogue`). Both are tested.
 SPLITK_FIXUP = True
-_workspaces: dict[tuple[torch.device, int, int], torch.Tensor] = {}
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+_workspaces: dict[tuple[torch.device, int, int, int], torch.Tensor] = {}
+_counters: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 _sm_counts: dict[torch.device, int] = {}
 # NOTE: per device, whether the FP8 x FP8 tl.dot compiled; set False after a compile failure
 # (the float16-operand dot is then used: same numbers, more conversion work).
