@@ -46,8 +46,9 @@ def _assert_quant_close(got: tuple[torch.Tensor, torch.Tensor],
     if f32:  # float32: the norm's sum of squares in another order moves the last bit
         torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
     else:
-        # NOTE: in bf16 the row's amax element itself may be one bf16 ulp apart (2^-8).
-        torch.testing.assert_close(s, rs, rtol=4e-3, atol=0)
+        # NOTE: the row's amax element itself may be one model-dtype ulp apart (bf16: up
+        # to 2^-7 relative).
+        torch.testing.assert_close(s, rs, rtol=8e-3, atol=0)
     codes, ref_codes = q.view(torch.uint8).int(), rq.view(torch.uint8).int()
     assert int((codes - ref_codes).abs().max()) <= 1
     assert float((codes != ref_codes).float().mean()) < 1e-2
