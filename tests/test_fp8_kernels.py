@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -452,3 +453,30 @@ def test_small_m_gemm_modes_gpu(cfg: Fp8GemmConfig, n: int, k: int) -> None:
             assert _rel(out, ref) < 1e-2, (m, split)
     torch.cuda.synchronize()
     assert all(int(c.abs().sum()) == 0 for c in fp8_gemm._counters.values())
+
+
+def test_tune_script_candidates_and_table_round_trip() -> None:
+    """`scripts/tune_fp8_gemm.py`'s search space and outputs, without a GPU: the default is
+    timed first, gemv only where it fits; the printed dict literal and the JSON give the same
+    table."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import tune_fp8_gemm as tune
+    finally:
+        sys.path.pop(0)
+    for m in (1, 2, 3, 4, 8, 16):
+        cands = tune.candidates(fp8_gemm_configs, m, 4096)
+        assert cands[0] == fp8_gemm_configs.default_config(m)
+        assert len(set(cands)) == len(cands) > 5
+        assert all(c.block_m >= m for c in cands)
+        assert any(c.mode == "gemv" for c in cands) == (m <= 4)
+    rows = [{"m": m, "m_bucket": fp8_gemm_configs.m_bucket(m), "n": 6144, "k": 4096,
+             "config": c.to_dict(), "time_us": 5.0, "frac_copy_bw": 0.8}
+            for m, c in ((1, Fp8GemmConfig("gemv", 1, 16, 512, 2, prefetch=True)),
+                         (3, Fp8GemmConfig("gemv", 4, 8, 1024, 4, k_acc=False)),
+                         (16, Fp8GemmConfig("dot_swap", 16, 128, 256, 1)))]
+    text = tune.as_python(rows)
+    scope: dict[str, object] = {"Fp8GemmConfig": Fp8GemmConfig}
+    exec(text, scope)  # noqa: S102 - our own generated literal
+    assert scope["TUNED"] == fp8_gemm_configs.from_json({"configs": rows})
+    assert set(scope["TUNED"]) == {(1, 6144, 4096), (4, 6144, 4096), (16, 6144, 4096)}
