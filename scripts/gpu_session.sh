@@ -90,13 +90,29 @@ for phase in "$@"; do
           --max-batch-size 1024
       ;;
     fp8)
-      python3 -m pytest -q -m gpu tests/test_fp8.py tests/test_fp8_kernels.py tests/test_sampler.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -8
+      python3 -m pytest -q -m gpu tests/test_fp8.py tests/test_fp8_kernels.py tests/test_fp8_fused.py \
+          tests/test_sampler.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -8
       note "fp8 tests: $(tail -1 "$OUT/fp8_tests.log")"
       timeout 200 python3 scripts/bench_fp8_gemm.py --quick --output "$OUT/fp8_gemm.json" \
           > "$OUT/fp8_gemm.log" 2>&1; tail -22 "$OUT/fp8_gemm.log"
       M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8"
       bench fp8_b1 $M --num-requests 1 --input-len 128 --output-len 256
       bench fp8_r1024 $M --num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024
+      ;;
+    fp8tune)
+      # sweep the small-M FP8 GEMM's configs, then run the FP8 GPU tests and the batch-1
+      # bench with the tuned table (TRTDIST_FP8_GEMM_CONFIGS); the table to paste is printed
+      timeout ${TUNE_TIMEOUT:-260} python3 scripts/tune_fp8_gemm.py \
+          --budget-s ${TUNE_BUDGET:-200} --output "$OUT/fp8_tune.json" > "$OUT/fp8_tune.log" 2>&1
+      note "fp8 tune rc=$?"
+      grep -E " M=[0-9]+ +[0-9.]+ us" "$OUT/fp8_tune.log" | tee -a "$SUMMARY"
+      sed -n '/^TUNED/,/^}/p' "$OUT/fp8_tune.log"
+      [ -s "$OUT/fp8_tune.json" ] && export TRTDIST_FP8_GEMM_CONFIGS="$OUT/fp8_tune.json"
+      timeout 180 python3 -m pytest -q -m gpu tests/test_fp8_kernels.py tests/test_fp8_fused.py \
+          tests/test_fp8.py 2>&1 | tee "$OUT/fp8tune_tests.log" | tail -8
+      note "fp8 tests (tuned table): $(tail -1 "$OUT/fp8tune_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8"
+      bench fp8tuned_b1 $M --num-requests 1 --input-len 128 --output-len 256
       ;;
     fp8long)
       M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8"

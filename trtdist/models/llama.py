@@ -15,6 +15,7 @@ from trtdist.comm.base import Communicator
 from trtdist.config import ModelConfig
 from trtdist.kernels.activation import silu_and_mul
 from trtdist.kernels.attention import AttentionBackend, TorchAttentionBackend
+from trtdist.kernels.fp8_fused import rms_norm_quant_triton, silu_and_mul_quant_triton
 from trtdist.kernels.norm import add_rms_norm, rms_norm
 from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
 from trtdist.models.rope import inv_frequencies
@@ -22,6 +23,7 @@ from trtdist.parallel.layers import (
     ColumnParallelLinear,
     LinearMethod,
     ParallelLMHead,
+    QuantizedActivation,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
@@ -46,10 +48,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device),
                                    requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                quant_for: ColumnParallelLinear | None = None
+                ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
         """vLLM style: returns `(norm(x + residual), x + residual)`; without a residual,
-        `(norm(x), x)`. Numerics as transformers' LlamaRMSNorm (see kernels/norm.py)."""
+        `(norm(x), x)`. Numerics as transformers' LlamaRMSNorm (see kernels/norm.py).
+        When `quant_for` (the linear layer that consumes the output) wants FP8 input, the
+        normalised rows come back quantized (`QuantizedActivation`, one fused kernel)."""
+        if quant_for is not None and x.dim() == 2 and quant_for.wants_quantized_input:
+            q, scale, residual = rms_norm_quant_triton(x, residual, self.weight, self.eps,
+                                                       quant_for.activation_scale)
+            dtype = torch.promote_types(x.dtype, self.weight.dtype)  # what the norm returns
+            return QuantizedActivation(q, scale, dtype), residual
         if residual is None:
             return rms_norm(x, self.weight, self.eps), x
         return add_rms_norm(x, residual, self.weight, self.eps)
@@ -98,8 +108,12 @@ class LlamaMLP(nn.Module):
         self.down = RowParallelLinear(self.inter, cfg.hidden_size, cfg.mlp_bias, dtype, device, tp,
                                       quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(silu_and_mul(self.gate_up(x)))
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        h = self.gate_up(x)  # [T, 2I]
+        if h.dim() == 2 and self.down.wants_quantized_input:
+            q, scale = silu_and_mul_quant_triton(h, self.down.activation_scale)
+            return self.down(QuantizedActivation(q, scale, h.dtype))
+        return self.down(silu_and_mul(h))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -118,8 +132,9 @@ class LlamaDecoderLayer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream travels beside the layer output (vLLM style): the add that
         closes one block is fused with the norm that opens the next."""
-        x, residual = self.input_norm(h, residual)
-        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx), residual)
+        x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv)
+        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx), residual,
+                                     quant_for=self.mlp.gate_up)
         return self.mlp(x), residual
 
 
