@@ -104,6 +104,10 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                         "8, then steps of 8 up to --max-batch-size)")
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto",
                    help="attention kernels: auto = triton on CUDA, torch elsewhere")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="KV cache element type: auto = the model dtype; fp8 = E4M3 with one "
+                        "scale per token and KV head, ~1.9x the KV blocks (CUDA: compute "
+                        "capability >= 8.9)")
 
 
 def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -122,7 +126,8 @@ def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
                 verify_checksums=not args.skip_checksums, enforce_eager=args.enforce_eager,
                 overlap=args.overlap,
                 cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
-                attention_backend=args.attention_backend, quant=args.quant)
+                attention_backend=args.attention_backend, quant=args.quant,
+                kv_cache_dtype=args.kv_cache_dtype)
 
 
 _MODEL_HELP = ("engine directory, Hugging Face directory, .gguf file, or 'tiny' (random test "
