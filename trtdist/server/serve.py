@@ -92,8 +92,8 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
     from trtdist.engine.gguf_source import DEFAULT_MODEL_NAME
     from trtdist.launch.launcher import stop_pid, write_leader_pid
     from trtdist.llm import DistributedLLM
-    from trtdist.runtime.rank import WorldError
     from trtdist.runtime.kv_cache import kv_cache_dtype_name
+    from trtdist.runtime.rank import WorldError
     from trtdist.server.app import ServerState, create_app
     from trtdist.server.async_engine import AsyncEngine
     from trtdist.server.auth import resolve_api_key
