@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import MPI_SCRIPTS, load_hf, mpirun, need_devices, relative_error
+from helpers import MPI_SCRIPTS, load_hf, mpirun, need_devices, relative_error, trtdist_cli
 from test_triton_attention import Case, _fields
 
 from trtdist.kernels.attention import AttentionInputs, TorchAttentionBackend
@@ -473,6 +474,25 @@ def test_engine_with_fp8_kv_cache_matches_fake_quant_transformers(
     # the FP8 cache is really in use: the unquantized model is much further away
     assert err_plain > 30 * max(err, 1e-6)
     assert res["tokens"].tolist() == tokens
+
+
+@pytest.mark.mpi
+def test_cli_flag_reaches_the_pool_and_the_bench_result() -> None:
+    """`--kv-cache-dtype fp8` through the CLI: two pipeline stages, each with its own FP8
+    pool; the bench JSON names the dtype and the bytes of a block (scales included)."""
+    need_devices(2)
+    proc = trtdist_cli(2, ["bench", "tiny", "--pp-size", "2", "--kv-cache-dtype", "fp8",
+                           "--num-kv-blocks", "40", "--num-requests", "3", "--input-len", "6",
+                           "--output-len", "4"])
+    got = json.loads(proc.stdout)
+    assert got["kv_cache_dtype"] == "fp8_e4m3" and got["kv_blocks"] == 40
+    # the tiny model: 4 layers (2 on the leader's stage), 2 KV heads of 16, blocks of 16
+    assert got["kv_bytes_per_block"] == KVCache.bytes_per_block(2, 16, 2, 16, KV_FP8_DTYPE)
+    assert got["kv_bytes_per_block"] == 2 * 2 * 16 * 2 * (16 + 4)
+    assert got["output_tokens_per_s"] > 0
+    proc = trtdist_cli(1, ["generate", "tiny", "--prompt", "Hi", "--kv-cache-dtype", "int8"],
+                       check=False)
+    assert proc.returncode != 0 and "--kv-cache-dtype: invalid choice: 'int8'" in proc.stderr
 
 
 def test_smollm2_fp8_kv_cache_perplexity() -> None:
