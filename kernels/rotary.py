@@ -140,17 +140,15 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
         k1 = o1.to(tl.float32)
         k2 = o2.to(tl.float32)
         ks = _row_scale(k1, k2)  # [BH]
-        ks_b = tl.broadcast_to(ks[:, None], (BLOCK_H, HALF_PAD))
-        tl.store(k_dst, _quantize_e4m3(k1, ks_b).to(kc_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(k_dst + half * kc_s3, _quantize_e4m3(k2, ks_b).to(kc_ptr.dtype.element_ty),
+        tl.store(k_dst, _quantize_e4m3(k1, ks[:, None]).to(kc_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(k_dst + half * kc_s3, _quantize_e4m3(k2, ks[:, None]).to(kc_ptr.dtype.element_ty),
                  mask=kv_mask)
         tl.store(ks_ptr + block * ks_s0 + offset * ks_s1 + kv_head * ks_s2, ks, mask=row_mask)
         v1 = v1.to(tl.float32)
         v2 = v2.to(tl.float32)
         vs = _row_scale(v1, v2)
-        vs_b = tl.broadcast_to(vs[:, None], (BLOCK_H, HALF_PAD))
-        tl.store(v_dst, _quantize_e4m3(v1, vs_b).to(vc_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(v_dst + half * vc_s3, _quantize_e4m3(v2, vs_b).to(vc_ptr.dtype.element_ty),
+        tl.store(v_dst, _quantize_e4m3(v1, vs[:, None]).to(vc_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(v_dst + half * vc_s3, _quantize_e4m3(v2, vs[:, None]).to(vc_ptr.dtype.element_ty),
                  mask=kv_mask)
         tl.store(vs_ptr + block * vs_s0 + offset * vs_s1 + kv_head * vs_s2, vs, mask=row_mask)
     else:
