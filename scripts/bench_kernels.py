@@ -77,7 +77,8 @@ def _caches(num_blocks: int, bs: int, hkv: int, d: int, fp8: bool, device: str
     if not fp8:
         return k, v, None, None
     scales = [torch.rand(num_blocks, bs, hkv, device=device) / 100 for _ in range(2)]
-    return (k * 100).to(torch.float8_e4m3fn), (v * 100).to(torch.float8_e4m3fn), *scales
+    k8, v8 = ((x * 100).clamp_(-448, 448).to(torch.float8_e4m3fn) for x in (k, v))
+    return k8, v8, *scales
 
 
 def bench_decode(ta: types.ModuleType, device: str, batch: int, context: int, reps: int,
