@@ -21,11 +21,11 @@ import pytest
 import torch
 from helpers import MPI_SCRIPTS, load_hf, mpirun, need_devices, relative_error, trtdist_cli
 from test_triton_attention import Case, _fields
-
 from trtdist.kernels.attention import AttentionInputs, TorchAttentionBackend
 from trtdist.kernels.kv_quant import KV_FP8_DTYPE, dequantize_kv, quantize_kv
 from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache_torch, rotary_and_cache_triton
 from trtdist.kernels.triton_attention import TritonAttentionBackend
+
 from trtdist.runtime.kv_cache import KVCache, resolve_kv_cache_dtype
 from trtdist.runtime.rank import RankOptions
 
