@@ -99,7 +99,7 @@ def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     def gather(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         values = cache[tables].view(s, length, kv_heads, d)
         if scales is not None:
-            values = dequantize_kv(values, scales[tables].view(s, length, kv_heads), q.dtype)
+            values = dequantize_kv(values, scales[tables].reshape(s, length, kv_heads), q.dtype)
         return values.transpose(1, 2)  # [S, Hkv, L, D]
 
     k, v = gather(k_cache, k_scale), gather(v_cache, v_scale)

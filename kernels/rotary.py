@@ -48,8 +48,11 @@ def write_kv_cache_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
     if k_scale is not None and v_scale is not None:
         (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
-        k_scale.view(-1, k_scale.shape[2]).index_copy_(0, slot_mapping, ks)
-        v_scale.view(-1, v_scale.shape[2]).index_copy_(0, slot_mapping, vs)
+        # NOTE: indexed by (block, offset), not through a flat view: the pool's scales are
+        # strided views (head-major within a block, see runtime/kv_cache.py)
+        block, offset = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
+        k_scale[block, offset] = ks
+        v_scale[block, offset] = vs
         # NOTE: index_copy_ has no float8 kernel on CPU: copy the bytes.
         k, v = k.view(torch.uint8), v.view(torch.uint8)
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)

@@ -74,12 +74,14 @@ def test_pool_holds_scales_and_sizes_by_them() -> None:
     layers, bs, hkv, d = 3, 16, 2, 128
     fp8 = KVCache(layers, 5, bs, hkv, d, KV_FP8_DTYPE, torch.device("cpu"))
     bf16 = KVCache(layers, 5, bs, hkv, d, torch.bfloat16, torch.device("cpu"))
-    assert fp8.scales is not None and fp8.scales.shape == (layers, 2, 6, bs, hkv)
+    assert fp8.scales is not None and fp8.scales.shape == (layers, 2, 6, hkv, bs)
     assert bf16.scales is None and bf16.layers[0].k_scale is None
     for i, layer in enumerate(fp8.layers):  # views of the pool, not copies
         assert layer.k.data_ptr() == fp8.data[i, 0].data_ptr()
         assert layer.v_scale is not None
         assert layer.v_scale.data_ptr() == fp8.scales[i, 1].data_ptr()
+        assert layer.k_scale is not None and layer.k_scale.shape == (6, bs, hkv)
+        assert layer.k_scale.stride() == (hkv * bs, 1, bs)  # head-major pages
     for pool in (fp8, bf16):
         assert pool.block_bytes == KVCache.bytes_per_block(layers, bs, hkv, d, pool.dtype)
         assert pool.nbytes == 6 * pool.block_bytes
@@ -117,9 +119,10 @@ def _write_case(t: int, hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype, 
     blocks = -(-t // bs) + 2
     slots = torch.randperm(blocks * bs, generator=g)[:t]  # scattered, blocks partly filled
     slots[2::5] = -1  # padding: never written
-    # two layers' fused pool, NaN-poisoned; layer 1's strided views are written
+    # two layers' fused pool, NaN-poisoned, scales head-major as in the runtime's pool; layer
+    # 1's strided views are written
     values = torch.full((2, 2, blocks, bs, hkv, d), NAN).to(DEV, KV_FP8_DTYPE)
-    scales = torch.full((2, 2, blocks, bs, hkv), NAN, device=DEV)
+    scales = torch.full((2, 2, blocks, hkv, bs), NAN, device=DEV).transpose(-1, -2)
     return qkv, positions, cos_sin, slots.to(DEV), values, scales
 
 
@@ -202,14 +205,19 @@ class FP8Case(Case):
             self.v_cache[b, s_] = 0.0
         self.k8, self.k_scale = quantize_kv(self.k_cache)
         self.v8, self.v_scale = quantize_kv(self.v_cache)
+        # head-major pages, as the runtime's pool stores them: [blocks, bs, Hkv] views
+        self.k_scale, self.v_scale = (x.transpose(1, 2).contiguous().transpose(1, 2)
+                                      for x in (self.k_scale, self.v_scale))
         self.k = torch.full_like(self.k, NAN)
         self.v = torch.full_like(self.v, NAN)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """q, k, v (NaN), K/V values (E4M3) and scales, on the device."""
+        def scales(x: torch.Tensor) -> torch.Tensor:  # keeps the head-major strides
+            return x.transpose(1, 2).to(self.device).transpose(1, 2)
+
         return (self.dev(self.q), self.dev(self.k), self.dev(self.v), self.k8.to(self.device),
-                self.v8.to(self.device), self.k_scale.to(self.device),
-                self.v_scale.to(self.device))
+                self.v8.to(self.device), scales(self.k_scale), scales(self.v_scale))
 
     def reference(self, window: int | None) -> torch.Tensor:
         """float64 softmax attention of the dtype-rounded queries over the dequantized cache

@@ -42,9 +42,10 @@ class KVCache:
     point at it. `num_blocks` counts the usable blocks, ids 1..num_blocks.
 
     An FP8 pool (`dtype` float8_e4m3fn) also holds `scales` `[layers, 2, num_blocks + 1,
-    block_size, kv_heads]` float32, one per token and KV head (format: `kernels/kv_quant.py`).
+    kv_heads, block_size]` float32, one per token and KV head (format: `kernels/kv_quant.py`).
     Anything that moves a block's K/V must move its scales too. `layers[i]` is layer i's
-    `LayerKV` (views, no copies).
+    `LayerKV` (views, no copies); its scales are `[num_blocks + 1, block_size, kv_heads]`
+    views of the head-major storage.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
@@ -56,9 +57,11 @@ class KVCache:
                                 dtype=dtype, device=device)
         self.scales: torch.Tensor | None = None
         if dtype == KV_FP8_DTYPE:
-            self.scales = torch.zeros(num_layers, 2, num_blocks + 1, block_size, kv_heads,
+            # NOTE: head-major within a block: the attention kernels, one program per KV head,
+            # then read a page's scales as one contiguous run, not one float per 32-byte sector
+            self.scales = torch.zeros(num_layers, 2, num_blocks + 1, kv_heads, block_size,
                                       dtype=KV_SCALE_DTYPE, device=device)
-            s = self.scales
+            s = self.scales.transpose(-1, -2)  # [layers, 2, blocks + 1, block_size, kv_heads]
             self.layers = [LayerKV(self.data[i, 0], self.data[i, 1], s[i, 0], s[i, 1])
                            for i in range(num_layers)]
         else:
