@@ -149,10 +149,13 @@ def _check_write(t: int, hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype,
     kq, ks = quantize_kv(k[valid])
     flat_v = values[1].flatten(1, 2)  # [2, blocks * bs, Hkv, D]
     assert _same(flat_v[0, slots[valid]], kq) and _same(flat_s[0, slots[valid]], ks)
-    # ... and close to the reference's (their rotations differ by rounding)
+    # ... and close to the reference's: their rotations differ by about an ulp of the model
+    # dtype, which moves some values across an E4M3 rounding boundary (measured: bf16 1.5%,
+    # fp16 0.55%, fp32 1e-6)
     ref_k = dequantize_kv(ref_values[1, 0].flatten(0, 1)[slots[valid]],
                           ref_scales[1, 0].flatten(0, 1)[slots[valid]], torch.float64)
-    assert _rel(dequantize_kv(kq, ks, torch.float64), ref_k) < 2e-2
+    bound = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+    assert _rel(dequantize_kv(kq, ks, torch.float64), ref_k) < bound
     assert _rel(ref_k, k_ref[valid]) < 5e-2  # and E4M3 is near the rotated k itself
     assert torch.equal(v, qkv[:, (hq + hkv) * d:].view(t, hkv, d))
 
