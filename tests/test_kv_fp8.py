@@ -487,6 +487,28 @@ def test_engine_with_fp8_kv_cache_matches_fake_quant_transformers(
     assert res["tokens"].tolist() == tokens
 
 
+def test_prefix_reuse_reads_the_shared_blocks_with_their_scales() -> None:
+    """A prompt served twice: the second run reuses the first's full blocks (values and
+    scales, by block id) and decodes the same tokens as an engine without prefix caching."""
+    from trtdist.llm import DistributedLLM
+    from trtdist.sampling_params import SamplingParams
+
+    prompt = [(7 * i) % 250 + 3 for i in range(45)]  # two full blocks of 16 to reuse
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outs = []
+    for caching in (True, False):
+        with DistributedLLM("tiny", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=40,
+                            max_batch_size=4, enable_prefix_caching=caching) as llm:
+            first = llm.generate([prompt], params)[0].outputs[0].token_ids
+            assert llm.engine is not None
+            hits = llm.engine.allocator.prefix_hits
+            second = llm.generate([prompt], params)[0].outputs[0].token_ids
+            assert llm.engine.allocator.prefix_hits - hits == (2 if caching else 0)
+            assert second == first
+            outs.append(first)
+    assert outs[0] == outs[1]
+
+
 @pytest.mark.mpi
 def test_cli_flag_reaches_the_pool_and_the_bench_result() -> None:
     """`--kv-cache-dtype fp8` through the CLI: two pipeline stages, each with its own FP8
