@@ -202,18 +202,19 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
         qkv, qkv.stride(0), positions, positions.stride(0), cos_sin, cos_sin.stride(0),
         slot_mapping, slot_mapping.stride(0),
         k_cache, *k_cache.stride(), v_cache, *v_cache.stride(),
-        *_scale_args(k_scale), *_scale_args(v_scale),
+        *_scale_args(k_scale, k_cache), *_scale_args(v_scale, v_cache),
         HQ=q_heads, HKV=kv_heads, D=head_dim, HALF_PAD=half_pad, BLOCK_H=block_h,
         BLOCK_SIZE=k_cache.shape[1], KV_FP8=k_scale is not None,
         num_warps=2)  # 8 lanes a thread: 16-byte bf16 access
     return q, k, v
 
 
-def _scale_args(scale: torch.Tensor | None) -> tuple[object, int, int, int]:
-    """A scale tensor and its three strides; without one (a model-dtype cache) a placeholder
-    the kernel never touches (KV_FP8 is off)."""
+def _scale_args(scale: torch.Tensor | None, cache: torch.Tensor
+                ) -> tuple[torch.Tensor, int, int, int]:
+    """A scale tensor and its three strides; without one (a model-dtype cache) the cache
+    stands in, with zero strides: the kernel never touches it (KV_FP8 is off)."""
     if scale is None:
-        return None, 0, 0, 0
+        return cache, 0, 0, 0
     return scale, *scale.stride()
 
 
