@@ -2,6 +2,8 @@
 # One device call (METHOD.md: one script per call): install the checkout (no network there),
 # then run the named phases; logs and JSON land in $OUT, a short table is printed last.
 #   bash scripts/gpu_session.sh kernels model bench
+# phases: kernels attnbench attn profile fused equiv quick model bench step256 long fp8
+#         fp8long kvfp8 kvfp8long serve
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -117,6 +119,22 @@ for phase in "$@"; do
     fp8long)
       M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8"
       bench fp8_r1024x1000 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
+          --max-batch-size 1024
+      ;;
+    kvfp8)
+      # FP8 KV cache: kernel tests (compiled), the engine against fake-quant transformers,
+      # then the 1024 x 128/128 bench (compare with bench r1024 of the `bench` phase)
+      timeout 900 python3 -m pytest -q -rs tests/test_kv_fp8.py 2>&1 \
+          | tee "$OUT/kvfp8_tests.log" | tail -15
+      note "kvfp8 tests: $(tail -1 "$OUT/kvfp8_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --kv-cache-dtype fp8"
+      bench kvfp8_r1024 $M --num-requests 1024 --input-len 128 --output-len 128 \
+          --max-batch-size 1024
+      ;;
+    kvfp8long)
+      # where the bf16 pool runs out (compare with bench r1024x1000 of the `long` phase)
+      M="llama3-8b --dummy-weights --dtype bfloat16 --kv-cache-dtype fp8"
+      bench kvfp8_r1024x1000 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
           --max-batch-size 1024
       ;;
     serve)

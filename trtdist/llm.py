@@ -82,6 +82,9 @@ class DistributedLLM:
     FP8 checkpoint stays FP8).
     `scheduler_policy` is "max_utilization" (admit while blocks are free, preempt and
     recompute when full) or "guaranteed_no_evict" (admit only what can run to `max_tokens`).
+    `kv_cache_dtype` ('auto', 'fp8'): 'fp8' stores the KV cache in E4M3 with one scale per
+    token and KV head (about twice the tokens in the same memory; on CUDA it needs compute
+    capability >= 8.9); 'auto' keeps the model's dtype.
 
     A rank that sends no heartbeat for `worker_timeout` seconds is reported to
     `on_rank_failure(rank, seconds)` on the leader; by default the whole world is aborted
@@ -99,7 +102,7 @@ class DistributedLLM:
                  cuda_graph_batch_sizes: Sequence[int] | None = None,
                  attention_backend: str = "auto", quant: str = "auto",
                  scheduler_policy: str = "max_utilization",
-                 worker_timeout: float = 10.0,
+                 kv_cache_dtype: str = "auto", worker_timeout: float = 10.0,
                  on_rank_failure: Callable[[int, float], None] | None = None) -> None:
         self.options = RankOptions(
             tp_size=tp_size, pp_size=pp_size, dtype=dtype, device=device, block_size=block_size,
@@ -110,7 +113,7 @@ class DistributedLLM:
             verify_checksums=verify_checksums, seed=seed, enforce_eager=enforce_eager,
             cuda_graph_batch_sizes=(tuple(cuda_graph_batch_sizes)
                                     if cuda_graph_batch_sizes is not None else None),
-            attention_backend=attention_backend, quant=quant)
+            attention_backend=attention_backend, quant=quant, kv_cache_dtype=kv_cache_dtype)
         engine_config = EngineConfig(max_batch_size, max_num_tokens, max_model_len,
                                      enable_prefix_caching, overlap, scheduler_policy)
         source = resolve_model(model, dummy_weights)

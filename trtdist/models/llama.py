@@ -6,6 +6,7 @@ Stage 0 also owns the embedding; the last stage owns the final norm and the LM h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from trtdist.comm.base import Communicator
 from trtdist.config import ModelConfig
 from trtdist.kernels.activation import silu_and_mul
-from trtdist.kernels.attention import AttentionBackend, TorchAttentionBackend
+from trtdist.kernels.attention import AttentionBackend, LayerKV, TorchAttentionBackend
 from trtdist.kernels.fp8_fused import rms_norm_quant_triton, silu_and_mul_quant_triton
 from trtdist.kernels.norm import add_rms_norm, rms_norm
 from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
@@ -81,16 +82,15 @@ class LlamaAttention(nn.Module):
         self.o = RowParallelLinear(self.q_size, cfg.hidden_size, cfg.o_bias, dtype, device, tp,
                                    quant)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv: LayerKV,
+                ctx: StepContext) -> torch.Tensor:
         t = x.shape[0]
-        k_cache, v_cache = kv_cache
         # Rotary on q and k, and the write of k and v into the paged cache, in one op.
         q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
-                                   self.kv_heads, self.head_dim, k_cache, v_cache,
-                                   ctx.slot_mapping)
-        o = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale,
-                                self.window)  # [T, Hq, D]
+                                   self.kv_heads, self.head_dim, kv.k, kv.v, ctx.slot_mapping,
+                                   k_scale=kv.k_scale, v_scale=kv.v_scale)
+        o = ctx.backend.forward(q, k, v, kv.k, kv.v, ctx.meta, self.scale, self.window,
+                                k_scale=kv.k_scale, v_scale=kv.v_scale)  # [T, Hq, D]
         return self.o(o.reshape(t, self.q_size))
 
 
@@ -128,8 +128,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, mapping, tp, dtype, device, quant)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: LayerKV, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream travels beside the layer output (vLLM style): the add that
         closes one block is fused with the norm that opens the next."""
         x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv)
@@ -168,7 +167,7 @@ class LlamaStage(nn.Module):
         return StepContext(positions, slot_mapping, meta, self.attention_backend)
 
     def forward(self, tokens_or_hidden: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                kv_caches: Sequence[LayerKV],
                 ctx: StepContext) -> torch.Tensor:
         """Stage 0 takes token ids `[T]`; later stages take hidden states `[T, hidden]`.
         Returns hidden states `[T, hidden]`: after the final norm on the last stage, else
