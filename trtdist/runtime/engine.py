@@ -207,8 +207,8 @@ class LLMEngine:
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Launch batches until the pipeline is full, then finish the oldest one. Returns the
-        outputs of every request that produced tokens or finished in this step (only those
-        that finished with `finished_only`: snapshots of running requests cost O(length))."""
+        outputs of the requests that produced tokens or finished in this step, as each one's
+        `output_kind` asks (only of those that finished with `finished_only`)."""
         start = time.perf_counter()
         while len(self.in_flight) < self.pipeline_depth:
             batch = self.scheduler.schedule()
