@@ -172,14 +172,16 @@ def test_a_delta_stream_copies_a_constant_number_of_items_per_step(tmp_path: Pat
         engine.add_request("d", [rng.randrange(5, 384) for _ in range(3)], SamplingParams(
             max_tokens=8000, temperature=0.0, ignore_eos=True, stop=stops, logprobs=1,
             output_kind="delta"))
-        copied, decoded, emitted = [], [], 0
+        copied, decoded, emitted, longest = [], [], 0, 0
         while engine.has_unfinished:
             c0, d0 = engine.stats["copied_output_items"], engine.stats["detokenized_tokens"]
             for out in engine.step():
                 emitted += sum(len(c.token_ids) for c in out.outputs)
+                longest = max(longest, *(len(c.text) for c in out.outputs))
             copied.append(engine.stats["copied_output_items"] - c0)
             decoded.append(engine.stats["detokenized_tokens"] - d0)
         assert emitted == 8000 and len(copied) >= 8000
+        assert longest <= 64  # a delta's text: a few tokens' worth, never the whole output
         first, last = copied[1:1001], copied[-1000:]  # copied[0]: the prefill step
         assert max(last) <= max(first) <= 2 * 8  # a few tokens held back, with their logprobs
         assert sum(last) <= sum(first) * 1.05
