@@ -362,6 +362,8 @@ class LLMEngine:
             start = req.sent[i]
             text = s.detok.take_delta(finished=done) if s.detok is not None else ""
             new = s.num_output > start
+            # NOTE: tokens without text still go out when their logprobs are wanted, or when
+            # there is no tokenizer (no text at all): clients see the tokens arrive as they do
             wants_tokens = s.params.logprobs is not None or self.tokenizer is None
             if not (text or done or (new and wants_tokens)):
                 continue  # e.g. the text is held back: these tokens go out next time
