@@ -191,8 +191,10 @@ class DistributedLLM:
     def stream(self, prompts: Prompt | Sequence[Prompt],
                params: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:
-        """Yield a `RequestOutput` snapshot each time a request gains tokens or finishes.
-        Closing the iterator early aborts the requests still running."""
+        """Yield a `RequestOutput` each time a request gains tokens or finishes: a snapshot
+        (`output_kind` "cumulative", the default), what is new since its previous output
+        ("delta"), or only the final one ("final_only"). Closing the iterator early aborts
+        the requests still running."""
         engine = self._engine()
         pending = set(self._add(prompts, params))
         try:
@@ -211,7 +213,8 @@ class DistributedLLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of `prompts`."""
+        """Run every prompt to completion; outputs come back in the order of `prompts`, each
+        the whole result whatever `output_kind` (a request's only output holds all of it)."""
         final: dict[str, RequestOutput] = {}
         order: list[str] = []
         engine = self._engine()
