@@ -171,6 +171,7 @@ def test_small_m_gemm_configs_interpreter(cfg: Fp8GemmConfig, n: int, k: int,
 
 def test_config_table_lookup_and_json(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     gemv = Fp8GemmConfig("gemv", 4, 16, 512, split_k=4, num_warps=8)
+    monkeypatch.setattr(fp8_gemm_configs, "TUNED", {})
     monkeypatch.setattr(fp8_gemm_configs, "CONFIGS", {(4, 6144, 4096): gemv})
     assert fp8_gemm_configs.lookup(3, 6144, 4096) == gemv  # bucket 4
     assert fp8_gemm_configs.lookup(4, 6144, 4096) == gemv
