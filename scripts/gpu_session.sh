@@ -177,6 +177,18 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8_r1024x1000gne $M --output-len 1000 --max-batch-size 1024 --quant fp8 \
           --scheduler-policy guaranteed_no_evict ${LONG_EXTRA:-}
       ;;
+    fp8tests)  # the FP8 GPU tests, failures named
+      timeout ${FP8_TEST_TIMEOUT:-300} python3 -m pytest -q -rf -m gpu tests/test_fp8.py \
+          tests/test_fp8_kernels.py tests/test_fp8_fused.py 2>&1 | tee "$OUT/fp8_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "fp8 tests: $(tail -1 "$OUT/fp8_tests.log")"
+      ;;
+    fp8profile)
+      timeout 300 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 32 \
+          --quant fp8 --output "$OUT/profile_fp8_1.json" > "$OUT/profile_fp8_1.log" 2>&1
+      note "profile fp8 b1: $(tail -1 "$OUT/profile_fp8_1.log")"
+      grep -A22 "^kernel " "$OUT/profile_fp8_1.log" | head -23
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
