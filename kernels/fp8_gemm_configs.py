@@ -79,18 +79,12 @@ DEFAULT_DOT = Fp8GemmConfig()
 # NOTE: (M bucket, N, K) -> config. Filled from `scripts/tune_fp8_gemm.py` on an H200; an
 # entry serves every M of its bucket (M rounded up to a power of two).
 # Measured 2026-11-23 on an H200 (copy 4,203 GB/s): scripts/tune_fp8_gemm.py --budget-s 170.
+# NOTE: the tuner's split-K 'dot_swap' picks (down at M = 1: 18.0 us; o at M = 2-16: 7.9 us)
+# are left out: on the H200 the GPU tests found them wrong (down, M = 1: 4% relative error
+# after graph replay, 1e-3 in float32 out against 1e-5 for every other path). Those shapes
+# take the default tile until that is understood.
 TUNED: dict[tuple[int, int, int], Fp8GemmConfig] = {
     (1, 4096, 4096): Fp8GemmConfig('gemv', 1, 8, 1024, 1, 4, 1, False, True, True),  # 7.8 us, 51%
-    # 7.9 us, 50%
-    (2, 4096, 4096): Fp8GemmConfig('dot_swap', 16, 64, 256, 2, 4, 4, True, False, False),
-    # 7.9 us, 50%
-    (4, 4096, 4096): Fp8GemmConfig('dot_swap', 16, 64, 256, 2, 4, 4, True, False, False),
-    # 7.9 us, 50%
-    (8, 4096, 4096): Fp8GemmConfig('dot_swap', 16, 64, 256, 2, 4, 4, True, False, False),
-    # 8.0 us, 50%
-    (16, 4096, 4096): Fp8GemmConfig('dot_swap', 16, 64, 256, 2, 4, 4, True, False, False),
-    # 18.0 us, 77%
-    (1, 4096, 14336): Fp8GemmConfig('dot_swap', 16, 128, 256, 4, 4, 3, True, False, False),
     # 18.5 us, 75%
     (2, 4096, 14336): Fp8GemmConfig('dot', 16, 32, 256, 4, 4, 4, True, False, False),
     # 18.7 us, 74%

@@ -45,6 +45,28 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+def _same_kv(q: torch.Tensor, s: torch.Tensor, ref_q: torch.Tensor, ref_s: torch.Tensor) -> bool:
+    """E4M3 codes and their scales as the reference wrote them, NaN where NaN. On CPU bit for
+    bit. NOTE: on CUDA torch divides by a scalar as a multiply by its reciprocal, so its
+    amax / 448 differed from the kernel's IEEE division in the last bit or two (H200,
+    2026-11-23): there scales must agree within a few ulp, and an FP8 code may then move by
+    one step, rarely (the same allowance as the activation quantization's test)."""
+    if not q.is_cuda:
+        return _same(q, ref_q) and _same(s, ref_s)
+    nan_q, nan_s = q.float().isnan(), s.isnan()
+    if not (torch.equal(nan_q, ref_q.float().isnan()) and torch.equal(nan_s, ref_s.isnan())):
+        return False
+    if not torch.allclose(s[~nan_s], ref_s[~nan_s], rtol=1e-6, atol=0):
+        return False
+    codes = q.view(torch.uint8)[~nan_q].int()
+    ref_codes = ref_q.view(torch.uint8)[~nan_q].int()
+    if codes.numel() == 0:
+        return True
+    # a one-step move of a code is one unit in its magnitude bits (same sign)
+    diff = (codes - ref_codes).abs()
+    return bool(diff.max() <= 1) and float((diff > 0).float().mean()) < 1e-2
+
+
 # ------------------------------------------------------------------------------------------
 # format
 
@@ -136,8 +158,8 @@ def _check_write(t: int, hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype,
     _, k, v = rotary_and_cache_triton(qkv, positions, cos_sin, hq, hkv, d, values[1, 0],
                                       values[1, 1], slots, k_scale=scales[1, 0],
                                       v_scale=scales[1, 1])
-    # V (not rotated: the same input) bit-equal, values and scales; untouched slots NaN
-    assert _same(values[1, 1], ref_values[1, 1]) and _same(scales[1, 1], ref_scales[1, 1])
+    # V (not rotated: the same input) as the reference wrote it; untouched slots NaN
+    assert _same_kv(values[1, 1], scales[1, 1], ref_values[1, 1], ref_scales[1, 1])
     assert values[0].float().isnan().all() and scales[0].isnan().all()
     valid = slots >= 0
     flat_s = scales[1].flatten(1, 2)  # [2, blocks * bs, Hkv]
@@ -148,7 +170,7 @@ def _check_write(t: int, hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype,
     # K: exactly the reference quantization of the kernel's own rotated k (model dtype) ...
     kq, ks = quantize_kv(k[valid])
     flat_v = values[1].flatten(1, 2)  # [2, blocks * bs, Hkv, D]
-    assert _same(flat_v[0, slots[valid]], kq) and _same(flat_s[0, slots[valid]], ks)
+    assert _same_kv(flat_v[0, slots[valid]], flat_s[0, slots[valid]], kq, ks)
     # ... and close to the reference's: their rotations differ by about an ulp of the model
     # dtype, which moves some values across an E4M3 rounding boundary (measured: bf16 1.5%,
     # fp16 0.55%, fp32 1e-6)
