@@ -21,6 +21,9 @@ Contract shared by both (the runtime relies on it):
 - Under CUDA-graph capture `forward` must launch a fixed amount of work whatever the
   lengths: `prepare_for_capture` gives metadata whose host-side maxima are the bucket's
   upper bounds (`max_seq_len` = max_model_len), and the kernels mask what lies beyond.
+- An FP8 cache (`--kv-cache-dtype fp8`) comes with `k_scale` / `v_scale` (format:
+  `kv_quant.py`); attention is then exact to the dequantized cache values, the new tokens'
+  K/V included (read back from the cache, not from the packed `k` / `v`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,17 @@ class AttentionInputs:
     seq_lens_host: tuple[int, ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LayerKV:
+    """One layer's share of the paged KV pool, as the layer hands it to the KV write and to
+    its attention backend. Scales only for an FP8 cache."""
+
+    k: torch.Tensor  # [num_blocks, block_size, Hkv, D], model dtype or float8_e4m3fn
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None  # [num_blocks, block_size, Hkv] float32 (FP8 only)
+    v_scale: torch.Tensor | None = None
+
+
 class AttentionBackend(Protocol):
     name: str
 
@@ -72,9 +86,11 @@ class AttentionBackend(Protocol):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: object, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, *, k_scale: torch.Tensor | None = None,
+                v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """q `[T, Hq, D]`, k/v `[T, Hkv, D]` (already in the cache), caches
-        `[num_blocks, block_size, Hkv, D]` -> `[T, Hq, D]`."""
+        `[num_blocks, block_size, Hkv, D]` (FP8: with scales `[num_blocks, block_size,
+        Hkv]`) -> `[T, Hq, D]`."""
         ...
 
 
@@ -100,11 +116,12 @@ class TorchAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: object, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, *, k_scale: torch.Tensor | None = None,
+                v_scale: torch.Tensor | None = None) -> torch.Tensor:
         assert isinstance(meta, AttentionMetadata)
-        if meta.is_decode:
-            return paged_decode_torch(q, k_cache, v_cache, meta, scale, sliding_window)
-        return paged_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
+        fn = paged_decode_torch if meta.is_decode else paged_attention_torch
+        return fn(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
+                  v_scale=v_scale)
 
 
 def default_backend(device: torch.device, name: str = "auto") -> AttentionBackend:

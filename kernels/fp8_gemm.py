@@ -9,18 +9,22 @@ tuned for large M and reads the weight inefficiently there. Here:
   row (M * K reads per program, ~2x the weight traffic at M = 16, K = 14336), so one small
   launch first is cheaper.
 - `_fp8_gemm_kernel`: grid (cdiv(N, BLOCK_N), SPLIT_K); each program owns BLOCK_N output
-  channels and one K slice; M is padded to 16 (masked loads) so the product is a `tl.dot`
-  (FP8 x FP8 -> float32 on compute capability >= 8.9, products exact; float16 operands in the
-  interpreter: E4M3 values are exact in float16). Per-token and per-channel scales (and the
+  channels and one K slice. Its launch (mode, tile, split, warps, stages) comes from the
+  table of `kernels/fp8_gemm_configs.py` keyed by (M bucket, N, K), tuned per GPU by
+  `scripts/tune_fp8_gemm.py`. Modes: `dot` pads M to BLOCK_M (masked loads) so the product
+  is a `tl.dot` (FP8 x FP8 -> float32 on compute capability >= 8.9, products exact; float16
+  operands in the interpreter: E4M3 values are exact in float16); `dot_swap` puts the weight
+  on the MMA's M side; `gemv` (M <= 4) uses no MMA: wide weight loads dequantized in
+  registers, float32 FMAs, a reduction along K. Per-token and per-channel scales (and the
   bias) are applied in the epilogue in float32, then one rounding to the output dtype.
-- split-K: when N / BLOCK_N programs would not cover ~2 waves of SMs, K is split and each
-  slice writes float32 partials to a cached workspace `[SPLIT_K, 16, N]`. With SPLITK_FIXUP
-  (default) the last slice program of each N block to finish (an atomic counter per block,
-  reset by that program) sums the partials in a fixed order and applies the epilogue;
-  otherwise `_splitk_epilogue`, a second launch, does. Both are deterministic and need no
-  memset. Workspaces and counters are allocated once per (device, N[, SPLIT_K]) and kept: no
-  allocation beyond the output per call, so the path is CUDA-graph capturable (no host syncs
-  either).
+- split-K: when N / BLOCK_N programs would not cover ~2 waves of SMs (or as the config
+  says), K is split and each slice writes float32 partials to a cached workspace
+  `[SPLIT_K, BLOCK_M, N]`. With SPLITK_FIXUP (default) the last slice program of each N
+  block to finish (an atomic counter per block, reset by that program) sums the partials in
+  a fixed order and applies the epilogue; otherwise `_splitk_epilogue`, a second launch,
+  does. Both are deterministic and need no memset. Workspaces (per device, N, SPLIT_K,
+  BLOCK_M) and counters (per device, N, BLOCK_N) are allocated once and kept: no allocation
+  beyond the output per call, so the path is CUDA-graph capturable (no host syncs either).
 """
 
 from __future__ import annotations
@@ -28,23 +32,24 @@ from __future__ import annotations
 import logging
 
 import torch
+from trtdist.kernels import fp8_gemm_configs as _cfg
 from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import tl, triton
+from trtdist.kernels.fp8_gemm_configs import Fp8GemmConfig
 from trtdist.kernels.fp8_quant import FP8_DTYPE, quantize_activation_triton
 
 # NOTE: up to 16 rows one tl.dot tile covers M, so the weight is read exactly once; above,
 # the GEMM starts to be compute-shaped and cuBLASLt (`torch._scaled_mm`) is the better choice.
 SMALL_M_MAX = 16
-_BLOCK_M = 16
-_BLOCK_N = 64
-_BLOCK_K = 256
+KERNEL_M_MAX = 32  # what the kernel takes (with a block_m 32 config: tuning)
+_MODE_IDS = {"dot": 0, "dot_swap": 1, "gemv": 2}
 _log = logging.getLogger("trtdist")
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # NOTE: split-K reduction: True = in the GEMM (the last program of each N block, counted by an
 # atomic: one launch less); False = a second kernel (`_splitk_epilogue`). Both are tested.
 SPLITK_FIXUP = True
-_workspaces: dict[tuple[torch.device, int, int], torch.Tensor] = {}
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+_workspaces: dict[tuple[torch.device, int, int, int], torch.Tensor] = {}
+_counters: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 _sm_counts: dict[torch.device, int] = {}
 # NOTE: per device, whether the FP8 x FP8 tl.dot compiled; set False after a compile failure
 # (the float16-operand dot is then used: same numbers, more conversion work).
@@ -62,11 +67,48 @@ def fp8_gemm_torch(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torc
 
 
 @_jit
+def _load_w(w_ptrs, mask_n, cols, K, EVEN_K: tl.constexpr, valid):
+    """gemv: one E4M3 weight tile `[BN, BK]` (columns `cols`), zeros where masked or not
+    `valid`; streamed once, so it should not push the activations out of L2."""
+    mask = mask_n[:, None] & valid
+    if not EVEN_K:
+        mask = mask & (cols < K)[None, :]
+    return tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+
+
+@_jit
+def _gemv_step(acc, w, x_ptrs, mask, K_ACC: tl.constexpr, X_2D: tl.constexpr):
+    """gemv: one token row's products with the dequantized weight tile `w [BN, BK]`."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if X_2D:
+        prod = w * x  # [BN, BK]
+    else:
+        prod = w * x[None, :]
+    if K_ACC:
+        return acc + prod
+    else:
+        return acc + tl.sum(prod, axis=1)
+
+
+@_jit
+def _row_sum(acc, K_ACC: tl.constexpr):
+    """gemv: one row's accumulator -> its [BLOCK_N] sums."""
+    if K_ACC:
+        return tl.sum(acc, axis=1)
+    else:
+        return acc
+
+
+@_jit
 def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
                      M, N, K, stride_xm, stride_wn, stride_om,
                      K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                      FIXUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP8: tl.constexpr,
+                     MODE: tl.constexpr, K_ACC: tl.constexpr, X_2D: tl.constexpr,
+                     PREFETCH: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), SPLIT_K). MODE 0: tl.dot(x, w^T); 1: tl.dot(w, x^T) (swapped);
+    2: gemv (no MMA; BLOCK_M <= 4 accumulators of [BLOCK_N, BLOCK_K] or [BLOCK_N])."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -75,23 +117,90 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
     mask_m = rm < M
     mask_n = rn < N
     k_start = pid_k * K_PER_SPLIT
-    x_ptrs = xq_ptr + rm[:, None] * stride_xm + (k_start + rk)[None, :]  # [BM, BK]
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (k_start + rk)[None, :]  # [BN, BK]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+    if MODE == 2:
+        # NOTE: one accumulator per token row, all in the weight tile's layout (no layout
+        # conversion in the loop); rows past M load zeros. K_ACC keeps the elementwise
+        # products' sums [BN, BK] and reduces along K once at the end (no shuffles in the
+        # loop, more registers); otherwise each step reduces to [BN].
+        if X_2D:
+            # NOTE: x rows loaded as [BN, BK] broadcasts (stride 0 along N, L1 hits) land in
+            # the weight tile's layout; a [BK] load would be converted through shared memory
+            # (a barrier) every step.
+            x_ptrs = xq_ptr + (k_start + rk)[None, :] + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
         else:
-            mask_k = k_start + k0 + rk < K
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if DOT_FP8:
-            acc = tl.dot(x, tl.trans(w), acc)
+            x_ptrs = xq_ptr + k_start + rk  # [BK] of row 0
+        if K_ACC:
+            acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         else:
-            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+            acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if BLOCK_M > 1:
+            acc1 = tl.zeros_like(acc0)
+        if BLOCK_M > 2:
+            acc2 = tl.zeros_like(acc0)
+            acc3 = tl.zeros_like(acc0)
+        if PREFETCH:
+            w_next = _load_w(w_ptrs, mask_n, k_start + rk, K, EVEN_K, True)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            if EVEN_K:
+                mask_k = rk < BLOCK_K
+            else:
+                mask_k = k_start + k0 + rk < K
+            if PREFETCH:
+                # NOTE: Triton does not pipeline loads that feed no tl.dot: the next tile's
+                # load is issued here, before this tile's math, so two tiles are in flight
+                # per program (16 more registers for a [16, 512] E4M3 tile at 4 warps).
+                w_raw = w_next
+                w_next = _load_w(w_ptrs + BLOCK_K, mask_n, k_start + k0 + BLOCK_K + rk, K,
+                                 EVEN_K, k0 + BLOCK_K < K_PER_SPLIT)
+            else:
+                w_raw = _load_w(w_ptrs, mask_n, k_start + k0 + rk, K, EVEN_K, True)
+            w = w_raw.to(tl.float32)
+            if X_2D:
+                mask_x = mask_k[None, :]
+            else:
+                mask_x = mask_k
+            acc0 = _gemv_step(acc0, w, x_ptrs, mask_x, K_ACC, X_2D)
+            if BLOCK_M > 1:
+                acc1 = _gemv_step(acc1, w, x_ptrs + stride_xm, mask_x & (M > 1), K_ACC, X_2D)
+            if BLOCK_M > 2:
+                acc2 = _gemv_step(acc2, w, x_ptrs + 2 * stride_xm, mask_x & (M > 2), K_ACC,
+                                  X_2D)
+                acc3 = _gemv_step(acc3, w, x_ptrs + 3 * stride_xm, mask_x & (M > 3), K_ACC,
+                                  X_2D)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc = tl.where(rm[:, None] == 0, _row_sum(acc0, K_ACC)[None, :], 0.0)  # [BM, BN]
+        if BLOCK_M > 1:
+            acc = tl.where(rm[:, None] == 1, _row_sum(acc1, K_ACC)[None, :], acc)
+        if BLOCK_M > 2:
+            acc = tl.where(rm[:, None] == 2, _row_sum(acc2, K_ACC)[None, :], acc)
+            acc = tl.where(rm[:, None] == 3, _row_sum(acc3, K_ACC)[None, :], acc)
+    else:
+        x_ptrs = xq_ptr + rm[:, None] * stride_xm + (k_start + rk)[None, :]  # [BM, BK]
+        if MODE == 1:
+            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+            else:
+                mask_k = k_start + k0 + rk < K
+                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if not DOT_FP8:
+                x = x.to(tl.float16)
+                w = w.to(tl.float16)
+            if MODE == 1:
+                acc_t = tl.dot(w, tl.trans(x), acc_t)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if MODE == 1:
+            acc = tl.trans(acc_t)
     mask = mask_m[:, None] & mask_n[None, :]
     last = True
     if SPLIT_K > 1:
@@ -152,53 +261,40 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_split_k(n: int, k: int, sm_count: int) -> int:
-    """Split K until the grid holds about two programs per SM, keeping >= 4 BLOCK_K steps per
-    split (each slice must stream enough weight to pipeline its loads)."""
-    blocks_n = -(-n // _BLOCK_N)
-    k_steps = -(-k // _BLOCK_K)
-    split = 1
-    while blocks_n * split < 2 * sm_count and k_steps // (split * 2) >= 4:
-        split *= 2
-    return split
+    """The default tile's split (kept for callers of the first version): see
+    `fp8_gemm_configs.choose_split_k`."""
+    return _cfg.choose_split_k(n, k, sm_count)
 
 
-def _workspace(device: torch.device, n: int, split: int) -> torch.Tensor:
-    key = (device, n, split)
+def _workspace(device: torch.device, n: int, split: int, block_m: int) -> torch.Tensor:
+    key = (device, n, split, block_m)
     ws = _workspaces.get(key)
     if ws is None:
         # NOTE: kept for the life of the process: a CUDA graph captured with it keeps its address.
         # Layers of one shape share it, which is safe while one stream runs a forward at a time
         # (trtdist's executor); the partials are consumed by the next launch on that stream.
-        ws = torch.empty((split * _BLOCK_M, n), dtype=torch.float32, device=device)
+        ws = torch.empty((split * block_m, n), dtype=torch.float32, device=device)
         _workspaces[key] = ws
     return ws
 
 
-def _counter(device: torch.device, n: int) -> torch.Tensor:
+def _counter(device: torch.device, n: int, block_n: int) -> torch.Tensor:
     """Per N block, how many split-K programs have finished; zero between calls (the last
     program resets it), so layers of one N share it."""
-    key = (device, n)
+    key = (device, n, block_n)
     cnt = _counters.get(key)
     if cnt is None:
-        cnt = torch.zeros(-(-n // _BLOCK_N), dtype=torch.int32, device=device)
+        cnt = torch.zeros(-(-n // block_n), dtype=torch.int32, device=device)
         _counters[key] = cnt
     return cnt
 
 
-def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
-                     bias: torch.Tensor | None, out_dtype: torch.dtype, *,
-                     out: torch.Tensor | None = None, split_k: int | None = None,
-                     dot_fp8: bool | None = None, fixup: bool | None = None) -> torch.Tensor:
-    """`xq [M, K]` E4M3 with `xs [M, 1]` float32, `w [N, K]` E4M3 with `ws [N]` float32,
-    `bias [N]` or None -> `[M, N]` in `out_dtype` (a new tensor, or `out`), for
-    M <= SMALL_M_MAX. `split_k`, `dot_fp8` and `fixup` (split-K reduction in the GEMM, else in
-    a second kernel; default SPLITK_FIXUP) override the automatic choices (tests, benchmarks)."""
-    if triton is None:
-        raise RuntimeError("fp8_gemm_small_m needs triton, which is not installed")
+def _check(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+           bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
     m, k = xq.shape
     n = w.shape[0]
-    if m > SMALL_M_MAX:
-        raise ValueError(f"fp8_gemm_small_m: M = {m} rows, at most {SMALL_M_MAX} allowed")
+    if m > KERNEL_M_MAX:
+        raise ValueError(f"fp8_gemm_small_m: M = {m} rows, at most {KERNEL_M_MAX} allowed")
     if xq.dtype != FP8_DTYPE or w.dtype != FP8_DTYPE or w.shape[1] != k:
         raise ValueError(f"fp8_gemm_small_m: want xq [M, K] and w [N, K] float8_e4m3fn, got "
                          f"{tuple(xq.shape)} {xq.dtype} and {tuple(w.shape)} {w.dtype}")
@@ -216,6 +312,27 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"fp8_gemm_small_m: out_dtype must be float16, bfloat16 or float32, "
                          f"got {out_dtype}")
+
+
+def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, *,
+                     out: torch.Tensor | None = None, config: Fp8GemmConfig | None = None,
+                     split_k: int | None = None, dot_fp8: bool | None = None,
+                     fixup: bool | None = None) -> torch.Tensor:
+    """`xq [M, K]` E4M3 with `xs [M, 1]` float32, `w [N, K]` E4M3 with `ws [N]` float32,
+    `bias [N]` or None -> `[M, N]` in `out_dtype` (a new tensor, or `out`), for
+    M <= KERNEL_M_MAX. `config` (default: the table of `fp8_gemm_configs` for (M, N, K)),
+    `split_k`, `dot_fp8` and `fixup` (split-K reduction in the GEMM, else in a second kernel;
+    default SPLITK_FIXUP) override the automatic choices (tests, tuning)."""
+    if triton is None:
+        raise RuntimeError("fp8_gemm_small_m needs triton, which is not installed")
+    _check(xq, xs, w, ws, bias, out_dtype)
+    m, k = xq.shape
+    n = w.shape[0]
+    cfg = config if config is not None else _cfg.lookup(m, n, k)
+    if m > cfg.block_m:
+        raise ValueError(f"fp8_gemm_small_m: config block_m = {cfg.block_m} cannot hold "
+                         f"M = {m} rows")
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(-1) != 1:
@@ -223,30 +340,35 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
                          f"last stride, got {tuple(out.shape)} {out.dtype} {tuple(out.stride())}")
     if m == 0 or n == 0:
         return out
-    split = split_k if split_k is not None else choose_split_k(n, k, _sm_count(xq.device))
-    k_steps = -(-k // _BLOCK_K)
-    split = max(1, min(split, k_steps))
-    k_per_split = -(-k_steps // split) * _BLOCK_K
+    bk = cfg.block_k
+    if split_k is None:
+        split_k = cfg.split_k or _cfg.choose_split_k(n, k, _sm_count(xq.device), cfg.block_n,
+                                                     bk)
+    k_steps = -(-k // bk)
+    split = max(1, min(split_k, k_steps))
+    k_per_split = -(-k_steps // split) * bk
     split = -(-k // k_per_split)  # no empty slices
+    mode = _MODE_IDS[cfg.mode]
     auto_dot = dot_fp8 is None
     if auto_dot:
         _sm_count(xq.device)
         dot_fp8 = _dot_fp8_ok.get(xq.device, False)
     fixup = SPLITK_FIXUP if fixup is None else fixup
-    part = _workspace(xq.device, n, split) if split > 1 else out
-    cnt = _counter(xq.device, n) if split > 1 and fixup else xs  # unused unless FIXUP
+    part = _workspace(xq.device, n, split, cfg.block_m) if split > 1 else out
+    cnt = _counter(xq.device, n, cfg.block_n) if split > 1 and fixup else xs  # FIXUP only
     b = bias if bias is not None else ws  # unused when HAS_BIAS is False
-    grid = (triton.cdiv(n, _BLOCK_N), split)
+    grid = (triton.cdiv(n, cfg.block_n), split)
     args = (xq, xs, w, ws, b, out, part, cnt, m, n, k, xq.stride(0), w.stride(0),
             out.stride(0))
     consts = dict(K_PER_SPLIT=k_per_split, SPLIT_K=split, EVEN_K=k_per_split * split == k,
-                  FIXUP=fixup,
-                  HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
-                  BLOCK_K=_BLOCK_K, num_warps=4, num_stages=4)
+                  FIXUP=fixup, HAS_BIAS=bias is not None, MODE=mode, K_ACC=cfg.k_acc,
+                  X_2D=cfg.x_2d, PREFETCH=cfg.prefetch,
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     try:
         _fp8_gemm_kernel[grid](*args, DOT_FP8=dot_fp8, **consts)
     except Exception as e:  # noqa: BLE001 - e.g. a Triton build without FP8 MMA for this GPU
-        if not (auto_dot and dot_fp8):
+        if not (auto_dot and dot_fp8 and cfg.mode != "gemv"):
             raise
         _log.warning("fp8_gemm: the FP8 tl.dot failed to compile (%s); using float16 "
                      "operands", e)
@@ -256,7 +378,7 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
         block = min(triton.next_power_of_2(n), 1024)
         _splitk_epilogue[(m, triton.cdiv(n, block))](
             part, xs, ws, b, out, n, out.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
-            BLOCK_M=_BLOCK_M, BLOCK=block, num_warps=4)
+            BLOCK_M=cfg.block_m, BLOCK=block, num_warps=4)
     return out
 
 

@@ -5,6 +5,9 @@ A sequence's tokens live in the blocks its block table lists, in order. One step
 packed batch: sequence i contributes `query_lens[i]` new tokens (a prefill chunk, or 1 for
 decode) whose K/V are first written into the cache, then every new token attends to all of
 its sequence's cached tokens up to and including itself.
+
+An FP8 cache (float8_e4m3fn values with per token-head scales `[num_blocks, block_size,
+kv_heads]`, see `kv_quant.py`) is dequantized to the query's dtype as it is gathered.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from trtdist.kernels.kv_quant import dequantize_kv
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +44,19 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
-    # [nb, bs, H, D] -> [length, H, D]
-    return cache[blocks].flatten(0, 1)[:length]
+def _gather(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor, length: int,
+            dtype: torch.dtype) -> torch.Tensor:
+    # [nb, bs, H, D] -> [length, H, D], dequantized (FP8) to `dtype`
+    values = cache[blocks].flatten(0, 1)[:length]
+    return dequantize_kv(values, None if scale is None else scale[blocks].flatten(0, 1)[:length],
+                         dtype)
 
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           meta: AttentionMetadata, scale: float,
-                          sliding_window: int | None = None) -> torch.Tensor:
+                          sliding_window: int | None = None, *,
+                          k_scale: torch.Tensor | None = None,
+                          v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D]. Reads K/V (already written) from the paged cache."""
     q_heads, kv_heads = q.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
@@ -57,8 +66,8 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     for i, (n, ctx) in enumerate(zip(meta.query_lens_host, meta.context_lens_host)):
         nb = -(-ctx // bs)
         blocks = meta.block_tables[i, :nb].long()
-        k = _gather(k_cache, blocks, ctx)  # [ctx, Hkv, D]
-        v = _gather(v_cache, blocks, ctx)
+        k = _gather(k_cache, k_scale, blocks, ctx, q.dtype)  # [ctx, Hkv, D]
+        v = _gather(v_cache, v_scale, blocks, ctx, q.dtype)
         if group > 1:
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
@@ -77,15 +86,23 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        meta: AttentionMetadata, scale: float,
-                       sliding_window: int | None = None) -> torch.Tensor:
+                       sliding_window: int | None = None, *,
+                       k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Decode only (one query token per sequence), batched: one gather and one SDPA for the
     whole batch instead of a loop over sequences. q: [S, Hq, D] -> [S, Hq, D]."""
     s, q_heads, d = q.shape
     kv_heads = k_cache.shape[2]
     tables = meta.block_tables.long()  # [S, max_blocks]
     length = tables.shape[1] * meta.block_size
-    k = k_cache[tables].view(s, length, kv_heads, d).transpose(1, 2)  # [S, Hkv, L, D]
-    v = v_cache[tables].view(s, length, kv_heads, d).transpose(1, 2)
+
+    def gather(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        values = cache[tables].view(s, length, kv_heads, d)
+        if scales is not None:
+            values = dequantize_kv(values, scales[tables].reshape(s, length, kv_heads), q.dtype)
+        return values.transpose(1, 2)  # [S, Hkv, L, D]
+
+    k, v = gather(k_cache, k_scale), gather(v_cache, v_scale)
     k_pos = torch.arange(length, device=q.device)[None, :]
     ctx = meta.context_lens.long()[:, None]  # [S, 1]; the query sits at position ctx - 1
     mask = k_pos < ctx
@@ -98,8 +115,10 @@ def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None, *,
+                    k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch point: faster kernels plug in here with the same signature."""
-    if meta.is_decode:
-        return paged_decode_torch(q, k_cache, v_cache, meta, scale, sliding_window)
-    return paged_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
+    fn = paged_decode_torch if meta.is_decode else paged_attention_torch
+    return fn(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
+              v_scale=v_scale)

@@ -5,6 +5,10 @@ uses the rotate-half layout (Llama / transformers) with a precomputed `cos_sin` 
 `[max_positions, D]` float32: cos of the D/2 frequencies in the first half of each row, sin
 in the second. Tokens whose slot is -1 (padding of a CUDA-graph bucket) are not written.
 
+An FP8 cache (`k_scale` / `v_scale` given, caches float8_e4m3fn) stores each token's K and V
+quantized per KV head with their scales (format: `kv_quant.py`): the rotated k, rounded to the
+model dtype first, and v.
+
 The Triton kernel rotates in float32 (cos/sin straight from the float32 table) and rounds
 once to the model dtype; the reference, like transformers, casts cos/sin to the model dtype
 and rounds each product and the sum. In fp32 the two agree to rounding; in bf16 / fp16 the
@@ -16,8 +20,14 @@ from __future__ import annotations
 import torch
 from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import tl, triton
+from trtdist.kernels.fp8_quant import FP8_MAX, MIN_SCALE
+from trtdist.kernels.fp8_quant import _quantize as _quantize_e4m3
+from trtdist.kernels.kv_quant import KV_FP8_DTYPE, KV_SCALE_DTYPE, quantize_kv
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# NOTE: jitted code may only read globals that are tl.constexpr.
+_FP8_MAX_C = tl.constexpr(FP8_MAX) if triton is not None else FP8_MAX
+_MIN_SCALE_C = tl.constexpr(MIN_SCALE) if triton is not None else MIN_SCALE
 
 
 def cos_sin_table(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
@@ -28,18 +38,33 @@ def cos_sin_table(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
 
 
 def write_kv_cache_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Scatter `[T, Hkv, D]` keys/values into their slots, skipping slot -1."""
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                         k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> None:
+    """Scatter `[T, Hkv, D]` keys/values into their slots, skipping slot -1. With scales
+    (`[blocks, block_size, Hkv]`, an FP8 cache) they are quantized per token-head first."""
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    if k_scale is not None and v_scale is not None:
+        (k, ks), (v, vs) = quantize_kv(k), quantize_kv(v)
+        # NOTE: indexed by (block, offset), not through a flat view: the pool's scales are
+        # strided views (head-major within a block, see runtime/kv_cache.py)
+        block, offset = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
+        k_scale[block, offset] = ks
+        v_scale[block, offset] = vs
+        # NOTE: index_copy_ has no float8 kernel on CPU: copy the bytes.
+        k, v = k.view(torch.uint8), v.view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
 def rotary_and_cache_torch(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                            q_heads: int, kv_heads: int, head_dim: int, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                           k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference: -> q `[T, Hq, D]`, k `[T, Hkv, D]` (both rotated), v `[T, Hkv, D]`.
 
@@ -57,7 +82,7 @@ def rotary_and_cache_torch(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: 
     q = rotate(q.view(t, q_heads, head_dim))
     k = rotate(k.view(t, kv_heads, head_dim))
     v = v.reshape(t, kv_heads, head_dim)
-    write_kv_cache_torch(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_cache_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q, k, v
 
 
@@ -66,15 +91,17 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
                              slot_ptr, slot_stride,
                              kc_ptr, kc_s0, kc_s1, kc_s2, kc_s3,
                              vc_ptr, vc_s0, vc_s1, vc_s2, vc_s3,
+                             ks_ptr, ks_s0, ks_s1, ks_s2, vs_ptr, vs_s0, vs_s1, vs_s2,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                              HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr):
     """Grid (T, cdiv(HQ + HKV, BLOCK_H)) over the rotated heads of one token.
 
     Within a qkv row the q heads and then the k heads lie back to back, so rotated head h is at
     `h * D` for h < HQ + HKV; k head j = h - HQ also owns v head j at `(HQ + HKV + j) * D` and
     writes both into the cache. Each row of the tile is one head's two halves, padded to
-    HALF_PAD lanes (head_dim 80 / 96 -> 64 lanes of 40 / 48)."""
+    HALF_PAD lanes (head_dim 80 / 96 -> 64 lanes of 40 / 48). KV_FP8: a row is also one
+    (token, KV head) of the FP8 cache, so its scale is the row's amax (see `kv_quant.py`)."""
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     half: tl.constexpr = D // 2
@@ -105,19 +132,48 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
     kv_mask = mask & ((heads >= HQ) & (slot >= 0))[:, None]
     k_dst = (kc_ptr + block * kc_s0 + offset * kc_s1 + kv_head[:, None] * kc_s2
              + d[None, :] * kc_s3)
-    tl.store(k_dst, o1.to(kc_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(k_dst + half * kc_s3, o2.to(kc_ptr.dtype.element_ty), mask=kv_mask)
     v_src = row + (HQ + HKV + kv_head[:, None]) * D + d[None, :]
     v_dst = (vc_ptr + block * vc_s0 + offset * vc_s1 + kv_head[:, None] * vc_s2
              + d[None, :] * vc_s3)
-    tl.store(v_dst, tl.load(v_src, mask=kv_mask, other=0.0), mask=kv_mask)
-    tl.store(v_dst + half * vc_s3, tl.load(v_src + half, mask=kv_mask, other=0.0),
-             mask=kv_mask)
+    v1 = tl.load(v_src, mask=kv_mask, other=0.0)
+    v2 = tl.load(v_src + half, mask=kv_mask, other=0.0)
+    if KV_FP8:
+        row_mask = (heads >= HQ) & (heads < HQ + HKV) & (slot >= 0)  # [BH]
+        # NOTE: k is quantized as the model dtype holds it (what the reference quantizes).
+        k1 = o1.to(tl.float32)
+        k2 = o2.to(tl.float32)
+        ks = _row_scale(k1, k2)  # [BH]
+        tl.store(k_dst, _quantize_e4m3(k1, ks[:, None]).to(kc_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(k_dst + half * kc_s3, _quantize_e4m3(k2, ks[:, None]).to(kc_ptr.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(ks_ptr + block * ks_s0 + offset * ks_s1 + kv_head * ks_s2, ks, mask=row_mask)
+        v1 = v1.to(tl.float32)
+        v2 = v2.to(tl.float32)
+        vs = _row_scale(v1, v2)
+        tl.store(v_dst, _quantize_e4m3(v1, vs[:, None]).to(vc_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(v_dst + half * vc_s3, _quantize_e4m3(v2, vs[:, None]).to(vc_ptr.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(vs_ptr + block * vs_s0 + offset * vs_s1 + kv_head * vs_s2, vs, mask=row_mask)
+    else:
+        tl.store(k_dst, o1.to(kc_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(k_dst + half * kc_s3, o2.to(kc_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(v_dst, v1, mask=kv_mask)
+        tl.store(v_dst + half * vc_s3, v2, mask=kv_mask)
+
+
+@_jit
+def _row_scale(x1, x2):
+    """The dequantizing scale of each row of two `[BH, HP]` halves (masked lanes hold 0):
+    max(amax / 448, 1e-12), the IEEE division of the reference."""
+    amax = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1))
+    return tl.maximum(tl.math.div_rn(amax, _FP8_MAX_C), _MIN_SCALE_C)
 
 
 def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                             q_heads: int, kv_heads: int, head_dim: int, k_cache: torch.Tensor,
-                            v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                            v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                            k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> q `[T, Hq, D]`, k `[T, Hkv, D]` (both rotated), v `[T, Hkv, D]`: views of `qkv`.
 
@@ -126,10 +182,12 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
     D]` at `slot_mapping[t]` (int64 or int32, -1 = skip), through the caches' strides (so
     they may be views of one `[layers, 2, blocks, bs, Hkv, D]` tensor). `positions` (int64 or
     int32) must index rows of `cos_sin`: not checked, as that would sync with the host. No
-    allocation, no host syncs: CUDA-graph capturable."""
+    allocation, no host syncs: CUDA-graph capturable. An FP8 cache (float8_e4m3fn) takes its
+    scales `k_scale` / `v_scale` `[blocks, block_size, Hkv]` float32 (any strides)."""
     if triton is None:
         raise RuntimeError("rotary_and_cache_triton needs triton, which is not installed")
-    _check(qkv, positions, cos_sin, q_heads, kv_heads, head_dim, k_cache, v_cache, slot_mapping)
+    _check(qkv, positions, cos_sin, q_heads, kv_heads, head_dim, k_cache, v_cache, slot_mapping,
+           k_scale, v_scale)
     t = qkv.shape[0]
     q = qkv[:, :q_heads * head_dim].view(t, q_heads, head_dim)
     k = qkv[:, q_heads * head_dim:(q_heads + kv_heads) * head_dim].view(t, kv_heads, head_dim)
@@ -144,14 +202,26 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
         qkv, qkv.stride(0), positions, positions.stride(0), cos_sin, cos_sin.stride(0),
         slot_mapping, slot_mapping.stride(0),
         k_cache, *k_cache.stride(), v_cache, *v_cache.stride(),
+        *_scale_args(k_scale, k_cache), *_scale_args(v_scale, v_cache),
         HQ=q_heads, HKV=kv_heads, D=head_dim, HALF_PAD=half_pad, BLOCK_H=block_h,
-        BLOCK_SIZE=k_cache.shape[1], num_warps=2)  # 8 lanes a thread: 16-byte bf16 access
+        BLOCK_SIZE=k_cache.shape[1], KV_FP8=k_scale is not None,
+        num_warps=2)  # 8 lanes a thread: 16-byte bf16 access
     return q, k, v
+
+
+def _scale_args(scale: torch.Tensor | None, cache: torch.Tensor
+                ) -> tuple[torch.Tensor, int, int, int]:
+    """A scale tensor and its three strides; without one (a model-dtype cache) the cache
+    stands in, with zero strides: the kernel never touches it (KV_FP8 is off)."""
+    if scale is None:
+        return cache, 0, 0, 0
+    return scale, *scale.stride()
 
 
 def _check(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, q_heads: int,
            kv_heads: int, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           slot_mapping: torch.Tensor) -> None:
+           slot_mapping: torch.Tensor, k_scale: torch.Tensor | None,
+           v_scale: torch.Tensor | None) -> None:
     """Shapes, dtypes and strides only: nothing here reads device memory."""
     fn = "rotary_and_cache_triton"
     if head_dim <= 0 or head_dim % 2:
@@ -173,13 +243,24 @@ def _check(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, q_
     if cos_sin.dim() != 2 or cos_sin.shape[1] != head_dim or cos_sin.stride(1) != 1:
         raise ValueError(f"{fn}: cos_sin must be [max_positions, {head_dim}] with a unit last "
                          f"stride, got {tuple(cos_sin.shape)}")
+    fp8 = k_scale is not None or v_scale is not None
+    cache_dtype = KV_FP8_DTYPE if fp8 else qkv.dtype
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if (cache.dim() != 4 or cache.shape[2:] != (kv_heads, head_dim)
-                or cache.shape[:2] != k_cache.shape[:2] or cache.dtype != qkv.dtype):
+                or cache.shape[:2] != k_cache.shape[:2] or cache.dtype != cache_dtype):
             raise ValueError(f"{fn}: {name} must be [blocks, block_size, {kv_heads}, "
-                             f"{head_dim}] {qkv.dtype} (as k_cache), got {tuple(cache.shape)} "
+                             f"{head_dim}] {cache_dtype} (as k_cache), got {tuple(cache.shape)} "
                              f"{cache.dtype}")
-    devices = {x.device for x in (qkv, positions, cos_sin, k_cache, v_cache, slot_mapping)}
+    scales = [x for x in (k_scale, v_scale) if x is not None]
+    if fp8:
+        want = (*k_cache.shape[:3],)
+        if len(scales) != 2 or any(x.shape != want or x.dtype != KV_SCALE_DTYPE
+                                   for x in scales):
+            got = [None if x is None else (tuple(x.shape), x.dtype) for x in (k_scale, v_scale)]
+            raise ValueError(f"{fn}: an FP8 cache needs both k_scale and v_scale, "
+                             f"{list(want)} float32; got {got}")
+    devices = {x.device for x in (qkv, positions, cos_sin, k_cache, v_cache, slot_mapping,
+                                  *scales)}
     if len(devices) != 1:
         raise ValueError(f"{fn}: all tensors must be on one device, got "
                          f"{sorted(map(str, devices))}")
@@ -187,7 +268,8 @@ def _check(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, q_
 
 def rotary_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                      q_heads: int, kv_heads: int, head_dim: int, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dispatch: the Triton kernel on CUDA, the reference elsewhere.
 
@@ -195,6 +277,8 @@ def rotary_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.
     are views of it (see `rotary_and_cache_triton`); the reference leaves `qkv` alone."""
     if qkv.is_cuda and triton is not None:
         return rotary_and_cache_triton(qkv, positions, cos_sin, q_heads, kv_heads, head_dim,
-                                       k_cache, v_cache, slot_mapping)
+                                       k_cache, v_cache, slot_mapping, k_scale=k_scale,
+                                       v_scale=v_scale)
     return rotary_and_cache_torch(qkv, positions, cos_sin, q_heads, kv_heads, head_dim,
-                                  k_cache, v_cache, slot_mapping)
+                                  k_cache, v_cache, slot_mapping, k_scale=k_scale,
+                                  v_scale=v_scale)

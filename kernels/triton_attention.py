@@ -21,6 +21,14 @@ then to the new tokens themselves read from the packed `k` / `v` (contiguous, ca
 on the diagonal tiles). Sliding window: query at position i sees keys j with i - j < window.
 In a batch of several sequences the one-token queries (decode rows mixed with prefill chunks)
 are left to the split decode kernel, which finds them through `query_start_loc`.
+
+FP8 cache (`k_scale` / `v_scale`, format in `kv_quant.py`): E4M3 tiles are converted to the
+query's dtype (exact: E4M3 fits in fp16, bf16 and fp32) and the per-token scales are applied
+outside the dots: the scores `q . k` of a tile are column-scaled by the K scales, and the
+probabilities by the V scales before `P @ V` (fp16 queries dequantize the V tile instead:
+p * scale could underflow fp16). Both are exact to the dequantized values up to the rounding
+the model-dtype path already has. The new tokens of a prefill are read back from the cache
+too, so every query sees the same (quantized) keys the reference and later decodes see.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ _LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)
 _MIN_CHUNK = 256  # fewest keys a decode partition is worth (below that, merging costs more)
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+_KV_FP8 = torch.float8_e4m3fn
 
 
 def _interpreter_compat() -> None:
@@ -79,19 +88,89 @@ def _online_update(acc, l_i, m_i, qk, v, DOT_PREC: tl.constexpr):
     return acc, l_i, m_new
 
 
+@triton.jit
+def _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC: tl.constexpr):
+    """`_online_update` whose `P @ V` weighs the keys by `v_sc` `[N]` (FP8 V scales)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot((p * v_sc[None, :]).to(v.dtype), v, acc * alpha[:, None],
+                 input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _load_tile(c_ptr, s_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
+               stride_b, stride_s, stride_h, stride_sb, stride_ss, stride_sh,
+               KV_FP8: tl.constexpr, DEQUANT: tl.constexpr):
+    """K or V of N cached tokens `[N, D]` through their pages (`blk`, `slot`: `[N]`) and,
+    KV_FP8, the tokens' scales `[N]`. An FP8 tile comes back in `like`'s dtype (exact), its
+    scales left to the caller, unless DEQUANT: then they are multiplied in. Without KV_FP8
+    the tile is loaded as stored and the second result is a placeholder."""
+    x = tl.load(c_ptr + blk[:, None] * stride_b + slot[:, None] * stride_s + head * stride_h
+                + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    sc = mask_n
+    if KV_FP8:
+        sc = tl.load(s_ptr + blk * stride_sb + slot * stride_ss + head * stride_sh,
+                     mask=mask_n, other=0.0)
+        if DEQUANT:
+            x = (x.to(tl.float32) * sc[:, None]).to(like.dtype)
+        else:
+            x = x.to(like.dtype)
+    return x, sc
+
+
+@triton.jit
+def _new_tokens_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base, ctx_len, j,
+                   mask_n, kvh, offs_d, mask_d, like, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
+                   stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                   BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr, V_DEQUANT: tl.constexpr,
+                   MASK_N: tl.constexpr):
+    """K, V `[N, D]` of a prefill's own new tokens j (indices within the chunk) and, FP8,
+    their scales `[N]`: from the packed k / v, or (FP8) from the cache at positions
+    ctx_len + j. MASK_N: some of the N are past the chunk's end."""
+    if KV_FP8:
+        pos = ctx_len + j
+        blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, like,
+                             stride_kb, stride_ks, stride_kch, stride_ksb, stride_kss,
+                             stride_ksh, KV_FP8, False)
+        v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, like,
+                             stride_vb, stride_vs, stride_vch, stride_vsb, stride_vss,
+                             stride_vsh, KV_FP8, V_DEQUANT)
+    else:
+        kd_mask = mask_d[None, :]
+        if MASK_N:
+            kd_mask = mask_n[:, None] & kd_mask
+        rows = kv_base + j
+        k = tl.load(k_ptr + rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                    mask=kd_mask, other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                    mask=kd_mask, other=0.0)
+        k_sc = mask_n  # placeholders: no scales
+        v_sc = mask_n
+    return k, v, k_sc, v_sc
+
+
 @triton.jit(do_not_specialize=["num_parts"])
 def _decode_partial(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
-    qk_scale, window, num_parts,
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_o_ptr,
+    ws_lse_ptr, qk_scale, window, num_parts,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
+    stride_ksb, stride_kss, stride_ksh,
+    stride_vsb, stride_vss, stride_vsh,
     stride_bt, stride_ot, stride_oh,
     stride_ws_s, stride_ws_h, stride_ws_p, stride_lse_s,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PREC: tl.constexpr, MIXED: tl.constexpr,
+    DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr,
+    V_DEQUANT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -131,24 +210,32 @@ def _decode_partial(
         mask_n = pos < hi
         blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
-        kd_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(kc_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks
-                    + kvh * stride_kh + offs_d[None, :], mask=kd_mask, other=0.0)  # [N, D]
-        v = tl.load(vc_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs
-                    + kvh * stride_vh + offs_d[None, :], mask=kd_mask, other=0.0)  # [N, D]
+        k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+                             stride_kb, stride_ks, stride_kh, stride_ksb, stride_kss, stride_ksh,
+                             KV_FP8, False)  # [N, D], [N]
+        v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+                             stride_vb, stride_vs, stride_vh, stride_vsb, stride_vss, stride_vsh,
+                             KV_FP8, V_DEQUANT)
         if USE_DOT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
         else:
             qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)  # [G, N]
+        if KV_FP8:
+            qk = qk * k_sc[None, :]
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        pv = p
+        if KV_FP8:
+            if not V_DEQUANT:
+                pv = p * v_sc[None, :]
         if USE_DOT:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+            acc = tl.dot(pv.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            acc = acc * alpha[:, None] + tl.sum(pv[:, :, None] * v.to(tl.float32)[None, :, :],
+                                                1)
         m_i = m_new
 
     has = l_i > 0.0
@@ -205,14 +292,16 @@ def _decode_reduce(
 
 @triton.jit
 def _prefill(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
     qk_scale, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
+    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_SINGLE: tl.constexpr,
+    KV_FP8: tl.constexpr, V_DEQUANT: tl.constexpr,
 ):
     # NOTE: the last query blocks of a causal prompt have the most keys: start them first so
     # the short ones fill the tail of the launch.
@@ -254,49 +343,69 @@ def _prefill(
         mask_n = pos < ctx_len
         blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
-        kd_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(kc_ptr + blk[:, None] * stride_kb + slot[:, None] * stride_ks
-                    + kvh * stride_kch + offs_d[None, :], mask=kd_mask, other=0.0)
-        v = tl.load(vc_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs
-                    + kvh * stride_vch + offs_d[None, :], mask=kd_mask, other=0.0)
+        k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+                             stride_kb, stride_ks, stride_kch, stride_ksb, stride_kss,
+                             stride_ksh, KV_FP8, False)
+        v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+                             stride_vb, stride_vs, stride_vch, stride_vsb, stride_vss,
+                             stride_vsh, KV_FP8, V_DEQUANT)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         allowed = mask_n[None, :]
         if HAS_WINDOW:
             allowed = allowed & (q_pos[:, None] - pos[None, :] < window)
+        if KV_FP8:
+            qk = qk * k_sc[None, :]
         qk = tl.where(allowed, qk, float("-inf"))
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
+        if KV_FP8 and not V_DEQUANT:
+            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC)
+        else:
+            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
 
-    # 2. The new tokens, from the packed k / v. Tiles wholly below the diagonal need no
-    # causal mask; BLOCK_M is a multiple of BLOCK_N so the diagonal starts on a tile.
+    # 2. The new tokens, from the packed k / v (FP8: from the cache, as the reference reads
+    # them). Tiles wholly below the diagonal need no causal mask; BLOCK_M is a multiple of
+    # BLOCK_N so the diagonal starts on a tile.
     j_lo = 0
     if HAS_WINDOW:
         j_lo = (tl.maximum(m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
     kv_base = q_start.to(tl.int64)
     for start in range(j_lo, m0, BLOCK_N):
         j = start + offs_n
-        k = tl.load(k_ptr + (kv_base + j)[:, None] * stride_kt + kvh * stride_kh
-                    + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-        v = tl.load(v_ptr + (kv_base + j)[:, None] * stride_vt + kvh * stride_vh
-                    + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        k, v, k_sc, v_sc = _new_tokens_kv(
+            k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base, ctx_len, j,
+            j < m0, kvh, offs_d, mask_d, q, stride_kt, stride_kh, stride_vt, stride_vh,
+            stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            BLOCK_SIZE, KV_FP8, V_DEQUANT, False)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if KV_FP8:
+            qk = qk * k_sc[None, :]
         if HAS_WINDOW:
             qk = tl.where(offs_m[:, None] - j[None, :] < window, qk, float("-inf"))
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
+        if KV_FP8 and not V_DEQUANT:
+            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC)
+        else:
+            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
     hi = tl.minimum(m0 + BLOCK_M, q_len)
     for start in range(m0, hi, BLOCK_N):
         j = start + offs_n
         mask_n = j < hi
-        kd_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + (kv_base + j)[:, None] * stride_kt + kvh * stride_kh
-                    + offs_d[None, :], mask=kd_mask, other=0.0)
-        v = tl.load(v_ptr + (kv_base + j)[:, None] * stride_vt + kvh * stride_vh
-                    + offs_d[None, :], mask=kd_mask, other=0.0)
+        k, v, k_sc, v_sc = _new_tokens_kv(
+            k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base, ctx_len, j,
+            mask_n, kvh, offs_d, mask_d, q, stride_kt, stride_kh, stride_vt, stride_vh,
+            stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            BLOCK_SIZE, KV_FP8, V_DEQUANT, True)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if KV_FP8:
+            qk = qk * k_sc[None, :]
         allowed = mask_n[None, :] & (j[None, :] <= offs_m[:, None])
         if HAS_WINDOW:
             allowed = allowed & (offs_m[:, None] - j[None, :] < window)
         qk = tl.where(allowed, qk, float("-inf"))
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
+        if KV_FP8 and not V_DEQUANT:
+            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC)
+        else:
+            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -450,17 +559,20 @@ class TritonAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: object, scale: float,
-                sliding_window: int | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, *, k_scale: torch.Tensor | None = None,
+                v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """q `[T, Hq, D]`, k/v `[T, Hkv, D]` (already in the cache), caches
-        `[num_blocks, block_size, Hkv, D]` -> `[T, Hq, D]`."""
+        `[num_blocks, block_size, Hkv, D]` -> `[T, Hq, D]`. An FP8 cache (float8_e4m3fn)
+        comes with its scales `k_scale` / `v_scale` `[num_blocks, block_size, Hkv]`."""
         if not isinstance(meta, TritonAttentionMetadata):
             raise TypeError(f"expected TritonAttentionMetadata, got {type(meta).__name__}")
-        _check(q, k, v, k_cache, v_cache, meta, sliding_window)
+        _check(q, k, v, k_cache, v_cache, meta, sliding_window, k_scale, v_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if q.shape[0] == 0:
             return out
+        kv = _CacheArgs.of(k_cache, v_cache, k_scale, v_scale, q.dtype)
         if meta.is_decode:
-            self._decode(q, k_cache, v_cache, meta, scale, sliding_window, out, mixed=False)
+            self._decode(q, kv, meta, scale, sliding_window, out, mixed=False)
             return out
         # NOTE: in a mixed batch the one-token queries (decode rows beside prefill chunks)
         # go to the split decode kernel: in the prefill kernel each would take a whole
@@ -468,15 +580,14 @@ class TritonAttentionBackend:
         # known only on the device, so both kernels look at query_start_loc.
         mixed = meta.num_seqs > 1
         if mixed:
-            self._decode(q, k_cache, v_cache, meta, scale, sliding_window, out, mixed=True)
-        _launch_prefill(q, k, v, k_cache, v_cache, meta, scale, sliding_window, out, mixed)
+            self._decode(q, kv, meta, scale, sliding_window, out, mixed=True)
+        _launch_prefill(q, k, v, kv, meta, scale, sliding_window, out, mixed)
         return out
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: TritonAttentionMetadata, scale: float, window: int | None,
-                out: torch.Tensor, mixed: bool) -> None:
+    def _decode(self, q: torch.Tensor, kv: _CacheArgs, meta: TritonAttentionMetadata,
+                scale: float, window: int | None, out: torch.Tensor, mixed: bool) -> None:
         s, (_, hq, d) = meta.num_seqs, q.shape
-        hkv = k_cache.shape[2]
+        hkv = kv.k_cache.shape[2]
         group = hq // hkv
         d_pad = _d_pad(d)
         parts = _num_partitions(s, hkv, meta.max_seq_len, self._target_programs(q.device))
@@ -490,16 +601,15 @@ class TritonAttentionBackend:
         ws_strides = (ws_o.stride(0), ws_o.stride(1), ws_o.stride(2)) if parts > 1 else (0,) * 3
         lse_stride = ws_lse.stride(0) if parts > 1 else 0
         _decode_partial[(s, hkv, parts)](
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out,
-            ws_o, ws_lse, scale * _LOG2E, window or 0, parts,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            q, kv.k_cache, kv.v_cache, kv.k_scale, kv.v_scale, meta.block_tables, meta.seq_lens,
+            meta.query_start_loc, out, ws_o, ws_lse, scale * _LOG2E, window or 0, parts,
+            q.stride(0), q.stride(1), *kv.strides,
             meta.block_tables.stride(0), out.stride(0), out.stride(1), *ws_strides, lse_stride,
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, D_PAD=d_pad,
             BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
-            MIXED=mixed, num_warps=warps, num_stages=stages)
+            MIXED=mixed, KV_FP8=kv.fp8, V_DEQUANT=kv.v_dequant, num_warps=warps,
+            num_stages=stages)
         if parts > 1:
             _decode_reduce[(s, hq)](
                 out, ws_o, ws_lse, meta.query_start_loc, parts, out.stride(0), out.stride(1),
@@ -507,30 +617,57 @@ class TritonAttentionBackend:
                 num_warps=4)
 
 
-def _launch_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: TritonAttentionMetadata, scale: float,
+class _CacheArgs:
+    """One layer's cache as the kernels take it: values, FP8 scales (or placeholders), and
+    their strides in kernel argument order (K values, V values, K scales, V scales)."""
+
+    __slots__ = ("k_cache", "v_cache", "k_scale", "v_scale", "strides", "fp8", "v_dequant")
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                 fp8: bool, v_dequant: bool) -> None:
+        self.k_cache, self.v_cache, self.fp8, self.v_dequant = k_cache, v_cache, fp8, v_dequant
+        # NOTE: without scales the kernels never read these (KV_FP8 is off): the values
+        # tensors stand in, with zero strides.
+        self.k_scale = k_scale if k_scale is not None else k_cache
+        self.v_scale = v_scale if v_scale is not None else v_cache
+        scale_strides = ((*k_scale.stride(), *v_scale.stride())
+                         if k_scale is not None and v_scale is not None else (0,) * 6)
+        self.strides = (*k_cache.stride()[:3], *v_cache.stride()[:3], *scale_strides)
+
+    @staticmethod
+    def of(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+           v_scale: torch.Tensor | None, q_dtype: torch.dtype) -> _CacheArgs:
+        # NOTE: fp16 queries dequantize the V tile (p * scale could underflow fp16); other
+        # dtypes scale the probabilities (no rounding beyond the model-dtype path's).
+        fp8 = k_scale is not None
+        return _CacheArgs(k_cache, v_cache, k_scale, v_scale, fp8,
+                          fp8 and q_dtype == torch.float16)
+
+
+def _launch_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: _CacheArgs,
+                    meta: TritonAttentionMetadata, scale: float,
                     window: int | None, out: torch.Tensor, skip_single: bool) -> None:
     _, hq, d = q.shape
-    hkv = k_cache.shape[2]
+    hkv = kv.k_cache.shape[2]
     d_pad = _d_pad(d)
     block_m, block_n, warps, stages = _prefill_config(d_pad, q.dtype)
     grid = (triton.cdiv(meta.max_query_len, block_m), meta.num_seqs, hq)
     _prefill[grid](
-        q, k, v, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, out,
-        scale * _LOG2E, window or 0,
+        q, k, v, kv.k_cache, kv.v_cache, kv.k_scale, kv.v_scale, meta.block_tables,
+        meta.query_start_loc, meta.seq_lens, out, scale * _LOG2E, window or 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        meta.block_tables.stride(0), out.stride(0), out.stride(1),
+        *kv.strides, meta.block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=hq // hkv, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=meta.block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window is not None,
-        DOT_PREC=_dot_prec(q.dtype), SKIP_SINGLE=skip_single, num_warps=warps,
-        num_stages=stages)
+        DOT_PREC=_dot_prec(q.dtype), SKIP_SINGLE=skip_single, KV_FP8=kv.fp8,
+        V_DEQUANT=kv.v_dequant, num_warps=warps, num_stages=stages)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
            v_cache: torch.Tensor, meta: TritonAttentionMetadata,
-           window: int | None) -> None:
+           window: int | None, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> None:
     """Host-side shape checks only (no device sync); clear errors for bad input."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"expected q [T, Hq, D] and caches [blocks, block_size, Hkv, D], got "
@@ -545,9 +682,19 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
         raise ValueError(f"head_dim {d} is not supported (at most 256)")
     if bs != meta.block_size:
         raise ValueError(f"cache block size {bs} != metadata block_size {meta.block_size}")
-    if q.dtype not in _SUPPORTED or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    fp8 = k_scale is not None or v_scale is not None
+    cache_dtype = _KV_FP8 if fp8 else q.dtype
+    if q.dtype not in _SUPPORTED or k_cache.dtype != cache_dtype or v_cache.dtype != cache_dtype:
         raise ValueError(f"q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}: "
-                         f"all must be one of float16, bfloat16, float32")
+                         f"q must be one of float16, bfloat16, float32 and the caches of its "
+                         f"dtype, or float8_e4m3fn with k_scale and v_scale")
+    if fp8:
+        want = (*k_cache.shape[:3],)
+        for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if x is None or x.shape != want or x.dtype != torch.float32:
+                got = None if x is None else (tuple(x.shape), x.dtype)
+                raise ValueError(f"an FP8 cache needs {name} [blocks, block_size, Hkv] = "
+                                 f"{list(want)} float32, got {got}")
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("the last (head_dim) dimension of q and the caches must be contiguous")
     if window is not None and window < 1:

@@ -91,6 +91,17 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def fp8_linear_quantized_reference(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
+                                   weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                                   out_dtype: torch.dtype) -> torch.Tensor:
+    """`fp8_linear_reference` for an activation already quantized (`xq [M, K]` E4M3, `xs
+    [M, 1]`): the same float32 numbers, `[M, N]` in `out_dtype`."""
+    y = F.linear(dequantize(xq, xs), dequantize(weight, weight_scale[:, None]))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
 def check_fp8_device(device: torch.device) -> None:
     """Raise unless `device` can run FP8 GEMMs (CPU: the reference path; CUDA: cc >= 8.9)."""
     if device.type != "cuda":
@@ -116,14 +127,31 @@ def _fast_kernels() -> dict[str, object]:
     torch path (a broken kernel must not take FP8 inference down)."""
     if not _fast:
         try:
-            from trtdist.kernels.fp8_gemm import SMALL_M_MAX, fp8_linear_small_m
+            # NOTE: the fused producers too (models call them directly): if any of these
+            # fails to import, the FP8 layers stop asking for quantized input.
+            from trtdist.kernels.fp8_fused import (
+                rms_norm_quant_triton,
+                silu_and_mul_quant_triton,
+            )
+            from trtdist.kernels.fp8_gemm import (
+                SMALL_M_MAX,
+                fp8_gemm_small_m,
+                fp8_linear_small_m,
+            )
             from trtdist.kernels.fp8_quant import quantize_activation_triton
         except Exception as e:  # noqa: BLE001 - any import failure means: use torch
             _disable_fast(f"import failed: {e!r}")
         else:
             _fast.update(quant=quantize_activation_triton, small_m=fp8_linear_small_m,
-                         small_m_max=SMALL_M_MAX)
+                         gemm=fp8_gemm_small_m, small_m_max=SMALL_M_MAX,
+                         norm_quant=rms_norm_quant_triton, silu_quant=silu_and_mul_quant_triton)
     return _fast
+
+
+def fused_quantization_available() -> bool:
+    """Whether the Triton kernels that produce FP8 activations (`kernels/fp8_fused.py`) and the
+    small-M GEMM are usable (imported, not disabled after a failure)."""
+    return "off" not in _fast_kernels()
 
 
 def _disable_fast(reason: str) -> None:
@@ -163,8 +191,32 @@ def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale_row: tor
             xq = xs = None
     if xq is None:
         xq, xs = quantize_activation(x2, input_scale)  # [M, K], [M, 1]
+    y = _scaled_mm(xq, xs, weight, weight_scale_row, bias, x.dtype)
+    return y.reshape(*shape[:-1], weight.shape[0])
+
+
+def _scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
+               weight_scale_row: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
     y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale_row,
                          out_dtype=torch.bfloat16, use_fast_accum=True)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+    return y.to(out_dtype)
+
+
+def fp8_linear_quantized_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
+                              weight_scale_row: torch.Tensor, bias: torch.Tensor | None,
+                              out_dtype: torch.dtype) -> torch.Tensor:
+    """`fp8_linear_cuda` for an activation already quantized by the kernel that produced it
+    (`kernels/fp8_fused.py`): `xq [M, K]` E4M3, `xs [M, 1]` float32 -> `[M, N]` in
+    `out_dtype`. The small-M GEMM at M <= SMALL_M_MAX (falling back as there), else
+    `torch._scaled_mm`."""
+    fast = _fast_kernels()
+    if "off" not in fast and xq.shape[0] <= fast["small_m_max"]:  # type: ignore[operator]
+        try:
+            return fast["gemm"](xq, xs, weight, weight_scale_row.view(-1),  # type: ignore[operator]
+                                bias, out_dtype)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch
+            _disable_fast(f"{type(e).__name__}: {e}")
+    return _scaled_mm(xq, xs, weight, weight_scale_row, bias, out_dtype)

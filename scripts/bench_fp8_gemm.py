@@ -11,6 +11,8 @@ Llama-3-8B linear shapes (N x K: qkv 6144x4096, o 4096x4096, gate/up 28672x4096,
 quantization:
 - `small_m`: `kernels.fp8_gemm.fp8_linear_small_m` (fused quantization + Triton GEMM; M <= 16)
 - `small_m_2kernel`: the same with the split-K reduction in a second kernel (split shapes)
+- `small_m_gemm`: the small-M GEMM alone on activations already quantized (the decoder's fused
+  path: the quantization lives in the norm / SiLU kernel), config from the tuned table
 - `scaled_mm_fused`: fused Triton quantization + `_scaled_mm(use_fast_accum=True)` (M > 16)
 - `scaled_mm_torch`: the previous path, torch `quantize_activation` + `_scaled_mm`
 - `bf16`: `F.linear` with a bf16 weight
@@ -114,6 +116,9 @@ def bench_shape(mods: tuple, device: str, n: int, k: int, ms: list[int], reps: i
                                              fast=True)}
         if m <= g.SMALL_M_MAX:
             impls["small_m"] = lambda i, x=x: g.fp8_linear_small_m(x, w8[i], s8[i], None, None)
+            xq, xs = q.quantize_activation_triton(x, None)
+            impls["small_m_gemm"] = lambda i, xq=xq, xs=xs: g.fp8_gemm_small_m(
+                xq, xs, w8[i], s8[i], None, torch.bfloat16)
             if g.choose_split_k(n, k, props_sms(device)) > 1:  # reduction in a second kernel
                 impls["small_m_2kernel"] = lambda i, x=x: g.fp8_linear_small_m(
                     x, w8[i], s8[i], None, None, fixup=False)

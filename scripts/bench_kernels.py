@@ -10,7 +10,9 @@ First measures the device-to-device copy bandwidth (bytes read + written) and th
 head_dim 128, bf16, block 16) as time and KV bytes read per second as a fraction of the copy
 bandwidth, and causal prefill attention as TFLOP/s (2 * 2 * T^2 * H * D / 2 for causal).
 Decode is timed as a CUDA graph of many calls rotating over disjoint copies of the KV cache,
-so neither launch overhead nor L2 residency flatters it.
+so neither launch overhead nor L2 residency flatters it. On compute capability >= 8.9 the
+decode and prefill cases are repeated over an FP8 (E4M3 + per token-head scales) cache
+(`--kv-cache-dtype fp8`); their KV bytes count the scales.
 """
 
 from __future__ import annotations
@@ -64,19 +66,35 @@ def _median_ms(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
     return times[len(times) // 2]
 
 
+def _caches(num_blocks: int, bs: int, hkv: int, d: int, fp8: bool, device: str
+            ) -> tuple[object, ...]:
+    """Random K/V caches `[blocks, bs, Hkv, D]` in bf16, or E4M3 with float32 scales
+    `[blocks, bs, Hkv]` (None without)."""
+    import torch
+
+    k = torch.randn(num_blocks, bs, hkv, d, dtype=torch.bfloat16, device=device)
+    v = torch.randn_like(k)
+    if not fp8:
+        return k, v, None, None
+    scales = [torch.rand(num_blocks, bs, hkv, device=device) / 100 for _ in range(2)]
+    k8, v8 = ((x * 100).clamp_(-448, 448).to(torch.float8_e4m3fn) for x in (k, v))
+    return k8, v8, *scales
+
+
 def bench_decode(ta: types.ModuleType, device: str, batch: int, context: int, reps: int,
-                 hq: int = 32, hkv: int = 8, d: int = 128, bs: int = 16) -> dict[str, float]:
+                 hq: int = 32, hkv: int = 8, d: int = 128, bs: int = 16,
+                 fp8: bool = False) -> dict[str, float]:
     """Decode attention: one query per sequence over `context` cached tokens each."""
     import torch
     from trtdist.kernels.attention import AttentionInputs
 
     dtype = torch.bfloat16
     blocks_per_seq = -(-context // bs)
-    kv_bytes = batch * context * hkv * d * 2 * dtype.itemsize  # K and V
+    per_head = d + 4 if fp8 else d * dtype.itemsize
+    kv_bytes = batch * context * hkv * per_head * 2  # K and V (and their scales)
     copies = max(1, min(64, math.ceil(L2_FLUSH_BYTES / kv_bytes)))
     num_blocks = 1 + copies * batch * blocks_per_seq
-    k_cache = torch.randn(num_blocks, bs, hkv, d, dtype=dtype, device=device)
-    v_cache = torch.randn_like(k_cache)
+    k_cache, v_cache, k_scale, v_scale = _caches(num_blocks, bs, hkv, d, fp8, device)
     q = torch.randn(batch, hq, d, dtype=dtype, device=device)
     backend = ta.TritonAttentionBackend()
     perm = torch.randperm(num_blocks - 1, device=device).to(torch.int32) + 1  # scattered pages
@@ -92,7 +110,8 @@ def bench_decode(ta: types.ModuleType, device: str, batch: int, context: int, re
     scale = d ** -0.5
 
     def step(meta: object) -> torch.Tensor:
-        return backend.forward(q, q, q, k_cache, v_cache, meta, scale)
+        return backend.forward(q, q, q, k_cache, v_cache, meta, scale, k_scale=k_scale,
+                               v_scale=v_scale)
 
     for meta in metas:  # compile, allocate the workspace
         step(meta)
@@ -110,7 +129,8 @@ def bench_decode(ta: types.ModuleType, device: str, batch: int, context: int, re
 
 
 def bench_prefill(ta: types.ModuleType, device: str, tokens: int, reps: int, hq: int = 32,
-                  hkv: int = 8, d: int = 128, bs: int = 16) -> dict[str, float]:
+                  hkv: int = 8, d: int = 128, bs: int = 16,
+                  fp8: bool = False) -> dict[str, float]:
     """Causal prefill of one `tokens`-long prompt (no cached prefix); beside torch's SDPA."""
     import torch
     import torch.nn.functional as F
@@ -121,8 +141,8 @@ def bench_prefill(ta: types.ModuleType, device: str, tokens: int, reps: int, hq:
     k = torch.randn(tokens, hkv, d, dtype=dtype, device=device)
     v = torch.randn(tokens, hkv, d, dtype=dtype, device=device)
     nb = -(-tokens // bs)
-    k_cache = torch.zeros(nb + 1, bs, hkv, d, dtype=dtype, device=device)
-    v_cache = torch.zeros_like(k_cache)
+    # NOTE: with FP8 the new tokens are read back from the cache (random here)
+    k_cache, v_cache, k_scale, v_scale = _caches(nb + 1, bs, hkv, d, fp8, device)
     backend = ta.TritonAttentionBackend()
     meta = backend.prepare(AttentionInputs(
         query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=device),
@@ -131,11 +151,14 @@ def bench_prefill(ta: types.ModuleType, device: str, tokens: int, reps: int, hq:
         slot_mapping=torch.arange(bs, bs + tokens, device=device),
         block_size=bs, max_query_len=tokens, max_seq_len=tokens, is_decode=False))
     scale = d ** -0.5
-    fn = lambda: backend.forward(q, k, v, k_cache, v_cache, meta, scale)  # noqa: E731
+    fn = lambda: backend.forward(q, k, v, k_cache, v_cache, meta, scale,  # noqa: E731
+                                 k_scale=k_scale, v_scale=v_scale)
     fn()
     ms = _median_ms(fn, reps)
     flops = 2 * 2 * tokens * tokens * hq * d / 2
     result = {"time_us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12}
+    if fp8:
+        return result
     # For scale only: torch's own causal SDPA on the same shapes (its flash kernel).
     qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
     sdpa = lambda: F.scaled_dot_product_attention(  # noqa: E731
@@ -174,12 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("copy bandwidth (read+write)", f"{bw / 1e9:,.0f} GB/s", ""),
             ("bf16 matmul 8192^3", f"{mm / 1e12:,.0f} TFLOP/s", "")]
     cases: dict[str, dict[str, float]] = {}
-    for batch, context in ((64, 4096), (1, 8192), (256, 256)):
-        name = f"decode b{batch} ctx{context}"
-        r = bench_decode(ta, dev, batch, context, reps)
+    fp8 = torch.cuda.get_device_capability(dev) >= (8, 9)
+    decode = [(64, 4096, False), (1, 8192, False), (256, 256, False)]
+    decode += [(64, 4096, True), (256, 256, True)] if fp8 else []
+    for batch, context, kv8 in decode:
+        name = f"decode b{batch} ctx{context}" + (" fp8 KV" if kv8 else "")
+        r = bench_decode(ta, dev, batch, context, reps, fp8=kv8)
         r["fraction_of_copy_bw"] = r["kv_bytes_per_s"] / bw
         cases[name] = r
-        goal = " (goal >= 75%)" if (batch, context) == (64, 4096) else ""
+        goal = " (goal >= 75%)" if (batch, context, kv8) == (64, 4096, False) else ""
         rows.append((name, f"{r['time_us']:,.1f} us",
                      f"{r['kv_bytes_per_s'] / 1e9:,.0f} GB/s = "
                      f"{100 * r['fraction_of_copy_bw']:.0f}% of copy{goal}"))
@@ -189,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             if "torch_sdpa_tflops" in r else "")
     rows.append(("prefill causal 8192", f"{r['time_us']:,.1f} us",
                  f"{r['tflops']:,.0f} TFLOP/s (goal >= 300){sdpa}"))
+    if fp8:
+        r = bench_prefill(ta, dev, 8192, reps, fp8=True)
+        cases["prefill causal 8192 fp8 KV"] = r
+        rows.append(("prefill causal 8192 fp8 KV", f"{r['time_us']:,.1f} us",
+                     f"{r['tflops']:,.0f} TFLOP/s"))
     results["cases"] = cases
     results["seconds"] = time.time() - t0
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")

@@ -2,6 +2,8 @@
 # One device call (METHOD.md: one script per call): install the checkout (no network there),
 # then run the named phases; logs and JSON land in $OUT, a short table is printed last.
 #   bash scripts/gpu_session.sh kernels model bench
+# phases: kernels attnbench attn profile fused equiv quick model bench step256 long fp8
+#         fp8long kvfp8 kvfp8long serve
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -90,7 +92,8 @@ for phase in "$@"; do
           --max-batch-size 1024
       ;;
     fp8)
-      python3 -m pytest -q -m gpu tests/test_fp8.py tests/test_fp8_kernels.py tests/test_sampler.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -8
+      python3 -m pytest -q -m gpu tests/test_fp8.py tests/test_fp8_kernels.py tests/test_fp8_fused.py \
+          tests/test_sampler.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -8
       note "fp8 tests: $(tail -1 "$OUT/fp8_tests.log")"
       timeout 200 python3 scripts/bench_fp8_gemm.py --quick --output "$OUT/fp8_gemm.json" \
           > "$OUT/fp8_gemm.log" 2>&1; tail -22 "$OUT/fp8_gemm.log"
@@ -98,9 +101,40 @@ for phase in "$@"; do
       bench fp8_b1 $M --num-requests 1 --input-len 128 --output-len 256
       bench fp8_r1024 $M --num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024
       ;;
+    fp8tune)
+      # sweep the small-M FP8 GEMM's configs, then run the FP8 GPU tests and the batch-1
+      # bench with the tuned table (TRTDIST_FP8_GEMM_CONFIGS); the table to paste is printed
+      timeout ${TUNE_TIMEOUT:-260} python3 scripts/tune_fp8_gemm.py \
+          --budget-s ${TUNE_BUDGET:-200} --output "$OUT/fp8_tune.json" > "$OUT/fp8_tune.log" 2>&1
+      note "fp8 tune rc=$?"
+      grep -E " M=[0-9]+ +[0-9.]+ us" "$OUT/fp8_tune.log" | tee -a "$SUMMARY"
+      sed -n '/^TUNED/,/^}/p' "$OUT/fp8_tune.log"
+      [ -s "$OUT/fp8_tune.json" ] && export TRTDIST_FP8_GEMM_CONFIGS="$OUT/fp8_tune.json"
+      timeout 180 python3 -m pytest -q -m gpu tests/test_fp8_kernels.py tests/test_fp8_fused.py \
+          tests/test_fp8.py 2>&1 | tee "$OUT/fp8tune_tests.log" | tail -8
+      note "fp8 tests (tuned table): $(tail -1 "$OUT/fp8tune_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8"
+      bench fp8tuned_b1 $M --num-requests 1 --input-len 128 --output-len 256
+      ;;
     fp8long)
       M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8"
       bench fp8_r1024x1000 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
+          --max-batch-size 1024
+      ;;
+    kvfp8)
+      # FP8 KV cache: kernel tests (compiled), the engine against fake-quant transformers,
+      # then the 1024 x 128/128 bench (compare with bench r1024 of the `bench` phase)
+      timeout 900 python3 -m pytest -q -rs tests/test_kv_fp8.py 2>&1 \
+          | tee "$OUT/kvfp8_tests.log" | tail -15
+      note "kvfp8 tests: $(tail -1 "$OUT/kvfp8_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --kv-cache-dtype fp8"
+      bench kvfp8_r1024 $M --num-requests 1024 --input-len 128 --output-len 128 \
+          --max-batch-size 1024
+      ;;
+    kvfp8long)
+      # where the bf16 pool runs out (compare with bench r1024x1000 of the `long` phase)
+      M="llama3-8b --dummy-weights --dtype bfloat16 --kv-cache-dtype fp8"
+      bench kvfp8_r1024x1000 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
           --max-batch-size 1024
       ;;
     serve)
@@ -113,6 +147,47 @@ for phase in "$@"; do
           --mpirun "mpirun --allow-run-as-root -x NCCL_NVLS_ENABLE -x PYTHONPATH" \
           --output "$OUT/serve.json" --plot-prefix "$OUT/serve" > "$OUT/serve.log" 2>&1
       note "bench serve rc=$?: $(tail -4 "$OUT/serve.log" | tr '\n' ' ')"
+      ;;
+    gemvtune)
+      timeout 500 python3 scripts/tune_gemv.py --output "$OUT/gemv.json" 2>&1 \
+          | tee "$OUT/tune_gemv.log" | grep -v WRONG | tail -25
+      ;;
+    gputests)  # the GPU tests of the kernels and paths changed lately
+      python3 -m pytest -q -rs -m gpu tests/test_gemv.py tests/test_fp8.py \
+          tests/test_fp8_kernels.py tests/test_sampler.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -12
+      note "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"
+      ;;
+    b1)
+      bench b1 llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128 \
+          --output-len 256
+      ;;
+    b1nogemv)  # A/B in one run: the same batch-1 bench with the GEMV table emptied
+      cp kernels/gemv.py /tmp/gemv.py.bak
+      python3 -c "import re,pathlib; p=pathlib.Path('kernels/gemv.py'); s=p.read_text(); \
+p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {', \
+'CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]] = {} and {'))"
+      bench b1nogemv llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 \
+          --input-len 128 --output-len 256
+      cp /tmp/gemv.py.bak kernels/gemv.py
+      ;;
+    longgne)  # 1000 / 1000 without preemption (guaranteed_no_evict), bf16 and FP8 weights
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1024 --input-len 1000"
+      bench r1024x1000gne $M --output-len 1000 --max-batch-size 1024 \
+          --scheduler-policy guaranteed_no_evict
+      bench fp8_r1024x1000gne $M --output-len 1000 --max-batch-size 1024 --quant fp8 \
+          --scheduler-policy guaranteed_no_evict ${LONG_EXTRA:-}
+      ;;
+    fp8tests)  # the FP8 GPU tests, failures named
+      timeout ${FP8_TEST_TIMEOUT:-300} python3 -m pytest -q -rf -m gpu tests/test_fp8.py \
+          tests/test_fp8_kernels.py tests/test_fp8_fused.py 2>&1 | tee "$OUT/fp8_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "fp8 tests: $(tail -1 "$OUT/fp8_tests.log")"
+      ;;
+    fp8profile)
+      timeout 300 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 32 \
+          --quant fp8 --output "$OUT/profile_fp8_1.json" > "$OUT/profile_fp8_1.log" 2>&1
+      note "profile fp8 b1: $(tail -1 "$OUT/profile_fp8_1.log")"
+      grep -A22 "^kernel " "$OUT/profile_fp8_1.log" | head -23
       ;;
     *) note "unknown phase $phase";;
   esac

@@ -33,11 +33,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--output", default=None)
+    ap.add_argument("--quant", choices=["auto", "none", "fp8"], default="auto")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     args = ap.parse_args()
     dummy = args.model in ("llama3-8b", "llama3-70b")
     llm = DistributedLLM(args.model, dummy_weights=dummy, dtype="bfloat16" if dummy else "auto",
                          max_batch_size=max(args.batch, 1), enforce_eager=args.enforce_eager,
-                         max_model_len=args.context + 4 * args.steps + 64)
+                         max_model_len=args.context + 4 * args.steps + 64, quant=args.quant,
+                         kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine
     assert engine is not None
     prompts = [[(7 * i + j) % 300 + 10 for j in range(args.context)] for i in range(args.batch)]

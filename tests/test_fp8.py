@@ -573,29 +573,38 @@ def _smollm2_dir() -> Path:
     return out
 
 
+_EVAL_TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
+
+
 def test_smollm2_fp8_perplexity_and_greedy_side_by_side() -> None:
-    """FP8 weights + activations on a real model: perplexity of a fixed text close to the
-    unquantized model's, and greedy continuations of 20 prompts printed side by side."""
+    """FP8 weights + activations on a real model: perplexity of a fixed text of ~3,000 tokens
+    within 3% of the bf16 model's, and greedy continuations of 20 prompts printed side by side.
+
+    NOTE: bf16 on any device (the CPU runs it too). The GPU machines cannot take the model: its
+    GGUF file (94 MB) is over what a device call may carry (64 MiB)."""
     from trtdist.eval import perplexity
     from trtdist.llm import DistributedLLM
     from trtdist.sampling_params import SamplingParams
 
     src = _smollm2_dir()
+    text = _EVAL_TEXT.read_text()
+    dtype = "bfloat16"
     params = SamplingParams(max_tokens=12, temperature=0.0)
     ppl, texts = {}, {}
     for quant in ("none", "fp8"):
-        with DistributedLLM(src, quant=quant, dtype="float32", max_model_len=1024,
-                            num_kv_blocks=160, max_batch_size=20) as llm:
-            ppl[quant] = perplexity(llm, _PROSE, chunk=256)
+        with DistributedLLM(src, quant=quant, dtype=dtype, max_model_len=4096,
+                            num_kv_blocks=300, max_batch_size=20) as llm:
+            tokens = len(llm._engine().tokenizer.encode(text))
+            ppl[quant] = perplexity(llm, text, chunk=1024)
             texts[quant] = [o.outputs[0].text for o in llm.generate(_PROMPTS20, params)]
-    print(f"\nSmolLM2-135M perplexity: unquantized {ppl['none']:.4f}, fp8 {ppl['fp8']:.4f} "
+    print(f"\nSmolLM2-135M perplexity of {tokens} tokens ({dtype}): "
+          f"unquantized {ppl['none']:.4f}, fp8 {ppl['fp8']:.4f} "
           f"({100 * (ppl['fp8'] / ppl['none'] - 1):+.2f}%)")
     for p, a, b in zip(_PROMPTS20, texts["none"], texts["fp8"]):
         print(f"{p!r:45} | {a!r:40} | {b!r}")
+    assert tokens > 2500, tokens
     assert ppl["none"] < 30, ppl  # a real model reads real prose
-    # NOTE: measured on CPU (float32 activations): +3.5% (20 prompts, 790 tokens). The
-    # issue's goal is 3% against bf16 on GPU; this gate keeps the CPU figure from regressing.
-    # Most of it is weight rounding (weights alone: +1.9%; activations alone: -0.3%; with
-    # down_proj left unquantized: +2.3%), on weights that were a Q4_1 grid to begin with.
-    assert abs(ppl["fp8"] / ppl["none"] - 1) < 0.05, ppl
+    # NOTE: measured on CPU: bfloat16 13.82 -> fp8 14.17 (+2.53%); against float32 (13.79)
+    # +2.75%. Most of it is weight rounding, on weights that were a Q4_1 grid.
+    assert abs(ppl["fp8"] / ppl["none"] - 1) < 0.03, ppl
     assert "Paris" in texts["none"][0] and "Paris" in texts["fp8"][0]

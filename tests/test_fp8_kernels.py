@@ -8,16 +8,19 @@ rounds to E4M3 explicitly), and every kernel variant is compiled for sm_89 / sm_
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from trtdist.kernels import fp8_gemm
+from trtdist.kernels import fp8_gemm, fp8_gemm_configs
 from trtdist.kernels.fp8_gemm import fp8_gemm_small_m, fp8_gemm_torch
+from trtdist.kernels.fp8_gemm_configs import DEFAULT_DOT, Fp8GemmConfig
 from trtdist.kernels.fp8_quant import quantize_activation_torch, quantize_activation_triton
 from trtdist.parallel import quant_fp8
 from trtdist.parallel.quant_fp8 import (
@@ -123,13 +126,74 @@ def test_small_m_gemm_interpreter(m: int, n: int, k: int, split: int | None,
 
 def test_small_m_gemm_rejects_bad_input() -> None:
     w, ws = quantize_weight_per_channel(torch.randn(32, 64))
-    xq, xs = quantize_activation(torch.randn(17, 64), None)
-    with pytest.raises(ValueError, match="at most 16"):
+    xq, xs = quantize_activation(torch.randn(33, 64), None)
+    with pytest.raises(ValueError, match="at most 32"):
         fp8_gemm_small_m(xq, xs, w, ws, None, torch.float32)
+    with pytest.raises(ValueError, match="block_m = 16 cannot hold M = 17"):
+        fp8_gemm_small_m(xq[:17], xs[:17], w, ws, None, torch.float32, config=DEFAULT_DOT)
+    with pytest.raises(ValueError, match="block_m = 2 cannot hold M = 3"):
+        fp8_gemm_small_m(xq[:3], xs[:3], w, ws, None, torch.float32,
+                         config=Fp8GemmConfig("gemv", block_m=2, block_n=16, block_k=64))
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         fp8_gemm_small_m(xq[:2].float(), xs[:2], w, ws, None, torch.float32)
     with pytest.raises(ValueError, match="ws must be"):
         fp8_gemm_small_m(xq[:2], xs[:2], w, ws[:5], None, torch.float32)
+
+
+# one of each mode and accumulation variant, small enough for the interpreter
+_CONFIGS = [Fp8GemmConfig("gemv", 1, 16, 64, k_acc=True, x_2d=True, prefetch=True),
+            Fp8GemmConfig("gemv", 2, 16, 64, k_acc=False, x_2d=False),
+            Fp8GemmConfig("gemv", 4, 32, 128, k_acc=True, x_2d=False, prefetch=True),
+            Fp8GemmConfig("gemv", 4, 16, 64, k_acc=False, x_2d=True),
+            Fp8GemmConfig("dot_swap", 16, 64, 128, num_stages=3),
+            Fp8GemmConfig("dot", 32, 32, 64, num_stages=3)]
+
+
+@pytest.mark.parametrize("cfg", _CONFIGS, ids=lambda c: f"{c.mode}{c.block_m}")
+@pytest.mark.parametrize("n,k,split", [(80, 520, 3), (96, 512, None), (70, 300, 1)])
+def test_small_m_gemm_configs_interpreter(cfg: Fp8GemmConfig, n: int, k: int,
+                                          split: int | None) -> None:
+    """Every mode, with ragged N and K (masks), split-K both ways, each M its tile holds."""
+    for m in sorted({1, 2, 3, cfg.block_m} & set(range(1, cfg.block_m + 1))):
+        torch.manual_seed(m * 100 + n)
+        w, ws = quantize_weight_per_channel(torch.randn(n, k) * 0.05)
+        xq, xs = quantize_activation(torch.randn(m, k), None)
+        bias = torch.randn(n)
+        ref = _ref64(xq, xs, w, ws, bias)
+        for fixup in (True, False):
+            _poison_workspaces()
+            out = torch.full((m, n), float("nan"))
+            fp8_gemm_small_m(xq, xs, w, ws, bias, torch.float32, out=out, config=cfg,
+                             split_k=split, dot_fp8=False, fixup=fixup)
+            assert _rel(out, ref) < 1e-5, (m, fixup)
+    assert all(int(c.abs().sum()) == 0 for c in fp8_gemm._counters.values())
+
+
+def test_config_table_lookup_and_json(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    gemv = Fp8GemmConfig("gemv", 4, 16, 512, split_k=4, num_warps=8)
+    monkeypatch.setattr(fp8_gemm_configs, "TUNED", {})
+    monkeypatch.setattr(fp8_gemm_configs, "CONFIGS", {(4, 6144, 4096): gemv})
+    assert fp8_gemm_configs.lookup(3, 6144, 4096) == gemv  # bucket 4
+    assert fp8_gemm_configs.lookup(4, 6144, 4096) == gemv
+    assert fp8_gemm_configs.lookup(5, 6144, 4096) == DEFAULT_DOT  # bucket 8: not tuned
+    assert fp8_gemm_configs.lookup(1, 4096, 4096) == DEFAULT_DOT  # unknown shape
+    assert fp8_gemm_configs.lookup(20, 4096, 4096).block_m == 32
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"configs": [{"m": 2, "n": 64, "k": 128,
+                                             "config": gemv.to_dict()}]}))
+    fp8_gemm_configs.load_file(path)
+    assert fp8_gemm_configs.lookup(2, 64, 128) == gemv
+    assert (4, 6144, 4096) not in fp8_gemm_configs.CONFIGS  # replaced: TUNED + the file
+    with pytest.raises(ValueError, match="power of two"):
+        Fp8GemmConfig("gemv", 3)
+    with pytest.raises(ValueError, match="gemv takes block_m <= 4"):
+        Fp8GemmConfig("gemv", 8)
+    with pytest.raises(ValueError, match="tl.dot needs"):
+        Fp8GemmConfig("dot", 8)
+    with pytest.raises(ValueError, match="mode 'mma' unknown"):
+        Fp8GemmConfig("mma")
+    with pytest.raises(ValueError, match="bad entry"):
+        fp8_gemm_configs.from_json({"configs": [{"m": 1}]})
 
 
 def test_split_k_choice() -> None:
@@ -164,16 +228,17 @@ def test_fp8_linear_cuda_falls_back_when_a_kernel_fails(
 
 _AOT_SCRIPT = textwrap.dedent("""
     import re, sys, triton
+    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from trtdist.kernels import fp8_gemm as g, fp8_quant as q
+    from trtdist.kernels import fp8_fused as f, fp8_gemm as g, fp8_quant as q
 
     def compile_(fn, sig, consts, cc, **options):
         for c in consts:
             sig[c] = "constexpr"
         # as the runtime specialises pointers, strides, N and K (multiples of 16); not M
         attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
-                 if t != "constexpr" and name != "M"}
+                 if t not in ("constexpr", "fp32") and name != "M"}
         return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
                               options=options).asm["ptx"]
 
@@ -185,9 +250,43 @@ _AOT_SCRIPT = textwrap.dedent("""
             for split, fixup in ((1, True), (4, True), (4, False)):
                 ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
                     K_PER_SPLIT=1024, SPLIT_K=split, EVEN_K=True, FIXUP=fixup, HAS_BIAS=True,
-                    DOT_FP8=dot, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256), cc, num_warps=4,
-                    num_stages=4)
+                    DOT_FP8=dot, MODE=0, K_ACC=True, X_2D=False, PREFETCH=False, BLOCK_M=16,
+                    BLOCK_N=64, BLOCK_K=256), cc, num_warps=4, num_stages=4)
                 assert "mma.sync" in ptx and "cp.async" in ptx, (cc, dot, split)  # pipelined
+        # the weight on the MMA's M side: Hopper's wgmma
+        ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
+            K_PER_SPLIT=1024, SPLIT_K=4, EVEN_K=True, FIXUP=True, HAS_BIAS=True, DOT_FP8=True,
+            MODE=1, K_ACC=True, X_2D=False, PREFETCH=False, BLOCK_M=16, BLOCK_N=64,
+            BLOCK_K=256), cc, num_warps=4, num_stages=4)
+        assert ("wgmma" in ptx) == (cc == 90) and "cp.async" in ptx, cc
+        # gemv: no MMA; 16-byte weight loads
+        for bm, k_acc, x_2d, even, pf in ((1, True, True, True, True),
+                                          (2, False, False, True, False),
+                                          (4, True, True, False, True),
+                                          (4, False, True, True, False)):
+            ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
+                K_PER_SPLIT=1024, SPLIT_K=4, EVEN_K=even, FIXUP=True, HAS_BIAS=True,
+                DOT_FP8=True, MODE=2, K_ACC=k_acc, X_2D=x_2d, PREFETCH=pf, BLOCK_M=bm,
+                BLOCK_N=16, BLOCK_K=512), cc, num_warps=4, num_stages=1)
+            assert "mma" not in ptx and any("ld.global" in ln and ".v4" in ln
+                                                 for ln in ptx.splitlines()), (cc, bm)
+        fused = dict(x_ptr="*bf16", x_stride="i32", res_ptr="*bf16", res_stride="i32",
+                     w_ptr="*bf16", q_ptr="*fp8e4nv", q_stride="i32", s_ptr="*fp32",
+                     in_scale_ptr="*fp32", eps="fp32")
+        for static, n, res in ((False, 4096, True), (True, 4096, False), (False, 20480, True)):
+            block = min(16384, 1 << (n - 1).bit_length())
+            ptx = compile_(f._rms_norm_quant_kernel, dict(fused), dict(
+                N=n, HAS_RESIDUAL=res, STATIC=static, Y_DTYPE=tl.bfloat16, BLOCK=block,
+                ONE_PASS=block >= n), cc, num_warps=8)
+            assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, n)
+        for static, inter in ((False, 14336), (True, 3584), (False, 20000)):
+            block = min(16384, 1 << (inter - 1).bit_length())
+            ptx = compile_(f._silu_mul_quant_kernel, dict(
+                x_ptr="*bf16", x_stride="i32", q_ptr="*fp8e4nv", q_stride="i32",
+                s_ptr="*fp32", in_scale_ptr="*fp32"), dict(
+                INTER=inter, STATIC=static, Y_DTYPE=tl.bfloat16, BLOCK=block,
+                ONE_PASS=block >= inter), cc, num_warps=8)
+            assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, inter)
         compile_(g._splitk_epilogue, dict(part_ptr="*fp32", xs_ptr="*fp32", ws_ptr="*fp32",
                  b_ptr="*bf16", out_ptr="*bf16", N="i32", stride_om="i32"),
                  dict(SPLIT_K=4, HAS_BIAS=True, BLOCK_M=16, BLOCK=1024), cc, num_warps=4)
@@ -322,3 +421,63 @@ def test_fp8_linear_cuda_graph_capture_replay_gpu(m: int, fixup: bool,
         xq, xs = quantize_activation(x, None)
         assert _rel(y, _ref64(xq, xs, w, ws, None)) < 1e-2
     assert "off" not in quant_fp8._fast, quant_fp8._fast.get("off")
+
+
+_GPU_CONFIGS = [Fp8GemmConfig("gemv", 1, 16, 512, k_acc=True, x_2d=True, prefetch=True),
+                Fp8GemmConfig("gemv", 4, 32, 256, k_acc=False, x_2d=True, prefetch=True),
+                Fp8GemmConfig("gemv", 4, 16, 512, k_acc=True, x_2d=False),
+                Fp8GemmConfig("gemv", 2, 8, 1024, k_acc=False, x_2d=True, prefetch=True),
+                Fp8GemmConfig("dot_swap", 16, 64, 256, num_stages=4),
+                Fp8GemmConfig("dot_swap", 16, 128, 128, num_warps=8),
+                Fp8GemmConfig("dot", 32, 64, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", _GPU_CONFIGS, ids=lambda c: f"{c.mode}{c.block_m}x{c.block_n}")
+@pytest.mark.parametrize("n,k", [(4096, 14336), (6144, 4096), (200, 272)])
+def test_small_m_gemm_modes_gpu(cfg: Fp8GemmConfig, n: int, k: int) -> None:
+    """The tuner's modes on a GPU (FP8 MMA, wgmma, gemv with its variants), every M the tile
+    holds, with and without split-K, against the quantized model in float64."""
+    dev = _need_fp8()
+    w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev) * 0.02)
+    bias = torch.randn(n, device=dev)
+    for m in sorted({1, 2, 3, cfg.block_m} & set(range(1, cfg.block_m + 1))):
+        torch.manual_seed(m)
+        xq, xs = quantize_activation(torch.randn(m, k, device=dev), None)
+        ref = _ref64(xq, xs, w, ws, bias)
+        for split in (None, 1, 3, 8):
+            _poison_workspaces()
+            out = torch.full((m, n), float("nan"), device=dev, dtype=torch.bfloat16)
+            for _ in range(2):
+                fp8_gemm_small_m(xq, xs, w, ws, bias, torch.bfloat16, out=out, config=cfg,
+                                 split_k=split)
+            assert _rel(out, ref) < 1e-2, (m, split)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in fp8_gemm._counters.values())
+
+
+def test_tune_script_candidates_and_table_round_trip() -> None:
+    """`scripts/tune_fp8_gemm.py`'s search space and outputs, without a GPU: the default is
+    timed first, gemv only where it fits; the printed dict literal and the JSON give the same
+    table."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import tune_fp8_gemm as tune
+    finally:
+        sys.path.pop(0)
+    for m in (1, 2, 3, 4, 8, 16):
+        cands = tune.candidates(fp8_gemm_configs, m, 4096)
+        assert cands[0] == fp8_gemm_configs.default_config(m)
+        assert len(set(cands)) == len(cands) > 5
+        assert all(c.block_m >= m for c in cands)
+        assert any(c.mode == "gemv" for c in cands) == (m <= 4)
+    rows = [{"m": m, "m_bucket": fp8_gemm_configs.m_bucket(m), "n": 6144, "k": 4096,
+             "config": c.to_dict(), "time_us": 5.0, "frac_copy_bw": 0.8}
+            for m, c in ((1, Fp8GemmConfig("gemv", 1, 16, 512, 2, prefetch=True)),
+                         (3, Fp8GemmConfig("gemv", 4, 8, 1024, 4, k_acc=False)),
+                         (16, Fp8GemmConfig("dot_swap", 16, 128, 256, 1)))]
+    text = tune.as_python(rows)
+    scope: dict[str, object] = {"Fp8GemmConfig": Fp8GemmConfig}
+    exec(text, scope)  # noqa: S102 - our own generated literal
+    assert scope["TUNED"] == fp8_gemm_configs.from_json({"configs": rows})
+    assert set(scope["TUNED"]) == {(1, 6144, 4096), (4, 6144, 4096), (16, 6144, 4096)}

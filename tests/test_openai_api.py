@@ -153,6 +153,49 @@ def test_stream_echo_and_continuous_usage(client: openai.OpenAI) -> None:
     assert all(c.usage is not None for c in chunks) and used == sorted(used) and used[-1] == 5
 
 
+def test_streamed_deltas_add_up_to_the_response(client: openai.OpenAI) -> None:
+    """The engine's deltas, forwarded: several prompts with n = 2, echo with logprobs (a later
+    choice echoes the prompt's logprobs too), a stop string that never shows, one
+    finish_reason per choice, text offsets counting the characters already sent; chat
+    logprobs the same way."""
+    kw = dict(model="tiny", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    first = client.completions.create(prompt=PROMPT, logprobs=0, **kw).choices[0]
+    ref = first.text
+    # a stop string across a token boundary: its first character is held back a step
+    stop = next(ref[b - 1:b + 1] for b in first.logprobs.text_offset[2:]
+                if 0 < b < len(ref) - 1 and ref.find(ref[b - 1:b + 1]) == b - 1
+                and " " not in ref[b - 1:b + 1])
+    prompts = [PROMPT, "Hello world"]
+    kw |= dict(stop=[stop], logprobs=1, echo=True, n=2)
+    full = client.completions.create(prompt=prompts, **kw)
+    assert full.choices[0].text == PROMPT + ref[:ref.index(stop)]
+    assert full.choices[0].finish_reason == "stop"
+    chunks = [ch.choices[0] for ch in client.completions.create(prompt=prompts, stream=True,
+                                                                **kw) if ch.choices]
+    for want in full.choices:
+        got = [c for c in chunks if c.index == want.index]
+        assert "".join(c.text for c in got) == want.text
+        assert stop not in "".join(c.text for c in got)[len(prompts[want.index // 2]):]
+        assert [c.finish_reason for c in got[:-1]] == [None] * (len(got) - 1)
+        assert got[-1].finish_reason == want.finish_reason
+        assert [t for c in got for t in c.logprobs.tokens] == want.logprobs.tokens
+        streamed = [v for c in got for v in c.logprobs.token_logprobs]
+        assert [v is None for v in streamed] == [v is None for v in want.logprobs.token_logprobs]
+        assert streamed[1:] == pytest.approx(want.logprobs.token_logprobs[1:], abs=1e-4)
+        sent = 0
+        for c in got:
+            if c.logprobs.tokens:
+                assert c.logprobs.text_offset[0] == sent
+            sent += len(c.text)
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**chat).choices[0]
+    parts = [ch.choices[0] for ch in client.chat.completions.create(**chat, stream=True)]
+    assert "".join(p.delta.content or "" for p in parts) == whole.message.content
+    assert [t.token for p in parts if p.logprobs for t in p.logprobs.content] == \
+        [t.token for t in whole.logprobs.content]
+
+
 def test_logit_bias_forces_a_token(client: openai.OpenAI, tok: Tokenizer) -> None:
     forced = tok.encode(" fox", add_special_tokens=False)[0]
     r = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0.8,

@@ -60,6 +60,23 @@ def test_batch_equals_alone_and_transformers(tp: int, pp: int, hf_models: dict[s
 
 
 @pytest.mark.mpi
+def test_guaranteed_no_evict_same_tokens_without_preemption(hf_models: dict[str, Path],
+                                                           mixed: list[dict],
+                                                           mixed_reference: list,
+                                                           tmp_path: Path) -> None:
+    """The same pool that forces preemptions above: guaranteed_no_evict admits fewer at once,
+    preempts nothing, and produces the same tokens."""
+    spec = {"llm": {"model": str(hf_models["llama"]), "dtype": "float32", "block_size": 4,
+                    "num_kv_blocks": 40, "max_num_tokens": 24, "max_model_len": 96,
+                    "max_batch_size": 16, "scheduler_policy": "guaranteed_no_evict"},
+            "phases": [{"mode": "batch", "requests": mixed}]}
+    (batch,) = _run(1, spec, tmp_path)
+    assert [o[0]["token_ids"] for o in batch["outputs"]] == mixed_reference
+    assert batch["preemptions"] == 0
+    assert batch["num_free"] == batch["num_blocks"]
+
+
+@pytest.mark.mpi
 def test_prefix_reuse_counts_hits_and_changes_nothing(hf_models: dict[str, Path],
                                                       tmp_path: Path) -> None:
     need_devices(2)

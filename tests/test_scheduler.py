@@ -92,3 +92,66 @@ def test_abort_frees_blocks_anywhere() -> None:
     s.finish(a, "abort")
     s.finish(b, "abort")
     assert not s.running and not s.waiting and alloc.num_free == 16
+
+
+def _finish_done(s: Scheduler, max_tokens: int) -> None:
+    for q in list(s.running):
+        if q.num_output >= max_tokens:
+            s.finish(q, "length")
+
+
+def _drain(s: Scheduler, max_tokens: int) -> int:
+    """Run to completion; returns the largest number of sequences that ran at once."""
+    most = 0
+    while s.has_work:
+        batch = s.schedule()
+        assert batch is not None
+        most = max(most, len(s.running))
+        _run(s, batch)
+        _finish_done(s, max_tokens)
+    return most
+
+
+def test_guaranteed_no_evict_never_preempts_and_reserves_max_tokens() -> None:
+    """Prompts of 8 tokens and max_tokens 8 in a pool of 12 blocks of 4: max_utilization admits
+    all four prompts (2 blocks each) and preempts as they grow to 4 blocks; guaranteed_no_evict
+    admits three (3 x 4 blocks = 12) and never preempts."""
+    counts = {}
+    for policy in ("max_utilization", "guaranteed_no_evict"):
+        alloc = KVBlockAllocator(12, 4, enable_prefix_caching=False)
+        s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_tokens=100, max_model_len=100,
+                                      policy=policy), alloc)
+        seqs = [Sequence(i, f"r{i}", 0, list(range(10 * i, 10 * i + 8)), 8,
+                         SamplingParams(max_tokens=8), RequestMetrics(0.0)) for i in range(4)]
+        for q in seqs:
+            s.add(q)
+        most = _drain(s, 8)
+        assert all(q.num_output == 8 for q in seqs)
+        assert alloc.num_free == 12 and s.reserved_blocks == 0
+        counts[policy] = (s.num_preemptions, most)
+    assert counts["max_utilization"][0] > 0
+    assert counts["guaranteed_no_evict"] == (0, 3)
+
+
+def test_guaranteed_no_evict_releases_on_abort_and_admits_oversized_alone() -> None:
+    alloc = KVBlockAllocator(4, 4, enable_prefix_caching=False)
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_num_tokens=100, max_model_len=100,
+                                  policy="guaranteed_no_evict"), alloc)
+    big = Sequence(0, "r0", 0, list(range(6)), 6, SamplingParams(max_tokens=50),
+                   RequestMetrics(0.0))
+    small = _seq(1, 3)
+    s.add(big)
+    s.add(small)
+    s.schedule()  # the oversized one runs alone (it reserves the whole pool)
+    assert [q.seq_id for q in s.running] == [0] and s.reserved_blocks == 4
+    s.finish(big, "abort")
+    assert s.reserved_blocks == 0
+    s.schedule()
+    assert [q.seq_id for q in s.running] == [1]
+
+
+def test_scheduler_policy_is_validated() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="max_utilization, guaranteed_no_evict"):
+        SchedulerConfig(policy="fifo")

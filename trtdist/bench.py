@@ -22,6 +22,7 @@ import torch
 from trtdist import device_roofline
 from trtdist.benchmarks.metrics import stats
 from trtdist.llm import DistributedLLM
+from trtdist.runtime.kv_cache import kv_cache_dtype_name
 from trtdist.sampling_params import SamplingParams
 
 #: `--sweep NAME=...` names and the DistributedLLM keyword(s) each sets
@@ -58,6 +59,7 @@ def run_bench(llm: DistributedLLM, num_requests: int, input_len: int, output_len
     timing = timer.summary()
     timer.enabled = False
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    kv = llm._runner.kv
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
               and llm.options.device != "cpu" else "cpu")
     m = [o.metrics for o in outs]
@@ -77,6 +79,8 @@ def run_bench(llm: DistributedLLM, num_requests: int, input_len: int, output_len
         "e2el_s": stats([x.finished_time - x.arrival_time for x in m
                          if x.finished_time is not None]),
         "kv_blocks": engine.allocator.num_blocks, "preemptions": engine.scheduler.num_preemptions,
+        "scheduler_policy": engine.scheduler.config.policy,
+        "kv_cache_dtype": kv_cache_dtype_name(kv.dtype), "kv_bytes_per_block": kv.block_bytes,
     } | timing | device_roofline.bench_fields(
         roof, sum(p.numel() * p.element_size() for p in llm._runner.model.parameters()),
         [t for o in outs if (t := o.metrics.time_per_output_token) is not None], num_requests)

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from trtdist import __version__
+from trtdist.runtime.scheduler import POLICIES
 
 
 def _bounded(cast: type, low: float, high: float | None, what: str):  # type: ignore[no-untyped-def]
@@ -104,6 +105,15 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                         "8, then steps of 8 up to --max-batch-size)")
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto",
                    help="attention kernels: auto = triton on CUDA, torch elsewhere")
+    p.add_argument("--scheduler-policy", choices=list(POLICIES), default="max_utilization",
+                   help="KV admission: max_utilization admits while blocks are free and "
+                        "preempts (recomputes) the newest sequence when full; "
+                        "guaranteed_no_evict admits only sequences that fit at prompt + "
+                        "max_tokens, so nothing is preempted")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="KV cache element type: auto = the model dtype; fp8 = E4M3 with one "
+                        "scale per token and KV head, ~1.9x the KV blocks (CUDA: compute "
+                        "capability >= 8.9)")
 
 
 def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -122,7 +132,8 @@ def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
                 verify_checksums=not args.skip_checksums, enforce_eager=args.enforce_eager,
                 overlap=args.overlap,
                 cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
-                attention_backend=args.attention_backend, quant=args.quant)
+                attention_backend=args.attention_backend, quant=args.quant,
+                scheduler_policy=args.scheduler_policy, kv_cache_dtype=args.kv_cache_dtype)
 
 
 _MODEL_HELP = ("engine directory, Hugging Face directory, .gguf file, or 'tiny' (random test "

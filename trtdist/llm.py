@@ -80,6 +80,11 @@ class DistributedLLM:
     `quant` ('auto', 'none', 'fp8') quantizes a Hugging Face checkpoint or dummy weights
     on the fly; an engine keeps the scheme it was built with ('auto' = the model's own: an
     FP8 checkpoint stays FP8).
+    `scheduler_policy` is "max_utilization" (admit while blocks are free, preempt and
+    recompute when full) or "guaranteed_no_evict" (admit only what can run to `max_tokens`).
+    `kv_cache_dtype` ('auto', 'fp8'): 'fp8' stores the KV cache in E4M3 with one scale per
+    token and KV head (about twice the tokens in the same memory; on CUDA it needs compute
+    capability >= 8.9); 'auto' keeps the model's dtype.
 
     A rank that sends no heartbeat for `worker_timeout` seconds is reported to
     `on_rank_failure(rank, seconds)` on the leader; by default the whole world is aborted
@@ -96,7 +101,8 @@ class DistributedLLM:
                  overlap: bool = True,
                  cuda_graph_batch_sizes: Sequence[int] | None = None,
                  attention_backend: str = "auto", quant: str = "auto",
-                 worker_timeout: float = 10.0,
+                 scheduler_policy: str = "max_utilization",
+                 kv_cache_dtype: str = "auto", worker_timeout: float = 10.0,
                  on_rank_failure: Callable[[int, float], None] | None = None) -> None:
         self.options = RankOptions(
             tp_size=tp_size, pp_size=pp_size, dtype=dtype, device=device, block_size=block_size,
@@ -107,9 +113,9 @@ class DistributedLLM:
             verify_checksums=verify_checksums, seed=seed, enforce_eager=enforce_eager,
             cuda_graph_batch_sizes=(tuple(cuda_graph_batch_sizes)
                                     if cuda_graph_batch_sizes is not None else None),
-            attention_backend=attention_backend, quant=quant)
+            attention_backend=attention_backend, quant=quant, kv_cache_dtype=kv_cache_dtype)
         engine_config = EngineConfig(max_batch_size, max_num_tokens, max_model_len,
-                                     enable_prefix_caching, overlap)
+                                     enable_prefix_caching, overlap, scheduler_policy)
         source = resolve_model(model, dummy_weights)
         size, existing = tp_size * pp_size, MPI.COMM_WORLD.Get_size()
         self._spawned: SpawnedWorld | None = None
@@ -185,8 +191,10 @@ class DistributedLLM:
     def stream(self, prompts: Prompt | Sequence[Prompt],
                params: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:
-        """Yield a `RequestOutput` snapshot each time a request gains tokens or finishes.
-        Closing the iterator early aborts the requests still running."""
+        """Yield a `RequestOutput` each time a request gains tokens or finishes: a snapshot
+        (`output_kind` "cumulative", the default), what is new since its previous output
+        ("delta"), or only the final one ("final_only"). Closing the iterator early aborts
+        the requests still running."""
         engine = self._engine()
         pending = set(self._add(prompts, params))
         try:
@@ -205,7 +213,8 @@ class DistributedLLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of `prompts`."""
+        """Run every prompt to completion; outputs come back in the order of `prompts`, each
+        the whole result whatever `output_kind` (a request's only output holds all of it)."""
         final: dict[str, RequestOutput] = {}
         order: list[str] = []
         engine = self._engine()

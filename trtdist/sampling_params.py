@@ -13,6 +13,10 @@ _INT_FIELDS = ("n", "max_tokens", "top_k", "min_tokens")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+# What each RequestOutput of a request carries (vLLM's RequestOutputKind): everything so far,
+# only what is new since the request's previous output, or nothing until the final one.
+CUMULATIVE, DELTA, FINAL_ONLY = "cumulative", "delta", "final_only"
+OUTPUT_KINDS = (CUMULATIVE, DELTA, FINAL_ONLY)
 
 
 def _check_types(p: SamplingParams) -> None:
@@ -57,6 +61,11 @@ class SamplingParams:
     `max_tokens` 0 generates nothing (useful with `prompt_logprobs`, to score a prompt).
     `logit_bias` maps token ids to a value added to their logits before sampling (OpenAI's
     range, -100 to 100); it is kept as sorted (id, bias) pairs.
+    `output_kind` says what the engine's outputs of the request carry: "cumulative" (each a
+    snapshot of everything so far; what `DistributedLLM.generate` returns), "delta" (only the
+    new token ids, text and logprobs since the request's previous output; the text never
+    shows what a stop string may still claim) or "final_only" (one cumulative output when the
+    request finishes).
     """
 
     n: int = 1
@@ -78,6 +87,7 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: str = CUMULATIVE
     extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -124,6 +134,9 @@ class SamplingParams:
              f"min_tokens must be in [0, max_tokens], got {self.min_tokens}"),
             (all(isinstance(s, str) and s for s in self.stop),
              "stop must be non-empty strings"),
+            (self.output_kind in OUTPUT_KINDS,
+             f"output_kind must be one of {', '.join(map(repr, OUTPUT_KINDS))}, got "
+             f"{self.output_kind!r}"),
         ]
         for ok, msg in checks:
             if not ok:

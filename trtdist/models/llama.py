@@ -6,6 +6,7 @@ Stage 0 also owns the embedding; the last stage owns the final norm and the LM h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,8 @@ from torch import nn
 from trtdist.comm.base import Communicator
 from trtdist.config import ModelConfig
 from trtdist.kernels.activation import silu_and_mul
-from trtdist.kernels.attention import AttentionBackend, TorchAttentionBackend
+from trtdist.kernels.attention import AttentionBackend, LayerKV, TorchAttentionBackend
+from trtdist.kernels.fp8_fused import rms_norm_quant_triton, silu_and_mul_quant_triton
 from trtdist.kernels.norm import add_rms_norm, rms_norm
 from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
 from trtdist.models.rope import inv_frequencies
@@ -22,6 +24,7 @@ from trtdist.parallel.layers import (
     ColumnParallelLinear,
     LinearMethod,
     ParallelLMHead,
+    QuantizedActivation,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
@@ -46,10 +49,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device),
                                    requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                quant_for: ColumnParallelLinear | None = None
+                ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
         """vLLM style: returns `(norm(x + residual), x + residual)`; without a residual,
-        `(norm(x), x)`. Numerics as transformers' LlamaRMSNorm (see kernels/norm.py)."""
+        `(norm(x), x)`. Numerics as transformers' LlamaRMSNorm (see kernels/norm.py).
+        When `quant_for` (the linear layer that consumes the output) wants FP8 input, the
+        normalised rows come back quantized (`QuantizedActivation`, one fused kernel)."""
+        if quant_for is not None and x.dim() == 2 and quant_for.wants_quantized_input:
+            q, scale, residual = rms_norm_quant_triton(x, residual, self.weight, self.eps,
+                                                       quant_for.activation_scale)
+            dtype = torch.promote_types(x.dtype, self.weight.dtype)  # what the norm returns
+            return QuantizedActivation(q, scale, dtype), residual
         if residual is None:
             return rms_norm(x, self.weight, self.eps), x
         return add_rms_norm(x, residual, self.weight, self.eps)
@@ -71,16 +82,15 @@ class LlamaAttention(nn.Module):
         self.o = RowParallelLinear(self.q_size, cfg.hidden_size, cfg.o_bias, dtype, device, tp,
                                    quant)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv: LayerKV,
+                ctx: StepContext) -> torch.Tensor:
         t = x.shape[0]
-        k_cache, v_cache = kv_cache
         # Rotary on q and k, and the write of k and v into the paged cache, in one op.
         q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
-                                   self.kv_heads, self.head_dim, k_cache, v_cache,
-                                   ctx.slot_mapping)
-        o = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale,
-                                self.window)  # [T, Hq, D]
+                                   self.kv_heads, self.head_dim, kv.k, kv.v, ctx.slot_mapping,
+                                   k_scale=kv.k_scale, v_scale=kv.v_scale)
+        o = ctx.backend.forward(q, k, v, kv.k, kv.v, ctx.meta, self.scale, self.window,
+                                k_scale=kv.k_scale, v_scale=kv.v_scale)  # [T, Hq, D]
         return self.o(o.reshape(t, self.q_size))
 
 
@@ -98,8 +108,12 @@ class LlamaMLP(nn.Module):
         self.down = RowParallelLinear(self.inter, cfg.hidden_size, cfg.mlp_bias, dtype, device, tp,
                                       quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(silu_and_mul(self.gate_up(x)))
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        h = self.gate_up(x)  # [T, 2I]
+        if h.dim() == 2 and self.down.wants_quantized_input:
+            q, scale = silu_and_mul_quant_triton(h, self.down.activation_scale)
+            return self.down(QuantizedActivation(q, scale, h.dtype))
+        return self.down(silu_and_mul(h))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -114,12 +128,12 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, mapping, tp, dtype, device, quant)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], ctx: StepContext
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: LayerKV, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream travels beside the layer output (vLLM style): the add that
         closes one block is fused with the norm that opens the next."""
-        x, residual = self.input_norm(h, residual)
-        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx), residual)
+        x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv)
+        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx), residual,
+                                     quant_for=self.mlp.gate_up)
         return self.mlp(x), residual
 
 
@@ -153,7 +167,7 @@ class LlamaStage(nn.Module):
         return StepContext(positions, slot_mapping, meta, self.attention_backend)
 
     def forward(self, tokens_or_hidden: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                kv_caches: Sequence[LayerKV],
                 ctx: StepContext) -> torch.Tensor:
         """Stage 0 takes token ids `[T]`; later stages take hidden states `[T, hidden]`.
         Returns hidden states `[T, hidden]`: after the final norm on the last stage, else

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from trtdist.runtime.prompt_logprobs import prompt_targets
 from trtdist.runtime.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from trtdist.runtime.sequence import Sequence, SequenceStatus
 from trtdist.runtime.validation import RequestError, check_request
-from trtdist.sampling_params import SamplingParams
+from trtdist.sampling_params import DELTA, FINAL_ONLY, SamplingParams
 from trtdist.tokenizer import Tokenizer
 
 _NO_TABLES = np.zeros(0, dtype=np.int64)
@@ -42,6 +43,9 @@ class EngineConfig:
     # Schedule and launch step N+1 while step N runs (pp_size 1): decode inputs that are
     # still being sampled are read on the device; stops are seen one step late.
     overlap: bool = True
+    # KV admission: "max_utilization" (preempt when full) or "guaranteed_no_evict"
+    # (runtime/scheduler.py)
+    scheduler_policy: str = "max_utilization"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens"):
@@ -57,6 +61,12 @@ class _Request:
     prompt: str | None
     prompt_ids: list[int]
     seqs: list[Sequence]
+    kind: str  # SamplingParams.output_kind
+    # DELTA bookkeeping, one entry per sequence: output tokens already emitted, and whether
+    # its final output went out; whether the prompt's logprobs went out (once, when complete)
+    sent: list[int]
+    closed: list[bool]
+    prompt_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -83,7 +93,8 @@ class LLMEngine:
         # NOTE: as many block-table rows as every rank's persistent table holds
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_num_tokens,
                                                    self.max_model_len, self.overlap,
-                                                   runner.inputs.table.shape[0]),
+                                                   runner.inputs.table.shape[0],
+                                                   policy=config.scheduler_policy),
                                    self.allocator)
         self.eos_ids = frozenset((tokenizer.eos_token_ids if tokenizer else ())
                                  or model_cfg.eos_token_ids)
@@ -93,8 +104,11 @@ class LLMEngine:
         self.pipeline_depth = runner.mapping.pp_size + int(self.overlap)
         self._released: list[int] = []
         self._seq_ids = itertools.count()
+        # copied_output_items: token ids and logprob entries put into outputs (a DELTA
+        # request's stay constant per step however long it gets; a CUMULATIVE one's grow)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0,
-                      "detokenized_tokens": 0, "overlapped_steps": 0}
+                      "detokenized_tokens": 0, "overlapped_steps": 0,
+                      "copied_output_items": 0}
 
     # ---- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | Seq[int],
@@ -116,7 +130,9 @@ class LLMEngine:
                            RequestMetrics(arrival), parent=seqs[0] if seqs else None)
             seqs.append(seq)
             self.scheduler.add(seq)
-        self.requests[request_id] = _Request(request_id, text, list(ids), seqs)
+        self.requests[request_id] = _Request(request_id, text, list(ids), seqs,
+                                             params.output_kind, [0] * params.n,
+                                             [False] * params.n)
 
     def abort_request(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
@@ -135,7 +151,6 @@ class LLMEngine:
         seq.metrics.finished_time = time.time()
         if seq.detok is not None:  # a trailing incomplete character becomes text now
             seq.detok.flush()
-            seq.text = seq.detok.text
         self.scheduler.finish(seq, reason, stop_reason)
         self._released.append(seq.seq_id)
 
@@ -217,8 +232,8 @@ class LLMEngine:
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Launch batches until the pipeline is full, then finish the oldest one. Returns the
-        outputs of every request that produced tokens or finished in this step (only those
-        that finished with `finished_only`: snapshots of running requests cost O(length))."""
+        outputs of the requests that produced tokens or finished in this step, as each one's
+        `output_kind` asks (only of those that finished with `finished_only`)."""
         start = time.perf_counter()
         while len(self.in_flight) < self.pipeline_depth:
             batch = self.scheduler.schedule()
@@ -299,8 +314,7 @@ class LLMEngine:
             if not finished_only or seq.status is FINISHED:
                 touched[seq.request_id] = requests[seq.request_id]
         self.stats["generation_tokens"] += generated
-        return [self._output(req) for req in touched.values()
-                if not finished_only or req.finished]
+        return self._outputs(touched.values(), finished_only)
 
     @staticmethod
     def _add_prompt_logprobs(seq: Sequence, first_position: int, rows: np.ndarray) -> None:
@@ -327,7 +341,6 @@ class LLMEngine:
             before = seq.detok.decoded_tokens
             stop_string = seq.detok.append([token], check_stop=can_stop)
             self.stats["detokenized_tokens"] += seq.detok.decoded_tokens - before
-            seq.text = seq.detok.text
         if can_stop:
             if token in p.stop_token_ids:
                 self._finish(seq, "stop", token)
@@ -341,13 +354,35 @@ class LLMEngine:
         if num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length")
 
-    def _output(self, req: _Request) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.text, list(s.output_ids), s.finish_reason,
-                                 list(s.logprobs) if s.params.logprobs is not None else None,
-                                 s.stop_reason) for s in req.seqs]
+    def _outputs(self, touched: Iterable[_Request], finished_only: bool) -> list[RequestOutput]:
+        """The outputs of the requests that sampled in a step (`finished_only`: only of those
+        that finished; a DELTA request then gets everything in its one output)."""
+        outs = []
+        for req in touched:
+            if finished_only and not req.finished:
+                continue
+            out = self._output(req)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def _output(self, req: _Request) -> RequestOutput | None:
+        """The request's output of this step, as its `output_kind` asks; None when there is
+        nothing to emit (FINAL_ONLY before the end, DELTA with nothing showable)."""
         finished = req.finished
         if finished:
             del self.requests[req.request_id]
+        if req.kind == DELTA:
+            return self._delta_output(req, finished)
+        if req.kind == FINAL_ONLY and not finished:
+            return None
+        outs = []
+        for s in req.seqs:
+            lps = list(s.logprobs) if s.params.logprobs is not None else None
+            ids = s.output_ids
+            self.stats["copied_output_items"] += len(ids) + len(lps or ())
+            outs.append(CompletionOutput(s.index, self._text(s), ids, s.finish_reason, lps,
+                                         s.stop_reason))
         first = req.seqs[0]
         prompt_lps = (list(first.prompt_logprobs) if first.params.prompt_logprobs is not None
                       else None)
@@ -371,6 +406,48 @@ class LLMEngine:
                 table.shape[0]:
             raise AssertionError(f"block-table rows {sorted(rows)} are shared or lost "
                                  f"({self.scheduler.rows.num_free} free of {table.shape[0]})")
+
+    def _delta_output(self, req: _Request, finished: bool) -> RequestOutput | None:
+        """What is new since the request's previous output: per sequence the new token ids,
+        logprobs and text (the detokenizer holds back what a stop string or an incomplete
+        character may still change). A sequence with nothing showable is left out; its
+        tokens go out with its next output, and a finished one always gets a last output.
+
+        NOTE: slices from the last emitted position: constant work per step however long
+        the output, where a snapshot copies every list (O(n) per token)."""
+        outs = []
+        for i, s in enumerate(req.seqs):
+            if req.closed[i]:
+                continue
+            done = s.is_finished
+            start = req.sent[i]
+            text = s.detok.take_delta(finished=done) if s.detok is not None else ""
+            new = s.num_output > start
+            # NOTE: tokens without text still go out when their logprobs are wanted, or when
+            # there is no tokenizer (no text at all): clients see the tokens arrive as they do
+            wants_tokens = s.params.logprobs is not None or self.tokenizer is None
+            if not (text or done or (new and wants_tokens)):
+                continue  # e.g. the text is held back: these tokens go out next time
+            ids = s.token_ids[s.prompt_len + start:]
+            lps = s.logprobs[start:] if s.params.logprobs is not None else None
+            self.stats["copied_output_items"] += len(ids) + len(lps or ())
+            req.sent[i] = s.num_output
+            req.closed[i] = done
+            outs.append(CompletionOutput(s.index, text, ids, s.finish_reason, lps,
+                                         s.stop_reason))
+        if not outs and not finished:
+            return None
+        first = req.seqs[0]
+        prompt_lps = None
+        if (first.params.prompt_logprobs is not None and not req.prompt_sent
+                and not first.wants_prompt_logprobs):
+            prompt_lps, req.prompt_sent = list(first.prompt_logprobs), True
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
+                             first.metrics, first.num_cached_prompt, prompt_lps)
+
+    @staticmethod
+    def _text(seq: Sequence) -> str:
+        return seq.detok.text if seq.detok is not None else ""
 
     def abort_all(self) -> None:
         for rid in list(self.requests):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from trtdist.kernels.attention import LayerKV
 from trtdist.models.llama import LlamaStage
 from trtdist.runtime.inputs import StepInputs, StepViews
 from trtdist.runtime.plan import FORWARD, RETURN_ALL_LOGITS, StepPlan
@@ -63,7 +64,7 @@ def padded_decode_plan(rows: int, block: int = 0) -> StepPlan:
                     np.full((rows, 1), block, dtype=np.int64))
 
 
-def run_stage(model: LlamaStage, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+def run_stage(model: LlamaStage, kv_layers: Sequence[LayerKV],
               x: torch.Tensor, views: StepViews, meta: object,
               all_logits: bool, hidden_out: list[torch.Tensor] | None = None) -> torch.Tensor:
     """This stage's forward. Last stage: logits of every row when `all_logits`, else of
@@ -83,7 +84,7 @@ def run_stage(model: LlamaStage, kv_layers: list[tuple[torch.Tensor, torch.Tenso
     return model.compute_logits(h.index_select(0, views.logits_rows))
 
 
-def decode_body(model: LlamaStage, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+def decode_body(model: LlamaStage, kv_layers: Sequence[LayerKV],
                 inputs: StepInputs, hidden_in: torch.Tensor | None,
                 bucket: int) -> torch.Tensor:
     """What a decode graph of `bucket` rows runs: the stage on the static buffers, with the
@@ -95,7 +96,7 @@ def decode_body(model: LlamaStage, kv_layers: list[tuple[torch.Tensor, torch.Ten
 
 
 def measure_decode_memory(model: LlamaStage, inputs: StepInputs, hidden_in: torch.Tensor | None,
-                          kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                          kv_layers: Sequence[LayerKV],
                           bucket: int) -> int:
     """Peak bytes one eager run of the `bucket` decode body allocates (against a small
     temporary KV pool): about what the graphs' shared pool will hold. Also JIT-compiles the
@@ -114,7 +115,7 @@ def measure_decode_memory(model: LlamaStage, inputs: StepInputs, hidden_in: torc
 class CUDAGraphRunner:
     """Captures and replays this rank's decode graphs (CUDA only)."""
 
-    def __init__(self, model: LlamaStage, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+    def __init__(self, model: LlamaStage, kv_layers: Sequence[LayerKV],
                  inputs: StepInputs, hidden_in: torch.Tensor | None,
                  batch_sizes: Sequence[int]) -> None:
         if model.device.type != "cuda":

@@ -4,6 +4,35 @@ from __future__ import annotations
 
 import torch
 
+from trtdist.kernels.attention import LayerKV
+from trtdist.kernels.kv_quant import KV_FP8_DTYPE, KV_SCALE_DTYPE
+
+#: `--kv-cache-dtype` values: auto = the model's dtype; fp8 = E4M3 with per token-head scales
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype,
+                           device: torch.device) -> torch.dtype:
+    """The element type of the KV pool for `--kv-cache-dtype name`."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                         f"got {name!r}")
+    if name == "auto":
+        return model_dtype
+    if device.type == "cuda":
+        # NOTE: the Triton kernels convert E4M3 in hardware (cvt.e4m3), from sm_89 on.
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"--kv-cache-dtype fp8 needs a GPU of compute capability >= 8.9 "
+                             f"(Ada, Hopper or newer); {torch.cuda.get_device_name(device)} "
+                             f"is {major}.{minor}: use --kv-cache-dtype auto")
+    return KV_FP8_DTYPE
+
+
+def kv_cache_dtype_name(dtype: torch.dtype) -> str:
+    """How logs and benchmark results name a pool's element type: fp8_e4m3, bfloat16, ..."""
+    return "fp8_e4m3" if dtype == KV_FP8_DTYPE else str(dtype).removeprefix("torch.")
+
 
 class KVCache:
     """One fused tensor `[layers, 2, num_blocks + 1, block_size, kv_heads, head_dim]`.
@@ -11,18 +40,52 @@ class KVCache:
     Block ids are global: block b is the same slot on every rank (the leader allocates).
     Block 0 is the reserved null block, never handed out: padded rows of CUDA-graph buckets
     point at it. `num_blocks` counts the usable blocks, ids 1..num_blocks.
+
+    An FP8 pool (`dtype` float8_e4m3fn) also holds `scales` `[layers, 2, num_blocks + 1,
+    kv_heads, block_size]` float32, one per token and KV head (format: `kernels/kv_quant.py`).
+    Anything that moves a block's K/V must move its scales too. `layers[i]` is layer i's
+    `LayerKV` (views, no copies); its scales are `[num_blocks + 1, block_size, kv_heads]`
+    views of the head-major storage.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         if num_blocks < 1:
             raise ValueError(f"KV cache needs at least one block, got {num_blocks}")
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.data = torch.zeros(num_layers, 2, num_blocks + 1, block_size, kv_heads, head_dim,
                                 dtype=dtype, device=device)
-        self.layers = [(self.data[i, 0], self.data[i, 1]) for i in range(num_layers)]
+        self.scales: torch.Tensor | None = None
+        if dtype == KV_FP8_DTYPE:
+            # NOTE: head-major within a block: the attention kernels, one program per KV head,
+            # then read a page's scales as one contiguous run, not one float per 32-byte sector
+            self.scales = torch.zeros(num_layers, 2, num_blocks + 1, kv_heads, block_size,
+                                      dtype=KV_SCALE_DTYPE, device=device)
+            s = self.scales.transpose(-1, -2)  # [layers, 2, blocks + 1, block_size, kv_heads]
+            self.layers = [LayerKV(self.data[i, 0], self.data[i, 1], s[i, 0], s[i, 1])
+                           for i in range(num_layers)]
+        else:
+            self.layers = [LayerKV(self.data[i, 0], self.data[i, 1]) for i in range(num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pool, scales included."""
+        return self.data.nbytes + (self.scales.nbytes if self.scales is not None else 0)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block (`bytes_per_block` of this pool)."""
+        return self.nbytes // (self.num_blocks + 1)
+
+    def release(self) -> None:
+        """Drop the pool's tensors (the runner's close; graphs must be gone first)."""
+        del self.data, self.scales, self.layers
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
-        return num_layers * 2 * block_size * kv_heads * head_dim * dtype.itemsize
+        """Bytes one block takes over this rank's layers and KV heads, scales included."""
+        per_head = head_dim * dtype.itemsize
+        if dtype == KV_FP8_DTYPE:
+            per_head += KV_SCALE_DTYPE.itemsize
+        return num_layers * 2 * block_size * kv_heads * per_head

@@ -216,6 +216,6 @@ class ModelRunner:
         MPI.Request.Waitall([r for r, _ in self._pending_sends])
         self._pending_sends.clear()
         self.groups.destroy()
-        del self.kv.data, self.kv.layers
+        self.kv.release()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

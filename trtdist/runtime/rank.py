@@ -24,7 +24,12 @@ from trtdist.runtime.graph_runner import (
     measure_decode_memory,
 )
 from trtdist.runtime.inputs import StepInputs
-from trtdist.runtime.kv_cache import KVCache
+from trtdist.runtime.kv_cache import (
+    KV_CACHE_DTYPES,
+    KVCache,
+    kv_cache_dtype_name,
+    resolve_kv_cache_dtype,
+)
 from trtdist.runtime.model_runner import ModelRunner
 
 log = logging.getLogger("trtdist")
@@ -55,6 +60,7 @@ class RankOptions:
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # None: the default ladder
     attention_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere), torch, triton
     quant: str = "auto"  # linear method where the model does not fix it (see load_stage)
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) or fp8 (E4M3, per token-head scales)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -69,6 +75,9 @@ class RankOptions:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got "
                              f"{self.attention_backend!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                             f"{self.kv_cache_dtype!r}")
         if self.cuda_graph_batch_sizes is not None:
             object.__setattr__(self, "cuda_graph_batch_sizes",
                                tuple(int(b) for b in self.cuda_graph_batch_sizes))
@@ -150,13 +159,14 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
                      torch.zeros(inputs.max_tokens, cfg.hidden_size, dtype=model.dtype,
                                  device=device))
         buckets = graph_batch_sizes(opts.max_batch_size, opts.cuda_graph_batch_sizes)
+        kv_dtype = resolve_kv_cache_dtype(opts.kv_cache_dtype, model.dtype, device)
         per_block = KVCache.bytes_per_block(len(model.layer_ids), opts.block_size,
-                                            shard.kv_heads, cfg.head_dim, model.dtype)
+                                            shard.kv_heads, cfg.head_dim, kv_dtype)
         if use_graphs:
             # NOTE: capture needs the real pool, but the pool is sized from the memory left:
             # run the largest bucket's decode body once eagerly on a two-block pool first.
             scratch = KVCache(len(model.layer_ids), 1, opts.block_size, shard.kv_heads,
-                              cfg.head_dim, model.dtype, device)
+                              cfg.head_dim, kv_dtype, device)
             try:
                 peak = measure_decode_memory(model, inputs, hidden_in, scratch.layers,
                                              buckets[-1])
@@ -180,7 +190,7 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
     graphs = None
     try:
         kv = KVCache(len(model.layer_ids), blocks, opts.block_size, shard.kv_heads,
-                     cfg.head_dim, model.dtype, device)
+                     cfg.head_dim, kv_dtype, device)
         if use_graphs:
             graphs = CUDAGraphRunner(model, kv.layers, inputs, hidden_in, buckets)
             try:
@@ -204,11 +214,11 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
         graph_note = (f"{len(graphs.graphs)} CUDA graphs captured in "
                       f"{graphs.capture_seconds:.1f} s" if graphs else "eager (no CUDA graphs)")
         log.info("rank %d (tp %d, pp %d) on %s: layers %d-%d, %.1f MiB of weights, %d KV "
-                 "blocks (%.1f MiB), attention %s, %s, ready in %.1f s", world.rank,
-                 mapping.tp_rank, mapping.pp_rank, device, model.layer_ids.start,
-                 model.layer_ids.stop - 1, weights / 2**20, blocks,
-                 kv.data.numel() * kv.data.element_size() / 2**20,
-                 model.attention_backend.name, graph_note, time.perf_counter() - start)
+                 "blocks (%s, %d B each, %.1f MiB), attention %s, %s, ready in %.1f s",
+                 world.rank, mapping.tp_rank, mapping.pp_rank, device, model.layer_ids.start,
+                 model.layer_ids.stop - 1, weights / 2**20, blocks, kv_cache_dtype_name(kv.dtype),
+                 per_block, kv.nbytes / 2**20, model.attention_backend.name, graph_note,
+                 time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}"
     check_world(world, error)

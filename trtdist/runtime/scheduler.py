@@ -2,9 +2,15 @@
 
 Each step forms one packed batch: running sequences first (a decode step, or the next chunk
 of a prompt), then waiting prompts in arrival order, within `max_num_tokens` tokens and
-`max_batch_size` sequences. Admission is by KV capacity (blocks from the allocator); when a
-running sequence cannot grow, the newest running sequence is preempted: its blocks are freed
-and it is recomputed later from its prompt and the tokens it already produced.
+`max_batch_size` sequences. Admission is by KV capacity, under one of two policies (the
+capacity-scheduler policies of TensorRT-LLM):
+- `max_utilization` (default): admit while the allocator has blocks for the next chunk; when
+  a running sequence cannot grow, the newest running sequence is preempted: its blocks are
+  freed and it is recomputed later from its prompt and the tokens it already produced.
+- `guaranteed_no_evict`: admit only while every running sequence, grown to its prompt plus
+  `max_tokens` (capped by `max_model_len`), still fits in the pool, so nothing is ever
+  preempted and no work is recomputed. Fewer sequences run at once when `max_tokens` is
+  large; when outputs are long and their length is known it saves the recomputation.
 
 A running sequence holds a row of the persistent block table (`runtime/block_table.py`)
 from admission to finish or preemption; admission waits for a free row.
@@ -23,6 +29,8 @@ from trtdist.runtime.block_allocator import KVBlockAllocator
 from trtdist.runtime.block_table import TableRows, table_rows
 from trtdist.runtime.sequence import Sequence, SequenceStatus
 
+POLICIES = ("max_utilization", "guaranteed_no_evict")
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
@@ -35,6 +43,7 @@ class SchedulerConfig:
     # Rows of the persistent block table (running sequences at once); 0: the default of
     # `table_rows(max_batch_size, 1)`.
     table_rows: int = 0
+    policy: str = "max_utilization"
 
     def __post_init__(self) -> None:
         if self.table_rows == 0:
@@ -42,6 +51,9 @@ class SchedulerConfig:
         for name in ("max_batch_size", "max_num_tokens", "max_model_len", "table_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"scheduler policy must be one of {', '.join(POLICIES)}, got "
+                             f"{self.policy!r}")
 
 
 @dataclass(slots=True)
@@ -81,6 +93,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order; the newest is last
         self.rows = TableRows(config.table_rows)
         self.num_preemptions = 0
+        # guaranteed_no_evict: blocks each running sequence may grow to, and their sum
+        self._reserved: dict[int, int] = {}
+        self.reserved_blocks = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -134,6 +149,9 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.parent is not None and not self._parent_ready(seq):
                 break  # its prompt blocks are about to be shared; keep arrival order
+            reserve = self._reservation(seq)
+            if reserve and self.reserved_blocks + reserve > alloc.num_blocks and self.running:
+                break  # would not be guaranteed to finish: wait, keeping arrival order
             fresh = seq.seq_id not in alloc.tables
             if fresh:
                 seq.num_computed = self._admit_blocks(seq)
@@ -148,10 +166,24 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if reserve:
+                self._reserved[seq.seq_id] = reserve
+                self.reserved_blocks += reserve
             grown.append(len(entries))
             entries.append(ScheduledSeq.of(seq, n))
             budget -= n
         return ScheduledBatch(entries, grown) if entries else None
+
+    def _reservation(self, seq: Sequence) -> int:
+        """guaranteed_no_evict: the blocks `seq` holds at its longest (0 under
+        max_utilization). A sequence longer than the whole pool reserves the pool."""
+        if self.config.policy != "guaranteed_no_evict":
+            return 0
+        longest = min(seq.prompt_len + seq.params.max_tokens, self.config.max_model_len)
+        return min(-(-longest // self.allocator.block_size), self.allocator.num_blocks)
+
+    def _unreserve(self, seq: Sequence) -> None:
+        self.reserved_blocks -= self._reserved.pop(seq.seq_id, 0)
 
     def _parent_ready(self, seq: Sequence) -> bool:
         p = seq.parent
@@ -178,6 +210,7 @@ class Scheduler:
         raise AssertionError("no sequence can be preempted")  # the caller itself always can
 
     def _preempt(self, seq: Sequence) -> None:
+        self._unreserve(seq)
         self.allocator.free_seq(seq.seq_id)
         self.running.remove(seq)
         self.rows.release(seq)
@@ -191,6 +224,7 @@ class Scheduler:
         """Mark finished and return its blocks (also used for aborts)."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._unreserve(seq)
         if seq.row >= 0:  # running (only running sequences hold rows)
             self.running.remove(seq)
             self.rows.release(seq)

@@ -41,8 +41,8 @@ class Sequence:
     # the prompt's token logprobs, by position (None for the first), when asked for
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
     num_preemptions: int = 0
-    text: str = ""  # detokenized output (cut at a stop string)
-    detok: IncrementalDetokenizer | None = None  # owns `text` when there is a tokenizer
+    # the output's text (cut at a stop string), when there is a tokenizer
+    detok: IncrementalDetokenizer | None = None
 
     @property
     def num_tokens(self) -> int:

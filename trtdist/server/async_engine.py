@@ -28,6 +28,9 @@ log = logging.getLogger("trtdist.server")
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | Exception]
+    # output tokens delivered (the server asks for deltas or the final output only, so each
+    # token is in one output)
+    tokens: int = 0
 
 
 class AsyncEngine:
@@ -165,6 +168,9 @@ class AsyncEngine:
             self._streams.pop(rid, None)
 
     def _publish(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is not None:
+            stream.tokens += sum(len(o.token_ids) for o in out.outputs)
         self._deliver(out.request_id, out)
         if out.finished:
             self._streams.pop(out.request_id, None)
@@ -172,7 +178,7 @@ class AsyncEngine:
             c = out.outputs[0]
             log.info("request %s finished (%s): %d prompt + %d output tokens, TTFT %.1f ms, "
                      "total %.1f ms", out.request_id, c.finish_reason, len(out.prompt_token_ids),
-                     sum(len(o.token_ids) for o in out.outputs), (out.metrics.ttft or 0) * 1e3,
+                     stream.tokens if stream is not None else 0, (out.metrics.ttft or 0) * 1e3,
                      ((out.metrics.finished_time or time.time()) - out.metrics.arrival_time)
                      * 1e3)
 

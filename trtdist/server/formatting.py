@@ -69,17 +69,22 @@ def chat_logprobs(texts: TokenTexts, c: CompletionOutput, start: int = 0) -> dic
     return {"content": content}
 
 
-def usage(outputs: Sequence[RequestOutput | None], prompt_lens: Sequence[int]) -> dict[str, int]:
-    """Summed over the prompts of a request (each prompt counted once, whatever `n`)."""
-    prompt = sum(prompt_lens)
-    completion = sum(len(c.token_ids) for out in outputs if out is not None
-                     for c in out.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+def usage(outputs: Sequence[RequestOutput], prompt_lens: Sequence[int]) -> dict[str, int]:
+    """Of a request's final (cumulative) outputs, summed over its prompts (each prompt counted
+    once, whatever `n`)."""
+    return usage_of(sum(prompt_lens), sum(len(c.token_ids) for out in outputs
+                                          for c in out.outputs))
 
 
-def echo_prompt(out: RequestOutput) -> tuple[list[int], list[TokenLogprob | None]]:
-    """(prompt ids, their logprobs) for echo; logprobs all None when none were computed."""
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def echo_prompt(out: RequestOutput, prompt_logprobs: Sequence[TokenLogprob | None] | None = None
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """(prompt ids, their logprobs) for echo: `prompt_logprobs`, else the output's, else all
+    None (none were computed)."""
     ids = list(out.prompt_token_ids)
-    lps = out.prompt_logprobs if out.prompt_logprobs is not None else [None] * len(ids)
-    return ids, list(lps)
+    lps = prompt_logprobs if prompt_logprobs is not None else out.prompt_logprobs
+    return ids, list(lps) if lps is not None else [None] * len(ids)

@@ -115,9 +115,10 @@ def _sampling(req: Any, *args: Any) -> SamplingParams:
 
 def _stream_spec(state: ServerState, kind: str, rid: str, created: int, req: Any,
                  params: SamplingParams) -> StreamSpec:
+    """A stream's shape. Its requests' params ask for deltas (protocol.py), so the stream only
+    forwards what the engine emits."""
     opts = req.stream_options
     return StreamSpec(kind, rid, created, state.model_name, params.n,
-                      max((len(s) for s in params.stop), default=1) - 1,
                       include_usage=bool(opts and opts.include_usage),
                       continuous_usage=bool(opts and opts.continuous_usage_stats))
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from trtdist.sampling_params import MAX_LOGPROBS, SamplingParams
+from trtdist.sampling_params import DELTA, FINAL_ONLY, MAX_LOGPROBS, SamplingParams
 
 MAX_N = 64
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
@@ -105,7 +105,9 @@ class _Sampling(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             logprobs=logprobs, min_tokens=min(self.min_tokens, max_tokens),
             prompt_logprobs=prompt_logprobs,
-            logit_bias={int(t): b for t, b in (self.logit_bias or {}).items()})
+            logit_bias={int(t): b for t, b in (self.logit_bias or {}).items()},
+            # a stream forwards the engine's deltas; a response waits for the final output
+            output_kind=DELTA if self.stream else FINAL_ONLY)
 
 
 class CompletionRequest(_Sampling):

@@ -92,6 +92,7 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
     from trtdist.engine.gguf_source import DEFAULT_MODEL_NAME
     from trtdist.launch.launcher import stop_pid, write_leader_pid
     from trtdist.llm import DistributedLLM
+    from trtdist.runtime.kv_cache import kv_cache_dtype_name
     from trtdist.runtime.rank import WorldError
     from trtdist.server.app import ServerState, create_app
     from trtdist.server.async_engine import AsyncEngine
@@ -147,8 +148,10 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
     engine = llm.engine
     assert engine is not None and sock is not None
     graphs = engine.runner.graphs
-    log.info("loaded in %.1f s: %d KV blocks of %d tokens per rank, %s", time.time() - start,
-             engine.allocator.num_blocks, engine.allocator.block_size,
+    kv = engine.runner.kv
+    log.info("loaded in %.1f s: %d KV blocks of %d tokens per rank (%s, %d bytes each), %s",
+             time.time() - start, engine.allocator.num_blocks, engine.allocator.block_size,
+             kv_cache_dtype_name(kv.dtype), kv.block_bytes,
              f"{len(graphs.graphs)} CUDA graphs captured in {graphs.capture_seconds:.1f} s"
              if graphs else "eager (no CUDA graphs)")
     tokenizer = engine.tokenizer

@@ -3,9 +3,13 @@
 One choice per chunk, as OpenAI streams: a request with several prompts and `n` completions
 each has `len(prompts) * n` choices, indexed prompt-major. Each choice's `finish_reason`
 is sent exactly once; usage once at the end (`include_usage`) and, with
-`continuous_usage_stats`, the usage so far in every chunk. A chunk is written as soon as a
-token's text exists, holding back only what a stop string or an unfinished UTF-8 character
-may still change.
+`continuous_usage_stats`, the usage so far in every chunk.
+
+NOTE: the engine emits deltas (SamplingParams.output_kind "delta"): each output carries only
+the new tokens, text and logprobs of the completions that have something to show, and its
+text never holds what a stop string or an unfinished UTF-8 character may still change
+(runtime/detokenize.py). This module only forwards them: one chunk per completion output,
+as soon as the engine has it.
 """
 
 from __future__ import annotations
@@ -16,19 +20,19 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trtdist.outputs import CompletionOutput, RequestOutput
+from trtdist.outputs import RequestOutput, TokenLogprob
 from trtdist.server.formatting import (
     TokenTexts,
     chat_logprobs,
     completion_logprobs,
     echo_prompt,
-    usage,
+    usage_of,
 )
 
 
 @dataclass(slots=True)
 class PromptStream:
-    """One prompt's engine stream and what its choices echo."""
+    """One prompt's engine stream (of deltas) and what its choices echo."""
 
     outputs: AsyncIterator[RequestOutput]
     prompt_len: int
@@ -43,17 +47,13 @@ class StreamSpec:
     created: int
     model: str
     n: int
-    stop_hold: int  # characters a stop string may still claim
     include_usage: bool = False
     continuous_usage: bool = False
 
 
 @dataclass(slots=True)
 class _Choice:
-    sent_text: int = 0
-    sent_tokens: int = 0
-    started: bool = False
-    finished: bool = False
+    sent_text: int = 0  # characters of the output's text sent (text offsets count from it)
     echoed: int = 0  # characters of echoed prompt sent (not part of the output's text)
 
 
@@ -91,26 +91,20 @@ async def merge(streams: Sequence[AsyncIterator[RequestOutput]]
             t.cancel()
 
 
-def _delta(c: CompletionOutput, st: _Choice, hold: int) -> str:
-    done = c.finish_reason is not None
-    end = len(c.text) if done else len(c.text) - hold
-    while not done and end > st.sent_text and c.text[end - 1] == "\ufffd":
-        end -= 1
-    return c.text[st.sent_text:max(end, st.sent_text)]
-
-
 async def sse_events(spec: StreamSpec, prompts: Sequence[PromptStream],
                      texts: TokenTexts) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if spec.kind == "chat" else "text_completion"
-    choices = [_Choice() for _ in range(len(prompts) * spec.n)]
-    latest: list[RequestOutput | None] = [None] * len(prompts)
-    prompt_lens = [p.prompt_len for p in prompts]
+    choices: list[_Choice | None] = [None] * (len(prompts) * spec.n)  # None: not started
+    # the prompt's logprobs come in its first output only (echo of a later choice uses them)
+    prompt_lps: list[list[TokenLogprob | None] | None] = [None] * len(prompts)
+    prompt_tokens = sum(p.prompt_len for p in prompts)
+    completion_tokens = 0  # forwarded so far
 
     def chunk(choice: dict[str, Any] | None, **extra: Any) -> str:
         body = {"id": spec.request_id, "object": obj, "created": spec.created,
                 "model": spec.model, "choices": [choice] if choice else [], **extra}
         if spec.continuous_usage and "usage" not in body:
-            body["usage"] = usage(latest, prompt_lens)
+            body["usage"] = usage_of(prompt_tokens, completion_tokens)
         return f"data: {json.dumps(body)}\n\n"
 
     if spec.kind == "chat":
@@ -118,40 +112,30 @@ async def sse_events(spec: StreamSpec, prompts: Sequence[PromptStream],
             yield chunk({"index": i, "delta": {"role": "assistant", "content": ""},
                          "logprobs": None, "finish_reason": None})
     async for p, out in merge([ps.outputs for ps in prompts]):
-        latest[p] = out
         ps = prompts[p]
+        if out.prompt_logprobs is not None:
+            prompt_lps[p] = out.prompt_logprobs
         for c in out.outputs:
+            completion_tokens += len(c.token_ids)
             index = p * spec.n + c.index
-            st = choices[index]
-            if st.finished:
-                continue
-            done = c.finish_reason is not None
-            delta = _delta(c, st, spec.stop_hold)
-            new_tokens = len(c.token_ids) > st.sent_tokens
-            echo = ps.echo_text is not None and not st.started
-            # NOTE: a model without a tokenizer has no text to stream: each new token is
-            # still a chunk (empty text), so clients see the tokens arrive as they do.
-            if not (delta or done or echo or (new_tokens and (c.logprobs is not None
-                                                              or texts.tokenizer is None))):
-                continue
-            lp_start, text_start = st.sent_tokens, st.sent_text
-            st.sent_text += len(delta)
-            st.sent_tokens = len(c.token_ids)
-            st.finished = done
             if spec.kind == "chat":
-                yield chunk({"index": index, "delta": {"content": delta},
-                             "logprobs": chat_logprobs(texts, c, lp_start),
+                yield chunk({"index": index, "delta": {"content": c.text},
+                             "logprobs": chat_logprobs(texts, c),
                              "finish_reason": c.finish_reason})
                 continue
+            st = choices[index]
+            echo = st is None and ps.echo_text is not None
+            if st is None:
+                st = choices[index] = _Choice()
             prefix = ps.echo_text if echo else ""
             assert prefix is not None
-            st.started = True
             logprobs = completion_logprobs(
-                texts, c, lp_start, echo_prompt(out) if echo and ps.echo_logprobs else None,
-                text_start + st.echoed)
+                texts, c, 0, echo_prompt(out, prompt_lps[p]) if echo and ps.echo_logprobs
+                else None, st.sent_text + st.echoed)
+            st.sent_text += len(c.text)
             st.echoed += len(prefix)
-            yield chunk({"index": index, "text": prefix + delta, "logprobs": logprobs,
+            yield chunk({"index": index, "text": prefix + c.text, "logprobs": logprobs,
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     if spec.include_usage:
-        yield chunk(None, usage=usage(latest, prompt_lens))
+        yield chunk(None, usage=usage_of(prompt_tokens, completion_tokens))
     yield "data: [DONE]\n\n"

@@ -1,0 +1,209 @@
+"""Linear methods: how a linear layer stores and multiplies its weight (unquantized, FP8),
+and the FP8 activation a producer kernel may hand the FP8 method already quantized.
+
+Both parallel linear layers of `parallel/layers.py` delegate to one method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from trtdist.kernels import gemv
+from trtdist.parallel.quant import QuantConfig
+from trtdist.parallel.quant_fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    check_fp8_device,
+    dequantize,
+    fp8_linear_cuda,
+    fp8_linear_quantized_cuda,
+    fp8_linear_quantized_reference,
+    fp8_linear_reference,
+    fused_quantization_available,
+    quantize_weight_per_channel,
+    scaled_mm_supported,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedActivation:
+    """An activation already quantized to FP8 by the kernel that produced it (the fused
+    RMSNorm or SiLU x up of `kernels/fp8_fused.py`), handed to a linear layer whose method
+    `wants_quantized_input`: saves the separate quantization launch."""
+
+    q: torch.Tensor  # [T, K] float8_e4m3fn
+    scale: torch.Tensor  # [T, 1] float32, dequantizing: x ~= q * scale
+    dtype: torch.dtype  # the model dtype: the linear layer's output dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        """The activation's shape `[T, K]` (as the model-dtype tensor it replaces)."""
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
+class LinearMethod:
+    """How a linear layer stores and multiplies its weight: the seam every quantization scheme
+    plugs into (unquantized, FP8; INT4 would be one more subclass).
+
+    A method owns (1) the parameter layout it creates on a layer besides the model-dtype
+    `bias`, (2) the GEMM, (3) turning one layer's sharded checkpoint tensors into the stored
+    tensors (build-time quantization, or passing already-quantized ones through) and (4) the
+    random weights of `--dummy-weights`. One instance serves every layer of a model.
+    """
+
+    quant = QuantConfig()
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int,
+                       dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        """[..., in] -> [..., out] in x's dtype, plus `bias` when given. A
+        `QuantizedActivation` is accepted when `wants_quantized_input(layer)`."""
+        raise NotImplementedError
+
+    def wants_quantized_input(self, layer: nn.Module) -> bool:
+        """Whether the producer of this layer's input should hand `apply` a
+        `QuantizedActivation` made with `input_scale(layer)` (None: per token)."""
+        return False
+
+    def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
+        """The static activation scale `[1]` float32, or None (dynamic, per token)."""
+        return None
+
+    def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                where: str) -> dict[str, torch.Tensor]:
+        """One layer's shard as read (suffix -> tensor: `weight`, optional `bias`,
+        `weight_scale` [out] and `input_scale` [1] when the checkpoint is FP8) -> the tensors
+        this method stores, under the same suffixes as its parameters."""
+        raise NotImplementedError
+
+    def dummy_fill(self, layer: nn.Module, generator: torch.Generator) -> None:
+        raise NotImplementedError
+
+
+def empty_param(shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> nn.Parameter:
+    """An uninitialised, frozen parameter (filled by the loader)."""
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def _bias(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {"bias": tensors["bias"].to(dtype)} if "bias" in tensors else {}
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """`weight [out, in]` in the model dtype; `F.linear`, or the decode GEMV of
+    `kernels/gemv.py` at M <= 2 on tuned shapes. An FP8 checkpoint read without quantization
+    is dequantized to the model dtype here."""
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int,
+                       dtype: torch.dtype, device: torch.device) -> None:
+        layer.weight = empty_param((out_features, in_features), dtype, device)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            raise TypeError("an unquantized linear layer got an FP8 QuantizedActivation; only "
+                            "layers whose method wants_quantized_input take one")
+        return gemv.linear(x, layer.weight, bias)
+
+    def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                where: str) -> dict[str, torch.Tensor]:
+        w = tensors["weight"]
+        if w.dtype == FP8_DTYPE:
+            if "weight_scale" not in tensors:
+                raise ValueError(f"{where}: FP8 weight without a weight_scale")
+            w = dequantize(w, tensors["weight_scale"][:, None])
+        return {"weight": w.to(dtype)} | _bias(tensors, dtype)
+
+    def dummy_fill(self, layer: nn.Module, generator: torch.Generator) -> None:
+        layer.weight.data.normal_(0.0, 0.02, generator=generator)
+
+
+class Fp8LinearMethod(LinearMethod):
+    """`weight [out, in]` float8_e4m3fn with `weight_scale [out]` float32 (per output
+    channel), and with static activations `input_scale [1]` float32.
+
+    GEMM (`fp8_linear_cuda`; needs compute capability >= 8.9, the error says so otherwise):
+    on CUDA at M <= 16 tokens the Triton small-M GEMM of `kernels/fp8_gemm.py` (weight read
+    once, activations quantized by one fused kernel), above that the fused quantization and
+    `torch._scaled_mm`, activations quantized per token (dynamic) or with `input_scale`; shapes
+    cuBLASLt cannot take (in or out not a multiple of 16) and CPUs use the dequantizing
+    reference, which computes the same numbers in float32.
+    """
+
+    def __init__(self, activation: str = "dynamic") -> None:
+        self.quant = QuantConfig("fp8", activation)
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int,
+                       dtype: torch.dtype, device: torch.device) -> None:
+        check_fp8_device(device)
+        layer.weight = empty_param((out_features, in_features), FP8_DTYPE, device)
+        layer.weight_scale = empty_param((out_features,), torch.float32, device)
+        layer.input_scale = empty_param((1,), torch.float32, device) if self.quant.static else None
+        layer.use_scaled_mm = device.type == "cuda" and scaled_mm_supported(out_features,
+                                                                            in_features)
+
+    def wants_quantized_input(self, layer: nn.Module) -> bool:
+        # NOTE: only where the Triton kernels run (CUDA, cuBLASLt-compatible shape); the CPU
+        # path keeps quantizing inside `fp8_linear_reference`, exactly as before.
+        return bool(layer.use_scaled_mm) and fused_quantization_available()
+
+    def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
+        return layer.input_scale
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            if layer.use_scaled_mm:
+                return fp8_linear_quantized_cuda(x.q, x.scale, layer.weight,
+                                                 layer.weight_scale.view(1, -1), bias, x.dtype)
+            return fp8_linear_quantized_reference(x.q, x.scale, layer.weight,
+                                                  layer.weight_scale, bias, x.dtype)
+        if layer.use_scaled_mm:
+            return fp8_linear_cuda(x, layer.weight, layer.weight_scale.view(1, -1),
+                                   layer.input_scale, bias)
+        return fp8_linear_reference(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
+
+    def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                where: str) -> dict[str, torch.Tensor]:
+        w = tensors["weight"]
+        if w.dtype == FP8_DTYPE:  # already quantized (an FP8 checkpoint): keep its values
+            if "weight_scale" not in tensors:
+                raise ValueError(f"{where}: FP8 weight without a weight_scale")
+            q, scale = w, tensors["weight_scale"].float()
+        else:
+            q, scale = quantize_weight_per_channel(w)
+        out = {"weight": q.contiguous(), "weight_scale": scale.contiguous()}
+        if self.quant.static:
+            if "input_scale" not in tensors:
+                raise ValueError(f"{where}: static FP8 activations need an input_scale per "
+                                 "linear layer: build with --calib-data FILE, or use "
+                                 "dynamic activations")
+            out["input_scale"] = tensors["input_scale"].float().reshape(1)
+        return out | _bias(tensors, dtype)
+
+    def dummy_fill(self, layer: nn.Module, generator: torch.Generator) -> None:
+        w = torch.empty(layer.weight.shape, dtype=torch.bfloat16, device=layer.weight.device)
+        q, scale = quantize_weight_per_channel(w.normal_(0.0, 0.02, generator=generator))
+        layer.weight.data.copy_(q)
+        layer.weight_scale.data.copy_(scale)
+        if layer.input_scale is not None:
+            layer.input_scale.data.fill_(4.0 / FP8_MAX)  # activations of about +-4
+
+
+def make_linear_method(quant: QuantConfig | None) -> LinearMethod:
+    """The linear method of a quantization config (None or 'none': unquantized)."""
+    if quant is None or not quant.is_quantized:
+        return UnquantizedLinearMethod()
+    if quant.method == "fp8":
+        return Fp8LinearMethod(quant.activation)
+    raise ValueError(f"no linear method for quantization {quant.method!r}")
