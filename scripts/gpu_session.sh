@@ -189,6 +189,23 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       note "profile fp8 b1: $(tail -1 "$OUT/profile_fp8_1.log")"
       grep -A22 "^kernel " "$OUT/profile_fp8_1.log" | head -23
       ;;
+    thru)  # the throughput rows of BENCHMARKS.md, one call
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      R="--num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024"
+      bench b1 $M --num-requests 1 --input-len 128 --output-len 256
+      bench fp8_b1 $M --quant fp8 --num-requests 1 --input-len 128 --output-len 256
+      bench r1024 $M $R
+      bench fp8_r1024 $M --quant fp8 $R
+      bench fp8kv_r1024 $M --quant fp8 --kv-cache-dtype fp8 $R
+      ;;
+    long2)  # 1000 / 1000: bf16 as before and without preemption; FP8 weights + FP8 KV
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1024 --input-len 1000"
+      M="$M --output-len 1000 --max-batch-size 1024"
+      bench r1024x1000 $M
+      bench r1024x1000gne $M --scheduler-policy guaranteed_no_evict
+      bench fp8kv_r1024x1000gne $M --quant fp8 --kv-cache-dtype fp8 \
+          --scheduler-policy guaranteed_no_evict
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
