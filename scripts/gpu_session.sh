@@ -178,7 +178,7 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
           --scheduler-policy guaranteed_no_evict ${LONG_EXTRA:-}
       ;;
     fp8tests)  # the FP8 GPU tests, failures named
-      timeout ${FP8_TEST_TIMEOUT:-300} python3 -m pytest -q -rf -m gpu tests/test_fp8.py \
+      timeout ${FP8_TEST_TIMEOUT:-300} python3 -m pytest -q -rf -m gpu ${FP8_K:+-k "$FP8_K"} tests/test_fp8.py \
           tests/test_fp8_kernels.py tests/test_fp8_fused.py 2>&1 | tee "$OUT/fp8_tests.log" \
           | grep -E "^FAILED|passed|failed" | cut -c1-300
       note "fp8 tests: $(tail -1 "$OUT/fp8_tests.log")"
@@ -201,10 +201,19 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
     long2)  # 1000 / 1000: bf16 as before and without preemption; FP8 weights + FP8 KV
       M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1024 --input-len 1000"
       M="$M --output-len 1000 --max-batch-size 1024"
-      bench r1024x1000 $M
       bench r1024x1000gne $M --scheduler-policy guaranteed_no_evict
       bench fp8kv_r1024x1000gne $M --quant fp8 --kv-cache-dtype fp8 \
           --scheduler-policy guaranteed_no_evict
+      ;;
+    long1)  # 1000 / 1000 bf16 with the default policy (preempts), for the same-run comparison
+      bench r1024x1000 llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1024 \
+          --input-len 1000 --output-len 1000 --max-batch-size 1024
+      ;;
+    profile1024)
+      timeout 300 python3 scripts/profile_decode.py --batch 1024 --context 128 --steps 16 \
+          --output "$OUT/profile_1024.json" > "$OUT/profile_1024.log" 2>&1
+      note "profile b1024: $(tail -1 "$OUT/profile_1024.log")"
+      sed -n '/ncalls/,+14p' "$OUT/profile_1024.log"; grep -A12 "^kernel " "$OUT/profile_1024.log"
       ;;
     *) note "unknown phase $phase";;
   esac
