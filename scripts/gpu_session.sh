@@ -215,6 +215,22 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       note "profile b1024: $(tail -1 "$OUT/profile_1024.log")"
       sed -n '/ncalls/,+14p' "$OUT/profile_1024.log"; grep -A12 "^kernel " "$OUT/profile_1024.log"
       ;;
+    kvtile)  # decode attention with an FP8 cache: BLOCK_N 64 (as is) against 128, one run
+      timeout 200 python3 scripts/bench_kernels.py --output "$OUT/kernels.json" \
+          > "$OUT/bench_kernels.log" 2>&1; grep -E "decode" "$OUT/bench_kernels.log"
+      cp kernels/triton_attention.py /tmp/ta.py.bak
+      python3 -c "import pathlib; p=pathlib.Path('kernels/triton_attention.py'); s=p.read_text(); \
+p.write_text(s.replace('        block_n, warps, stages = _decode_config(d_pad, q.dtype)', \
+'        block_n, warps, stages = _decode_config(d_pad, q.dtype)\n        block_n = 128 if kv.fp8 else block_n'))"
+      timeout 200 python3 scripts/bench_kernels.py --output "$OUT/kernels128.json" \
+          > "$OUT/bench_kernels128.log" 2>&1; grep -E "decode" "$OUT/bench_kernels128.log"
+      cp /tmp/ta.py.bak kernels/triton_attention.py
+      ;;
+    fp8long3)
+      bench fp8_r1024x1000gne llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 \
+          --num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024 \
+          --scheduler-policy guaranteed_no_evict
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
