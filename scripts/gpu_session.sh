@@ -231,6 +231,20 @@ p.write_text(s.replace('        block_n, warps, stages = _decode_config(d_pad, q
           --num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024 \
           --scheduler-policy guaranteed_no_evict
       ;;
+    fp8gemv)  # M = 1: gemv tiles over the whole of K, then tests and batch 1 with that table
+      timeout 200 python3 scripts/tune_fp8_gemm.py --m 1 --gemv-only --budget-s 150 \
+          --output "$OUT/fp8_gemv.json" > "$OUT/fp8_gemv.log" 2>&1
+      note "fp8 gemv tune rc=$?"
+      grep -E " M=[0-9]+ +[0-9.]+ us" "$OUT/fp8_gemv.log" | tee -a "$SUMMARY"
+      [ -s "$OUT/fp8_gemv.json" ] && export TRTDIST_FP8_GEMM_CONFIGS="$OUT/fp8_gemv.json"
+      timeout 200 python3 -m pytest -q -rf -m gpu tests/test_fp8_kernels.py tests/test_fp8_fused.py \
+          -k "split_k_and_dot or capture_replay or mlp_fused or small_m" 2>&1 \
+          | tee "$OUT/fp8gemv_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-200
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128"
+      bench fp8gemv_b1 $M --output-len 256 --quant fp8
+      unset TRTDIST_FP8_GEMM_CONFIGS
+      bench b1 $M --output-len 256
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

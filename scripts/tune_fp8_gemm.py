@@ -40,7 +40,12 @@ GEMV_TILES = [(16, 512, 4, True, True, True), (32, 256, 4, False, True, True),
               (16, 1024, 8, False, True, True), (32, 512, 8, False, True, True),
               (64, 256, 8, False, True, True), (8, 512, 2, True, True, True),
               (16, 512, 4, True, True, False),
-              (16, 512, 4, True, False, True), (32, 256, 4, False, False, False)]
+              (16, 512, 4, True, False, True), (32, 256, 4, False, False, False),
+              # the layout of the bf16 GEMV (kernels/gemv.py: 2-4 rows a program, long K
+              # steps, whole K in one program), best there on every llama3-8b shape
+              (2, 2048, 8, True, False, False), (2, 4096, 8, True, False, False),
+              (4, 2048, 8, True, False, False), (2, 2048, 4, True, False, False),
+              (4, 1024, 4, True, False, False), (2, 4096, 8, True, False, True)]
 # tl.dot tiles: (mode, block_m, block_n, block_k, num_warps, num_stages)
 DOT_TILES = [("dot_swap", 16, 64, 256, 4, 4), ("dot_swap", 16, 128, 256, 4, 3),
              ("dot", 16, 64, 512, 4, 3), ("dot", 16, 32, 256, 4, 4),
@@ -64,13 +69,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rotate-mb", type=int, default=256,
                    help="MB of weight copies to rotate over (keep >= 2x the L2)")
     p.add_argument("--reps", type=int, default=10, help="graph replays per timing")
+    p.add_argument("--gemv-only", action="store_true",
+                   help="only gemv tiles, each over the whole of K (no split-K)")
     return p.parse_args(argv)
 
 
-def candidates(cfgs, m: int, k: int) -> list:  # type: ignore[no-untyped-def]
+def candidates(cfgs, m: int, k: int, gemv_only: bool = False
+               ) -> list:  # type: ignore[no-untyped-def]
     """Stage-1 configs for one (M, N, K): the default first, then gemv (M <= 4), then tl.dot
-    tiles whose BLOCK_M holds M."""
+    tiles whose BLOCK_M holds M. `gemv_only`: gemv tiles over the whole of K (split 1)."""
     C = cfgs.Fp8GemmConfig
+    if gemv_only:
+        bm = cfgs.m_bucket(m)
+        return [C("gemv", bm, bn, bk, 1, warps, 1, k_acc, x_2d, prefetch)
+                for bn, bk, warps, k_acc, x_2d, prefetch in GEMV_TILES
+                if (bm if k_acc else 1) * bn * bk // (32 * warps) <= 64 and bk <= max(256, k)]
     out = [cfgs.default_config(m)]
     bm = cfgs.m_bucket(m)
     if bm <= cfgs.GEMV_MAX_M:
@@ -146,7 +159,7 @@ def tune_shape(mods, name: str, n: int, k: int, ms: list[int], args, bw: float,
                 print(f"  {name} M={m} {c}: {rec['error']}", flush=True)
             tried.append(rec)
 
-        stage1 = candidates(cfgs, m, k)
+        stage1 = candidates(cfgs, m, k, args.gemv_only)
         stage1_end = time.monotonic() + 0.7 * (deadline - time.monotonic())
         for c in stage1:
             if len(results) >= 2 and time.monotonic() > stage1_end:
@@ -156,7 +169,7 @@ def tune_shape(mods, name: str, n: int, k: int, ms: list[int], args, bw: float,
         base = next((us for us, c in results if c == stage1[0]), None)
         best3 = [c for _, c in sorted(results, key=lambda r: r[0])[:3]]
         k_steps = {c: -(-k // c.block_k) for c in best3}
-        for c in best3:
+        for c in best3 if not args.gemv_only else []:
             auto = _split_of(cfgs, c, n, k, sms)
             for split in SPLITS:
                 if time.monotonic() > deadline:
