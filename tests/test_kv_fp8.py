@@ -552,7 +552,8 @@ def test_cli_flag_reaches_the_pool_and_the_bench_result() -> None:
 
 def test_smollm2_fp8_kv_cache_perplexity() -> None:
     """Only the KV cache in FP8 (weights and activations bf16): the perplexity of the fixed
-    ~2,800-token text, read in 256-token chunks through the cache, moves by less than 1%."""
+    ~2,800-token text (prefilled in 1,024-token chunks; every attention read goes through the
+    cache) moves by about 1%."""
     from test_fp8 import _EVAL_TEXT, _smollm2_dir
 
     from trtdist.eval import perplexity
@@ -565,12 +566,13 @@ def test_smollm2_fp8_kv_cache_perplexity() -> None:
                             max_batch_size=4, kv_cache_dtype=kv) as llm:
             assert str(llm._runner.kv.data.dtype) == ("torch.float8_e4m3fn" if kv == "fp8"
                                                      else "torch.bfloat16")
-            ppl[kv] = perplexity(llm, _EVAL_TEXT.read_text(), chunk=256)
+            ppl[kv] = perplexity(llm, _EVAL_TEXT.read_text(), chunk=1024)
     change = ppl["fp8"] / ppl["auto"] - 1
     print(f"\nSmolLM2-135M perplexity: KV cache bfloat16 {ppl['auto']:.4f}, fp8 "
           f"{ppl['fp8']:.4f} ({100 * change:+.3f}%)")
     assert ppl["auto"] < 30, ppl
     assert ppl["fp8"] != ppl["auto"]  # the FP8 cache is in use
-    # NOTE: measured on CPU: 13.8121 -> 13.9618 (+1.08%), over the issue's 1% goal; float32
-    # on the first 790 tokens gave +0.80%. This gate keeps the figure from regressing.
+    # NOTE: measured on CPU: 13.8206 -> 13.9669 (+1.06%; 256-token chunks: +1.08%), over the
+    # issue's 1% goal; float32 on the first 790 tokens gave +0.80%. This gate keeps the
+    # figure from regressing.
     assert abs(change) < 0.015, ppl
