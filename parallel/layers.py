@@ -25,43 +25,15 @@ __all__ = ["ColumnParallelLinear", "Fp8LinearMethod", "LinearMethod", "ParallelL
            "VocabParallelEmbedding", "make_linear_method"]
 
 
-class ColumnParallelLinear(nn.Module):
-    """Y_local = X @ W_local^T: the output features are split; no communication.
-    `quant` picks the linear method (default: unquantized)."""
+class _Linear(nn.Module):
+    """What both parallel linear layers share: the linear method owns the weight's layout and
+    GEMM; a bias, when there is one, stays in the model dtype."""
 
-    def __init__(self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device, quant: LinearMethod | None = None) -> None:
+    def __init__(self, out_features: int, in_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device, quant: LinearMethod | None) -> None:
         super().__init__()
         self.method = quant or UnquantizedLinearMethod()
-        self.method.create_weights(self, out_local, in_features, dtype, device)
-        self.bias = empty_param((out_local,), dtype, device) if bias else None
-
-    @property
-    def wants_quantized_input(self) -> bool:
-        """See `LinearMethod.wants_quantized_input`."""
-        return self.method.wants_quantized_input(self)
-
-    @property
-    def activation_scale(self) -> torch.Tensor | None:
-        """The static FP8 input scale, or None (per token, or unquantized)."""
-        return self.method.input_scale(self)
-
-    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
-        return self.method.apply(self, x, self.bias)
-
-
-class RowParallelLinear(nn.Module):
-    """Y = sum over ranks of X_local @ W_local^T: the input features are split, then an
-    all-reduce. A bias is added once, after the reduction. With FP8 each rank's weight slice
-    has its own per-output-channel scales (its GEMM is complete before the all-reduce)."""
-
-    def __init__(self, in_local: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 device: torch.device, comm: Communicator,
-                 quant: LinearMethod | None = None) -> None:
-        super().__init__()
-        self.comm = comm
-        self.method = quant or UnquantizedLinearMethod()
-        self.method.create_weights(self, out_features, in_local, dtype, device)
+        self.method.create_weights(self, out_features, in_features, dtype, device)
         self.bias = empty_param((out_features,), dtype, device) if bias else None
 
     @property
@@ -73,6 +45,30 @@ class RowParallelLinear(nn.Module):
     def activation_scale(self) -> torch.Tensor | None:
         """The static FP8 input scale, or None (per token, or unquantized)."""
         return self.method.input_scale(self)
+
+
+class ColumnParallelLinear(_Linear):
+    """Y_local = X @ W_local^T: the output features are split; no communication.
+    `quant` picks the linear method (default: unquantized)."""
+
+    def __init__(self, in_features: int, out_local: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device, quant: LinearMethod | None = None) -> None:
+        super().__init__(out_local, in_features, bias, dtype, device, quant)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)
+
+
+class RowParallelLinear(_Linear):
+    """Y = sum over ranks of X_local @ W_local^T: the input features are split, then an
+    all-reduce. A bias is added once, after the reduction. With FP8 each rank's weight slice
+    has its own per-output-channel scales (its GEMM is complete before the all-reduce)."""
+
+    def __init__(self, in_local: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 device: torch.device, comm: Communicator,
+                 quant: LinearMethod | None = None) -> None:
+        super().__init__(out_features, in_local, bias, dtype, device, quant)
+        self.comm = comm
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         y = self.comm.all_reduce(self.method.apply(self, x, None))
