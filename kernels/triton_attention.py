@@ -22,13 +22,18 @@ on the diagonal tiles). Sliding window: query at position i sees keys j with i -
 In a batch of several sequences the one-token queries (decode rows mixed with prefill chunks)
 are left to the split decode kernel, which finds them through `query_start_loc`.
 
-FP8 cache (`k_scale` / `v_scale`, format in `kv_quant.py`): E4M3 tiles are converted to the
-query's dtype (exact: E4M3 fits in fp16, bf16 and fp32) and the per-token scales are applied
-outside the dots: the scores `q . k` of a tile are column-scaled by the K scales, and the
-probabilities by the V scales before `P @ V` (fp16 queries dequantize the V tile instead:
-p * scale could underflow fp16). Both are exact to the dequantized values up to the rounding
-the model-dtype path already has. The new tokens of a prefill are read back from the cache
-too, so every query sees the same (quantized) keys the reference and later decodes see.
+FP8 cache (`k_scale` / `v_scale`, format in `kv_quant.py`): the per-token scales are applied
+outside the dots, so a tile is only converted, never multiplied element by element: the
+scores `q . k` of a tile are column-scaled by the K scales, and the probabilities by the V
+scales before `P @ V`. With bf16 / fp16 queries the tiles are converted E4M3 -> fp16 (one
+`cvt.rn.f16x2.e4m3x2` per two values on sm_89+; E4M3 -> bf16 costs three times the
+instructions and bound the decode kernel at ~47% of copy bandwidth) and the dots run in fp16:
+the query is cast to fp16 (exact for bf16 values in fp16's range), and since `p * v_scale`
+could underflow fp16, the V scales of a tile are divided by their maximum first and that
+maximum multiplies the tile's `P @ V` in fp32. fp32 queries (the exactness path) convert to
+fp32. Either way the result is exact to the dequantized values up to the rounding the
+model-dtype path already has. The new tokens of a prefill are read back from the cache too, so
+every query sees the same (quantized) keys the reference and later decodes see.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ _NEG = tl.constexpr(-1.0e30)
 _MIN_CHUNK = 256  # fewest keys a decode partition is worth (below that, merging costs more)
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 _KV_FP8 = torch.float8_e4m3fn
+# NOTE: the interpreter (CPU tests) cannot run inline PTX: it converts FP8 V tiles with `.to`.
+_CVT_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def _interpreter_compat() -> None:
@@ -89,33 +96,58 @@ def _online_update(acc, l_i, m_i, qk, v, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC: tl.constexpr):
-    """`_online_update` whose `P @ V` weighs the keys by `v_sc` `[N]` (FP8 V scales)."""
+def _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC: tl.constexpr,
+                          KV_F16: tl.constexpr):
+    """`_online_update` whose `P @ V` weighs the keys by `v_sc` `[N]` (FP8 V scales). KV_F16
+    (fp16 operands): the scales are divided by the tile's largest first, so `p * scale`
+    stays in fp16's normal range, and that largest scale multiplies the product."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot((p * v_sc[None, :]).to(v.dtype), v, acc * alpha[:, None],
-                 input_precision=DOT_PREC)
+    if KV_F16:
+        smax = tl.max(v_sc, 0)
+        smax = tl.where(smax > 0.0, smax, 1.0)
+        pv = (p * (v_sc / smax)[None, :]).to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PREC) * smax
+    else:
+        acc = tl.dot((p * v_sc[None, :]).to(v.dtype), v, acc * alpha[:, None],
+                     input_precision=DOT_PREC)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _e4m3_to_f16_in_registers(x):
+    """E4M3 -> fp16 (exact) with the native `cvt.rn.f16x2.e4m3x2`, as inline PTX.
+
+    NOTE: for the `P @ V` operand, whose reduction runs along tokens (strided in the cache).
+    A plain `.to(tl.float16)` lets Triton move the layout change before the conversion, and
+    8-bit operands have no transposing `ldmatrix`: every value then comes out of shared memory
+    as one byte load (128 a thread per 128-token tile, measured 47% of copy bandwidth). An
+    opaque conversion keeps it in registers, and the fp16 tile takes `ldmatrix.trans`."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
+        "cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
 
 
 @triton.jit
 def _load_tile(c_ptr, s_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
                stride_b, stride_s, stride_h, stride_sb, stride_ss, stride_sh,
-               KV_FP8: tl.constexpr, DEQUANT: tl.constexpr):
+               KV_FP8: tl.constexpr, CVT_REGS: tl.constexpr = False):
     """K or V of N cached tokens `[N, D]` through their pages (`blk`, `slot`: `[N]`) and,
-    KV_FP8, the tokens' scales `[N]`. An FP8 tile comes back in `like`'s dtype (exact), its
-    scales left to the caller, unless DEQUANT: then they are multiplied in. Without KV_FP8
-    the tile is loaded as stored and the second result is a placeholder."""
+    KV_FP8, the tokens' scales `[N]`. An FP8 tile comes back converted to `like`'s dtype
+    (exact), its scales left to the caller; CVT_REGS (fp16 `like`, the V operand): converted
+    in registers, see `_e4m3_to_f16_in_registers`. Without KV_FP8 the tile is loaded as
+    stored and the second result is a placeholder."""
     x = tl.load(c_ptr + blk[:, None] * stride_b + slot[:, None] * stride_s + head * stride_h
                 + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     sc = mask_n
     if KV_FP8:
         sc = tl.load(s_ptr + blk * stride_sb + slot * stride_ss + head * stride_sh,
                      mask=mask_n, other=0.0)
-        if DEQUANT:
-            x = (x.to(tl.float32) * sc[:, None]).to(like.dtype)
+        if CVT_REGS and _CVT_ASM:
+            x = _e4m3_to_f16_in_registers(x)
         else:
             x = x.to(like.dtype)
     return x, sc
@@ -126,8 +158,8 @@ def _new_tokens_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base,
                    mask_n, kvh, offs_d, mask_d, like, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                   BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr, V_DEQUANT: tl.constexpr,
-                   MASK_N: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr, MASK_N: tl.constexpr,
+                   KV_F16: tl.constexpr):
     """K, V `[N, D]` of a prefill's own new tokens j (indices within the chunk) and, FP8,
     their scales `[N]`: from the packed k / v, or (FP8) from the cache at positions
     ctx_len + j. MASK_N: some of the N are past the chunk's end."""
@@ -137,10 +169,10 @@ def _new_tokens_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base,
         slot = pos % BLOCK_SIZE
         k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, like,
                              stride_kb, stride_ks, stride_kch, stride_ksb, stride_kss,
-                             stride_ksh, KV_FP8, False)
+                             stride_ksh, KV_FP8)
         v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, like,
                              stride_vb, stride_vs, stride_vch, stride_vsb, stride_vss,
-                             stride_vsh, KV_FP8, V_DEQUANT)
+                             stride_vsh, KV_FP8, KV_F16)
     else:
         kd_mask = mask_d[None, :]
         if MASK_N:
@@ -169,8 +201,7 @@ def _decode_partial(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr,
-    V_DEQUANT: tl.constexpr,
+    DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -200,6 +231,8 @@ def _decode_partial(
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [G, D]
     if not USE_DOT:
         q = q.to(tl.float32)
+    if KV_F16:  # FP8 tiles convert natively to fp16: the dots run in fp16
+        q = q.to(tl.float16)
 
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -212,10 +245,10 @@ def _decode_partial(
         slot = pos % BLOCK_SIZE
         k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
                              stride_kb, stride_ks, stride_kh, stride_ksb, stride_kss, stride_ksh,
-                             KV_FP8, False)  # [N, D], [N]
+                             KV_FP8)  # [N, D], [N]
         v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
                              stride_vb, stride_vs, stride_vh, stride_vsb, stride_vss, stride_vsh,
-                             KV_FP8, V_DEQUANT)
+                             KV_FP8, KV_F16)
         if USE_DOT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
         else:
@@ -229,9 +262,16 @@ def _decode_partial(
         l_i = l_i * alpha + tl.sum(p, 1)
         pv = p
         if KV_FP8:
-            if not V_DEQUANT:
+            if KV_F16:  # see _online_update_scaled: p * scale must not underflow fp16
+                smax = tl.max(v_sc, 0)
+                smax = tl.where(smax > 0.0, smax, 1.0)
+                pv = p * (v_sc / smax)[None, :]
+            else:
                 pv = p * v_sc[None, :]
-        if USE_DOT:
+        if KV_F16:
+            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v,
+                                                input_precision=DOT_PREC) * smax
+        elif USE_DOT:
             acc = tl.dot(pv.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         else:
             acc = acc * alpha[:, None] + tl.sum(pv[:, :, None] * v.to(tl.float32)[None, :, :],
@@ -301,7 +341,7 @@ def _prefill(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_SINGLE: tl.constexpr,
-    KV_FP8: tl.constexpr, V_DEQUANT: tl.constexpr,
+    KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
 ):
     # NOTE: the last query blocks of a causal prompt have the most keys: start them first so
     # the short ones fill the tail of the launch.
@@ -327,6 +367,8 @@ def _prefill(
     rows = (q_start + offs_m).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [M, D]
+    if KV_F16:  # FP8 tiles convert natively to fp16: the dots run in fp16
+        q = q.to(tl.float16)
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -345,10 +387,10 @@ def _prefill(
         slot = pos % BLOCK_SIZE
         k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
                              stride_kb, stride_ks, stride_kch, stride_ksb, stride_kss,
-                             stride_ksh, KV_FP8, False)
+                             stride_ksh, KV_FP8)
         v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
                              stride_vb, stride_vs, stride_vch, stride_vsb, stride_vss,
-                             stride_vsh, KV_FP8, V_DEQUANT)
+                             stride_vsh, KV_FP8, KV_F16)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         allowed = mask_n[None, :]
         if HAS_WINDOW:
@@ -356,8 +398,9 @@ def _prefill(
         if KV_FP8:
             qk = qk * k_sc[None, :]
         qk = tl.where(allowed, qk, float("-inf"))
-        if KV_FP8 and not V_DEQUANT:
-            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC)
+        if KV_FP8:
+            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
+                                                  KV_F16)
         else:
             acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
 
@@ -375,14 +418,15 @@ def _prefill(
             j < m0, kvh, offs_d, mask_d, q, stride_kt, stride_kh, stride_vt, stride_vh,
             stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            BLOCK_SIZE, KV_FP8, V_DEQUANT, False)
+            BLOCK_SIZE, KV_FP8, False, KV_F16)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if KV_FP8:
             qk = qk * k_sc[None, :]
         if HAS_WINDOW:
             qk = tl.where(offs_m[:, None] - j[None, :] < window, qk, float("-inf"))
-        if KV_FP8 and not V_DEQUANT:
-            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC)
+        if KV_FP8:
+            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
+                                                  KV_F16)
         else:
             acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
     hi = tl.minimum(m0 + BLOCK_M, q_len)
@@ -394,7 +438,7 @@ def _prefill(
             mask_n, kvh, offs_d, mask_d, q, stride_kt, stride_kh, stride_vt, stride_vh,
             stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            BLOCK_SIZE, KV_FP8, V_DEQUANT, True)
+            BLOCK_SIZE, KV_FP8, True, KV_F16)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if KV_FP8:
             qk = qk * k_sc[None, :]
@@ -402,8 +446,9 @@ def _prefill(
         if HAS_WINDOW:
             allowed = allowed & (offs_m[:, None] - j[None, :] < window)
         qk = tl.where(allowed, qk, float("-inf"))
-        if KV_FP8 and not V_DEQUANT:
-            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC)
+        if KV_FP8:
+            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
+                                                  KV_F16)
         else:
             acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
 
@@ -443,7 +488,9 @@ def _decode_config(d_pad: int, dtype: torch.dtype, kv_fp8: bool = False
     K/V tiles are prefetched with cp.async).
 
     NOTE: an FP8 cache moves half the bytes a tile: 128 tokens a step measured 1,975 GB/s
-    against 1,560 with 64 (b64 x 4k, H200, 2026-11-23; bf16 caches reach 4,249 at 64)."""
+    against 1,560 with 64 (b64 x 4k, H200, 2026-11-23; bf16 caches reach 4,249 at 64). With
+    fp16 dots and V converted in registers (2026-11-24, H200, b64 x 4k): 128 tokens and 2
+    stages 2,218 GB/s (54% of copy); 1 stage 2,132; 3 stages 2,207; 64 tokens 1,705-1,952."""
     if dtype == torch.float32:
         return 16, 4, 2 if d_pad <= 128 else 1
     if d_pad > 128:
@@ -612,7 +659,7 @@ class TritonAttentionBackend:
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, D_PAD=d_pad,
             BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
-            MIXED=mixed, KV_FP8=kv.fp8, V_DEQUANT=kv.v_dequant, num_warps=warps,
+            MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, num_warps=warps,
             num_stages=stages)
         if parts > 1:
             _decode_reduce[(s, hq)](
@@ -625,12 +672,12 @@ class _CacheArgs:
     """One layer's cache as the kernels take it: values, FP8 scales (or placeholders), and
     their strides in kernel argument order (K values, V values, K scales, V scales)."""
 
-    __slots__ = ("k_cache", "v_cache", "k_scale", "v_scale", "strides", "fp8", "v_dequant")
+    __slots__ = ("k_cache", "v_cache", "k_scale", "v_scale", "strides", "fp8", "f16")
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
-                 fp8: bool, v_dequant: bool) -> None:
-        self.k_cache, self.v_cache, self.fp8, self.v_dequant = k_cache, v_cache, fp8, v_dequant
+                 fp8: bool, f16: bool) -> None:
+        self.k_cache, self.v_cache, self.fp8, self.f16 = k_cache, v_cache, fp8, f16
         # NOTE: without scales the kernels never read these (KV_FP8 is off): the values
         # tensors stand in, with zero strides.
         self.k_scale = k_scale if k_scale is not None else k_cache
@@ -642,11 +689,11 @@ class _CacheArgs:
     @staticmethod
     def of(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
            v_scale: torch.Tensor | None, q_dtype: torch.dtype) -> _CacheArgs:
-        # NOTE: fp16 queries dequantize the V tile (p * scale could underflow fp16); other
-        # dtypes scale the probabilities (no rounding beyond the model-dtype path's).
+        # NOTE: FP8 tiles are converted to fp16 for bf16 / fp16 queries (the native
+        # conversion), to fp32 for fp32 queries (the exactness path).
         fp8 = k_scale is not None
         return _CacheArgs(k_cache, v_cache, k_scale, v_scale, fp8,
-                          fp8 and q_dtype == torch.float16)
+                          fp8 and q_dtype != torch.float32)
 
 
 def _launch_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: _CacheArgs,
@@ -665,7 +712,7 @@ def _launch_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: _Cach
         GROUP=hq // hkv, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=meta.block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window is not None,
         DOT_PREC=_dot_prec(q.dtype), SKIP_SINGLE=skip_single, KV_FP8=kv.fp8,
-        V_DEQUANT=kv.v_dequant, num_warps=warps, num_stages=stages)
+        KV_F16=kv.f16, num_warps=warps, num_stages=stages)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -49,6 +49,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     p.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    p.add_argument("--only", default="", help="run only the cases whose name contains this")
     return p.parse_args(argv)
 
 
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     decode += [(64, 4096, True), (256, 256, True)] if fp8 else []
     for batch, context, kv8 in decode:
         name = f"decode b{batch} ctx{context}" + (" fp8 KV" if kv8 else "")
+        if args.only not in name:
+            continue
         r = bench_decode(ta, dev, batch, context, reps, fp8=kv8)
         r["fraction_of_copy_bw"] = r["kv_bytes_per_s"] / bw
         cases[name] = r
@@ -209,13 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, f"{r['time_us']:,.1f} us",
                      f"{r['kv_bytes_per_s'] / 1e9:,.0f} GB/s = "
                      f"{100 * r['fraction_of_copy_bw']:.0f}% of copy{goal}"))
-    r = bench_prefill(ta, dev, 8192, reps)
-    cases["prefill causal 8192"] = r
-    sdpa = (f"; torch SDPA {r['torch_sdpa_tflops']:,.0f} TFLOP/s"
-            if "torch_sdpa_tflops" in r else "")
-    rows.append(("prefill causal 8192", f"{r['time_us']:,.1f} us",
-                 f"{r['tflops']:,.0f} TFLOP/s (goal >= 300){sdpa}"))
-    if fp8:
+    if args.only in "prefill causal 8192":
+        r = bench_prefill(ta, dev, 8192, reps)
+        cases["prefill causal 8192"] = r
+        sdpa = (f"; torch SDPA {r['torch_sdpa_tflops']:,.0f} TFLOP/s"
+                if "torch_sdpa_tflops" in r else "")
+        rows.append(("prefill causal 8192", f"{r['time_us']:,.1f} us",
+                     f"{r['tflops']:,.0f} TFLOP/s (goal >= 300){sdpa}"))
+    if fp8 and args.only in "prefill causal 8192 fp8 KV":
         r = bench_prefill(ta, dev, 8192, reps, fp8=True)
         cases["prefill causal 8192 fp8 KV"] = r
         rows.append(("prefill causal 8192 fp8 KV", f"{r['time_us']:,.1f} us",

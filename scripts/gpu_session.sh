@@ -245,6 +245,54 @@ p.write_text(s.replace('        block_n, warps, stages = _decode_config(d_pad, q
       unset TRTDIST_FP8_GEMM_CONFIGS
       bench b1 $M --output-len 256
       ;;
+    kvf16)  # FP8 KV attention with fp16 dots: GPU tests, kernel bench, BLOCK_N 64 vs 128
+      timeout 400 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py 2>&1 \
+          | tee "$OUT/kvf16_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "kv fp8 gpu tests: $(tail -1 "$OUT/kvf16_tests.log")"
+      timeout 200 python3 scripts/bench_kernels.py --output "$OUT/kernels.json" \
+          > "$OUT/bench_kernels.log" 2>&1; grep -E "decode|prefill|copy" "$OUT/bench_kernels.log" \
+          | tee -a "$SUMMARY"
+      cp kernels/triton_attention.py /tmp/ta.py.bak
+      sed -i 's/    return (128 if kv_fp8 else 64), 4, 2/    return 64, 4, 2/' \
+          kernels/triton_attention.py
+      timeout 200 python3 scripts/bench_kernels.py --output "$OUT/kernels64.json" \
+          > "$OUT/bench_kernels64.log" 2>&1
+      grep -E "fp8" "$OUT/bench_kernels64.log" | sed 's/^/BLOCK_N 64: /' | tee -a "$SUMMARY"
+      cp /tmp/ta.py.bak kernels/triton_attention.py
+      ;;
+    w8a16)  # weight-only FP8 at M <= 2: its GPU tests, then batch 1 bf16 and FP8 in one run
+      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8.py tests/test_fp8_kernels.py \
+          tests/test_fp8_fused.py 2>&1 | tee "$OUT/w8a16_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "fp8 gpu tests: $(tail -1 "$OUT/w8a16_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128"
+      bench b1 $M --output-len 256
+      bench fp8_b1 $M --output-len 256 --quant fp8
+      ;;
+    kvregs)  # FP8 V tiles converted in registers: GPU tests, then decode stages / tile A/B
+      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py -k "gpu" 2>&1 \
+          | tee "$OUT/kvregs_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "kv fp8 gpu tests: $(tail -1 "$OUT/kvregs_tests.log")"
+      cp kernels/triton_attention.py /tmp/ta.py.bak
+      for v in "128 2" "128 1" "64 2" "64 1" "128 3"; do
+        read -r bn st <<< "$v"
+        cp /tmp/ta.py.bak kernels/triton_attention.py
+        sed -i "s/    return (128 if kv_fp8 else 64), 4, 2/    return ($bn if kv_fp8 else 64), 4, ($st if kv_fp8 else 2)/" \
+            kernels/triton_attention.py
+        timeout 120 python3 scripts/bench_kernels.py --only "fp8" --output "$OUT/k_${bn}_$st.json" \
+            > "$OUT/k_${bn}_$st.log" 2>&1
+        grep -E "fp8|copy" "$OUT/k_${bn}_$st.log" | sed "s/^/BN $bn stages $st: /" | tee -a "$SUMMARY"
+      done
+      cp /tmp/ta.py.bak kernels/triton_attention.py
+      ;;
+    w8ab)  # FP8 batch 1 with weight-only FP8 at M <= 2 (as is) against W8A8 there, one run
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128"
+      bench fp8_b1_w8a16 $M --output-len 256 --quant fp8
+      cp kernels/fp8_gemm.py /tmp/fg.py.bak
+      sed -i 's/^W8A16_M_MAX = 2$/W8A16_M_MAX = 0/' kernels/fp8_gemm.py
+      bench fp8_b1_w8a8 $M --output-len 256 --quant fp8
+      cp /tmp/fg.py.bak kernels/fp8_gemm.py
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

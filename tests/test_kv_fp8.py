@@ -221,8 +221,17 @@ class FP8Case(Case):
     """`Case` with its cache quantized to E4M3 + scales (NaN slots stay NaN, so do their
     scales), one token's K and V all zero, and the packed k / v poisoned with NaN."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, *args: object, decades: tuple[float, float] | None = None,
+                 **kwargs: object) -> None:
+        """`decades` (lo, hi): each cached token-head's K and V are multiplied by 10 ** -u,
+        u uniform in [lo, hi), so the scales of one tile span hi - lo decades."""
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        if decades is not None:
+            g = torch.Generator().manual_seed(7)
+            shape = (*self.k_cache.shape[:3], 1)
+            lo, hi = decades
+            for x in (self.k_cache, self.v_cache):
+                x *= 10.0 ** -(lo + (hi - lo) * torch.rand(shape, generator=g))
         owned = ~self.k_cache.isnan().any(-1)  # [blocks, bs, Hkv]
         if owned.any():  # the first owned token: zero K and V
             b, s_, _ = (int(i) for i in owned.nonzero()[0])
@@ -322,7 +331,7 @@ def check_fp8(case: FP8Case, window: int | None, backend: TritonAttentionBackend
 @pytest.mark.parametrize("dtype,hq,hkv,d,bs,window,target", [
     (torch.float32, 8, 2, 16, 4, None, 1000),  # split over partitions, GQA (dot path)
     (torch.float32, 4, 4, 16, 16, 7, 1000),  # MHA (dot-free path), window
-    (torch.float16, 8, 1, 80, 16, None, 1),  # fp16: V tiles dequantized; head_dim 80
+    (torch.float16, 8, 1, 80, 16, None, 1),  # fp16: fp16 dots; head_dim 80
     (torch.float16, 12, 4, 32, 8, 300, 1000),  # GQA 3, window across partitions
 ])
 def test_decode_fp8(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int,
@@ -344,6 +353,19 @@ def test_prefill_fp8(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int,
     case = FP8Case([7, 19, 1, 33, 140, 200], [7, 5, 1, 12, 100, 1], hq, hkv, d, bs, dtype,
                    seed=hq * d)
     check_fp8(case, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp8_attention_scales_spanning_decades(dtype: torch.dtype) -> None:
+    """fp16 dots take `p * v_scale` relative to the tile's largest V scale: a cache whose
+    values are all 1e-3 to 1e-4 (scales ~1e-6: `p * scale` alone falls below fp16's
+    normal range, measured 6e-3 relative error), spread over a decade within each tile,
+    decode (split and not) and prefill."""
+    for target in (1, 1000):
+        case = FP8Case([9, 300, 64], [1] * 3, 8, 2, 32, 8, dtype, seed=3, decades=(3, 4))
+        check_fp8(case, None, TritonAttentionBackend(target_programs=target))
+    case = FP8Case([40, 130], [40, 30], 8, 2, 32, 8, dtype, seed=4, decades=(3, 4))
+    check_fp8(case, None)
 
 
 def test_fp8_attention_bad_inputs() -> None:
