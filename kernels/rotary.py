@@ -6,8 +6,10 @@ uses the rotate-half layout (Llama / transformers) with a precomputed `cos_sin` 
 in the second. Tokens whose slot is -1 (padding of a CUDA-graph bucket) are not written.
 
 An FP8 cache (`k_scale` / `v_scale` given, caches float8_e4m3fn) stores each token's K and V
-quantized per KV head with their scales (format: `kv_quant.py`): the rotated k, rounded to the
-model dtype first, and v.
+quantized per KV head with their scales (format: `kv_quant.py`): k after RoPE *and* the
+format's orthogonal rotation `R = kv_rotation(D)`, rounded to the model dtype first, and v.
+The returned q (and k) are then rotated by R too, so attention over the dequantized cache
+computes the same scores as without R.
 
 The Triton kernel rotates in float32 (cos/sin straight from the float32 table) and rounds
 once to the model dtype; the reference, like transformers, casts cos/sin to the model dtype
@@ -22,7 +24,13 @@ from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import tl, triton
 from trtdist.kernels.fp8_quant import FP8_MAX, MIN_SCALE
 from trtdist.kernels.fp8_quant import _quantize as _quantize_e4m3
-from trtdist.kernels.kv_quant import KV_FP8_DTYPE, KV_SCALE_DTYPE, quantize_kv
+from trtdist.kernels.kv_quant import (
+    KV_FP8_DTYPE,
+    KV_SCALE_DTYPE,
+    kv_rotation_block,
+    quantize_kv,
+    rotate_kv,
+)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # NOTE: jitted code may only read globals that are tl.constexpr.
@@ -68,7 +76,9 @@ def rotary_and_cache_torch(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: 
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference: -> q `[T, Hq, D]`, k `[T, Hkv, D]` (both rotated), v `[T, Hkv, D]`.
 
-    Rotates in the model dtype, as transformers does (cos/sin cast to it first)."""
+    Rotates in the model dtype, as transformers does (cos/sin cast to it first). With an FP8
+    cache q and k are then multiplied by the format's `kv_rotation` (`rotate_kv`: float32,
+    rounded once) before k is quantized."""
     t, half = qkv.shape[0], head_dim // 2
     q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
     cs = cos_sin[positions]  # [T, D]
@@ -82,6 +92,8 @@ def rotary_and_cache_torch(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: 
     q = rotate(q.view(t, q_heads, head_dim))
     k = rotate(k.view(t, kv_heads, head_dim))
     v = v.reshape(t, kv_heads, head_dim)
+    if k_scale is not None:
+        q, k = rotate_kv(q), rotate_kv(k)
     write_kv_cache_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q, k, v
 
@@ -94,14 +106,18 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
                              ks_ptr, ks_s0, ks_s1, ks_s2, vs_ptr, vs_s0, vs_s1, vs_s2,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                              HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
-                             BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
+                             ROT_BLOCK: tl.constexpr, ROT_NORM: tl.constexpr):
     """Grid (T, cdiv(HQ + HKV, BLOCK_H)) over the rotated heads of one token.
 
     Within a qkv row the q heads and then the k heads lie back to back, so rotated head h is at
     `h * D` for h < HQ + HKV; k head j = h - HQ also owns v head j at `(HQ + HKV + j) * D` and
     writes both into the cache. Each row of the tile is one head's two halves, padded to
     HALF_PAD lanes (head_dim 80 / 96 -> 64 lanes of 40 / 48). KV_FP8: a row is also one
-    (token, KV head) of the FP8 cache, so its scale is the row's amax (see `kv_quant.py`)."""
+    (token, KV head) of the FP8 cache, so its scale is the row's amax (see `kv_quant.py`), and
+    every row (q and k) is multiplied by the format's rotation `R = H2 (x) B / sqrt(2)`:
+    `[o1 o2] R = [(o1 + o2) B, (o1 - o2) B] / sqrt(2)`, two `tl.dot`s with the +-1 signs of
+    B (blocks of ROT_BLOCK) and one multiply by ROT_NORM = 1 / sqrt(2 * ROT_BLOCK)."""
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     half: tl.constexpr = D // 2
@@ -119,8 +135,17 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
     x1 = tl.load(lo, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(lo + half, mask=mask, other=0.0).to(tl.float32)
     # rotate-half: x * cos + cat(-x2, x1) * sin
-    o1 = (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty)
-    o2 = (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty)
+    r1 = x1 * cos - x2 * sin
+    r2 = x2 * cos + x1 * sin
+    if KV_FP8:
+        # NOTE: float32 throughout, rounded once to the model dtype below; "ieee": no TF32
+        signs = _rotation_signs(HALF_PAD, half, ROT_BLOCK)  # [HP, HP]
+        s1 = tl.dot(r1 + r2, signs, input_precision="ieee")
+        s2 = tl.dot(r1 - r2, signs, input_precision="ieee")
+        r1 = s1 * ROT_NORM
+        r2 = s2 * ROT_NORM
+    o1 = r1.to(qkv_ptr.dtype.element_ty)
+    o2 = r2.to(qkv_ptr.dtype.element_ty)
     tl.store(lo, o1, mask=mask)
     tl.store(lo + half, o2, mask=mask)
 
@@ -162,6 +187,22 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
 
 
 @_jit
+def _rotation_signs(HP: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    """`[HP, HP]` float32: the unnormalized block B of `kv_rotation` (`kv_quant.py`),
+    `(-1)^popcount(a & b)` within a diagonal block of BLOCK, 0 elsewhere and in padding."""
+    a = tl.arange(0, HP)[:, None]
+    b = tl.arange(0, HP)[None, :]
+    p = a & b & (BLOCK - 1)  # < 2^16: head_dim < 2^17
+    p = p ^ (p >> 8)
+    p = p ^ (p >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)  # bit 0: the parity
+    sign = 1.0 - 2.0 * (p & 1).to(tl.float32)
+    keep = (a < HALF) & (b < HALF) & (a // BLOCK == b // BLOCK)
+    return tl.where(keep, sign, 0.0)
+
+
+@_jit
 def _row_scale(x1, x2):
     """The dequantizing scale of each row of two `[BH, HP]` halves (masked lanes hold 0):
     max(amax / 448, 1e-12), the IEEE division of the reference."""
@@ -183,7 +224,9 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
     they may be views of one `[layers, 2, blocks, bs, Hkv, D]` tensor). `positions` (int64 or
     int32) must index rows of `cos_sin`: not checked, as that would sync with the host. No
     allocation, no host syncs: CUDA-graph capturable. An FP8 cache (float8_e4m3fn) takes its
-    scales `k_scale` / `v_scale` `[blocks, block_size, Hkv]` float32 (any strides)."""
+    scales `k_scale` / `v_scale` `[blocks, block_size, Hkv]` float32 (any strides); then q
+    and k are also multiplied by the format's rotation (`kv_quant.kv_rotation`), in float32
+    after RoPE, before the one rounding to the model dtype."""
     if triton is None:
         raise RuntimeError("rotary_and_cache_triton needs triton, which is not installed")
     _check(qkv, positions, cos_sin, q_heads, kv_heads, head_dim, k_cache, v_cache, slot_mapping,
@@ -194,18 +237,23 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
     v = qkv[:, (q_heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
     if t == 0:
         return q, k, v
+    fp8 = k_scale is not None
     half_pad = triton.next_power_of_2(head_dim // 2)
     heads = q_heads + kv_heads
     # NOTE: ~512-lane tiles: 8 heads of 128 (Llama-3-8B's 32 + 8 heads in 5 full programs).
     block_h = min(triton.next_power_of_2(heads), max(1, 512 // half_pad))
+    rot_block = kv_rotation_block(head_dim)
+    if fp8:  # tl.dot's operands need at least 16 rows and columns
+        half_pad, block_h = max(half_pad, 16), max(block_h, 16)
     _rotary_and_cache_kernel[(t, triton.cdiv(heads, block_h))](
         qkv, qkv.stride(0), positions, positions.stride(0), cos_sin, cos_sin.stride(0),
         slot_mapping, slot_mapping.stride(0),
         k_cache, *k_cache.stride(), v_cache, *v_cache.stride(),
         *_scale_args(k_scale, k_cache), *_scale_args(v_scale, v_cache),
         HQ=q_heads, HKV=kv_heads, D=head_dim, HALF_PAD=half_pad, BLOCK_H=block_h,
-        BLOCK_SIZE=k_cache.shape[1], KV_FP8=k_scale is not None,
-        num_warps=2)  # 8 lanes a thread: 16-byte bf16 access
+        BLOCK_SIZE=k_cache.shape[1], KV_FP8=fp8, ROT_BLOCK=rot_block,
+        ROT_NORM=(2 * rot_block) ** -0.5,
+        num_warps=4 if fp8 else 2)  # bf16: 8 lanes a thread, 16-byte access
     return q, k, v
 
 

@@ -1,13 +1,17 @@
 """The FP8 (E4M3) KV cache (`--kv-cache-dtype fp8`): format, write, read, pool, end to end.
 
+- Format: the per token-head quantization, and the orthogonal key rotation (`kv_rotation`)
+  the cache applies to q and k (attention scores unchanged to rounding).
 - Write: the Triton rotary + KV-write kernel against its torch reference (CPU: Triton's
   interpreter in fp32 / fp16; GPU: bf16 too). V, whose input both share, must be bit-equal;
-  K is bit-equal to the reference quantization of the kernel's own rotated k.
+  K is bit-equal to the reference quantization of the kernel's own rotated k; q and k are
+  RoPE'd and rotated as the reference does, to rounding.
 - Read: the Triton backend and the torch backend against a float64 reference over the
   dequantized cache. Unowned cache slots hold NaN (values and scales), and so do the packed
   k / v a prefill receives: FP8 attention reads the new tokens back from the cache.
 - End to end (mpirun): an engine with an FP8 KV cache equals transformers whose attention
-  sees K/V quantized and dequantized the same way; SmolLM2-135M's perplexity moves < 1%.
+  sees q and K rotated and K/V quantized and dequantized the same way; SmolLM2-135M's
+  perplexity moves < 1%.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ import torch
 from helpers import MPI_SCRIPTS, load_hf, mpirun, need_devices, relative_error, trtdist_cli
 from test_triton_attention import Case, _fields
 from trtdist.kernels.attention import AttentionInputs, TorchAttentionBackend
-from trtdist.kernels.kv_quant import KV_FP8_DTYPE, dequantize_kv, quantize_kv
+from trtdist.kernels.kv_quant import (
+    KV_FP8_DTYPE,
+    dequantize_kv,
+    kv_rotation,
+    kv_rotation_block,
+    quantize_kv,
+    rotate_kv,
+)
 from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache_torch, rotary_and_cache_triton
 from trtdist.kernels.triton_attention import TritonAttentionBackend
 
@@ -92,6 +103,61 @@ def test_quantize_kv_format() -> None:
     assert dequantize_kv(x, None, torch.float32) is x  # a model-dtype cache passes through
 
 
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h
+
+
+@pytest.mark.parametrize("d", [2, 16, 24, 64, 80, 96, 128, 256])
+def test_kv_rotation_is_orthogonal_and_keeps_scores(d: int) -> None:
+    r = kv_rotation(d).double()
+    assert r.shape == (d, d) and kv_rotation(d).dtype == torch.float32
+    assert (r @ r.T - torch.eye(d, dtype=torch.float64)).abs().max() < 1e-7
+    # powers of two: the normalized Walsh-Hadamard matrix; else H2 (x) block-diagonal B
+    n = kv_rotation_block(d)
+    assert n == {24: 4, 80: 8, 96: 16}.get(d, d // 2)
+    if d & (d - 1) == 0:
+        torch.testing.assert_close(r, _sylvester(d) / math.sqrt(d), rtol=0, atol=1e-7)
+    block = torch.block_diag(*[_sylvester(n)] * (d // 2 // n))
+    want = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), block)
+    torch.testing.assert_close(r, want / math.sqrt(2 * n), rtol=0, atol=1e-7)
+    # q.k is unchanged (to float32 rounding), an outlier channel spreads over 2 * n channels
+    g = torch.Generator().manual_seed(d)
+    q, k = torch.randn(5, 3, d, generator=g), torch.randn(7, 3, d, generator=g)
+    k[..., 0] = 40.0
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double())
+    got = torch.einsum("qhd,khd->hqk", rotate_kv(q).double(), rotate_kv(k).double())
+    assert _rel(got, scores) < 1e-6
+    spread = rotate_kv(torch.eye(d)[:1])  # channel 0
+    assert int((spread != 0).sum()) == 2 * n
+    assert rotate_kv(k).dtype == k.dtype and rotate_kv(k.half()).dtype == torch.float16
+    with pytest.raises(ValueError, match="head_dim must be even and positive, got 7"):
+        kv_rotation(7)
+
+
+def test_rotation_shrinks_the_score_error_of_outlier_keys() -> None:
+    """Why the cache rotates: where q and k share a few large channels (as RoPE'd q and k of
+    real models do) a score's quantization error is a few large terms; rotated, every channel
+    carries a share of the outliers and the errors average out. (Measured here: 1.3% -> 0.5%.
+    NOTE: outliers in k alone are not helped: E4M3's error is relative per element.)"""
+    g = torch.Generator().manual_seed(0)
+    d = 64
+    q = torch.randn(64, d, generator=g, dtype=torch.float64)
+    k = torch.randn(256, d, generator=g, dtype=torch.float64)
+    q[:, :2] *= 10.0  # two outlier channels, shared
+    k[:, :2] *= 30.0
+    scores = q @ k.T
+
+    def err(qq: torch.Tensor, kk: torch.Tensor) -> float:
+        return _rel(qq @ dequantize_kv(*quantize_kv(kk), torch.float64).T, scores)
+
+    plain = err(q, k)
+    rotated = err(rotate_kv(q), rotate_kv(k))
+    assert rotated < 0.6 * plain, (plain, rotated)
+
+
 def test_pool_holds_scales_and_sizes_by_them() -> None:
     layers, bs, hkv, d = 3, 16, 2, 128
     fp8 = KVCache(layers, 5, bs, hkv, d, KV_FP8_DTYPE, torch.device("cpu"))
@@ -152,12 +218,26 @@ def _check_write(t: int, hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype,
                  seed: int) -> None:
     qkv, positions, cos_sin, slots, values, scales = _write_case(t, hq, hkv, d, bs, dtype, seed)
     ref_values, ref_scales = values.clone(), scales.clone()
-    _, k_ref, _ = rotary_and_cache_torch(
+    q_ref, k_ref, _ = rotary_and_cache_torch(
         qkv.clone(), positions, cos_sin, hq, hkv, d, ref_values[1, 0], ref_values[1, 1], slots,
         k_scale=ref_scales[1, 0], v_scale=ref_scales[1, 1])
-    _, k, v = rotary_and_cache_triton(qkv, positions, cos_sin, hq, hkv, d, values[1, 0],
+    # RoPE alone (a model-dtype cache: no kv rotation), in float64
+    plain = torch.full((2, *values.shape[2:]), NAN, dtype=torch.float64, device=DEV)
+    q_rope, k_rope, _ = rotary_and_cache_torch(
+        qkv.double(), positions, cos_sin.double(), hq, hkv, d, plain[0], plain[1], slots)
+    q, k, v = rotary_and_cache_triton(qkv, positions, cos_sin, hq, hkv, d, values[1, 0],
                                       values[1, 1], slots, k_scale=scales[1, 0],
                                       v_scale=scales[1, 1])
+    # q and k: RoPE'd and rotated by kv_rotation, as the reference (to rounding) ...
+    assert _rel(q, q_ref) < TOL[dtype] and _rel(k, k_ref) < TOL[dtype]
+    r = kv_rotation(d).double()
+    assert _rel(q, q_rope @ r.to(DEV)) < TOL[dtype]
+    assert _rel(k, k_rope @ r.to(DEV)) < TOL[dtype]
+    # ... so the scores are RoPE's (GQA: q head h reads KV head h // (hq // hkv))
+    kk = k.double().repeat_interleave(hq // hkv, 1)
+    kk_rope = k_rope.repeat_interleave(hq // hkv, 1)
+    assert _rel(torch.einsum("thd,shd->hts", q.double(), kk),
+                torch.einsum("thd,shd->hts", q_rope, kk_rope)) < 2 * TOL[dtype]
     # V (not rotated: the same input) as the reference wrote it; untouched slots NaN
     assert _same_kv(values[1, 1], scales[1, 1], ref_values[1, 1], ref_scales[1, 1])
     assert values[0].float().isnan().all() and scales[0].isnan().all()
@@ -186,6 +266,8 @@ def _check_write(t: int, hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype,
     (torch.float32, 4, 2, 16, 4),
     (torch.float16, 6, 3, 24, 8),  # head_dim 24: halves padded 12 -> 16 lanes
     (torch.float32, 2, 2, 64, 16),
+    (torch.float16, 4, 2, 80, 4),  # halves of 40 -> 64 lanes, rotation blocks of 8
+    (torch.float32, 2, 1, 16, 4),  # halves of 8 -> 16 lanes (tl.dot's minimum)
 ])
 def test_write_kernel_matches_reference(dtype: torch.dtype, hq: int, hkv: int, d: int,
                                         bs: int) -> None:
@@ -483,8 +565,9 @@ NEW_TOKENS = 24
 
 
 def _fake_quant_reference(path: Path) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-    """transformers in float32 whose attention sees every K/V row quantized to E4M3 with
-    its own scale and dequantized (what the FP8 cache holds), and the plain model's logits."""
+    """transformers in float32 whose attention sees q and k rotated by `kv_rotation` and every
+    K/V row quantized to E4M3 with its own scale and dequantized (what the FP8 cache holds),
+    and the plain model's logits."""
     from helpers import hf_reference
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -492,6 +575,8 @@ def _fake_quant_reference(path: Path) -> tuple[torch.Tensor, list[int], torch.Te
 
     def fp8_kv_attention(module, query, key, value,  # type: ignore[no-untyped-def]
                          *args, **kwargs):
+        # the cache's rotation of RoPE'd q and k (scores unchanged but for rounding)
+        query, key = rotate_kv(query), rotate_kv(key)
         key = dequantize_kv(*quantize_kv(key), key.dtype)  # [B, Hkv, S, D]: per token-head
         value = dequantize_kv(*quantize_kv(value), value.dtype)
         return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
@@ -575,7 +660,7 @@ def test_cli_flag_reaches_the_pool_and_the_bench_result() -> None:
 def test_smollm2_fp8_kv_cache_perplexity() -> None:
     """Only the KV cache in FP8 (weights and activations bf16): the perplexity of the fixed
     ~2,800-token text (prefilled in 1,024-token chunks; every attention read goes through the
-    cache) moves by about 1%."""
+    cache) moves by well under the issue's 1%, thanks to the cache's key rotation."""
     from test_fp8 import _EVAL_TEXT, _smollm2_dir
 
     from trtdist.eval import perplexity
@@ -594,7 +679,8 @@ def test_smollm2_fp8_kv_cache_perplexity() -> None:
           f"{ppl['fp8']:.4f} ({100 * change:+.3f}%)")
     assert ppl["auto"] < 30, ppl
     assert ppl["fp8"] != ppl["auto"]  # the FP8 cache is in use
-    # NOTE: measured on CPU: 13.8206 -> 13.9669 (+1.06%; 256-token chunks: +1.08%), over the
-    # issue's 1% goal; float32 on the first 790 tokens gave +0.80%. This gate keeps the
-    # figure from regressing.
-    assert abs(change) < 0.015, ppl
+    # NOTE: measured on CPU: 13.8206 -> 13.7904 (-0.22%); without the key rotation
+    # (kv_quant.kv_rotation) 13.9669 (+1.06%), over the issue's 1% goal. The rotation alone
+    # (bf16 cache) moves it by -0.13%: bf16 rounding, the noise floor of this figure. In
+    # float32: +0.17% (+1.13% without the rotation).
+    assert abs(change) < 0.005, ppl
