@@ -293,6 +293,17 @@ p.write_text(s.replace('        block_n, warps, stages = _decode_config(d_pad, q
       bench fp8_b1_w8a8 $M --output-len 256 --quant fp8
       cp /tmp/fg.py.bak kernels/fp8_gemm.py
       ;;
+    kvfinal)  # FP8 KV with the key rotation and the register-converted V: tests, then benches
+      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py -k "gpu" 2>&1 \
+          | tee "$OUT/kvfinal_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "kv fp8 gpu tests: $(tail -1 "$OUT/kvfinal_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1024 --input-len 1000"
+      bench fp8kv_r1024x1000gne $M --output-len 1000 --max-batch-size 1024 --quant fp8 \
+          --kv-cache-dtype fp8 --scheduler-policy guaranteed_no_evict
+      R="--num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024"
+      bench fp8kv_r1024 llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 \
+          --kv-cache-dtype fp8 $R
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
