@@ -304,6 +304,11 @@ p.write_text(s.replace('        block_n, warps, stages = _decode_config(d_pad, q
       bench fp8kv_r1024 llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 \
           --kv-cache-dtype fp8 $R
       ;;
+    kvwrite)  # the FP8 cache write kernel (RoPE + key rotation + quantization) on the GPU
+      timeout 200 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py -k "gpu_write" 2>&1 \
+          | tee "$OUT/kvwrite_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "kv fp8 write gpu tests: $(tail -1 "$OUT/kvwrite_tests.log")"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

@@ -253,10 +253,11 @@ def _check_write(t: int, hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype,
     assert _same_kv(flat_v[0, slots[valid]], flat_s[0, slots[valid]], kq, ks)
     # ... and close to the reference's: their rotations differ by about an ulp of the model
     # dtype, which moves some values across an E4M3 rounding boundary (measured: bf16 1.5%,
-    # fp16 0.55%, fp32 1e-6)
+    # fp16 0.55%, fp32 1e-6 in the interpreter and 1.5e-4 on an H200, whose float32 dots sum
+    # in another order: a few of the 8k codes one E4M3 step apart)
     ref_k = dequantize_kv(ref_values[1, 0].flatten(0, 1)[slots[valid]],
                           ref_scales[1, 0].flatten(0, 1)[slots[valid]], torch.float64)
-    bound = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+    bound = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
     assert _rel(dequantize_kv(kq, ks, torch.float64), ref_k) < bound
     assert _rel(ref_k, k_ref[valid]) < 5e-2  # and E4M3 is near the rotated k itself
     assert torch.equal(v, qkv[:, (hq + hkv) * d:].view(t, hkv, d))
