@@ -309,6 +309,13 @@ p.write_text(s.replace('        block_n, warps, stages = _decode_config(d_pad, q
           | tee "$OUT/kvwrite_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
       note "kv fp8 write gpu tests: $(tail -1 "$OUT/kvwrite_tests.log")"
       ;;
+    mnt)  # 1024 x 128/128 bf16: default chunk budget against --max-num-tokens 32768, one run
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      R="--num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024"
+      bench r1024 $M $R
+      bench r1024_mnt32k $M $R --max-num-tokens 32768
+      bench r1024_mnt16k $M $R --max-num-tokens 16384
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
