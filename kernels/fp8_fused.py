@@ -27,7 +27,7 @@ from trtdist.kernels.fp8_quant import (
     _quantize,
     quantize_activation_torch,
 )
-from trtdist.kernels.norm import add_rms_norm_torch, rms_norm_torch
+from trtdist.kernels.norm import add_residual, add_rms_norm_torch, rms_norm_torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_ONE_PASS_NORM = 16384
@@ -95,12 +95,7 @@ def _rms_norm_quant_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, q_ptr, q
     cols = tl.arange(0, BLOCK)
     if ONE_PASS:
         mask = cols < N
-        h = tl.load(x_row + cols, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            h = (h.to(tl.float32) + tl.load(res_row + cols, mask=mask, other=0.0)
-                 .to(tl.float32)).to(res_ptr.dtype.element_ty)
-            tl.store(res_row + cols, h, mask=mask)
-        hf = h.to(tl.float32)
+        hf = add_residual(x_row + cols, res_row + cols, mask, HAS_RESIDUAL)
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
         normed = (hf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -112,12 +107,7 @@ def _rms_norm_quant_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, q_ptr, q
         for start in range(0, N, BLOCK):
             c = start + cols
             mask = c < N
-            h = tl.load(x_row + c, mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                h = (h.to(tl.float32) + tl.load(res_row + c, mask=mask, other=0.0)
-                     .to(tl.float32)).to(res_ptr.dtype.element_ty)
-                tl.store(res_row + c, h, mask=mask)
-            hf = h.to(tl.float32)
+            hf = add_residual(x_row + c, res_row + c, mask, HAS_RESIDUAL)
             acc += hf * hf
         rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
         src_row = res_row if HAS_RESIDUAL else x_row

@@ -35,6 +35,19 @@ def add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 @_jit
+def add_residual(x_ptrs, res_ptrs, mask, HAS_RESIDUAL: tl.constexpr):
+    """One chunk of a row as float32: x, or with HAS_RESIDUAL `x + residual` rounded to the
+    residual's dtype (as `x + residual` in torch) and stored back into the residual: it is that
+    rounded value which is normalised."""
+    h = tl.load(x_ptrs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        h = (h.to(tl.float32) + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+             ).to(res_ptrs.dtype.element_ty)
+        tl.store(res_ptrs, h, mask=mask)
+    return h.to(tl.float32)
+
+
+@_jit
 def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, eps,
                      N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
                      ONE_PASS: tl.constexpr):
@@ -49,14 +62,7 @@ def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_s
     cols = tl.arange(0, BLOCK)
     if ONE_PASS:
         mask = cols < N
-        h = tl.load(x_row + cols, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            # NOTE: the sum is rounded to the model dtype (as `x + residual` in torch) and it is
-            # that rounded value which is stored and normalised.
-            h = (h.to(tl.float32) + tl.load(res_row + cols, mask=mask, other=0.0)
-                 .to(tl.float32)).to(res_ptr.dtype.element_ty)
-            tl.store(res_row + cols, h, mask=mask)
-        hf = h.to(tl.float32)
+        hf = add_residual(x_row + cols, res_row + cols, mask, HAS_RESIDUAL)
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
         normed = (hf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -66,12 +72,7 @@ def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_s
         for start in range(0, N, BLOCK):
             c = start + cols
             mask = c < N
-            h = tl.load(x_row + c, mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                h = (h.to(tl.float32) + tl.load(res_row + c, mask=mask, other=0.0)
-                     .to(tl.float32)).to(res_ptr.dtype.element_ty)
-                tl.store(res_row + c, h, mask=mask)
-            hf = h.to(tl.float32)
+            hf = add_residual(x_row + c, res_row + c, mask, HAS_RESIDUAL)
             acc += hf * hf
         rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
         src_row = res_row if HAS_RESIDUAL else x_row

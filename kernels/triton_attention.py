@@ -154,6 +154,22 @@ def _load_tile(c_ptr, s_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
 
 
 @triton.jit
+def _load_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
+             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+             KV_FP8: tl.constexpr, KV_F16: tl.constexpr):
+    """The cached K and V tiles `[N, D]` of the same N tokens and (KV_FP8) their scales `[N]`;
+    the V tile of an fp16-dot FP8 cache is converted in registers (see `_load_tile`)."""
+    k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
+                         stride_kb, stride_ks, stride_kh, stride_ksb, stride_kss, stride_ksh,
+                         KV_FP8)
+    v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
+                         stride_vb, stride_vs, stride_vh, stride_vsb, stride_vss, stride_vsh,
+                         KV_FP8, KV_F16)
+    return k, v, k_sc, v_sc
+
+
+@triton.jit
 def _new_tokens_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base, ctx_len, j,
                    mask_n, kvh, offs_d, mask_d, like, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
@@ -167,12 +183,11 @@ def _new_tokens_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base,
         pos = ctx_len + j
         blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
-        k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, like,
-                             stride_kb, stride_ks, stride_kch, stride_ksb, stride_kss,
-                             stride_ksh, KV_FP8)
-        v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, like,
-                             stride_vb, stride_vs, stride_vch, stride_vsb, stride_vss,
-                             stride_vsh, KV_FP8, KV_F16)
+        k, v, k_sc, v_sc = _load_kv(
+            kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, like,
+            stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            KV_FP8, KV_F16)
     else:
         kd_mask = mask_d[None, :]
         if MASK_N:
@@ -243,12 +258,11 @@ def _decode_partial(
         mask_n = pos < hi
         blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
-        k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
-                             stride_kb, stride_ks, stride_kh, stride_ksb, stride_kss, stride_ksh,
-                             KV_FP8)  # [N, D], [N]
-        v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
-                             stride_vb, stride_vs, stride_vh, stride_vsb, stride_vss, stride_vsh,
-                             KV_FP8, KV_F16)
+        k, v, k_sc, v_sc = _load_kv(  # [N, D] x 2, [N] x 2
+            kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            KV_FP8, KV_F16)
         if USE_DOT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
         else:
@@ -256,27 +270,21 @@ def _decode_partial(
         if KV_FP8:
             qk = qk * k_sc[None, :]
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        pv = p
-        if KV_FP8:
-            if KV_F16:  # see _online_update_scaled: p * scale must not underflow fp16
-                smax = tl.max(v_sc, 0)
-                smax = tl.where(smax > 0.0, smax, 1.0)
-                pv = p * (v_sc / smax)[None, :]
+        if USE_DOT:
+            if KV_FP8:
+                acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
+                                                      KV_F16)
             else:
-                pv = p * v_sc[None, :]
-        if KV_F16:
-            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v,
-                                                input_precision=DOT_PREC) * smax
-        elif USE_DOT:
-            acc = tl.dot(pv.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        else:
-            acc = acc * alpha[:, None] + tl.sum(pv[:, :, None] * v.to(tl.float32)[None, :, :],
-                                                1)
-        m_i = m_new
+                acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
+        else:  # one query head per program: float32 products instead of a one-row MMA
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if KV_FP8:
+                p = p * v_sc[None, :]
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            m_i = m_new
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no keys stay 0
@@ -385,12 +393,11 @@ def _prefill(
         mask_n = pos < ctx_len
         blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
-        k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
-                             stride_kb, stride_ks, stride_kch, stride_ksb, stride_kss,
-                             stride_ksh, KV_FP8)
-        v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
-                             stride_vb, stride_vs, stride_vch, stride_vsb, stride_vss,
-                             stride_vsh, KV_FP8, KV_F16)
+        k, v, k_sc, v_sc = _load_kv(
+            kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+            stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            KV_FP8, KV_F16)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         allowed = mask_n[None, :]
         if HAS_WINDOW:

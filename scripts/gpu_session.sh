@@ -215,17 +215,6 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       note "profile b1024: $(tail -1 "$OUT/profile_1024.log")"
       sed -n '/ncalls/,+14p' "$OUT/profile_1024.log"; grep -A12 "^kernel " "$OUT/profile_1024.log"
       ;;
-    kvtile)  # decode attention with an FP8 cache: BLOCK_N 64 (as is) against 128, one run
-      timeout 200 python3 scripts/bench_kernels.py --output "$OUT/kernels.json" \
-          > "$OUT/bench_kernels.log" 2>&1; grep -E "decode" "$OUT/bench_kernels.log"
-      cp kernels/triton_attention.py /tmp/ta.py.bak
-      python3 -c "import pathlib; p=pathlib.Path('kernels/triton_attention.py'); s=p.read_text(); \
-p.write_text(s.replace('        block_n, warps, stages = _decode_config(d_pad, q.dtype)', \
-'        block_n, warps, stages = _decode_config(d_pad, q.dtype)\n        block_n = 128 if kv.fp8 else block_n'))"
-      timeout 200 python3 scripts/bench_kernels.py --output "$OUT/kernels128.json" \
-          > "$OUT/bench_kernels128.log" 2>&1; grep -E "decode" "$OUT/bench_kernels128.log"
-      cp /tmp/ta.py.bak kernels/triton_attention.py
-      ;;
     fp8long3)
       bench fp8_r1024x1000gne llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 \
           --num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024 \
@@ -245,30 +234,6 @@ p.write_text(s.replace('        block_n, warps, stages = _decode_config(d_pad, q
       unset TRTDIST_FP8_GEMM_CONFIGS
       bench b1 $M --output-len 256
       ;;
-    kvf16)  # FP8 KV attention with fp16 dots: GPU tests, kernel bench, BLOCK_N 64 vs 128
-      timeout 400 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py 2>&1 \
-          | tee "$OUT/kvf16_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
-      note "kv fp8 gpu tests: $(tail -1 "$OUT/kvf16_tests.log")"
-      timeout 200 python3 scripts/bench_kernels.py --output "$OUT/kernels.json" \
-          > "$OUT/bench_kernels.log" 2>&1; grep -E "decode|prefill|copy" "$OUT/bench_kernels.log" \
-          | tee -a "$SUMMARY"
-      cp kernels/triton_attention.py /tmp/ta.py.bak
-      sed -i 's/    return (128 if kv_fp8 else 64), 4, 2/    return 64, 4, 2/' \
-          kernels/triton_attention.py
-      timeout 200 python3 scripts/bench_kernels.py --output "$OUT/kernels64.json" \
-          > "$OUT/bench_kernels64.log" 2>&1
-      grep -E "fp8" "$OUT/bench_kernels64.log" | sed 's/^/BLOCK_N 64: /' | tee -a "$SUMMARY"
-      cp /tmp/ta.py.bak kernels/triton_attention.py
-      ;;
-    w8a16)  # weight-only FP8 at M <= 2: its GPU tests, then batch 1 bf16 and FP8 in one run
-      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8.py tests/test_fp8_kernels.py \
-          tests/test_fp8_fused.py 2>&1 | tee "$OUT/w8a16_tests.log" \
-          | grep -E "^FAILED|passed|failed" | cut -c1-300
-      note "fp8 gpu tests: $(tail -1 "$OUT/w8a16_tests.log")"
-      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128"
-      bench b1 $M --output-len 256
-      bench fp8_b1 $M --output-len 256 --quant fp8
-      ;;
     kvregs)  # FP8 V tiles converted in registers: GPU tests, then decode stages / tile A/B
       timeout 300 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py -k "gpu" 2>&1 \
           | tee "$OUT/kvregs_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
@@ -284,14 +249,6 @@ p.write_text(s.replace('        block_n, warps, stages = _decode_config(d_pad, q
         grep -E "fp8|copy" "$OUT/k_${bn}_$st.log" | sed "s/^/BN $bn stages $st: /" | tee -a "$SUMMARY"
       done
       cp /tmp/ta.py.bak kernels/triton_attention.py
-      ;;
-    w8ab)  # FP8 batch 1 with weight-only FP8 at M <= 2 (as is) against W8A8 there, one run
-      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128"
-      bench fp8_b1_w8a16 $M --output-len 256 --quant fp8
-      cp kernels/fp8_gemm.py /tmp/fg.py.bak
-      sed -i 's/^W8A16_M_MAX = 2$/W8A16_M_MAX = 0/' kernels/fp8_gemm.py
-      bench fp8_b1_w8a8 $M --output-len 256 --quant fp8
-      cp /tmp/fg.py.bak kernels/fp8_gemm.py
       ;;
     kvfinal)  # FP8 KV with the key rotation and the register-converted V: tests, then benches
       timeout 300 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py -k "gpu" 2>&1 \
