@@ -273,6 +273,20 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench r1024_mnt32k $M $R --max-num-tokens 32768
       bench r1024_mnt16k $M $R --max-num-tokens 16384
       ;;
+    diag1)  # 1000 / 1000 where the time goes: decode step profiles at b512 x 1536, default policy
+      for q in "fp8 fp8" "none auto"; do
+        read -r qq kv <<< "$q"
+        timeout 300 python3 scripts/profile_decode.py --batch 512 --context 1536 --steps 8 \
+            --quant $qq --kv-cache-dtype $kv --output "$OUT/profile_${qq}.json" \
+            > "$OUT/profile_${qq}.log" 2>&1
+        note "profile b512 c1536 quant=$qq kv=$kv: $(tail -1 "$OUT/profile_${qq}.log")"
+        grep -A15 "^kernel " "$OUT/profile_${qq}.log" | tee -a "$SUMMARY"
+        grep -B2 -A14 "ncalls" "$OUT/profile_${qq}.log" | head -18
+      done
+      bench fp8kv_r1024x1000 llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 \
+          --kv-cache-dtype fp8 --num-requests 1024 --input-len 1000 --output-len 1000 \
+          --max-batch-size 1024
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
