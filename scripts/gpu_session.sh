@@ -287,6 +287,21 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
           --kv-cache-dtype fp8 --num-requests 1024 --input-len 1000 --output-len 1000 \
           --max-batch-size 1024
       ;;
+    ncu1)  # hardware counters of the decode kernel, bf16 against FP8 cache, b64 x 4k
+      which ncu || ls /opt/nvidia/nsight-compute/*/ncu
+      NCU=$(which ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+      for c in "decode b64 ctx4096 fp8" "decode b64 ctx4096"; do
+        tag=$(echo "$c" | tr ' ' _)
+        timeout 240 $NCU --clock-control none -k regex:_decode_partial --launch-skip 5 -c 1 \
+            --section SpeedOfLight --section Occupancy --section LaunchStats \
+            --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+            --section InstructionStats --section ComputeWorkloadAnalysis \
+            python3 scripts/bench_kernels.py --only "$c" > "$OUT/ncu_$tag.log" 2>&1
+        note "ncu $c rc=$?"
+        grep -E "Duration|Throughput|Issue|Stall|Occupancy|Registers|Shared Memory Config|Executed Ipc|Eligible|No Eligible|Active Warps|Block Limit|L1/TEX Hit|L2 Hit|Mem Busy|Max Bandwidth|Executed Instructions " \
+            "$OUT/ncu_$tag.log" | head -45 | tee -a "$SUMMARY"
+      done
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
