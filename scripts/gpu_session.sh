@@ -302,6 +302,28 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
             "$OUT/ncu_$tag.log" | head -45 | tee -a "$SUMMARY"
       done
       ;;
+    sweep1)  # FP8-cache decode / prefill launch configs (occupancy: 208 registers at 128 x 4 warps)
+      cp kernels/triton_attention.py /tmp/ta.py.bak
+      for v in "128 4 2" "128 8 2" "128 8 3" "64 4 3" "64 4 4" "64 8 3" "256 8 2"; do
+        read -r bn w st <<< "$v"
+        cp /tmp/ta.py.bak kernels/triton_attention.py
+        sed -i "s/    return (128 if kv_fp8 else 64), 4, 2/    return ($bn if kv_fp8 else 64), ($w if kv_fp8 else 4), ($st if kv_fp8 else 2)/" \
+            kernels/triton_attention.py
+        timeout 120 python3 scripts/bench_kernels.py --only "fp8 KV" --output "$OUT/d_${bn}_${w}_$st.json" \
+            > "$OUT/d_${bn}_${w}_$st.log" 2>&1
+        grep -E "fp8" "$OUT/d_${bn}_${w}_$st.log" | sed "s/^/BN $bn W $w S $st: /" | tee -a "$SUMMARY"
+      done
+      for v in "128 64 8 3" "128 64 8 2" "128 128 8 2" "64 64 4 3" "128 32 4 3"; do
+        read -r bm bn w st <<< "$v"
+        cp /tmp/ta.py.bak kernels/triton_attention.py
+        sed -i "s/        return 128, 64, 8, 3/        return $bm, $bn, $w, $st/" kernels/triton_attention.py
+        timeout 120 python3 scripts/bench_kernels.py --only "prefill causal 8192 fp8" \
+            --output "$OUT/p_${bm}_${bn}_${w}_$st.json" > "$OUT/p_${bm}_${bn}_${w}_$st.log" 2>&1
+        grep -E "fp8" "$OUT/p_${bm}_${bn}_${w}_$st.log" | sed "s/^/prefill $bm $bn $w $st: /" | tee -a "$SUMMARY"
+      done
+      cp /tmp/ta.py.bak kernels/triton_attention.py
+      grep -E "copy|matmul" "$OUT/d_128_4_2.log" | head -3
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
