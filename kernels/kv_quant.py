@@ -47,7 +47,10 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`[..., D]` -> (E4M3 `[..., D]`, float32 scales `[...]`), one scale per last-dim row."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1) / FP8_MAX).clamp_(min=MIN_SCALE)  # [...]
-    q = (xf / scale[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(KV_FP8_DTYPE)
+    # NOTE: fmax / fmin, as the Triton writer's max / min: a NaN becomes -448, so a cache never
+    # holds a NaN code (attention reads whole pages, see kernels/triton_attention.py)
+    bound = xf.new_tensor(FP8_MAX)
+    q = torch.fmin(torch.fmax(xf / scale[..., None], -bound), bound).to(KV_FP8_DTYPE)
     return q, scale
 
 

@@ -97,7 +97,7 @@ def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     length = tables.shape[1] * meta.block_size
 
     def gather(cache: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-        values = cache[tables].view(s, length, kv_heads, d)
+        values = cache[tables].reshape(s, length, kv_heads, d)  # a copy (gather) either way
         if scales is not None:
             values = dequantize_kv(values, scales[tables].reshape(s, length, kv_heads), q.dtype)
         return values.transpose(1, 2)  # [S, Hkv, L, D]

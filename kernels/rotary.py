@@ -61,9 +61,11 @@ def write_kv_cache_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor
         block, offset = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
         k_scale[block, offset] = ks
         v_scale[block, offset] = vs
-        # NOTE: index_copy_ has no float8 kernel on CPU: copy the bytes.
-        k, v = k.view(torch.uint8), v.view(torch.uint8)
-        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        # NOTE: index_put_ has no float8 kernel on CPU: copy the bytes, indexed by (block,
+        # offset), as an FP8 pool's V is a token-minor view (runtime/kv_cache.py).
+        k_cache.view(torch.uint8)[block, offset] = k.view(torch.uint8)
+        v_cache.view(torch.uint8)[block, offset] = v.view(torch.uint8)
+        return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 

@@ -134,19 +134,41 @@ def _e4m3_to_f16_in_registers(x):
 @triton.jit
 def _load_tile(c_ptr, s_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
                stride_b, stride_s, stride_h, stride_sb, stride_ss, stride_sh,
-               KV_FP8: tl.constexpr, CVT_REGS: tl.constexpr = False):
+               KV_FP8: tl.constexpr, CVT_REGS: tl.constexpr = False,
+               TOKEN_MINOR: tl.constexpr = False, PAGED: tl.constexpr = False,
+               BLOCK_SIZE: tl.constexpr = 16, BLOCK_N: tl.constexpr = 16):
     """K or V of N cached tokens `[N, D]` through their pages (`blk`, `slot`: `[N]`) and,
     KV_FP8, the tokens' scales `[N]`. An FP8 tile comes back converted to `like`'s dtype
-    (exact), its scales left to the caller; CVT_REGS (fp16 `like`, the V operand): converted
-    in registers, see `_e4m3_to_f16_in_registers`. Without KV_FP8 the tile is loaded as
-    stored and the second result is a placeholder."""
-    x = tl.load(c_ptr + blk[:, None] * stride_b + slot[:, None] * stride_s + head * stride_h
-                + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    (exact), its scales left to the caller; CVT_REGS (fp16 `like`, the V operand of a
+    head-dim-contiguous cache): converted in registers, see `_e4m3_to_f16_in_registers`.
+    Without KV_FP8 the tile is loaded as stored and the second result is a placeholder.
+
+    TOKEN_MINOR: the cache is stored `[blocks, Hkv, D, BLOCK_SIZE]` (FP8 V, see the module
+    docstring): slot stride 1, head-dim stride BLOCK_SIZE. PAGED (the caller's N tokens are
+    whole pages from a page-aligned start, `blk` the same over each page, tokens past the
+    end in pages that exist or in the null block): the tile is read as `[D, N]` with
+    BLOCK_SIZE-byte runs along the tokens, no mask along them."""
+    if TOKEN_MINOR:
+        if PAGED:
+            RUN: tl.constexpr = BLOCK_SIZE if BLOCK_SIZE < BLOCK_N else BLOCK_N
+            blk_r = tl.max_constancy(blk, RUN)
+            slot_r = tl.max_contiguous(tl.multiple_of(slot, RUN), RUN)
+            xt = tl.load(c_ptr + blk_r[None, :] * stride_b + slot_r[None, :] + head * stride_h
+                         + offs_d[:, None] * BLOCK_SIZE, mask=mask_d[:, None], other=0.0)
+            x = tl.trans(xt)  # [N, D]
+        else:
+            x = tl.load(c_ptr + blk[:, None] * stride_b + slot[:, None] + head * stride_h
+                        + offs_d[None, :] * BLOCK_SIZE,
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    else:
+        x = tl.load(c_ptr + blk[:, None] * stride_b + slot[:, None] * stride_s
+                    + head * stride_h + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     sc = mask_n
     if KV_FP8:
         sc = tl.load(s_ptr + blk * stride_sb + slot * stride_ss + head * stride_sh,
                      mask=mask_n, other=0.0)
-        if CVT_REGS and _CVT_ASM:
+        if CVT_REGS and _CVT_ASM and not TOKEN_MINOR:
             x = _e4m3_to_f16_in_registers(x)
         else:
             x = x.to(like.dtype)
@@ -157,15 +179,18 @@ def _load_tile(c_ptr, s_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
 def _load_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
              stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-             KV_FP8: tl.constexpr, KV_F16: tl.constexpr):
+             KV_FP8: tl.constexpr, KV_F16: tl.constexpr, V_T: tl.constexpr = False,
+             PAGED: tl.constexpr = False, BLOCK_SIZE: tl.constexpr = 16,
+             BLOCK_N: tl.constexpr = 16):
     """The cached K and V tiles `[N, D]` of the same N tokens and (KV_FP8) their scales `[N]`;
-    the V tile of an fp16-dot FP8 cache is converted in registers (see `_load_tile`)."""
+    the V tile of an fp16-dot FP8 cache is converted in registers (see `_load_tile`). V_T: V
+    is stored token-minor (`_load_tile`'s TOKEN_MINOR; PAGED as there)."""
     k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
                          stride_kb, stride_ks, stride_kh, stride_ksb, stride_kss, stride_ksh,
                          KV_FP8)
     v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
                          stride_vb, stride_vs, stride_vh, stride_vsb, stride_vss, stride_vsh,
-                         KV_FP8, KV_F16)
+                         KV_FP8, KV_F16, V_T, PAGED, BLOCK_SIZE, BLOCK_N)
     return k, v, k_sc, v_sc
 
 
@@ -175,7 +200,7 @@ def _new_tokens_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base,
                    stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                    BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr, MASK_N: tl.constexpr,
-                   KV_F16: tl.constexpr):
+                   KV_F16: tl.constexpr, V_T: tl.constexpr):
     """K, V `[N, D]` of a prefill's own new tokens j (indices within the chunk) and, FP8,
     their scales `[N]`: from the packed k / v, or (FP8) from the cache at positions
     ctx_len + j. MASK_N: some of the N are past the chunk's end."""
@@ -187,7 +212,7 @@ def _new_tokens_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base,
             kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, like,
             stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            KV_FP8, KV_F16)
+            KV_FP8, KV_F16, V_T, False, BLOCK_SIZE)
     else:
         kd_mask = mask_d[None, :]
         if MASK_N:
@@ -200,6 +225,53 @@ def _new_tokens_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base,
         k_sc = mask_n  # placeholders: no scales
         v_sc = mask_n
     return k, v, k_sc, v_sc
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, start, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kvh, kv_start,
+                 hi, qk_scale, offs_n, offs_d, mask_d,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr,
+                 KV_F16: tl.constexpr, V_T: tl.constexpr):
+    """One decode tile: the keys [start, start + BLOCK_N) of positions < hi (and, windowed,
+    >= kv_start) folded into the online softmax state."""
+    pos = start + offs_n  # [N] token positions
+    mask_n = pos < hi
+    if HAS_WINDOW:
+        mask_n = mask_n & (pos >= kv_start)
+    page = pos // BLOCK_SIZE
+    # NOTE: masked by whole pages, so a page's tokens share one block id (null past hi)
+    blk = tl.load(table + page, mask=page * BLOCK_SIZE < hi, other=0).to(tl.int64)
+    slot = pos % BLOCK_SIZE
+    k, v, k_sc, v_sc = _load_kv(  # [N, D] x 2, [N] x 2
+        kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+        KV_FP8, KV_F16, V_T, True, BLOCK_SIZE, BLOCK_N)
+    if USE_DOT:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
+    else:
+        qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)  # [G, N]
+    if KV_FP8:
+        qk = qk * k_sc[None, :]
+    qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+    if USE_DOT:
+        if KV_FP8:
+            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC, KV_F16)
+        else:
+            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
+    else:  # one query head per program: float32 products instead of a one-row MMA
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if KV_FP8:
+            p = p * v_sc[None, :]
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["num_parts"])
@@ -217,6 +289,7 @@ def _decode_partial(
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
+    V_T: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -231,9 +304,11 @@ def _decode_partial(
     kv_start = 0
     if HAS_WINDOW:
         kv_start = tl.maximum(seq_len - window, 0)
-    # Equal slices of this sequence's keys, rounded to whole tiles.
-    chunk = tl.cdiv(tl.cdiv(seq_len - kv_start, num_parts), BLOCK_N) * BLOCK_N
-    lo = kv_start + part * chunk
+    # Equal slices of this sequence's keys, rounded to whole tiles, from the start of the
+    # first key's page (tiles then cover whole pages: see `_load_tile`'s PAGED).
+    kv_first = kv_start // BLOCK_SIZE * BLOCK_SIZE
+    chunk = tl.cdiv(tl.cdiv(seq_len - kv_first, num_parts), BLOCK_N) * BLOCK_N
+    lo = kv_first + part * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -254,37 +329,11 @@ def _decode_partial(
     m_i = tl.full([GROUP_PAD], _NEG, dtype=tl.float32)
     table = bt_ptr + seq.to(tl.int64) * stride_bt
     for start in range(lo, hi, BLOCK_N):
-        pos = start + offs_n  # [N] token positions
-        mask_n = pos < hi
-        blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        slot = pos % BLOCK_SIZE
-        k, v, k_sc, v_sc = _load_kv(  # [N, D] x 2, [N] x 2
-            kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            KV_FP8, KV_F16)
-        if USE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
-        else:
-            qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)  # [G, N]
-        if KV_FP8:
-            qk = qk * k_sc[None, :]
-        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-        if USE_DOT:
-            if KV_FP8:
-                acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
-                                                      KV_F16)
-            else:
-                acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
-        else:  # one query head per program: float32 products instead of a one-row MMA
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if KV_FP8:
-                p = p * v_sc[None, :]
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-            m_i = m_new
+        acc, l_i, m_i = _decode_tile(
+            acc, l_i, m_i, start, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kvh, kv_start, hi,
+            qk_scale, offs_n, offs_d, mask_d, stride_kb, stride_ks, stride_kh, stride_vb,
+            stride_vs, stride_vh, stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss,
+            stride_vsh, BLOCK_SIZE, BLOCK_N, HAS_WINDOW, USE_DOT, DOT_PREC, KV_FP8, KV_F16, V_T)
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no keys stay 0
@@ -349,7 +398,7 @@ def _prefill(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_SINGLE: tl.constexpr,
-    KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
+    KV_FP8: tl.constexpr, KV_F16: tl.constexpr, V_T: tl.constexpr,
 ):
     # NOTE: the last query blocks of a causal prompt have the most keys: start them first so
     # the short ones fill the tail of the launch.
@@ -385,19 +434,20 @@ def _prefill(
 
     # 1. The cached prefix [lo, ctx_len), through the block table. Causal by construction.
     lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(ctx_len + m0 - window + 1, 0)
+    if HAS_WINDOW:  # from the start of the page (tiles of whole pages); the mask does the rest
+        lo = tl.maximum(ctx_len + m0 - window + 1, 0) // BLOCK_SIZE * BLOCK_SIZE
     table = bt_ptr + seq.to(tl.int64) * stride_bt
     for start in range(lo, ctx_len, BLOCK_N):
         pos = start + offs_n
         mask_n = pos < ctx_len
-        blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        page = pos // BLOCK_SIZE
+        blk = tl.load(table + page, mask=page * BLOCK_SIZE < ctx_len, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
         k, v, k_sc, v_sc = _load_kv(
             kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
             stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            KV_FP8, KV_F16)
+            KV_FP8, KV_F16, V_T, True, BLOCK_SIZE, BLOCK_N)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         allowed = mask_n[None, :]
         if HAS_WINDOW:
@@ -425,7 +475,7 @@ def _prefill(
             j < m0, kvh, offs_d, mask_d, q, stride_kt, stride_kh, stride_vt, stride_vh,
             stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            BLOCK_SIZE, KV_FP8, False, KV_F16)
+            BLOCK_SIZE, KV_FP8, False, KV_F16, V_T)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if KV_FP8:
             qk = qk * k_sc[None, :]
@@ -445,7 +495,7 @@ def _prefill(
             mask_n, kvh, offs_d, mask_d, q, stride_kt, stride_kh, stride_vt, stride_vh,
             stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            BLOCK_SIZE, KV_FP8, True, KV_F16)
+            BLOCK_SIZE, KV_FP8, True, KV_F16, V_T)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if KV_FP8:
             qk = qk * k_sc[None, :]
@@ -666,8 +716,8 @@ class TritonAttentionBackend:
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, D_PAD=d_pad,
             BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
-            MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, num_warps=warps,
-            num_stages=stages)
+            MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
+            num_warps=warps, num_stages=stages)
         if parts > 1:
             _decode_reduce[(s, hq)](
                 out, ws_o, ws_lse, meta.query_start_loc, parts, out.stride(0), out.stride(1),
@@ -679,12 +729,13 @@ class _CacheArgs:
     """One layer's cache as the kernels take it: values, FP8 scales (or placeholders), and
     their strides in kernel argument order (K values, V values, K scales, V scales)."""
 
-    __slots__ = ("k_cache", "v_cache", "k_scale", "v_scale", "strides", "fp8", "f16")
+    __slots__ = ("k_cache", "v_cache", "k_scale", "v_scale", "strides", "fp8", "f16", "v_t")
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
                  fp8: bool, f16: bool) -> None:
         self.k_cache, self.v_cache, self.fp8, self.f16 = k_cache, v_cache, fp8, f16
+        self.v_t = v_token_minor(v_cache)
         # NOTE: without scales the kernels never read these (KV_FP8 is off): the values
         # tensors stand in, with zero strides.
         self.k_scale = k_scale if k_scale is not None else k_cache
@@ -719,7 +770,15 @@ def _launch_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: _Cach
         GROUP=hq // hkv, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=meta.block_size,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window is not None,
         DOT_PREC=_dot_prec(q.dtype), SKIP_SINGLE=skip_single, KV_FP8=kv.fp8,
-        KV_F16=kv.f16, num_warps=warps, num_stages=stages)
+        KV_F16=kv.f16, V_T=kv.v_t, num_warps=warps, num_stages=stages)
+
+
+def v_token_minor(v_cache: torch.Tensor) -> bool:
+    """Whether a `[blocks, block_size, Hkv, D]` V cache view is stored token-minor, i.e. as
+    `[blocks, Hkv, D, block_size]` (the layout of FP8 pools, `runtime/kv_cache.py`)."""
+    _, bs, _, d = v_cache.shape
+    return (bs > 1 and v_cache.stride(1) == 1 and v_cache.stride(3) == bs
+            and v_cache.stride(2) == d * bs)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -753,8 +812,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
                 got = None if x is None else (tuple(x.shape), x.dtype)
                 raise ValueError(f"an FP8 cache needs {name} [blocks, block_size, Hkv] = "
                                  f"{list(want)} float32, got {got}")
-    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise ValueError("the last (head_dim) dimension of q and the caches must be contiguous")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1:
+        raise ValueError("the last (head_dim) dimension of q and k_cache must be contiguous")
+    if v_cache.stride(3) != 1 and not (fp8 and v_token_minor(v_cache)):
+        raise ValueError(f"v_cache must have a contiguous last (head_dim) dimension, or (FP8) "
+                         f"be stored token-minor [blocks, Hkv, D, block_size] (strides "
+                         f"(*, 1, D * {bs}, {bs})); got strides {tuple(v_cache.stride())}")
     if window is not None and window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {window}")
     if meta.is_decode and q.shape[0] != meta.num_seqs:

@@ -70,15 +70,18 @@ def _median_ms(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
 def _caches(num_blocks: int, bs: int, hkv: int, d: int, fp8: bool, device: str
             ) -> tuple[object, ...]:
     """Random K/V caches `[blocks, bs, Hkv, D]` in bf16, or E4M3 with float32 scales
-    `[blocks, bs, Hkv]` (None without)."""
+    `[blocks, bs, Hkv]` (None without), laid out as the runtime's pool lays them out (an FP8
+    V token-minor, scales head-major: runtime/kv_cache.py)."""
     import torch
 
     k = torch.randn(num_blocks, bs, hkv, d, dtype=torch.bfloat16, device=device)
     v = torch.randn_like(k)
     if not fp8:
         return k, v, None, None
-    scales = [torch.rand(num_blocks, bs, hkv, device=device) / 100 for _ in range(2)]
+    scales = [torch.rand(num_blocks, hkv, bs, device=device).transpose(1, 2) / 100
+              for _ in range(2)]
     k8, v8 = ((x * 100).clamp_(-448, 448).to(torch.float8_e4m3fn) for x in (k, v))
+    v8 = v8.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     return k8, v8, *scales
 
 

@@ -87,11 +87,11 @@ def test_quantize_kv_format() -> None:
     sizes = torch.logspace(-3, 3, 7, dtype=torch.float64)[:, None, None]
     x = torch.randn(7, 3, 64, generator=g, dtype=torch.float64) * sizes
     x[2, 1] = 0.0  # an all-zero row stays finite
-    x[4, 0, 5] = NAN  # an unowned (poisoned) slot stays NaN
+    x[4, 0, 5] = NAN  # a NaN row: its scale is NaN, its codes are not (-448, as on the GPU)
     q, s = quantize_kv(x)
     assert q.dtype == KV_FP8_DTYPE and q.shape == x.shape and s.shape == (7, 3)
     assert s.dtype == torch.float32 and s[2, 1] == 1e-12 and (q[2, 1].float() == 0).all()
-    assert s[4, 0].isnan()
+    assert s[4, 0].isnan() and not q.float().isnan().any() and (q[4, 0].float() == -448).all()
     ok = ~s.isnan()
     # the largest magnitude of each row maps onto 448, the largest E4M3 value
     assert (q.float().abs().amax(-1)[ok & (s > 1e-12)] == 448).all()
@@ -301,14 +301,20 @@ def test_gpu_write_kernel_matches_reference(dtype: torch.dtype, hq: int, hkv: in
 
 
 class FP8Case(Case):
-    """`Case` with its cache quantized to E4M3 + scales (NaN slots stay NaN, so do their
-    scales), one token's K and V all zero, and the packed k / v poisoned with NaN."""
+    """`Case` with its cache quantized to E4M3 + scales, one token's K and V all zero, and
+    the packed k / v poisoned with NaN. Slots no sequence owns: K and the scales stay NaN
+    (never read); V holds finite garbage (+-448 codes): attention reads V by whole pages,
+    relying on the writer never storing a NaN code (`kv_quant.quantize_kv`).
+
+    `v_token_minor` (default, the pool's layout): `tensors()` hands V as a token-minor view
+    `[blocks, Hkv, D, bs]` -> `[blocks, bs, Hkv, D]` (runtime/kv_cache.py); else D-contiguous."""
 
     def __init__(self, *args: object, decades: tuple[float, float] | None = None,
-                 **kwargs: object) -> None:
+                 v_token_minor: bool = True, **kwargs: object) -> None:
         """`decades` (lo, hi): each cached token-head's K and V are multiplied by 10 ** -u,
         u uniform in [lo, hi), so the scales of one tile span hi - lo decades."""
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.v_token_minor = v_token_minor
         if decades is not None:
             g = torch.Generator().manual_seed(7)
             shape = (*self.k_cache.shape[:3], 1)
@@ -322,6 +328,9 @@ class FP8Case(Case):
             self.v_cache[b, s_] = 0.0
         self.k8, self.k_scale = quantize_kv(self.k_cache)
         self.v8, self.v_scale = quantize_kv(self.v_cache)
+        unowned = self.v_cache.isnan().any(-1)  # [blocks, bs, Hkv]
+        garbage = torch.full(self.v8.shape, 448.0).to(KV_FP8_DTYPE)
+        self.v8 = torch.where(unowned[..., None], garbage, self.v8)
         # head-major pages, as the runtime's pool stores them: [blocks, bs, Hkv] views
         self.k_scale, self.v_scale = (x.transpose(1, 2).contiguous().transpose(1, 2)
                                       for x in (self.k_scale, self.v_scale))
@@ -333,8 +342,11 @@ class FP8Case(Case):
         def scales(x: torch.Tensor) -> torch.Tensor:  # keeps the head-major strides
             return x.transpose(1, 2).to(self.device).transpose(1, 2)
 
+        v8 = self.v8.to(self.device)
+        if self.v_token_minor:
+            v8 = v8.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
         return (self.dev(self.q), self.dev(self.k), self.dev(self.v), self.k8.to(self.device),
-                self.v8.to(self.device), scales(self.k_scale), scales(self.v_scale))
+                v8, scales(self.k_scale), scales(self.v_scale))
 
     def reference(self, window: int | None) -> torch.Tensor:
         """float64 softmax attention of the dtype-rounded queries over the dequantized cache

@@ -45,7 +45,9 @@ class KVCache:
     kv_heads, block_size]` float32, one per token and KV head (format: `kernels/kv_quant.py`).
     Anything that moves a block's K/V must move its scales too. `layers[i]` is layer i's
     `LayerKV` (views, no copies); its scales are `[num_blocks + 1, block_size, kv_heads]`
-    views of the head-major storage.
+    views of the head-major storage. In an FP8 pool V is stored token-minor within a block,
+    `[kv_heads, head_dim, block_size]`, and `LayerKV.v` is a `[num_blocks + 1, block_size,
+    kv_heads, head_dim]` view of that (strides `(*, 1, head_dim * block_size, block_size)`).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
@@ -62,7 +64,12 @@ class KVCache:
             self.scales = torch.zeros(num_layers, 2, num_blocks + 1, kv_heads, block_size,
                                       dtype=KV_SCALE_DTYPE, device=device)
             s = self.scales.transpose(-1, -2)  # [layers, 2, blocks + 1, block_size, kv_heads]
-            self.layers = [LayerKV(self.data[i, 0], self.data[i, 1], s[i, 0], s[i, 1])
+            # NOTE: V token-minor: attention's P @ V reduces over tokens, and an 8-bit operand
+            # has no transposing shared-memory load, so the kernels want tokens contiguous
+            # (as K has its reduction axis, head_dim, contiguous). [blocks+1, bs, Hkv, D] view:
+            v = self.data[:, 1].view(num_layers, num_blocks + 1, kv_heads, head_dim,
+                                     block_size).permute(0, 1, 4, 2, 3)
+            self.layers = [LayerKV(self.data[i, 0], v[i], s[i, 0], s[i, 1])
                            for i in range(num_layers)]
         else:
             self.layers = [LayerKV(self.data[i, 0], self.data[i, 1]) for i in range(num_layers)]
