@@ -209,8 +209,9 @@ def _butterfly(x, BH: tl.constexpr, HP: tl.constexpr, S: tl.constexpr):
     NOTE: the partner's value comes by an xor reduction of the pair's bit patterns, xored
     again with the lane's own (exact): where the pair lies in one thread that folds away,
     where it spans lanes it is one warp shuffle per value (float sums, x[a] + x[b] for both,
-    would need a second shuffle for x[a] - x[b]). Measured (sm_90 SASS, Llama-3-8B's tile): 154 instructions for both halves' six
-    stages; two ieee `tl.dot`s by a sign matrix took ~1700 and 20 KB of shared memory."""
+    would need a second shuffle for x[a] - x[b]). Measured (sm_90 SASS, Llama-3-8B's tile):
+    154 instructions for both halves' six stages; two ieee `tl.dot`s by a sign matrix took
+    ~1700 and 20 KB of shared memory."""
     y = tl.reshape(x, [BH, HP // (2 * S), 2, S])  # axis 2: bit S of the lane
     sign = 1.0 - 2.0 * tl.arange(0, 2).to(tl.float32)[None, None, :, None]  # +1 | -1
     bits = y.to(tl.int32, bitcast=True)
