@@ -253,8 +253,9 @@ def _check_write(t: int, hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype,
     assert _same_kv(flat_v[0, slots[valid]], flat_s[0, slots[valid]], kq, ks)
     # ... and close to the reference's: their rotations differ by about an ulp of the model
     # dtype, which moves some values across an E4M3 rounding boundary (measured: bf16 1.5%,
-    # fp16 0.55%, fp32 1e-6 in the interpreter and 1.5e-4 on an H200, whose float32 dots sum
-    # in another order: a few of the 8k codes one E4M3 step apart)
+    # fp16 0.55%, fp32 1e-6 in the interpreter and 1.5e-4 on an H200 with the former tl.dot
+    # rotation, whose float32 sums ran in another order: a few of the 8k codes one E4M3 step
+    # apart; the butterflies sum in yet another order, in the interpreter as on a GPU)
     ref_k = dequantize_kv(ref_values[1, 0].flatten(0, 1)[slots[valid]],
                           ref_scales[1, 0].flatten(0, 1)[slots[valid]], torch.float64)
     bound = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
@@ -268,7 +269,10 @@ def _check_write(t: int, hq: int, hkv: int, d: int, bs: int, dtype: torch.dtype,
     (torch.float16, 6, 3, 24, 8),  # head_dim 24: halves padded 12 -> 16 lanes
     (torch.float32, 2, 2, 64, 16),
     (torch.float16, 4, 2, 80, 4),  # halves of 40 -> 64 lanes, rotation blocks of 8
-    (torch.float32, 2, 1, 16, 4),  # halves of 8 -> 16 lanes (tl.dot's minimum)
+    (torch.float32, 2, 1, 16, 4),  # halves of 8: 8 lanes, one rotation block of 8
+    (torch.float32, 4, 2, 96, 8),  # halves of 48 -> 64 lanes, rotation blocks of 16
+    # programs of 8 heads: 0-7 q only (no cache write), 8-15 q and k
+    (torch.float32, 12, 4, 128, 4),
 ])
 def test_write_kernel_matches_reference(dtype: torch.dtype, hq: int, hkv: int, d: int,
                                         bs: int) -> None:
