@@ -547,12 +547,14 @@ def _decode_config(d_pad: int, dtype: torch.dtype, kv_fp8: bool = False
     NOTE: an FP8 cache moves half the bytes a tile: 128 tokens a step measured 1,975 GB/s
     against 1,560 with 64 (b64 x 4k, H200, 2026-11-23; bf16 caches reach 4,249 at 64). With
     fp16 dots and V converted in registers (2026-11-24, H200, b64 x 4k): 128 tokens and 2
-    stages 2,218 GB/s (54% of copy); 1 stage 2,132; 3 stages 2,207; 64 tokens 1,705-1,952."""
+    stages 2,218 GB/s (54% of copy); 1 stage 2,132; 3 stages 2,207; 64 tokens 1,705-1,952.
+    With V stored token-minor (no layout round trip, 42 KB of shared memory): 3 stages need
+    128 registers (ptxas, sm_90a), so four programs fit an SM, as for bf16."""
     if dtype == torch.float32:
         return 16, 4, 2 if d_pad <= 128 else 1
     if d_pad > 128:
         return 32, 4, 2
-    return (128 if kv_fp8 else 64), 4, 2
+    return (128, 4, 3) if kv_fp8 else (64, 4, 2)
 
 
 def _num_partitions(num_seqs: int, kv_heads: int, max_seq_len: int, target: int) -> int:

@@ -324,6 +324,30 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       cp /tmp/ta.py.bak kernels/triton_attention.py
       grep -E "copy|matmul" "$OUT/d_128_4_2.log" | head -3
       ;;
+    vt)  # token-minor FP8 V: GPU tests, decode / prefill config sweep, step profile, 1000/1000
+      timeout 330 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py tests/test_triton_attention.py \
+          -x -k "gpu and not long_context" 2>&1 | tee "$OUT/vt_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "vt gpu tests: $(tail -1 "$OUT/vt_tests.log")"
+      cp kernels/triton_attention.py /tmp/ta.py.bak
+      for v in "128 4 3" "128 4 2" "128 4 4" "64 4 2"; do
+        read -r bn w st <<< "$v"
+        cp /tmp/ta.py.bak kernels/triton_attention.py
+        sed -i "s/    return (128, 4, 3) if kv_fp8 else (64, 4, 2)/    return ($bn, $w, $st) if kv_fp8 else (64, 4, 2)/" \
+            kernels/triton_attention.py
+        timeout 120 python3 scripts/bench_kernels.py --only "fp8 KV" --output "$OUT/d_${bn}_${w}_$st.json" \
+            > "$OUT/d_${bn}_${w}_$st.log" 2>&1
+        grep -E "fp8" "$OUT/d_${bn}_${w}_$st.log" | sed "s/^/BN $bn W $w S $st: /" | tee -a "$SUMMARY"
+      done
+      cp /tmp/ta.py.bak kernels/triton_attention.py
+      grep -E "copy|matmul" "$OUT/d_128_4_3.log" | head -3 | tee -a "$SUMMARY"
+      timeout 200 python3 scripts/profile_decode.py --batch 256 --context 1024 --steps 64 \
+          --quant fp8 --kv-cache-dtype fp8 --output "$OUT/profile_vt.json" > "$OUT/profile_vt.log" 2>&1
+      note "profile b256 c1024 fp8/fp8: $(tail -1 "$OUT/profile_vt.log")"
+      grep -A12 "^kernel " "$OUT/profile_vt.log" | tee -a "$SUMMARY"
+      bench fp8kv_r1024x1000 llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 \
+          --kv-cache-dtype fp8 --num-requests 1024 --input-len 1000 --output-len 1000 \
+          --max-batch-size 1024
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
