@@ -33,7 +33,18 @@ could underflow fp16, the V scales of a tile are divided by their maximum first 
 maximum multiplies the tile's `P @ V` in fp32. fp32 queries (the exactness path) convert to
 fp32. Either way the result is exact to the dequantized values up to the rounding the
 model-dtype path already has. The new tokens of a prefill are read back from the cache too, so
-every query sees the same (quantized) keys the reference and later decodes see.
+every query sees the same (quantized) keys the reference and later decodes see: an FP8
+prefill makes one pass over the cache, in tiles aligned to absolute positions.
+
+FP8 V layout: the runtime's pool stores V token-minor within a block (`[Hkv, D, block_size]`,
+a strided `[blocks, block_size, Hkv, D]` view; `v_token_minor`). `P @ V` reduces over tokens,
+and 8-bit operands have no transposing shared-memory load, so a head-dim-contiguous V tile
+must be converted in registers and sent through shared memory again (decode measured 54% of
+copy bandwidth; token-minor 67%, H200). Token-minor tiles are read by whole pages in
+block-size runs along the tokens (`_load_tile` PAGED): the slots past a sequence's end in
+its last page are read too and weigh nothing (p = 0, scale masked to 0), which needs them
+finite: the writer never stores a NaN code (`kv_quant.quantize_kv`), the pool starts zeroed.
+A V cache with a contiguous head dim is still accepted (converted in registers).
 """
 
 from __future__ import annotations
@@ -195,36 +206,20 @@ def _load_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, head, offs_d, mask_n, ma
 
 
 @triton.jit
-def _new_tokens_kv(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base, ctx_len, j,
-                   mask_n, kvh, offs_d, mask_d, like, stride_kt, stride_kh, stride_vt, stride_vh,
-                   stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
-                   stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                   BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr, MASK_N: tl.constexpr,
-                   KV_F16: tl.constexpr, V_T: tl.constexpr):
-    """K, V `[N, D]` of a prefill's own new tokens j (indices within the chunk) and, FP8,
-    their scales `[N]`: from the packed k / v, or (FP8) from the cache at positions
-    ctx_len + j. MASK_N: some of the N are past the chunk's end."""
-    if KV_FP8:
-        pos = ctx_len + j
-        blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        slot = pos % BLOCK_SIZE
-        k, v, k_sc, v_sc = _load_kv(
-            kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, like,
-            stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
-            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            KV_FP8, KV_F16, V_T, False, BLOCK_SIZE)
-    else:
-        kd_mask = mask_d[None, :]
-        if MASK_N:
-            kd_mask = mask_n[:, None] & kd_mask
-        rows = kv_base + j
-        k = tl.load(k_ptr + rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
-                    mask=kd_mask, other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                    mask=kd_mask, other=0.0)
-        k_sc = mask_n  # placeholders: no scales
-        v_sc = mask_n
-    return k, v, k_sc, v_sc
+def _new_tokens_kv(k_ptr, v_ptr, kv_base, j, mask_n, kvh, offs_d, mask_d,
+                   stride_kt, stride_kh, stride_vt, stride_vh, MASK_N: tl.constexpr):
+    """K, V `[N, D]` of a prefill's own new tokens j (indices within the chunk), from the
+    packed k / v (a model-dtype cache; an FP8 one reads them back from the cache, see
+    `_prefill`). MASK_N: some of the N are past the chunk's end."""
+    kd_mask = mask_d[None, :]
+    if MASK_N:
+        kd_mask = mask_n[:, None] & kd_mask
+    rows = kv_base + j
+    k = tl.load(k_ptr + rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
+                mask=kd_mask, other=0.0)
+    v = tl.load(v_ptr + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+                mask=kd_mask, other=0.0)
+    return k, v
 
 
 @triton.jit
@@ -388,6 +383,38 @@ def _decode_reduce(
 
 
 @triton.jit
+def _prefill_cache_tile(acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table,
+                        kvh, kv_hi, qk_scale, window, offs_n, offs_d, mask_d,
+                        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                        stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+                        KV_F16: tl.constexpr, V_T: tl.constexpr, CAUSAL: tl.constexpr):
+    """One prefill tile over an FP8 cache: the keys at absolute positions [start, start +
+    BLOCK_N) below kv_hi, for queries at `q_pos` `[M]`; CAUSAL: some keys lie after some
+    queries. Returns the updated online softmax state."""
+    pos = start + offs_n
+    mask_n = pos < kv_hi
+    page = pos // BLOCK_SIZE
+    blk = tl.load(table + page, mask=page * BLOCK_SIZE < kv_hi, other=0).to(tl.int64)
+    slot = pos % BLOCK_SIZE
+    k, v, k_sc, v_sc = _load_kv(
+        kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+        True, KV_F16, V_T, True, BLOCK_SIZE, BLOCK_N)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    qk = qk * k_sc[None, :]
+    allowed = mask_n[None, :]
+    if CAUSAL:
+        allowed = allowed & (pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        allowed = allowed & (q_pos[:, None] - pos[None, :] < window)
+    qk = tl.where(allowed, qk, float("-inf"))
+    return _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC, KV_F16)
+
+
+@triton.jit
 def _prefill(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
     qk_scale, window,
@@ -432,81 +459,78 @@ def _prefill(
     m_i = tl.full([BLOCK_M], _NEG, dtype=tl.float32)
     q_pos = ctx_len + offs_m  # absolute positions of the block's queries
 
-    # 1. The cached prefix [lo, ctx_len), through the block table. Causal by construction.
-    lo = 0
-    if HAS_WINDOW:  # from the start of the page (tiles of whole pages); the mask does the rest
-        lo = tl.maximum(ctx_len + m0 - window + 1, 0) // BLOCK_SIZE * BLOCK_SIZE
     table = bt_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(lo, ctx_len, BLOCK_N):
-        pos = start + offs_n
-        mask_n = pos < ctx_len
-        page = pos // BLOCK_SIZE
-        blk = tl.load(table + page, mask=page * BLOCK_SIZE < ctx_len, other=0).to(tl.int64)
-        slot = pos % BLOCK_SIZE
-        k, v, k_sc, v_sc = _load_kv(
-            kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
-            stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
-            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            KV_FP8, KV_F16, V_T, True, BLOCK_SIZE, BLOCK_N)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        allowed = mask_n[None, :]
+    if KV_FP8:
+        # Every key from the cache (the new tokens too: what the reference and later decodes
+        # read), in tiles aligned to absolute positions, so they are whole pages (`_load_tile`
+        # PAGED): first the tiles wholly before the block's first query (no causal mask),
+        # then the diagonal ones up to its last query.
+        kv_lo = 0
+        if HAS_WINDOW:  # from the start of the page; the mask does the rest
+            kv_lo = tl.maximum(ctx_len + m0 - window + 1, 0) // BLOCK_SIZE * BLOCK_SIZE
+        kv_hi = ctx_len + tl.minimum(m0 + BLOCK_M, q_len)
+        diag = tl.maximum((ctx_len + m0) // BLOCK_N * BLOCK_N, kv_lo)
+        for start in range(kv_lo, diag, BLOCK_N):
+            acc, l_i, m_i = _prefill_cache_tile(
+                acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kvh,
+                kv_hi, qk_scale, window, offs_n, offs_d, mask_d, stride_kb, stride_ks,
+                stride_kch, stride_vb, stride_vs, stride_vch, stride_ksb, stride_kss,
+                stride_ksh, stride_vsb, stride_vss, stride_vsh, BLOCK_SIZE, BLOCK_N,
+                HAS_WINDOW, DOT_PREC, KV_F16, V_T, False)
+        for start in range(diag, kv_hi, BLOCK_N):
+            acc, l_i, m_i = _prefill_cache_tile(
+                acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kvh,
+                kv_hi, qk_scale, window, offs_n, offs_d, mask_d, stride_kb, stride_ks,
+                stride_kch, stride_vb, stride_vs, stride_vch, stride_ksb, stride_kss,
+                stride_ksh, stride_vsb, stride_vss, stride_vsh, BLOCK_SIZE, BLOCK_N,
+                HAS_WINDOW, DOT_PREC, KV_F16, V_T, True)
+    else:
+        # 1. The cached prefix [lo, ctx_len), through the block table. Causal by construction.
+        lo = 0
         if HAS_WINDOW:
-            allowed = allowed & (q_pos[:, None] - pos[None, :] < window)
-        if KV_FP8:
-            qk = qk * k_sc[None, :]
-        qk = tl.where(allowed, qk, float("-inf"))
-        if KV_FP8:
-            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
-                                                  KV_F16)
-        else:
+            lo = tl.maximum(ctx_len + m0 - window + 1, 0)
+        for start in range(lo, ctx_len, BLOCK_N):
+            pos = start + offs_n
+            mask_n = pos < ctx_len
+            blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+            slot = pos % BLOCK_SIZE
+            k, v, _, _ = _load_kv(
+                kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+                stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
+                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                False, False)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            allowed = mask_n[None, :]
+            if HAS_WINDOW:
+                allowed = allowed & (q_pos[:, None] - pos[None, :] < window)
+            qk = tl.where(allowed, qk, float("-inf"))
             acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
 
-    # 2. The new tokens, from the packed k / v (FP8: from the cache, as the reference reads
-    # them). Tiles wholly below the diagonal need no causal mask; BLOCK_M is a multiple of
-    # BLOCK_N so the diagonal starts on a tile.
-    j_lo = 0
-    if HAS_WINDOW:
-        j_lo = (tl.maximum(m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
-    kv_base = q_start.to(tl.int64)
-    for start in range(j_lo, m0, BLOCK_N):
-        j = start + offs_n
-        k, v, k_sc, v_sc = _new_tokens_kv(
-            k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base, ctx_len, j,
-            j < m0, kvh, offs_d, mask_d, q, stride_kt, stride_kh, stride_vt, stride_vh,
-            stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
-            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            BLOCK_SIZE, KV_FP8, False, KV_F16, V_T)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if KV_FP8:
-            qk = qk * k_sc[None, :]
+        # 2. The new tokens, from the packed k / v. Tiles wholly below the diagonal need no
+        # causal mask; BLOCK_M is a multiple of BLOCK_N so the diagonal starts on a tile.
+        j_lo = 0
         if HAS_WINDOW:
-            qk = tl.where(offs_m[:, None] - j[None, :] < window, qk, float("-inf"))
-        if KV_FP8:
-            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
-                                                  KV_F16)
-        else:
+            j_lo = (tl.maximum(m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        kv_base = q_start.to(tl.int64)
+        for start in range(j_lo, m0, BLOCK_N):
+            j = start + offs_n
+            k, v = _new_tokens_kv(k_ptr, v_ptr, kv_base, j, j < m0, kvh, offs_d, mask_d,
+                                  stride_kt, stride_kh, stride_vt, stride_vh, False)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if HAS_WINDOW:
+                qk = tl.where(offs_m[:, None] - j[None, :] < window, qk, float("-inf"))
             acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
-    hi = tl.minimum(m0 + BLOCK_M, q_len)
-    for start in range(m0, hi, BLOCK_N):
-        j = start + offs_n
-        mask_n = j < hi
-        k, v, k_sc, v_sc = _new_tokens_kv(
-            k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kv_base, ctx_len, j,
-            mask_n, kvh, offs_d, mask_d, q, stride_kt, stride_kh, stride_vt, stride_vh,
-            stride_kb, stride_ks, stride_kch, stride_vb, stride_vs, stride_vch,
-            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            BLOCK_SIZE, KV_FP8, True, KV_F16, V_T)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if KV_FP8:
-            qk = qk * k_sc[None, :]
-        allowed = mask_n[None, :] & (j[None, :] <= offs_m[:, None])
-        if HAS_WINDOW:
-            allowed = allowed & (offs_m[:, None] - j[None, :] < window)
-        qk = tl.where(allowed, qk, float("-inf"))
-        if KV_FP8:
-            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
-                                                  KV_F16)
-        else:
+        hi = tl.minimum(m0 + BLOCK_M, q_len)
+        for start in range(m0, hi, BLOCK_N):
+            j = start + offs_n
+            mask_n = j < hi
+            k, v = _new_tokens_kv(k_ptr, v_ptr, kv_base, j, mask_n, kvh, offs_d, mask_d,
+                                  stride_kt, stride_kh, stride_vt, stride_vh, True)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            allowed = mask_n[None, :] & (j[None, :] <= offs_m[:, None])
+            if HAS_WINDOW:
+                allowed = allowed & (offs_m[:, None] - j[None, :] < window)
+            qk = tl.where(allowed, qk, float("-inf"))
             acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]

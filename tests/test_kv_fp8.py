@@ -467,6 +467,17 @@ def test_fp8_attention_scales_spanning_decades(dtype: torch.dtype) -> None:
     check_fp8(case, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fp8_attention_with_a_head_dim_contiguous_v(dtype: torch.dtype) -> None:
+    """V in the K layout (head dim contiguous, not the pool's token-minor one) is still read
+    right: decode (split and not) and prefill after a cached prefix."""
+    for target in (1, 1000):
+        case = FP8Case([9, 300, 64], [1] * 3, 8, 2, 32, 8, dtype, seed=5, v_token_minor=False)
+        check_fp8(case, None, TritonAttentionBackend(target_programs=target))
+    check_fp8(FP8Case([40, 130], [40, 30], 8, 2, 32, 8, dtype, seed=6, v_token_minor=False),
+              None)
+
+
 def test_fp8_attention_bad_inputs() -> None:
     case = FP8Case([4], [4], 4, 2, 16, 4)
     backend = TritonAttentionBackend()
@@ -478,6 +489,10 @@ def test_fp8_attention_bad_inputs() -> None:
         backend.forward(q, k, v, kc, vc, meta, 1.0, k_scale=ks)
     with pytest.raises(ValueError, match=r"k_scale \[blocks, block_size, Hkv\]"):
         backend.forward(q, k, v, kc, vc, meta, 1.0, k_scale=ks[..., :1], v_scale=vs)
+    nb, bs, hkv, d = vc.shape  # neither head-dim-contiguous nor token-minor
+    odd = vc.new_empty(nb, d, bs, hkv).permute(0, 2, 3, 1)
+    with pytest.raises(ValueError, match="token-minor"):
+        backend.forward(q, k, v, kc, odd, meta, 1.0, k_scale=ks, v_scale=vs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -502,6 +517,9 @@ def test_gpu_fp8_decode_and_prefill(dtype: torch.dtype, hq: int, hkv: int, d: in
                      seed=d + bs)
     check_fp8(decode, window, torch_too=False)
     check_fp8(_mixed_batch(hq, hkv, d, bs, dtype), window, torch_too=False)
+    if window is None and hq == 32 and hkv == 8:  # V with a contiguous head dim (not the pool's)
+        decode.v_token_minor = False
+        check_fp8(decode, window, torch_too=False)
 
 
 @pytest.mark.gpu
