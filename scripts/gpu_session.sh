@@ -348,6 +348,19 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
           --kv-cache-dtype fp8 --num-requests 1024 --input-len 1000 --output-len 1000 \
           --max-batch-size 1024
       ;;
+    vt2)  # token-minor FP8 V with the one-pass FP8 prefill: GPU tests, kernels, engine benches
+      timeout 260 python3 -m pytest -q -rf -m gpu -n 4 tests/test_kv_fp8.py tests/test_triton_attention.py \
+          tests/test_fused_kernels.py -k "gpu and not long_context" 2>&1 | tee "$OUT/vt2_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "vt2 gpu tests: $(tail -1 "$OUT/vt2_tests.log")"
+      timeout 120 python3 scripts/bench_kernels.py --only "fp8 KV" --output "$OUT/kernels_fp8.json" \
+          > "$OUT/kernels_fp8.log" 2>&1
+      grep -E "fp8|copy|matmul" "$OUT/kernels_fp8.log" | tee -a "$SUMMARY"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
+      bench fp8kv_r1024x1000 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
+          --max-batch-size 1024
+      bench fp8kv_r1024 $M --num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
