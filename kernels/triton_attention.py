@@ -466,8 +466,9 @@ def _prefill(
         # PAGED): first the tiles wholly before the block's first query (no causal mask),
         # then the diagonal ones up to its last query.
         kv_lo = 0
-        if HAS_WINDOW:  # from the start of the page; the mask does the rest
-            kv_lo = tl.maximum(ctx_len + m0 - window + 1, 0) // BLOCK_SIZE * BLOCK_SIZE
+        if HAS_WINDOW:  # from the start of the tile (so the first loop ends at `diag`); the
+            # window mask does the rest
+            kv_lo = tl.maximum(ctx_len + m0 - window + 1, 0) // BLOCK_N * BLOCK_N
         kv_hi = ctx_len + tl.minimum(m0 + BLOCK_M, q_len)
         diag = tl.maximum((ctx_len + m0) // BLOCK_N * BLOCK_N, kv_lo)
         for start in range(kv_lo, diag, BLOCK_N):

@@ -443,14 +443,15 @@ def test_decode_fp8(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int,
     (torch.float32, 4, 4, 16, 4, None),
     (torch.float32, 8, 2, 16, 16, 5),
     (torch.float16, 8, 1, 80, 16, None),
-    (torch.float16, 6, 2, 32, 8, 40),
+    (torch.float16, 6, 2, 32, 8, 100),  # a window wider than a key tile
 ])
 def test_prefill_fp8(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int,
                      window: int | None) -> None:
     # whole prompts, chunks after a cached prefix, a decode row inside a mixed batch, a
-    # query longer than one BLOCK_M tile after a prefix; partially filled last blocks
-    case = FP8Case([7, 19, 1, 33, 140, 200], [7, 5, 1, 12, 100, 1], hq, hkv, d, bs, dtype,
-                   seed=hq * d)
+    # query longer than one BLOCK_M tile after a prefix; partially filled last blocks; a
+    # window starting mid-tile well inside a long prefix
+    case = FP8Case([7, 19, 1, 33, 140, 200, 300], [7, 5, 1, 12, 100, 1, 50], hq, hkv, d, bs,
+                   dtype, seed=hq * d)
     check_fp8(case, window)
 
 
