@@ -361,6 +361,14 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
           --max-batch-size 1024
       bench fp8kv_r1024 $M --num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024
       ;;
+    final)  # the GPU tests of the changed kernels, then the throughput rows of the closing note
+      timeout 240 python3 -m pytest -q -rf -m gpu -n 4 tests/test_kv_fp8.py tests/test_triton_attention.py \
+          tests/test_fused_kernels.py -k "gpu and not long_context" 2>&1 | tee "$OUT/final_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "final gpu tests: $(tail -1 "$OUT/final_tests.log")"
+      timeout 120 python3 -m pytest -q -rf -m gpu tests/test_triton_attention.py -k "long_context" 2>&1 \
+          | tail -1 | sed "s/^/long-context tests: /" | tee -a "$SUMMARY"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
