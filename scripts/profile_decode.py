@@ -39,12 +39,16 @@ def main() -> None:
     dummy = args.model in ("llama3-8b", "llama3-70b")
     llm = DistributedLLM(args.model, dummy_weights=dummy, dtype="bfloat16" if dummy else "auto",
                          max_batch_size=max(args.batch, 1), enforce_eager=args.enforce_eager,
-                         max_model_len=args.context + 4 * args.steps + 64, quant=args.quant,
+                         max_model_len=args.context + 4 * args.steps + 64
+                         + args.batch * args.context // 4096, quant=args.quant,
                          kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine
     assert engine is not None
     prompts = [[(7 * i + j) % 300 + 10 for j in range(args.context)] for i in range(args.batch)]
-    params = SamplingParams(max_tokens=4 * args.steps + 8, temperature=0.0, ignore_eos=True)
+    # NOTE: the first prompts decode while the last are prefilled (about batch * context /
+    # 8192 steps): budget for that too, or the early sequences finish before the profile
+    max_tokens = 4 * args.steps + 8 + args.batch * args.context // 4096
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
     while any(s.num_output == 0 for s in engine.scheduler.running) or engine.scheduler.waiting:
