@@ -41,7 +41,7 @@ a strided `[blocks, block_size, Hkv, D]` view; `v_token_minor`). `P @ V` reduces
 and 8-bit operands have no transposing shared-memory load, so a head-dim-contiguous V tile
 must be converted in registers and sent through shared memory again (decode measured 54% of
 copy bandwidth; token-minor 67%, H200). Token-minor tiles are read by whole pages in
-block-size runs along the tokens (`_load_tile` PAGED): the slots past a sequence's end in
+block-size runs along the tokens (`_load_tile` TOKEN_MINOR): the slots past a sequence's end in
 its last page are read too and weigh nothing (p = 0, scale masked to 0), which needs them
 finite: the writer never stores a NaN code (`kv_quant.quantize_kv`), the pool starts zeroed.
 A V cache with a contiguous head dim is still accepted (converted in registers).
@@ -146,8 +146,8 @@ def _e4m3_to_f16_in_registers(x):
 def _load_tile(c_ptr, s_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
                stride_b, stride_s, stride_h, stride_sb, stride_ss, stride_sh,
                KV_FP8: tl.constexpr, CVT_REGS: tl.constexpr = False,
-               TOKEN_MINOR: tl.constexpr = False, PAGED: tl.constexpr = False,
-               BLOCK_SIZE: tl.constexpr = 16, BLOCK_N: tl.constexpr = 16):
+               TOKEN_MINOR: tl.constexpr = False, BLOCK_SIZE: tl.constexpr = 16,
+               BLOCK_N: tl.constexpr = 16):
     """K or V of N cached tokens `[N, D]` through their pages (`blk`, `slot`: `[N]`) and,
     KV_FP8, the tokens' scales `[N]`. An FP8 tile comes back converted to `like`'s dtype
     (exact), its scales left to the caller; CVT_REGS (fp16 `like`, the V operand of a
@@ -155,22 +155,17 @@ def _load_tile(c_ptr, s_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
     Without KV_FP8 the tile is loaded as stored and the second result is a placeholder.
 
     TOKEN_MINOR: the cache is stored `[blocks, Hkv, D, BLOCK_SIZE]` (FP8 V, see the module
-    docstring): slot stride 1, head-dim stride BLOCK_SIZE. PAGED (the caller's N tokens are
-    whole pages from a page-aligned start, `blk` the same over each page, tokens past the
-    end in pages that exist or in the null block): the tile is read as `[D, N]` with
+    docstring): slot stride 1, head-dim stride BLOCK_SIZE. The caller's N tokens must then be
+    whole pages from a page-aligned start, `blk` the same over each page (tokens past the end
+    in pages that exist or in the null block): the tile is read as `[D, N]` with
     BLOCK_SIZE-byte runs along the tokens, no mask along them."""
     if TOKEN_MINOR:
-        if PAGED:
-            RUN: tl.constexpr = BLOCK_SIZE if BLOCK_SIZE < BLOCK_N else BLOCK_N
-            blk_r = tl.max_constancy(blk, RUN)
-            slot_r = tl.max_contiguous(tl.multiple_of(slot, RUN), RUN)
-            xt = tl.load(c_ptr + blk_r[None, :] * stride_b + slot_r[None, :] + head * stride_h
-                         + offs_d[:, None] * BLOCK_SIZE, mask=mask_d[:, None], other=0.0)
-            x = tl.trans(xt)  # [N, D]
-        else:
-            x = tl.load(c_ptr + blk[:, None] * stride_b + slot[:, None] + head * stride_h
-                        + offs_d[None, :] * BLOCK_SIZE,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        RUN: tl.constexpr = BLOCK_SIZE if BLOCK_SIZE < BLOCK_N else BLOCK_N
+        blk_r = tl.max_constancy(blk, RUN)
+        slot_r = tl.max_contiguous(tl.multiple_of(slot, RUN), RUN)
+        xt = tl.load(c_ptr + blk_r[None, :] * stride_b + slot_r[None, :] + head * stride_h
+                     + offs_d[:, None] * BLOCK_SIZE, mask=mask_d[:, None], other=0.0)
+        x = tl.trans(xt)  # [N, D]
     else:
         x = tl.load(c_ptr + blk[:, None] * stride_b + slot[:, None] * stride_s
                     + head * stride_h + offs_d[None, :],
@@ -191,17 +186,16 @@ def _load_kv(kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, head, offs_d, mask_n, ma
              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
              stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
              KV_FP8: tl.constexpr, KV_F16: tl.constexpr, V_T: tl.constexpr = False,
-             PAGED: tl.constexpr = False, BLOCK_SIZE: tl.constexpr = 16,
-             BLOCK_N: tl.constexpr = 16):
+             BLOCK_SIZE: tl.constexpr = 16, BLOCK_N: tl.constexpr = 16):
     """The cached K and V tiles `[N, D]` of the same N tokens and (KV_FP8) their scales `[N]`;
     the V tile of an fp16-dot FP8 cache is converted in registers (see `_load_tile`). V_T: V
-    is stored token-minor (`_load_tile`'s TOKEN_MINOR; PAGED as there)."""
+    is stored token-minor (`_load_tile`'s TOKEN_MINOR, whose page contract applies)."""
     k, k_sc = _load_tile(kc_ptr, ks_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
                          stride_kb, stride_ks, stride_kh, stride_ksb, stride_kss, stride_ksh,
                          KV_FP8)
     v, v_sc = _load_tile(vc_ptr, vs_ptr, blk, slot, head, offs_d, mask_n, mask_d, like,
                          stride_vb, stride_vs, stride_vh, stride_vsb, stride_vss, stride_vsh,
-                         KV_FP8, KV_F16, V_T, PAGED, BLOCK_SIZE, BLOCK_N)
+                         KV_FP8, KV_F16, V_T, BLOCK_SIZE, BLOCK_N)
     return k, v, k_sc, v_sc
 
 
@@ -220,53 +214,6 @@ def _new_tokens_kv(k_ptr, v_ptr, kv_base, j, mask_n, kvh, offs_d, mask_d,
     v = tl.load(v_ptr + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
                 mask=kd_mask, other=0.0)
     return k, v
-
-
-@triton.jit
-def _decode_tile(acc, l_i, m_i, start, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kvh, kv_start,
-                 hi, qk_scale, offs_n, offs_d, mask_d,
-                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                 USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr,
-                 KV_F16: tl.constexpr, V_T: tl.constexpr):
-    """One decode tile: the keys [start, start + BLOCK_N) of positions < hi (and, windowed,
-    >= kv_start) folded into the online softmax state."""
-    pos = start + offs_n  # [N] token positions
-    mask_n = pos < hi
-    if HAS_WINDOW:
-        mask_n = mask_n & (pos >= kv_start)
-    page = pos // BLOCK_SIZE
-    # NOTE: masked by whole pages, so a page's tokens share one block id (null past hi)
-    blk = tl.load(table + page, mask=page * BLOCK_SIZE < hi, other=0).to(tl.int64)
-    slot = pos % BLOCK_SIZE
-    k, v, k_sc, v_sc = _load_kv(  # [N, D] x 2, [N] x 2
-        kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-        KV_FP8, KV_F16, V_T, True, BLOCK_SIZE, BLOCK_N)
-    if USE_DOT:
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
-    else:
-        qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)  # [G, N]
-    if KV_FP8:
-        qk = qk * k_sc[None, :]
-    qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-    if USE_DOT:
-        if KV_FP8:
-            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC, KV_F16)
-        else:
-            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
-    else:  # one query head per program: float32 products instead of a one-row MMA
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if KV_FP8:
-            p = p * v_sc[None, :]
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-        m_i = m_new
-    return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["num_parts"])
@@ -300,7 +247,7 @@ def _decode_partial(
     if HAS_WINDOW:
         kv_start = tl.maximum(seq_len - window, 0)
     # Equal slices of this sequence's keys, rounded to whole tiles, from the start of the
-    # first key's page (tiles then cover whole pages: see `_load_tile`'s PAGED).
+    # first key's page (tiles then cover whole pages: see `_load_tile`'s TOKEN_MINOR).
     kv_first = kv_start // BLOCK_SIZE * BLOCK_SIZE
     chunk = tl.cdiv(tl.cdiv(seq_len - kv_first, num_parts), BLOCK_N) * BLOCK_N
     lo = kv_first + part * chunk
@@ -324,11 +271,41 @@ def _decode_partial(
     m_i = tl.full([GROUP_PAD], _NEG, dtype=tl.float32)
     table = bt_ptr + seq.to(tl.int64) * stride_bt
     for start in range(lo, hi, BLOCK_N):
-        acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, start, q, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kvh, kv_start, hi,
-            qk_scale, offs_n, offs_d, mask_d, stride_kb, stride_ks, stride_kh, stride_vb,
-            stride_vs, stride_vh, stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss,
-            stride_vsh, BLOCK_SIZE, BLOCK_N, HAS_WINDOW, USE_DOT, DOT_PREC, KV_FP8, KV_F16, V_T)
+        pos = start + offs_n  # [N] token positions
+        mask_n = pos < hi
+        if HAS_WINDOW:
+            mask_n = mask_n & (pos >= kv_start)
+        page = pos // BLOCK_SIZE
+        # NOTE: masked by whole pages, so a page's tokens share one block id (null past hi)
+        blk = tl.load(table + page, mask=page * BLOCK_SIZE < hi, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        k, v, k_sc, v_sc = _load_kv(  # [N, D] x 2, [N] x 2
+            kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            KV_FP8, KV_F16, V_T, BLOCK_SIZE, BLOCK_N)
+        if USE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
+        else:
+            qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)  # [G, N]
+        if KV_FP8:
+            qk = qk * k_sc[None, :]
+        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+        if USE_DOT:
+            if KV_FP8:
+                acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
+                                                      KV_F16)
+            else:
+                acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
+        else:  # one query head per program: float32 products instead of a one-row MMA
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if KV_FP8:
+                p = p * v_sc[None, :]
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            m_i = m_new
 
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no keys stay 0
@@ -402,7 +379,7 @@ def _prefill_cache_tile(acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, 
         kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
         stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-        True, KV_F16, V_T, True, BLOCK_SIZE, BLOCK_N)
+        True, KV_F16, V_T, BLOCK_SIZE, BLOCK_N)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
     qk = qk * k_sc[None, :]
     allowed = mask_n[None, :]
@@ -463,7 +440,7 @@ def _prefill(
     if KV_FP8:
         # Every key from the cache (the new tokens too: what the reference and later decodes
         # read), in tiles aligned to absolute positions, so they are whole pages (`_load_tile`
-        # PAGED): first the tiles wholly before the block's first query (no causal mask),
+        # TOKEN_MINOR): first the tiles wholly before the block's first query (no causal mask),
         # then the diagonal ones up to its last query.
         kv_lo = 0
         if HAS_WINDOW:  # from the start of the tile (so the first loop ends at `diag`); the

@@ -234,22 +234,6 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       unset TRTDIST_FP8_GEMM_CONFIGS
       bench b1 $M --output-len 256
       ;;
-    kvregs)  # FP8 V tiles converted in registers: GPU tests, then decode stages / tile A/B
-      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py -k "gpu" 2>&1 \
-          | tee "$OUT/kvregs_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
-      note "kv fp8 gpu tests: $(tail -1 "$OUT/kvregs_tests.log")"
-      cp kernels/triton_attention.py /tmp/ta.py.bak
-      for v in "128 2" "128 1" "64 2" "64 1" "128 3"; do
-        read -r bn st <<< "$v"
-        cp /tmp/ta.py.bak kernels/triton_attention.py
-        sed -i "s/    return (128 if kv_fp8 else 64), 4, 2/    return ($bn if kv_fp8 else 64), 4, ($st if kv_fp8 else 2)/" \
-            kernels/triton_attention.py
-        timeout 120 python3 scripts/bench_kernels.py --only "fp8" --output "$OUT/k_${bn}_$st.json" \
-            > "$OUT/k_${bn}_$st.log" 2>&1
-        grep -E "fp8|copy" "$OUT/k_${bn}_$st.log" | sed "s/^/BN $bn stages $st: /" | tee -a "$SUMMARY"
-      done
-      cp /tmp/ta.py.bak kernels/triton_attention.py
-      ;;
     kvfinal)  # FP8 KV with the key rotation and the register-converted V: tests, then benches
       timeout 300 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py -k "gpu" 2>&1 \
           | tee "$OUT/kvfinal_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
@@ -302,17 +286,8 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
             "$OUT/ncu_$tag.log" | head -45 | tee -a "$SUMMARY"
       done
       ;;
-    sweep1)  # FP8-cache decode / prefill launch configs (occupancy: 208 registers at 128 x 4 warps)
+    sweep1)  # FP8-cache prefill launch configs (the decode sweep is in phase vt)
       cp kernels/triton_attention.py /tmp/ta.py.bak
-      for v in "128 4 2" "128 8 2" "128 8 3" "64 4 3" "64 4 4" "64 8 3" "256 8 2"; do
-        read -r bn w st <<< "$v"
-        cp /tmp/ta.py.bak kernels/triton_attention.py
-        sed -i "s/    return (128 if kv_fp8 else 64), 4, 2/    return ($bn if kv_fp8 else 64), ($w if kv_fp8 else 4), ($st if kv_fp8 else 2)/" \
-            kernels/triton_attention.py
-        timeout 120 python3 scripts/bench_kernels.py --only "fp8 KV" --output "$OUT/d_${bn}_${w}_$st.json" \
-            > "$OUT/d_${bn}_${w}_$st.log" 2>&1
-        grep -E "fp8" "$OUT/d_${bn}_${w}_$st.log" | sed "s/^/BN $bn W $w S $st: /" | tee -a "$SUMMARY"
-      done
       for v in "128 64 8 3" "128 64 8 2" "128 128 8 2" "64 64 4 3" "128 32 4 3"; do
         read -r bm bn w st <<< "$v"
         cp /tmp/ta.py.bak kernels/triton_attention.py
@@ -322,7 +297,7 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
         grep -E "fp8" "$OUT/p_${bm}_${bn}_${w}_$st.log" | sed "s/^/prefill $bm $bn $w $st: /" | tee -a "$SUMMARY"
       done
       cp /tmp/ta.py.bak kernels/triton_attention.py
-      grep -E "copy|matmul" "$OUT/d_128_4_2.log" | head -3
+      grep -E "copy|matmul" "$OUT/p_128_64_8_3.log" | head -3
       ;;
     vt)  # token-minor FP8 V: GPU tests, decode / prefill config sweep, step profile, 1000/1000
       timeout 330 python3 -m pytest -q -rf -m gpu tests/test_kv_fp8.py tests/test_triton_attention.py \
