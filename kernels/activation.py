@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from trtdist.kernels._triton import jit as _jit
-from trtdist.kernels._triton import tl, triton
+from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -22,11 +22,12 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
 
 @_jit
 def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, INTER: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Grid (rows, cdiv(I, BLOCK)): each program reads BLOCK gates and ups, writes BLOCK.
 
     NOTE: INTER is a compile-time constant (fixed per model) so the compiler sees the up half's
     alignment and issues 16-byte vector loads for both halves."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
@@ -34,6 +35,7 @@ def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, INTER: tl.constex
     gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + INTER + cols, mask=mask, other=0.0).to(tl.float32)
     y = gate / (1.0 + tl.exp(-gate)) * up
+    pdl_trigger(PDL)
     tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -65,7 +67,8 @@ def silu_and_mul_triton(x: torch.Tensor, *, out: torch.Tensor | None = None) -> 
     block = min(triton.next_power_of_2(inter), 1024 if rows >= 64 else 256)
     _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
         x2, x2.stride(0), o2, o2.stride(0), INTER=inter, BLOCK=block,
-        num_warps=max(1, block // 256))  # 8 values per thread: 16-byte loads in bf16
+        num_warps=max(1, block // 256),  # 8 values per thread: 16-byte loads in bf16
+        **pdl_launch(x.device))
     return out
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from trtdist.kernels._triton import jit as _jit
-from trtdist.kernels._triton import tl, triton
+from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
 
 # NOTE: one row lives in registers up to this width (16 warps x 32 lanes x 32 values); wider
 # rows take the two-pass loop (sum of squares, then normalise), re-reading the row from L2.
@@ -50,11 +50,12 @@ def add_residual(x_ptrs, res_ptrs, mask, HAS_RESIDUAL: tl.constexpr):
 @_jit
 def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, eps,
                      N: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                     ONE_PASS: tl.constexpr):
+                     ONE_PASS: tl.constexpr, PDL: tl.constexpr):
     """One program per row. With HAS_RESIDUAL, `res <- x + res` in place, then normalise res.
 
     NOTE: the hidden size N is a compile-time constant (fixed per model): exact masks, and the
     chunk loop stays a static range (which Triton's interpreter needs)."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     res_row = res_ptr + row * res_stride
@@ -66,6 +67,7 @@ def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_s
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
         normed = (hf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        pdl_trigger(PDL)
         tl.store(out_row + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -130,7 +132,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     _rms_norm_kernel[(rows,)](
         x2, x2.stride(0), r2, r2.stride(0), weight, o2, o2.stride(0), eps,
         N=n, HAS_RESIDUAL=residual is not None, BLOCK=block, ONE_PASS=block >= n,
-        num_warps=num_warps)
+        num_warps=num_warps, **pdl_launch(x.device))
     return out
 
 

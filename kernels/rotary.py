@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 from trtdist.kernels._triton import jit as _jit
-from trtdist.kernels._triton import tl, triton
+from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
 from trtdist.kernels.fp8_quant import FP8_MAX, MIN_SCALE
 from trtdist.kernels.fp8_quant import _quantize as _quantize_e4m3
 from trtdist.kernels.kv_quant import (
@@ -110,7 +110,7 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                              HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
-                             ROT_BLOCK: tl.constexpr, ROT_NORM: tl.constexpr):
+                             ROT_BLOCK: tl.constexpr, ROT_NORM: tl.constexpr, PDL: tl.constexpr):
     """Grid (T, cdiv(HQ + HKV, BLOCK_H)) over the rotated heads of one token.
 
     Within a qkv row the q heads and then the k heads lie back to back, so rotated head h is at
@@ -122,6 +122,7 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
     `[o1 o2] R = [(o1 + o2) B, (o1 - o2) B] / sqrt(2)`, each `. B` (unnormalized Walsh-Hadamard
     blocks of ROT_BLOCK) a butterfly transform in float32 (`_hadamard`), then one multiply by
     ROT_NORM = 1 / sqrt(2 * ROT_BLOCK)."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     half: tl.constexpr = D // 2
@@ -148,6 +149,7 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
                   _hadamard(r1 - r2, BLOCK_H, HALF_PAD, ROT_BLOCK) * ROT_NORM)
     o1 = r1.to(qkv_ptr.dtype.element_ty)
     o2 = r2.to(qkv_ptr.dtype.element_ty)
+    pdl_trigger(PDL)
     tl.store(lo, o1, mask=mask)
     tl.store(lo + half, o2, mask=mask)
 
@@ -270,7 +272,7 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
         HQ=q_heads, HKV=kv_heads, D=head_dim, HALF_PAD=half_pad, BLOCK_H=block_h,
         BLOCK_SIZE=k_cache.shape[1], KV_FP8=fp8, ROT_BLOCK=rot_block,
         ROT_NORM=(2 * rot_block) ** -0.5,
-        num_warps=2)  # bf16: 8 lanes a thread, 16-byte access
+        num_warps=2, **pdl_launch(qkv.device))  # bf16: 8 lanes a thread, 16-byte access
     return q, k, v
 
 

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
+from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait
 from trtdist.kernels.attention import AttentionInputs
 
 _LOG2E = 1.4426950408889634
@@ -231,8 +232,9 @@ def _decode_partial(
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
-    V_T: tl.constexpr,
+    V_T: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -307,6 +309,7 @@ def _decode_partial(
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
             m_i = m_new
 
+    pdl_trigger(PDL)
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no keys stay 0
     gd_mask = mask_g[:, None] & mask_d[None, :]
@@ -325,9 +328,11 @@ def _decode_reduce(
     out_ptr, ws_o_ptr, ws_lse_ptr, qsl_ptr, num_parts,
     stride_ot, stride_oh, stride_ws_s, stride_ws_h, stride_ws_p, stride_lse_s,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MIXED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merge the partitions of one (sequence, head), BLOCK_P at a time, by their base-2
     log-sum-exp; empty partitions have lse = -inf and weigh nothing."""
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq
@@ -355,6 +360,7 @@ def _decode_reduce(
         total = total * alpha + tl.sum(w, 0)
         m = m_new
     out = acc / tl.where(total > 0.0, total, 1.0)  # an empty sequence: zeros
+    pdl_trigger(PDL)
     tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=(offs_d < HEAD_DIM) & valid)
 
@@ -721,12 +727,12 @@ class TritonAttentionBackend:
             BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
-            num_warps=warps, num_stages=stages)
+            num_warps=warps, num_stages=stages, **pdl_launch(q.device))
         if parts > 1:
             _decode_reduce[(s, hq)](
                 out, ws_o, ws_lse, meta.query_start_loc, parts, out.stride(0), out.stride(1),
                 *ws_strides, lse_stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16, MIXED=mixed,
-                num_warps=4)
+                num_warps=4, **pdl_launch(q.device))
 
 
 class _CacheArgs:

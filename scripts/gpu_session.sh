@@ -344,6 +344,102 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       timeout 120 python3 -m pytest -q -rf -m gpu tests/test_triton_attention.py -k "long_context" 2>&1 \
           | tail -1 | sed "s/^/long-context tests: /" | tee -a "$SUMMARY"
       ;;
+    pdl)  # what programmatic dependent launch saves in a graph of batch-1-shaped kernels
+      timeout 300 python3 scripts/bench_pdl.py --output "$OUT/pdl.json" 2>&1 | tee "$OUT/pdl.log" \
+          | tail -10
+      tail -9 "$OUT/pdl.log" >> "$SUMMARY"
+      ;;
+    b1pair)  # batch 1, bf16 and FP8, one call
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128"
+      bench b1 $M --output-len 256
+      bench fp8_b1 $M --output-len 256 --quant fp8
+      ;;
+    pdl2)  # PDL + rows split over programs: GPU tests, then batch 1 with each off (A/B)
+      timeout 300 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_fused.py \
+          tests/test_fp8_kernels.py tests/test_gemv.py tests/test_fused_kernels.py \
+          tests/test_kernels.py 2>&1 | tee "$OUT/pdl_tests.log" | grep -E "^FAILED|passed|failed" \
+          | cut -c1-300
+      note "pdl kernel tests: $(tail -1 "$OUT/pdl_tests.log")"
+      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_graphs.py tests/test_equivalence.py \
+          tests/test_fp8.py 2>&1 | tee "$OUT/pdl_model_tests.log" | grep -E "^FAILED|passed|failed" \
+          | cut -c1-300
+      note "pdl model tests: $(tail -1 "$OUT/pdl_model_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128 --output-len 256"
+      bench b1 $M
+      bench fp8_b1 $M --quant fp8
+      TRTDIST_PDL=0 bench fp8_b1_nopdl $M --quant fp8
+      TRTDIST_ROW_SPLIT=0 bench fp8_b1_nosplit $M --quant fp8
+      TRTDIST_PDL=0 bench b1_nopdl $M
+      ;;
+    pdl3)  # late PDL trigger + one-atomic row barrier: tests, batch-1 A/B, split profile
+      timeout 300 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_fused.py \
+          tests/test_fp8_kernels.py tests/test_gemv.py 2>&1 | tee "$OUT/pdl_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "pdl kernel tests: $(tail -1 "$OUT/pdl_tests.log")"
+      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_graphs.py tests/test_equivalence.py \
+          2>&1 | tee "$OUT/pdl_model_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "pdl model tests: $(tail -1 "$OUT/pdl_model_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8
+      TRTDIST_ROW_SPLIT=0 bench fp8_b1_pdlonly $M --quant fp8
+      TRTDIST_PDL=0 bench fp8_b1_splitonly $M --quant fp8
+      TRTDIST_PDL=0 TRTDIST_ROW_SPLIT=0 bench fp8_b1_neither $M --quant fp8
+      bench b1 $M
+      TRTDIST_PDL=0 bench b1_nopdl $M
+      TRTDIST_PDL=0 timeout 300 python3 scripts/profile_decode.py --batch 1 --context 128 \
+          --steps 32 --quant fp8 --output "$OUT/profile_split.json" > "$OUT/profile_split.log" 2>&1
+      grep -A14 "^kernel " "$OUT/profile_split.log" | tee -a "$SUMMARY"
+      ;;
+    pdl4)  # which FP8 kernels gain or lose with PDL (TRTDIST_PDL_OFF kinds), batch 1
+      timeout 300 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_fused.py \
+          tests/test_fp8_kernels.py tests/test_gemv.py 2>&1 | tee "$OUT/pdl_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "pdl kernel tests: $(tail -1 "$OUT/pdl_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128 --output-len 256 --quant fp8"
+      bench fp8_b1_all $M
+      TRTDIST_PDL_OFF=fp8_gemm bench fp8_b1_off_gemm $M
+      TRTDIST_PDL_OFF=fp8_row bench fp8_b1_off_row $M
+      TRTDIST_PDL_OFF=fp8_gemm_prefetch bench fp8_b1_off_prefetch $M
+      TRTDIST_PDL_OFF=fp8_gemm,fp8_row bench fp8_b1_off_both $M
+      TRTDIST_PDL_OFF=attention,rotary bench fp8_b1_off_attn $M
+      TRTDIST_PDL=0 bench fp8_b1_nopdl $M
+      ;;
+    pdl5)  # first-tile prefetch under PDL, decode chunk for small batches, bf16 both ways
+      timeout 300 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_kernels.py \
+          tests/test_gemv.py 2>&1 | tee "$OUT/pdl_tests.log" | grep -E "^FAILED|passed|failed" \
+          | cut -c1-300
+      note "pdl kernel tests: $(tail -1 "$OUT/pdl_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1_peel $M --quant fp8
+      TRTDIST_PDL_OFF=fp8_gemm_prefetch bench fp8_b1_nopf $M --quant fp8
+      TRTDIST_DECODE_MIN_CHUNK=64 bench fp8_b1_peel_c64 $M --quant fp8
+      TRTDIST_DECODE_MIN_CHUNK=128 bench fp8_b1_peel_c128 $M --quant fp8
+      bench b1_pf $M
+      TRTDIST_PDL_OFF=gemv_prefetch bench b1_nopf $M
+      TRTDIST_DECODE_MIN_CHUNK=64 bench b1_pf_c64 $M
+      ;;
+    final2)  # PDL + split SiLU rows: GPU tests of every kernel and the model, then the rows
+      timeout 420 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_fused.py \
+          tests/test_fp8_kernels.py tests/test_gemv.py tests/test_fused_kernels.py \
+          tests/test_kernels.py tests/test_kv_fp8.py tests/test_triton_attention.py \
+          tests/test_sampler.py -k "not long_context" 2>&1 | tee "$OUT/final_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "final gpu kernel tests: $(tail -1 "$OUT/final_tests.log")"
+      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_graphs.py tests/test_equivalence.py \
+          tests/test_fp8.py tests/test_runtime.py tests/test_overlap.py 2>&1 \
+          | tee "$OUT/final_model_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "final gpu model tests: $(tail -1 "$OUT/final_model_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      R="--num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024"
+      bench b1 $M --num-requests 1 --input-len 128 --output-len 256
+      bench fp8_b1 $M --quant fp8 --num-requests 1 --input-len 128 --output-len 256
+      TRTDIST_PDL=0 bench fp8_b1_nopdl $M --quant fp8 --num-requests 1 --input-len 128 \
+          --output-len 256
+      bench fp8_r1024 $M --quant fp8 $R
+      bench fp8kv_r1024 $M --quant fp8 --kv-cache-dtype fp8 $R
+      bench fp8kv_r1024x1000 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
+          --max-batch-size 1024 --quant fp8 --kv-cache-dtype fp8
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

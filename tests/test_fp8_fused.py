@@ -252,3 +252,46 @@ def test_llama_mlp_fused_path_gpu(m: int) -> None:
     # measured on an H200 (2026-11-23) 0.0202 at M = 4, below 0.02 at M = 1, 16, 64. A broken
     # path is off by O(1).
     assert rel < 3e-2, rel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 2, 4])
+def test_silu_rows_split_over_programs_gpu(t: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At one to four rows a SiLU x up row is split over programs that meet at a per-row
+    barrier for the amax (`fp8_quant.row_split`): bit for bit the codes and scales of one
+    program a row, each launch moving the row's counter by a whole MAX_PARTS, and the same
+    again in a CUDA graph replayed several times."""
+    from trtdist.kernels import fp8_quant
+    from trtdist.kernels.fp8_quant import MAX_PARTS, row_split, row_sync
+
+    dev = _need_fp8()
+    inter = 14336
+    torch.manual_seed(t)
+    g = torch.randn(t, 2 * inter, device=dev, dtype=torch.bfloat16) * 3
+    g[0, :inter] = 0  # one row's gate zero: SiLU x up is zero there, its scale the floor
+    assert row_split(t, inter, g.device) > 1
+    counters = row_sync(g.device)[0]
+    before = counters.clone()
+    split = silu_and_mul_quant_triton(g, None)
+    assert bool((counters % MAX_PARTS == 0).all())
+    assert torch.equal(counters[:t] - before[:t], torch.full_like(counters[:t], MAX_PARTS))
+    monkeypatch.setenv(fp8_quant.ROW_SPLIT_ENV, "0")
+    assert row_split(t, inter, g.device) == 1
+    whole = silu_and_mul_quant_triton(g, None)
+    monkeypatch.delenv(fp8_quant.ROW_SPLIT_ENV)
+    assert torch.equal(split[0].view(torch.uint8), whole[0].view(torch.uint8))
+    assert torch.equal(split[1], whole[1])
+    _assert_quant_close(split, silu_and_mul_quant_torch(g, None), f32=False)
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        silu_and_mul_quant_triton(g, None)  # warm-up off the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = silu_and_mul_quant_triton(g, None)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0].view(torch.uint8), whole[0].view(torch.uint8))
+        assert torch.equal(out[1], whole[1])
+    assert bool((counters % MAX_PARTS == 0).all())

@@ -250,14 +250,15 @@ _AOT_SCRIPT = textwrap.dedent("""
             for split, fixup in ((1, True), (4, True), (4, False)):
                 ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
                     K_PER_SPLIT=1024, SPLIT_K=split, EVEN_K=True, FIXUP=fixup, HAS_BIAS=True,
-                    DOT_FP8=dot, MODE=0, K_ACC=True, X_2D=False, PREFETCH=False, BLOCK_M=16,
-                    BLOCK_N=64, BLOCK_K=256), cc, num_warps=4, num_stages=4)
+                    DOT_FP8=dot, MODE=0, K_ACC=True, X_2D=False, PREFETCH=False, PDL=False,
+                    BLOCK_M=16, BLOCK_N=64, BLOCK_K=256), cc, num_warps=4,
+                    num_stages=4)
                 assert "mma.sync" in ptx and "cp.async" in ptx, (cc, dot, split)  # pipelined
         # the weight on the MMA's M side: Hopper's wgmma
         ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
             K_PER_SPLIT=1024, SPLIT_K=4, EVEN_K=True, FIXUP=True, HAS_BIAS=True, DOT_FP8=True,
-            MODE=1, K_ACC=True, X_2D=False, PREFETCH=False, BLOCK_M=16, BLOCK_N=64,
-            BLOCK_K=256), cc, num_warps=4, num_stages=4)
+            MODE=1, K_ACC=True, X_2D=False, PREFETCH=False, PDL=cc >= 90,
+            BLOCK_M=16, BLOCK_N=64, BLOCK_K=256), cc, num_warps=4, num_stages=4)
         assert ("wgmma" in ptx) == (cc == 90) and "cp.async" in ptx, cc
         # gemv: no MMA; 16-byte weight loads
         for bm, k_acc, x_2d, even, pf in ((1, True, True, True, True),
@@ -266,10 +267,22 @@ _AOT_SCRIPT = textwrap.dedent("""
                                           (4, False, True, True, False)):
             ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
                 K_PER_SPLIT=1024, SPLIT_K=4, EVEN_K=even, FIXUP=True, HAS_BIAS=True,
-                DOT_FP8=True, MODE=2, K_ACC=k_acc, X_2D=x_2d, PREFETCH=pf, BLOCK_M=bm,
-                BLOCK_N=16, BLOCK_K=512), cc, num_warps=4, num_stages=1)
+                DOT_FP8=True, MODE=2, K_ACC=k_acc, X_2D=x_2d, PREFETCH=pf, PDL=False,
+                BLOCK_M=bm, BLOCK_N=16, BLOCK_K=512), cc, num_warps=4,
+                num_stages=1)
             assert "mma" not in ptx and any("ld.global" in ln and ".v4" in ln
                                                  for ln in ptx.splitlines()), (cc, bm)
+        if cc >= 90:  # programmatic dependent launch: nothing loaded or stored before the wait
+            ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
+                K_PER_SPLIT=4096, SPLIT_K=1, EVEN_K=True, FIXUP=True, HAS_BIAS=False,
+                DOT_FP8=True, MODE=2, K_ACC=True, X_2D=False, PREFETCH=False, PDL=True,
+                BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048), cc, num_warps=4,
+                num_stages=1)
+            lines = ptx.splitlines()
+            wait = next(i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln)
+            trigger = next(i for i, ln in enumerate(lines) if "launch_dependents" in ln)
+            assert not any("ld.global" in ln or "st.global" in ln for ln in lines[:wait])
+            assert wait < trigger and any("ld.global" in ln for ln in lines[wait:trigger])
         fused = dict(x_ptr="*bf16", x_stride="i32", res_ptr="*bf16", res_stride="i32",
                      w_ptr="*bf16", q_ptr="*fp8e4nv", q_stride="i32", s_ptr="*fp32",
                      in_scale_ptr="*fp32", eps="fp32")
@@ -277,7 +290,7 @@ _AOT_SCRIPT = textwrap.dedent("""
             block = min(16384, 1 << (n - 1).bit_length())
             ptx = compile_(f._rms_norm_quant_kernel, dict(fused), dict(
                 N=n, HAS_RESIDUAL=res, STATIC=static, Y_DTYPE=tl.bfloat16, BLOCK=block,
-                ONE_PASS=block >= n), cc, num_warps=8)
+                ONE_PASS=block >= n, PDL=cc >= 90), cc, num_warps=8)
             assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, n)
         for static, inter in ((False, 14336), (True, 3584), (False, 20000)):
             block = min(16384, 1 << (inter - 1).bit_length())
@@ -285,16 +298,25 @@ _AOT_SCRIPT = textwrap.dedent("""
                 x_ptr="*bf16", x_stride="i32", q_ptr="*fp8e4nv", q_stride="i32",
                 s_ptr="*fp32", in_scale_ptr="*fp32"), dict(
                 INTER=inter, STATIC=static, Y_DTYPE=tl.bfloat16, BLOCK=block,
-                ONE_PASS=block >= inter), cc, num_warps=8)
+                ONE_PASS=block >= inter, PDL=False), cc, num_warps=8)
             assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, inter)
+        # rows split over programs that meet at a per-row barrier for the amax
+        ptx = compile_(f._silu_mul_quant_split_kernel, dict(
+            x_ptr="*bf16", x_stride="i32", q_ptr="*fp8e4nv", q_stride="i32", s_ptr="*fp32",
+            cnt_ptr="*i64", amax_ptr="*fp32"), dict(
+            INTER=14336, Y_DTYPE=tl.bfloat16, CHUNK=1024, PARTS=14, PDL=cc >= 90), cc,
+            num_warps=4)
+        assert "atom.global" in ptx and "e4m3x2" in ptx, cc
         compile_(g._splitk_epilogue, dict(part_ptr="*fp32", xs_ptr="*fp32", ws_ptr="*fp32",
                  b_ptr="*bf16", out_ptr="*bf16", N="i32", stride_om="i32"),
-                 dict(SPLIT_K=4, HAS_BIAS=True, BLOCK_M=16, BLOCK=1024), cc, num_warps=4)
+                 dict(SPLIT_K=4, HAS_BIAS=True, BLOCK_M=16, BLOCK=1024, PDL=False), cc,
+                 num_warps=4)
         for static, k in ((False, 4096), (False, 14336), (True, 4096)):
             ptx = compile_(q._quant_fp8_kernel, dict(x_ptr="*bf16", x_stride="i32",
                            q_ptr="*fp8e4nv", q_stride="i32", s_ptr="*fp32",
                            in_scale_ptr="*fp32"),
-                           dict(K=k, STATIC=static, BLOCK=4096, ONE_PASS=k <= 4096), cc,
+                           dict(K=k, STATIC=static, BLOCK=4096, ONE_PASS=k <= 4096,
+                                PDL=False), cc,
                            num_warps=8)
             assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, k)
     print("compiled")
