@@ -440,6 +440,21 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8kv_r1024x1000 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
           --max-batch-size 1024 --quant fp8 --kv-cache-dtype fp8
       ;;
+    long4)  # 1000 / 1000 FP8 + FP8 KV: 32-token pages, a larger step budget, more KV memory
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
+      L="--num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024"
+      bench fp8kv_long_bs32 $M $L --block-size 32
+      bench fp8kv_long_mnt16k $M $L --max-num-tokens 16384
+      bench fp8kv_long_f95 $M $L --kv-cache-fraction 0.95
+      ;;
+    long5)  # FP8 caches default to 32-token blocks: 128/128 and 1000/1000, and with more KV memory
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
+      L="--num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024"
+      bench fp8kv_r1024 $M --num-requests 1024 --input-len 128 --output-len 128 \
+          --max-batch-size 1024
+      bench fp8kv_long $M $L
+      bench fp8kv_long_f95 $M $L --kv-cache-fraction 0.95
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

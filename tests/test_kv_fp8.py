@@ -663,7 +663,8 @@ def test_prefix_reuse_reads_the_shared_blocks_with_their_scales() -> None:
     outs = []
     for caching in (True, False):
         with DistributedLLM("tiny", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=40,
-                            max_batch_size=4, enable_prefix_caching=caching) as llm:
+                            block_size=16, max_batch_size=4,
+                            enable_prefix_caching=caching) as llm:
             first = llm.generate([prompt], params)[0].outputs[0].token_ids
             assert llm.engine is not None
             hits = llm.engine.allocator.prefix_hits
@@ -684,13 +685,33 @@ def test_cli_flag_reaches_the_pool_and_the_bench_result() -> None:
                            "--output-len", "4"])
     got = json.loads(proc.stdout)
     assert got["kv_cache_dtype"] == "fp8_e4m3" and got["kv_blocks"] == 40
-    # the tiny model: 4 layers (2 on the leader's stage), 2 KV heads of 16, blocks of 16
-    assert got["kv_bytes_per_block"] == KVCache.bytes_per_block(2, 16, 2, 16, KV_FP8_DTYPE)
-    assert got["kv_bytes_per_block"] == 2 * 2 * 16 * 2 * (16 + 4)
+    # the tiny model: 4 layers (2 on the leader's stage), 2 KV heads of 16, blocks of 32 (the
+    # FP8 cache's default block size)
+    assert got["kv_bytes_per_block"] == KVCache.bytes_per_block(2, 32, 2, 16, KV_FP8_DTYPE)
+    assert got["kv_bytes_per_block"] == 2 * 2 * 32 * 2 * (16 + 4)
     assert got["output_tokens_per_s"] > 0
     proc = trtdist_cli(1, ["generate", "tiny", "--prompt", "Hi", "--kv-cache-dtype", "int8"],
                        check=False)
     assert proc.returncode != 0 and "--kv-cache-dtype: invalid choice: 'int8'" in proc.stderr
+    proc = trtdist_cli(1, ["generate", "tiny", "--prompt", "Hi", "--block-size", "24"],
+                       check=False)
+    assert proc.returncode != 0 and "expected a power of two such as 16 or 32, got 24" in (
+        proc.stderr)
+
+
+def test_default_block_size_follows_the_cache_dtype() -> None:
+    """16 tokens a block, 32 for an FP8 cache (its V is read in runs of block_size bytes);
+    an explicit block size wins."""
+    from trtdist.llm import DistributedLLM, default_block_size
+
+    assert default_block_size("auto") == 16 and default_block_size("fp8") == 32
+    with DistributedLLM("tiny", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=16,
+                        max_model_len=64) as llm:
+        assert llm.options.block_size == 32 and llm.engine is not None
+        assert llm.engine.allocator.block_size == 32
+    with DistributedLLM("tiny", dtype="float32", kv_cache_dtype="fp8", num_kv_blocks=16,
+                        max_model_len=64, block_size=8) as llm:
+        assert llm.options.block_size == 8
 
 
 def test_smollm2_fp8_kv_cache_perplexity() -> None:

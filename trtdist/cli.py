@@ -31,6 +31,13 @@ _port = _bounded(int, 0, 65535, "a port number in [0, 65535]")
 _nonnegative = _bounded(float, 0.0, None, "a non-negative number of seconds")
 
 
+def _power_of_two(value: str) -> int:
+    n = _positive(value)
+    if n & (n - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two such as 16 or 32, got {n}")
+    return int(n)
+
+
 def _partition(value: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in value.split(","))
@@ -92,7 +99,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="share of the memory left after the weights used for KV blocks")
     p.add_argument("--num-kv-blocks", type=_positive, default=None,
                    help="exact number of KV blocks (overrides --kv-cache-fraction)")
-    p.add_argument("--block-size", type=_positive, default=16, help="tokens per KV block")
+    p.add_argument("--block-size", type=_power_of_two, default=None,
+                   help="tokens per KV block, a power of two (default 16; 32 with "
+                        "--kv-cache-dtype fp8)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="do not plan step N+1 while step N runs (overlap is on by default "
                         "with one pipeline stage)")
