@@ -455,6 +455,13 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8kv_long $M $L
       bench fp8kv_long_f95 $M $L --kv-cache-fraction 0.95
       ;;
+    bs128)  # 1024 x 128/128 FP8 + FP8 KV: 32-token blocks (cold, then warm Triton cache), 16
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
+      R="--num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024"
+      bench fp8kv_r1024_bs32a $M $R
+      bench fp8kv_r1024_bs16 $M $R --block-size 16
+      bench fp8kv_r1024_bs32b $M $R
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
