@@ -462,6 +462,32 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8kv_r1024_bs16 $M $R --block-size 16
       bench fp8kv_r1024_bs32b $M $R
       ;;
+    dsweep)  # FP8-cache decode kernel configs against 16- and 32-token pages
+      timeout 400 python3 scripts/sweep_fp8_decode.py --output "$OUT/dsweep.json" 2>&1 \
+          | tee "$OUT/dsweep.log" | grep -v Warning | tail -40
+      tail -37 "$OUT/dsweep.log" >> "$SUMMARY"
+      ;;
+    bs64)  # 64-token FP8 pages: kernel sweep, then 128/128 and 1000/1000 with --block-size 64
+      timeout 200 python3 scripts/sweep_fp8_decode.py --block-sizes 32,64 \
+          --configs 128:4:3,128:4:4,256:4:3 --output "$OUT/dsweep64.json" 2>&1 \
+          | grep -v Warning | tee -a "$SUMMARY"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
+      bench fp8kv_r1024_bs32 $M --num-requests 1024 --input-len 128 --output-len 128 \
+          --max-batch-size 1024
+      bench fp8kv_r1024_bs64 $M --num-requests 1024 --input-len 128 --output-len 128 \
+          --max-batch-size 1024 --block-size 64
+      bench fp8kv_long_bs64 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
+          --max-batch-size 1024 --block-size 64
+      ;;
+    bs64b)  # 32 against 64-token FP8 pages after a warm-up bench; 1000/1000 with 64 and 0.95
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
+      R="--num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024"
+      bench warmup $M $R
+      bench fp8kv_r1024_bs64 $M $R --block-size 64
+      bench fp8kv_r1024_bs32 $M $R
+      bench fp8kv_long_bs64_f95 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
+          --max-batch-size 1024 --block-size 64 --kv-cache-fraction 0.95
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
