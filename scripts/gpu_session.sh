@@ -488,6 +488,13 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8kv_long_bs64_f95 $M --num-requests 1024 --input-len 1000 --output-len 1000 \
           --max-batch-size 1024 --block-size 64 --kv-cache-fraction 0.95
       ;;
+    final3)  # after the FP8-cache block-size default: the FP8 / FP8 KV GPU tests and the model's
+      timeout 400 python3 -m pytest -q -rf -m gpu -n 4 tests/test_kv_fp8.py tests/test_fp8.py \
+          tests/test_fp8_fused.py tests/test_graphs.py tests/test_equivalence.py \
+          -k "not long_context" 2>&1 | tee "$OUT/final3_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "final3 gpu tests: $(tail -1 "$OUT/final3_tests.log")"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
