@@ -234,8 +234,12 @@ def test_spawned_world_exits_without_shutdown(mode: str, codes: set[int],
     script.write_text(_NO_SHUTDOWN_SCRIPT)
     token = f"TRTDIST_TEST_TOKEN={uuid.uuid4().hex}"
     env = mpi_env({token.split("=")[0]: token.split("=")[1]})
+    # NOTE: a suite started in the background by a shell without job control (`cmd &` in a
+    # script) inherits SIGINT ignored, and an ignored SIGINT survives exec: the script would
+    # never see the Ctrl-C this test sends. A user's terminal gives the default disposition.
     proc = subprocess.Popen([sys.executable, str(script), mode], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
     if mode == "sigint":
