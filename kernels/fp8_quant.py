@@ -23,7 +23,6 @@ MIN_SCALE = 1e-12  # mirrors parallel.quant_fp8._MIN_SCALE (an all-zero row stay
 # NOTE: jitted code may only read globals that are tl.constexpr (the interpreter is lenient).
 _FP8_MAX_C = tl.constexpr(FP8_MAX) if triton is not None else FP8_MAX
 _MIN_SCALE_C = tl.constexpr(MIN_SCALE) if triton is not None else MIN_SCALE
-_MAX_PARTS_C = tl.constexpr(64) if triton is not None else 64  # = MAX_PARTS
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BLOCK = 4096
 
@@ -73,9 +72,9 @@ def _quantize(x, scale):
 # the interpreter, which runs programs one after another).
 MAX_SPLIT_ROWS = 4
 MAX_PARTS = 64  # a launch moves a row's counter by exactly this much
+_MAX_PARTS_C = tl.constexpr(MAX_PARTS) if triton is not None else MAX_PARTS
 ROW_SPLIT_ENV = "TRTDIST_ROW_SPLIT"  # "0": one program a row always
 _row_syncs: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-_sm_counts: dict[torch.device, int] = {}
 
 
 def row_sync(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +97,7 @@ def row_split(rows: int, width: int, device: torch.device, chunk: int = 1024) ->
             or os.environ.get(ROW_SPLIT_ENV, "1") == "0" or rows > MAX_SPLIT_ROWS
             or width <= chunk):
         return 1
-    sms = _sm_counts.get(device)
-    if sms is None:
-        sms = _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     parts = -(-width // chunk)
     return parts if parts <= MAX_PARTS and rows * parts <= sms // 2 else 1
 

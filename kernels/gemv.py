@@ -55,15 +55,6 @@ def gemv_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 @_jit
-def _weight_tile(w_ptrs, mask_n, kk, K: tl.constexpr, EVEN_K: tl.constexpr):
-    """The weight tile `[BLOCK_N, BLOCK_K]` at columns `kk` (zeros where masked)."""
-    mask = mask_n[:, None]
-    if not EVEN_K:
-        mask = mask & (kk < K)[None, :]
-    return tl.load(w_ptrs, mask=mask, other=0.0)
-
-
-@_jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
                  K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -86,11 +77,12 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, strid
     pdl_wait(PDL)  # before the first load: see the FP8 GEMV's note (kernels/fp8_gemm.py)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        w = _weight_tile(w_ptrs, mask_n, kk, K, EVEN_K).to(tl.float32)
         if EVEN_K:
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0).to(tl.float32)
             x0 = tl.load(x_ptr + kk).to(tl.float32)
         else:
             mk = kk < K
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mk[None, :], other=0.0).to(tl.float32)
             x0 = tl.load(x_ptr + kk, mask=mk, other=0.0).to(tl.float32)
         acc0 += w * x0[None, :]
         if BLOCK_M > 1:
