@@ -199,6 +199,21 @@ def _silu_mul_quant_split_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, cnt_pt
 
 
 # ---- launchers ---------------------------------------------------------------------------
+def _whole_row(width: int, max_block: int) -> tuple[int, bool, int]:
+    block = min(triton.next_power_of_2(width), max_block)
+    return block, block >= width, 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def norm_row_config(rows: int, width: int) -> tuple[int, bool, int]:
+    """(BLOCK, ONE_PASS, num_warps) of the one-program-a-row norm + quantize launch."""
+    return _whole_row(width, _MAX_ONE_PASS_NORM)
+
+
+def silu_row_config(rows: int, inter: int) -> tuple[int, bool, int]:
+    """(BLOCK, ONE_PASS, num_warps) of the one-program-a-row SiLU x up + quantize launch."""
+    return _whole_row(inter, _MAX_ONE_PASS_SILU)
+
+
 def _check_scale(input_scale: torch.Tensor | None, fn: str) -> None:
     if input_scale is not None and (input_scale.numel() != 1
                                     or input_scale.dtype != torch.float32):
@@ -236,14 +251,13 @@ def rms_norm_quant_triton(x: torch.Tensor, residual: torch.Tensor | None, weight
     res = residual if residual is not None else x
     if t == 0:
         return xq, xs, res
-    block = min(triton.next_power_of_2(n), _MAX_ONE_PASS_NORM)
+    block, one_pass, warps = norm_row_config(t, n)
     _rms_norm_quant_kernel[(t,)](
         x, x.stride(0), res, res.stride(0), weight, xq, xq.stride(0), xs,
         input_scale if input_scale is not None else xs, eps, N=n,
         HAS_RESIDUAL=residual is not None, STATIC=input_scale is not None,
         Y_DTYPE=_TL_DTYPES[torch.promote_types(x.dtype, weight.dtype)], BLOCK=block,
-        ONE_PASS=block >= n, num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16,
-        **pdl_launch(x.device))
+        ONE_PASS=one_pass, num_warps=warps, **pdl_launch(x.device))
     return xq, xs, res
 
 
@@ -271,10 +285,9 @@ def silu_and_mul_quant_triton(x: torch.Tensor, input_scale: torch.Tensor | None
             Y_DTYPE=_TL_DTYPES[x.dtype], CHUNK=chunk, PARTS=parts,
             num_warps=max(1, min(8, chunk // 256)), **pdl_launch(x.device))
         return xq, xs
-    block = min(triton.next_power_of_2(inter), _MAX_ONE_PASS_SILU)
+    block, one_pass, warps = silu_row_config(t, inter)
     _silu_mul_quant_kernel[(t,)](
         x, x.stride(0), xq, xq.stride(0), xs, input_scale if input_scale is not None else xs,
         INTER=inter, STATIC=input_scale is not None, Y_DTYPE=_TL_DTYPES[x.dtype], BLOCK=block,
-        ONE_PASS=block >= inter, num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16,
-        **pdl_launch(x.device))
+        ONE_PASS=one_pass, num_warps=warps, **pdl_launch(x.device))
     return xq, xs

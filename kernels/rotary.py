@@ -261,8 +261,7 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
     fp8 = k_scale is not None
     half_pad = triton.next_power_of_2(head_dim // 2)
     heads = q_heads + kv_heads
-    # NOTE: ~512-lane tiles: 8 heads of 128 (Llama-3-8B's 32 + 8 heads in 5 full programs).
-    block_h = min(triton.next_power_of_2(heads), max(1, 512 // half_pad))
+    block_h, warps = rotary_config(t, heads, half_pad, fp8)
     rot_block = kv_rotation_block(head_dim)
     _rotary_and_cache_kernel[(t, triton.cdiv(heads, block_h))](
         qkv, qkv.stride(0), positions, positions.stride(0), cos_sin, cos_sin.stride(0),
@@ -272,8 +271,15 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
         HQ=q_heads, HKV=kv_heads, D=head_dim, HALF_PAD=half_pad, BLOCK_H=block_h,
         BLOCK_SIZE=k_cache.shape[1], KV_FP8=fp8, ROT_BLOCK=rot_block,
         ROT_NORM=(2 * rot_block) ** -0.5,
-        num_warps=2, **pdl_launch(qkv.device))  # bf16: 8 lanes a thread, 16-byte access
+        num_warps=warps, **pdl_launch(qkv.device))
     return q, k, v
+
+
+def rotary_config(tokens: int, heads: int, half_pad: int, kv_fp8: bool) -> tuple[int, int]:
+    """(BLOCK_H, num_warps) of the rotary + cache-write launch: ~512-lane tiles (8 heads of
+    128: Llama-3-8B's 32 + 8 heads in 5 full programs), 2 warps (bf16: 8 lanes a thread,
+    16-byte access)."""
+    return min(triton.next_power_of_2(heads), max(1, 512 // half_pad)), 2
 
 
 def _scale_args(scale: torch.Tensor | None, cache: torch.Tensor

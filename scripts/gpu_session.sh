@@ -517,6 +517,20 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       note "profile b1024 c1536 fp8/fp8: $(tail -1 "$OUT/profile_1024.log")"
       grep -A20 "^kernel " "$OUT/profile_1024.log" | tee -a "$SUMMARY"
       ;;
+    rowsweep)  # row kernels' launch configs against token count (decode batches, prefill)
+      timeout 500 python3 scripts/sweep_row_kernels.py --tokens ${ROW_TOKENS:-1,64,1024,8192} \
+          --output "$OUT/rows.json" > "$OUT/rows.log" 2>&1
+      note "rowsweep rc=$?"; sed -n '/best per kernel/,$p' "$OUT/rows.log" | tee -a "$SUMMARY"
+      ;;
+    l2prof)  # batch-1 FP8 kernel times without and with the o-projection L2 prefetch
+      for v in "off:0" "oonly:qkv=0,gate_up=0,down=0,lm_head=0"; do
+        TRTDIST_L2_PREFETCH=${v#*:} timeout 300 python3 scripts/profile_decode.py --batch 1 \
+            --context 128 --steps 32 --quant fp8 --output "$OUT/profile_b1_${v%%:*}.json" \
+            > "$OUT/profile_b1_${v%%:*}.log" 2>&1
+        note "profile b1 fp8 prefetch=${v%%:*}: $(tail -1 "$OUT/profile_b1_${v%%:*}.log")"
+        grep -A12 "^kernel " "$OUT/profile_b1_${v%%:*}.log" | tee -a "$SUMMARY"
+      done
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
