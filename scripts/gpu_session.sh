@@ -531,6 +531,19 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
         grep -A12 "^kernel " "$OUT/profile_b1_${v%%:*}.log" | tee -a "$SUMMARY"
       done
       ;;
+    graphfix)  # decode graphs at --max-batch-size 1024 (one static output): tests, then benches
+      timeout 400 python3 -m pytest -q -rf -m gpu tests/test_graphs.py tests/test_l2_prefetch.py \
+          2>&1 | tee "$OUT/graphfix_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "graphfix gpu tests: $(tail -1 "$OUT/graphfix_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      R="--num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024"
+      bench warm $M --quant fp8 --num-requests 64 --input-len 128 --output-len 32
+      bench fp8_r1024 $M --quant fp8 $R
+      bench fp8kv_r1024 $M --quant fp8 --kv-cache-dtype fp8 $R
+      bench bf16_r1024 $M $R
+      bench fp8kv_long $M --quant fp8 --kv-cache-dtype fp8 --num-requests 1024 \
+          --input-len 1000 --output-len 1000 --max-batch-size 1024
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

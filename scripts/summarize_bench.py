@@ -21,6 +21,8 @@ def main(path: str) -> None:
                      ("gpu_idle_fraction", "gpu idle {:.1%}")):
         if r.get(key) is not None:
             parts.append(fmt.format(r[key]))
+    if r.get("cuda_graphs") is not None:
+        parts.append(f"graphs {r['cuda_graphs']}")
     if r.get("kv_blocks") is not None:
         parts.append(f"kv {r['kv_blocks']} blocks {r.get('kv_cache_dtype', '')} "
                      f"preempt {r.get('preemptions', 0)}")

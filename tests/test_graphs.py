@@ -99,6 +99,12 @@ def test_graph_replay_equals_eager_for_every_bucket(hf_models: dict[str, Path]) 
         runner = llm._runner
         graphs = runner.graphs
         assert graphs is not None and sorted(graphs.graphs) == list(BUCKETS)
+        # one static output for every bucket (each keeping its own logits exhausted memory
+        # at --max-batch-size 1024)
+        shared = graphs.static_output
+        assert shared is not None and shared.shape == (BUCKETS[-1], llm.engine.model_cfg.vocab_size)
+        assert all(o.data_ptr() == shared.data_ptr() and o.shape[0] == b
+                   for b, o in graphs.outputs.items())
         runner.kv.data[:, :, 1:].normal_()  # a random cache behind the sequences
         rng = np.random.default_rng(0)
         for s in range(1, 9):

@@ -690,6 +690,8 @@ def test_cli_flag_reaches_the_pool_and_the_bench_result() -> None:
     assert got["kv_bytes_per_block"] == KVCache.bytes_per_block(2, 32, 2, 16, KV_FP8_DTYPE)
     assert got["kv_bytes_per_block"] == 2 * 2 * 32 * 2 * (16 + 4)
     assert got["output_tokens_per_s"] > 0
+    # decode graphs on a GPU (every bucket captured), none on CPU
+    assert (got["cuda_graphs"] > 0) == torch.cuda.is_available()
     proc = trtdist_cli(1, ["generate", "tiny", "--prompt", "Hi", "--kv-cache-dtype", "int8"],
                        check=False)
     assert proc.returncode != 0 and "--kv-cache-dtype: invalid choice: 'int8'" in proc.stderr

@@ -81,6 +81,8 @@ def run_bench(llm: DistributedLLM, num_requests: int, input_len: int, output_len
         "kv_blocks": engine.allocator.num_blocks, "preemptions": engine.scheduler.num_preemptions,
         "scheduler_policy": engine.scheduler.config.policy,
         "kv_cache_dtype": kv_cache_dtype_name(kv.dtype), "kv_bytes_per_block": kv.block_bytes,
+        # decode batch sizes with a captured CUDA graph on the leader (0: decode ran eagerly)
+        "cuda_graphs": len(llm._runner.graphs.graphs) if llm._runner.graphs else 0,
     } | timing | device_roofline.bench_fields(
         roof, sum(p.numel() * p.element_size() for p in llm._runner.model.parameters()),
         [t for o in outs if (t := o.metrics.time_per_output_token) is not None], num_requests)

@@ -205,9 +205,13 @@ class LlamaStage(nn.Module):
             ctx.prefetch.join()
         return out
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 on TP rank 0 (the sampling rank); the other TP
         ranks take part in the gather and get their vocabulary slice `[N, V_local]` (in the
-        model's dtype: nobody reads it)."""
+        model's dtype: nobody reads it). `out` (that shape and dtype) receives the result,
+        converted in the one copy (a CUDA graph's static output)."""
         logits = self.lm_head(hidden)
+        if out is not None:
+            return out.copy_(logits)
         return logits.float() if self.mapping.tp_rank == ParallelLMHead.SAMPLING_RANK else logits

@@ -66,19 +66,21 @@ def padded_decode_plan(rows: int, block: int = 0) -> StepPlan:
 
 def run_stage(model: LlamaStage, kv_layers: Sequence[LayerKV],
               x: torch.Tensor, views: StepViews, meta: object,
-              all_logits: bool, hidden_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+              all_logits: bool, hidden_out: list[torch.Tensor] | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """This stage's forward. Last stage: logits of every row when `all_logits`, else of
     `views.logits_rows` (the full vocabulary on TP rank 0, which samples; the other TP ranks
     get their vocabulary slice, see `ParallelLMHead`); other stages: the hidden states to
     send on. `hidden_out`, if given,
-    receives the last stage's final hidden states (prompt logprobs read them)."""
+    receives the last stage's final hidden states (prompt logprobs read them). `out`, with
+    `all_logits`, receives the result (a CUDA graph's static output) and is returned."""
     h = model(x, kv_layers, model.context(views.positions, views.attention.slot_mapping, meta))
     if not model.mapping.is_last_stage:
-        return h
+        return h if out is None else out.copy_(h)
     if hidden_out is not None:
         hidden_out.append(h)
     if all_logits or views.logits_rows is None:
-        return model.compute_logits(h)
+        return model.compute_logits(h, out=out)
     if views.logits_rows.numel() == 0:  # only partial prefill chunks (same on every rank)
         return torch.empty(0, model.cfg.vocab_size, device=h.device)
     return model.compute_logits(h.index_select(0, views.logits_rows))
@@ -86,13 +88,14 @@ def run_stage(model: LlamaStage, kv_layers: Sequence[LayerKV],
 
 def decode_body(model: LlamaStage, kv_layers: Sequence[LayerKV],
                 inputs: StepInputs, hidden_in: torch.Tensor | None,
-                bucket: int) -> torch.Tensor:
+                bucket: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """What a decode graph of `bucket` rows runs: the stage on the static buffers, with the
-    backend's capture metadata (fixed work whatever the lengths)."""
+    backend's capture metadata (fixed work whatever the lengths); the result goes to `out`
+    when given."""
     views = inputs.capture_inputs(bucket)
     meta = model.attention_backend.prepare_for_capture(views.attention)
     x = views.input_ids if hidden_in is None else hidden_in[:bucket]
-    return run_stage(model, kv_layers, x, views, meta, all_logits=True)
+    return run_stage(model, kv_layers, x, views, meta, all_logits=True, out=out)
 
 
 def measure_decode_memory(model: LlamaStage, inputs: StepInputs, hidden_in: torch.Tensor | None,
@@ -124,11 +127,17 @@ class CUDAGraphRunner:
         self.inputs, self.hidden_in = inputs, hidden_in
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Every bucket's graph writes its rows of one static output (logits or hidden states
+        # `[largest bucket, ...]`, outside the graphs' pool): `outputs[b]` is a view of it.
+        # NOTE: each graph keeping its own output held the sum of all buckets' logits (18 GB
+        # of float32 logits for the 83 buckets up to 1024 with a 128k vocabulary), which
+        # made capture run out of memory at --max-batch-size 1024.
+        self.static_output: torch.Tensor | None = None
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
 
-    def _body(self, bucket: int) -> torch.Tensor:
-        return decode_body(self.model, self.kv_layers, self.inputs, self.hidden_in, bucket)
+    def _body(self, bucket: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return decode_body(self.model, self.kv_layers, self.inputs, self.hidden_in, bucket, out)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -142,12 +151,17 @@ class CUDAGraphRunner:
             self.inputs.fill(padded_decode_plan(0), pad_to=bucket)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                self._body(bucket)  # warm-up: JIT compilation, lazy initialisation
+                warm = self._body(bucket)  # warm-up: JIT compilation, lazy initialisation
             torch.cuda.current_stream(device).wait_stream(stream)
             torch.cuda.synchronize(device)
+            if self.static_output is None:  # the largest bucket comes first
+                self.static_output = torch.empty((bucket, *warm.shape[1:]), dtype=warm.dtype,
+                                                 device=device)
+            del warm
+            torch.cuda.empty_cache()  # the warm-up's blocks, for the graphs' pool
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[bucket] = self._body(bucket)
+                self.outputs[bucket] = self._body(bucket, self.static_output[:bucket])
             self.graphs[bucket] = graph
         torch.cuda.synchronize(device)
         self.capture_seconds = time.perf_counter() - start
