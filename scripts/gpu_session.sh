@@ -544,6 +544,20 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8kv_long $M --quant fp8 --kv-cache-dtype fp8 --num-requests 1024 \
           --input-len 1000 --output-len 1000 --max-batch-size 1024
       ;;
+    round1)  # hardware E4M3 rounding on the GPU: bit-exact tests, row kernels, 1000 / 1000
+      timeout 400 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_fused.py \
+          tests/test_fp8_kernels.py tests/test_kv_fp8.py -k "not long_context" 2>&1 \
+          | tee "$OUT/round1_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "round1 gpu tests: $(tail -1 "$OUT/round1_tests.log")"
+      timeout 300 python3 scripts/sweep_row_kernels.py --tokens 1024,8192 \
+          --output "$OUT/rows.json" > "$OUT/rows.log" 2>&1
+      sed -n '/best per kernel/,$p' "$OUT/rows.log" | tee -a "$SUMMARY"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
+      L="--num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024"
+      bench warm $M --num-requests 64 --input-len 128 --output-len 32
+      bench fp8kv_long $M $L
+      bench fp8kv_long_mnt16k $M $L --max-num-tokens 16384
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
