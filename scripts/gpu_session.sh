@@ -495,21 +495,6 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
           | grep -E "^FAILED|passed|failed" | cut -c1-300
       note "final3 gpu tests: $(tail -1 "$OUT/final3_tests.log")"
       ;;
-    l2pf)  # L2 weight prefetch at batch 1: GPU tests, then FP8 / bf16 A/B with prefetch plans
-      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_l2_prefetch.py 2>&1 \
-          | tee "$OUT/l2pf_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
-      note "l2pf gpu tests: $(tail -1 "$OUT/l2pf_tests.log")"
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      bench warm $M --quant fp8 $B --output-len 32
-      for v in "off:0" "def:1" "oonly:qkv=0,gate_up=0,down=0,lm_head=0" \
-               "big:qkv=24,gate_up=24,down=24" "small:qkv=8,gate_up=8,down=8" "off2:0"; do
-        TRTDIST_L2_PREFETCH=${v#*:} bench fp8_b1_${v%%:*} $M --quant fp8 $B
-      done
-      for v in "off:0" "def:1"; do
-        TRTDIST_L2_PREFETCH=${v#*:} bench bf16_b1_${v%%:*} $M $B
-      done
-      ;;
     prof1024)  # where a 1000/1000 decode step goes: b1024 x 1536, FP8 weights + FP8 KV
       timeout 400 python3 scripts/profile_decode.py --batch 1024 --context 1536 --steps 8 \
           --quant fp8 --kv-cache-dtype fp8 --output "$OUT/profile_1024.json" \
@@ -522,17 +507,8 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
           --output "$OUT/rows.json" > "$OUT/rows.log" 2>&1
       note "rowsweep rc=$?"; sed -n '/best per kernel/,$p' "$OUT/rows.log" | tee -a "$SUMMARY"
       ;;
-    l2prof)  # batch-1 FP8 kernel times without and with the o-projection L2 prefetch
-      for v in "off:0" "oonly:qkv=0,gate_up=0,down=0,lm_head=0"; do
-        TRTDIST_L2_PREFETCH=${v#*:} timeout 300 python3 scripts/profile_decode.py --batch 1 \
-            --context 128 --steps 32 --quant fp8 --output "$OUT/profile_b1_${v%%:*}.json" \
-            > "$OUT/profile_b1_${v%%:*}.log" 2>&1
-        note "profile b1 fp8 prefetch=${v%%:*}: $(tail -1 "$OUT/profile_b1_${v%%:*}.log")"
-        grep -A12 "^kernel " "$OUT/profile_b1_${v%%:*}.log" | tee -a "$SUMMARY"
-      done
-      ;;
     graphfix)  # decode graphs at --max-batch-size 1024 (one static output): tests, then benches
-      timeout 400 python3 -m pytest -q -rf -m gpu tests/test_graphs.py tests/test_l2_prefetch.py \
+      timeout 400 python3 -m pytest -q -rf -m gpu tests/test_graphs.py \
           2>&1 | tee "$OUT/graphfix_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
       note "graphfix gpu tests: $(tail -1 "$OUT/graphfix_tests.log")"
       M="llama3-8b --dummy-weights --dtype bfloat16"

@@ -20,7 +20,6 @@ from trtdist.kernels.fp8_fused import rms_norm_quant_triton, silu_and_mul_quant_
 from trtdist.kernels.norm import add_rms_norm, rms_norm
 from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
 from trtdist.models.rope import inv_frequencies
-from trtdist.models.weight_prefetch import WeightPrefetcher
 from trtdist.parallel.layers import (
     ColumnParallelLinear,
     LinearMethod,
@@ -41,7 +40,6 @@ class StepContext:
     slot_mapping: torch.Tensor  # [T] int64, -1 = padding (not written)
     meta: object  # the attention backend's metadata (opaque to the layers)
     backend: AttentionBackend
-    prefetch: WeightPrefetcher | None = None  # L2 weight prefetch (small decode batches)
 
 
 class RMSNorm(nn.Module):
@@ -87,11 +85,8 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv: LayerKV,
                 ctx: StepContext) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv(x)
-        if ctx.prefetch is not None:
-            ctx.prefetch.issue(self.o, ctx.prefetch.plan.o)
         # Rotary on q and k, and the write of k and v into the paged cache, in one op.
-        q, k, v = rotary_and_cache(qkv, ctx.positions, cos_sin, self.q_heads,
+        q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
                                    self.kv_heads, self.head_dim, kv.k, kv.v, ctx.slot_mapping,
                                    k_scale=kv.k_scale, v_scale=kv.v_scale)
         o = ctx.backend.forward(q, k, v, kv.k, kv.v, ctx.meta, self.scale, self.window,
@@ -113,11 +108,8 @@ class LlamaMLP(nn.Module):
         self.down = RowParallelLinear(self.inter, cfg.hidden_size, cfg.mlp_bias, dtype, device, tp,
                                       quant)
 
-    def forward(self, x: torch.Tensor | QuantizedActivation,
-                prefetch: WeightPrefetcher | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         h = self.gate_up(x)  # [T, 2I]
-        if prefetch is not None:
-            prefetch.issue(self.down, prefetch.plan.down)
         if h.dim() == 2 and self.down.wants_quantized_input:
             q, scale = silu_and_mul_quant_triton(h, self.down.activation_scale)
             return self.down(QuantizedActivation(q, scale, h.dtype))
@@ -140,11 +132,9 @@ class LlamaDecoderLayer(nn.Module):
         """The residual stream travels beside the layer output (vLLM style): the add that
         closes one block is fused with the norm that opens the next."""
         x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv)
-        a = self.attn(x, cos_sin, kv_cache, ctx)
-        if ctx.prefetch is not None:
-            ctx.prefetch.issue(self.mlp.gate_up, ctx.prefetch.plan.gate_up)
-        x, residual = self.post_norm(a, residual, quant_for=self.mlp.gate_up)
-        return self.mlp(x, ctx.prefetch), residual
+        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx), residual,
+                                     quant_for=self.mlp.gate_up)
+        return self.mlp(x), residual
 
 
 class LlamaStage(nn.Module):
@@ -166,20 +156,15 @@ class LlamaStage(nn.Module):
         self.layers = nn.ModuleDict({
             str(i): LlamaDecoderLayer(cfg, mapping, tp, i, dtype, device, quant) for i in layers
         })
-        self._layer_list: list[LlamaDecoderLayer] = list(self.layers.values())
         if mapping.is_last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
             self.lm_head = ParallelLMHead(local, cfg.hidden_size, cfg.vocab_size, dtype, device,
                                           tp)
         self.attention_backend: AttentionBackend = TorchAttentionBackend()
-        self.weight_prefetcher = WeightPrefetcher.for_device(device)
 
     def context(self, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 meta: object) -> StepContext:
-        prefetch = self.weight_prefetcher
-        if prefetch is not None and not prefetch.wants(positions.shape[0]):
-            prefetch = None
-        return StepContext(positions, slot_mapping, meta, self.attention_backend, prefetch)
+        return StepContext(positions, slot_mapping, meta, self.attention_backend)
 
     def forward(self, tokens_or_hidden: torch.Tensor,
                 kv_caches: Sequence[LayerKV],
@@ -189,21 +174,11 @@ class LlamaStage(nn.Module):
         the residual stream's sum (what the next stage receives)."""
         h = self.embed(tokens_or_hidden) if self.embed is not None else tokens_or_hidden
         residual = None
-        layers = self._layer_list
-        if ctx.prefetch is not None and layers:
-            ctx.prefetch.issue(layers[0].attn.qkv, ctx.prefetch.plan.qkv)
-        for i, (layer, cache) in enumerate(zip(layers, kv_caches)):
+        for layer, cache in zip(self.layers.values(), kv_caches):
             h, residual = layer(h, residual, self.cos_sin, cache, ctx)
-            if ctx.prefetch is not None:
-                if i + 1 < len(layers):
-                    ctx.prefetch.issue(layers[i + 1].attn.qkv, ctx.prefetch.plan.qkv)
-                elif self.mapping.is_last_stage:
-                    ctx.prefetch.issue(self.lm_head, ctx.prefetch.plan.lm_head)
-        out = (self.norm(h, residual)[0] if self.mapping.is_last_stage
-               else h if residual is None else h + residual)
-        if ctx.prefetch is not None:
-            ctx.prefetch.join()
-        return out
+        if self.mapping.is_last_stage:
+            return self.norm(h, residual)[0]
+        return h if residual is None else h + residual
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None
                        ) -> torch.Tensor:
