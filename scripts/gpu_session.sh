@@ -534,6 +534,29 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8kv_long $M $L
       bench fp8kv_long_mnt16k $M $L --max-num-tokens 16384
       ;;
+    final4a)  # after the graph-output fix: the model's GPU tests, then batch 1 and 128 / 128 rows
+      timeout 420 python3 -m pytest -q -rf -m gpu -n 4 tests/test_graphs.py \
+          tests/test_equivalence.py tests/test_runtime.py tests/test_fp8.py tests/test_overlap.py \
+          tests/test_sampler.py tests/test_inputs.py -k "not long_context" 2>&1 \
+          | tee "$OUT/final4_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "final4 gpu tests: $(tail -1 "$OUT/final4_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      R="--num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024"
+      bench warm $M --quant fp8 --num-requests 64 --input-len 128 --output-len 32
+      bench b1 $M $B
+      bench fp8_b1 $M --quant fp8 $B
+      bench r1024 $M $R
+      bench fp8_r1024 $M --quant fp8 $R
+      bench fp8kv_r1024 $M --quant fp8 --kv-cache-dtype fp8 $R
+      ;;
+    final4b)  # 1024 x 1000 / 1000, FP8 weights + FP8 KV, defaults: two runs
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
+      L="--num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024"
+      bench warm $M --num-requests 64 --input-len 128 --output-len 32
+      bench fp8kv_long_a $M $L
+      bench fp8kv_long_b $M $L
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
