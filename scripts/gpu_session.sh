@@ -557,6 +557,14 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8kv_long_a $M $L
       bench fp8kv_long_b $M $L
       ;;
+    final4c)  # every GPU test of the kernels and the model at the session's last code
+      timeout 560 python3 -m pytest -q -rf -m gpu -n 4 tests/test_triton_attention.py \
+          tests/test_fused_kernels.py tests/test_kernels.py tests/test_gemv.py \
+          tests/test_fp8_fused.py tests/test_fp8_kernels.py tests/test_kv_fp8.py tests/test_graphs.py \
+          tests/test_equivalence.py tests/test_fp8.py tests/test_sampler.py -k "not long_context" \
+          2>&1 | tee "$OUT/final4c_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "final4c gpu tests: $(tail -1 "$OUT/final4c_tests.log")"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
