@@ -204,12 +204,12 @@ def _whole_row(width: int, max_block: int) -> tuple[int, bool, int]:
     return block, block >= width, 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def norm_row_config(rows: int, width: int) -> tuple[int, bool, int]:
+def norm_row_config(width: int) -> tuple[int, bool, int]:
     """(BLOCK, ONE_PASS, num_warps) of the one-program-a-row norm + quantize launch."""
     return _whole_row(width, _MAX_ONE_PASS_NORM)
 
 
-def silu_row_config(rows: int, inter: int) -> tuple[int, bool, int]:
+def silu_row_config(inter: int) -> tuple[int, bool, int]:
     """(BLOCK, ONE_PASS, num_warps) of the one-program-a-row SiLU x up + quantize launch."""
     return _whole_row(inter, _MAX_ONE_PASS_SILU)
 
@@ -251,7 +251,7 @@ def rms_norm_quant_triton(x: torch.Tensor, residual: torch.Tensor | None, weight
     res = residual if residual is not None else x
     if t == 0:
         return xq, xs, res
-    block, one_pass, warps = norm_row_config(t, n)
+    block, one_pass, warps = norm_row_config(n)
     _rms_norm_quant_kernel[(t,)](
         x, x.stride(0), res, res.stride(0), weight, xq, xq.stride(0), xs,
         input_scale if input_scale is not None else xs, eps, N=n,
@@ -285,7 +285,7 @@ def silu_and_mul_quant_triton(x: torch.Tensor, input_scale: torch.Tensor | None
             Y_DTYPE=_TL_DTYPES[x.dtype], CHUNK=chunk, PARTS=parts,
             num_warps=max(1, min(8, chunk // 256)), **pdl_launch(x.device))
         return xq, xs
-    block, one_pass, warps = silu_row_config(t, inter)
+    block, one_pass, warps = silu_row_config(inter)
     _silu_mul_quant_kernel[(t,)](
         x, x.stride(0), xq, xq.stride(0), xs, input_scale if input_scale is not None else xs,
         INTER=inter, STATIC=input_scale is not None, Y_DTYPE=_TL_DTYPES[x.dtype], BLOCK=block,

@@ -173,7 +173,7 @@ def _quant_fp8_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, in_scale_ptr, K: 
     tl.store(s_ptr + row, scale)
 
 
-def quant_row_config(rows: int, k: int) -> tuple[int, int]:
+def quant_row_config(k: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of the quantize launch: 8 bf16 values (16 bytes) a thread and load."""
     block = min(triton.next_power_of_2(k), _MAX_BLOCK)
     return block, max(1, min(8, block // 512))
@@ -211,7 +211,7 @@ def quantize_activation_triton(x: torch.Tensor, input_scale: torch.Tensor | None
         raise ValueError("quantize_activation_triton: x has no columns (K = 0)")
     if m == 0:
         return xq, scale
-    block, warps = quant_row_config(m, k)
+    block, warps = quant_row_config(k)
     in_scale = input_scale if input_scale is not None else scale  # unused when dynamic
     _quant_fp8_kernel[(m,)](
         x, x.stride(0), xq, xq.stride(0), scale, in_scale, K=k,

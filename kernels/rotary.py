@@ -261,7 +261,7 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
     fp8 = k_scale is not None
     half_pad = triton.next_power_of_2(head_dim // 2)
     heads = q_heads + kv_heads
-    block_h, warps = rotary_config(t, heads, half_pad, fp8)
+    block_h, warps = rotary_config(heads, half_pad)
     rot_block = kv_rotation_block(head_dim)
     _rotary_and_cache_kernel[(t, triton.cdiv(heads, block_h))](
         qkv, qkv.stride(0), positions, positions.stride(0), cos_sin, cos_sin.stride(0),
@@ -275,7 +275,7 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
     return q, k, v
 
 
-def rotary_config(tokens: int, heads: int, half_pad: int, kv_fp8: bool) -> tuple[int, int]:
+def rotary_config(heads: int, half_pad: int) -> tuple[int, int]:
     """(BLOCK_H, num_warps) of the rotary + cache-write launch: ~512-lane tiles (8 heads of
     128: Llama-3-8B's 32 + 8 heads in 5 full programs), 2 warps (bf16: 8 lanes a thread,
     16-byte access)."""
