@@ -565,6 +565,14 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
           2>&1 | tee "$OUT/final4c_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
       note "final4c gpu tests: $(tail -1 "$OUT/final4c_tests.log")"
       ;;
+    review)  # after the launch-config signature cleanup: the row kernels' GPU tests, a short bench
+      timeout 400 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_fused.py \
+          tests/test_fused_kernels.py tests/test_kv_fp8.py -k "not long_context" 2>&1 \
+          | tee "$OUT/review_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "review gpu tests: $(tail -1 "$OUT/review_tests.log")"
+      bench fp8kv_r256 llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 \
+          --kv-cache-dtype fp8 --num-requests 256 --input-len 128 --output-len 64
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
