@@ -573,6 +573,14 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8kv_r256 llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 \
           --kv-cache-dtype fp8 --num-requests 256 --input-len 128 --output-len 64
       ;;
+    tl1)  # batch-1 decode: each kernel's critical-path share (end - previous end), FP8 and bf16
+      for q in fp8 none; do
+        timeout 300 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 16 \
+            --quant $q --timeline "$OUT/timeline_$q.json" > "$OUT/timeline_$q.log" 2>&1
+        note "timeline $q: $(tail -1 "$OUT/timeline_$q.log")"
+        sed -n '/^timeline:/,/^kernel /p' "$OUT/timeline_$q.log" | head -75 | tee -a "$SUMMARY"
+      done
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

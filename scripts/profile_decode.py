@@ -25,6 +25,51 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _timeline(prof: profile, steps: int, path: str) -> None:
+    """Kernels in end order; each one's share of the step is `end - previous end` (with PDL
+    a kernel starts early and waits, so its own duration overstates what it costs). Prints the
+    share by kernel name and the kernel sequence of one step (position, name, share, duration)."""
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    ks = sorted((e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"),
+                key=lambda e: e["ts"] + e["dur"])
+    if not ks:
+        print("timeline: no kernel events")
+        return
+    rows, by_name = [], {}
+    prev_end = ks[0]["ts"]
+    for e in ks:
+        end = e["ts"] + e["dur"]
+        share = end - prev_end
+        prev_end = end
+        name = e["name"][:60]
+        rows.append((name, share, e["dur"]))
+        agg = by_name.setdefault(name, [0, 0.0, 0.0])
+        agg[0] += 1
+        agg[1] += share
+        agg[2] += e["dur"]
+    per_step = len(ks) // steps
+    print(f"timeline: {len(ks)} kernels, {per_step} a step")
+    print(f"{'kernel (by critical-path share)':60s} {'n/step':>6s} {'share us':>9s} "
+          f"{'dur us':>8s} {'ms/step':>8s}")
+    for name, (n, sh, du) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
+        print(f"{name:60s} {n / steps:6.1f} {sh / n:9.2f} {du / n:8.2f} {sh / steps / 1e3:8.3f}")
+    mid = rows[per_step * (steps // 2): per_step * (steps // 2 + 1)]
+    print("one step, positions 0-3 and 100-124 (share / duration, us):")
+    for i in list(range(4)) + list(range(100, min(125, len(mid)))):
+        print(f"  {i:4d} {mid[i][0]:60s} {mid[i][1]:7.2f} {mid[i][2]:7.2f}")
+    print("one step, last 12:")
+    for i in range(max(0, len(mid) - 12), len(mid)):
+        print(f"  {i:4d} {mid[i][0]:60s} {mid[i][1]:7.2f} {mid[i][2]:7.2f}")
+    json.dump({"kernels_per_step": per_step,
+               "by_name": {k: {"per_step": v[0] / steps, "share_us": v[1] / v[0],
+                               "dur_us": v[2] / v[0]} for k, v in by_name.items()},
+               "one_step": [{"name": n, "share_us": sh, "dur_us": du} for n, sh, du in mid]},
+              open(path, "w"), indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="llama3-8b")
@@ -35,6 +80,9 @@ def main() -> None:
     ap.add_argument("--output", default=None)
     ap.add_argument("--quant", choices=["auto", "none", "fp8"], default="auto")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    ap.add_argument("--timeline", default=None,
+                    help="write each kernel's critical-path share (JSON) here: the time from "
+                         "the previous kernel's end to its own, by kernel and by position")
     args = ap.parse_args()
     dummy = args.model in ("llama3-8b", "llama3-70b")
     llm = DistributedLLM(args.model, dummy_weights=dummy, dtype="bfloat16" if dummy else "auto",
@@ -65,6 +113,8 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         _sync()
+    if args.timeline:
+        _timeline(prof, args.steps, args.timeline)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     gpu_total = sum(e.self_device_time_total for e in events) / 1e3 / args.steps  # ms
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:15]
