@@ -581,6 +581,19 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
         sed -n '/^timeline:/,/^kernel /p' "$OUT/timeline_$q.log" | head -75 | tee -a "$SUMMARY"
       done
       ;;
+    tl2)  # batch-1 timelines at the bench's max_model_len: FP8 gemv tile variants, then bf16
+      python3 scripts/gemv_variants.py "$OUT/variants" | tee -a "$SUMMARY"
+      for v in 0 1 2 3 4; do
+        TRTDIST_FP8_GEMM_CONFIGS="$OUT/variants/v$v.json" timeout 300 python3 \
+            scripts/profile_decode.py --batch 1 --context 128 --steps 16 --quant fp8 \
+            --max-model-len 8192 --timeline "$OUT/tl_fp8_v$v.json" > "$OUT/tl_fp8_v$v.log" 2>&1
+        note "fp8 v$v: $(grep '^linear layers' "$OUT/tl_fp8_v$v.log") $(tail -1 "$OUT/tl_fp8_v$v.log" | cut -c1-90)"
+      done
+      timeout 300 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 16 \
+          --max-model-len 8192 --timeline "$OUT/tl_bf16.json" > "$OUT/tl_bf16.log" 2>&1
+      note "bf16: $(grep '^linear layers' "$OUT/tl_bf16.log") $(tail -1 "$OUT/tl_bf16.log" | cut -c1-90)"
+      sed -n '/^timeline:/,/^one step/p' "$OUT/tl_fp8_v0.log" | head -24 | tee -a "$SUMMARY"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

@@ -25,7 +25,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timeline(prof: profile, steps: int, path: str) -> None:
+def _timeline(prof: profile, steps: int, layers: int, path: str) -> None:
     """Kernels in end order; each one's share of the step is `end - previous end` (with PDL
     a kernel starts early and waits, so its own duration overstates what it costs). Prints the
     share by kernel name and the kernel sequence of one step (position, name, share, duration)."""
@@ -52,6 +52,19 @@ def _timeline(prof: profile, steps: int, path: str) -> None:
         agg[2] += e["dur"]
     per_step = len(ks) // steps
     print(f"timeline: {len(ks)} kernels, {per_step} a step")
+    # the decoder's four linear layers, by their order in a step (the LM head comes after)
+    roles, seen = {}, 0
+    for i, (name, share, dur) in enumerate(rows):
+        if i % per_step == 0:
+            seen = 0
+        if "gemm" in name or "gemv" in name:
+            role = ("qkv", "o", "gate_up", "down")[seen % 4] if seen < 4 * layers else "lm_head"
+            seen += 1
+            agg = roles.setdefault(role, [0, 0.0])
+            agg[0] += 1
+            agg[1] += share
+    print("linear layers (mean share us): " + "  ".join(
+        f"{r} {v[1] / v[0]:.2f}" for r, v in roles.items()))
     print(f"{'kernel (by critical-path share)':60s} {'n/step':>6s} {'share us':>9s} "
           f"{'dur us':>8s} {'ms/step':>8s}")
     for name, (n, sh, du) in sorted(by_name.items(), key=lambda kv: -kv[1][1]):
@@ -80,6 +93,10 @@ def main() -> None:
     ap.add_argument("--output", default=None)
     ap.add_argument("--quant", choices=["auto", "none", "fp8"], default="auto")
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="the engine's max_model_len (default: just what the run needs). "
+                         "Decode graphs size the attention split by it: the model's full "
+                         "length (8192 for llama3-8b) is what `trtdist bench` runs")
     ap.add_argument("--timeline", default=None,
                     help="write each kernel's critical-path share (JSON) here: the time from "
                          "the previous kernel's end to its own, by kernel and by position")
@@ -87,8 +104,9 @@ def main() -> None:
     dummy = args.model in ("llama3-8b", "llama3-70b")
     llm = DistributedLLM(args.model, dummy_weights=dummy, dtype="bfloat16" if dummy else "auto",
                          max_batch_size=max(args.batch, 1), enforce_eager=args.enforce_eager,
-                         max_model_len=args.context + 4 * args.steps + 64
-                         + args.batch * args.context // 4096, quant=args.quant,
+                         max_model_len=args.max_model_len or (
+                             args.context + 4 * args.steps + 64
+                             + args.batch * args.context // 4096), quant=args.quant,
                          kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine
     assert engine is not None
@@ -114,7 +132,7 @@ def main() -> None:
             engine.step()
         _sync()
     if args.timeline:
-        _timeline(prof, args.steps, args.timeline)
+        _timeline(prof, args.steps, engine.model_cfg.num_layers, args.timeline)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     gpu_total = sum(e.self_device_time_total for e in events) / 1e3 / args.steps  # ms
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:15]
