@@ -594,6 +594,23 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       note "bf16: $(grep '^linear layers' "$OUT/tl_bf16.log") $(tail -1 "$OUT/tl_bf16.log" | cut -c1-90)"
       sed -n '/^timeline:/,/^one step/p' "$OUT/tl_fp8_v0.log" | head -24 | tee -a "$SUMMARY"
       ;;
+    s7a)  # merged decode split, one-launch greedy / fed-back ids, side-stream result copy
+      timeout 330 python3 -m pytest -q -rf -m gpu -n 4 tests/test_triton_attention.py \
+          tests/test_kv_fp8.py tests/test_sampling_kernels.py tests/test_sampler.py \
+          tests/test_graphs.py tests/test_overlap.py -k "not long_context" 2>&1 \
+          | tee "$OUT/s7a_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "s7a gpu tests: $(tail -1 "$OUT/s7a_tests.log")"
+      for q in fp8 none; do
+        timeout 200 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 16 \
+            --quant $q --max-model-len 8192 --timeline "$OUT/tl_$q.json" > "$OUT/tl_$q.log" 2>&1
+        note "timeline $q: $(grep '^linear layers' "$OUT/tl_$q.log") $(tail -1 "$OUT/tl_$q.log" | cut -c1-100)"
+        sed -n '/^timeline:/,/^one step/p' "$OUT/tl_$q.log" | head -22 | tee -a "$SUMMARY"
+      done
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench b1 $M $B
+      bench fp8_b1 $M --quant fp8 $B
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

@@ -34,6 +34,14 @@ class PinnedRing:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.entries: list[_Pinned] = []
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The side stream this ring's device-to-host copies of `device` run on."""
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
 
     def acquire(self) -> _Pinned:
         for entry in self.entries:
@@ -69,8 +77,15 @@ class SampledStep:
         assert ring is not None
         entry = ring.acquire()
         entry.busy = True
-        entry.reserve(out.numel()).view(out.shape).copy_(out, non_blocking=True)
-        entry.event.record()
+        # NOTE: on a side stream, so the next step's kernels (already queued behind this one
+        # with overlap scheduling) do not wait for the copy's latency (~several us a step at
+        # batch 1); `record_stream` keeps `out`'s memory until the copy has read it.
+        stream = ring.copy_stream(out.device)
+        stream.wait_stream(torch.cuda.current_stream(out.device))
+        with torch.cuda.stream(stream):
+            entry.reserve(out.numel()).view(out.shape).copy_(out, non_blocking=True)
+            entry.event.record(stream)
+        out.record_stream(stream)
         return cls(None, entry, (out.shape[0], out.shape[1]))
 
     def ready(self) -> bool:

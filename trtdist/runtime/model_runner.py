@@ -11,6 +11,7 @@ import torch
 from mpi4py import MPI
 
 from trtdist.comm.world import World
+from trtdist.kernels.sampling import resolve_fed_back_torch, resolve_fed_back_triton
 from trtdist.models.llama import LlamaStage
 from trtdist.parallel.groups import ParallelGroups
 from trtdist.runtime.graph_runner import CUDAGraphRunner, run_stage
@@ -107,8 +108,10 @@ class ModelRunner:
     def _resolve_fed_back(self, ids: torch.Tensor) -> None:
         """Input ids -1 - r become the token sampled in the previous step's row r (read on
         the device, in stream order after that step's sampler: no host round trip)."""
-        rows = (-1 - ids).clamp_(min=0).long()
-        torch.where(ids < 0, self.fed_back.index_select(0, rows), ids, out=ids)
+        if ids.device.type == "cuda":
+            resolve_fed_back_triton(ids, self.fed_back)
+        else:
+            resolve_fed_back_torch(ids, self.fed_back)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> None:
@@ -142,9 +145,11 @@ class ModelRunner:
             result = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
             self._share_sampled(None, rows.size)
         else:
-            # [N + P, width] float64: sampled rows, then prompt-logprob rows
-            out = self.sampler.sample_device(logits, plan, rows, prompt_rows)
-            self._share_sampled(out[:rows.size, 0], rows.size)
+            # [N + P, width] float64: sampled rows, then prompt-logprob rows; the token ids
+            # also land in `fed_back` (the next step's inputs) with one pipeline stage
+            fed = self.fed_back[:rows.size] if self.mapping.pp_size == 1 else None
+            out = self.sampler.sample_device(logits, plan, rows, prompt_rows, tokens_out=fed)
+            self._share_sampled(None if fed is not None else out[:rows.size, 0], rows.size)
             result = self.sampler.to_host(out)  # the step's one device-to-host copy
         if self.world.rank == 0:
             self._local_results.append(result)
@@ -172,7 +177,7 @@ class ModelRunner:
         if self.mapping.pp_size != 1 or n == 0:
             return
         buf = self.fed_back[:n]
-        if tokens is not None:
+        if tokens is not None:  # else already there (the sampler wrote it), or broadcast
             buf.copy_(tokens)
         if self.mapping.tp_size > 1:
             self.groups.tp.broadcast(buf, 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trtdist.kernels.sampling import greedy_sample_triton
 from trtdist.runtime.host_transfer import PinnedRing, SampledStep
 from trtdist.runtime.penalties import PenaltyState, penalised
 from trtdist.runtime.plan import StepPlan
@@ -118,14 +119,26 @@ class Sampler:
 
     @torch.inference_mode()
     def sample_device(self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray,
-                      prompt_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      prompt_rows: torch.Tensor | None = None,
+                      tokens_out: torch.Tensor | None = None) -> torch.Tensor:
         """Like `sample`, left on the device: float64 `[N + P, width]`; column 0 of the
-        first N rows holds the sampled token ids."""
+        first N rows holds the sampled token ids. `tokens_out` (`[N]` integers on the
+        device, or None) receives the token ids too (the next step's inputs)."""
         n = logits.shape[0]
         f = plan.floats[rows]  # [N, 6] host copy of the parameters: every decision is here
         greedy = f[:, 0] == 0
         k = max(int(plan.logprobs[rows].max(initial=-1)), 0)
         want_logprobs = bool((plan.logprobs[rows] >= 0).any())
+        if (n and prompt_rows is None and not want_logprobs and greedy.all()
+                and not plan.bias_ids.size and not penalised(f).any()
+                and logits.device.type == "cuda"):
+            # NOTE: plain greedy (the common decode step) in one launch: no parameters to
+            # stage, nothing to adjust (see kernels/sampling.py).
+            if self._pending:
+                self._state(logits.shape[1])
+            out = torch.empty(n, result_width(0), dtype=torch.float64, device=self.device)
+            greedy_sample_triton(logits, out, tokens_out)
+            return out
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         tokens = None
         if n:
@@ -133,6 +146,8 @@ class Sampler:
             tokens = adjusted.argmax(dim=-1)  # [N]
             if not greedy.all():
                 tokens = self._draw(adjusted, params, f, plan.top_k[rows], greedy, tokens)
+            if tokens_out is not None:
+                tokens_out.copy_(tokens)
         return self._results(n, tokens, raw_logprobs, k, prompt_rows)
 
     @torch.inference_mode()
