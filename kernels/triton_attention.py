@@ -1,17 +1,18 @@
 """Triton paged attention: flash-decoding for decode steps, a varlen flash-attention kernel for
 prefill / mixed chunks. The CUDA default backend (see `attention.py` for the contract).
 
-Decode (one query token per sequence), one kernel, `_decode_partial`: grid `(S, Hkv, P)`. A
-program takes one sequence, one KV head and the whole GQA group of query heads that share it
-(so each K/V tile is read once for the group), over the p-th of P equal slices of the
-sequence's keys, walking its pages through the block table. Online softmax in fp32, exp2 with
-the scale folded in. With P == 1 it writes the final output. Otherwise it writes the slice's
-normalised output and its log-sum-exp (base 2) to a workspace, and the last slice of a
-(sequence, KV head) to finish merges them by their log-sum-exp (a count in global memory; a
-second merging kernel cost ~2.5 us a layer at batch 1 on an H200).
+Decode (one query token per sequence), two kernels:
+1. `_decode_partial`: grid `(S, Hkv, P)`. A program takes one sequence, one KV head and the
+   whole GQA group of query heads that share it (so each K/V tile is read once for the group),
+   over the p-th of P equal slices of the sequence's keys, walking its pages through the block
+   table. Online softmax in fp32, exp2 with the scale folded in. It writes the slice's
+   normalised output and its log-sum-exp (base 2) to a workspace; with P == 1 it writes the
+   final output directly and the second kernel is skipped.
+2. `_decode_reduce`: grid `(S, Hq)`, merges the P partial outputs by their log-sum-exp.
 NOTE: the slice length is computed on the device from each sequence's own length
-(`ceil(len / P)`, whole tiles), so a fixed grid (CUDA graphs: P from max_model_len) serves
-every length: slices past a sequence's end do nothing. Padded rows (seq_len 0) produce zeros.
+(`ceil(len / P)`), so a fixed grid (CUDA graphs: P from max_model_len) keeps every program busy
+whatever the lengths, and programs past a sequence's end write an empty partial (lse = -inf).
+Padded rows (seq_len 0) produce zeros.
 
 Prefill / mixed (`_prefill`): grid `(cdiv(max_query_len, BLOCK_M), S, Hq)`. A program takes a
 block of one sequence's new queries for one head; it first attends to the cached prefix
@@ -219,7 +220,7 @@ def _new_tokens_kv(k_ptr, v_ptr, kv_base, j, mask_n, kvh, offs_d, mask_d,
 @triton.jit(do_not_specialize=["num_parts"])
 def _decode_partial(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_o_ptr,
-    ws_lse_ptr, cnt_ptr, qk_scale, window, num_parts,
+    ws_lse_ptr, qk_scale, window, num_parts,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -312,61 +313,56 @@ def _decode_partial(
     has = l_i > 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no keys stay 0
     gd_mask = mask_g[:, None] & mask_d[None, :]
-    out_ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     if not SPLIT:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=gd_mask & valid)
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gd_mask & valid)
     else:
-        # Only the slices that hold keys take part; the last of them to finish merges them
-        # (no second kernel). A sequence without keys (padding) gets zeros from slice 0.
-        live = tl.where(seq_len > kv_first, tl.cdiv(seq_len - kv_first, tl.maximum(chunk, 1)), 0)
-        if part < live:
-            ws = seq.to(tl.int64) * stride_ws_s + heads * stride_ws_h  # [G]
-            tl.store(ws_o_ptr + ws[:, None] + part * stride_ws_p + offs_d[None, :], out,
-                     mask=gd_mask)
-            lse_row = ws_lse_ptr + seq * stride_lse_s + heads * num_parts  # [G]
-            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-            tl.store(lse_row + part, lse, mask=mask_g)
-            # NOTE: the barrier orders every thread's stores before the release of the count;
-            # the acquire makes all slices visible to the last program, which reads them past
-            # L1 (.cg: L1 is not coherent) in slice order (deterministic whichever is last),
-            # then resets the count for the next launch or graph replay.
-            tl.debug_barrier()
-            count = tl.atomic_add(cnt_ptr + seq * tl.num_programs(1) + kvh, 1, sem="acq_rel")
-            if count == live - 1:
-                _merge_slices(out_ptrs, ws_o_ptr + ws, lse_row, live, stride_ws_p, offs_d,
-                              gd_mask & valid, GROUP_PAD, D_PAD, BLOCK_P=16)
-                tl.atomic_xchg(cnt_ptr + seq * tl.num_programs(1) + kvh, 0)
-        elif live == 0 and part == 0:
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=gd_mask & valid)
+        ws = seq.to(tl.int64) * stride_ws_s + heads * stride_ws_h + part * stride_ws_p  # [G]
+        tl.store(ws_o_ptr + ws[:, None] + offs_d[None, :], out, mask=gd_mask)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(ws_lse_ptr + seq * stride_lse_s + heads * num_parts + part, lse, mask=mask_g)
 
 
-@triton.jit
-def _merge_slices(out_ptrs, o_rows, lse_rows, live, stride_p, offs_d, mask,
-                  GROUP_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Merge `live` slices' normalised outputs `[G, D]` (at `o_rows + p * stride_p`) by their
-    base-2 log-sum-exp (`lse_rows + p`), BLOCK_P slices at a time, into `out_ptrs`."""
+@triton.jit(do_not_specialize=["num_parts"])
+def _decode_reduce(
+    out_ptr, ws_o_ptr, ws_lse_ptr, qsl_ptr, num_parts,
+    stride_ot, stride_oh, stride_ws_s, stride_ws_h, stride_ws_p, stride_lse_s,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MIXED: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Merge the partitions of one (sequence, head), BLOCK_P at a time, by their base-2
+    log-sum-exp; empty partitions have lse = -inf and weigh nothing."""
+    pdl_wait(PDL)
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq
+    valid = seq >= 0
+    if MIXED:
+        row = tl.load(qsl_ptr + seq)
+        valid = tl.load(qsl_ptr + seq + 1) - row == 1
+    offs_d = tl.arange(0, D_PAD)
     offs_p = tl.arange(0, BLOCK_P)
-    acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
-    total = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    m = tl.full([GROUP_PAD], _NEG, dtype=tl.float32)
-    for p0 in range(0, live, BLOCK_P):
-        pp = p0 + offs_p  # [P]
-        mask_p = pp < live
-        lse = tl.load(lse_rows[:, None] + pp[None, :], mask=mask_p[None, :],
-                      other=float("-inf"), cache_modifier=".cg")  # [G, P]
-        m_new = tl.maximum(m, tl.max(lse, 1))
+    lse_base = ws_lse_ptr + seq.to(tl.int64) * stride_lse_s + head * num_parts
+    base = ws_o_ptr + seq.to(tl.int64) * stride_ws_s + head * stride_ws_h
+    acc = tl.zeros([D_PAD], dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    m = tl.full([1], _NEG, dtype=tl.float32)
+    for p0 in range(0, num_parts, BLOCK_P):
+        pp = p0 + offs_p
+        mask_p = pp < num_parts
+        lse = tl.load(lse_base + pp, mask=mask_p, other=float("-inf"))  # [BP]
+        m_new = tl.maximum(m, tl.max(lse, 0))  # [1]
         alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new[:, None])  # [G, P]
-        total = total * alpha + tl.sum(w, 1)
-        acc = acc * alpha[:, None]
-        for j in tl.static_range(BLOCK_P):
-            o = tl.load(o_rows[:, None] + (p0 + j) * stride_p + offs_d[None, :],
-                        mask=mask & (p0 + j < live), other=0.0, cache_modifier=".cg")  # [G, D]
-            w_j = tl.sum(tl.where(offs_p[None, :] == j, w, 0.0), 1)  # [G]
-            acc += w_j[:, None] * o
+        w = tl.exp2(lse - m_new)  # [BP]
+        o = tl.load(base + pp[:, None] * stride_ws_p + offs_d[None, :],
+                    mask=mask_p[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        total = total * alpha + tl.sum(w, 0)
         m = m_new
-    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
-    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=mask)
+    out = acc / tl.where(total > 0.0, total, 1.0)  # an empty sequence: zeros
+    pdl_trigger(PDL)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=(offs_d < HEAD_DIM) & valid)
 
 
 @triton.jit
@@ -593,16 +589,11 @@ class _Workspace:
         self.for_graph = for_graph
         self.out: torch.Tensor | None = None
         self.lse: torch.Tensor | None = None
-        self.counts: torch.Tensor | None = None
 
-    def views(self, s: int, h: int, p: int, d_pad: int, device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(out [S, H, P, D_PAD], lse [S, H, P], counts [S * H] int32)`; the counts (slices
-        done per (sequence, KV head), at most H of them a sequence) start at zero and the
-        kernel leaves them at zero."""
+    def views(self, s: int, h: int, p: int, d_pad: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         need = s * h * p * d_pad
-        if (self.out is None or self.out.numel() < need or self.out.device != device
-                or self.counts is None or self.counts.numel() < s * h):
+        if self.out is None or self.out.numel() < need or self.out.device != device:
             if self.for_graph and self.out is not None:
                 raise RuntimeError(
                     f"this graph's decode workspace holds {self.out.numel()} floats but "
@@ -610,10 +601,8 @@ class _Workspace:
                     f"serves one model shape")
             self.out = torch.empty(need, dtype=torch.float32, device=device)
             self.lse = torch.empty(s * h * p, dtype=torch.float32, device=device)
-            self.counts = torch.zeros(s * h, dtype=torch.int32, device=device)
-        assert self.lse is not None and self.counts is not None
-        return (self.out[:need].view(s, h, p, d_pad), self.lse[:s * h * p].view(s, h, p),
-                self.counts)
+        assert self.lse is not None
+        return (self.out[:need].view(s, h, p, d_pad), self.lse[:s * h * p].view(s, h, p))
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,14 +713,14 @@ class TritonAttentionBackend:
         use_dot = group >= 2
         group_pad = max(16, triton.next_power_of_2(group)) if use_dot else 1
         if parts > 1:
-            ws_o, ws_lse, counts = meta.workspace.views(s, hq, parts, d_pad, q.device)
+            ws_o, ws_lse = meta.workspace.views(s, hq, parts, d_pad, q.device)
         else:
-            ws_o, ws_lse, counts = out, out, out  # unused by the kernel when P == 1
+            ws_o, ws_lse = out, out  # unused by the kernel when P == 1
         ws_strides = (ws_o.stride(0), ws_o.stride(1), ws_o.stride(2)) if parts > 1 else (0,) * 3
         lse_stride = ws_lse.stride(0) if parts > 1 else 0
         _decode_partial[(s, hkv, parts)](
             q, kv.k_cache, kv.v_cache, kv.k_scale, kv.v_scale, meta.block_tables, meta.seq_lens,
-            meta.query_start_loc, out, ws_o, ws_lse, counts, scale * _LOG2E, window or 0, parts,
+            meta.query_start_loc, out, ws_o, ws_lse, scale * _LOG2E, window or 0, parts,
             q.stride(0), q.stride(1), *kv.strides,
             meta.block_tables.stride(0), out.stride(0), out.stride(1), *ws_strides, lse_stride,
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, D_PAD=d_pad,
@@ -739,6 +728,11 @@ class TritonAttentionBackend:
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
             num_warps=warps, num_stages=stages, **pdl_launch(q.device))
+        if parts > 1:
+            _decode_reduce[(s, hq)](
+                out, ws_o, ws_lse, meta.query_start_loc, parts, out.stride(0), out.stride(1),
+                *ws_strides, lse_stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16, MIXED=mixed,
+                num_warps=4, **pdl_launch(q.device))
 
 
 class _CacheArgs:
