@@ -324,3 +324,46 @@ def test_gpu_decode_graph_replay_equals_eager(batch: int) -> None:
         assert ((out.double() - eager.double()).norm() / want.norm()).item() < 1e-2
         if batch > 1:
             assert (out[-1] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens,static", [([3000], False), ([700, 0], False), ([2500], True)])
+def test_gpu_decode_quantized_output_equals_separate_quantization(lens: list[int],
+                                                                   static: bool) -> None:
+    """The split decode's merging kernel quantizes the output for an FP8 output projection:
+    bit-equal to `quantize_activation_triton` (and the torch reference) on the output."""
+    from trtdist.kernels.fp8_quant import quantize_activation_torch, quantize_activation_triton
+
+    hq, hkv, d, bs = 32, 8, 128, 16
+    case = Case(lens, [1] * len(lens), hq, hkv, d, bs, torch.bfloat16, seed=len(lens))
+    backend = TritonAttentionBackend()
+    meta = backend.prepare(case.inputs())
+    assert backend.quantizes_output(meta, hq, hkv)
+    assert not backend.quantizes_output(meta, 80, hkv)  # too many heads for the barrier
+    t = len(lens)
+    xq = torch.empty((t, hq * d), dtype=torch.float8_e4m3fn, device="cuda")
+    xs = torch.empty((t, 1), dtype=torch.float32, device="cuda")
+    scale = torch.tensor([0.05], device="cuda") if static else None
+    q, k, v, kc, vc = (case.dev(x) for x in (case.q, case.k, case.v, case.k_cache, case.v_cache))
+    for _ in range(2):  # twice: the row barrier's counters carry over between launches
+        out = backend.forward(q, k, v, kc, vc, meta, d ** -0.5, quant_out=(xq, xs),
+                              quant_scale=scale)
+        want_q, want_s = quantize_activation_triton(out.reshape(t, hq * d), scale)
+        ref_q, ref_s = quantize_activation_torch(out.reshape(t, hq * d), scale)
+        assert torch.equal(xq.view(torch.uint8), want_q.view(torch.uint8))
+        assert torch.equal(xq.view(torch.uint8), ref_q.view(torch.uint8))
+        assert torch.equal(xs, want_s) and torch.equal(xs, ref_s.reshape(t, 1))
+    want = case.reference(None)
+    assert ((out.double() - want).norm() / want.norm()).item() < TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="quant_out must be"):
+        backend.forward(q, k, v, kc, vc, meta, d ** -0.5, quant_out=(xs, xq))
+
+
+def test_decode_quantized_output_is_gpu_only() -> None:
+    """The interpreter runs programs one at a time: no amax barrier, so no fused quantization
+    (the output projection quantizes on its own)."""
+    case = Case([600], [1], 8, 2, 16, 4, torch.float32, seed=3)
+    backend = TritonAttentionBackend(target_programs=1000)
+    if CUDA:
+        pytest.skip("checks the CPU (interpreter) answer")
+    assert not backend.quantizes_output(backend.prepare(case.inputs()), 8, 2)
