@@ -84,22 +84,13 @@ class AttentionBackend(Protocol):
         buffers sized for the bucket; replays only refill those buffers)."""
         ...
 
-    def quantizes_output(self, meta: object, num_q_heads: int, num_kv_heads: int) -> bool:
-        """Whether `forward` can also write its output quantized to FP8 per token
-        (`quant_out`) for the step of `meta`: saves the output projection's quantization."""
-        ...
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: object, scale: float,
                 sliding_window: int | None = None, *, k_scale: torch.Tensor | None = None,
-                v_scale: torch.Tensor | None = None,
-                quant_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                quant_scale: torch.Tensor | None = None) -> torch.Tensor:
+                v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """q `[T, Hq, D]`, k/v `[T, Hkv, D]` (already in the cache), caches
         `[num_blocks, block_size, Hkv, D]` (FP8: with scales `[num_blocks, block_size,
-        Hkv]`) -> `[T, Hq, D]`. `quant_out` (`[T, Hq * D]` float8_e4m3fn, `[T, 1]` float32),
-        only where `quantizes_output` is True, also receives the output quantized (per token,
-        or with the static `quant_scale`)."""
+        Hkv]`) -> `[T, Hq, D]`."""
         ...
 
 
@@ -123,18 +114,10 @@ class TorchAttentionBackend:
     def prepare_for_capture(self, inputs: AttentionInputs) -> AttentionMetadata:
         raise RuntimeError("the torch attention backend does not run inside CUDA graphs")
 
-    def quantizes_output(self, meta: object, num_q_heads: int, num_kv_heads: int) -> bool:
-        return False
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: object, scale: float,
                 sliding_window: int | None = None, *, k_scale: torch.Tensor | None = None,
-                v_scale: torch.Tensor | None = None,
-                quant_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                quant_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if quant_out is not None:
-            raise ValueError("the torch attention backend does not quantize its output "
-                             "(quantizes_output is False)")
+                v_scale: torch.Tensor | None = None) -> torch.Tensor:
         assert isinstance(meta, AttentionMetadata)
         fn = paged_decode_torch if meta.is_decode else paged_attention_torch
         return fn(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,

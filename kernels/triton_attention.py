@@ -57,17 +57,6 @@ import triton
 import triton.language as tl
 from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait
 from trtdist.kernels.attention import AttentionInputs
-from trtdist.kernels.fp8_quant import (
-    _FP8_MAX_C,
-    _MIN_SCALE_C,
-    FP8_DTYPE,
-    MAX_PARTS,
-    MAX_SPLIT_ROWS,
-    ROW_SPLIT_ENV,
-    _quantize,
-    row_amax_across_parts,
-    row_sync,
-)
 
 _LOG2E = 1.4426950408889634
 # A finite "minus infinity": a fully masked tile then gives p = 0, never NaN.
@@ -338,15 +327,11 @@ def _decode_partial(
 def _decode_reduce(
     out_ptr, ws_o_ptr, ws_lse_ptr, qsl_ptr, num_parts,
     stride_ot, stride_oh, stride_ws_s, stride_ws_h, stride_ws_p, stride_lse_s,
-    xq_ptr, xs_ptr, in_scale_ptr, cnt_ptr, amax_ptr, stride_xq,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MIXED: tl.constexpr,
-    QUANT: tl.constexpr, STATIC: tl.constexpr, HQ: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merge the partitions of one (sequence, head), BLOCK_P at a time, by their base-2
-    log-sum-exp; empty partitions have lse = -inf and weigh nothing. With QUANT the row
-    (every head of the sequence, in the model dtype) is also quantized to E4M3 per token for
-    the output projection: the heads' programs meet at the per-row barrier of
-    `fp8_quant.row_amax_across_parts` for the amax (the numbers of `quantize_activation`)."""
+    log-sum-exp; empty partitions have lse = -inf and weigh nothing."""
     pdl_wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -376,21 +361,8 @@ def _decode_reduce(
         m = m_new
     out = acc / tl.where(total > 0.0, total, 1.0)  # an empty sequence: zeros
     pdl_trigger(PDL)
-    y = out.to(out_ptr.dtype.element_ty)
-    mask_d = offs_d < HEAD_DIM
-    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, y, mask=mask_d & valid)
-    if QUANT:  # never MIXED: every row is a decode row
-        yf = y.to(tl.float32)
-        if STATIC:
-            xs = tl.load(in_scale_ptr).to(tl.float32)
-        else:
-            amax = row_amax_across_parts(cnt_ptr, amax_ptr, seq, head,
-                                         tl.max(tl.where(mask_d, tl.abs(yf), 0.0), axis=0), HQ)
-            xs = tl.maximum(tl.math.div_rn(amax, _FP8_MAX_C), _MIN_SCALE_C)
-        tl.store(xq_ptr + row * stride_xq + head * HEAD_DIM + offs_d,
-                 _quantize(yf, xs).to(xq_ptr.dtype.element_ty), mask=mask_d)
-        if head == 0:
-            tl.store(xs_ptr + row, xs)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=(offs_d < HEAD_DIM) & valid)
 
 
 @triton.jit
@@ -706,35 +678,20 @@ class TritonAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: object, scale: float,
                 sliding_window: int | None = None, *, k_scale: torch.Tensor | None = None,
-                v_scale: torch.Tensor | None = None,
-                quant_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                quant_scale: torch.Tensor | None = None) -> torch.Tensor:
+                v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """q `[T, Hq, D]`, k/v `[T, Hkv, D]` (already in the cache), caches
         `[num_blocks, block_size, Hkv, D]` -> `[T, Hq, D]`. An FP8 cache (float8_e4m3fn)
-        comes with its scales `k_scale` / `v_scale` `[num_blocks, block_size, Hkv]`.
-        `quant_out` (`[T, Hq * D]` float8_e4m3fn, `[T, 1]` float32; only where
-        `quantizes_output` said so) also receives the output quantized per token, or with
-        the static `quant_scale`, as `quantize_activation` would."""
+        comes with its scales `k_scale` / `v_scale` `[num_blocks, block_size, Hkv]`."""
         if not isinstance(meta, TritonAttentionMetadata):
             raise TypeError(f"expected TritonAttentionMetadata, got {type(meta).__name__}")
         _check(q, k, v, k_cache, v_cache, meta, sliding_window, k_scale, v_scale)
-        t, hq, d = q.shape
-        if quant_out is not None and (
-                quant_out[0].shape != (t, hq * d) or quant_out[0].dtype != FP8_DTYPE
-                or not quant_out[0].is_contiguous() or quant_out[1].shape != (t, 1)
-                or quant_out[1].dtype != torch.float32 or not quant_out[1].is_contiguous()):
-            raise ValueError(f"attention: quant_out must be ([{t}, {hq * d}] float8_e4m3fn, "
-                             f"[{t}, 1] float32), contiguous")
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if q.shape[0] == 0:
             return out
         kv = _CacheArgs.of(k_cache, v_cache, k_scale, v_scale, q.dtype)
         if meta.is_decode:
-            self._decode(q, kv, meta, scale, sliding_window, out, mixed=False,
-                         quant_out=quant_out, quant_scale=quant_scale)
+            self._decode(q, kv, meta, scale, sliding_window, out, mixed=False)
             return out
-        if quant_out is not None:
-            raise RuntimeError("attention: quant_out is for decode steps (ask quantizes_output)")
         # NOTE: in a mixed batch the one-token queries (decode rows beside prefill chunks)
         # go to the split decode kernel: in the prefill kernel each would take a whole
         # BLOCK_M tile per query head and walk its context alone. Which rows those are is
@@ -745,28 +702,8 @@ class TritonAttentionBackend:
         _launch_prefill(q, k, v, kv, meta, scale, sliding_window, out, mixed)
         return out
 
-    def quantizes_output(self, meta: object, num_q_heads: int, num_kv_heads: int) -> bool:
-        """Whether `forward` can also hand back its output quantized to FP8 per token
-        (`quant_out`) for this step: a pure decode step whose keys are split (the merging
-        kernel then quantizes: one launch fewer), of at most MAX_SPLIT_ROWS sequences whose
-        heads' programs fit the GPU at once (the amax barrier needs them all resident), on a
-        GPU (the interpreter runs programs one after another)."""
-        if (not isinstance(meta, TritonAttentionMetadata) or not meta.is_decode
-                or meta.seq_lens.device.type != "cuda"
-                or os.environ.get("TRITON_INTERPRET") == "1"
-                or os.environ.get(ROW_SPLIT_ENV, "1") == "0"):
-            return False
-        s, device = meta.num_seqs, meta.seq_lens.device
-        if not 0 < s <= MAX_SPLIT_ROWS or num_q_heads > MAX_PARTS:
-            return False
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return (s * num_q_heads <= sms // 2 and _num_partitions(
-            s, num_kv_heads, meta.max_seq_len, self._target_programs(device)) > 1)
-
     def _decode(self, q: torch.Tensor, kv: _CacheArgs, meta: TritonAttentionMetadata,
-                scale: float, window: int | None, out: torch.Tensor, mixed: bool,
-                quant_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                quant_scale: torch.Tensor | None = None) -> None:
+                scale: float, window: int | None, out: torch.Tensor, mixed: bool) -> None:
         s, (_, hq, d) = meta.num_seqs, q.shape
         hkv = kv.k_cache.shape[2]
         group = hq // hkv
@@ -791,18 +728,11 @@ class TritonAttentionBackend:
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
             num_warps=warps, num_stages=stages, **pdl_launch(q.device))
-        if quant_out is not None and (parts == 1 or mixed):
-            raise RuntimeError("attention: quant_out needs a split pure-decode step (ask "
-                               "quantizes_output first)")
         if parts > 1:
-            xq, xs = quant_out if quant_out is not None else (out, out)
-            cnt, amax = row_sync(q.device) if quant_out is not None else (out, out)
             _decode_reduce[(s, hq)](
                 out, ws_o, ws_lse, meta.query_start_loc, parts, out.stride(0), out.stride(1),
-                *ws_strides, lse_stride, xq, xs,
-                quant_scale if quant_scale is not None else xs, cnt, amax, xq.stride(0),
-                HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16, MIXED=mixed, QUANT=quant_out is not None,
-                STATIC=quant_scale is not None, HQ=hq, num_warps=4, **pdl_launch(q.device))
+                *ws_strides, lse_stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16, MIXED=mixed,
+                num_warps=4, **pdl_launch(q.device))
 
 
 class _CacheArgs:

@@ -89,16 +89,6 @@ class LlamaAttention(nn.Module):
         q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
                                    self.kv_heads, self.head_dim, kv.k, kv.v, ctx.slot_mapping,
                                    k_scale=kv.k_scale, v_scale=kv.v_scale)
-        if (t and self.o.wants_quantized_input
-                and ctx.backend.quantizes_output(ctx.meta, self.q_heads, self.kv_heads)):
-            # NOTE: the decode split's merging kernel quantizes the output for the FP8 output
-            # projection (one launch fewer a layer at batch 1)
-            xq = torch.empty((t, self.q_size), dtype=torch.float8_e4m3fn, device=q.device)
-            xs = torch.empty((t, 1), dtype=torch.float32, device=q.device)
-            o = ctx.backend.forward(q, k, v, kv.k, kv.v, ctx.meta, self.scale, self.window,
-                                    k_scale=kv.k_scale, v_scale=kv.v_scale, quant_out=(xq, xs),
-                                    quant_scale=self.o.activation_scale)
-            return self.o(QuantizedActivation(xq, xs, o.dtype))
         o = ctx.backend.forward(q, k, v, kv.k, kv.v, ctx.meta, self.scale, self.window,
                                 k_scale=kv.k_scale, v_scale=kv.v_scale)  # [T, Hq, D]
         return self.o(o.reshape(t, self.q_size))
