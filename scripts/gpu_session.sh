@@ -611,6 +611,35 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench b1 $M $B
       bench fp8_b1 $M --quant fp8 $B
       ;;
+    s7b)  # (measured with the o-projection quantize in the split's merge, since reverted)
+      timeout 300 python3 -m pytest -q -rf -m gpu -n 4 tests/test_triton_attention.py \
+          tests/test_fp8.py tests/test_graphs.py tests/test_equivalence.py tests/test_fp8_fused.py \
+          tests/test_sampling_kernels.py -k "not long_context" 2>&1 \
+          | tee "$OUT/s7b_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "s7b gpu tests: $(tail -1 "$OUT/s7b_tests.log")"
+      timeout 200 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 16 \
+          --quant fp8 --max-model-len 8192 --timeline "$OUT/tl_fp8.json" > "$OUT/tl_fp8.log" 2>&1
+      note "timeline fp8: $(grep '^linear layers' "$OUT/tl_fp8.log") $(tail -1 "$OUT/tl_fp8.log" | cut -c1-100)"
+      sed -n '/^timeline:/,/^one step/p' "$OUT/tl_fp8.log" | head -20 | tee -a "$SUMMARY"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      R="--num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024"
+      bench b1 $M $B
+      bench fp8_b1 $M --quant fp8 $B
+      bench fp8_r1024 $M --quant fp8 $R
+      ;;
+    x2)  # two GPUs: the multi-rank GPU tests (TP / PP graphs, sampling, FP8), then batch 1
+      timeout 470 python3 -m pytest -v -rf -m mpi tests/test_graphs.py tests/test_runtime.py \
+          tests/test_fp8.py tests/test_kv_fp8.py tests/test_equivalence.py \
+          -k "(2-1 or 1-2 or deadlock or seeded or prefix_reuse or guaranteed) and not 4-1 and not 2-2" \
+          2>&1 | tee "$OUT/x2_tests.log" | grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" \
+          | sed 's/^tests\///' | cut -c1-150
+      note "x2 gpu tests: $(tail -1 "$OUT/x2_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      CUDA_VISIBLE_DEVICES=0 bench b1 $M $B
+      CUDA_VISIBLE_DEVICES=0 bench fp8_b1 $M --quant fp8 $B
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
