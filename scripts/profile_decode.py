@@ -54,7 +54,7 @@ def _timeline(prof: profile, steps: int, layers: int, path: str) -> None:
     print(f"timeline: {len(ks)} kernels, {per_step} a step")
     # the decoder's four linear layers, by their order in a step (the LM head comes after)
     roles, seen = {}, 0
-    for i, (name, share, dur) in enumerate(rows):
+    for i, (name, share, _dur) in enumerate(rows):
         if i % per_step == 0:
             seen = 0
         if "gemm" in name or "gemv" in name:

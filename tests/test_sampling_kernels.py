@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from trtdist.kernels.sampling import (
     greedy_sample_torch,
     greedy_sample_triton,

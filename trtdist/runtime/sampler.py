@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trtdist.kernels._triton import triton
 from trtdist.kernels.sampling import greedy_sample_triton
 from trtdist.runtime.host_transfer import PinnedRing, SampledStep
 from trtdist.runtime.penalties import PenaltyState, penalised
@@ -131,7 +132,7 @@ class Sampler:
         want_logprobs = bool((plan.logprobs[rows] >= 0).any())
         if (n and prompt_rows is None and not want_logprobs and greedy.all()
                 and not plan.bias_ids.size and not penalised(f).any()
-                and logits.device.type == "cuda"):
+                and logits.device.type == "cuda" and triton is not None):
             # NOTE: plain greedy (the common decode step) in one launch: no parameters to
             # stage, nothing to adjust (see kernels/sampling.py).
             if self._pending:
