@@ -640,6 +640,14 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       CUDA_VISIBLE_DEVICES=0 bench b1 $M $B
       CUDA_VISIBLE_DEVICES=0 bench fp8_b1 $M --quant fp8 $B
       ;;
+    final7)  # the session's last code, one GPU: the tests of the paths it changed
+      timeout 480 python3 -m pytest -q -rf -m gpu -n 4 tests/test_sampling_kernels.py \
+          tests/test_sampler.py tests/test_graphs.py tests/test_overlap.py tests/test_inputs.py \
+          tests/test_equivalence.py tests/test_fp8.py tests/test_triton_attention.py \
+          -k "not long_context" 2>&1 | tee "$OUT/final7_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "final7 gpu tests: $(tail -1 "$OUT/final7_tests.log")"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
