@@ -133,7 +133,7 @@ class ModelRunner:
         if self._hidden:  # the logits' gather is collective over the TP group
             prompt_rows = prompt_logprobs_of(self.model, self._hidden.pop(), plan)
         if not self.samples:
-            self._share_sampled(None, rows.size)
+            self._share_sampled(rows.size)
             return
         assert self.sampler is not None
         # NOTE: the ids the model read: FEEDBACK placeholders resolved on the (first) stage
@@ -143,13 +143,13 @@ class ModelRunner:
         result: np.ndarray | SampledStep
         if plan.flags & RETURN_ALL_LOGITS:
             result = np.ascontiguousarray(logits.cpu().numpy(), dtype=np.float32)
-            self._share_sampled(None, rows.size)
+            self._share_sampled(rows.size)
         else:
             # [N + P, width] float64: sampled rows, then prompt-logprob rows; the token ids
             # also land in `fed_back` (the next step's inputs) with one pipeline stage
             fed = self.fed_back[:rows.size] if self.mapping.pp_size == 1 else None
             out = self.sampler.sample_device(logits, plan, rows, prompt_rows, tokens_out=fed)
-            self._share_sampled(None if fed is not None else out[:rows.size, 0], rows.size)
+            self._share_sampled(rows.size)
             result = self.sampler.to_host(out)  # the step's one device-to-host copy
         if self.world.rank == 0:
             self._local_results.append(result)
@@ -170,17 +170,13 @@ class ModelRunner:
             return np.empty((plan.num_tokens, self.model.cfg.vocab_size), dtype=np.float32)
         return np.empty(result_shape(plan), dtype=np.float64)
 
-    def _share_sampled(self, tokens: torch.Tensor | None, n: int) -> None:
-        """Keep this step's sampled tokens on the device for the next step's inputs
-        (overlap: `FEEDBACK` plans). With one pipeline stage every rank runs the embedding,
-        so the sampling rank broadcasts them over the TP group (a few bytes, on the stream)."""
-        if self.mapping.pp_size != 1 or n == 0:
-            return
-        buf = self.fed_back[:n]
-        if tokens is not None:  # else already there (the sampler wrote it), or broadcast
-            buf.copy_(tokens)
-        if self.mapping.tp_size > 1:
-            self.groups.tp.broadcast(buf, 0)
+    def _share_sampled(self, n: int) -> None:
+        """Overlap (`FEEDBACK` plans) reads this step's tokens on the device: with one
+        pipeline stage the sampler wrote them into `fed_back`, and since every rank runs the
+        embedding, the sampling rank broadcasts them over the TP group (a few bytes, on the
+        stream)."""
+        if self.mapping.pp_size == 1 and n and self.mapping.tp_size > 1:
+            self.groups.tp.broadcast(self.fed_back[:n], 0)
 
     def collect(self, plan: StepPlan) -> np.ndarray:
         """Leader: the oldest outstanding step's result from the sampling rank: all logits
