@@ -648,6 +648,15 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
           | grep -E "^FAILED|passed|failed" | cut -c1-300
       note "final7 gpu tests: $(tail -1 "$OUT/final7_tests.log")"
       ;;
+    review7)  # after the review's _share_sampled simplification: overlap / sampler / graphs
+      timeout 300 python3 -m pytest -q -rf -m gpu -n 4 tests/test_overlap.py tests/test_sampler.py \
+          tests/test_graphs.py tests/test_sampling_kernels.py tests/test_equivalence.py \
+          -k "not long_context" 2>&1 | tee "$OUT/review7_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "review7 gpu tests: $(tail -1 "$OUT/review7_tests.log")"
+      bench fp8_b1 llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --num-requests 1 \
+          --input-len 128 --output-len 256
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
