@@ -24,6 +24,9 @@ Contract shared by both (the runtime relies on it):
 - An FP8 cache (`--kv-cache-dtype fp8`) comes with `k_scale` / `v_scale` (format:
   `kv_quant.py`); attention is then exact to the dequantized cache values, the new tokens'
   K/V included (read back from the cache, not from the packed `k` / `v`).
+- `row_amax` (optional): each output row's max |value| (as stored, in the model dtype) is
+  maxed into it, for an FP8 o projection that quantizes its input itself. The caller zeroes
+  it beforehand (at decode the layer's norm kernel does, see `models/llama.py`).
 """
 
 from __future__ import annotations
@@ -72,6 +75,25 @@ class LayerKV:
     v_scale: torch.Tensor | None = None
 
 
+def check_row_amax(row_amax: torch.Tensor | None, q: torch.Tensor) -> None:
+    """`row_amax` must be a contiguous float32 tensor of at least T elements on q's device."""
+    if row_amax is not None and (row_amax.dtype != torch.float32
+                                 or not row_amax.is_contiguous()
+                                 or row_amax.numel() < q.shape[0]
+                                 or row_amax.device != q.device):
+        raise ValueError(f"attention: row_amax must be a contiguous float32 tensor of >= "
+                         f"{q.shape[0]} elements on {q.device}, got {tuple(row_amax.shape)} "
+                         f"{row_amax.dtype} on {row_amax.device}")
+
+
+def max_rows_into(row_amax: torch.Tensor, out: torch.Tensor) -> None:
+    """`row_amax[:T] = max(row_amax[:T], max |out[t]|)` for an output `[T, ...]` (torch ops:
+    the prefill and reference paths)."""
+    t = out.shape[0]
+    torch.maximum(row_amax[:t], out.reshape(t, -1).abs().amax(dim=1).float(),
+                  out=row_amax[:t])
+
+
 class AttentionBackend(Protocol):
     name: str
 
@@ -87,10 +109,11 @@ class AttentionBackend(Protocol):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: object, scale: float,
                 sliding_window: int | None = None, *, k_scale: torch.Tensor | None = None,
-                v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                v_scale: torch.Tensor | None = None,
+                row_amax: torch.Tensor | None = None) -> torch.Tensor:
         """q `[T, Hq, D]`, k/v `[T, Hkv, D]` (already in the cache), caches
         `[num_blocks, block_size, Hkv, D]` (FP8: with scales `[num_blocks, block_size,
-        Hkv]`) -> `[T, Hq, D]`."""
+        Hkv]`) -> `[T, Hq, D]`; `row_amax` as in the module docstring."""
         ...
 
 
@@ -117,11 +140,16 @@ class TorchAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: object, scale: float,
                 sliding_window: int | None = None, *, k_scale: torch.Tensor | None = None,
-                v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                v_scale: torch.Tensor | None = None,
+                row_amax: torch.Tensor | None = None) -> torch.Tensor:
         assert isinstance(meta, AttentionMetadata)
+        check_row_amax(row_amax, q)
         fn = paged_decode_torch if meta.is_decode else paged_attention_torch
-        return fn(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
-                  v_scale=v_scale)
+        out = fn(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
+                 v_scale=v_scale)
+        if row_amax is not None:
+            max_rows_into(row_amax, out)
+        return out
 
 
 def default_backend(device: torch.device, name: str = "auto") -> AttentionBackend:

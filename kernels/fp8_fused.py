@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
 from trtdist.kernels.fp8_quant import (
-    _FP8_MAX_C,
-    _MIN_SCALE_C,
     FP8_DTYPE,
     _quantize,
+    dynamic_scale,
+    inverse_scale,
     quantize_activation_torch,
     row_amax_across_parts,
     row_split,
@@ -75,7 +75,7 @@ def _scale_of(amax, in_scale_ptr, STATIC: tl.constexpr):
     if STATIC:
         return tl.load(in_scale_ptr).to(tl.float32)
     else:
-        return tl.maximum(tl.math.div_rn(amax, _FP8_MAX_C), _MIN_SCALE_C)
+        return dynamic_scale(amax)
 
 
 @_jit
@@ -90,11 +90,13 @@ def _normed(src_row, w_ptr, c, mask, rstd, Y_DTYPE: tl.constexpr):
 
 @_jit
 def _rms_norm_quant_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, q_ptr, q_stride, s_ptr,
-                           in_scale_ptr, eps, N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           STATIC: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                           ONE_PASS: tl.constexpr, PDL: tl.constexpr):
+                           in_scale_ptr, clear_ptr, eps, N: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, STATIC: tl.constexpr,
+                           Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                           CLEAR: tl.constexpr, PDL: tl.constexpr):
     """Grid (rows,). With HAS_RESIDUAL, `res <- x + res` in place (rounded to the model dtype),
-    then normalise res; the normalised row (model dtype) is quantized to E4M3."""
+    then normalise res; the normalised row (model dtype) is quantized to E4M3. With CLEAR,
+    `clear[row] = 0` as well."""
     pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
@@ -110,7 +112,8 @@ def _rms_norm_quant_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, q_ptr, q
         y = (normed * w).to(Y_DTYPE).to(tl.float32)
         scale = _scale_of(tl.max(tl.abs(y), axis=0), in_scale_ptr, STATIC)
         pdl_trigger(PDL)
-        tl.store(q_row + cols, _quantize(y, scale).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_row + cols, _quantize(y, inverse_scale(scale)).to(q_ptr.dtype.element_ty),
+                 mask=mask)
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
@@ -127,13 +130,18 @@ def _rms_norm_quant_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, q_ptr, q
                 y = _normed(src_row, w_ptr, c, c < N, rstd, Y_DTYPE)
                 amax = tl.maximum(amax, tl.abs(y))
         scale = _scale_of(tl.max(amax, axis=0), in_scale_ptr, STATIC)
+        inv = inverse_scale(scale)
         pdl_trigger(PDL)
         for start in range(0, N, BLOCK):
             c = start + cols
             mask = c < N
             y = _normed(src_row, w_ptr, c, mask, rstd, Y_DTYPE)
-            tl.store(q_row + c, _quantize(y, scale).to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_row + c, _quantize(y, inv).to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
+    if CLEAR:
+        # NOTE: after the wait: the layer's later producers max their rows' amax onto this
+        # zero (see `row_amax`'s note in models/llama.py).
+        tl.store(clear_ptr + row, 0.0)
 
 
 @_jit
@@ -160,7 +168,8 @@ def _silu_mul_quant_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, in_scale_ptr
         y = _silu_mul(x_row, cols, mask, INTER, Y_DTYPE)
         scale = _scale_of(tl.max(tl.abs(y), axis=0), in_scale_ptr, STATIC)
         pdl_trigger(PDL)
-        tl.store(q_row + cols, _quantize(y, scale).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_row + cols, _quantize(y, inverse_scale(scale)).to(q_ptr.dtype.element_ty),
+                 mask=mask)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         if not STATIC:
@@ -168,12 +177,13 @@ def _silu_mul_quant_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, in_scale_ptr
                 c = start + cols
                 amax = tl.maximum(amax, tl.abs(_silu_mul(x_row, c, c < INTER, INTER, Y_DTYPE)))
         scale = _scale_of(tl.max(amax, axis=0), in_scale_ptr, STATIC)
+        inv = inverse_scale(scale)
         pdl_trigger(PDL)
         for start in range(0, INTER, BLOCK):
             c = start + cols
             mask = c < INTER
             y = _silu_mul(x_row, c, mask, INTER, Y_DTYPE)
-            tl.store(q_row + c, _quantize(y, scale).to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(q_row + c, _quantize(y, inv).to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
@@ -190,10 +200,10 @@ def _silu_mul_quant_split_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, cnt_pt
     y = _silu_mul(x_row, c, mask, INTER, Y_DTYPE)
     amax = row_amax_across_parts(cnt_ptr, amax_ptr, row, tl.program_id(1),
                                  tl.max(tl.abs(y), axis=0), PARTS)
-    scale = tl.maximum(tl.math.div_rn(amax, _FP8_MAX_C), _MIN_SCALE_C)
+    scale = dynamic_scale(amax)
     pdl_trigger(PDL)
-    tl.store(q_ptr + row.to(tl.int64) * q_stride + c, _quantize(y, scale).to(
-        q_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_ptr + row.to(tl.int64) * q_stride + c,
+             _quantize(y, inverse_scale(scale)).to(q_ptr.dtype.element_ty), mask=mask)
     if tl.program_id(1) == 0:
         tl.store(s_ptr + row, scale)
 
@@ -227,11 +237,14 @@ def _outputs(rows: int, k: int, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 def rms_norm_quant_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                          eps: float, input_scale: torch.Tensor | None
+                          eps: float, input_scale: torch.Tensor | None, *,
+                          clear: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`x [T, N]` (and `residual [T, N]`, updated IN PLACE to `x + residual`) -> `(xq [T, N]
     E4M3, scale [T, 1] float32, residual_out)`: `rms_norm_quant_torch`'s numbers in one launch.
-    Without a residual, `residual_out` is `x`. No host syncs: CUDA-graph capturable."""
+    Without a residual, `residual_out` is `x`. `clear` (float32, contiguous, >= T elements):
+    its first T elements are zeroed by the same launch (the row-amax slots that the layer's
+    later producers max into). No host syncs: CUDA-graph capturable."""
     fn = "rms_norm_quant_triton"
     if triton is None:
         raise RuntimeError(f"{fn} needs triton, which is not installed")
@@ -247,6 +260,10 @@ def rms_norm_quant_triton(x: torch.Tensor, residual: torch.Tensor | None, weight
         raise ValueError(f"{fn}: residual must match x ({tuple(x.shape)}, {x.dtype}) with a "
                          f"unit last stride, got {tuple(residual.shape)}, {residual.dtype}")
     _check_scale(input_scale, fn)
+    if clear is not None and (clear.dtype != torch.float32 or not clear.is_contiguous()
+                              or clear.numel() < t or clear.device != x.device):
+        raise ValueError(f"{fn}: clear must be a contiguous float32 tensor of >= {t} elements "
+                         f"on {x.device}, got {tuple(clear.shape)} {clear.dtype}")
     xq, xs = _outputs(t, n, x.device)
     res = residual if residual is not None else x
     if t == 0:
@@ -254,10 +271,10 @@ def rms_norm_quant_triton(x: torch.Tensor, residual: torch.Tensor | None, weight
     block, one_pass, warps = norm_row_config(n)
     _rms_norm_quant_kernel[(t,)](
         x, x.stride(0), res, res.stride(0), weight, xq, xq.stride(0), xs,
-        input_scale if input_scale is not None else xs, eps, N=n,
-        HAS_RESIDUAL=residual is not None, STATIC=input_scale is not None,
+        input_scale if input_scale is not None else xs, clear if clear is not None else xs,
+        eps, N=n, HAS_RESIDUAL=residual is not None, STATIC=input_scale is not None,
         Y_DTYPE=_TL_DTYPES[torch.promote_types(x.dtype, weight.dtype)], BLOCK=block,
-        ONE_PASS=one_pass, num_warps=warps, **pdl_launch(x.device))
+        ONE_PASS=one_pass, CLEAR=clear is not None, num_warps=warps, **pdl_launch(x.device))
     return xq, xs, res
 
 

@@ -36,7 +36,13 @@ from trtdist.kernels import fp8_gemm_configs as _cfg
 from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
 from trtdist.kernels.fp8_gemm_configs import Fp8GemmConfig
-from trtdist.kernels.fp8_quant import FP8_DTYPE, quantize_activation_triton
+from trtdist.kernels.fp8_quant import (
+    FP8_DTYPE,
+    _quantize,
+    dynamic_scale,
+    inverse_scale,
+    quantize_activation_triton,
+)
 
 # NOTE: up to 16 rows one tl.dot tile covers M, so the weight is read exactly once; above,
 # the GEMM starts to be compute-shaped and cuBLASLt (`torch._scaled_mm`) is the better choice.
@@ -77,9 +83,36 @@ def _load_w(w_ptrs, mask_n, cols, K, EVEN_K: tl.constexpr, valid):
 
 
 @_jit
-def _gemv_step(acc, w, x_ptrs, mask, K_ACC: tl.constexpr, X_2D: tl.constexpr):
+def _x_scale(amax_ptr, xs_ptr, rows, mask, X_MODE: tl.constexpr):
+    """The dequantizing scale of token rows `rows` (a scalar or a [BM] vector): given
+    (X_MODE 0, `xs`), from the producer's row amax (1: per token) or the static input scale
+    (2, one element)."""
+    if X_MODE == 1:
+        # NOTE: .cg: the amax was maxed into by atomics at L2; this SM's L1 may hold the
+        # slot's value from an earlier layer.
+        return dynamic_scale(tl.load(amax_ptr + rows, mask=mask, other=0.0,
+                                     cache_modifier=".cg"))
+    elif X_MODE == 2:
+        return tl.load(xs_ptr + rows * 0)
+    else:
+        return tl.load(xs_ptr + rows, mask=mask, other=0.0)
+
+
+@_jit
+def _as_e4m3(x, inv, X_MODE: tl.constexpr):
+    """A loaded activation tile as the E4M3 values the product uses: quantized here (X_MODE
+    1 or 2: model-dtype input, `inv` = 1 / its scale) or already E4M3 (0)."""
+    if X_MODE != 0:
+        return _quantize(x.to(tl.float32), inv).to(tl.float8e4nv)
+    else:
+        return x
+
+
+@_jit
+def _gemv_step(acc, w, x_ptrs, mask, inv, K_ACC: tl.constexpr, X_2D: tl.constexpr,
+               X_MODE: tl.constexpr):
     """gemv: one token row's products with the dequantized weight tile `w [BN, BK]`."""
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = _as_e4m3(tl.load(x_ptrs, mask=mask, other=0.0), inv, X_MODE).to(tl.float32)
     if X_2D:
         prod = w * x  # [BN, BK]
     else:
@@ -101,14 +134,19 @@ def _row_sum(acc, K_ACC: tl.constexpr):
 
 @_jit
 def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
-                     M, N, K, stride_xm, stride_wn, stride_om,
+                     amax_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                      FIXUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP8: tl.constexpr,
                      MODE: tl.constexpr, K_ACC: tl.constexpr, X_2D: tl.constexpr,
                      PREFETCH: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     X_MODE: tl.constexpr = 0):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K). MODE 0: tl.dot(x, w^T); 1: tl.dot(w, x^T) (swapped);
     2: gemv (no MMA; BLOCK_M <= 4 accumulators of [BLOCK_N, BLOCK_K] or [BLOCK_N]).
+    X_MODE 0: `xq` is E4M3 with per-row scales `xs`; 1: `xq` is in the model dtype and each
+    program quantizes the tiles it loads, per token from the producer's row amax
+    (`amax_ptr`); 2: likewise with the static scale `xs[0]`. The products are the same E4M3
+    values in every mode (see `kernels/fp8_quant.py`'s formula).
     With PDL every program waits for the previous kernel before its first load. NOTE:
     loading the first weight tile before the wait (the weight is constant) made the FP8
     batch-1 step slower on an H200 (2.71 -> 2.93 ms; 3.8 ms with every step's tile
@@ -144,6 +182,18 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
             acc2 = tl.zeros_like(acc0)
             acc3 = tl.zeros_like(acc0)
         pdl_wait(PDL)
+        one = tl.full([], 1.0, dtype=tl.float32)
+        inv0 = one
+        inv1 = one
+        inv2 = one
+        inv3 = one
+        if X_MODE != 0:
+            inv0 = inverse_scale(_x_scale(amax_ptr, xs_ptr, 0, M > 0, X_MODE))
+            if BLOCK_M > 1:
+                inv1 = inverse_scale(_x_scale(amax_ptr, xs_ptr, 1, M > 1, X_MODE))
+            if BLOCK_M > 2:
+                inv2 = inverse_scale(_x_scale(amax_ptr, xs_ptr, 2, M > 2, X_MODE))
+                inv3 = inverse_scale(_x_scale(amax_ptr, xs_ptr, 3, M > 3, X_MODE))
         if PREFETCH:
             w_next = _load_w(w_ptrs, mask_n, k_start + rk, K, EVEN_K, True)
         for k0 in range(0, K_PER_SPLIT, BLOCK_K):
@@ -165,14 +215,15 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
                 mask_x = mask_k[None, :]
             else:
                 mask_x = mask_k
-            acc0 = _gemv_step(acc0, w, x_ptrs, mask_x, K_ACC, X_2D)
+            acc0 = _gemv_step(acc0, w, x_ptrs, mask_x, inv0, K_ACC, X_2D, X_MODE)
             if BLOCK_M > 1:
-                acc1 = _gemv_step(acc1, w, x_ptrs + stride_xm, mask_x & (M > 1), K_ACC, X_2D)
+                acc1 = _gemv_step(acc1, w, x_ptrs + stride_xm, mask_x & (M > 1), inv1, K_ACC,
+                                  X_2D, X_MODE)
             if BLOCK_M > 2:
-                acc2 = _gemv_step(acc2, w, x_ptrs + 2 * stride_xm, mask_x & (M > 2), K_ACC,
-                                  X_2D)
-                acc3 = _gemv_step(acc3, w, x_ptrs + 3 * stride_xm, mask_x & (M > 3), K_ACC,
-                                  X_2D)
+                acc2 = _gemv_step(acc2, w, x_ptrs + 2 * stride_xm, mask_x & (M > 2), inv2,
+                                  K_ACC, X_2D, X_MODE)
+                acc3 = _gemv_step(acc3, w, x_ptrs + 3 * stride_xm, mask_x & (M > 3), inv3,
+                                  K_ACC, X_2D, X_MODE)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         acc = tl.where(rm[:, None] == 0, _row_sum(acc0, K_ACC)[None, :], 0.0)  # [BM, BN]
@@ -183,6 +234,9 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
             acc = tl.where(rm[:, None] == 3, _row_sum(acc3, K_ACC)[None, :], acc)
     else:
         pdl_wait(PDL)
+        inv_m = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        if X_MODE != 0:
+            inv_m = inverse_scale(_x_scale(amax_ptr, xs_ptr, rm, mask_m, X_MODE))
         x_ptrs = xq_ptr + rm[:, None] * stride_xm + (k_start + rk)[None, :]  # [BM, BK]
         if MODE == 1:
             acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -196,6 +250,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
                 mask_k = k_start + k0 + rk < K
                 x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            x = _as_e4m3(x, inv_m[:, None], X_MODE)
             if not DOT_FP8:
                 x = x.to(tl.float16)
                 w = w.to(tl.float16)
@@ -230,7 +285,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
                                    mask=mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
     if last:
-        xs = tl.load(xs_ptr + rm, mask=mask_m, other=0.0)
+        xs = _x_scale(amax_ptr, xs_ptr, rm, mask_m, X_MODE)
         ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
         y = acc * xs[:, None] * ws[None, :]
         if HAS_BIAS:
@@ -299,19 +354,29 @@ def _counter(device: torch.device, n: int, block_n: int) -> torch.Tensor:
 
 
 def _check(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
-           bias: torch.Tensor | None, out_dtype: torch.dtype) -> None:
+           bias: torch.Tensor | None, out_dtype: torch.dtype, x_mode: int = 0) -> None:
+    if xq.dim() != 2 or w.dim() != 2:
+        raise ValueError(f"fp8_gemm_small_m: want 2-D x [M, K] and w [N, K], got "
+                         f"{tuple(xq.shape)} and {tuple(w.shape)}")
     m, k = xq.shape
     n = w.shape[0]
     if m > KERNEL_M_MAX:
         raise ValueError(f"fp8_gemm_small_m: M = {m} rows, at most {KERNEL_M_MAX} allowed")
-    if xq.dtype != FP8_DTYPE or w.dtype != FP8_DTYPE or w.shape[1] != k:
-        raise ValueError(f"fp8_gemm_small_m: want xq [M, K] and w [N, K] float8_e4m3fn, got "
-                         f"{tuple(xq.shape)} {xq.dtype} and {tuple(w.shape)} {w.dtype}")
+    x_ok = xq.dtype == FP8_DTYPE if x_mode == 0 else xq.dtype in _OUT_DTYPES
+    if not x_ok or w.dtype != FP8_DTYPE or w.shape[1] != k:
+        want = "float8_e4m3fn" if x_mode == 0 else "float16/bfloat16/float32"
+        raise ValueError(f"fp8_gemm_small_m: want x [M, K] {want} and w [N, K] float8_e4m3fn, "
+                         f"got {tuple(xq.shape)} {xq.dtype} and {tuple(w.shape)} {w.dtype}")
     if xq.stride(-1) != 1 or w.stride(-1) != 1:
-        raise ValueError("fp8_gemm_small_m: xq and w need a unit last stride")
-    if xs.numel() != m or xs.dtype != torch.float32 or not xs.is_contiguous():
-        raise ValueError(f"fp8_gemm_small_m: xs must be [{m}, 1] float32 contiguous, got "
+        raise ValueError("fp8_gemm_small_m: x and w need a unit last stride")
+    want_xs = 1 if x_mode == 2 else m
+    if xs.numel() < want_xs or xs.dtype != torch.float32 or not xs.is_contiguous():
+        what = {0: f"xs must be [{m}, 1]", 1: f"row_amax must hold >= {m} values",
+                2: "input_scale must hold one value"}[x_mode]
+        raise ValueError(f"fp8_gemm_small_m: {what} float32 contiguous, got "
                          f"{tuple(xs.shape)} {xs.dtype}")
+    if x_mode == 0 and xs.numel() != m:
+        raise ValueError(f"fp8_gemm_small_m: xs must be [{m}, 1], got {tuple(xs.shape)}")
     if ws.numel() != n or ws.dtype != torch.float32 or not ws.is_contiguous():
         raise ValueError(f"fp8_gemm_small_m: ws must be [{n}] float32 contiguous, got "
                          f"{tuple(ws.shape)} {ws.dtype}")
@@ -333,9 +398,37 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
     M <= KERNEL_M_MAX. `config` (default: the table of `fp8_gemm_configs` for (M, N, K)),
     `split_k`, `dot_fp8` and `fixup` (split-K reduction in the GEMM, else in a second kernel;
     default SPLITK_FIXUP) override the automatic choices (tests, tuning)."""
+    return _gemm(xq, xs, 0, w, ws, bias, out_dtype, out=out, config=config, split_k=split_k,
+                 dot_fp8=dot_fp8, fixup=fixup)
+
+
+def fp8_gemm_small_m_quantizing(x: torch.Tensor, row_amax: torch.Tensor | None,
+                                input_scale: torch.Tensor | None, w: torch.Tensor,
+                                ws: torch.Tensor, bias: torch.Tensor | None, *,
+                                out: torch.Tensor | None = None,
+                                config: Fp8GemmConfig | None = None,
+                                split_k: int | None = None, dot_fp8: bool | None = None,
+                                fixup: bool | None = None) -> torch.Tensor:
+    """`fp8_gemm_small_m` of the model-dtype `x [M, K]`, quantized inside the GEMM (one
+    launch): per token from `row_amax` (>= M float32 values, each row's max |x|, as written by
+    the kernel that produced x) or with the static `input_scale` (one float32 value); exactly
+    one of the two. The same numbers as quantizing x first (`quantize_activation_triton`)."""
+    if (row_amax is None) == (input_scale is None):
+        raise ValueError("fp8_gemm_small_m_quantizing: give exactly one of row_amax (per "
+                         "token) and input_scale (static)")
+    mode, xs = (1, row_amax) if row_amax is not None else (2, input_scale)
+    assert xs is not None
+    return _gemm(x, xs, mode, w, ws, bias, x.dtype, out=out, config=config, split_k=split_k,
+                 dot_fp8=dot_fp8, fixup=fixup)
+
+
+def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: torch.Tensor,
+          bias: torch.Tensor | None, out_dtype: torch.dtype, *, out: torch.Tensor | None,
+          config: Fp8GemmConfig | None, split_k: int | None, dot_fp8: bool | None,
+          fixup: bool | None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("fp8_gemm_small_m needs triton, which is not installed")
-    _check(xq, xs, w, ws, bias, out_dtype)
+    _check(xq, xs, w, ws, bias, out_dtype, x_mode)
     m, k = xq.shape
     n = w.shape[0]
     cfg = config if config is not None else _cfg.lookup(m, n, k)
@@ -367,12 +460,13 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
     cnt = _counter(xq.device, n, cfg.block_n) if split > 1 and fixup else xs  # FIXUP only
     b = bias if bias is not None else ws  # unused when HAS_BIAS is False
     grid = (triton.cdiv(n, cfg.block_n), split)
-    args = (xq, xs, w, ws, b, out, part, cnt, m, n, k, xq.stride(0), w.stride(0),
+    # X_MODE 1 reads the amax where the launch's `xs_ptr` would be: pass it in both
+    args = (xq, xs, w, ws, b, out, part, cnt, xs, m, n, k, xq.stride(0), w.stride(0),
             out.stride(0))
     consts = dict(K_PER_SPLIT=k_per_split, SPLIT_K=split, EVEN_K=k_per_split * split == k,
                   FIXUP=fixup, HAS_BIAS=bias is not None, MODE=mode, K_ACC=cfg.k_acc,
                   X_2D=cfg.x_2d, PREFETCH=cfg.prefetch,
-                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, X_MODE=x_mode,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pdl_launch(xq.device))
     try:
@@ -385,6 +479,9 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
         _dot_fp8_ok[xq.device] = False
         _fp8_gemm_kernel[grid](*args, DOT_FP8=False, **consts)
     if split > 1 and not fixup:
+        if x_mode != 0:
+            raise ValueError("fp8_gemm_small_m: the split-K epilogue kernel takes quantized "
+                             "input only (use fixup)")
         block = min(triton.next_power_of_2(n), 1024)
         _splitk_epilogue[(m, triton.cdiv(n, block))](
             part, xs, ws, b, out, n, out.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
@@ -395,8 +492,12 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
 def fp8_linear_small_m(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
                        input_scale: torch.Tensor | None, bias: torch.Tensor | None,
                        **kw: object) -> torch.Tensor:
-    """`x [M, K]` (M <= SMALL_M_MAX, float16/bfloat16/float32) -> `[M, N]` in x's dtype: the
-    fused activation quantization, then the small-M GEMM. Same numbers as
+    """`x [M, K]` (M <= SMALL_M_MAX, float16/bfloat16/float32) -> `[M, N]` in x's dtype. Static
+    scales: one launch, the GEMM quantizes its tiles; per token: the activation quantization
+    (the row's amax is needed before any product), then the small-M GEMM. Same numbers as
     `parallel.quant_fp8.fp8_linear_reference` up to float32 summation order."""
+    if input_scale is not None:
+        return fp8_gemm_small_m_quantizing(x, None, input_scale, w, ws, bias,
+                                           **kw)  # type: ignore[arg-type]
     xq, xs = quantize_activation_triton(x, input_scale)
     return fp8_gemm_small_m(xq, xs, w, ws, bias, x.dtype, **kw)  # type: ignore[arg-type]

@@ -3,10 +3,11 @@
 `quantize_activation_triton(x, input_scale)` returns the same `(xq [M, K] float8_e4m3fn,
 scale [M, 1] float32)` as `parallel.quant_fp8.quantize_activation` (the torch reference,
 four to five small kernels: abs/amax, divide, clamp, cast): `scale = max(amax(row) / 448,
-1e-12)` (dynamic) or `input_scale` (static), `xq = clamp(x / scale, -448, 448)` rounded to
-E4M3. Both divisions are IEEE round-to-nearest (`div_rn`) and the rounding to E4M3 is done
-explicitly (`_round_to_e4m3`, ties to even like torch's cast), so the kernel's output is
-bit-equal to the reference on a GPU and in Triton's interpreter alike.
+1e-12)` (dynamic) or `input_scale` (static), `xq = clamp(x * (1 / scale), -448, 448)` rounded
+to E4M3. Both divisions (`amax / 448` and the row's reciprocal) are IEEE round-to-nearest
+(`div_rn`) and the rounding to E4M3 is done explicitly in the interpreter
+(`_round_to_e4m3`, ties to even like torch's cast), so the kernel's output is bit-equal to the
+reference on a GPU and in Triton's interpreter alike.
 """
 
 from __future__ import annotations
@@ -65,10 +66,23 @@ _EXPLICIT_ROUND = (tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1") if tr
 
 
 @_jit
-def _quantize(x, scale):
-    """`clamp(x / scale, -448, 448)`, to be cast to E4M3: float32 rounded to an E4M3 value
-    in the interpreter, left to the cast's identical rounding on a GPU."""
-    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX_C), _FP8_MAX_C)
+def inverse_scale(scale):
+    """`1 / scale`, correctly rounded (what `_quantize` multiplies by)."""
+    return tl.math.div_rn(1.0, scale)
+
+
+@_jit
+def dynamic_scale(amax):
+    """The per-token scale of a row whose max |value| is `amax`: `max(amax / 448, 1e-12)`."""
+    return tl.maximum(tl.math.div_rn(amax, _FP8_MAX_C), _MIN_SCALE_C)
+
+
+@_jit
+def _quantize(x, inv):
+    """`clamp(x * inv, -448, 448)` (`inv` = `inverse_scale(scale)`), to be cast to E4M3:
+    float32 rounded to an E4M3 value in the interpreter, left to the cast's identical
+    rounding on a GPU."""
+    v = tl.minimum(tl.maximum(x * inv, -_FP8_MAX_C), _FP8_MAX_C)
     if _EXPLICIT_ROUND:
         v = _round_to_e4m3(v)
     return v
@@ -157,18 +171,19 @@ def _quant_fp8_kernel(x_ptr, x_stride, q_ptr, q_stride, s_ptr, in_scale_ptr, K: 
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), _FP8_MAX_C), _MIN_SCALE_C)
+        scale = dynamic_scale(tl.max(amax, axis=0))
+    inv = inverse_scale(scale)
     pdl_trigger(PDL)
     if ONE_PASS:
         mask = cols < K
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        q = _quantize(x, scale)
+        q = _quantize(x, inv)
         tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     else:
         for k0 in range(0, K, BLOCK):
             mask = k0 + cols < K
             x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-            q = _quantize(x, scale)
+            q = _quantize(x, inv)
             tl.store(q_row + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row, scale)
 

@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait
-from trtdist.kernels.attention import AttentionInputs
+from trtdist.kernels.attention import AttentionInputs, check_row_amax, max_rows_into
 
 _LOG2E = 1.4426950408889634
 # A finite "minus infinity": a fully masked tile then gives p = 0, never NaN.
@@ -220,7 +220,7 @@ def _new_tokens_kv(k_ptr, v_ptr, kv_base, j, mask_n, kvh, offs_d, mask_d,
 @triton.jit(do_not_specialize=["num_parts"])
 def _decode_partial(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_o_ptr,
-    ws_lse_ptr, qk_scale, window, num_parts,
+    ws_lse_ptr, amax_ptr, qk_scale, window, num_parts,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -232,7 +232,7 @@ def _decode_partial(
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
-    V_T: tl.constexpr, PDL: tl.constexpr,
+    V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
 ):
     pdl_wait(PDL)
     seq = tl.program_id(0)
@@ -314,8 +314,12 @@ def _decode_partial(
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no keys stay 0
     gd_mask = mask_g[:, None] & mask_d[None, :]
     if not SPLIT:
+        o = out.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=gd_mask & valid)
+                 o, mask=gd_mask & valid)
+        if AMAX:
+            a = tl.where(gd_mask, tl.abs(o.to(tl.float32)), 0.0)
+            _max_into_row(amax_ptr, row, tl.max(tl.max(a, axis=1), axis=0), valid)
     else:
         ws = seq.to(tl.int64) * stride_ws_s + heads * stride_ws_h + part * stride_ws_p  # [G]
         tl.store(ws_o_ptr + ws[:, None] + offs_d[None, :], out, mask=gd_mask)
@@ -323,15 +327,24 @@ def _decode_partial(
         tl.store(ws_lse_ptr + seq * stride_lse_s + heads * num_parts + part, lse, mask=mask_g)
 
 
+@triton.jit
+def _max_into_row(amax_ptr, row, m, valid):
+    """Max `m`, a program's max |output|, into `amax[row]` (the FP8 o projection's per-token
+    amax, `kernels/fp8_gemm.py`): one relaxed atomic a program; the reader waits for the
+    launch to complete."""
+    tl.atomic_max(amax_ptr + row, m, mask=valid, sem="relaxed")
+
+
 @triton.jit(do_not_specialize=["num_parts"])
 def _decode_reduce(
-    out_ptr, ws_o_ptr, ws_lse_ptr, qsl_ptr, num_parts,
+    out_ptr, ws_o_ptr, ws_lse_ptr, qsl_ptr, amax_ptr, num_parts,
     stride_ot, stride_oh, stride_ws_s, stride_ws_h, stride_ws_p, stride_lse_s,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr, MIXED: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, AMAX: tl.constexpr = False,
 ):
     """Merge the partitions of one (sequence, head), BLOCK_P at a time, by their base-2
-    log-sum-exp; empty partitions have lse = -inf and weigh nothing."""
+    log-sum-exp; empty partitions have lse = -inf and weigh nothing. With AMAX, the head's
+    max |output| is maxed into `amax[row]`."""
     pdl_wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -361,8 +374,12 @@ def _decode_reduce(
         m = m_new
     out = acc / tl.where(total > 0.0, total, 1.0)  # an empty sequence: zeros
     pdl_trigger(PDL)
-    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=(offs_d < HEAD_DIM) & valid)
+    o = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, o,
+             mask=(offs_d < HEAD_DIM) & valid)
+    if AMAX:
+        a = tl.where(offs_d < HEAD_DIM, tl.abs(o.to(tl.float32)), 0.0)
+        _max_into_row(amax_ptr, row, tl.max(a, axis=0), valid)
 
 
 @triton.jit
@@ -678,19 +695,23 @@ class TritonAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: object, scale: float,
                 sliding_window: int | None = None, *, k_scale: torch.Tensor | None = None,
-                v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                v_scale: torch.Tensor | None = None,
+                row_amax: torch.Tensor | None = None) -> torch.Tensor:
         """q `[T, Hq, D]`, k/v `[T, Hkv, D]` (already in the cache), caches
         `[num_blocks, block_size, Hkv, D]` -> `[T, Hq, D]`. An FP8 cache (float8_e4m3fn)
-        comes with its scales `k_scale` / `v_scale` `[num_blocks, block_size, Hkv]`."""
+        comes with its scales `k_scale` / `v_scale` `[num_blocks, block_size, Hkv]`.
+        `row_amax` (see `AttentionBackend.forward`): decode maxes it in its kernels."""
         if not isinstance(meta, TritonAttentionMetadata):
             raise TypeError(f"expected TritonAttentionMetadata, got {type(meta).__name__}")
         _check(q, k, v, k_cache, v_cache, meta, sliding_window, k_scale, v_scale)
+        check_row_amax(row_amax, q)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if q.shape[0] == 0:
             return out
         kv = _CacheArgs.of(k_cache, v_cache, k_scale, v_scale, q.dtype)
         if meta.is_decode:
-            self._decode(q, kv, meta, scale, sliding_window, out, mixed=False)
+            self._decode(q, kv, meta, scale, sliding_window, out, mixed=False,
+                         row_amax=row_amax)
             return out
         # NOTE: in a mixed batch the one-token queries (decode rows beside prefill chunks)
         # go to the split decode kernel: in the prefill kernel each would take a whole
@@ -700,10 +721,13 @@ class TritonAttentionBackend:
         if mixed:
             self._decode(q, kv, meta, scale, sliding_window, out, mixed=True)
         _launch_prefill(q, k, v, kv, meta, scale, sliding_window, out, mixed)
+        if row_amax is not None:  # prefill steps: not the hot path
+            max_rows_into(row_amax, out)
         return out
 
     def _decode(self, q: torch.Tensor, kv: _CacheArgs, meta: TritonAttentionMetadata,
-                scale: float, window: int | None, out: torch.Tensor, mixed: bool) -> None:
+                scale: float, window: int | None, out: torch.Tensor, mixed: bool,
+                row_amax: torch.Tensor | None = None) -> None:
         s, (_, hq, d) = meta.num_seqs, q.shape
         hkv = kv.k_cache.shape[2]
         group = hq // hkv
@@ -718,21 +742,23 @@ class TritonAttentionBackend:
             ws_o, ws_lse = out, out  # unused by the kernel when P == 1
         ws_strides = (ws_o.stride(0), ws_o.stride(1), ws_o.stride(2)) if parts > 1 else (0,) * 3
         lse_stride = ws_lse.stride(0) if parts > 1 else 0
+        amax = row_amax if row_amax is not None else ws_lse  # unused without AMAX
         _decode_partial[(s, hkv, parts)](
             q, kv.k_cache, kv.v_cache, kv.k_scale, kv.v_scale, meta.block_tables, meta.seq_lens,
-            meta.query_start_loc, out, ws_o, ws_lse, scale * _LOG2E, window or 0, parts,
+            meta.query_start_loc, out, ws_o, ws_lse, amax, scale * _LOG2E, window or 0, parts,
             q.stride(0), q.stride(1), *kv.strides,
             meta.block_tables.stride(0), out.stride(0), out.stride(1), *ws_strides, lse_stride,
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, D_PAD=d_pad,
             BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
+            AMAX=row_amax is not None and parts == 1,
             num_warps=warps, num_stages=stages, **pdl_launch(q.device))
         if parts > 1:
             _decode_reduce[(s, hq)](
-                out, ws_o, ws_lse, meta.query_start_loc, parts, out.stride(0), out.stride(1),
-                *ws_strides, lse_stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16, MIXED=mixed,
-                num_warps=4, **pdl_launch(q.device))
+                out, ws_o, ws_lse, meta.query_start_loc, amax, parts, out.stride(0),
+                out.stride(1), *ws_strides, lse_stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16,
+                MIXED=mixed, AMAX=row_amax is not None, num_warps=4, **pdl_launch(q.device))
 
 
 class _CacheArgs:

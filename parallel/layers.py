@@ -12,6 +12,7 @@ from torch import nn
 from trtdist.comm.base import Communicator
 from trtdist.kernels import gemv
 from trtdist.parallel.linear_methods import (
+    ActivationWithAmax,
     Fp8LinearMethod,
     LinearMethod,
     QuantizedActivation,
@@ -20,8 +21,8 @@ from trtdist.parallel.linear_methods import (
     make_linear_method,
 )
 
-__all__ = ["ColumnParallelLinear", "Fp8LinearMethod", "LinearMethod", "ParallelLMHead",
-           "QuantizedActivation", "RowParallelLinear", "UnquantizedLinearMethod",
+__all__ = ["ActivationWithAmax", "ColumnParallelLinear", "Fp8LinearMethod", "LinearMethod",
+           "ParallelLMHead", "QuantizedActivation", "RowParallelLinear", "UnquantizedLinearMethod",
            "VocabParallelEmbedding", "make_linear_method"]
 
 
@@ -42,6 +43,11 @@ class _Linear(nn.Module):
         return self.method.wants_quantized_input(self)
 
     @property
+    def wants_row_amax(self) -> bool:
+        """See `LinearMethod.wants_row_amax`."""
+        return self.method.wants_row_amax(self)
+
+    @property
     def activation_scale(self) -> torch.Tensor | None:
         """The static FP8 input scale, or None (per token, or unquantized)."""
         return self.method.input_scale(self)
@@ -55,7 +61,8 @@ class ColumnParallelLinear(_Linear):
                  device: torch.device, quant: LinearMethod | None = None) -> None:
         super().__init__(out_local, in_features, bias, dtype, device, quant)
 
-    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation | ActivationWithAmax
+                ) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
 
 
@@ -70,7 +77,8 @@ class RowParallelLinear(_Linear):
         super().__init__(out_features, in_local, bias, dtype, device, quant)
         self.comm = comm
 
-    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation | ActivationWithAmax
+                ) -> torch.Tensor:
         y = self.comm.all_reduce(self.method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 

@@ -17,6 +17,7 @@ from trtdist.parallel.quant_fp8 import (
     FP8_MAX,
     check_fp8_device,
     dequantize,
+    fp8_linear_amax_cuda,
     fp8_linear_cuda,
     fp8_linear_quantized_cuda,
     fp8_linear_quantized_reference,
@@ -47,6 +48,26 @@ class QuantizedActivation:
         return self.q.device
 
 
+@dataclass(frozen=True, slots=True)
+class ActivationWithAmax:
+    """An activation in the model dtype with each row's max |value| as written by the kernel
+    that produced it (the SiLU x up, the attention's merge), handed to an FP8 linear layer
+    whose method `wants_row_amax`: its GEMM quantizes the rows itself, per token, so no
+    separate quantization launch runs. `amax` holds at least T values; only the first T
+    are read."""
+
+    x: torch.Tensor  # [T, K] model dtype
+    amax: torch.Tensor  # [>= T] float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+
 class LinearMethod:
     """How a linear layer stores and multiplies its weight: the seam every quantization scheme
     plugs into (unquantized, FP8; INT4 would be one more subclass).
@@ -63,10 +84,11 @@ class LinearMethod:
                        dtype: torch.dtype, device: torch.device) -> None:
         raise NotImplementedError
 
-    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation | ActivationWithAmax,
               bias: torch.Tensor | None) -> torch.Tensor:
         """[..., in] -> [..., out] in x's dtype, plus `bias` when given. A
-        `QuantizedActivation` is accepted when `wants_quantized_input(layer)`."""
+        `QuantizedActivation` is accepted when `wants_quantized_input(layer)`, an
+        `ActivationWithAmax` when `wants_row_amax(layer)`."""
         raise NotImplementedError
 
     def wants_quantized_input(self, layer: nn.Module) -> bool:
@@ -77,6 +99,11 @@ class LinearMethod:
     def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
         """The static activation scale `[1]` float32, or None (dynamic, per token)."""
         return None
+
+    def wants_row_amax(self, layer: nn.Module) -> bool:
+        """Whether this layer's producer may hand `apply` an `ActivationWithAmax` (the model-
+        dtype rows with their amax) instead of a tensor."""
+        return False
 
     def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                 where: str) -> dict[str, torch.Tensor]:
@@ -108,11 +135,11 @@ class UnquantizedLinearMethod(LinearMethod):
                        dtype: torch.dtype, device: torch.device) -> None:
         layer.weight = empty_param((out_features, in_features), dtype, device)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation | ActivationWithAmax,
               bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(x, QuantizedActivation):
-            raise TypeError("an unquantized linear layer got an FP8 QuantizedActivation; only "
-                            "layers whose method wants_quantized_input take one")
+        if isinstance(x, (QuantizedActivation, ActivationWithAmax)):
+            raise TypeError(f"an unquantized linear layer got an FP8 {type(x).__name__}; only "
+                            "FP8 layers that ask for one take it")
         return gemv.linear(x, layer.weight, bias)
 
     def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -160,8 +187,19 @@ class Fp8LinearMethod(LinearMethod):
     def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
         return layer.input_scale
 
-    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+    def wants_row_amax(self, layer: nn.Module) -> bool:
+        # NOTE: per token only (static scales need no amax: the small-M GEMM quantizes a plain
+        # tensor itself), and only where the Triton kernels run.
+        return (not self.quant.static and bool(layer.use_scaled_mm)
+                and fused_quantization_available())
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation | ActivationWithAmax,
               bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, ActivationWithAmax):
+            if layer.use_scaled_mm:
+                return fp8_linear_amax_cuda(x.x, x.amax, layer.weight,
+                                            layer.weight_scale.view(1, -1), bias)
+            x = x.x  # the reference quantizes per token itself: the same numbers
         if isinstance(x, QuantizedActivation):
             if layer.use_scaled_mm:
                 return fp8_linear_quantized_cuda(x.q, x.scale, layer.weight,

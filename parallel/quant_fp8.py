@@ -30,8 +30,22 @@ _MIN_SCALE = 1e-12
 
 def quantize_to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """`x / scale` rounded to E4M3, saturated at +-448 (E4M3FN has no infinity: values past
-    448 would become NaN). `scale` broadcasts against `x`."""
+    448 would become NaN). `scale` broadcasts against `x`. Weights (build time)."""
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_rows_to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Activations: `x * (1 / scale)` (float32, the reciprocal correctly rounded) rounded to
+    E4M3, saturated at +-448. NOTE: a multiply by the row's reciprocal rather than a division
+    per element (as vLLM and TensorRT-LLM quantize): the GEMM that consumes a model-dtype
+    activation quantizes it on the fly (`kernels/fp8_gemm.py`, once per program), where an
+    IEEE division per element would cost ~10 instructions. Every kernel uses this formula."""
+    return (x.float() * torch.reciprocal(scale.float())).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """The dequantizing per-token scale of rows whose max |value| is `amax`."""
+    return (amax.float() / FP8_MAX).clamp_(min=_MIN_SCALE)
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,8 +58,8 @@ def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] activations -> (E4M3 [M, K], float32 scale [M, 1]), one scale per row."""
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_(min=_MIN_SCALE)
-    return quantize_to_fp8(x, scale), scale
+    scale = scale_from_amax(x.float().abs().amax(dim=-1, keepdim=True))
+    return quantize_rows_to_fp8(x, scale), scale
 
 
 def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None
@@ -56,7 +70,7 @@ def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None
         return quantize_per_token(x)
     # NOTE: materialised (not an expand view): row-wise _scaled_mm wants a contiguous [M, 1].
     scale = input_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()  # [M, 1]
-    return quantize_to_fp8(x, scale), scale
+    return quantize_rows_to_fp8(x, scale), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
@@ -136,6 +150,7 @@ def _fast_kernels() -> dict[str, object]:
             from trtdist.kernels.fp8_gemm import (
                 SMALL_M_MAX,
                 fp8_gemm_small_m,
+                fp8_gemm_small_m_quantizing,
                 fp8_linear_small_m,
             )
             from trtdist.kernels.fp8_quant import quantize_activation_triton
@@ -143,7 +158,8 @@ def _fast_kernels() -> dict[str, object]:
             _disable_fast(f"import failed: {e!r}")
         else:
             _fast.update(quant=quantize_activation_triton, small_m=fp8_linear_small_m,
-                         gemm=fp8_gemm_small_m, small_m_max=SMALL_M_MAX,
+                         gemm=fp8_gemm_small_m, gemm_quantizing=fp8_gemm_small_m_quantizing,
+                         small_m_max=SMALL_M_MAX,
                          norm_quant=rms_norm_quant_triton, silu_quant=silu_and_mul_quant_triton)
     return _fast
 
@@ -220,3 +236,22 @@ def fp8_linear_quantized_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.
         except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch
             _disable_fast(f"{type(e).__name__}: {e}")
     return _scaled_mm(xq, xs, weight, weight_scale_row, bias, out_dtype)
+
+
+def fp8_linear_amax_cuda(x: torch.Tensor, row_amax: torch.Tensor, weight: torch.Tensor,
+                         weight_scale_row: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """`fp8_linear_cuda` (per token) of the model-dtype `x [M, K]` whose rows' max |value| the
+    producer wrote into `row_amax` (>= M float32 values): at M <= SMALL_M_MAX one launch, the
+    small-M GEMM quantizing its tiles from the amax; otherwise (or if the kernel fails) the
+    amax is not needed and `fp8_linear_cuda` quantizes as usual. Same numbers either way."""
+    fast = _fast_kernels()
+    m = x.shape[0]
+    if ("off" not in fast and x.dim() == 2 and m <= fast["small_m_max"]  # type: ignore[operator]
+            and m <= row_amax.numel() and x.stride(-1) == 1):
+        try:
+            return fast["gemm_quantizing"](x, row_amax, None, weight,  # type: ignore[operator]
+                                           weight_scale_row.view(-1), bias)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch
+            _disable_fast(f"{type(e).__name__}: {e}")
+    return fp8_linear_cuda(x, weight, weight_scale_row, None, bias)

@@ -657,6 +657,22 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8_b1 llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --num-requests 1 \
           --input-len 128 --output-len 256
       ;;
+    s8a)  # the row-amax handoff (eighth session): correct first, then batch 1 A/B in one run
+      timeout 240 python3 -m pytest -q -rf -m gpu -n 4 tests/test_row_amax.py \
+          tests/test_fp8_kernels.py tests/test_fp8_fused.py 2>&1 | tee "$OUT/s8a_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "s8a gpu tests: $(tail -1 "$OUT/s8a_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      TRTDIST_FP8_ROW_AMAX=0 bench fp8_b1_off $M --quant fp8 $B
+      bench fp8_b1_on $M --quant fp8 $B
+      bench b1 $M $B
+      timeout 200 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 16 \
+          --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_fp8.json" \
+          > "$OUT/timeline_fp8.log" 2>&1
+      note "timeline fp8: $(tail -1 "$OUT/timeline_fp8.log")"
+      sed -n '/^timeline:/,/^kernel /p' "$OUT/timeline_fp8.log" | head -40 | tee -a "$SUMMARY"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

@@ -231,7 +231,7 @@ _AOT_SCRIPT = textwrap.dedent("""
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from trtdist.kernels import fp8_fused as f, fp8_gemm as g, fp8_quant as q
+    from trtdist.kernels import activation as act, fp8_fused as f, fp8_gemm as g, fp8_quant as q
 
     def compile_(fn, sig, consts, cc, **options):
         for c in consts:
@@ -244,21 +244,22 @@ _AOT_SCRIPT = textwrap.dedent("""
 
     for cc in (89, 90):
         gemm = dict(xq_ptr="*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32",
-                    b_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", cnt_ptr="*i32", M="i32",
+                    b_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", cnt_ptr="*i32",
+                    amax_ptr="*fp32", M="i32",
                     N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_om="i32")
         for dot in (True, False):
             for split, fixup in ((1, True), (4, True), (4, False)):
                 ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
                     K_PER_SPLIT=1024, SPLIT_K=split, EVEN_K=True, FIXUP=fixup, HAS_BIAS=True,
                     DOT_FP8=dot, MODE=0, K_ACC=True, X_2D=False, PREFETCH=False, PDL=False,
-                    BLOCK_M=16, BLOCK_N=64, BLOCK_K=256), cc, num_warps=4,
+                    BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, X_MODE=0), cc, num_warps=4,
                     num_stages=4)
                 assert "mma.sync" in ptx and "cp.async" in ptx, (cc, dot, split)  # pipelined
         # the weight on the MMA's M side: Hopper's wgmma
         ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
             K_PER_SPLIT=1024, SPLIT_K=4, EVEN_K=True, FIXUP=True, HAS_BIAS=True, DOT_FP8=True,
             MODE=1, K_ACC=True, X_2D=False, PREFETCH=False, PDL=cc >= 90,
-            BLOCK_M=16, BLOCK_N=64, BLOCK_K=256), cc, num_warps=4, num_stages=4)
+            BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, X_MODE=0), cc, num_warps=4, num_stages=4)
         assert ("wgmma" in ptx) == (cc == 90) and "cp.async" in ptx, cc
         # gemv: no MMA; 16-byte weight loads
         for bm, k_acc, x_2d, even, pf in ((1, True, True, True, True),
@@ -268,7 +269,7 @@ _AOT_SCRIPT = textwrap.dedent("""
             ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
                 K_PER_SPLIT=1024, SPLIT_K=4, EVEN_K=even, FIXUP=True, HAS_BIAS=True,
                 DOT_FP8=True, MODE=2, K_ACC=k_acc, X_2D=x_2d, PREFETCH=pf, PDL=False,
-                BLOCK_M=bm, BLOCK_N=16, BLOCK_K=512), cc, num_warps=4,
+                BLOCK_M=bm, BLOCK_N=16, BLOCK_K=512, X_MODE=0), cc, num_warps=4,
                 num_stages=1)
             assert "mma" not in ptx and any("ld.global" in ln and ".v4" in ln
                                                  for ln in ptx.splitlines()), (cc, bm)
@@ -276,21 +277,40 @@ _AOT_SCRIPT = textwrap.dedent("""
             ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
                 K_PER_SPLIT=4096, SPLIT_K=1, EVEN_K=True, FIXUP=True, HAS_BIAS=False,
                 DOT_FP8=True, MODE=2, K_ACC=True, X_2D=False, PREFETCH=False, PDL=True,
-                BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048), cc, num_warps=4,
+                BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048, X_MODE=0), cc, num_warps=4,
                 num_stages=1)
             lines = ptx.splitlines()
             wait = next(i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln)
             trigger = next(i for i, ln in enumerate(lines) if "launch_dependents" in ln)
             assert not any("ld.global" in ln or "st.global" in ln for ln in lines[:wait])
             assert wait < trigger and any("ld.global" in ln for ln in lines[wait:trigger])
+        # X_MODE 1 / 2: bf16 rows quantized inside the GEMM (row amax / static scale)
+        for mode, x_mode in ((2, 1), (2, 2), (0, 1), (1, 1)):
+            bm = 1 if mode == 2 else 16
+            ptx = compile_(g._fp8_gemm_kernel, dict(gemm, xq_ptr="*bf16"), dict(
+                K_PER_SPLIT=4096, SPLIT_K=1, EVEN_K=True, FIXUP=True, HAS_BIAS=False,
+                DOT_FP8=True, MODE=mode, K_ACC=True, X_2D=False, PREFETCH=False, PDL=cc >= 90,
+                BLOCK_M=bm, BLOCK_N=2 if mode == 2 else 64, BLOCK_K=2048 if mode == 2 else 256,
+                X_MODE=x_mode), cc, num_warps=4, num_stages=1 if mode == 2 else 4)
+            # quantized here (sm_90 converts from float32, sm_89 through float16), and no
+            # IEEE division per element: a few per program (scales, reciprocals)
+            assert "cvt.rn.satfinite.e4m3x2" in ptx and ptx.count("div.rn.f32") <= 12, (
+                cc, mode, x_mode)
+            if x_mode == 1:
+                assert "ld.global.cg" in ptx, (cc, mode)  # the amax read past L1
+        ptx = compile_(act._silu_and_mul_kernel, dict(
+            x_ptr="*bf16", x_stride="i32", out_ptr="*bf16", out_stride="i32",
+            amax_ptr="*fp32"), dict(INTER=14336, BLOCK=256, AMAX=True, PDL=cc >= 90), cc,
+            num_warps=1)
+        assert "atom.global" in ptx or "red.global" in ptx, cc
         fused = dict(x_ptr="*bf16", x_stride="i32", res_ptr="*bf16", res_stride="i32",
                      w_ptr="*bf16", q_ptr="*fp8e4nv", q_stride="i32", s_ptr="*fp32",
-                     in_scale_ptr="*fp32", eps="fp32")
+                     in_scale_ptr="*fp32", clear_ptr="*fp32", eps="fp32")
         for static, n, res in ((False, 4096, True), (True, 4096, False), (False, 20480, True)):
             block = min(16384, 1 << (n - 1).bit_length())
             ptx = compile_(f._rms_norm_quant_kernel, dict(fused), dict(
                 N=n, HAS_RESIDUAL=res, STATIC=static, Y_DTYPE=tl.bfloat16, BLOCK=block,
-                ONE_PASS=block >= n, PDL=cc >= 90), cc, num_warps=8)
+                ONE_PASS=block >= n, CLEAR=not static, PDL=cc >= 90), cc, num_warps=8)
             assert "div.rn.f32" in ptx and "e4m3x2" in ptx, (cc, static, n)
         for static, inter in ((False, 14336), (True, 3584), (False, 20000)):
             block = min(16384, 1 << (inter - 1).bit_length())

@@ -6,6 +6,7 @@ Stage 0 also owns the embedding; the last stage owns the final norm and the LM h
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from trtdist.kernels.norm import add_rms_norm, rms_norm
 from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
 from trtdist.models.rope import inv_frequencies
 from trtdist.parallel.layers import (
+    ActivationWithAmax,
     ColumnParallelLinear,
     LinearMethod,
     ParallelLMHead,
@@ -31,6 +33,10 @@ from trtdist.parallel.layers import (
 from trtdist.parallel.mapping import Mapping
 from trtdist.parallel.shard import attention_shard, vocab_range
 
+# NOTE: "0" turns off the row-amax handoff to the FP8 o and down projections (A/B measures).
+ROW_AMAX_ENV = "TRTDIST_FP8_ROW_AMAX"
+ROW_AMAX_ROWS = 16  # steps of at most this many tokens use it (the small-M FP8 GEMM's range)
+
 
 @dataclass(frozen=True, slots=True)
 class StepContext:
@@ -40,6 +46,8 @@ class StepContext:
     slot_mapping: torch.Tensor  # [T] int64, -1 = padding (not written)
     meta: object  # the attention backend's metadata (opaque to the layers)
     backend: AttentionBackend
+    # [ROW_AMAX_ROWS] float32 or None: see `LlamaStage.row_amax`
+    row_amax: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -50,15 +58,17 @@ class RMSNorm(nn.Module):
                                    requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                quant_for: ColumnParallelLinear | None = None
+                quant_for: ColumnParallelLinear | None = None,
+                clear: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
         """vLLM style: returns `(norm(x + residual), x + residual)`; without a residual,
         `(norm(x), x)`. Numerics as transformers' LlamaRMSNorm (see kernels/norm.py).
         When `quant_for` (the linear layer that consumes the output) wants FP8 input, the
-        normalised rows come back quantized (`QuantizedActivation`, one fused kernel)."""
+        normalised rows come back quantized (`QuantizedActivation`, one fused kernel), and
+        that kernel also zeroes `clear[:T]` when given."""
         if quant_for is not None and x.dim() == 2 and quant_for.wants_quantized_input:
             q, scale, residual = rms_norm_quant_triton(x, residual, self.weight, self.eps,
-                                                       quant_for.activation_scale)
+                                                       quant_for.activation_scale, clear=clear)
             dtype = torch.promote_types(x.dtype, self.weight.dtype)  # what the norm returns
             return QuantizedActivation(q, scale, dtype), residual
         if residual is None:
@@ -83,15 +93,20 @@ class LlamaAttention(nn.Module):
                                    quant)
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv: LayerKV,
-                ctx: StepContext) -> torch.Tensor:
+                ctx: StepContext, row_amax: torch.Tensor | None = None) -> torch.Tensor:
+        """`row_amax` (zeroed by the norm before): the attention maxes its output rows' amax
+        into it and the FP8 o projection quantizes from it."""
         t = x.shape[0]
         # Rotary on q and k, and the write of k and v into the paged cache, in one op.
         q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
                                    self.kv_heads, self.head_dim, kv.k, kv.v, ctx.slot_mapping,
                                    k_scale=kv.k_scale, v_scale=kv.v_scale)
+        amax = row_amax if self.o.wants_row_amax else None
         o = ctx.backend.forward(q, k, v, kv.k, kv.v, ctx.meta, self.scale, self.window,
-                                k_scale=kv.k_scale, v_scale=kv.v_scale)  # [T, Hq, D]
-        return self.o(o.reshape(t, self.q_size))
+                                k_scale=kv.k_scale, v_scale=kv.v_scale,
+                                row_amax=amax)  # [T, Hq, D]
+        o = o.reshape(t, self.q_size)
+        return self.o(o if amax is None else ActivationWithAmax(o, amax))
 
 
 class LlamaMLP(nn.Module):
@@ -108,8 +123,13 @@ class LlamaMLP(nn.Module):
         self.down = RowParallelLinear(self.inter, cfg.hidden_size, cfg.mlp_bias, dtype, device, tp,
                                       quant)
 
-    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation,
+                row_amax: torch.Tensor | None = None) -> torch.Tensor:
+        """`row_amax` (zeroed by the norm before, see `LlamaStage.row_amax`): the SiLU x up
+        kernel maxes its rows' amax into it and the FP8 down projection quantizes from it."""
         h = self.gate_up(x)  # [T, 2I]
+        if h.dim() == 2 and row_amax is not None and self.down.wants_row_amax:
+            return self.down(ActivationWithAmax(silu_and_mul(h, row_amax=row_amax), row_amax))
         if h.dim() == 2 and self.down.wants_quantized_input:
             q, scale = silu_and_mul_quant_triton(h, self.down.activation_scale)
             return self.down(QuantizedActivation(q, scale, h.dtype))
@@ -131,10 +151,19 @@ class LlamaDecoderLayer(nn.Module):
                 kv_cache: LayerKV, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream travels beside the layer output (vLLM style): the add that
         closes one block is fused with the norm that opens the next."""
-        x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv)
-        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx), residual,
-                                     quant_for=self.mlp.gate_up)
-        return self.mlp(x), residual
+        amax = ctx.row_amax if self.uses_row_amax else None
+        x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv, clear=amax)
+        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx, amax), residual,
+                                     quant_for=self.mlp.gate_up, clear=amax)
+        return self.mlp(x, amax), residual
+
+    @property
+    def uses_row_amax(self) -> bool:
+        """Whether the o and down projections take their input with its row amax: both must
+        want it, and the norms before them must be the fused FP8 kernels (which zero it)."""
+        return (self.attn.o.wants_row_amax and self.mlp.down.wants_row_amax
+                and self.attn.qkv.wants_quantized_input
+                and self.mlp.gate_up.wants_quantized_input)
 
 
 class LlamaStage(nn.Module):
@@ -161,10 +190,23 @@ class LlamaStage(nn.Module):
             self.lm_head = ParallelLMHead(local, cfg.hidden_size, cfg.vocab_size, dtype, device,
                                           tp)
         self.attention_backend: AttentionBackend = TorchAttentionBackend()
+        # NOTE: FP8 per-token activations at decode: the attention output and SiLU x up rows
+        # go to the o / down GEMMs in the model dtype with each row's amax, and the GEMM
+        # quantizes them (no quantize launch; measured in PERF_NOTES.md, eighth session).
+        # One slot a token row serves both uses of every layer: the layer's input norm zeroes
+        # it, the attention maxes into it, the o GEMM reads it; the post-attention norm
+        # zeroes it, SiLU x up maxes, the down GEMM reads. Each writer runs after the
+        # previous reader on the stream (PDL kernels wait for the previous launch).
+        self.row_amax = (torch.zeros(ROW_AMAX_ROWS, dtype=torch.float32, device=device)
+                         if quant is not None and quant.quant.method == "fp8"
+                         and not quant.quant.static and device.type == "cuda"
+                         and os.environ.get(ROW_AMAX_ENV, "1") != "0" else None)
 
     def context(self, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 meta: object) -> StepContext:
-        return StepContext(positions, slot_mapping, meta, self.attention_backend)
+        amax = (self.row_amax if self.row_amax is not None
+                and positions.shape[0] <= ROW_AMAX_ROWS else None)
+        return StepContext(positions, slot_mapping, meta, self.attention_backend, amax)
 
     def forward(self, tokens_or_hidden: torch.Tensor,
                 kv_caches: Sequence[LayerKV],
