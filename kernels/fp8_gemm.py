@@ -431,7 +431,7 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
     _check(xq, xs, w, ws, bias, out_dtype, x_mode)
     m, k = xq.shape
     n = w.shape[0]
-    cfg = config if config is not None else _cfg.lookup(m, n, k)
+    cfg = config if config is not None else _cfg.lookup(m, n, k, quantizing=x_mode != 0)
     if m > cfg.block_m:
         raise ValueError(f"fp8_gemm_small_m: config block_m = {cfg.block_m} cannot hold "
                          f"M = {m} rows")

@@ -115,6 +115,13 @@ TUNED: dict[tuple[int, int, int], Fp8GemmConfig] = {
     (16, 28672, 4096): Fp8GemmConfig('dot_swap', 16, 64, 256, 1, 4, 4, True, False, False),
 }
 CONFIGS: dict[tuple[int, int, int], Fp8GemmConfig] = dict(TUNED)
+# NOTE: the GEMM that quantizes its model-dtype input itself (X_MODE 1, the row-amax handoff of
+# `models/llama.py`): each program quantizes the whole K of its rows, so the handoff only pays
+# where few programs share a row (a wide BLOCK_N, or the tl.dot tiles). A shape is handed its
+# input that way only where it has an entry here (measured to beat the quantize launch plus
+# the plain GEMM in the engine); elsewhere the layer keeps the quantize launch.
+TUNED_QUANTIZING: dict[tuple[int, int, int], Fp8GemmConfig] = {}
+QUANTIZING: dict[tuple[int, int, int], Fp8GemmConfig] = dict(TUNED_QUANTIZING)
 
 
 def m_bucket(m: int) -> int:
@@ -147,34 +154,55 @@ def default_config(m: int) -> Fp8GemmConfig:
     return DEFAULT_DOT if m <= 16 else Fp8GemmConfig(block_m=32)
 
 
-def lookup(m: int, n: int, k: int) -> Fp8GemmConfig:
-    """The config for `[m, k] x [n, k]^T`: tuned, else the default."""
+def lookup(m: int, n: int, k: int, quantizing: bool = False) -> Fp8GemmConfig:
+    """The config for `[m, k] x [n, k]^T`: tuned, else the default. `quantizing`: for the
+    GEMM that quantizes its input (its own table first, then the plain one)."""
+    if quantizing:
+        cfg = quantizing_config(m, n, k)
+        if cfg is not None:
+            return cfg
     cfg = CONFIGS.get((m_bucket(m), n, k))
     return cfg if cfg is not None and fits(cfg, m) else default_config(m)
 
 
-def from_json(data: Any) -> dict[tuple[int, int, int], Fp8GemmConfig]:
+def quantizing_config(m: int, n: int, k: int) -> Fp8GemmConfig | None:
+    """The measured tile of the input-quantizing GEMM for this shape, or None (the shape keeps
+    the separate quantize launch)."""
+    if m > M_BUCKETS[-1]:
+        return None
+    cfg = QUANTIZING.get((m_bucket(m), n, k))
+    return cfg if cfg is not None and fits(cfg, m) else None
+
+
+def from_json(data: Any, key: str = "configs") -> dict[tuple[int, int, int], Fp8GemmConfig]:
     """`{"configs": [{"m": 1, "n": 6144, "k": 4096, "config": {...}}, ...]}` (the tune
-    script's JSON) -> a table."""
-    rows = data.get("configs") if isinstance(data, dict) else None
+    script's JSON) -> a table; `key` "quantizing" reads the input-quantizing GEMM's entries
+    (optional in the file)."""
+    rows = data.get(key, [] if key != "configs" else None) if isinstance(data, dict) else None
     if not isinstance(rows, list):
-        raise ValueError("fp8 gemm configs: want a JSON object with a 'configs' list")
+        raise ValueError(f"fp8 gemm configs: want a JSON object with a '{key}' list")
     table = {}
     for row in rows:
         try:
-            key = (m_bucket(int(row["m"])), int(row["n"]), int(row["k"]))
-            table[key] = Fp8GemmConfig(**row["config"])
+            key_ = (m_bucket(int(row["m"])), int(row["n"]), int(row["k"]))
+            table[key_] = Fp8GemmConfig(**row["config"])
         except (KeyError, TypeError) as e:
             raise ValueError(f"fp8 gemm configs: bad entry {row!r}: {e}") from e
     return table
 
 
 def load_file(path: str | Path) -> None:
-    """Replace `CONFIGS` with `TUNED` updated by the tune script's JSON at `path`."""
-    table = from_json(json.loads(Path(path).read_text()))
+    """Replace `CONFIGS` with `TUNED` updated by the tune script's JSON at `path`, and
+    `QUANTIZING` with `TUNED_QUANTIZING` updated by its "quantizing" list (when it has one;
+    `"quantizing": []` leaves no shape on the handoff)."""
+    data = json.loads(Path(path).read_text())
+    table = from_json(data)
     CONFIGS.clear()
     CONFIGS.update(TUNED)
     CONFIGS.update(table)
+    if isinstance(data, dict) and "quantizing" in data:
+        QUANTIZING.clear()
+        QUANTIZING.update(from_json(data, "quantizing"))
     _log.info("fp8 gemm: %d tuned configs from %s", len(table), path)
 
 

@@ -42,10 +42,9 @@ class _Linear(nn.Module):
         """See `LinearMethod.wants_quantized_input`."""
         return self.method.wants_quantized_input(self)
 
-    @property
-    def wants_row_amax(self) -> bool:
+    def wants_row_amax(self, rows: int) -> bool:
         """See `LinearMethod.wants_row_amax`."""
-        return self.method.wants_row_amax(self)
+        return self.method.wants_row_amax(self, rows)
 
     @property
     def activation_scale(self) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from trtdist.kernels import gemv
+from trtdist.kernels import fp8_gemm_configs, gemv
 from trtdist.parallel.quant import QuantConfig
 from trtdist.parallel.quant_fp8 import (
     FP8_DTYPE,
@@ -100,9 +100,9 @@ class LinearMethod:
         """The static activation scale `[1]` float32, or None (dynamic, per token)."""
         return None
 
-    def wants_row_amax(self, layer: nn.Module) -> bool:
-        """Whether this layer's producer may hand `apply` an `ActivationWithAmax` (the model-
-        dtype rows with their amax) instead of a tensor."""
+    def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
+        """Whether this layer's producer should hand `apply` an `ActivationWithAmax` (the
+        model-dtype rows with their amax) instead of a tensor, for a step of `rows` tokens."""
         return False
 
     def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -187,10 +187,13 @@ class Fp8LinearMethod(LinearMethod):
     def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
         return layer.input_scale
 
-    def wants_row_amax(self, layer: nn.Module) -> bool:
+    def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
         # NOTE: per token only (static scales need no amax: the small-M GEMM quantizes a plain
-        # tensor itself), and only where the Triton kernels run.
+        # tensor itself), only where the Triton kernels run, and only for the shapes where the
+        # input-quantizing GEMM was measured to win (its table in kernels/fp8_gemm_configs.py).
+        n, k = layer.weight.shape
         return (not self.quant.static and bool(layer.use_scaled_mm)
+                and fp8_gemm_configs.quantizing_config(rows, n, k) is not None
                 and fused_quantization_available())
 
     def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation | ActivationWithAmax,

@@ -673,6 +673,28 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       note "timeline fp8: $(tail -1 "$OUT/timeline_fp8.log")"
       sed -n '/^timeline:/,/^kernel /p' "$OUT/timeline_fp8.log" | head -40 | tee -a "$SUMMARY"
       ;;
+    s8b)  # row-amax handoff tiles in place (one timeline each), then the best against none
+      timeout 150 python3 -m pytest -q -rf -m gpu -n 4 tests/test_row_amax.py 2>&1 \
+          | tee "$OUT/s8b_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "s8b gpu tests: $(tail -1 "$OUT/s8b_tests.log")"
+      python3 scripts/amax_variants.py write "$OUT/var" | tee -a "$SUMMARY"
+      for v in 0 1 2 3 4 5; do
+        TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/v$v.json" timeout 120 python3 \
+            scripts/profile_decode.py --batch 1 --context 128 --steps 24 --quant fp8 \
+            --max-model-len 8192 --timeline "$OUT/var/timeline_v$v.json" \
+            > "$OUT/var/timeline_v$v.log" 2>&1
+        note "v$v $(grep wall_ms "$OUT/var/timeline_v$v.log" | cut -c1-60) \
+$(grep "^linear" "$OUT/var/timeline_v$v.log") \
+$(grep -E "^_(quant_fp8|silu_and_mul|silu_mul_quant|decode_reduce)" "$OUT/var/timeline_v$v.log" \
+  | awk '{printf "%s %s  ", $1, $3}')"
+      done
+      BEST=$(python3 scripts/amax_variants.py pick "$OUT/var"); note "best: $BEST"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/v0.json" bench fp8_b1_v0 $M --quant fp8 $B
+      TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/$BEST.json" bench fp8_b1_best $M --quant fp8 $B
+      bench b1 $M $B
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

@@ -194,10 +194,11 @@ def _fp8_stage(monkeypatch: pytest.MonkeyPatch, amax_on: bool, dtype: torch.dtyp
     """A two-layer FP8 (per token) LlamaStage with random weights (the same every call). On
     CPU the Triton paths are forced on (they run in the interpreter)."""
     from test_fp8_fused import _OneRank
-    from trtdist.config import ModelConfig
-    from trtdist.models.llama import ROW_AMAX_ROWS, LlamaStage
     from trtdist.parallel.linear_methods import Fp8LinearMethod
     from trtdist.parallel.mapping import Mapping
+
+    from trtdist.config import ModelConfig
+    from trtdist.models.llama import ROW_AMAX_ROWS, LlamaStage
 
     monkeypatch.setenv("TRTDIST_FP8_ROW_AMAX", "1" if amax_on else "0")
     cfg = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96,
@@ -243,19 +244,41 @@ def _decode_step(stage, cfg, rows: int) -> torch.Tensor:
     return stage(ids, kv, ctx)
 
 
+def _quantizing_tiles(monkeypatch: pytest.MonkeyPatch, which: tuple[str, ...]) -> None:
+    """Give the stage's o ([64, 64]) and / or down ([64, 96]) shapes input-quantizing tiles
+    for every small-M bucket (gemv at 1 row, tl.dot above), and the plain GEMM the same
+    tiles (the same float32 summation order: only the quantization's place differs)."""
+    from trtdist.kernels import fp8_gemm_configs as cfgs
+
+    tiles = {1: Fp8GemmConfig("gemv", 1, 8, 64, 1, 4, 1),
+             4: Fp8GemmConfig("gemv", 4, 4, 64, 1, 4, 1, False, True),
+             16: Fp8GemmConfig("dot", 16, 32, 64, 1, 4, 2)}
+    quantizing, plain = {}, dict(cfgs.CONFIGS)
+    for name, (n, k) in (("o", (64, 64)), ("down", (64, 96))):
+        for bucket, tile in tiles.items():
+            plain[(bucket, n, k)] = tile
+            if name in which:
+                quantizing[(bucket, n, k)] = tile
+    monkeypatch.setattr(cfgs, "QUANTIZING", quantizing)
+    monkeypatch.setattr(cfgs, "CONFIGS", plain)
+
+
+@pytest.mark.parametrize("which", [("o", "down"), ("down",), ()])
 @pytest.mark.parametrize("rows", [1, 3] + ([16, 17] if CUDA else []))
 def test_fp8_stage_decode_equal_with_and_without_the_handoff(
-        rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A decode step of an FP8 (per-token) stage: the handoff (on by default) changes no bit
-    of the output; it is in use at <= 16 rows."""
+        rows: int, which: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step of an FP8 (per-token) stage: the handoff changes no bit of the output;
+    it is in use at <= 16 rows for the shapes whose input-quantizing GEMM has a tile."""
     if CUDA and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need compute capability >= 8.9")
+    _quantizing_tiles(monkeypatch, which)
     dtype = torch.bfloat16 if CUDA else torch.float32
     outs = []
     for on in (False, True):
         stage, cfg = _fp8_stage(monkeypatch, on, dtype)
         assert (stage.row_amax is not None) == on
-        assert all(layer.uses_row_amax for layer in stage.layers.values())
+        users = which if rows <= 16 else ()
+        assert all(layer.row_amax_users(rows) == users for layer in stage.layers.values())
         outs.append(_decode_step(stage, cfg, rows))
     assert not outs[0].isnan().any()
     assert torch.equal(outs[0], outs[1])

@@ -101,7 +101,7 @@ class LlamaAttention(nn.Module):
         q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
                                    self.kv_heads, self.head_dim, kv.k, kv.v, ctx.slot_mapping,
                                    k_scale=kv.k_scale, v_scale=kv.v_scale)
-        amax = row_amax if self.o.wants_row_amax else None
+        amax = row_amax if row_amax is not None and self.o.wants_row_amax(t) else None
         o = ctx.backend.forward(q, k, v, kv.k, kv.v, ctx.meta, self.scale, self.window,
                                 k_scale=kv.k_scale, v_scale=kv.v_scale,
                                 row_amax=amax)  # [T, Hq, D]
@@ -128,7 +128,7 @@ class LlamaMLP(nn.Module):
         """`row_amax` (zeroed by the norm before, see `LlamaStage.row_amax`): the SiLU x up
         kernel maxes its rows' amax into it and the FP8 down projection quantizes from it."""
         h = self.gate_up(x)  # [T, 2I]
-        if h.dim() == 2 and row_amax is not None and self.down.wants_row_amax:
+        if h.dim() == 2 and row_amax is not None and self.down.wants_row_amax(h.shape[0]):
             return self.down(ActivationWithAmax(silu_and_mul(h, row_amax=row_amax), row_amax))
         if h.dim() == 2 and self.down.wants_quantized_input:
             q, scale = silu_and_mul_quant_triton(h, self.down.activation_scale)
@@ -151,19 +151,22 @@ class LlamaDecoderLayer(nn.Module):
                 kv_cache: LayerKV, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream travels beside the layer output (vLLM style): the add that
         closes one block is fused with the norm that opens the next."""
-        amax = ctx.row_amax if self.uses_row_amax else None
-        x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv, clear=amax)
-        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx, amax), residual,
-                                     quant_for=self.mlp.gate_up, clear=amax)
-        return self.mlp(x, amax), residual
+        # NOTE: the slot is handed on only behind a norm that zeroes it (the fused FP8 one);
+        # o and down each then take it where their GEMM wants it (`wants_row_amax`).
+        amax = ctx.row_amax
+        attn_amax = amax if amax is not None and self.attn.qkv.wants_quantized_input else None
+        mlp_amax = amax if amax is not None and self.mlp.gate_up.wants_quantized_input else None
+        x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv, clear=attn_amax)
+        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx, attn_amax), residual,
+                                     quant_for=self.mlp.gate_up, clear=mlp_amax)
+        return self.mlp(x, mlp_amax), residual
 
-    @property
-    def uses_row_amax(self) -> bool:
-        """Whether the o and down projections take their input with its row amax: both must
-        want it, and the norms before them must be the fused FP8 kernels (which zero it)."""
-        return (self.attn.o.wants_row_amax and self.mlp.down.wants_row_amax
-                and self.attn.qkv.wants_quantized_input
-                and self.mlp.gate_up.wants_quantized_input)
+    def row_amax_users(self, rows: int) -> tuple[str, ...]:
+        """Which projections take their input with its row amax at `rows` tokens (tests,
+        profiles): a subset of ("o", "down")."""
+        return tuple(name for name, lin, before in (
+            ("o", self.attn.o, self.attn.qkv), ("down", self.mlp.down, self.mlp.gate_up))
+            if lin.wants_row_amax(rows) and before.wants_quantized_input)
 
 
 class LlamaStage(nn.Module):
