@@ -493,10 +493,12 @@ def fp8_linear_small_m(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
                        input_scale: torch.Tensor | None, bias: torch.Tensor | None,
                        **kw: object) -> torch.Tensor:
     """`x [M, K]` (M <= SMALL_M_MAX, float16/bfloat16/float32) -> `[M, N]` in x's dtype. Static
-    scales: one launch, the GEMM quantizes its tiles; per token: the activation quantization
-    (the row's amax is needed before any product), then the small-M GEMM. Same numbers as
+    scales, on a shape with an input-quantizing tile (`fp8_gemm_configs.QUANTIZING`): one
+    launch, the GEMM quantizes its tiles; otherwise the activation quantization (per token:
+    the row's amax is needed before any product), then the small-M GEMM. Same numbers as
     `parallel.quant_fp8.fp8_linear_reference` up to float32 summation order."""
-    if input_scale is not None:
+    if input_scale is not None and (kw.get("config") is not None or _cfg.quantizing_config(
+            x.shape[0], w.shape[0], w.shape[1]) is not None):
         return fp8_gemm_small_m_quantizing(x, None, input_scale, w, ws, bias,
                                            **kw)  # type: ignore[arg-type]
     xq, xs = quantize_activation_triton(x, input_scale)

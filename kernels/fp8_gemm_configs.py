@@ -120,7 +120,15 @@ CONFIGS: dict[tuple[int, int, int], Fp8GemmConfig] = dict(TUNED)
 # where few programs share a row (a wide BLOCK_N, or the tl.dot tiles). A shape is handed its
 # input that way only where it has an entry here (measured to beat the quantize launch plus
 # the plain GEMM in the engine); elsewhere the layer keeps the quantize launch.
-TUNED_QUANTIZING: dict[tuple[int, int, int], Fp8GemmConfig] = {}
+# Measured 2026-11-24 on an H200 in the engine (`scripts/amax_variants.py`, llama3-8b FP8
+# batch-1 timelines, PERF_NOTES.md eighth session): down at its plain tile, 17.6 us + SiLU
+# 1.0 against 16.5 + SiLU-quantize 2.4; o at BLOCK_N 16 (a quarter of the plain tile's
+# programs quantizing the row), 7.0 us against 6.4 + quantize 1.3. At BLOCK_N 2-8 the o row's
+# redundant quantization cost more than the launch it saves (8.1-9.7 us).
+TUNED_QUANTIZING: dict[tuple[int, int, int], Fp8GemmConfig] = {
+    (1, 4096, 14336): Fp8GemmConfig('gemv', 1, 4, 1024, 1, 4, 1, True, False, False),
+    (1, 4096, 4096): Fp8GemmConfig('gemv', 1, 16, 1024, 1, 8, 1, True, False, False),
+}
 QUANTIZING: dict[tuple[int, int, int], Fp8GemmConfig] = dict(TUNED_QUANTIZING)
 
 

@@ -695,6 +695,26 @@ $(grep -E "^_(quant_fp8|silu_and_mul|silu_mul_quant|decode_reduce)" "$OUT/var/ti
       TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/$BEST.json" bench fp8_b1_best $M --quant fp8 $B
       bench b1 $M $B
       ;;
+    s8c)  # the session's last code, one GPU: the tests of the paths it changed
+      timeout 540 python3 -m pytest -q -rf -n 4 tests/test_row_amax.py 2>&1 \
+          | tee "$OUT/s8c_amax.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "s8c row-amax tests (all, on the GPU): $(tail -1 "$OUT/s8c_amax.log")"
+      timeout 480 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_kernels.py \
+          tests/test_fp8_fused.py tests/test_fp8.py tests/test_kv_fp8.py tests/test_graphs.py \
+          tests/test_equivalence.py tests/test_triton_attention.py tests/test_kernels.py \
+          -k "not long_context" 2>&1 | tee "$OUT/s8c_tests.log" \
+          | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "s8c gpu tests: $(tail -1 "$OUT/s8c_tests.log")"
+      ;;
+    s8d)  # the session's last code: batch 1 (handoff on / off, bf16) and 1024 x 128 / 128 FP8
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_FP8_ROW_AMAX=0 bench fp8_b1_off $M --quant fp8 $B
+      bench b1 $M $B
+      bench fp8_r1024 $M --quant fp8 --num-requests 1024 --input-len 128 --output-len 128 \
+          --max-batch-size 1024
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

@@ -80,8 +80,10 @@ def test_gemm_quantizing_equals_quantize_then_gemm(cfg: Fp8GemmConfig, m: int,
     assert got.dtype == dtype and torch.equal(got, want)
     ref = fp8_gemm_torch(xq, xs, w, ws, bias, dtype)
     torch.testing.assert_close(got.float(), ref.float(), rtol=1e-3, atol=1e-3)
-    if static:  # the static path of fp8_linear_small_m is this one launch
+    if static:  # fp8_linear_small_m: this one launch (given a tile), or quantize + GEMM
         assert torch.equal(fp8_linear_small_m(x, w, ws, s_in, bias, config=cfg), want)
+        assert torch.equal(fp8_linear_small_m(x, w, ws, s_in, bias), fp8_gemm_small_m(
+            xq, xs, w, ws, bias, dtype))
 
 
 def test_gemm_quantizing_rejects_bad_input() -> None:
