@@ -78,6 +78,17 @@ def dynamic_scale(amax):
 
 
 @_jit
+def quantize_by_division(x, scale):
+    """`clamp(x / scale, -448, 448)` with an IEEE division per element, to be cast to E4M3:
+    the FP8 KV cache's formula (`kv_quant.py`, whose per-(token, head) scales are written by
+    the same kernel, so no consumer needs the reciprocal form)."""
+    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX_C), _FP8_MAX_C)
+    if _EXPLICIT_ROUND:
+        v = _round_to_e4m3(v)
+    return v
+
+
+@_jit
 def _quantize(x, inv):
     """`clamp(x * inv, -448, 448)` (`inv` = `inverse_scale(scale)`), to be cast to E4M3:
     float32 rounded to an E4M3 value in the interpreter, left to the cast's identical

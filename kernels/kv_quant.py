@@ -6,7 +6,7 @@ float8_e4m3fn, each beside its scales `[blocks, block_size, Hkv]` float32: one s
 `s = max(amax(|x[t, h, :]|) / 448, 1e-12)`, `q = clamp(x / s, -448, 448)` rounded to E4M3
 (ties to even). A stored scale *dequantizes*, `x ~= q.float() * s`: the convention of
 `parallel/quant_fp8.py` (vLLM, TensorRT-LLM). The Triton writer (`rotary.py`) computes the
-same numbers bit for bit (IEEE division, explicit rounding: `fp8_quant._quantize`).
+same numbers bit for bit (IEEE division, explicit rounding: `fp8_quant.quantize_by_division`).
 
 Per token-head this costs D + 4 bytes instead of 2 * D (bf16): at D = 128, 132 / 256, i.e.
 1.94x the tokens in the same memory.

@@ -24,7 +24,7 @@ import torch
 from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
 from trtdist.kernels.fp8_quant import FP8_MAX, MIN_SCALE
-from trtdist.kernels.fp8_quant import _quantize as _quantize_e4m3
+from trtdist.kernels.fp8_quant import quantize_by_division as _quantize_e4m3
 from trtdist.kernels.kv_quant import (
     KV_FP8_DTYPE,
     KV_SCALE_DTYPE,

@@ -706,6 +706,12 @@ $(grep -E "^_(quant_fp8|silu_and_mul|silu_mul_quant|decode_reduce)" "$OUT/var/ti
           | grep -E "^FAILED|passed|failed" | cut -c1-300
       note "s8c gpu tests: $(tail -1 "$OUT/s8c_tests.log")"
       ;;
+    s8e)  # after the KV writer's formula fix: the FP8 KV cache and handoff tests again
+      timeout 270 python3 -m pytest -q -rf -n 4 tests/test_row_amax.py tests/test_kv_fp8.py \
+          tests/test_fp8.py -m "gpu or not gpu" -k "not long_context" 2>&1 \
+          | tee "$OUT/s8e_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "s8e tests (on the GPU): $(tail -1 "$OUT/s8e_tests.log")"
+      ;;
     s8d)  # the session's last code: batch 1 (handoff on / off, bf16) and 1024 x 128 / 128 FP8
       M="llama3-8b --dummy-weights --dtype bfloat16"
       B="--num-requests 1 --input-len 128 --output-len 256"
