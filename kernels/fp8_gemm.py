@@ -3,11 +3,15 @@ weight `W [N, K]` once from HBM (1 byte per weight, half of bf16's traffic).
 
 At M <= SMALL_M_MAX (16) a linear layer is bound by weight bandwidth; cuBLASLt's FP8 GEMM is
 tuned for large M and reads the weight inefficiently there. Here:
-- `fp8_linear_small_m(x, ...)`: two launches (three with split-K): the fused per-token
-  quantization of `kernels/fp8_quant.py`, then `_fp8_gemm_kernel` over the quantized rows.
-  NOTE: quantizing inside the GEMM would need every program to take the amax of the whole
-  row (M * K reads per program, ~2x the weight traffic at M = 16, K = 14336), so one small
-  launch first is cheaper.
+- `fp8_linear_small_m(x, ...)`: two launches: the fused per-token quantization of
+  `kernels/fp8_quant.py`, then `_fp8_gemm_kernel` over the quantized rows. NOTE: taking the
+  amax of the whole row inside the GEMM would cost every program M * K reads (~2x the weight
+  traffic at M = 16, K = 14336), so one small launch first is cheaper.
+- `fp8_gemm_small_m_quantizing(x, row_amax | input_scale, ...)`: one launch that quantizes
+  the model-dtype rows tile by tile (X_MODE 1 / 2), given the row amax that the producing
+  kernel wrote (the row-amax handoff of `models/llama.py`) or a static scale. Every program
+  converts all K of its rows, so it pays only where few programs share a row: its tiles come
+  from `fp8_gemm_configs.QUANTIZING` (measured), and shapes without one keep two launches.
 - `_fp8_gemm_kernel`: grid (cdiv(N, BLOCK_N), SPLIT_K); each program owns BLOCK_N output
   channels and one K slice. Its launch (mode, tile, split, warps, stages) comes from the
   table of `kernels/fp8_gemm_configs.py` keyed by (M bucket, N, K), tuned per GPU by
