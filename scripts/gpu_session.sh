@@ -706,6 +706,23 @@ $(grep -E "^_(quant_fp8|silu_and_mul|silu_mul_quant|decode_reduce)" "$OUT/var/ti
           | grep -E "^FAILED|passed|failed" | cut -c1-300
       note "s8c gpu tests: $(tail -1 "$OUT/s8c_tests.log")"
       ;;
+    s8f)  # handoff tiles, second set (from the shipped ones): timelines, then the best benched
+      python3 scripts/amax_variants.py write "$OUT/var" 2 | tee -a "$SUMMARY"
+      for v in 0 1 2 3 4 5; do
+        TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/v$v.json" timeout 120 python3 \
+            scripts/profile_decode.py --batch 1 --context 128 --steps 24 --quant fp8 \
+            --max-model-len 8192 --timeline "$OUT/var/timeline_v$v.json" \
+            > "$OUT/var/timeline_v$v.log" 2>&1
+        note "v$v $(grep wall_ms "$OUT/var/timeline_v$v.log" | cut -c1-60) \
+$(grep "^linear" "$OUT/var/timeline_v$v.log")"
+      done
+      BEST=$(python3 scripts/amax_variants.py pick "$OUT/var"); note "best: $BEST"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/v0.json" bench fp8_b1_v0 $M --quant fp8 $B
+      TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/$BEST.json" bench fp8_b1_best $M --quant fp8 $B
+      bench b1 $M $B
+      ;;
     s8e)  # after the KV writer's formula fix: the FP8 KV cache and handoff tests again
       timeout 270 python3 -m pytest -q -rf -n 4 tests/test_row_amax.py tests/test_kv_fp8.py \
           tests/test_fp8.py -m "gpu or not gpu" -k "not long_context" 2>&1 \
