@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
+from trtdist.kernels.fp8_quant import check_row_amax, max_rows_into
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -69,12 +70,7 @@ def silu_and_mul_triton(x: torch.Tensor, *, out: torch.Tensor | None = None,
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     o2 = out if out.dim() == 2 else out.view(-1, inter)
     rows = x2.shape[0]
-    if row_amax is not None and (row_amax.dtype != torch.float32
-                                 or not row_amax.is_contiguous() or row_amax.numel() < rows
-                                 or row_amax.device != x.device):
-        raise ValueError(f"silu_and_mul_triton: row_amax must be a contiguous float32 tensor "
-                         f"of >= {rows} elements on {x.device}, got {tuple(row_amax.shape)} "
-                         f"{row_amax.dtype}")
+    check_row_amax(row_amax, rows, x.device, "silu_and_mul_triton")
     if rows == 0 or inter == 0:
         return out
     # NOTE: small batches (decode) take small blocks so that enough programs fill the GPU.
@@ -95,7 +91,5 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None,
         return silu_and_mul_triton(x, out=out, row_amax=row_amax)
     y = silu_and_mul_torch(x)
     if row_amax is not None:
-        rows = y.reshape(-1, y.shape[-1])
-        torch.maximum(row_amax[:rows.shape[0]], rows.abs().amax(dim=-1).float(),
-                      out=row_amax[:rows.shape[0]])
+        max_rows_into(row_amax, y.reshape(-1, y.shape[-1]))
     return y if out is None else out.copy_(y)

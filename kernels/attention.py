@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from trtdist.kernels.fp8_quant import check_row_amax, max_rows_into
 from trtdist.kernels.paged_attention import (
     AttentionMetadata,
     paged_attention_torch,
@@ -73,25 +74,6 @@ class LayerKV:
     v: torch.Tensor
     k_scale: torch.Tensor | None = None  # [num_blocks, block_size, Hkv] float32 (FP8 only)
     v_scale: torch.Tensor | None = None
-
-
-def check_row_amax(row_amax: torch.Tensor | None, q: torch.Tensor) -> None:
-    """`row_amax` must be a contiguous float32 tensor of at least T elements on q's device."""
-    if row_amax is not None and (row_amax.dtype != torch.float32
-                                 or not row_amax.is_contiguous()
-                                 or row_amax.numel() < q.shape[0]
-                                 or row_amax.device != q.device):
-        raise ValueError(f"attention: row_amax must be a contiguous float32 tensor of >= "
-                         f"{q.shape[0]} elements on {q.device}, got {tuple(row_amax.shape)} "
-                         f"{row_amax.dtype} on {row_amax.device}")
-
-
-def max_rows_into(row_amax: torch.Tensor, out: torch.Tensor) -> None:
-    """`row_amax[:T] = max(row_amax[:T], max |out[t]|)` for an output `[T, ...]` (torch ops:
-    the prefill and reference paths)."""
-    t = out.shape[0]
-    torch.maximum(row_amax[:t], out.reshape(t, -1).abs().amax(dim=1).float(),
-                  out=row_amax[:t])
 
 
 class AttentionBackend(Protocol):
@@ -143,7 +125,7 @@ class TorchAttentionBackend:
                 v_scale: torch.Tensor | None = None,
                 row_amax: torch.Tensor | None = None) -> torch.Tensor:
         assert isinstance(meta, AttentionMetadata)
-        check_row_amax(row_amax, q)
+        check_row_amax(row_amax, q.shape[0], q.device, "attention")
         fn = paged_decode_torch if meta.is_decode else paged_attention_torch
         out = fn(q, k_cache, v_cache, meta, scale, sliding_window, k_scale=k_scale,
                  v_scale=v_scale)

@@ -27,6 +27,7 @@ from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, trito
 from trtdist.kernels.fp8_quant import (
     FP8_DTYPE,
     _quantize,
+    check_row_amax,
     dynamic_scale,
     inverse_scale,
     quantize_activation_torch,
@@ -260,10 +261,7 @@ def rms_norm_quant_triton(x: torch.Tensor, residual: torch.Tensor | None, weight
         raise ValueError(f"{fn}: residual must match x ({tuple(x.shape)}, {x.dtype}) with a "
                          f"unit last stride, got {tuple(residual.shape)}, {residual.dtype}")
     _check_scale(input_scale, fn)
-    if clear is not None and (clear.dtype != torch.float32 or not clear.is_contiguous()
-                              or clear.numel() < t or clear.device != x.device):
-        raise ValueError(f"{fn}: clear must be a contiguous float32 tensor of >= {t} elements "
-                         f"on {x.device}, got {tuple(clear.shape)} {clear.dtype}")
+    check_row_amax(clear, t, x.device, fn, "clear")
     xq, xs = _outputs(t, n, x.device)
     res = residual if residual is not None else x
     if t == 0:

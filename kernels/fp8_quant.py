@@ -28,6 +28,26 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_BLOCK = 4096
 
 
+def check_row_amax(slots: torch.Tensor | None, rows: int, device: torch.device, where: str,
+                   name: str = "row_amax") -> None:
+    """Row-amax slots (the handoff of a producer's per-row max |value| to the FP8 GEMM that
+    quantizes its output, `kernels/fp8_gemm.py`) must be a contiguous float32 tensor of at
+    least `rows` elements on `device`; None passes."""
+    if slots is not None and (slots.dtype != torch.float32 or not slots.is_contiguous()
+                              or slots.numel() < rows or slots.device != device):
+        raise ValueError(f"{where}: {name} must be a contiguous float32 tensor of >= {rows} "
+                         f"elements on {device}, got {tuple(slots.shape)} {slots.dtype} on "
+                         f"{slots.device}")
+
+
+def max_rows_into(row_amax: torch.Tensor, out: torch.Tensor) -> None:
+    """`row_amax[:T] = max(row_amax[:T], max |out[t]|)` for rows `[T, ...]` (torch ops: the
+    reference and prefill paths of the producers)."""
+    t = out.shape[0]
+    torch.maximum(row_amax[:t], out.reshape(t, -1).abs().amax(dim=1).float(),
+                  out=row_amax[:t])
+
+
 def quantize_activation_torch(x: torch.Tensor, input_scale: torch.Tensor | None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: `parallel.quant_fp8.quantize_activation` (imported lazily: imports flow
@@ -78,25 +98,27 @@ def dynamic_scale(amax):
 
 
 @_jit
-def quantize_by_division(x, scale):
-    """`clamp(x / scale, -448, 448)` with an IEEE division per element, to be cast to E4M3:
-    the FP8 KV cache's formula (`kv_quant.py`, whose per-(token, head) scales are written by
-    the same kernel, so no consumer needs the reciprocal form)."""
-    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -_FP8_MAX_C), _FP8_MAX_C)
+def _saturate(v):
+    """`clamp(v, -448, 448)`, to be cast to E4M3: float32 rounded to an E4M3 value in the
+    interpreter, left to the cast's identical rounding on a GPU."""
+    v = tl.minimum(tl.maximum(v, -_FP8_MAX_C), _FP8_MAX_C)
     if _EXPLICIT_ROUND:
         v = _round_to_e4m3(v)
     return v
 
 
 @_jit
+def quantize_by_division(x, scale):
+    """`clamp(x / scale, -448, 448)` with an IEEE division per element, to be cast to E4M3:
+    the FP8 KV cache's formula (`kv_quant.py`, whose per-(token, head) scales are written by
+    the same kernel, so no consumer needs the reciprocal form)."""
+    return _saturate(tl.math.div_rn(x, scale))
+
+
+@_jit
 def _quantize(x, inv):
-    """`clamp(x * inv, -448, 448)` (`inv` = `inverse_scale(scale)`), to be cast to E4M3:
-    float32 rounded to an E4M3 value in the interpreter, left to the cast's identical
-    rounding on a GPU."""
-    v = tl.minimum(tl.maximum(x * inv, -_FP8_MAX_C), _FP8_MAX_C)
-    if _EXPLICIT_ROUND:
-        v = _round_to_e4m3(v)
-    return v
+    """`clamp(x * inv, -448, 448)` (`inv` = `inverse_scale(scale)`), to be cast to E4M3."""
+    return _saturate(x * inv)
 
 
 # ---- rows split over several programs (decode: a handful of token rows) -----------------

@@ -56,7 +56,8 @@ import torch
 import triton
 import triton.language as tl
 from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait
-from trtdist.kernels.attention import AttentionInputs, check_row_amax, max_rows_into
+from trtdist.kernels.attention import AttentionInputs
+from trtdist.kernels.fp8_quant import check_row_amax, max_rows_into
 
 _LOG2E = 1.4426950408889634
 # A finite "minus infinity": a fully masked tile then gives p = 0, never NaN.
@@ -704,7 +705,7 @@ class TritonAttentionBackend:
         if not isinstance(meta, TritonAttentionMetadata):
             raise TypeError(f"expected TritonAttentionMetadata, got {type(meta).__name__}")
         _check(q, k, v, k_cache, v_cache, meta, sliding_window, k_scale, v_scale)
-        check_row_amax(row_amax, q)
+        check_row_amax(row_amax, q.shape[0], q.device, "attention")
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if q.shape[0] == 0:
             return out

@@ -59,14 +59,6 @@ class ActivationWithAmax:
     x: torch.Tensor  # [T, K] model dtype
     amax: torch.Tensor  # [>= T] float32
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.x.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
 
 class LinearMethod:
     """How a linear layer stores and multiplies its weight: the seam every quantization scheme

@@ -23,6 +23,27 @@ bench() {  # bench NAME ARGS...: one `trtdist bench` run, JSON kept
     note "bench $name rc=$? $(python3 scripts/summarize_bench.py "$OUT/bench_$name.json" 2>&1)"
 }
 
+amax_sweep() {  # amax_sweep SET: one batch-1 FP8 timeline per handoff tile variant of
+  # scripts/amax_variants.py SET, then the fastest benched against v0 and bf16
+  python3 scripts/amax_variants.py write "$OUT/var" "$1" | tee -a "$SUMMARY"
+  for v in 0 1 2 3 4 5; do
+    TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/v$v.json" timeout 120 python3 \
+        scripts/profile_decode.py --batch 1 --context 128 --steps 24 --quant fp8 \
+        --max-model-len 8192 --timeline "$OUT/var/timeline_v$v.json" \
+        > "$OUT/var/timeline_v$v.log" 2>&1
+    note "v$v $(grep wall_ms "$OUT/var/timeline_v$v.log" | cut -c1-60) \
+$(grep "^linear" "$OUT/var/timeline_v$v.log") \
+$(grep -E "^_(quant_fp8|silu_and_mul|silu_mul_quant|decode_reduce)" "$OUT/var/timeline_v$v.log" \
+  | awk '{printf "%s %s  ", $1, $3}')"
+  done
+  local best; best=$(python3 scripts/amax_variants.py pick "$OUT/var"); note "best: $best"
+  local m="llama3-8b --dummy-weights --dtype bfloat16"
+  local b="--num-requests 1 --input-len 128 --output-len 256"
+  TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/v0.json" bench fp8_b1_v0 $m --quant fp8 $b
+  TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/$best.json" bench fp8_b1_best $m --quant fp8 $b
+  bench b1 $m $b
+}
+
 for phase in "$@"; do
   case $phase in
     kernels)
@@ -677,23 +698,7 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       timeout 150 python3 -m pytest -q -rf -m gpu -n 4 tests/test_row_amax.py 2>&1 \
           | tee "$OUT/s8b_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
       note "s8b gpu tests: $(tail -1 "$OUT/s8b_tests.log")"
-      python3 scripts/amax_variants.py write "$OUT/var" | tee -a "$SUMMARY"
-      for v in 0 1 2 3 4 5; do
-        TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/v$v.json" timeout 120 python3 \
-            scripts/profile_decode.py --batch 1 --context 128 --steps 24 --quant fp8 \
-            --max-model-len 8192 --timeline "$OUT/var/timeline_v$v.json" \
-            > "$OUT/var/timeline_v$v.log" 2>&1
-        note "v$v $(grep wall_ms "$OUT/var/timeline_v$v.log" | cut -c1-60) \
-$(grep "^linear" "$OUT/var/timeline_v$v.log") \
-$(grep -E "^_(quant_fp8|silu_and_mul|silu_mul_quant|decode_reduce)" "$OUT/var/timeline_v$v.log" \
-  | awk '{printf "%s %s  ", $1, $3}')"
-      done
-      BEST=$(python3 scripts/amax_variants.py pick "$OUT/var"); note "best: $BEST"
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/v0.json" bench fp8_b1_v0 $M --quant fp8 $B
-      TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/$BEST.json" bench fp8_b1_best $M --quant fp8 $B
-      bench b1 $M $B
+      amax_sweep 1
       ;;
     s8c)  # the session's last code, one GPU: the tests of the paths it changed
       timeout 540 python3 -m pytest -q -rf -n 4 tests/test_row_amax.py 2>&1 \
@@ -707,20 +712,20 @@ $(grep -E "^_(quant_fp8|silu_and_mul|silu_mul_quant|decode_reduce)" "$OUT/var/ti
       note "s8c gpu tests: $(tail -1 "$OUT/s8c_tests.log")"
       ;;
     s8f)  # handoff tiles, second set (from the shipped ones): timelines, then the best benched
-      python3 scripts/amax_variants.py write "$OUT/var" 2 | tee -a "$SUMMARY"
-      for v in 0 1 2 3 4 5; do
-        TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/v$v.json" timeout 120 python3 \
-            scripts/profile_decode.py --batch 1 --context 128 --steps 24 --quant fp8 \
-            --max-model-len 8192 --timeline "$OUT/var/timeline_v$v.json" \
-            > "$OUT/var/timeline_v$v.log" 2>&1
-        note "v$v $(grep wall_ms "$OUT/var/timeline_v$v.log" | cut -c1-60) \
-$(grep "^linear" "$OUT/var/timeline_v$v.log")"
-      done
-      BEST=$(python3 scripts/amax_variants.py pick "$OUT/var"); note "best: $BEST"
+      amax_sweep 2
+      ;;
+    s8r)  # after the review's helper refactor (row-amax slot checks, E4M3 saturate): the
+      # kernels it touched, then batch 1
+      timeout 330 python3 -m pytest -q -rf -n 4 -m gpu tests/test_row_amax.py \
+          tests/test_kv_fp8.py tests/test_fp8_kernels.py tests/test_fp8_fused.py \
+          tests/test_kernels.py tests/test_triton_attention.py 2>&1 \
+          | tee "$OUT/s8r_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      timeout 200 python3 -m pytest -q -rf tests/test_row_amax.py -k stage 2>&1 \
+          | tee "$OUT/s8r_stage.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
+      note "s8r gpu tests: $(tail -1 "$OUT/s8r_tests.log"); stage: $(tail -1 "$OUT/s8r_stage.log")"
       M="llama3-8b --dummy-weights --dtype bfloat16"
       B="--num-requests 1 --input-len 128 --output-len 256"
-      TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/v0.json" bench fp8_b1_v0 $M --quant fp8 $B
-      TRTDIST_FP8_GEMM_CONFIGS="$OUT/var/$BEST.json" bench fp8_b1_best $M --quant fp8 $B
+      bench fp8_b1 $M --quant fp8 $B
       bench b1 $M $B
       ;;
     s8e)  # after the KV writer's formula fix: the FP8 KV cache and handoff tests again
