@@ -144,7 +144,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
                      MODE: tl.constexpr, K_ACC: tl.constexpr, X_2D: tl.constexpr,
                      PREFETCH: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     X_MODE: tl.constexpr = 0):
+                     X_MODE: tl.constexpr = 0, ADD_RESIDUAL: tl.constexpr = False):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K). MODE 0: tl.dot(x, w^T); 1: tl.dot(w, x^T) (swapped);
     2: gemv (no MMA; BLOCK_M <= 4 accumulators of [BLOCK_N, BLOCK_K] or [BLOCK_N]).
     X_MODE 0: `xq` is E4M3 with per-row scales `xs`; 1: `xq` is in the model dtype and each
@@ -154,7 +154,9 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
     With PDL every program waits for the previous kernel before its first load. NOTE:
     loading the first weight tile before the wait (the weight is constant) made the FP8
     batch-1 step slower on an H200 (2.71 -> 2.93 ms; 3.8 ms with every step's tile
-    prefetched), where the bf16 GEMV was indifferent to it (4.01 / 4.00 ms)."""
+    prefetched), where the bf16 GEMV was indifferent to it (4.01 / 4.00 ms).
+    ADD_RESIDUAL: `out` is the residual stream, updated in place to `out + y` (y rounded to
+    its dtype first, as kernels/norm.py's add_residual)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -295,7 +297,11 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
         if HAS_BIAS:
             y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        y = y.to(out_ptr.dtype.element_ty)
+        if ADD_RESIDUAL:
+            r = tl.load(o_ptrs, mask=mask, other=0.0)
+            y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(o_ptrs, y, mask=mask)
 
 
 @_jit
@@ -412,24 +418,26 @@ def fp8_gemm_small_m_quantizing(x: torch.Tensor, row_amax: torch.Tensor | None,
                                 out: torch.Tensor | None = None,
                                 config: Fp8GemmConfig | None = None,
                                 split_k: int | None = None, dot_fp8: bool | None = None,
-                                fixup: bool | None = None) -> torch.Tensor:
+                                fixup: bool | None = None,
+                                add_residual: bool = False) -> torch.Tensor:
     """`fp8_gemm_small_m` of the model-dtype `x [M, K]`, quantized inside the GEMM (one
     launch): per token from `row_amax` (>= M float32 values, each row's max |x|, as written by
     the kernel that produced x) or with the static `input_scale` (one float32 value); exactly
-    one of the two. The same numbers as quantizing x first (`quantize_activation_triton`)."""
+    one of the two. The same numbers as quantizing x first (`quantize_activation_triton`).
+    `add_residual`: `out` (required) is the residual stream, updated IN PLACE to `out + y`."""
     if (row_amax is None) == (input_scale is None):
         raise ValueError("fp8_gemm_small_m_quantizing: give exactly one of row_amax (per "
                          "token) and input_scale (static)")
     mode, xs = (1, row_amax) if row_amax is not None else (2, input_scale)
     assert xs is not None
     return _gemm(x, xs, mode, w, ws, bias, x.dtype, out=out, config=config, split_k=split_k,
-                 dot_fp8=dot_fp8, fixup=fixup)
+                 dot_fp8=dot_fp8, fixup=fixup, add_residual=add_residual)
 
 
 def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: torch.Tensor,
           bias: torch.Tensor | None, out_dtype: torch.dtype, *, out: torch.Tensor | None,
           config: Fp8GemmConfig | None, split_k: int | None, dot_fp8: bool | None,
-          fixup: bool | None) -> torch.Tensor:
+          fixup: bool | None, add_residual: bool = False) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("fp8_gemm_small_m needs triton, which is not installed")
     _check(xq, xs, w, ws, bias, out_dtype, x_mode)
@@ -440,6 +448,8 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
         raise ValueError(f"fp8_gemm_small_m: config block_m = {cfg.block_m} cannot hold "
                          f"M = {m} rows")
     if out is None:
+        if add_residual:
+            raise ValueError("fp8_gemm_small_m: add_residual needs out (the residual stream)")
         out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(-1) != 1:
         raise ValueError(f"fp8_gemm_small_m: out must be [{m}, {n}] {out_dtype} with a unit "
@@ -460,6 +470,8 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
         _sm_count(xq.device)
         dot_fp8 = _dot_fp8_ok.get(xq.device, False)
     fixup = SPLITK_FIXUP if fixup is None else fixup
+    if add_residual and split > 1 and not fixup:
+        raise ValueError("fp8_gemm_small_m: add_residual needs the in-GEMM split-K fixup")
     part = _workspace(xq.device, n, split, cfg.block_m) if split > 1 else out
     cnt = _counter(xq.device, n, cfg.block_n) if split > 1 and fixup else xs  # FIXUP only
     b = bias if bias is not None else ws  # unused when HAS_BIAS is False
@@ -471,6 +483,7 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
                   FIXUP=fixup, HAS_BIAS=bias is not None, MODE=mode, K_ACC=cfg.k_acc,
                   X_2D=cfg.x_2d, PREFETCH=cfg.prefetch,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, X_MODE=x_mode,
+                  ADD_RESIDUAL=add_residual,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                   **pdl_launch(xq.device))
     try:

@@ -743,6 +743,12 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8_r1024 $M --quant fp8 --num-requests 1024 --input-len 128 --output-len 128 \
           --max-batch-size 1024
       ;;
+    s9a)  # the persistent decode GEMV with the norms / residual adds folded in: layers
+      # without attention as CUDA graphs of the real kernels, against the shipped sequence
+      timeout 500 python3 scripts/bench_decode_layer.py --output "$OUT/decode_layer.json" \
+          2>&1 | tee "$OUT/decode_layer.log" | grep -v "^TABLE" | tail -70
+      grep "^TABLE" "$OUT/decode_layer.log" | tee -a "$SUMMARY"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
