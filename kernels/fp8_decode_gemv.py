@@ -48,25 +48,30 @@ from trtdist.kernels.fp8_quant import (
 )
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_K = 8192  # the row lives in registers: [BLOCK_N, K] a tile
+MAX_K = 65536
 IN_FP8, IN_AMAX, IN_NORM = 0, 1, 2
 _sm_counts: dict[torch.device, int] = {}
+_scratches: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeGemvConfig:
-    """One launch of `_decode_gemv_kernel`: output rows a tile, warps, resident programs an
-    SM (the grid is programs_per_sm x SMs, capped by the tile count), and whether the next
-    tile is loaded before this one's math (two tiles in flight a program)."""
+    """One launch of `_decode_gemv_kernel`: a [block_n, block_k] weight tile a step, warps,
+    programs an SM (the grid is programs_per_sm x SMs, capped by the tile count), whether the
+    next step's tile is loaded before this one's math (two in flight a program), whether the
+    first is loaded before the PDL wait, and whether products are kept [block_n, block_k]
+    until a tile's K is done (k_acc) or reduced every step."""
 
     block_n: int = 2
+    block_k: int = 2048
     num_warps: int = 4
     programs_per_sm: int = 8
     prefetch: bool = True
-    early: bool = True  # with PDL: the first tile is loaded before the wait
+    early: bool = True
+    k_acc: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("block_n", "num_warps"):
+        for name in ("block_n", "block_k", "num_warps"):
             v = getattr(self, name)
             if v <= 0 or v & (v - 1):
                 raise ValueError(f"DecodeGemvConfig: {name} = {v} must be a power of two")
@@ -78,100 +83,163 @@ class DecodeGemvConfig:
 DEFAULT = DecodeGemvConfig()
 
 
-def supports(n: int, k: int) -> bool:
-    """Whether the kernel takes a [n, k] weight (k a power of two up to MAX_K)."""
-    return n > 0 and 16 <= k <= MAX_K and k & (k - 1) == 0
+def supports(n: int, k: int, config: DecodeGemvConfig | None = None) -> bool:
+    """Whether the kernel takes a [n, k] weight: K a multiple of the tile's block_k (and of
+    16), at most MAX_K."""
+    bk = min((config or DEFAULT).block_k, k)
+    return n > 0 and 16 <= k <= MAX_K and k % 16 == 0 and k % bk == 0
+
+
+def _prologue_block(k: int) -> int:
+    """The prologue's chunk: the largest power of two <= 4096 dividing K."""
+    b = 4096
+    while k % b:
+        b //= 2
+    return b
 
 
 @_jit
-def _x_tile(x_ptr, amax_ptr, nw_ptr, in_scale_ptr, cols, eps, K: tl.constexpr,
-            IN_MODE: tl.constexpr, STATIC: tl.constexpr, Y_DTYPE: tl.constexpr):
-    """-> (the row's E4M3 product values as float32 in the tile layout of `cols` [BN, K],
-    the dequantizing scale)."""
-    xv = tl.load(x_ptr + cols)
+def _row_values(x_ptr, nw_ptr, c, rstd, IN_MODE: tl.constexpr, Y_DTYPE: tl.constexpr):
+    """One chunk of the row to quantize, float32: x (IN_MODE 1) or `kernels/norm.py`'s
+    `weight * (x * rstd).to(x dtype)` rounded to the output dtype (IN_MODE 2)."""
+    xv = tl.load(x_ptr + c).to(tl.float32)
+    if IN_MODE == 2:
+        normed = (xv * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        return (normed * tl.load(nw_ptr + c).to(tl.float32)).to(Y_DTYPE).to(tl.float32)
+    return xv
+
+
+@_jit
+def _prepare_row(x_ptr, amax_ptr, nw_ptr, in_scale_ptr, scratch_ptr, eps, K: tl.constexpr,
+                 IN_MODE: tl.constexpr, STATIC: tl.constexpr, Y_DTYPE: tl.constexpr,
+                 PRO: tl.constexpr):
+    """IN_MODE 1 / 2: the row's E4M3 values into `scratch` (every program writes the same
+    bytes; this program's threads see their own after the barrier) -> the dequantizing
+    scale. IN_MODE 0: x's scale."""
     if IN_MODE == 0:
-        return xv.to(tl.float32), tl.load(in_scale_ptr)
-    if IN_MODE == 1:
-        y = xv.to(tl.float32)
-    else:
-        # NOTE: `kernels/norm.py`'s roundings: normalise in float32, round to the x dtype,
-        # times the weight, round to the output dtype.
-        hf = xv.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / K + eps)  # [BN], equal values
-        normed = (hf * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(nw_ptr + cols).to(tl.float32)
-        y = (normed * w).to(Y_DTYPE).to(tl.float32)
+        return tl.load(in_scale_ptr)
+    c0 = tl.arange(0, PRO)
+    rstd = 1.0
+    if IN_MODE == 2:
+        ss = tl.zeros([PRO], dtype=tl.float32)
+        for s in range(0, K, PRO):
+            hf = tl.load(x_ptr + s + c0).to(tl.float32)
+            ss += hf * hf
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     if STATIC:
         scale = tl.load(in_scale_ptr)
     elif IN_MODE == 1:
         # NOTE: .cg: maxed into by atomics at L2 (this SM's L1 may hold an older layer's value)
         scale = dynamic_scale(tl.load(amax_ptr, cache_modifier=".cg"))
     else:
-        scale = dynamic_scale(tl.max(tl.max(tl.abs(y), axis=1), axis=0))
-    q = _quantize(y, inverse_scale(scale)).to(tl.float8e4nv).to(tl.float32)
-    return q, scale
+        am = tl.zeros([PRO], dtype=tl.float32)
+        for s in range(0, K, PRO):
+            am = tl.maximum(am, tl.abs(_row_values(x_ptr, nw_ptr, s + c0, rstd, IN_MODE,
+                                                   Y_DTYPE)))
+        scale = dynamic_scale(tl.max(am, axis=0))
+    inv = inverse_scale(scale)
+    for s in range(0, K, PRO):
+        y = _row_values(x_ptr, nw_ptr, s + c0, rstd, IN_MODE, Y_DTYPE)
+        tl.store(scratch_ptr + s + c0, _quantize(y, inv).to(scratch_ptr.dtype.element_ty))
+    tl.debug_barrier()
+    return scale
 
 
 @_jit
-def _load_tile(w_ptr, t, rn0, rk, N, stride_wn, valid):
+def _load_step(w_ptr, ws_ptr, res_ptr, j, pid, nprog, n_tiles, rn0, rk, N, stride_wn,
+               KSTEPS: tl.constexpr, TOTAL: tl.constexpr, BLOCK_K: tl.constexpr,
+               ADD_RESIDUAL: tl.constexpr):
+    """Step j's weight tile, with its tile's channel scales (and residual values): loaded a
+    step ahead so that the epilogue's loads are not exposed."""
+    t = pid + (j // KSTEPS) * nprog
     rn = t * rn0.shape[0] + rn0
-    ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
-    return tl.load(ptrs, mask=(rn < N)[:, None] & valid, other=0.0,
-                   eviction_policy="evict_first")
+    mask_n = (rn < N) & (t < n_tiles) & (j < TOTAL)
+    kk = (j % KSTEPS) * BLOCK_K
+    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (kk + rk)[None, :],
+                mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
+    ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
+    r = ws
+    if ADD_RESIDUAL:
+        r = tl.load(res_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+    return w, ws, r
 
 
 @_jit
 def _decode_gemv_kernel(x_ptr, amax_ptr, nw_ptr, in_scale_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,
-                        clear_ptr, xs_out_ptr, N, n_tiles, nprog, stride_wn, eps,
-                        K: tl.constexpr, STEPS: tl.constexpr,
-                        IN_MODE: tl.constexpr, STATIC: tl.constexpr,
-                        ADD_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        CLEAR: tl.constexpr, SCALE_OUT: tl.constexpr, Y_DTYPE: tl.constexpr,
-                        BLOCK_N: tl.constexpr,
-                        PREFETCH: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
-    """Grid (nprog,): program p computes the N tiles p, p + nprog, ... (STEPS of them,
-    those past n_tiles masked) of `y = x @ (W * ws)^T (+ b)`
-    for one token row. See the module docstring for the modes."""
+                        clear_ptr, xs_out_ptr, scratch_ptr, N, n_tiles, nprog, stride_wn, eps,
+                        K: tl.constexpr, STEPS: tl.constexpr, IN_MODE: tl.constexpr,
+                        STATIC: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, CLEAR: tl.constexpr, SCALE_OUT: tl.constexpr,
+                        Y_DTYPE: tl.constexpr, PRO: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, K_ACC: tl.constexpr, PREFETCH: tl.constexpr,
+                        EARLY: tl.constexpr, PDL: tl.constexpr):
+    """Grid (nprog,): program p computes the N tiles p, p + nprog, ... (STEPS of them, those
+    past n_tiles masked) of `y = x @ (W * ws)^T (+ b)` for one token row, K in BLOCK_K
+    steps. See the module docstring for the modes."""
     pid = tl.program_id(0)
+    KSTEPS: tl.constexpr = K // BLOCK_K
+    TOTAL: tl.constexpr = STEPS * KSTEPS
     rn0 = tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, K)
-    every = rk[None, :] < K  # all-true [1, K]: the mask of tiles that exist
+    rk = tl.arange(0, BLOCK_K)
     if EARLY:
-        w_next = _load_tile(w_ptr, pid, rn0, rk, N, stride_wn, every & (pid < n_tiles))
+        # NOTE: the weight and its scales are constants: loaded while the previous kernel
+        # drains (the residual, not: it is the previous kernel's output).
+        w_n, ws_n, r_n = _load_step(w_ptr, ws_ptr, out_ptr, 0, pid, nprog, n_tiles, rn0, rk,
+                                    N, stride_wn, KSTEPS, TOTAL, BLOCK_K, False)
     pdl_wait(PDL)
-    if not EARLY:
-        w_next = _load_tile(w_ptr, pid, rn0, rk, N, stride_wn, every & (pid < n_tiles))
-    # NOTE: the row as [BN, K] zero-stride broadcasts: already in the weight tile's layout.
-    cols = rk[None, :] + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
-    xq, scale = _x_tile(x_ptr, amax_ptr, nw_ptr, in_scale_ptr, cols, eps, K, IN_MODE, STATIC,
-                        Y_DTYPE)
+    if not EARLY or ADD_RESIDUAL:
+        w_n, ws_n, r_n = _load_step(w_ptr, ws_ptr, out_ptr, 0, pid, nprog, n_tiles, rn0, rk,
+                                    N, stride_wn, KSTEPS, TOTAL, BLOCK_K, ADD_RESIDUAL)
+    scale = _prepare_row(x_ptr, amax_ptr, nw_ptr, in_scale_ptr, scratch_ptr, eps, K, IN_MODE,
+                         STATIC, Y_DTYPE, PRO)
     if CLEAR:
         if pid == 0:
             tl.store(clear_ptr, 0.0)
-    for i in range(STEPS):
-        t = pid + i * nprog
-        w_raw = w_next
+    x_src = x_ptr if IN_MODE == 0 else scratch_ptr
+    # NOTE: x as [BN, BK] zero-stride broadcasts (L1 hits): already in the weight tile's
+    # layout, no conversion through shared memory in the loop.
+    x_ptrs = x_src + rk[None, :] + tl.zeros([BLOCK_N, 1], dtype=tl.int32)
+    if K_ACC:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in range(TOTAL):
+        w_raw, ws_c, r_c = w_n, ws_n, r_n
         if PREFETCH:
-            # NOTE: Triton does not pipeline loads that feed no tl.dot: the next tile is
-            # issued before this one's math, two tiles in flight a program.
-            w_next = _load_tile(w_ptr, t + nprog, rn0, rk, N, stride_wn,
-                                every & (t + nprog < n_tiles))
-        acc = tl.sum(w_raw.to(tl.float32) * xq, axis=1)  # [BN]
+            # NOTE: Triton does not pipeline loads that feed no tl.dot: the next step's tile
+            # is issued before this one's math.
+            w_n, ws_n, r_n = _load_step(w_ptr, ws_ptr, out_ptr, j + 1, pid, nprog, n_tiles,
+                                        rn0, rk, N, stride_wn, KSTEPS, TOTAL, BLOCK_K,
+                                        ADD_RESIDUAL)
+        kk = (j % KSTEPS) * BLOCK_K
+        prod = w_raw.to(tl.float32) * tl.load(x_ptrs + kk).to(tl.float32)
+        if K_ACC:
+            acc += prod
+        else:
+            acc += tl.sum(prod, axis=1)
         if not PREFETCH:
-            w_next = _load_tile(w_ptr, t + nprog, rn0, rk, N, stride_wn,
-                                every & (t + nprog < n_tiles))
-        rn = t * BLOCK_N + rn0
-        mask = rn < N
-        y = acc * scale * tl.load(ws_ptr + rn, mask=mask, other=0.0)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
-        y = y.to(out_ptr.dtype.element_ty)
-        if ADD_RESIDUAL:
-            # NOTE: `x + residual` rounded to the residual's dtype, as kernels/norm.py's
-            # add_residual; this program alone owns these elements.
-            r = tl.load(out_ptr + rn, mask=mask, other=0.0)
-            y = (y.to(tl.float32) + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rn, y, mask=mask)
+            w_n, ws_n, r_n = _load_step(w_ptr, ws_ptr, out_ptr, j + 1, pid, nprog, n_tiles,
+                                        rn0, rk, N, stride_wn, KSTEPS, TOTAL, BLOCK_K,
+                                        ADD_RESIDUAL)
+        if j % KSTEPS == KSTEPS - 1:
+            if K_ACC:
+                y = tl.sum(acc, axis=1)
+                acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            else:
+                y = acc
+                acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            t = pid + (j // KSTEPS) * nprog
+            rn = t * BLOCK_N + rn0
+            mask = (rn < N) & (t < n_tiles)
+            y = y * scale * ws_c
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn, mask=mask, other=0.0).to(tl.float32)
+            y = y.to(out_ptr.dtype.element_ty)
+            if ADD_RESIDUAL:
+                # NOTE: `x + residual` rounded to the residual's dtype, as kernels/norm.py's
+                # add_residual; this program alone owns these elements.
+                y = (y.to(tl.float32) + r_c).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + rn, y, mask=mask)
     pdl_trigger(PDL)
     if SCALE_OUT:
         if pid == 0:
@@ -216,6 +284,18 @@ def fp8_decode_gemv_torch(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
     return out, xs
 
 
+def _scratch(device: torch.device, k: int) -> torch.Tensor:
+    """The quantized row's home `[K]` E4M3 per (device, K), kept for the life of the process
+    (CUDA graphs replay into its address). Launches on one stream share it: each writes it
+    after its PDL wait, when the launch before has completed."""
+    key = (device, k)
+    buf = _scratches.get(key)
+    if buf is None:
+        buf = torch.zeros(k, dtype=FP8_DTYPE, device=device)
+        _scratches[key] = buf
+    return buf
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 2  # the interpreter: a small grid still walks several tiles a program
@@ -252,8 +332,10 @@ def fp8_decode_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
         raise ValueError(f"{fn}: w must be a 2-D float8_e4m3fn [N, K] with a unit last "
                          f"stride, got {tuple(w.shape)} {w.dtype}")
     n, k = w.shape
-    if not supports(n, k):
-        raise ValueError(f"{fn}: K = {k} must be a power of two in [16, {MAX_K}]")
+    cfg = config or DEFAULT
+    if not supports(n, k, cfg):
+        raise ValueError(f"{fn}: K = {k} must be a multiple of 16 and of block_k "
+                         f"{cfg.block_k}, at most {MAX_K}")
     if x.numel() != k or not x.is_contiguous():
         raise ValueError(f"{fn}: x must be one contiguous row of K = {k} values, got "
                          f"{tuple(x.shape)}")
@@ -297,8 +379,8 @@ def fp8_decode_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
                                                          and not add_residual):
         raise ValueError(f"{fn}: out must be [1, {n}] {dtype} contiguous, got "
                          f"{tuple(out.shape)} {out.dtype}")
-    cfg = config or DEFAULT
     n_tiles = -(-n // cfg.block_n)
+    bk = min(cfg.block_k, k)
     nprog = max(1, min(n_tiles, cfg.programs_per_sm * _sm_count(x.device)))
     y_dtype = (torch.promote_types(x.dtype, norm_weight.dtype) if in_mode == IN_NORM
                else x.dtype)
@@ -310,8 +392,11 @@ def fp8_decode_gemv(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
         norm_weight if norm_weight is not None else dummy,
         in_scale if static else dummy, w, ws, bias if bias is not None else dummy, out,
         clear if clear is not None else dummy, scale_out if scale_out is not None else dummy,
-        n, n_tiles, nprog, w.stride(0), eps, K=k, STEPS=-(-n_tiles // nprog), IN_MODE=in_mode, STATIC=static and in_mode != IN_FP8,
-        ADD_RESIDUAL=add_residual, HAS_BIAS=bias is not None, CLEAR=clear is not None,
-        SCALE_OUT=scale_out is not None, Y_DTYPE=tl_dtypes[y_dtype], BLOCK_N=cfg.block_n, PREFETCH=cfg.prefetch,
-        EARLY=cfg.early, num_warps=cfg.num_warps, **pdl_launch(x.device))
+        _scratch(x.device, k) if in_mode != IN_FP8 else dummy,
+        n, n_tiles, nprog, w.stride(0), eps, K=k, STEPS=-(-n_tiles // nprog), IN_MODE=in_mode,
+        STATIC=static and in_mode != IN_FP8, ADD_RESIDUAL=add_residual,
+        HAS_BIAS=bias is not None, CLEAR=clear is not None, SCALE_OUT=scale_out is not None,
+        Y_DTYPE=tl_dtypes[y_dtype], PRO=_prologue_block(k), BLOCK_N=cfg.block_n, BLOCK_K=bk,
+        K_ACC=cfg.k_acc, PREFETCH=cfg.prefetch, EARLY=cfg.early, num_warps=cfg.num_warps,
+        **pdl_launch(x.device))
     return out

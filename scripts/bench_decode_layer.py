@@ -95,7 +95,7 @@ def main() -> None:
     # ---- correctness of every mode against the reference (one layer's weights)
     checks = {}
     w, s = W[0]["qkv"]
-    for cfg in (DecodeGemvConfig(), DecodeGemvConfig(1, 4, 4, False, False)):
+    for cfg in (DecodeGemvConfig(), DecodeGemvConfig(1, 1024, 4, 4, False, False, False)):
         y = fp8_decode_gemv(res0, w, s, in_mode=IN_NORM, norm_weight=nw[0][0], eps=EPS,
                             config=cfg)
         r, _ = fp8_decode_gemv_torch(res0, w, s, in_mode=IN_NORM, norm_weight=nw[0][0], eps=EPS)
@@ -109,6 +109,14 @@ def main() -> None:
         fp8_decode_gemv(xq_h, w, s, in_mode=IN_FP8, in_scale=xs_h.reshape(1), out=rr,
                         add_residual=True, config=cfg)
         checks[f"fp8+res {cfg}"] = ((rr.float() - r.float()).abs().max() / r.float().abs().max()).item()
+        xi = torch.randn(1, INTER, device=dev, dtype=bf)
+        ai = xi.float().abs().amax().reshape(1)
+        rr = torch.randn(1, H, device=dev, dtype=bf)
+        r, _ = fp8_decode_gemv_torch(xi, *W[0]["down"], in_mode=IN_AMAX, amax=ai, residual=rr)
+        fp8_decode_gemv(xi, *W[0]["down"], in_mode=IN_AMAX, amax=ai, out=rr, add_residual=True,
+                        config=cfg)
+        checks[f"down amax+res {cfg}"] = ((rr.float() - r.float()).abs().max()
+                                          / r.float().abs().max()).item()
     out["checks"] = checks
     for k_, v in checks.items():
         print(f"check {k_}: max rel err {v:.2e}")
@@ -125,12 +133,13 @@ def main() -> None:
         return fn
 
     def pers_only(name: str, cfg: DecodeGemvConfig):
-        outs = {"qkv": qkv_out, "o": o_out, "gate_up": h}
+        outs = {"qkv": qkv_out, "o": o_out, "gate_up": h, "down": d_out}
+        xq, xs = (xq_i, xs_i) if name == "down" else (xq_h, xs_h)
 
         def fn():
             for i in range(L):
                 w, s = W[i][name]
-                fp8_decode_gemv(xq_h, w, s, in_mode=IN_FP8, in_scale=xs_h.reshape(1),
+                fp8_decode_gemv(xq, w, s, in_mode=IN_FP8, in_scale=xs.reshape(1),
                                 out=outs[name], config=cfg)
         return fn
 
@@ -145,20 +154,24 @@ def main() -> None:
 
     for name in ("qkv", "o", "gate_up", "down"):
         record(f"{name} base", time_graph(base_only(name)), weight_bytes[name])
-    configs = [DecodeGemvConfig(bn, nwarps, pps, pf, early) for bn, nwarps, pps, pf, early in [
-        (2, 4, 8, True, True), (2, 4, 8, False, True), (2, 4, 8, True, False),
-        (1, 4, 8, True, True), (1, 4, 16, False, True), (2, 8, 4, True, True),
-        (4, 8, 4, True, True), (4, 8, 2, True, True), (2, 4, 4, True, True),
-        (1, 2, 16, True, True), (4, 4, 4, False, True), (2, 8, 8, False, True)]]
+    configs = [DecodeGemvConfig(*c) for c in [
+        # block_n, block_k, warps, programs/SM, prefetch, early, k_acc
+        (2, 2048, 4, 8, True, True, False), (2, 2048, 4, 8, True, True, True),
+        (2, 2048, 4, 8, False, True, True), (2, 2048, 4, 16, False, True, True),
+        (2, 1024, 4, 8, True, True, False), (2, 1024, 4, 16, True, True, False),
+        (4, 1024, 4, 8, True, True, False), (2, 2048, 8, 4, True, True, False),
+        (1, 4096, 4, 8, True, True, False), (4, 512, 4, 16, True, True, False),
+        (2, 2048, 4, 8, True, False, False), (1, 2048, 4, 16, True, True, False)]]
     best: dict[str, tuple[float, DecodeGemvConfig]] = {}
-    for name, cfg in itertools.product(("qkv", "o", "gate_up"), configs):
+    for name, cfg in itertools.product(("qkv", "o", "gate_up", "down"), configs):
         try:
             sec = time_graph(pers_only(name, cfg))
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is reported
             print(f"{name} {cfg}: failed {type(e).__name__}: {str(e)[:200]}")
             continue
-        record(f"{name} persistent {cfg.block_n}/{cfg.num_warps}w/{cfg.programs_per_sm}pps"
-               f"/pf{int(cfg.prefetch)}/early{int(cfg.early)}", sec, weight_bytes[name])
+        record(f"{name} persistent {cfg.block_n}x{cfg.block_k}/{cfg.num_warps}w/"
+               f"{cfg.programs_per_sm}pps/pf{int(cfg.prefetch)}/early{int(cfg.early)}/"
+               f"kacc{int(cfg.k_acc)}", sec, weight_bytes[name])
         if name not in best or sec < best[name][0]:
             best[name] = (sec, cfg)
     out["best"] = {k_: str(v[1]) for k_, v in best.items()}
@@ -174,7 +187,8 @@ def main() -> None:
             silu_and_mul(h, out=act, row_amax=amax)
             fp8_gemm_small_m_quantizing(act, amax, None, *W[i]["down"], None, out=d_out)
 
-    def fused_layers(cq: DecodeGemvConfig, co: DecodeGemvConfig, cg: DecodeGemvConfig):
+    def fused_layers(cq: DecodeGemvConfig, co: DecodeGemvConfig, cg: DecodeGemvConfig,
+                     cd: DecodeGemvConfig | None):
         def fn():
             for i in range(L):
                 fp8_decode_gemv(res, *W[i]["qkv"], in_mode=IN_NORM, norm_weight=nw[i][0],
@@ -184,21 +198,28 @@ def main() -> None:
                 fp8_decode_gemv(res, *W[i]["gate_up"], in_mode=IN_NORM, norm_weight=nw[i][1],
                                 eps=EPS, clear=amax, out=h, config=cg)
                 silu_and_mul(h, out=act, row_amax=amax)
-                fp8_gemm_small_m_quantizing(act, amax, None, *W[i]["down"], None, out=res,
-                                            add_residual=True)
+                if cd is None:
+                    fp8_gemm_small_m_quantizing(act, amax, None, *W[i]["down"], None, out=res,
+                                                add_residual=True)
+                else:
+                    fp8_decode_gemv(act, *W[i]["down"], in_mode=IN_AMAX, amax=amax, out=res,
+                                    add_residual=True, config=cd)
         return fn
 
     layer_bytes = sum(weight_bytes.values())
     res.copy_(res0)
     record("layer base (no attention)", time_graph(base_layers), layer_bytes)
-    if len(best) == 3:
-        cq, co, cg = best["qkv"][1], best["o"][1], best["gate_up"][1]
+    if len(best) == 4:
+        cq, co, cg, cd = (best[k_][1] for k_ in ("qkv", "o", "gate_up", "down"))
         res.copy_(res0)
-        record("layer fused, best tiles (no attention)", time_graph(fused_layers(cq, co, cg)),
-               layer_bytes)
+        record("layer fused, best tiles, down base (no attention)",
+               time_graph(fused_layers(cq, co, cg, None)), layer_bytes)
+        res.copy_(res0)
+        record("layer fused, best tiles (no attention)",
+               time_graph(fused_layers(cq, co, cg, cd)), layer_bytes)
         d = DecodeGemvConfig()
         res.copy_(res0)
-        record("layer fused, default tiles (no attention)", time_graph(fused_layers(d, d, d)),
+        record("layer fused, default tiles (no attention)", time_graph(fused_layers(d, d, d, d)),
                layer_bytes)
     out["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
     with open(args.output, "w") as f:
@@ -206,9 +227,11 @@ def main() -> None:
     print(f"TABLE copy {roof['copy_bandwidth_gb_s']:,.0f} GB/s, bf16 matmul "
           f"{roof['bf16_matmul_tflop_s']:,.0f} TFLOP/s")
     for k_ in ("qkv base", "o base", "gate_up base", "down base", "layer base (no attention)",
-               "layer fused, best tiles (no attention)", "layer fused, default tiles (no attention)"):
+               "layer fused, best tiles, down base (no attention)",
+               "layer fused, best tiles (no attention)",
+               "layer fused, default tiles (no attention)"):
         if k_ in out["cases"]:
-            print(f"TABLE {k_:45s} {out['cases'][k_]['us_per_layer']:7.2f} us")
+            print(f"TABLE {k_:50s} {out['cases'][k_]['us_per_layer']:7.2f} us")
     for k_, v in best.items():
         print(f"TABLE best {k_:10s} {v[0] / L * 1e6:7.2f} us {v[1]}")
 
