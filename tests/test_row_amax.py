@@ -287,3 +287,107 @@ def test_fp8_stage_decode_equal_with_and_without_the_handoff(
         outs.append(_decode_step(stage, cfg, rows))
     assert not outs[0].isnan().any()
     assert torch.equal(outs[0], outs[1])
+
+
+# ---- SiLU x up in the gate | up GEMM's epilogue (GATED) -----------------------------------
+GATED_CONFIGS = [
+    Fp8GemmConfig("gemv", 1, 2, 64, 1, 4, 1, True, False, False),
+    Fp8GemmConfig("gemv", 1, 4, 32, 1, 4, 1, False, True, True),
+    Fp8GemmConfig("gemv", 1, 16, 128, 1, 4, 1, True, False, False),
+]
+
+
+@pytest.mark.parametrize("cfg", GATED_CONFIGS)
+@pytest.mark.parametrize("inter,k", [(24, 128), (40, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_gemm_equals_gemm_then_silu(cfg: Fp8GemmConfig, inter: int, k: int,
+                                          bias: bool) -> None:
+    """One launch gives the bits of the plain GEMM (same tile) then the SiLU x up kernel, and
+    the same row amax (ragged I and K: masked rows, a masked last K step)."""
+    from trtdist.kernels.fp8_gemm import fp8_gemm_small_m_gated
+
+    if CUDA and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability >= 8.9")
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    g = torch.Generator(device=DEV).manual_seed(inter + k)
+    w, ws = quantize_weight_per_channel(torch.randn(2 * inter, k, generator=g, device=DEV))
+    x = torch.randn(1, k, generator=g, device=DEV).to(dtype)
+    b = torch.randn(2 * inter, generator=g, device=DEV).to(dtype) if bias else None
+    xq, xs = quantize_activation(x, None)
+    amax = torch.full((4,), 0.0, device=DEV)
+    y = fp8_gemm_small_m_gated(xq, xs, w, ws, b, amax, dtype, config=cfg)
+    h = fp8_gemm_small_m(xq, xs, w, ws, b, dtype, config=cfg)
+    ref_amax = torch.zeros(4, device=DEV)
+    ref = silu_and_mul_triton(h, row_amax=ref_amax)
+    assert y.shape == (1, inter) and not y.isnan().any()
+    assert torch.equal(y, ref)
+    assert torch.equal(amax, ref_amax) and amax[0] > 0
+    # and against the float32 reference: the numbers of the layer
+    gate, up = fp8_gemm_torch(xq, xs, w, ws, b, dtype).float().chunk(2, dim=-1)
+    torch.testing.assert_close(y.float(), torch.nn.functional.silu(gate) * up,
+                               rtol=2e-2, atol=1e-3)
+
+
+def test_gated_gemm_rejects_bad_input() -> None:
+    from trtdist.kernels.fp8_gemm import fp8_gemm_small_m_gated
+
+    w, ws = quantize_weight_per_channel(torch.randn(48, 64, device=DEV))
+    xq, xs = quantize_activation(torch.randn(2, 64, device=DEV), None)
+    amax = torch.zeros(4, device=DEV)
+    gemv = GATED_CONFIGS[0]
+    with pytest.raises(ValueError, match="one token row"):  # two rows
+        fp8_gemm_small_m_gated(xq, xs, w, ws, None, amax, torch.float32, config=gemv)
+    with pytest.raises(ValueError, match="one token row"):  # a tl.dot tile
+        fp8_gemm_small_m_gated(xq[:1], xs[:1], w, ws, None, amax, torch.float32,
+                               config=CONFIGS[3])
+    w3, ws3 = quantize_weight_per_channel(torch.randn(47, 64, device=DEV))
+    with pytest.raises(ValueError, match="even number"):
+        fp8_gemm_small_m_gated(xq[:1], xs[:1], w3, ws3, None, amax, torch.float32, config=gemv)
+    with pytest.raises(ValueError, match="row_amax"):
+        fp8_gemm_small_m_gated(xq[:1], xs[:1], w, ws, None, amax.double(), torch.float32,
+                               config=gemv)
+
+
+def _gated_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage's gate | up shape ([192, 64]) on a one-row gemv tile and down ([64, 96])
+    with an input-quantizing tile at one row: where the gated GEMM runs."""
+    from trtdist.kernels import fp8_gemm_configs as cfgs
+
+    plain = dict(cfgs.CONFIGS)
+    plain[(1, 192, 64)] = Fp8GemmConfig("gemv", 1, 4, 64, 1, 4, 1)
+    plain[(1, 64, 96)] = Fp8GemmConfig("gemv", 1, 8, 64, 1, 4, 1)
+    monkeypatch.setattr(cfgs, "CONFIGS", plain)
+    monkeypatch.setattr(cfgs, "QUANTIZING", {(1, 64, 96): plain[(1, 64, 96)]})
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fp8_stage_decode_equal_with_and_without_the_gated_gemm(
+        rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step of an FP8 stage: SiLU x up in the gate | up GEMM (one token row) changes
+    no bit of the output; at 3 rows the layer keeps the GEMM and the SiLU kernel."""
+    from trtdist.kernels.fp8_gemm import gated_config
+    from trtdist.parallel import quant_fp8
+
+    if CUDA and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability >= 8.9")
+    _gated_tiles(monkeypatch)
+    assert gated_config(1, 192, 64) is not None and gated_config(3, 192, 64) is None
+    launches = []
+    fast = quant_fp8._fast_kernels()
+    gated = fast["gemm_gated"]
+    monkeypatch.setitem(fast, "gemm_gated",
+                        lambda *a, **kw: launches.append(1) or gated(*a, **kw))
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    outs = []
+    for on in (False, True):
+        monkeypatch.setenv("TRTDIST_FP8_GATED", "1" if on else "0")
+        stage, cfg = _fp8_stage(monkeypatch, True, dtype)
+        for layer in stage.layers.values():
+            assert layer.mlp.gated_on == on
+            assert layer.mlp.gate_up.wants_gated(rows) == (rows == 1)
+            assert layer.row_amax_users(rows) == (("down",) if rows == 1 else ())
+        launches.clear()
+        outs.append(_decode_step(stage, cfg, rows))
+        assert len(launches) == (2 if on and rows == 1 else 0)  # one a layer
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
