@@ -354,7 +354,7 @@ def _gated_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     from trtdist.kernels import fp8_gemm_configs as cfgs
 
     plain = dict(cfgs.CONFIGS)
-    plain[(1, 192, 64)] = Fp8GemmConfig("gemv", 1, 4, 64, 1, 4, 1)
+    plain[(1, 192, 64)] = Fp8GemmConfig("gemv", 1, 4, 64, 1, 4, 1)  # gated: 2 + 2 rows
     plain[(1, 64, 96)] = Fp8GemmConfig("gemv", 1, 8, 64, 1, 4, 1)
     monkeypatch.setattr(cfgs, "CONFIGS", plain)
     monkeypatch.setattr(cfgs, "QUANTIZING", {(1, 64, 96): plain[(1, 64, 96)]})
@@ -363,8 +363,9 @@ def _gated_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("rows", [1, 3])
 def test_fp8_stage_decode_equal_with_and_without_the_gated_gemm(
         rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A decode step of an FP8 stage: SiLU x up in the gate | up GEMM (one token row) changes
-    no bit of the output; at 3 rows the layer keeps the GEMM and the SiLU kernel."""
+    """A decode step of an FP8 stage: SiLU x up in the gate | up GEMM (one token row) gives
+    the output of the GEMM and the SiLU kernel up to float32 summation order (its tile has
+    half the rows); at 3 rows the layer keeps the GEMM and the SiLU kernel."""
     from trtdist.kernels.fp8_gemm import gated_config
     from trtdist.parallel import quant_fp8
 
@@ -390,4 +391,7 @@ def test_fp8_stage_decode_equal_with_and_without_the_gated_gemm(
         outs.append(_decode_step(stage, cfg, rows))
         assert len(launches) == (2 if on and rows == 1 else 0)  # one a layer
     assert not outs[0].isnan().any()
-    assert torch.equal(outs[0], outs[1])
+    if rows == 1:
+        torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
+    else:
+        assert torch.equal(outs[0], outs[1])
