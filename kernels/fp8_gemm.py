@@ -33,7 +33,6 @@ tuned for large M and reads the weight inefficiently there. Here:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import torch
@@ -44,7 +43,6 @@ from trtdist.kernels.fp8_gemm_configs import Fp8GemmConfig
 from trtdist.kernels.fp8_quant import (
     FP8_DTYPE,
     _quantize,
-    check_row_amax,
     dynamic_scale,
     inverse_scale,
     quantize_activation_triton,
@@ -146,7 +144,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
                      MODE: tl.constexpr, K_ACC: tl.constexpr, X_2D: tl.constexpr,
                      PREFETCH: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     X_MODE: tl.constexpr = 0, GATED: tl.constexpr = False):
+                     X_MODE: tl.constexpr = 0):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K). MODE 0: tl.dot(x, w^T); 1: tl.dot(w, x^T) (swapped);
     2: gemv (no MMA; BLOCK_M <= 4 accumulators of [BLOCK_N, BLOCK_K] or [BLOCK_N]).
     X_MODE 0: `xq` is E4M3 with per-row scales `xs`; 1: `xq` is in the model dtype and each
@@ -156,12 +154,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
     With PDL every program waits for the previous kernel before its first load. NOTE:
     loading the first weight tile before the wait (the weight is constant) made the FP8
     batch-1 step slower on an H200 (2.71 -> 2.93 ms; 3.8 ms with every step's tile
-    prefetched), where the bf16 GEMV was indifferent to it (4.01 / 4.00 ms).
-    GATED (gemv, BLOCK_M 1, X_MODE 0 / 2, one K slice): `w` is the fused gate | up weight
-    [2N, K]; each program also reads the up rows N + rn and writes `SiLU(gate) x up` [M, N]
-    (each half rounded to the output dtype first: the numbers of the GEMM then
-    `kernels/activation.py`), maxing each row's max |value| into `amax_ptr` (zeroed
-    beforehand, for the down projection's row-amax handoff): the SiLU launch is gone."""
+    prefetched), where the bf16 GEMV was indifferent to it (4.01 / 4.00 ms)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -187,7 +180,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
             acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         else:
             acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if BLOCK_M > 1 or GATED:
+        if BLOCK_M > 1:
             acc1 = tl.zeros_like(acc0)
         if BLOCK_M > 2:
             acc2 = tl.zeros_like(acc0)
@@ -226,12 +219,6 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
                 mask_x = mask_k[None, :]
             else:
                 mask_x = mask_k
-            if GATED:
-                # NOTE: the up rows' tile has the gate tile's layout: each row's sum is the
-                # one the plain GEMM computes for it.
-                w_u = _load_w(w_ptrs + N.to(tl.int64) * stride_wn, mask_n, k_start + k0 + rk,
-                              K, EVEN_K, True).to(tl.float32)
-                acc1 = _gemv_step(acc1, w_u, x_ptrs, mask_x, inv0, K_ACC, X_2D, X_MODE)
             acc0 = _gemv_step(acc0, w, x_ptrs, mask_x, inv0, K_ACC, X_2D, X_MODE)
             if BLOCK_M > 1:
                 acc1 = _gemv_step(acc1, w, x_ptrs + stride_xm, mask_x & (M > 1), inv1, K_ACC,
@@ -244,8 +231,6 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         acc = tl.where(rm[:, None] == 0, _row_sum(acc0, K_ACC)[None, :], 0.0)  # [BM, BN]
-        if GATED:
-            acc_up = tl.where(rm[:, None] == 0, _row_sum(acc1, K_ACC)[None, :], 0.0)
         if BLOCK_M > 1:
             acc = tl.where(rm[:, None] == 1, _row_sum(acc1, K_ACC)[None, :], acc)
         if BLOCK_M > 2:
@@ -304,32 +289,13 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
                                    mask=mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
     if last:
-        if GATED:
-            # NOTE: thousands of programs share a row's slot, and same-address atomics queue
-            # at one L2 slice (every program's atomic made the gate | up GEMM 28 -> 42 us at
-            # batch 1 on an H200): only a program whose max beats the slot's value (which only
-            # grows) sends one. Loaded here, with the epilogue's other loads in flight.
-            amax_now = tl.load(amax_ptr + rm, mask=mask_m, other=0.0, cache_modifier=".cg")
         xs = _x_scale(amax_ptr, xs_ptr, rm, mask_m, X_MODE)
         ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
         y = acc * xs[:, None] * ws[None, :]
         if HAS_BIAS:
             y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
-        y = y.to(out_ptr.dtype.element_ty)
-        if GATED:
-            up = acc_up * xs[:, None] * tl.load(ws_ptr + N + rn, mask=mask_n, other=0.0)[None, :]
-            if HAS_BIAS:
-                up += tl.load(b_ptr + N + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            gate = y.to(tl.float32)
-            up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
-            y = (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty)
-            # NOTE: masked rows and columns hold SiLU(0) x 0 = 0; relaxed: the next launch
-            # reads the slot after this one completes.
-            row_max = tl.max(tl.abs(tl.where(mask, y.to(tl.float32), 0.0)), axis=1)
-            tl.atomic_max(amax_ptr + rm, row_max, mask=mask_m & (row_max > amax_now),
-                          sem="relaxed")
-        tl.store(o_ptrs, y, mask=mask)
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -524,58 +490,6 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
         _splitk_epilogue[(m, triton.cdiv(n, block))](
             part, xs, ws, b, out, n, out.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK=block, num_warps=4, **pdl_launch(xq.device))
-    return out
-
-
-def gated_config(m: int, n: int, k: int) -> Fp8GemmConfig | None:
-    """The tile of the gated GEMM (`fp8_gemm_small_m_gated`) for a fused gate | up weight
-    `[n, k]` (n = 2I) at M = m: the plain GEMM's tile for that shape when it is a one-row
-    gemv over whole K (one slice), else None (the layer keeps GEMM + SiLU)."""
-    if m > _cfg.M_BUCKETS[-1] or n % 2:
-        return None
-    cfg = _cfg.lookup(m, n, k)
-    ok = cfg.mode == "gemv" and cfg.block_m == 1 and m == 1 and cfg.split_k == 1
-    # NOTE: half the plain tile's rows: a program then reads as many weight bytes a step as
-    # the plain GEMM's (gate and up tiles of block_n / 2 rows each). The plain tile's rows
-    # (4 with the up rows) measured 41 us against 28 for llama3-8b's gate | up at batch 1.
-    return dataclasses.replace(cfg, block_n=max(1, cfg.block_n // 2)) if ok else None
-
-
-def fp8_gemm_small_m_gated(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor,
-                           ws: torch.Tensor, bias: torch.Tensor | None, row_amax: torch.Tensor,
-                           out_dtype: torch.dtype, *, out: torch.Tensor | None = None,
-                           config: Fp8GemmConfig | None = None) -> torch.Tensor:
-    """`SiLU(gate) x up` of the fused gate | up projection in one launch: `xq [1, K]` E4M3
-    with `xs [1, 1]`, `w [2I, K]` E4M3 with `ws [2I]` (and `bias [2I]`) -> `[1, I]` in
-    `out_dtype`, each row's max |value| maxed into `row_amax` (zeroed beforehand). The same
-    numbers as `fp8_gemm_small_m` with the same tile then `kernels/activation.py`'s SiLU x
-    up (float32 sums in the tile's order). `config`: default `gated_config`."""
-    if triton is None:
-        raise RuntimeError("fp8_gemm_small_m_gated needs triton, which is not installed")
-    _check(xq, xs, w, ws, bias, out_dtype, 0)
-    m, k = xq.shape
-    n2 = w.shape[0]
-    cfg = config if config is not None else gated_config(m, n2, k)
-    if cfg is None or cfg.mode != "gemv" or cfg.block_m != 1 or m != 1 or n2 % 2:
-        raise ValueError(f"fp8_gemm_small_m_gated: takes one token row and an even number of "
-                         f"weight rows on a one-row gemv tile; got M = {m}, N = {n2}, {cfg}")
-    check_row_amax(row_amax, m, xq.device, "fp8_gemm_small_m_gated")
-    n = n2 // 2
-    if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(-1) != 1:
-        raise ValueError(f"fp8_gemm_small_m_gated: out must be [{m}, {n}] {out_dtype} with a "
-                         f"unit last stride, got {tuple(out.shape)} {out.dtype}")
-    b = bias if bias is not None else ws
-    k_steps = -(-k // cfg.block_k)
-    _fp8_gemm_kernel[(triton.cdiv(n, cfg.block_n), 1)](
-        xq, xs, w, ws, b, out, out, xs, row_amax, m, n, k, xq.stride(0), w.stride(0),
-        out.stride(0), K_PER_SPLIT=k_steps * cfg.block_k, SPLIT_K=1,
-        EVEN_K=k_steps * cfg.block_k == k, FIXUP=True, HAS_BIAS=bias is not None,
-        DOT_FP8=False, MODE=_MODE_IDS["gemv"], K_ACC=cfg.k_acc, X_2D=cfg.x_2d,
-        PREFETCH=cfg.prefetch, BLOCK_M=1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, X_MODE=0,
-        GATED=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl_launch(xq.device))
     return out
 
 

@@ -64,15 +64,6 @@ class ColumnParallelLinear(_Linear):
                 ) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
 
-    def wants_gated(self, rows: int) -> bool:
-        """See `LinearMethod.wants_gated` (a fused gate | up projection)."""
-        return self.method.wants_gated(self, rows)
-
-    def gated(self, x: QuantizedActivation, row_amax: torch.Tensor) -> torch.Tensor:
-        """`SiLU(gate) x up` of this fused gate | up projection: see
-        `LinearMethod.apply_gated`."""
-        return self.method.apply_gated(self, x, self.bias, row_amax)
-
 
 class RowParallelLinear(_Linear):
     """Y = sum over ranks of X_local @ W_local^T: the input features are split, then an

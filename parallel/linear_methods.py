@@ -19,12 +19,10 @@ from trtdist.parallel.quant_fp8 import (
     dequantize,
     fp8_linear_amax_cuda,
     fp8_linear_cuda,
-    fp8_linear_gated_cuda,
     fp8_linear_quantized_cuda,
     fp8_linear_quantized_reference,
     fp8_linear_reference,
     fused_quantization_available,
-    gated_gemm_available,
     quantize_weight_per_channel,
     scaled_mm_supported,
 )
@@ -98,18 +96,6 @@ class LinearMethod:
         """Whether this layer's producer should hand `apply` an `ActivationWithAmax` (the
         model-dtype rows with their amax) instead of a tensor, for a step of `rows` tokens."""
         return False
-
-    def wants_gated(self, layer: nn.Module, rows: int) -> bool:
-        """Whether this layer (a fused gate | up projection `[2I, in]`) can return `SiLU(gate)
-        x up` itself (`apply_gated`) for a step of `rows` tokens."""
-        return False
-
-    def apply_gated(self, layer: nn.Module, x: QuantizedActivation, bias: torch.Tensor | None,
-                    row_amax: torch.Tensor) -> torch.Tensor:
-        """`SiLU(gate) x up` of this fused gate | up projection, `[T, I]` in `x.dtype`, each
-        row's max |value| maxed into `row_amax` (for a consumer that `wants_row_amax`).
-        Only where `wants_gated`."""
-        raise NotImplementedError
 
     def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                 where: str) -> dict[str, torch.Tensor]:
@@ -201,17 +187,6 @@ class Fp8LinearMethod(LinearMethod):
         return (not self.quant.static and bool(layer.use_scaled_mm)
                 and fp8_gemm_configs.quantizing_config(rows, n, k) is not None
                 and fused_quantization_available())
-
-    def wants_gated(self, layer: nn.Module, rows: int) -> bool:
-        # NOTE: one-token decode on the gemv tile (measured: PERF_NOTES.md, ninth session);
-        # its input comes quantized from the fused norm, so only where that runs.
-        return (bool(layer.use_scaled_mm) and fused_quantization_available()
-                and gated_gemm_available(rows, *layer.weight.shape))
-
-    def apply_gated(self, layer: nn.Module, x: QuantizedActivation, bias: torch.Tensor | None,
-                    row_amax: torch.Tensor) -> torch.Tensor:
-        return fp8_linear_gated_cuda(x.q, x.scale, layer.weight, layer.weight_scale.view(1, -1),
-                                     bias, row_amax, x.dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation | ActivationWithAmax,
               bias: torch.Tensor | None) -> torch.Tensor:

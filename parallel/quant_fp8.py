@@ -150,10 +150,8 @@ def _fast_kernels() -> dict[str, object]:
             from trtdist.kernels.fp8_gemm import (
                 SMALL_M_MAX,
                 fp8_gemm_small_m,
-                fp8_gemm_small_m_gated,
                 fp8_gemm_small_m_quantizing,
                 fp8_linear_small_m,
-                gated_config,
             )
             from trtdist.kernels.fp8_quant import quantize_activation_triton
         except Exception as e:  # noqa: BLE001 - any import failure means: use torch
@@ -161,7 +159,6 @@ def _fast_kernels() -> dict[str, object]:
         else:
             _fast.update(quant=quantize_activation_triton, small_m=fp8_linear_small_m,
                          gemm=fp8_gemm_small_m, gemm_quantizing=fp8_gemm_small_m_quantizing,
-                         gemm_gated=fp8_gemm_small_m_gated, gated_config=gated_config,
                          small_m_max=SMALL_M_MAX,
                          norm_quant=rms_norm_quant_triton, silu_quant=silu_and_mul_quant_triton)
     return _fast
@@ -258,32 +255,3 @@ def fp8_linear_amax_cuda(x: torch.Tensor, row_amax: torch.Tensor, weight: torch.
         except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch
             _disable_fast(f"{type(e).__name__}: {e}")
     return fp8_linear_cuda(x, weight, weight_scale_row, None, bias)
-
-
-def gated_gemm_available(rows: int, out_features: int, in_features: int) -> bool:
-    """Whether `fp8_linear_gated_cuda` runs one launch for a fused gate | up weight
-    `[out_features, in_features]` at `rows` tokens (the Triton kernels usable and the shape
-    on a one-row gemv tile, `kernels.fp8_gemm.gated_config`)."""
-    fast = _fast_kernels()
-    return "off" not in fast and fast["gated_config"](  # type: ignore[operator]
-        rows, out_features, in_features) is not None
-
-
-def fp8_linear_gated_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
-                          weight_scale_row: torch.Tensor, bias: torch.Tensor | None,
-                          row_amax: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """`SiLU(gate) x up` of the fused gate | up projection `[T, 2I]` -> `[T, I]` for an
-    activation quantized by its producer, each row's max |value| maxed into `row_amax`: one
-    launch where `gated_gemm_available`, else (or if the kernel fails) the GEMM then the SiLU
-    x up kernel. Same numbers either way."""
-    from trtdist.kernels.activation import silu_and_mul
-
-    fast = _fast_kernels()
-    if "off" not in fast and gated_gemm_available(xq.shape[0], *weight.shape):
-        try:
-            return fast["gemm_gated"](xq, xs, weight,  # type: ignore[operator]
-                                      weight_scale_row.view(-1), bias, row_amax, out_dtype)
-        except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch
-            _disable_fast(f"{type(e).__name__}: {e}")
-    h = fp8_linear_quantized_cuda(xq, xs, weight, weight_scale_row, bias, out_dtype)
-    return silu_and_mul(h, row_amax=row_amax)

@@ -743,29 +743,6 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8_r1024 $M --quant fp8 --num-requests 1024 --input-len 128 --output-len 128 \
           --max-batch-size 1024
       ;;
-    s9b)  # SiLU x up in the gate | up GEMM's epilogue (GATED): tests, timelines, batch 1
-      timeout 330 python3 -m pytest -q -rf -n 4 -m gpu tests/test_row_amax.py \
-          tests/test_fp8_kernels.py tests/test_fp8_fused.py tests/test_fp8.py 2>&1 \
-          | tee "$OUT/s9b_tests.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
-      timeout 200 python3 -m pytest -q -rf tests/test_row_amax.py -k "stage or gated" 2>&1 \
-          | tee "$OUT/s9b_stage.log" | grep -E "^FAILED|passed|failed" | cut -c1-300
-      note "s9b gpu tests: $(tail -1 "$OUT/s9b_tests.log"); stage/gated: $(tail -1 "$OUT/s9b_stage.log")"
-      for g in 1 0; do
-        TRTDIST_FP8_GATED=$g timeout 120 python3 scripts/profile_decode.py --batch 1 \
-            --context 128 --steps 24 --quant fp8 --max-model-len 8192 \
-            --timeline "$OUT/timeline_gated$g.json" > "$OUT/timeline_gated$g.log" 2>&1
-        note "gated=$g $(grep wall_ms "$OUT/timeline_gated$g.log" | cut -c1-60) \
-$(grep "^linear" "$OUT/timeline_gated$g.log") \
-$(grep -E "^_(fp8_gemm|silu_and_mul|rms_norm_quant|decode)" "$OUT/timeline_gated$g.log" \
-  | awk '{printf "%s %s  ", $1, $3}')"
-      done
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      bench fp8_b1 $M --quant fp8 $B
-      TRTDIST_FP8_GATED=0 bench fp8_b1_ungated $M --quant fp8 $B
-      bench b1 $M $B
-      bench fp8_b1_again $M --quant fp8 $B
-      ;;
     *) note "unknown phase $phase";;
   esac
 done

@@ -298,14 +298,6 @@ _AOT_SCRIPT = textwrap.dedent("""
                 cc, mode, x_mode)
             if x_mode == 1:
                 assert "ld.global.cg" in ptx, (cc, mode)  # the amax read past L1
-        # SiLU x up in the gate | up GEMM's epilogue: two 16-byte weight streams, one atomic
-        ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
-            K_PER_SPLIT=4096, SPLIT_K=1, EVEN_K=True, FIXUP=True, HAS_BIAS=False,
-            DOT_FP8=True, MODE=2, K_ACC=True, X_2D=False, PREFETCH=False, PDL=cc >= 90,
-            BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048, X_MODE=0, GATED=True), cc, num_warps=4,
-            num_stages=1)
-        assert "mma" not in ptx and ("atom.global" in ptx or "red.global" in ptx), cc
-        assert sum(".v4" in ln and "ld.global" in ln for ln in ptx.splitlines()) >= 2, cc
         ptx = compile_(act._silu_and_mul_kernel, dict(
             x_ptr="*bf16", x_stride="i32", out_ptr="*bf16", out_stride="i32",
             amax_ptr="*fp32"), dict(INTER=14336, BLOCK=256, AMAX=True, PDL=cc >= 90), cc,

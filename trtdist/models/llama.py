@@ -36,8 +36,6 @@ from trtdist.parallel.shard import attention_shard, vocab_range
 # NOTE: "0" turns off the row-amax handoff to the FP8 o and down projections (A/B measures).
 ROW_AMAX_ENV = "TRTDIST_FP8_ROW_AMAX"
 ROW_AMAX_ROWS = 16  # steps of at most this many tokens use it (the small-M FP8 GEMM's range)
-# NOTE: "0" keeps the FP8 gate | up GEMM and the SiLU x up kernel apart (A/B measures).
-GATED_ENV = "TRTDIST_FP8_GATED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,24 +122,11 @@ class LlamaMLP(nn.Module):
                                             dtype, device, quant)
         self.down = RowParallelLinear(self.inter, cfg.hidden_size, cfg.mlp_bias, dtype, device, tp,
                                       quant)
-        self.gated_on = os.environ.get(GATED_ENV, "1") != "0"
-
-    def uses_gated(self, x: torch.Tensor | QuantizedActivation,
-                   row_amax: torch.Tensor | None) -> bool:
-        """Whether the gate | up GEMM computes SiLU(gate) x up itself for this input (FP8,
-        one launch less; the down projection then takes the rows with their amax)."""
-        rows = x.shape[0]
-        return (self.gated_on and row_amax is not None and isinstance(x, QuantizedActivation)
-                and self.gate_up.wants_gated(rows) and self.down.wants_row_amax(rows))
 
     def forward(self, x: torch.Tensor | QuantizedActivation,
                 row_amax: torch.Tensor | None = None) -> torch.Tensor:
         """`row_amax` (zeroed by the norm before, see `LlamaStage.row_amax`): the SiLU x up
-        kernel (or the gated GEMM) maxes its rows' amax into it and the FP8 down projection
-        quantizes from it."""
-        if self.uses_gated(x, row_amax):
-            assert isinstance(x, QuantizedActivation) and row_amax is not None
-            return self.down(ActivationWithAmax(self.gate_up.gated(x, row_amax), row_amax))
+        kernel maxes its rows' amax into it and the FP8 down projection quantizes from it."""
         h = self.gate_up(x)  # [T, 2I]
         if h.dim() == 2 and row_amax is not None and self.down.wants_row_amax(h.shape[0]):
             return self.down(ActivationWithAmax(silu_and_mul(h, row_amax=row_amax), row_amax))
