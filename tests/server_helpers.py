@@ -65,26 +65,33 @@ def start_server(n: int = 2, args: list[str] | None = None, timeout: float = 120
     way the top process leads a session of its own, so `os.killpg(proc.pid, SIGINT)` is a
     terminal's Ctrl-C. MODEL is the tiny random model by default; None names no model, so
     the server uses the default one."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "trtdist.cli", "serve", *([model] if model else []),
-           "--port", str(port), *(args or [])]
-    if not launcher:
-        cmd = [mpirun_path(), "-n", str(n), "--oversubscribe", *cmd]
-    proc = subprocess.Popen(cmd, env=mpi_env(env), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True)
-    lines: list[str] = []
     deadline = time.time() + timeout
-    assert proc.stdout is not None
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            raise AssertionError("server exited before it was ready:\n" + "".join(lines))
-        lines.append(line)
-        if m := re.search(r"serving .* on http://\S+ .*leader pid (\d+)", line):
-            server = LiveServer(proc, port, int(m.group(1)), lines)
-            _drain(server)
-            return server
+    for attempt in range(3):
+        port = free_port()
+        cmd = [sys.executable, "-m", "trtdist.cli", "serve", *([model] if model else []),
+               "--port", str(port), *(args or [])]
+        if not launcher:
+            cmd = [mpirun_path(), "-n", str(n), "--oversubscribe", *cmd]
+        proc = subprocess.Popen(cmd, env=mpi_env(env), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                start_new_session=True)
+        lines: list[str] = []
+        assert proc.stdout is not None
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                # NOTE: the port free_port() found can be taken before the server binds it
+                # (another test's connection got it as its ephemeral port): try another.
+                if "cannot listen on" in "".join(lines) and attempt < 2:
+                    break
+                raise AssertionError("server exited before it was ready:\n" + "".join(lines))
+            lines.append(line)
+            if m := re.search(r"serving .* on http://\S+ .*leader pid (\d+)", line):
+                server = LiveServer(proc, port, int(m.group(1)), lines)
+                _drain(server)
+                return server
+        else:
+            break
     proc.kill()
     raise AssertionError("server not ready in time:\n" + "".join(lines))
 

@@ -8,11 +8,15 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from helpers import ROOT, mpi_env, mpirun_path
 from server_helpers import LiveServer, start_server
 
 from trtdist.server.auth import authorized, resolve_api_key
@@ -246,3 +250,23 @@ def test_second_signal_aborts_the_streams_with_an_error_event() -> None:
     rc, log = server.wait(timeout=60)
     assert rc == 0, log[-3000:]
     assert got[-1] == "data: [DONE]" and '"error"' in got[-2], got[-3:]
+
+
+@pytest.mark.parametrize("launcher", [False, True], ids=["mpirun", "top-process"])
+def test_taken_port_stops_every_rank_with_an_error(launcher: bool) -> None:
+    """A leader that cannot listen stops the whole world with an error naming it (the other
+    ranks used to load the model and wait for it at their first collective, forever)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cmd = [sys.executable, "-m", "trtdist.cli", "serve", "tiny", "--port", str(port),
+               "--tp-size", "2"]
+        if not launcher:
+            cmd = [mpirun_path(), "-n", "2", "--oversubscribe", *cmd]
+        # NOTE: the timeout only keeps a regression from hanging the suite
+        run = subprocess.run(cmd, env=mpi_env(None), cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, out[-2000:]
+    assert f"rank 0: cannot listen on 127.0.0.1:{port}" in out, out[-2000:]

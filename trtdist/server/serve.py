@@ -108,8 +108,20 @@ def serve(args: Namespace, llm_kwargs: dict[str, object]) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = None
+    bind_error = None
     if world_rank == 0:
-        sock = _bind(args.host, args.port)  # fail before loading anything if taken
+        try:
+            sock = _bind(args.host, args.port)  # fail before loading anything if taken
+        except ValueError as e:
+            bind_error = f"rank 0: {e}"
+    # NOTE: every rank learns whether the leader can listen before any of them loads: a
+    # leader that stopped alone left the others waiting for it at their first collective
+    # (and itself in MPI_Finalize), forever.
+    bind_error = MPI.COMM_WORLD.bcast(bind_error, root=0)
+    if bind_error is not None:
+        if world_rank == 0:
+            raise ValueError(bind_error)
+        return 1
     holder: dict[str, AsyncEngine] = {}
 
     def take_world_down(message: str) -> None:
