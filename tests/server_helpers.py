@@ -57,43 +57,49 @@ class LiveServer:
             self.wait()
 
 
+def serve_command(port: int, n: int = 2, args: list[str] | None = None,
+                  launcher: bool = False, model: str | None = "tiny") -> list[str]:
+    """`mpirun -n N trtdist serve MODEL --port PORT ARGS`, or with `launcher` the plain
+    `trtdist serve ...` (ARGS then name the sizes), which runs mpirun itself."""
+    cmd = [sys.executable, "-m", "trtdist.cli", "serve", *([model] if model else []),
+           "--port", str(port), *(args or [])]
+    return cmd if launcher else [mpirun_path(), "-n", str(n), "--oversubscribe", *cmd]
+
+
 def start_server(n: int = 2, args: list[str] | None = None, timeout: float = 120,
                  launcher: bool = False, env: dict[str, str] | None = None,
                  model: str | None = "tiny") -> LiveServer:
-    """`mpirun -n N trtdist serve MODEL ARGS`, or with `launcher` plain `trtdist serve MODEL
-    ARGS` (ARGS then name the sizes), which runs mpirun itself and is the top process. Either
-    way the top process leads a session of its own, so `os.killpg(proc.pid, SIGINT)` is a
-    terminal's Ctrl-C. MODEL is the tiny random model by default; None names no model, so
-    the server uses the default one."""
+    """`serve_command(...)` on a free port, once it says it is serving. Either way the top
+    process leads a session of its own, so `os.killpg(proc.pid, SIGINT)` is a terminal's
+    Ctrl-C. MODEL is the tiny random model by default; None names no model, so the server
+    uses the default one."""
     deadline = time.time() + timeout
-    for attempt in range(3):
+    tries = 3
+    while True:
+        tries -= 1
         port = free_port()
-        cmd = [sys.executable, "-m", "trtdist.cli", "serve", *([model] if model else []),
-               "--port", str(port), *(args or [])]
-        if not launcher:
-            cmd = [mpirun_path(), "-n", str(n), "--oversubscribe", *cmd]
-        proc = subprocess.Popen(cmd, env=mpi_env(env), cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                start_new_session=True)
+        proc = subprocess.Popen(serve_command(port, n, args, launcher, model), env=mpi_env(env),
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1, start_new_session=True)
         lines: list[str] = []
         assert proc.stdout is not None
         while time.time() < deadline:
             line = proc.stdout.readline()
             if not line and proc.poll() is not None:
-                # NOTE: the port free_port() found can be taken before the server binds it
-                # (another test's connection got it as its ephemeral port): try another.
-                if "cannot listen on" in "".join(lines) and attempt < 2:
-                    break
-                raise AssertionError("server exited before it was ready:\n" + "".join(lines))
+                break
             lines.append(line)
             if m := re.search(r"serving .* on http://\S+ .*leader pid (\d+)", line):
                 server = LiveServer(proc, port, int(m.group(1)), lines)
                 _drain(server)
                 return server
-        else:
-            break
-    proc.kill()
-    raise AssertionError("server not ready in time:\n" + "".join(lines))
+        log = "".join(lines)
+        if proc.poll() is None:
+            proc.kill()
+            raise AssertionError("server not ready in time:\n" + log)
+        # NOTE: the port free_port() found can be taken before the server binds it (another
+        # test's connection got it as its ephemeral port): then try another.
+        if "cannot listen on" not in log or not tries:
+            raise AssertionError("server exited before it was ready:\n" + log)
 
 
 def _drain(server: LiveServer) -> None:

@@ -10,14 +10,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ROOT, mpi_env, mpirun_path
-from server_helpers import LiveServer, start_server
+from helpers import ROOT, mpi_env
+from server_helpers import LiveServer, serve_command, start_server
 
 from trtdist.server.auth import authorized, resolve_api_key
 
@@ -260,12 +259,9 @@ def test_taken_port_stops_every_rank_with_an_error(launcher: bool) -> None:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        cmd = [sys.executable, "-m", "trtdist.cli", "serve", "tiny", "--port", str(port),
-               "--tp-size", "2"]
-        if not launcher:
-            cmd = [mpirun_path(), "-n", "2", "--oversubscribe", *cmd]
         # NOTE: the timeout only keeps a regression from hanging the suite
-        run = subprocess.run(cmd, env=mpi_env(None), cwd=ROOT, capture_output=True, text=True,
+        run = subprocess.run(serve_command(port, 2, ["--tp-size", "2"], launcher),
+                             env=mpi_env(None), cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
     out = run.stdout + run.stderr
     assert run.returncode != 0, out[-2000:]
