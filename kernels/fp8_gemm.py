@@ -40,6 +40,8 @@ from trtdist.kernels import fp8_gemm_configs as _cfg
 from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
 from trtdist.kernels.fp8_gemm_configs import Fp8GemmConfig
+from trtdist.kernels.fp8_gemv_cuda import fp8_gemv_cuda
+from trtdist.kernels.fp8_gemv_cuda import supports as gemv_cuda_supports
 from trtdist.kernels.fp8_quant import (
     FP8_DTYPE,
     _quantize,
@@ -61,6 +63,7 @@ SPLITK_FIXUP = True
 _workspaces: dict[tuple[torch.device, int, int, int], torch.Tensor] = {}
 _counters: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 _sm_counts: dict[torch.device, int] = {}
+_cuda_gemv_off: set[torch.device] = set()  # devices where the CUDA GEMV failed once
 # NOTE: per device, whether the FP8 x FP8 tl.dot compiled; set False after a compile failure
 # (the float16-operand dot is then used: same numbers, more conversion work).
 _dot_fp8_ok: dict[torch.device, bool] = {}
@@ -426,6 +429,22 @@ def fp8_gemm_small_m_quantizing(x: torch.Tensor, row_amax: torch.Tensor | None,
                  dot_fp8=dot_fp8, fixup=fixup)
 
 
+def _cuda_gemv_takes(xq: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                     out: torch.Tensor) -> bool:
+    """Whether the one-token CUDA GEMV (`kernels/fp8_gemv_cuda.py`) runs this call: M = 1,
+    contiguous 16-byte-aligned operands, a shape and dtypes it takes, CUDA kernels available
+    and not turned off after a failure."""
+    if xq.shape[0] != 1 or xq.device.type != "cuda" or xq.device in _cuda_gemv_off:
+        return False
+    if not (xq.is_contiguous() and w.is_contiguous() and out.is_contiguous()
+            and (bias is None or bias.is_contiguous())):
+        return False
+    if any(t.data_ptr() % 16 for t in (xq, w)):
+        return False
+    return gemv_cuda_supports(1, w.shape[0], w.shape[1], xq.dtype, out.dtype, xq.device,
+                              None if bias is None else bias.dtype)
+
+
 def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: torch.Tensor,
           bias: torch.Tensor | None, out_dtype: torch.dtype, *, out: torch.Tensor | None,
           config: Fp8GemmConfig | None, split_k: int | None, dot_fp8: bool | None,
@@ -435,10 +454,6 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
     _check(xq, xs, w, ws, bias, out_dtype, x_mode)
     m, k = xq.shape
     n = w.shape[0]
-    cfg = config if config is not None else _cfg.lookup(m, n, k, quantizing=x_mode != 0)
-    if m > cfg.block_m:
-        raise ValueError(f"fp8_gemm_small_m: config block_m = {cfg.block_m} cannot hold "
-                         f"M = {m} rows")
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(-1) != 1:
@@ -446,6 +461,18 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
                          f"last stride, got {tuple(out.shape)} {out.dtype} {tuple(out.stride())}")
     if m == 0 or n == 0:
         return out
+    if (config is None and split_k is None and dot_fp8 is None and fixup is None
+            and _cuda_gemv_takes(xq, w, bias, out)):
+        try:
+            return fp8_gemv_cuda(xq, xs, x_mode, w, ws, bias, out)
+        except Exception as e:  # noqa: BLE001 - CudaJitError, or a cuda.bindings mismatch
+            _log.warning("fp8_gemm: the CUDA GEMV failed (%s: %s); using the Triton kernel",
+                         type(e).__name__, e)
+            _cuda_gemv_off.add(xq.device)
+    cfg = config if config is not None else _cfg.lookup(m, n, k, quantizing=x_mode != 0)
+    if m > cfg.block_m:
+        raise ValueError(f"fp8_gemm_small_m: config block_m = {cfg.block_m} cannot hold "
+                         f"M = {m} rows")
     bk = cfg.block_k
     if split_k is None:
         split_k = cfg.split_k or _cfg.choose_split_k(n, k, _sm_count(xq.device), cfg.block_n,

@@ -743,6 +743,90 @@ p.write_text(s.replace('CONFIGS: dict[tuple[int, int, int], tuple[int, int, int]
       bench fp8_r1024 $M --quant fp8 --num-requests 1024 --input-len 128 --output-len 128 \
           --max-batch-size 1024
       ;;
+    s10a)  # the one-token CUDA FP8 GEMV (tensor cores, NVRTC): tests, microbench, batch 1
+      python3 -c "import cuda.bindings as c, cuda.bindings.nvrtc as n; \
+print('cuda.bindings', c.__version__, 'nvrtc', n.nvrtcVersion()[1:])" 2>&1 | tee -a "$SUMMARY"
+      timeout 240 python3 -m pytest -q -rf -m gpu tests/test_fp8_gemv_cuda.py 2>&1 \
+          | tee "$OUT/s10a_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -30
+      note "s10a gemv tests: $(tail -1 "$OUT/s10a_tests.log")"
+      timeout 240 python3 scripts/bench_fp8_gemv_cuda.py --output "$OUT/gemv_cuda.json" \
+          --best "$OUT/gemv_best.json" > "$OUT/gemv_bench.log" 2>&1
+      grep -E "^check|^roofline|FAILED|Error" "$OUT/gemv_bench.log" | cut -c1-200 | head -40
+      grep -A6 "^====" "$OUT/gemv_bench.log" | tee -a "$SUMMARY"
+      [ -s "$OUT/gemv_best.json" ] && export TRTDIST_FP8_GEMV_CUDA_CONFIGS="$OUT/gemv_best.json"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_CUDA_KERNELS=0 bench fp8_b1_triton $M --quant fp8 $B
+      bench b1 $M $B
+      timeout 120 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
+          --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_cuda.json" \
+          > "$OUT/timeline_cuda.log" 2>&1
+      note "timeline cuda $(grep wall_ms "$OUT/timeline_cuda.log" | cut -c1-60) \
+$(grep "^linear" "$OUT/timeline_cuda.log")"
+      ;;
+    s10b)  # CUDA GEMV per shape x row kernels triggering early: timelines, then benches
+      timeout 200 python3 -m pytest -q -rf -m gpu tests/test_fp8_gemv_cuda.py 2>&1 \
+          | tee "$OUT/s10b_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s10b gemv tests: $(tail -1 "$OUT/s10b_tests.log")"
+      tl() {  # tl NAME ENV...: one FP8 batch-1 timeline at max_model_len 8192
+        local name=$1; shift
+        env "$@" timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 \
+            --steps 24 --quant fp8 --max-model-len 8192 --timeline "$OUT/tl_$name.json" \
+            > "$OUT/tl_$name.log" 2>&1
+        note "tl $name $(grep -o '"wall_ms_per_step": [0-9.]*' "$OUT/tl_$name.log") \
+$(grep "^linear" "$OUT/tl_$name.log" | cut -c31-)"
+      }
+      tl triton TRTDIST_CUDA_KERNELS=0
+      tl triton_rowearly TRTDIST_CUDA_KERNELS=0 TRTDIST_PDL_ROW_EARLY=1
+      tl all_rowearly TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/all.json TRTDIST_PDL_ROW_EARLY=1
+      tl alllate_rowearly TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/all_late.json TRTDIST_PDL_ROW_EARLY=1
+      tl o_rowearly TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/o.json TRTDIST_PDL_ROW_EARLY=1
+      tl oqkv_rowearly TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/o_qkv.json TRTDIST_PDL_ROW_EARLY=1
+      tl o TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/o.json
+      best=$(cd "$OUT" && grep -H -o '"wall_ms_per_step": [0-9.]*' tl_*.log \
+          | sort -t: -k3 -n | head -1 | cut -d. -f1 | sed 's/^tl_//')
+      note "best timeline: $best"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      benv() {  # the env of timeline NAME
+        case $1 in
+          triton) echo TRTDIST_CUDA_KERNELS=0;;
+          triton_rowearly) echo TRTDIST_CUDA_KERNELS=0 TRTDIST_PDL_ROW_EARLY=1;;
+          all) echo TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/all.json;;
+          all_rowearly) echo TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/all.json TRTDIST_PDL_ROW_EARLY=1;;
+          alllate_rowearly) echo TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/all_late.json TRTDIST_PDL_ROW_EARLY=1;;
+          o_rowearly) echo TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/o.json TRTDIST_PDL_ROW_EARLY=1;;
+          oqkv_rowearly) echo TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/o_qkv.json TRTDIST_PDL_ROW_EARLY=1;;
+          o) echo TRTDIST_FP8_GEMV_CUDA_CONFIGS=perf_tmp/o.json;;
+        esac
+      }
+      env $(benv "$best") bash -c "$(declare -f bench note); OUT=$OUT SUMMARY=$SUMMARY; \
+          bench fp8_b1_$best $M --quant fp8 $B"
+      TRTDIST_CUDA_KERNELS=0 bench fp8_b1_triton $M --quant fp8 $B
+      env $(benv "$best") bash -c "$(declare -f bench note); OUT=$OUT SUMMARY=$SUMMARY; \
+          bench b1_$best $M $B"
+      ;;
+    s10c)  # CUDA GEMV for o only (per-MMA float32 sums): batch 1 A/B, tests, K = 4096 microbench
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_CUDA_KERNELS=0 bench fp8_b1_triton $M --quant fp8 $B
+      bench b1 $M $B
+      bench fp8_b1_again $M --quant fp8 $B
+      timeout 120 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
+          --quant fp8 --max-model-len 8192 --timeline "$OUT/tl_s10c.json" > "$OUT/tl_s10c.log" 2>&1
+      note "tl s10c $(grep -o '"wall_ms_per_step": [0-9.]*' "$OUT/tl_s10c.log") \
+$(grep "^linear" "$OUT/tl_s10c.log" | cut -c31-)"
+      timeout 200 python3 -m pytest -q -rf -n 4 -m gpu tests/test_fp8_gemv_cuda.py \
+          tests/test_fp8_kernels.py tests/test_row_amax.py 2>&1 | tee "$OUT/s10c_tests.log" \
+          | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s10c gpu tests: $(tail -1 "$OUT/s10c_tests.log")"
+      timeout 150 python3 scripts/bench_fp8_gemv_cuda.py --shapes qkv,o,gate_up \
+          --output "$OUT/gemv_cuda.json" --best "$OUT/gemv_best.json" > "$OUT/gemv_bench.log" 2>&1
+      grep -E "^precision|FAILED|Error" "$OUT/gemv_bench.log" | cut -c1-200 | head -20
+      grep -A6 "^====" "$OUT/gemv_bench.log" | tee -a "$SUMMARY"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
