@@ -29,6 +29,7 @@ _log = logging.getLogger("trtdist")
 _lock = threading.Lock()
 _functions: dict[tuple[int, str, str, tuple[tuple[str, int], ...]], CudaFunction] = {}
 _available: dict[int, bool] = {}
+_sources: dict[Path, tuple[str, str]] = {}  # path -> (source, digest)
 
 
 class CudaJitError(RuntimeError):
@@ -132,8 +133,11 @@ def load(source_file: str | Path, name: str, defines: dict[str, int],
     `defines` (-D NAME=VALUE) and loaded into its primary context; cached."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     path = Path(source_file)
-    source = path.read_text()
-    digest = hashlib.sha1(source.encode()).hexdigest()
+    cached = _sources.get(path)
+    if cached is None:  # read once: this runs on every eager launch
+        text = path.read_text()
+        cached = _sources[path] = (text, hashlib.sha1(text.encode()).hexdigest())
+    source, digest = cached
     key = (index, digest, name, tuple(sorted(defines.items())))
     fn = _functions.get(key)
     if fn is not None:
@@ -158,5 +162,4 @@ def load(source_file: str | Path, name: str, defines: dict[str, int],
         return fn
 
 
-POINTER = ctypes.c_void_p
-INT = ctypes.c_int
+POINTER = ctypes.c_void_p  # the ctypes type of a device-pointer argument of `launch`

@@ -12,6 +12,8 @@ tuned for large M and reads the weight inefficiently there. Here:
   kernel wrote (the row-amax handoff of `models/llama.py`) or a static scale. Every program
   converts all K of its rows, so it pays only where few programs share a row: its tiles come
   from `fp8_gemm_configs.QUANTIZING` (measured), and shapes without one keep two launches.
+- one-token calls (M = 1) of the shapes listed in `kernels/fp8_gemv_cuda.py`'s table go to
+  its CUDA tensor-core GEMV instead (measured faster there); a failure falls back to here.
 - `_fp8_gemm_kernel`: grid (cdiv(N, BLOCK_N), SPLIT_K); each program owns BLOCK_N output
   channels and one K slice. Its launch (mode, tile, split, warps, stages) comes from the
   table of `kernels/fp8_gemm_configs.py` keyed by (M bucket, N, K), tuned per GPU by

@@ -827,6 +827,16 @@ $(grep "^linear" "$OUT/tl_s10c.log" | cut -c31-)"
       grep -E "^precision|FAILED|Error" "$OUT/gemv_bench.log" | cut -c1-200 | head -20
       grep -A6 "^====" "$OUT/gemv_bench.log" | tee -a "$SUMMARY"
       ;;
+    s10d)  # the session's last code: the CUDA GEMV and FP8 GEMM GPU tests, batch 1 FP8 / bf16
+      timeout 240 python3 -m pytest -q -rf -n 4 -m gpu tests/test_fp8_gemv_cuda.py \
+          tests/test_fp8_kernels.py tests/test_row_amax.py tests/test_fp8.py 2>&1 \
+          | tee "$OUT/s10d_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s10d gpu tests: $(tail -1 "$OUT/s10d_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      bench b1 $M $B
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
