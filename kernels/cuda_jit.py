@@ -1,7 +1,7 @@
 """Hand-written CUDA kernels, compiled at run time with NVRTC and launched on PyTorch's
 current stream (`cuda.bindings`, the CUDA Python driver and NVRTC bindings).
 
-Why not Triton for these: a few decode kernels need control Triton does not give (tensor-core
+Why not Triton for these: some decode kernels need control Triton does not give (tensor-core
 fragments loaded straight from global memory, registers held across the programmatic-
 dependent-launch wait); see `kernels/fp8_gemv_cuda.cu`. Compiled once per (device, source,
 parameters) and cached for the process: under CUDA graphs only the capture launches them.

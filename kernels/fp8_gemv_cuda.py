@@ -2,12 +2,14 @@
 `kernels/cuda_jit.py`): `y [1, N] = (x . W^T) * x_scale * w_scale (+ bias)` for E4M3
 `W [N, K]`, the batch-1 decode case of `kernels/fp8_gemm.py`'s small-M GEMM (numbers below).
 
-Why: at one token the Triton gemv tiles stream the weight at 57-80% of copy bandwidth on the
-small llama3-8b shapes (PERF_NOTES.md); this kernel keeps a CTA's whole share of the weight
-in flight at once (16 rows a CTA, a warp's K segment loaded before any math) and uses MMAs
-instead of per-byte conversions. Input modes as the Triton kernel's X_MODE: 0 E4M3 x with
-its scale, 1 model-dtype x quantized per token from the producer's row amax, 2 model-dtype
-x with a static scale.
+Design: a CTA owns 16 output rows and keeps its whole share of the weight in flight (a
+warp's K segment loaded before any math); the E4M3 bytes go to MMAs as they are, with no
+per-byte conversion; x is staged (and, from the model dtype, quantized) once per CTA. Input
+modes as the Triton kernel's X_MODE: 0 E4M3 x with its scale, 1 model-dtype x quantized
+per token from the producer's row amax, 2 model-dtype x with a static scale. Measured on an
+H200 (PERF_NOTES.md, tenth session) it wins where the input is quantized from the amax
+(llama3-8b's o projection: 5.9 against 7.0 us), and streams slower than the Triton gemv
+tiles on the large shapes, so it runs only where its table says.
 
 The small-M GEMM (`fp8_gemm.py`) hands a one-token call to this kernel only for the (N, K)
 in `CONFIGS` (measured to win in the engine; `scripts/bench_fp8_gemv_cuda.py` times the
@@ -47,15 +49,15 @@ class CudaGemvConfig:
     """One launch of `fp8_gemv`: `nwarps` warps a CTA split K, each loading `batch` 128-byte
     steps of its two rows at a time; `double`: the next batch is loaded before this one's
     MMAs; `early`: the first batch before the programmatic-dependent-launch wait;
-    `min_blocks`: `__launch_bounds__`' resident-CTA hint (caps registers); `xdirect`: see
-    the field."""
+    `min_blocks`: `__launch_bounds__`' resident-CTA hint (caps registers); `xdirect`: E4M3
+    x read at L2 beside the MMAs instead of staged in shared memory (X_MODE 0 only)."""
 
     nwarps: int = 8
     batch: int = 2
     double: bool = True
     early: bool = False
     min_blocks: int = 1
-    xdirect: bool = False  # E4M3 x read at L2 beside the MMAs instead of staged (X_MODE 0)
+    xdirect: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.nwarps <= 32 or self.batch < 1 or self.min_blocks < 1:
@@ -172,4 +174,5 @@ def fp8_gemv_cuda(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torch.
 
 
 def config_dict(cfg: CudaGemvConfig) -> dict[str, object]:
+    """The JSON form of a config (the table file's "config" entries)."""
     return asdict(cfg)
