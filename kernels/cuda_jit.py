@@ -60,11 +60,11 @@ def available(device: torch.device) -> bool:
 
 
 def _check(result: Any, what: str) -> Any:
-    """cuda.bindings calls return `(status, *values)`: raise on a failure status."""
+    """cuda.bindings calls return `(status, value)`: the value, or raise on a failure."""
     status = result[0]
     if int(status) != 0:
         raise CudaJitError(f"{what} failed: {status!r}")
-    return result[1] if len(result) == 2 else result[1:]
+    return result[1]
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,14 @@ class CudaFunction:
     device_index: int
 
     def launch(self, grid: int, block: int, args: tuple[Any, ...],
-               types: tuple[Any, ...], *, pdl: bool, stream: torch.cuda.Stream | None = None
-               ) -> None:
-        """Launch on `stream` (default: PyTorch's current stream of the function's device)
-        with a 1-D grid and block. `args` are ints (device pointers: `tensor.data_ptr()`),
-        `types` their ctypes types. `pdl`: programmatic dependent launch (the kernel may
-        start while the previous one drains; it must `griddepcontrol.wait` first)."""
+               types: tuple[Any, ...], *, pdl: bool) -> None:
+        """Launch on PyTorch's current stream of the function's device (the capturing stream
+        under a CUDA graph) with a 1-D grid and block. `args` are ints (device pointers:
+        `tensor.data_ptr()`), `types` their ctypes types. `pdl`: programmatic dependent
+        launch (the kernel may start while the previous one drains; it must
+        `griddepcontrol.wait` first)."""
         driver, _ = _bindings()
-        s = stream if stream is not None else torch.cuda.current_stream(self.device_index)
+        s = torch.cuda.current_stream(self.device_index)
         cfg = driver.CUlaunchConfig()
         cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid, 1, 1
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1

@@ -178,9 +178,7 @@ extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS)
 fp8_gemv(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
          const void* __restrict__ x, const float* __restrict__ x_scale,
          const u16* __restrict__ bias, u16* __restrict__ out) {
-#if XDIRECT
-    __shared__ __align__(16) unsigned char xs[16];  // unused
-#else
+#if !XDIRECT
     __shared__ __align__(16) unsigned char xs[K];
 #endif
     __shared__ float partial[NWARPS][16];

@@ -26,7 +26,6 @@ are far below the E4M3 rounding of the inputs (2^-4).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +39,6 @@ ROWS_PER_CTA = 16
 MAX_K = 32768  # x is staged in static shared memory (48 KB a CTA at most)
 _DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1}
 CONFIGS_ENV = "TRTDIST_FP8_GEMV_CUDA_CONFIGS"
-_log = logging.getLogger("trtdist")
 _capabilities: dict[torch.device, tuple[int, int]] = {}
 
 

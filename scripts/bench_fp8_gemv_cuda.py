@@ -14,6 +14,7 @@ import argparse
 import json
 
 import torch
+from bench_fused_kernels import time_graph  # scripts/ is on sys.path when run as a script
 from trtdist.kernels import fp8_gemm_configs as cfgs
 from trtdist.kernels.fp8_gemm import fp8_gemm_small_m, fp8_gemm_small_m_quantizing, fp8_gemm_torch
 from trtdist.kernels.fp8_gemv_cuda import CudaGemvConfig, config_dict, fp8_gemv_cuda
@@ -36,29 +37,6 @@ VARIANTS = {
             C(16, 1, True), C(28, 4, False), C(28, 2, True), C(7, 4, True), C(8, 2, False),
             C(14, 2, True, min_blocks=2)],
 }
-
-
-def time_graph(fn, iters: int = 20) -> float:
-    """Seconds per call of `fn` replayed as one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / 1e3 / iters
 
 
 def ulps(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -141,18 +119,18 @@ def bench_shape(name: str, dev: torch.device, L: int) -> tuple[dict, dict, dict]
                 call(w, s, out)
         return fn
 
-    times["triton"] = time_graph(chain(triton_call)) / L * 1e6
+    times["triton"] = time_graph(chain(triton_call), 1, 20) / L * 1e6
     for cfg in variants:
         times[str(cfg)] = time_graph(chain(
             lambda w, s, o, cfg=cfg: fp8_gemv_cuda(xin, xsc, mode, w, s, None, o,
-                                                   config=cfg))) / L * 1e6
+                                                   config=cfg)), 1, 20) / L * 1e6
     top = sorted((t, c) for c, t in times.items() if c != "triton")[:3]
     for _, c in top:  # the three fastest again, first batch loaded before the wait
         cfg = next(v for v in variants if str(v) == c)
         e = C(cfg.nwarps, cfg.batch, cfg.double, True, cfg.min_blocks, cfg.xdirect)
         times[str(e)] = time_graph(chain(
             lambda w, s, o, e=e: fp8_gemv_cuda(xin, xsc, mode, w, s, None, o,
-                                               config=e))) / L * 1e6
+                                               config=e)), 1, 20) / L * 1e6
         variants.append(e)
     gbps = {c: n * k / (t * 1e-6) / 1e9 for c, t in times.items()}
     for c, t in sorted(times.items(), key=lambda kv: kv[1]):

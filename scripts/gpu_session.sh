@@ -766,6 +766,8 @@ print('cuda.bindings', c.__version__, 'nvrtc', n.nvrtcVersion()[1:])" 2>&1 | tee
 $(grep "^linear" "$OUT/timeline_cuda.log")"
       ;;
     s10b)  # CUDA GEMV per shape x row kernels triggering early: timelines, then benches
+      # (record of that call at 69d7e19's parent: its perf_tmp/*.json tables and the
+      # TRTDIST_PDL_ROW_EARLY switch were removed after it; BENCHMARKS.md lists them)
       timeout 200 python3 -m pytest -q -rf -m gpu tests/test_fp8_gemv_cuda.py 2>&1 \
           | tee "$OUT/s10b_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
       note "s10b gemv tests: $(tail -1 "$OUT/s10b_tests.log")"
@@ -832,6 +834,20 @@ $(grep "^linear" "$OUT/tl_s10c.log" | cut -c31-)"
           tests/test_fp8_kernels.py tests/test_row_amax.py tests/test_fp8.py 2>&1 \
           | tee "$OUT/s10d_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
       note "s10d gpu tests: $(tail -1 "$OUT/s10d_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      bench b1 $M $B
+      ;;
+    s10r)  # after the review (launch without a stream argument, x's shared buffer only when
+      # staged, the bench on bench_fused_kernels.time_graph): GPU tests, o microbench, batch 1
+      timeout 240 python3 -m pytest -q -rf -n 4 -m gpu tests/test_fp8_gemv_cuda.py \
+          tests/test_fp8_kernels.py tests/test_row_amax.py 2>&1 | tee "$OUT/s10r_tests.log" \
+          | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s10r gpu tests: $(tail -1 "$OUT/s10r_tests.log")"
+      timeout 120 python3 scripts/bench_fp8_gemv_cuda.py --shapes o --output "$OUT/gemv_o.json" \
+          --best "$OUT/gemv_o_best.json" > "$OUT/gemv_o.log" 2>&1
+      grep -A2 "^====" "$OUT/gemv_o.log" | tee -a "$SUMMARY"
       M="llama3-8b --dummy-weights --dtype bfloat16"
       B="--num-requests 1 --input-len 128 --output-len 256"
       bench fp8_b1 $M --quant fp8 $B
