@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ _log = logging.getLogger("trtdist")
 _lock = threading.Lock()
 _functions: dict[tuple[int, str, str, tuple[tuple[str, int], ...]], CudaFunction] = {}
 _available: dict[int, bool] = {}
-_sources: dict[Path, tuple[str, str]] = {}  # path -> (source, digest)
+# path -> (source, its quoted #include files as (name, text), digest of all of them)
+_sources: dict[Path, tuple[str, tuple[tuple[str, str], ...], str]] = {}
+_INCLUDE = re.compile(r'^#include "([^"/]+)"', re.MULTILINE)
 
 
 class CudaJitError(RuntimeError):
@@ -103,9 +106,12 @@ class CudaFunction:
             raise CudaJitError(f"launch of {self.name} failed: {status!r}")
 
 
-def _compile(source: str, name: str, defines: dict[str, int], arch: str) -> bytes:
+def _compile(source: str, headers: tuple[tuple[str, str], ...], name: str,
+             defines: dict[str, int], arch: str) -> bytes:
     _, nvrtc = _bindings()
-    prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []),
+    prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), len(headers),
+                                           [text.encode() for _, text in headers],
+                                           [inc.encode() for inc, _ in headers]),
                   "nvrtcCreateProgram")
     try:
         opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
@@ -127,6 +133,16 @@ def _compile(source: str, name: str, defines: dict[str, int], arch: str) -> byte
         nvrtc.nvrtcDestroyProgram(prog)
 
 
+def _read_source(path: Path) -> tuple[str, tuple[tuple[str, str], ...], str]:
+    """The source, the files it includes with `#include "name"` (beside it, one level: NVRTC
+    gets them by name) and a digest of all of them (the compile cache's key)."""
+    text = path.read_text()
+    headers = tuple((inc, path.with_name(inc).read_text())
+                    for inc in dict.fromkeys(_INCLUDE.findall(text)))
+    digest = hashlib.sha1("\0".join([text, *(h for _, h in headers)]).encode()).hexdigest()
+    return text, headers, digest
+
+
 def load(source_file: str | Path, name: str, defines: dict[str, int],
          device: torch.device) -> CudaFunction:
     """The kernel `name` of the CUDA source file, compiled for `device`'s architecture with
@@ -135,9 +151,8 @@ def load(source_file: str | Path, name: str, defines: dict[str, int],
     path = Path(source_file)
     cached = _sources.get(path)
     if cached is None:  # read once: this runs on every eager launch
-        text = path.read_text()
-        cached = _sources[path] = (text, hashlib.sha1(text.encode()).hexdigest())
-    source, digest = cached
+        cached = _sources[path] = _read_source(path)
+    source, headers, digest = cached
     key = (index, digest, name, tuple(sorted(defines.items())))
     fn = _functions.get(key)
     if fn is not None:
@@ -150,7 +165,7 @@ def load(source_file: str | Path, name: str, defines: dict[str, int],
         major, minor = torch.cuda.get_device_capability(index)
         # NOTE: "a" targets (sm_90a) unlock wgmma / setmaxnreg; nothing here needs them, and the
         # plain target runs on every GPU of that capability.
-        cubin = _compile(source, name, defines, f"sm_{major}{minor}")
+        cubin = _compile(source, headers, name, defines, f"sm_{major}{minor}")
         with torch.cuda.device(index):
             torch.cuda.current_stream()  # makes the primary context current on this thread
             module = _check(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({name})")
@@ -163,3 +178,4 @@ def load(source_file: str | Path, name: str, defines: dict[str, int],
 
 
 POINTER = ctypes.c_void_p  # the ctypes type of a device-pointer argument of `launch`
+FLOAT = ctypes.c_float  # a float32 scalar argument

@@ -853,6 +853,25 @@ $(grep "^linear" "$OUT/tl_s10c.log" | cut -c31-)"
       bench fp8_b1 $M --quant fp8 $B
       bench b1 $M $B
       ;;
+    s11a)  # the one-launch decode MLP (o .. down persistent): GPU tests, timelines per launch
+      # config, batch 1 FP8 on / off against bf16
+      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8_decode_mlp.py 2>&1 \
+          | tee "$OUT/s11a_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s11a decode-mlp tests: $(tail -1 "$OUT/s11a_tests.log")"
+      for c in 16,4 16,3 8,8 16,2; do
+        TRTDIST_FP8_DECODE_MLP_CONFIG=$c timeout 150 python3 scripts/profile_decode.py --batch 1 \
+            --context 128 --steps 24 --quant fp8 --max-model-len 8192 \
+            --timeline "$OUT/tl_$c.json" > "$OUT/tl_$c.log" 2>&1
+        note "tl $c rc=$? $(grep -o '"wall_ms_per_step": [0-9.]*' "$OUT/tl_$c.log") \
+$(grep -E "^fp8_decode_mlp" "$OUT/tl_$c.log" | cut -c61-)"
+      done
+      grep -A14 "^kernel (by critical" "$OUT/tl_16,4.log" | cut -c1-100 | tee -a "$SUMMARY"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $M --quant fp8 $B
+      bench b1 $M $B
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

@@ -1,0 +1,214 @@
+"""One token's decoder layer from the attention output to the MLP output in one persistent
+CUDA launch (`fp8_decode_mlp.cu`): the FP8 o projection with its residual add, the
+post-attention RMSNorm and per-token quantization, gate | up with SiLU x up, and the FP8 down
+projection. The batch-1 decode case of an FP8 Llama layer on one tensor-parallel rank.
+
+Why: at batch 1 every weight is a short stream, and each of the five kernel boundaries this
+replaces (o, norm, gate | up, SiLU, down) costs ~2 us of DRAM idling while the next kernel
+ramps up (PERF_NOTES.md). One CTA a SM streams all three weights through a register ring
+that runs on across two grid barriers, so the next weights are already in flight while the
+barrier and the norm resolve.
+
+Numbers: the same formulas and model-dtype roundings as the separate kernels; a result can
+differ from them by an output step where a float32 sum's order (the norm's sum of squares,
+the GEMVs' per-warp sums) moves a rounding. `fp8_decode_mlp_torch` is the reference.
+
+Constraints (`supports`): a GPU of compute capability >= 8.9 with `cuda.bindings`; one
+tensor-parallel rank (no all-reduce between the o projection and the norm); no biases; per-
+token activation scales; hidden, o-input and intermediate sizes multiples of 128 x warps;
+one CTA a SM must fit (it always does: the launch asks for one). TRTDIST_FP8_DECODE_MLP=0
+turns it off (A/B measures).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from trtdist.kernels import cuda_jit
+from trtdist.kernels._triton import pdl_enabled
+from trtdist.kernels.fp8_fused import rms_norm_quant_torch, silu_and_mul_quant_torch
+from trtdist.kernels.fp8_gemm import fp8_gemm_torch
+from trtdist.kernels.fp8_quant import quantize_activation_torch
+
+SOURCE = Path(__file__).with_name("fp8_decode_mlp.cu")
+ENV = "TRTDIST_FP8_DECODE_MLP"  # "0": keep the separate kernels
+CONFIG_ENV = "TRTDIST_FP8_DECODE_MLP_CONFIG"  # "NWARPS,DEPTH": a launch to measure
+_DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1}
+_STATIC_SMEM = 48 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeMlpConfig:
+    """One launch: `nwarps` warps a CTA (each K splits into 128-byte steps over them), `depth`
+    items (a warp's 128-byte step of 16 rows, 64 bytes a lane) in each lane's register ring."""
+
+    nwarps: int = 16
+    depth: int = 4
+
+    def __post_init__(self) -> None:
+        if self.nwarps not in (4, 8, 16, 32) or not 1 <= self.depth <= 8:
+            raise ValueError(f"DecodeMlpConfig: nwarps must be 4, 8, 16 or 32 and depth 1-8, "
+                             f"got {self}")
+
+
+def _env_config() -> DecodeMlpConfig | None:
+    text = os.environ.get(CONFIG_ENV)
+    if not text:
+        return None
+    try:
+        nwarps, depth = (int(v) for v in text.split(","))
+    except ValueError as e:
+        raise ValueError(f"{CONFIG_ENV}={text!r}: want 'NWARPS,DEPTH', e.g. '16,4'") from e
+    return DecodeMlpConfig(nwarps, depth)
+
+
+ENV_CONFIG = _env_config()  # NOTE: read once, at import (A/B measures)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _max_tiles(hidden: int, inter: int, ctas: int) -> int:
+    """The most 16-row tiles one CTA takes in a phase (gate | up counts both tiles of a pair)."""
+    return max(math.ceil(hidden // 16 / ctas), 2 * math.ceil(inter // 16 / ctas))
+
+
+def _shared_bytes(hidden: int, q: int, inter: int, ctas: int, cfg: DecodeMlpConfig) -> int:
+    return (max(q, inter) + hidden + _max_tiles(hidden, inter, ctas) * cfg.nwarps * 16 * 4
+            + cfg.nwarps * 4)
+
+
+def fits(hidden: int, q: int, inter: int, ctas: int, cfg: DecodeMlpConfig) -> bool:
+    """Whether the launch `cfg` takes this shape on `ctas` SMs: every K in whole 128-byte
+    steps per warp, the norm row in whole 16-byte runs per thread, shared memory <= 48 KB."""
+    if any(k % (128 * cfg.nwarps) for k in (hidden, q, inter)) or hidden % (256 * cfg.nwarps):
+        return False
+    return _shared_bytes(hidden, q, inter, ctas, cfg) <= _STATIC_SMEM
+
+
+def config_for(hidden: int, q: int, inter: int, ctas: int) -> DecodeMlpConfig | None:
+    """The launch for a shape: TRTDIST_FP8_DECODE_MLP_CONFIG if set, else 16 warps (8, 4 where
+    16 does not divide the shape) with a ring of 4; None if none fits."""
+    if ENV_CONFIG is not None:
+        return ENV_CONFIG if fits(hidden, q, inter, ctas, ENV_CONFIG) else None
+    for nwarps in (16, 8, 4):
+        cfg = DecodeMlpConfig(nwarps, 4)
+        if fits(hidden, q, inter, ctas, cfg):
+            return cfg
+    return None
+
+
+def supports(hidden: int, q: int, inter: int, dtype: torch.dtype,
+             device: torch.device) -> bool:
+    """Whether `fp8_decode_mlp` can run this layer shape on `device` (see the module
+    docstring); False when turned off by TRTDIST_FP8_DECODE_MLP=0."""
+    if os.environ.get(ENV, "1") == "0" or dtype not in _DTYPE_IDS or device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 9) or not cuda_jit.available(device):
+        return False
+    return config_for(hidden, q, inter, _sm_count(device)) is not None
+
+
+class DecodeMlpScratch:
+    """The launch's buffers in global memory, kept for the model's life (a CUDA graph replays
+    their addresses): the SiLU x up row `act [I]`, its amax, and the grid barriers' counter
+    (64-bit, only grows, never reset: the kernel derives each launch's base from it)."""
+
+    def __init__(self, inter: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.inter, self.dtype, self.device = inter, dtype, device
+        self.act = torch.zeros(inter, dtype=dtype, device=device)
+        self.act_amax = torch.zeros(1, dtype=torch.float32, device=device)
+        self.counter = torch.zeros(1, dtype=torch.int64, device=device)
+        self.failed = False  # set by the caller when a launch failed: it stops using it
+
+
+def fp8_decode_mlp(attn: torch.Tensor, attn_amax: torch.Tensor, wo: torch.Tensor,
+                   wo_scale: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                   eps: float, wgu: torch.Tensor, wgu_scale: torch.Tensor, wd: torch.Tensor,
+                   wd_scale: torch.Tensor, scratch: DecodeMlpScratch, *,
+                   out: torch.Tensor | None = None,
+                   config: DecodeMlpConfig | None = None) -> torch.Tensor:
+    """`attn [1, Q]` (model dtype) with its row amax `attn_amax [>= 1]` float32 -> the MLP
+    output `[1, H]`; `residual [1, H]` becomes `attn . Wo^T + residual` in place (the stream
+    that the next layer's norm adds the output to). Weights E4M3 `[out, in]` with float32
+    per-row scales: `wo [H, Q]`, `wgu [2I, H]` (gate rows, then up rows), `wd [H, I]`.
+
+    Checks shapes, dtypes and contiguity (ValueError); raises `CudaJitError` when the kernel
+    cannot compile or launch. Call `supports` first."""
+    hidden, q = wo.shape
+    inter = wd.shape[1]
+    dtype = residual.dtype  # the model dtype: the stream's
+    _check(attn, attn_amax, wo, wo_scale, residual, norm_weight, wgu, wgu_scale, wd, wd_scale,
+           scratch, hidden, q, inter, dtype)
+    if out is None:
+        out = torch.empty((1, hidden), dtype=dtype, device=attn.device)
+    elif out.shape != (1, hidden) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"fp8_decode_mlp: out must be contiguous [1, {hidden}] {dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    ctas = _sm_count(attn.device)
+    cfg = config or config_for(hidden, q, inter, ctas)
+    if cfg is None or not fits(hidden, q, inter, ctas, cfg):
+        raise ValueError(f"fp8_decode_mlp: no launch for hidden {hidden}, o input {q}, "
+                         f"intermediate {inter} on {ctas} SMs ({cfg})")
+    defines = dict(H=hidden, Q=q, I=inter, NWARPS=cfg.nwarps, DEPTH=cfg.depth,
+                   MAX_TILES=_max_tiles(hidden, inter, ctas), X_T=_DTYPE_IDS[dtype],
+                   OUT_T=_DTYPE_IDS[dtype])
+    fn = cuda_jit.load(SOURCE, "fp8_decode_mlp", defines, attn.device)
+    P, F = cuda_jit.POINTER, cuda_jit.FLOAT
+    args = (attn, attn_amax, wo, wo_scale, residual, norm_weight, float(eps), wgu, wgu_scale,
+            wd, wd_scale, scratch.act, scratch.act_amax, scratch.counter, out)
+    fn.launch(ctas, 32 * cfg.nwarps,
+              tuple(a if isinstance(a, float) else a.data_ptr() for a in args),
+              tuple(F if isinstance(a, float) else P for a in args),
+              pdl=pdl_enabled(attn.device))
+    return out
+
+
+def _check(attn: torch.Tensor, attn_amax: torch.Tensor, wo: torch.Tensor,
+           wo_scale: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+           wgu: torch.Tensor, wgu_scale: torch.Tensor, wd: torch.Tensor, wd_scale: torch.Tensor,
+           scratch: DecodeMlpScratch, hidden: int, q: int, inter: int,
+           dtype: torch.dtype) -> None:
+    fp8 = torch.float8_e4m3fn
+    want = {
+        "attn": (attn, (1, q), dtype), "residual": (residual, (1, hidden), dtype),
+        "norm_weight": (norm_weight, (hidden,), dtype), "wo": (wo, (hidden, q), fp8),
+        "wo_scale": (wo_scale, (hidden,), torch.float32),
+        "wgu": (wgu, (2 * inter, hidden), fp8),
+        "wgu_scale": (wgu_scale, (2 * inter,), torch.float32),
+        "wd": (wd, (hidden, inter), fp8), "wd_scale": (wd_scale, (hidden,), torch.float32),
+    }
+    for name, (t, shape, dt) in want.items():
+        if tuple(t.shape) != shape or t.dtype != dt or not t.is_contiguous():
+            raise ValueError(f"fp8_decode_mlp: {name} must be contiguous {list(shape)} {dt}, "
+                             f"got {list(t.shape)} {t.dtype}"
+                             f"{'' if t.is_contiguous() else ' (not contiguous)'}")
+        if t.device != attn.device or t.data_ptr() % 16:
+            raise ValueError(f"fp8_decode_mlp: {name} must be on {attn.device}, 16-byte "
+                             f"aligned")
+    if attn_amax.dtype != torch.float32 or attn_amax.numel() < 1:
+        raise ValueError("fp8_decode_mlp: attn_amax must be a float32 slot")
+    if scratch.inter != inter or scratch.dtype != dtype or scratch.device != attn.device:
+        raise ValueError(f"fp8_decode_mlp: scratch is for I = {scratch.inter} {scratch.dtype} "
+                         f"on {scratch.device}, the call needs I = {inter} {dtype} on "
+                         f"{attn.device}")
+
+
+def fp8_decode_mlp_torch(attn: torch.Tensor, wo: torch.Tensor, wo_scale: torch.Tensor,
+                         residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                         wgu: torch.Tensor, wgu_scale: torch.Tensor, wd: torch.Tensor,
+                         wd_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference, with the separate kernels' references: -> `(out, new residual)` (the
+    residual is not modified). `attn`'s amax is its own row max (what the attention hands)."""
+    dtype = attn.dtype
+    xq, xs = quantize_activation_torch(attn, None)
+    o = fp8_gemm_torch(xq, xs, wo, wo_scale, None, dtype)
+    xq, xs, res = rms_norm_quant_torch(o, residual, norm_weight, eps, None)
+    h = fp8_gemm_torch(xq, xs, wgu, wgu_scale, None, dtype)
+    xq, xs = silu_and_mul_quant_torch(h, None)
+    return fp8_gemm_torch(xq, xs, wd, wd_scale, None, dtype), res
