@@ -31,7 +31,9 @@
 //
 // Compile-time parameters (NVRTC -D): H (hidden), Q (o input), I (intermediate), NWARPS,
 // DEPTH (items in the register ring: one item is a warp's 128-byte step of 16 rows), MAX_TILES
-// (tiles a CTA takes in one phase, at most), X_T = OUT_T (0 bfloat16, 1 float16).
+// (tiles a CTA takes in one phase, at most), X_T = OUT_T (0 bfloat16, 1 float16), TIMING
+// (1: each CTA's thread 0 writes %globaltimer at 10 points to timing[cta * 10 + k], for
+// scripts/bench_decode_mlp.py; 0 in the engine).
 
 #include "fp8_mma.cuh"
 
@@ -43,6 +45,17 @@ static_assert(H % (8 * NT) == 0 && Q % 8 == 0 && I % 8 == 0, "rows are read 8 va
 static_assert(X_T == OUT_T, "one model dtype");
 
 typedef unsigned long long u64;
+
+#if TIMING
+#define STAMP(k)                                                                         \
+    if (threadIdx.x == 0) {                                                              \
+        u64 now;                                                                         \
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));                          \
+        timing[blockIdx.x * 10 + (k)] = now;                                             \
+    }
+#else
+#define STAMP(k)
+#endif
 
 struct Item {
     uint4 v[4];  // rows g, g (+64 bytes), g + 8, g + 8 (+64 bytes)
@@ -217,7 +230,8 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
                u16* residual, const u16* __restrict__ norm_w, float eps,
                const unsigned char* __restrict__ wgu, const float* __restrict__ wgu_s,
                const unsigned char* __restrict__ wd, const float* __restrict__ wd_s,
-               u16* act, float* act_amax, u64* counter, u16* __restrict__ out) {
+               u16* act, float* act_amax, u64* counter, u16* __restrict__ out,
+               u64* timing) {
     __shared__ __align__(16) unsigned char xs_od[Q > I ? Q : I];  // o's input, later down's
     __shared__ __align__(16) unsigned char xs_gu[H];
     __shared__ float partial[MAX_TILES][NWARPS][16];
@@ -238,10 +252,12 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     const Phase<I, 0> none{wd, 0, 0};
 
     // the weights do not depend on the previous kernel: the ring fills before the wait
+    STAMP(0);
     Item ring[DEPTH];
 #pragma unroll
     for (int s = 0; s < DEPTH; ++s) load_next(ring[s], po, pgu, s, cta, G);
     grid_dependency_wait();
+    STAMP(1);
 
     u64 base = 0;
     if (threadIdx.x == 0) {
@@ -257,12 +273,14 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     __syncthreads();
     stream(ring, po, pgu, xs_od, partial, cta, G);
     __syncthreads();
+    STAMP(2);
     for (int r = threadIdx.x; r < 16 * o_tiles; r += NT) {
         const int m = r >> 4, n = 16 * (cta + G * m) + (r & 15);
         const float y = round_model(tile_sum(partial, m, r & 15) * o_scale * wo_s[n]);
         residual[n] = to_out(y + to_f32(ld_cg_u16(residual + n)));
     }
     grid_barrier(counter, base + G);
+    STAMP(3);
 
     // ---- post-attention RMSNorm of the new residual, quantized for gate | up ----------------
     // (kernels/fp8_fused.py's roundings: normed = (h * rstd) in the model dtype, times the
@@ -310,10 +328,12 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
         }
     }
     __syncthreads();
+    STAMP(4);
 
     // ---- gate | up, SiLU x up, its amax ---------------------------------------------------
     stream(ring, pgu, pd, xs_gu, partial, cta, G);
     __syncthreads();
+    STAMP(5);
     float amax = 0.0f;
     for (int r = threadIdx.x; r < 8 * gu_tiles; r += NT) {  // 16 rows a pair of tiles
         const int p = r >> 4, k = 16 * (cta + G * p) + (r & 15);
@@ -327,16 +347,20 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     amax = block_reduce<1>(amax, red);
     if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(act_amax), __float_as_int(amax));
     grid_barrier(counter, base + 2ull * G);
+    STAMP(6);
 
     // ---- down projection: act quantized from its amax --------------------------------------
     const float d_scale = dynamic_scale(ld_cg_f32(act_amax));
     quantize_row(act, xs_od, I, __frcp_rn(d_scale));
     __syncthreads();
+    STAMP(7);
     stream(ring, pd, none, xs_od, partial, cta, G);
     launch_dependents();
     __syncthreads();
+    STAMP(8);
     for (int r = threadIdx.x; r < 16 * d_tiles; r += NT) {
         const int m = r >> 4, n = 16 * (cta + G * m) + (r & 15);
         out[n] = to_out(tile_sum(partial, m, r & 15) * d_scale * wd_s[n]);
     }
+    STAMP(9);
 }

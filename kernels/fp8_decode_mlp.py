@@ -120,8 +120,8 @@ class DecodeMlpScratch:
     (64-bit, only grows, never reset: the kernel derives each launch's base from it)."""
 
     def __init__(self, inter: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.inter, self.dtype, self.device = inter, dtype, device
         self.act = torch.zeros(inter, dtype=dtype, device=device)
+        self.inter, self.dtype, self.device = inter, dtype, self.act.device
         self.act_amax = torch.zeros(1, dtype=torch.float32, device=device)
         self.counter = torch.zeros(1, dtype=torch.int64, device=device)
         self.failed = False  # set by the caller when a launch failed: it stops using it
@@ -132,14 +132,16 @@ def fp8_decode_mlp(attn: torch.Tensor, attn_amax: torch.Tensor, wo: torch.Tensor
                    eps: float, wgu: torch.Tensor, wgu_scale: torch.Tensor, wd: torch.Tensor,
                    wd_scale: torch.Tensor, scratch: DecodeMlpScratch, *,
                    out: torch.Tensor | None = None,
-                   config: DecodeMlpConfig | None = None) -> torch.Tensor:
+                   config: DecodeMlpConfig | None = None,
+                   timing: torch.Tensor | None = None) -> torch.Tensor:
     """`attn [1, Q]` (model dtype) with its row amax `attn_amax [>= 1]` float32 -> the MLP
     output `[1, H]`; `residual [1, H]` becomes `attn . Wo^T + residual` in place (the stream
     that the next layer's norm adds the output to). Weights E4M3 `[out, in]` with float32
     per-row scales: `wo [H, Q]`, `wgu [2I, H]` (gate rows, then up rows), `wd [H, I]`.
 
     Checks shapes, dtypes and contiguity (ValueError); raises `CudaJitError` when the kernel
-    cannot compile or launch. Call `supports` first."""
+    cannot compile or launch. Call `supports` first. `timing` (int64, >= 10 x SMs; a
+    measurement build): each CTA's %globaltimer at the kernel's 10 stamps (see the .cu)."""
     hidden, q = wo.shape
     inter = wd.shape[1]
     dtype = residual.dtype  # the model dtype: the stream's
@@ -157,11 +159,14 @@ def fp8_decode_mlp(attn: torch.Tensor, attn_amax: torch.Tensor, wo: torch.Tensor
                          f"intermediate {inter} on {ctas} SMs ({cfg})")
     defines = dict(H=hidden, Q=q, I=inter, NWARPS=cfg.nwarps, DEPTH=cfg.depth,
                    MAX_TILES=_max_tiles(hidden, inter, ctas), X_T=_DTYPE_IDS[dtype],
-                   OUT_T=_DTYPE_IDS[dtype])
+                   OUT_T=_DTYPE_IDS[dtype], TIMING=int(timing is not None))
+    if timing is not None and (timing.dtype != torch.int64 or timing.numel() < 10 * ctas):
+        raise ValueError(f"fp8_decode_mlp: timing must be int64 with >= {10 * ctas} elements")
     fn = cuda_jit.load(SOURCE, "fp8_decode_mlp", defines, attn.device)
     P, F = cuda_jit.POINTER, cuda_jit.FLOAT
     args = (attn, attn_amax, wo, wo_scale, residual, norm_weight, float(eps), wgu, wgu_scale,
-            wd, wd_scale, scratch.act, scratch.act_amax, scratch.counter, out)
+            wd, wd_scale, scratch.act, scratch.act_amax, scratch.counter, out,
+            timing if timing is not None else out)  # unused without TIMING
     fn.launch(ctas, 32 * cfg.nwarps,
               tuple(a if isinstance(a, float) else a.data_ptr() for a in args),
               tuple(F if isinstance(a, float) else P for a in args),
