@@ -93,7 +93,7 @@ def main() -> None:
               f"{late[-1].item():.2f} us to the last CTA's end)")
         print("  " + "  ".join(f"{name} {m:.2f}/{x:.2f}" for name, m, x in
                                zip(STAMPS, med.tolist(), late.tolist())))
-    print(f"copy {roof["copy_bandwidth_gb_s"]:.0f} GB/s, matmul {roof["bf16_matmul_tflop_s"]:.0f} TFLOP/s")
+    print(f"copy {roof['copy_bandwidth_gb_s']:.0f} GB/s, matmul {roof['bf16_matmul_tflop_s']:.0f} TFLOP/s")
     if args.output:
         json.dump(result, open(args.output, "w"), indent=1)
 
