@@ -872,6 +872,13 @@ $(grep -E "^fp8_decode_mlp" "$OUT/tl_$c.log" | cut -c61-)"
       TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $M --quant fp8 $B
       bench b1 $M $B
       ;;
+    s11b)  # the decode MLP's tests (device fix) and its microbench with per-phase stamps
+      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8_decode_mlp.py 2>&1 \
+          | tee "$OUT/s11b_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s11b decode-mlp tests: $(tail -1 "$OUT/s11b_tests.log")"
+      timeout 240 python3 scripts/bench_decode_mlp.py --configs 16,4 16,2 8,4 \
+          --output "$OUT/decode_mlp.json" 2>&1 | tee "$OUT/decode_mlp.log" | tail -12 | tee -a "$SUMMARY"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
