@@ -30,7 +30,8 @@
 // resident at once: the host launches one CTA a SM, and a CTA takes a whole SM's registers.
 //
 // Compile-time parameters (NVRTC -D): H (hidden), Q (o input), I (intermediate), NWARPS,
-// DEPTH (items in the register ring: one item is a warp's 128-byte step of 16 rows), MAX_TILES
+// DEPTH (items in the register ring: one item is a warp's 128-byte step of 16 rows), PREFETCH
+// (items a warp asks into L2 beyond the ring before each grid barrier), MAX_TILES
 // (tiles a CTA takes in one phase, at most), X_T = OUT_T (0 bfloat16, 1 float16), TIMING
 // (1: each CTA's thread 0 writes %globaltimer at 10 points to timing[cta * 10 + k], for
 // scripts/bench_decode_mlp.py; 0 in the engine).
@@ -71,16 +72,39 @@ struct Phase {
     static constexpr int SPW = K / 128 / NWARPS;  // steps a warp takes of one tile
 };
 
+// Row 0 of item i's 16 rows at its 128-byte step.
+template <int K, int KIND>
+__device__ __forceinline__ const unsigned char* item_base(const Phase<K, KIND>& ph, int i,
+                                                          int cta, int G) {
+    constexpr int SPW = Phase<K, KIND>::SPW;
+    const int m = i / SPW, j = i - m * SPW;
+    const int warp = threadIdx.x >> 5;
+    const int row0 = KIND == 0 ? 16 * (cta + G * m) : 16 * (cta + G * (m >> 1)) + (m & 1) * I;
+    return ph.w + (size_t)row0 * K + (size_t)(warp + NWARPS * j) * 128;
+}
+
+// This lane's 16-byte run of item i: row g = lane / 4, run t = lane % 4.
 template <int K, int KIND>
 __device__ __forceinline__ const unsigned char* item_address(const Phase<K, KIND>& ph, int i,
                                                              int cta, int G) {
-    constexpr int SPW = Phase<K, KIND>::SPW;
-    const int m = i / SPW, j = i - m * SPW;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int row0 = KIND == 0 ? 16 * (cta + G * m) : 16 * (cta + G * (m >> 1)) + (m & 1) * I;
-    // this lane's 16-byte run of row g in the warp's step
-    return ph.w + (size_t)(row0 + (lane >> 2)) * K + (size_t)(warp + NWARPS * j) * 128 +
-           (lane & 3) * 16;
+    const int lane = threadIdx.x & 31;
+    return item_base(ph, i, cta, G) + (size_t)(lane >> 2) * K + (lane & 3) * 16;
+}
+
+// Items [from, to) of this warp into L2 (no registers held): issued before a grid barrier so
+// that DRAM keeps streaming the phase's weights while the barrier and the row work resolve
+// and the register ring is full. Lane l takes row l / 2's 32-byte sectors (l % 2) and
+// (l % 2) + 2.
+template <int K, int KIND>
+__device__ __forceinline__ void prefetch_l2(const Phase<K, KIND>& ph, int from, int to, int cta,
+                                            int G) {
+    const int lane = threadIdx.x & 31;
+    to = to < ph.items ? to : ph.items;
+    for (int i = from; i < to; ++i) {
+        const unsigned char* p = item_base(ph, i, cta, G) + (size_t)(lane >> 1) * K + (lane & 1) * 32;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + 64));
+    }
 }
 
 template <int K>
@@ -272,6 +296,7 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     quantize_row(attn, xs_od, Q, __frcp_rn(o_scale));
     __syncthreads();
     stream(ring, po, pgu, xs_od, partial, cta, G);
+    prefetch_l2(pgu, DEPTH, DEPTH + PREFETCH, cta, G);
     __syncthreads();
     STAMP(2);
     for (int r = threadIdx.x; r < 16 * o_tiles; r += NT) {
@@ -332,6 +357,7 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
 
     // ---- gate | up, SiLU x up, its amax ---------------------------------------------------
     stream(ring, pgu, pd, xs_gu, partial, cta, G);
+    prefetch_l2(pd, DEPTH, DEPTH + PREFETCH, cta, G);
     __syncthreads();
     STAMP(5);
     float amax = 0.0f;

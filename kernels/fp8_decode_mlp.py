@@ -44,26 +44,37 @@ _STATIC_SMEM = 48 * 1024
 @dataclass(frozen=True, slots=True)
 class DecodeMlpConfig:
     """One launch: `nwarps` warps a CTA (each K splits into 128-byte steps over them), `depth`
-    items (a warp's 128-byte step of 16 rows, 64 bytes a lane) in each lane's register ring."""
+    items (a warp's 128-byte step of 16 rows, 64 bytes a lane) in each lane's register ring,
+    `prefetch` items a warp asks into L2 beyond the ring before each grid barrier."""
 
     nwarps: int = 16
     depth: int = 4
+    prefetch: int = 0
 
     def __post_init__(self) -> None:
-        if self.nwarps not in (4, 8, 16, 32) or not 1 <= self.depth <= 8:
-            raise ValueError(f"DecodeMlpConfig: nwarps must be 4, 8, 16 or 32 and depth 1-8, "
-                             f"got {self}")
+        if (self.nwarps not in (4, 8, 16, 32) or not 1 <= self.depth <= 8
+                or not 0 <= self.prefetch <= 64):
+            raise ValueError(f"DecodeMlpConfig: nwarps must be 4, 8, 16 or 32, depth 1-8 and "
+                             f"prefetch 0-64, got {self}")
 
 
 def _env_config() -> DecodeMlpConfig | None:
     text = os.environ.get(CONFIG_ENV)
     if not text:
         return None
+    return parse_config(text, CONFIG_ENV)
+
+
+def parse_config(text: str, what: str) -> DecodeMlpConfig:
+    """'NWARPS,DEPTH[,PREFETCH]' -> a config (ValueError naming `what` otherwise)."""
     try:
-        nwarps, depth = (int(v) for v in text.split(","))
+        values = [int(v) for v in text.split(",")]
+        if len(values) not in (2, 3):
+            raise ValueError(f"{len(values)} values")
     except ValueError as e:
-        raise ValueError(f"{CONFIG_ENV}={text!r}: want 'NWARPS,DEPTH', e.g. '16,4'") from e
-    return DecodeMlpConfig(nwarps, depth)
+        raise ValueError(f"{what}={text!r}: want 'NWARPS,DEPTH[,PREFETCH]', e.g. '16,4,8' "
+                         f"({e})") from e
+    return DecodeMlpConfig(*values)
 
 
 ENV_CONFIG = _env_config()  # NOTE: read once, at import (A/B measures)
@@ -158,6 +169,7 @@ def fp8_decode_mlp(attn: torch.Tensor, attn_amax: torch.Tensor, wo: torch.Tensor
         raise ValueError(f"fp8_decode_mlp: no launch for hidden {hidden}, o input {q}, "
                          f"intermediate {inter} on {ctas} SMs ({cfg})")
     defines = dict(H=hidden, Q=q, I=inter, NWARPS=cfg.nwarps, DEPTH=cfg.depth,
+                   PREFETCH=cfg.prefetch,
                    MAX_TILES=_max_tiles(hidden, inter, ctas), X_T=_DTYPE_IDS[dtype],
                    OUT_T=_DTYPE_IDS[dtype], TIMING=int(timing is not None))
     if timing is not None and (timing.dtype != torch.int64 or timing.numel() < 10 * ctas):

@@ -71,8 +71,7 @@ def main() -> None:
     result["cases"]["separate"] = us
     print(f"separate kernels: {us:.2f} us a layer")
     for text in args.configs:
-        nw, depth = (int(v) for v in text.split(","))
-        cfg = dm.DecodeMlpConfig(nw, depth)
+        cfg = dm.parse_config(text, "--configs")
 
         def fused(timing: list[torch.Tensor] | None = None) -> None:
             for i, w in enumerate(layers):

@@ -37,8 +37,15 @@ def test_env_config_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(dm.CONFIG_ENV, "16")
     with pytest.raises(ValueError, match="NWARPS,DEPTH"):
         dm._env_config()
+    monkeypatch.setenv(dm.CONFIG_ENV, "16,4,x")
+    with pytest.raises(ValueError, match="NWARPS,DEPTH"):
+        dm._env_config()
     monkeypatch.setenv(dm.CONFIG_ENV, "8,6")
     assert dm._env_config() == DecodeMlpConfig(8, 6)
+    monkeypatch.setenv(dm.CONFIG_ENV, "16,4,8")
+    assert dm._env_config() == DecodeMlpConfig(16, 4, 8)
+    with pytest.raises(ValueError, match="prefetch"):
+        DecodeMlpConfig(16, 4, 65)
 
 
 def _layer(hidden: int, q: int, inter: int, dtype: torch.dtype, device: str,
@@ -101,11 +108,12 @@ def _reference(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
                                    t["wd_scale"])
 
 
-def _assert_close(y: torch.Tensor, ref: torch.Tensor, what: str, rel: float = 1e-2) -> None:
+def _assert_close(y: torch.Tensor, ref: torch.Tensor, what: str, rel: float) -> None:
     """Within `rel` of the reference in norm and 4 `rel` of its largest value anywhere. The
     kernel rounds as the separate kernels do, but its float32 sums run in another order (and
-    the MMA keeps ~14 bits within each 32 products), so a model-dtype rounding and from it an
-    E4M3 code can go the other way; a wrong tile, scale or rounding is far outside this."""
+    the MMA keeps ~14 bits within each 32 products), so a model-dtype rounding can go the
+    other way; where that moves a row's amax, every E4M3 code of the row moves (noise of a
+    few percent: E4M3 keeps 3 mantissa bits). A wrong tile or scale is far outside this."""
     y, ref = y.float(), ref.float()
     assert not y.isnan().any(), what
     err = (y - ref).norm() / ref.norm()
@@ -120,27 +128,44 @@ SHAPES = [(4096, 4096, 14336), (2048, 2048, 5632), (1024, 2048, 2048)]
 @pytest.mark.parametrize("hidden,q,inter", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_the_reference_gpu(hidden: int, q: int, inter: int, dtype: torch.dtype) -> None:
+    """Each stage against the reference: the residual closely; SiLU x up and the output
+    within E4M3 noise (when a model-dtype rounding moves a row's amax, every code of that
+    row moves); the down projection of the kernel's own SiLU x up row within one output
+    step plus 2^-10 of the sum of |products| (the MMA's accumulation)."""
+    from test_fp8_gemv_cuda import _abs_sum
+    from test_fp8_gemv_cuda import _assert_close as assert_gemv_close
+    from trtdist.kernels.fp8_fused import rms_norm_quant_torch
+    from trtdist.kernels.fp8_gemm import fp8_gemm_torch
+    from trtdist.kernels.fp8_quant import quantize_activation_torch, quantize_activation_triton
+
     dev = _need()
     t = _layer(hidden, q, inter, dtype, "cuda", seed=hidden + inter)
     scratch = DecodeMlpScratch(inter, dtype, dev)
     out, residual = _run(t, scratch)
     ref_out, ref_res = _reference(t)
     _assert_close(residual, ref_res, "residual", rel=2e-3)
-    _assert_close(out, ref_out, "out")
-    # the SiLU x up row left in the scratch, and its amax exactly
-    act = scratch.act.float()
-    assert scratch.act_amax.item() == act.abs().max().item()
-    assert act.abs().max() > 0
+    xq, xs = quantize_activation_torch(t["attn"], None)
+    o = fp8_gemm_torch(xq, xs, t["wo"], t["wo_scale"], None, dtype)
+    xq, xs, _ = rms_norm_quant_torch(o, t["residual"], t["norm_weight"], 1e-5, None)
+    gate, up = fp8_gemm_torch(xq, xs, t["wgu"], t["wgu_scale"], None, dtype).float().chunk(2, -1)
+    ref_act = (torch.nn.functional.silu(gate) * up).to(dtype)
+    act = scratch.act.view(1, -1)
+    _assert_close(act, ref_act, "SiLU x up", rel=6e-2)
+    assert scratch.act_amax.item() == act.float().abs().max().item() > 0
+    xq, xs = quantize_activation_triton(act, None)  # the kernel's rounding of 1 / scale
+    assert_gemv_close(out, fp8_gemm_torch(xq, xs, t["wd"], t["wd_scale"], None, dtype),
+                      _abs_sum(xq, xs, t["wd"], t["wd_scale"]), "down of the kernel's row")
+    _assert_close(out, ref_out, "out", rel=6e-2)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [DecodeMlpConfig(16, 1), DecodeMlpConfig(16, 3),
-                                 DecodeMlpConfig(8, 8), DecodeMlpConfig(4, 4)])
+@pytest.mark.parametrize("cfg", [DecodeMlpConfig(16, 1), DecodeMlpConfig(16, 3, 8),
+                                 DecodeMlpConfig(8, 8), DecodeMlpConfig(4, 4, 2)])
 def test_launch_configs_gpu(cfg: DecodeMlpConfig) -> None:
     dev = _need()
     t = _layer(4096, 4096, 14336, torch.bfloat16, "cuda", seed=7)
     out, _ = _run(t, DecodeMlpScratch(14336, torch.bfloat16, dev), cfg)
-    _assert_close(out, _reference(t)[0], f"{cfg}")
+    _assert_close(out, _reference(t)[0], f"{cfg}", rel=6e-2)
 
 
 @pytest.mark.gpu
@@ -180,7 +205,7 @@ def test_repeated_launches_and_graph_replay_gpu() -> None:
         case = t | {"attn": attn, "residual": start}
         ref_out, ref_res = _reference(case)
         _assert_close(residual, ref_res, f"residual, seed {seed}", rel=2e-3)
-        _assert_close(out, ref_out, f"out, seed {seed}")
+        _assert_close(out, ref_out, f"out, seed {seed}", rel=6e-2)
         if seed == 2:
             kept = out.clone()
     assert not torch.equal(out, kept)  # the last replay's input differs from the second's
@@ -234,4 +259,4 @@ def test_fp8_stage_decode_step_with_and_without_gpu(monkeypatch: pytest.MonkeyPa
         ctx = stage.context(last, slots, stage.attention_backend.prepare(inputs))
         assert (ctx.decode_mlp is not None) == (on == "1")
         outs.append(stage(torch.tensor([5], device=dev), kv, ctx))
-    _assert_close(outs[0], outs[1], "stage output", rel=2e-2)
+    _assert_close(outs[0], outs[1], "stage output", rel=6e-2)
