@@ -13,36 +13,40 @@
 //
 // Why one launch: at batch 1 every GEMV is a short weight stream, and each kernel boundary
 // (with the row kernels between them) leaves DRAM idle while the next kernel ramps up, ~2 us
-// each (PERF_NOTES.md, seventh to tenth sessions). Here one CTA a SM streams all three
-// weights through a ring of registers that runs on across the phases: the next phase's first
-// weights are loaded before the grid barrier that makes its input ready, so the barrier and
-// the row work (the norm) overlap DRAM traffic.
+// each (PERF_NOTES.md, seventh to eleventh sessions). Here one CTA a SM streams all three
+// weights: a producer warp copies them with TMA bulk copies into a ring of shared-memory
+// stages, from the kernel's start to its end, never waiting on the grid barriers (weights do
+// not depend on anything this kernel computes); consumer warps do the MMAs, the barriers and
+// the row work. So DRAM keeps streaming the next weights while a barrier or the norm resolves,
+// as far as the ring reaches (STAGES x 16 rows x KC bytes a SM).
 //
-// Work split: a CTA takes 16-row tiles (o, down: tiles cta, cta + G, ...; gate | up: pairs of
-// a 16-row gate tile and its up tile); its NWARPS warps split each tile's K in 128-byte steps
-// (warp w takes steps w, w + NWARPS, ...). A lane's 16-byte runs of rows g / g + 8 feed
-// `mma.m16n8k32.e4m3` as in fp8_gemv_cuda.cu. Each warp's per-tile sums go to shared memory
-// and are added over the warps in a fixed order after the phase's stream.
+// Work split: a CTA takes 16-row tiles (o, down: tiles cta, cta + G, ...; gate | up: pairs
+// of a 16-row gate tile and its up tile). A stage holds 16 rows x KC bytes of K (KC = 128 x
+// NWARPS x STEPS); consumer warp w takes its STEPS 128-byte steps of every stage. A lane's
+// 16-byte runs of rows g / g + 8 feed `mma.m16n8k32.e4m3` as in fp8_gemv_cuda.cu. Each warp's
+// per-tile sums go to shared memory and are added over the warps in a fixed order after the
+// phase.
 //
 // Grid barriers: a 64-bit counter in global memory that only grows (2 G a launch), so no
 // reset is needed; a CTA derives this launch's base from the value it reads at its start
 // (before it arrives anywhere, the counter is within [2 G L, 2 G L + G)). All G CTAs must be
-// resident at once: the host launches one CTA a SM, and a CTA takes a whole SM's registers.
+// resident at once: the host launches one CTA a SM, and a CTA's shared memory fills the SM.
 //
-// Compile-time parameters (NVRTC -D): H (hidden), Q (o input), I (intermediate), NWARPS,
-// DEPTH (items in the register ring: one item is a warp's 128-byte step of 16 rows), PREFETCH
-// (items a warp asks into L2 beyond the ring before each grid barrier), MAX_TILES
-// (tiles a CTA takes in one phase, at most), X_T = OUT_T (0 bfloat16, 1 float16), TIMING
-// (1: each CTA's thread 0 writes %globaltimer at 10 points to timing[cta * 10 + k], for
-// scripts/bench_decode_mlp.py; 0 in the engine).
+// Compile-time parameters (NVRTC -D): H (hidden), Q (o input), I (intermediate), NWARPS
+// (consumer warps), STEPS (128-byte steps a consumer warp takes of a stage), STAGES,
+// MAX_TILES (tiles a CTA takes in one phase, at most), X_T = OUT_T (0 bfloat16, 1 float16),
+// TIMING (1: each CTA's first consumer thread writes %globaltimer at 10 points to
+// timing[cta * 10 + k], for scripts/bench_decode_mlp.py; 0 in the engine). Needs sm_90 (TMA).
 
 #include "fp8_mma.cuh"
 
-#define NT (NWARPS * 32)
-static_assert(Q % (128 * NWARPS) == 0 && H % (128 * NWARPS) == 0 && I % (128 * NWARPS) == 0,
-              "every K must split into 128-byte steps per warp");
+#define NTC (NWARPS * 32)                 // consumer threads
+#define KC (128 * NWARPS * STEPS)         // bytes of a row's K a stage holds
+#define PITCH (KC + 64)                   // a stage's row pitch: rows g, g + 1 in other banks
+#define STAGE_BYTES (16 * PITCH)
+static_assert(Q % KC == 0 && H % KC == 0 && I % KC == 0, "every K must split into stages");
 static_assert(H % 16 == 0 && I % 16 == 0, "rows come in tiles of 16");
-static_assert(H % (8 * NT) == 0 && Q % 8 == 0 && I % 8 == 0, "rows are read 8 values a thread");
+static_assert(H % (8 * NTC) == 0 && Q % 8 == 0 && I % 8 == 0, "rows are read 8 values a thread");
 static_assert(X_T == OUT_T, "one model dtype");
 
 typedef unsigned long long u64;
@@ -58,108 +62,107 @@ typedef unsigned long long u64;
 #define STAMP(k)
 #endif
 
-struct Item {
-    uint4 v[4];  // rows g, g (+64 bytes), g + 8, g + 8 (+64 bytes)
-};
-
-// The weight a phase streams: KIND 0 plain tiles (cta + G m), KIND 1 gate | up pairs (m even:
-// the gate tile of pair cta + G (m / 2), m odd: its up tile, I rows further).
-template <int K, int KIND>
-struct Phase {
-    const unsigned char* w;
-    int items;   // this warp's real items (tiles x steps a warp)
-    int padded;  // items rounded up to DEPTH: every phase starts at ring slot 0
-    static constexpr int SPW = K / 128 / NWARPS;  // steps a warp takes of one tile
-};
-
-// Row 0 of item i's 16 rows at its 128-byte step.
-template <int K, int KIND>
-__device__ __forceinline__ const unsigned char* item_base(const Phase<K, KIND>& ph, int i,
-                                                          int cta, int G) {
-    constexpr int SPW = Phase<K, KIND>::SPW;
-    const int m = i / SPW, j = i - m * SPW;
-    const int warp = threadIdx.x >> 5;
-    const int row0 = KIND == 0 ? 16 * (cta + G * m) : 16 * (cta + G * (m >> 1)) + (m & 1) * I;
-    return ph.w + (size_t)row0 * K + (size_t)(warp + NWARPS * j) * 128;
+// ---- shared-memory pipeline (mbarriers, TMA bulk copies) ---------------------------------
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
 }
 
-// This lane's 16-byte run of item i: row g = lane / 4, run t = lane % 4.
-template <int K, int KIND>
-__device__ __forceinline__ const unsigned char* item_address(const Phase<K, KIND>& ph, int i,
-                                                             int cta, int G) {
-    const int lane = threadIdx.x & 31;
-    return item_base(ph, i, cta, G) + (size_t)(lane >> 2) * K + (lane & 3) * 16;
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
 }
 
-// Items [from, to) of this warp into L2 (no registers held): issued before a grid barrier so
-// that DRAM keeps streaming the phase's weights while the barrier and the row work resolve
-// and the register ring is full. Lane l takes row l / 2's 32-byte sectors (l % 2) and
-// (l % 2) + 2.
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+// Wait until the phase of parity `parity` has completed (a fresh barrier: parity 1 passes).
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
+            "selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+}
+
+__device__ __forceinline__ void consumers_sync() {  // the consumer warps only
+    asm volatile("bar.sync 1, %0;" ::"r"(NTC) : "memory");
+}
+
+// Row 0 of a phase's m-th tile of this CTA: KIND 0 plain tiles (cta + G m), KIND 1 gate | up
+// pairs (m even: the gate tile of pair cta + G (m / 2), m odd: its up tile, I rows further).
+template <int KIND>
+__device__ __forceinline__ int tile_row(int m, int cta, int G) {
+    return KIND == 0 ? 16 * (cta + G * m) : 16 * (cta + G * (m >> 1)) + (m & 1) * I;
+}
+
+// Producer: a phase's tiles, stage by stage, continuing the ring's unit count `u`.
 template <int K, int KIND>
-__device__ __forceinline__ void prefetch_l2(const Phase<K, KIND>& ph, int from, int to, int cta,
-                                            int G) {
-    const int lane = threadIdx.x & 31;
-    to = to < ph.items ? to : ph.items;
-    for (int i = from; i < to; ++i) {
-        const unsigned char* p = item_base(ph, i, cta, G) + (size_t)(lane >> 1) * K + (lane & 1) * 32;
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + 64));
+__device__ __forceinline__ void produce(const unsigned char* w, int tiles, int& u, u32 ring,
+                                        u32 full, u32 empty, int cta, int G) {
+    for (int m = 0; m < tiles; ++m) {
+        const unsigned char* src = w + (size_t)tile_row<KIND>(m, cta, G) * K;
+        for (int kc = 0; kc < K / KC; ++kc, ++u) {
+            const int s = u % STAGES;
+            mbar_wait(empty + 8 * s, ((u / STAGES) & 1) ^ 1);
+            mbar_expect_tx(full + 8 * s, 16 * KC);
+#pragma unroll 4
+            for (int r = 0; r < 16; ++r)
+                bulk_copy(ring + s * STAGE_BYTES + r * PITCH, src + (size_t)r * K + kc * KC, KC,
+                          full + 8 * s);
+        }
     }
 }
 
+// Consumers: a phase's MMAs, x (E4M3, K bytes) in shared memory; per-tile sums of this warp
+// go to partial[m][warp].
 template <int K>
-__device__ __forceinline__ void load_item(Item& it, const unsigned char* p) {
-    it.v[0] = ld_weight(p);
-    it.v[1] = ld_weight(p + 64);
-    it.v[2] = ld_weight(p + 8 * (size_t)K);
-    it.v[3] = ld_weight(p + 8 * (size_t)K + 64);
-}
-
-// Load virtual item i of the stream "phase A, then phase B" (B's items follow A's padded
-// count) into `it`; padding and items past B's end load nothing.
-template <int KA, int KINDA, int KB, int KINDB>
-__device__ __forceinline__ void load_next(Item& it, const Phase<KA, KINDA>& a,
-                                          const Phase<KB, KINDB>& b, int i, int cta, int G) {
-    if (i < a.padded) {
-        if (i < a.items) load_item<KA>(it, item_address(a, i, cta, G));
-    } else if (i - a.padded < b.items) {
-        load_item<KB>(it, item_address(b, i - a.padded, cta, G));
-    }
-}
-
-// Phase A's MMAs over its items (already in flight in `ring`), loading as it goes the items
-// DEPTH ahead, which run into phase B's. Per-tile sums of this warp go to partial[m][warp].
-template <int KA, int KINDA, int KB, int KINDB>
-__device__ __forceinline__ void stream(Item (&ring)[DEPTH], const Phase<KA, KINDA>& a,
-                                       const Phase<KB, KINDB>& b, const unsigned char* xs,
-                                       float (*partial)[NWARPS][16], int cta, int G) {
-    constexpr int SPW = Phase<KA, KINDA>::SPW;
+__device__ __forceinline__ void consume(int tiles, int& u, const unsigned char* ring,
+                                        u32 full, u32 empty, const unsigned char* xs,
+                                        float (*partial)[NWARPS][16]) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    float acc0 = 0.0f, acc8 = 0.0f;
-    for (int i0 = 0; i0 < a.padded; i0 += DEPTH) {
+    for (int m = 0; m < tiles; ++m) {
+        float acc0 = 0.0f, acc8 = 0.0f;
+        for (int kc = 0; kc < K / KC; ++kc, ++u) {
+            const int s = u % STAGES;
+            mbar_wait(full + 8 * s, (u / STAGES) & 1);
+            const unsigned char* st = ring + s * STAGE_BYTES + g * PITCH + t * 16;
 #pragma unroll
-        for (int s = 0; s < DEPTH; ++s) {
-            const int i = i0 + s;
-            if (i < a.items) {
-                const int m = i / SPW, j = i - m * SPW;
-                const uint4* xp =
-                    reinterpret_cast<const uint4*>(xs + (warp + NWARPS * j) * 128 + t * 16);
+            for (int j = 0; j < STEPS; ++j) {
+                const int off = (warp * STEPS + j) * 128;
+                const uint4 a0 = *reinterpret_cast<const uint4*>(st + off);
+                const uint4 a1 = *reinterpret_cast<const uint4*>(st + off + 64);
+                const uint4 b0 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off);
+                const uint4 b1 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off + 64);
+                const uint4* xp = reinterpret_cast<const uint4*>(xs + kc * KC + off + t * 16);
                 const uint4 x0 = xp[0], x1 = xp[4];  // +64 bytes
-                const Item& it = ring[s];
-                mma_e4m3(acc0, acc8, it.v[0].x, it.v[2].x, it.v[0].y, it.v[2].y, x0.x, x0.y);
-                mma_e4m3(acc0, acc8, it.v[0].z, it.v[2].z, it.v[0].w, it.v[2].w, x0.z, x0.w);
-                mma_e4m3(acc0, acc8, it.v[1].x, it.v[3].x, it.v[1].y, it.v[3].y, x1.x, x1.y);
-                mma_e4m3(acc0, acc8, it.v[1].z, it.v[3].z, it.v[1].w, it.v[3].w, x1.z, x1.w);
-                if (j == SPW - 1) {
-                    if (t == 0) {
-                        partial[m][warp][g] = acc0;
-                        partial[m][warp][g + 8] = acc8;
-                    }
-                    acc0 = acc8 = 0.0f;
-                }
+                mma_e4m3(acc0, acc8, a0.x, b0.x, a0.y, b0.y, x0.x, x0.y);
+                mma_e4m3(acc0, acc8, a0.z, b0.z, a0.w, b0.w, x0.z, x0.w);
+                mma_e4m3(acc0, acc8, a1.x, b1.x, a1.y, b1.y, x1.x, x1.y);
+                mma_e4m3(acc0, acc8, a1.z, b1.z, a1.w, b1.w, x1.z, x1.w);
             }
-            load_next(ring[s], a, b, i + DEPTH, cta, G);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + 8 * s);
+        }
+        if (t == 0) {
+            partial[m][warp][g] = acc0;
+            partial[m][warp][g + 8] = acc8;
         }
     }
 }
@@ -199,8 +202,8 @@ __device__ __forceinline__ u32 e4m3_pair(float lo, float hi, float inv) {
     return r;
 }
 
-// Block-wide sum (op 0) or max (op 1) of one float a thread, the same value to every thread,
-// in a fixed order (deterministic). `red` holds NWARPS floats.
+// Consumer-wide sum (op 0) or max (op 1) of one float a thread, the same value to every
+// consumer thread, in a fixed order (deterministic). `red` holds NWARPS floats.
 template <int OP>
 __device__ __forceinline__ float block_reduce(float v, float* red) {
 #pragma unroll
@@ -208,9 +211,9 @@ __device__ __forceinline__ float block_reduce(float v, float* red) {
         const float u = __shfl_xor_sync(0xffffffffu, v, o);
         v = OP == 0 ? v + u : fmaxf(v, u);
     }
-    __syncthreads();  // red may still be read by a previous reduction
+    consumers_sync();  // red may still be read by a previous reduction
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-    __syncthreads();
+    consumers_sync();
     float r = red[0];
 #pragma unroll
     for (int w = 1; w < NWARPS; ++w) r = OP == 0 ? r + red[w] : fmaxf(r, red[w]);
@@ -225,7 +228,7 @@ __device__ __forceinline__ float dynamic_scale(float amax) {
 // Quantize n model-dtype values (8 a thread per pass, read at L2) into E4M3 in shared memory.
 __device__ __forceinline__ void quantize_row(const u16* src, unsigned char* dst, int n,
                                              float inv) {
-    for (int i = threadIdx.x; i < n / 8; i += NT) {
+    for (int i = threadIdx.x; i < n / 8; i += NTC) {
         const uint4 v = ld_cg(reinterpret_cast<const uint4*>(src) + i);
         uint2 q;
         q.x = quantize_pair(v.x, inv) | (quantize_pair(v.y, inv) << 16);
@@ -235,7 +238,7 @@ __device__ __forceinline__ void quantize_row(const u16* src, unsigned char* dst,
 }
 
 __device__ __forceinline__ void grid_barrier(u64* counter, u64 target) {
-    __syncthreads();
+    consumers_sync();
     if (threadIdx.x == 0) {
         __threadfence();  // this CTA's writes (made visible to thread 0 by the bar) go first
         atomicAdd(counter, 1ull);
@@ -245,10 +248,19 @@ __device__ __forceinline__ void grid_barrier(u64* counter, u64 target) {
         } while (v < target);
         __threadfence();
     }
-    __syncthreads();
+    consumers_sync();
 }
 
-extern "C" __global__ void __launch_bounds__(NT, 1)
+// Shared memory (dynamic): the ring, x for o / down, x for gate | up, per-tile sums, the
+// reductions' slots, the mbarriers. `fp8_decode_mlp.py` computes the same size.
+#define XS_OD_BYTES (Q > I ? Q : I)
+#define OFF_XS_OD (STAGES * STAGE_BYTES)
+#define OFF_XS_GU (OFF_XS_OD + XS_OD_BYTES)
+#define OFF_PARTIAL (OFF_XS_GU + H)
+#define OFF_RED (OFF_PARTIAL + MAX_TILES * NWARPS * 16 * 4)
+#define OFF_BARS ((OFF_RED + NWARPS * 4 + 7) / 8 * 8)
+
+extern "C" __global__ void __launch_bounds__(NTC + 32, 1)
 fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax,
                const unsigned char* __restrict__ wo, const float* __restrict__ wo_s,
                u16* residual, const u16* __restrict__ norm_w, float eps,
@@ -256,33 +268,42 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
                const unsigned char* __restrict__ wd, const float* __restrict__ wd_s,
                u16* act, float* act_amax, u64* counter, u16* __restrict__ out,
                u64* timing) {
-    __shared__ __align__(16) unsigned char xs_od[Q > I ? Q : I];  // o's input, later down's
-    __shared__ __align__(16) unsigned char xs_gu[H];
-    __shared__ float partial[MAX_TILES][NWARPS][16];
-    __shared__ float red[NWARPS];
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char* xs_od = smem + OFF_XS_OD;  // o's input, later down's
+    unsigned char* xs_gu = smem + OFF_XS_GU;
+    float (*partial)[NWARPS][16] = reinterpret_cast<float (*)[NWARPS][16]>(smem + OFF_PARTIAL);
+    float* red = reinterpret_cast<float*>(smem + OFF_RED);
+    const u32 ring = smem_addr(smem), full = smem_addr(smem + OFF_BARS);
+    const u32 empty = full + 8 * STAGES;
     const int cta = blockIdx.x, G = gridDim.x;
+    const int warp = threadIdx.x >> 5;
 
-    // this CTA's tiles in each phase, and this warp's items (every warp takes SPW steps of
-    // every tile)
     const int o_tiles = (H / 16 - cta + G - 1) / G;
     const int gu_tiles = 2 * ((I / 16 - cta + G - 1) / G);
     const int d_tiles = o_tiles;
-    const Phase<Q, 0> po{wo, o_tiles * Phase<Q, 0>::SPW,
-                         (o_tiles * Phase<Q, 0>::SPW + DEPTH - 1) / DEPTH * DEPTH};
-    const Phase<H, 1> pgu{wgu, gu_tiles * Phase<H, 1>::SPW,
-                          (gu_tiles * Phase<H, 1>::SPW + DEPTH - 1) / DEPTH * DEPTH};
-    const Phase<I, 0> pd{wd, d_tiles * Phase<I, 0>::SPW,
-                         (d_tiles * Phase<I, 0>::SPW + DEPTH - 1) / DEPTH * DEPTH};
-    const Phase<I, 0> none{wd, 0, 0};
 
-    // the weights do not depend on the previous kernel: the ring fills before the wait
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, NWARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp == NWARPS) {  // the producer: weights only, so it need not wait for anything
+        if ((threadIdx.x & 31) == 0) {
+            int u = 0;
+            produce<Q, 0>(wo, o_tiles, u, ring, full, empty, cta, G);
+            produce<H, 1>(wgu, gu_tiles, u, ring, full, empty, cta, G);
+            produce<I, 0>(wd, d_tiles, u, ring, full, empty, cta, G);
+        }
+        return;
+    }
+
     STAMP(0);
-    Item ring[DEPTH];
-#pragma unroll
-    for (int s = 0; s < DEPTH; ++s) load_next(ring[s], po, pgu, s, cta, G);
     grid_dependency_wait();
     STAMP(1);
-
     u64 base = 0;
     if (threadIdx.x == 0) {
         u64 v;
@@ -290,16 +311,16 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
         base = v - v % (2ull * G);
         if (cta == 0) *act_amax = 0.0f;  // read after barrier 2, maxed into after barrier 1
     }
+    int u = 0;
 
     // ---- o projection: attn quantized from its row amax, residual added in place ----------
     const float o_scale = dynamic_scale(ld_cg_f32(attn_amax));
     quantize_row(attn, xs_od, Q, __frcp_rn(o_scale));
-    __syncthreads();
-    stream(ring, po, pgu, xs_od, partial, cta, G);
-    prefetch_l2(pgu, DEPTH, DEPTH + PREFETCH, cta, G);
-    __syncthreads();
+    consumers_sync();
+    consume<Q>(o_tiles, u, smem, full, empty, xs_od, partial);
+    consumers_sync();
     STAMP(2);
-    for (int r = threadIdx.x; r < 16 * o_tiles; r += NT) {
+    for (int r = threadIdx.x; r < 16 * o_tiles; r += NTC) {
         const int m = r >> 4, n = 16 * (cta + G * m) + (r & 15);
         const float y = round_model(tile_sum(partial, m, r & 15) * o_scale * wo_s[n]);
         residual[n] = to_out(y + to_f32(ld_cg_u16(residual + n)));
@@ -312,12 +333,12 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     // weight, rounded again; the row's amax of that; E4M3 codes of y * (1 / scale))
     float gu_scale;
     {
-        constexpr int RUNS = H / (8 * NT);  // 16-byte runs of the row a thread
+        constexpr int RUNS = H / (8 * NTC);  // 16-byte runs of the row a thread
         float y[RUNS][8];
         float ss = 0.0f;
 #pragma unroll
         for (int r = 0; r < RUNS; ++r) {
-            const uint4 v = ld_cg(reinterpret_cast<const uint4*>(residual) + threadIdx.x + r * NT);
+            const uint4 v = ld_cg(reinterpret_cast<const uint4*>(residual) + threadIdx.x + r * NTC);
             const u32 w4[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
@@ -331,7 +352,7 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
         float amax = 0.0f;
 #pragma unroll
         for (int r = 0; r < RUNS; ++r) {
-            const uint4 wv = reinterpret_cast<const uint4*>(norm_w)[threadIdx.x + r * NT];
+            const uint4 wv = reinterpret_cast<const uint4*>(norm_w)[threadIdx.x + r * NTC];
             const u32 ww[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
@@ -349,19 +370,18 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
             uint2 q;
             q.x = e4m3_pair(y[r][0], y[r][1], inv) | (e4m3_pair(y[r][2], y[r][3], inv) << 16);
             q.y = e4m3_pair(y[r][4], y[r][5], inv) | (e4m3_pair(y[r][6], y[r][7], inv) << 16);
-            reinterpret_cast<uint2*>(xs_gu)[threadIdx.x + r * NT] = q;
+            reinterpret_cast<uint2*>(xs_gu)[threadIdx.x + r * NTC] = q;
         }
     }
-    __syncthreads();
+    consumers_sync();
     STAMP(4);
 
     // ---- gate | up, SiLU x up, its amax ---------------------------------------------------
-    stream(ring, pgu, pd, xs_gu, partial, cta, G);
-    prefetch_l2(pd, DEPTH, DEPTH + PREFETCH, cta, G);
-    __syncthreads();
+    consume<H>(gu_tiles, u, smem, full, empty, xs_gu, partial);
+    consumers_sync();
     STAMP(5);
     float amax = 0.0f;
-    for (int r = threadIdx.x; r < 8 * gu_tiles; r += NT) {  // 16 rows a pair of tiles
+    for (int r = threadIdx.x; r < 8 * gu_tiles; r += NTC) {  // 16 rows a pair of tiles
         const int p = r >> 4, k = 16 * (cta + G * p) + (r & 15);
         const float gate = round_model(tile_sum(partial, 2 * p, r & 15) * gu_scale * wgu_s[k]);
         const float up =
@@ -378,13 +398,13 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     // ---- down projection: act quantized from its amax --------------------------------------
     const float d_scale = dynamic_scale(ld_cg_f32(act_amax));
     quantize_row(act, xs_od, I, __frcp_rn(d_scale));
-    __syncthreads();
+    consumers_sync();
     STAMP(7);
-    stream(ring, pd, none, xs_od, partial, cta, G);
+    consume<I>(d_tiles, u, smem, full, empty, xs_od, partial);
     launch_dependents();
-    __syncthreads();
+    consumers_sync();
     STAMP(8);
-    for (int r = threadIdx.x; r < 16 * d_tiles; r += NT) {
+    for (int r = threadIdx.x; r < 16 * d_tiles; r += NTC) {
         const int m = r >> 4, n = 16 * (cta + G * m) + (r & 15);
         out[n] = to_out(tile_sum(partial, m, r & 15) * d_scale * wd_s[n]);
     }

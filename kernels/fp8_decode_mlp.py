@@ -5,18 +5,18 @@ projection. The batch-1 decode case of an FP8 Llama layer on one tensor-parallel
 
 Why: at batch 1 every weight is a short stream, and each of the five kernel boundaries this
 replaces (o, norm, gate | up, SiLU, down) costs ~2 us of DRAM idling while the next kernel
-ramps up (PERF_NOTES.md). One CTA a SM streams all three weights through a register ring
-that runs on across two grid barriers, so the next weights are already in flight while the
-barrier and the norm resolve.
+ramps up (PERF_NOTES.md). One CTA a SM: a producer warp copies all three weights with TMA
+into a ring of shared-memory stages from the kernel's start to its end, never waiting on the
+two grid barriers, so the next weights are in flight while a barrier or the norm resolves.
 
 Numbers: the same formulas and model-dtype roundings as the separate kernels; a result can
 differ from them by an output step where a float32 sum's order (the norm's sum of squares,
 the GEMVs' per-warp sums) moves a rounding. `fp8_decode_mlp_torch` is the reference.
 
-Constraints (`supports`): a GPU of compute capability >= 8.9 with `cuda.bindings`; one
+Constraints (`supports`): a GPU of compute capability >= 9.0 (TMA) with `cuda.bindings`; one
 tensor-parallel rank (no all-reduce between the o projection and the norm); no biases; per-
-token activation scales; hidden, o-input and intermediate sizes multiples of 128 x warps;
-one CTA a SM must fit (it always does: the launch asks for one). TRTDIST_FP8_DECODE_MLP=0
+token activation scales; hidden, o-input and intermediate sizes multiples of a stage's K
+(128 x warps); one CTA a SM (its shared memory takes the SM). TRTDIST_FP8_DECODE_MLP=0
 turns it off (A/B measures).
 """
 
@@ -36,26 +36,30 @@ from trtdist.kernels.fp8_quant import quantize_activation_torch
 
 SOURCE = Path(__file__).with_name("fp8_decode_mlp.cu")
 ENV = "TRTDIST_FP8_DECODE_MLP"  # "0": keep the separate kernels
-CONFIG_ENV = "TRTDIST_FP8_DECODE_MLP_CONFIG"  # "NWARPS,DEPTH": a launch to measure
+CONFIG_ENV = "TRTDIST_FP8_DECODE_MLP_CONFIG"  # "NWARPS,STEPS,STAGES": a launch to measure
 _DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1}
-_STATIC_SMEM = 48 * 1024
+_MAX_SHARED = 227 * 1024  # dynamic shared memory a CTA may take on sm_90
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeMlpConfig:
-    """One launch: `nwarps` warps a CTA (each K splits into 128-byte steps over them), `depth`
-    items (a warp's 128-byte step of 16 rows, 64 bytes a lane) in each lane's register ring,
-    `prefetch` items a warp asks into L2 beyond the ring before each grid barrier."""
+    """One launch: `nwarps` consumer warps a CTA (plus the producer warp), each taking `steps`
+    128-byte steps of every stage (a stage holds 16 rows x 128 x nwarps x steps bytes of K);
+    `stages` in the shared-memory ring."""
 
-    nwarps: int = 16
-    depth: int = 4
-    prefetch: int = 0
+    nwarps: int = 8
+    steps: int = 1
+    stages: int = 11
 
     def __post_init__(self) -> None:
-        if (self.nwarps not in (4, 8, 16, 32) or not 1 <= self.depth <= 8
-                or not 0 <= self.prefetch <= 64):
-            raise ValueError(f"DecodeMlpConfig: nwarps must be 4, 8, 16 or 32, depth 1-8 and "
-                             f"prefetch 0-64, got {self}")
+        if self.nwarps not in (4, 8, 16) or not 1 <= self.steps <= 4 or not 2 <= self.stages <= 32:
+            raise ValueError(f"DecodeMlpConfig: nwarps must be 4, 8 or 16, steps 1-4 and stages "
+                             f"2-32, got {self}")
+
+    @property
+    def chunk(self) -> int:
+        """Bytes of a row's K a stage holds."""
+        return 128 * self.nwarps * self.steps
 
 
 def _env_config() -> DecodeMlpConfig | None:
@@ -66,13 +70,13 @@ def _env_config() -> DecodeMlpConfig | None:
 
 
 def parse_config(text: str, what: str) -> DecodeMlpConfig:
-    """'NWARPS,DEPTH[,PREFETCH]' -> a config (ValueError naming `what` otherwise)."""
+    """'NWARPS,STEPS,STAGES' -> a config (ValueError naming `what` otherwise)."""
     try:
         values = [int(v) for v in text.split(",")]
-        if len(values) not in (2, 3):
+        if len(values) != 3:
             raise ValueError(f"{len(values)} values")
     except ValueError as e:
-        raise ValueError(f"{what}={text!r}: want 'NWARPS,DEPTH[,PREFETCH]', e.g. '16,4,8' "
+        raise ValueError(f"{what}={text!r}: want 'NWARPS,STEPS,STAGES', e.g. '8,1,11' "
                          f"({e})") from e
     return DecodeMlpConfig(*values)
 
@@ -89,28 +93,32 @@ def _max_tiles(hidden: int, inter: int, ctas: int) -> int:
     return max(math.ceil(hidden // 16 / ctas), 2 * math.ceil(inter // 16 / ctas))
 
 
-def _shared_bytes(hidden: int, q: int, inter: int, ctas: int, cfg: DecodeMlpConfig) -> int:
-    return (max(q, inter) + hidden + _max_tiles(hidden, inter, ctas) * cfg.nwarps * 16 * 4
-            + cfg.nwarps * 4)
+def shared_bytes(hidden: int, q: int, inter: int, ctas: int, cfg: DecodeMlpConfig) -> int:
+    """The launch's dynamic shared memory (the layout at the end of the .cu's helpers)."""
+    ring = cfg.stages * 16 * (cfg.chunk + 64)
+    red = ring + max(q, inter) + hidden + _max_tiles(hidden, inter, ctas) * cfg.nwarps * 64
+    return (red + cfg.nwarps * 4 + 7) // 8 * 8 + 16 * cfg.stages
 
 
 def fits(hidden: int, q: int, inter: int, ctas: int, cfg: DecodeMlpConfig) -> bool:
-    """Whether the launch `cfg` takes this shape on `ctas` SMs: every K in whole 128-byte
-    steps per warp, the norm row in whole 16-byte runs per thread, shared memory <= 48 KB."""
-    if any(k % (128 * cfg.nwarps) for k in (hidden, q, inter)) or hidden % (256 * cfg.nwarps):
+    """Whether the launch `cfg` takes this shape on `ctas` SMs: every K in whole stages, the
+    norm row in whole 16-byte runs per consumer thread, shared memory within an SM's 227 KB."""
+    if any(k % cfg.chunk for k in (hidden, q, inter)) or hidden % (256 * cfg.nwarps):
         return False
-    return _shared_bytes(hidden, q, inter, ctas, cfg) <= _STATIC_SMEM
+    return shared_bytes(hidden, q, inter, ctas, cfg) <= _MAX_SHARED
 
 
 def config_for(hidden: int, q: int, inter: int, ctas: int) -> DecodeMlpConfig | None:
-    """The launch for a shape: TRTDIST_FP8_DECODE_MLP_CONFIG if set, else 16 warps (8, 4 where
-    16 does not divide the shape) with a ring of 4; None if none fits."""
+    """The launch for a shape: TRTDIST_FP8_DECODE_MLP_CONFIG if set, else 8 consumer warps of
+    one step (4 where 8 do not divide the shape) with as many stages as fit (up to 12); None
+    if none fits."""
     if ENV_CONFIG is not None:
         return ENV_CONFIG if fits(hidden, q, inter, ctas, ENV_CONFIG) else None
-    for nwarps in (16, 8, 4):
-        cfg = DecodeMlpConfig(nwarps, 4)
-        if fits(hidden, q, inter, ctas, cfg):
-            return cfg
+    for nwarps in (8, 4):
+        for stages in range(12, 3, -1):
+            cfg = DecodeMlpConfig(nwarps, 1, stages)
+            if fits(hidden, q, inter, ctas, cfg):
+                return cfg
     return None
 
 
@@ -120,7 +128,7 @@ def supports(hidden: int, q: int, inter: int, dtype: torch.dtype,
     docstring); False when turned off by TRTDIST_FP8_DECODE_MLP=0."""
     if os.environ.get(ENV, "1") == "0" or dtype not in _DTYPE_IDS or device.type != "cuda":
         return False
-    if torch.cuda.get_device_capability(device) < (8, 9) or not cuda_jit.available(device):
+    if torch.cuda.get_device_capability(device) < (9, 0) or not cuda_jit.available(device):
         return False
     return config_for(hidden, q, inter, _sm_count(device)) is not None
 
@@ -168,8 +176,8 @@ def fp8_decode_mlp(attn: torch.Tensor, attn_amax: torch.Tensor, wo: torch.Tensor
     if cfg is None or not fits(hidden, q, inter, ctas, cfg):
         raise ValueError(f"fp8_decode_mlp: no launch for hidden {hidden}, o input {q}, "
                          f"intermediate {inter} on {ctas} SMs ({cfg})")
-    defines = dict(H=hidden, Q=q, I=inter, NWARPS=cfg.nwarps, DEPTH=cfg.depth,
-                   PREFETCH=cfg.prefetch,
+    defines = dict(H=hidden, Q=q, I=inter, NWARPS=cfg.nwarps, STEPS=cfg.steps,
+                   STAGES=cfg.stages,
                    MAX_TILES=_max_tiles(hidden, inter, ctas), X_T=_DTYPE_IDS[dtype],
                    OUT_T=_DTYPE_IDS[dtype], TIMING=int(timing is not None))
     if timing is not None and (timing.dtype != torch.int64 or timing.numel() < 10 * ctas):
@@ -179,10 +187,11 @@ def fp8_decode_mlp(attn: torch.Tensor, attn_amax: torch.Tensor, wo: torch.Tensor
     args = (attn, attn_amax, wo, wo_scale, residual, norm_weight, float(eps), wgu, wgu_scale,
             wd, wd_scale, scratch.act, scratch.act_amax, scratch.counter, out,
             timing if timing is not None else out)  # unused without TIMING
-    fn.launch(ctas, 32 * cfg.nwarps,
+    fn.launch(ctas, 32 * (cfg.nwarps + 1),
               tuple(a if isinstance(a, float) else a.data_ptr() for a in args),
               tuple(F if isinstance(a, float) else P for a in args),
-              pdl=pdl_enabled(attn.device))
+              pdl=pdl_enabled(attn.device),
+              shared=shared_bytes(hidden, q, inter, ctas, cfg))
     return out
 
 

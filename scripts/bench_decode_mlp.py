@@ -5,7 +5,7 @@ layers of distinct weights (nothing stays in L2) as one CUDA graph, PDL on, us a
 a TIMING build of the same chain: each CTA's %globaltimer at the kernel's stamps, as the
 median and the latest CTA, us from the earliest CTA's start, for one layer in the middle.
 
-    python scripts/bench_decode_mlp.py --configs 16,4 16,2 --output decode_mlp.json
+    python scripts/bench_decode_mlp.py --configs 8,1,11 4,1,12 --output decode_mlp.json
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _weights(dev: torch.device, seed: int) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", nargs="*", default=["16,4", "16,2", "16,3"])
+    ap.add_argument("--configs", nargs="*", default=["8,1,11", "8,1,6", "4,1,12"])
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")

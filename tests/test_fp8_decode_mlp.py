@@ -14,17 +14,19 @@ from trtdist.parallel.quant_fp8 import quantize_weight_per_channel
 
 
 def test_launch_selection() -> None:
-    # llama3-8b on an H200's 132 SMs: 16 warps, gate | up 14 tiles a CTA
-    assert dm.config_for(4096, 4096, 14336, 132) == DecodeMlpConfig(16, 4)
-    assert dm.config_for(2048, 2048, 5632, 132) == DecodeMlpConfig(4, 4)  # 5632 = 11 x 512
+    # llama3-8b on an H200's 132 SMs: 8 consumer warps, stages of 1 KB of K, 11 of them
+    cfg = dm.config_for(4096, 4096, 14336, 132)
+    assert cfg == DecodeMlpConfig(8, 1, 11)
+    assert dm.shared_bytes(4096, 4096, 14336, 132, cfg) <= 227 * 1024
+    assert dm.config_for(2048, 2048, 5632, 132) == DecodeMlpConfig(4, 1, 12)  # 11 x 512
     assert dm.config_for(576, 576, 1536, 132) is None  # SmolLM2: 576 is not 128 x warps
-    # too many tiles a CTA for 48 KB of shared memory on a small GPU
-    assert dm.config_for(4096, 4096, 14336, 8) is None
-    assert not dm.fits(4096, 4096, 14336, 132, DecodeMlpConfig(32, 4))  # norm row per thread
+    # too many tiles a CTA for an SM's shared memory on a tiny GPU
+    assert dm.config_for(4096, 4096, 14336, 2) is None
+    assert not dm.fits(4096, 4096, 14336, 132, DecodeMlpConfig(16, 2, 4))  # 4 KB stages
     with pytest.raises(ValueError, match="nwarps"):
-        DecodeMlpConfig(12, 4)
-    with pytest.raises(ValueError, match="depth"):
-        DecodeMlpConfig(16, 0)
+        DecodeMlpConfig(12, 1, 4)
+    with pytest.raises(ValueError, match="steps"):
+        DecodeMlpConfig(8, 5, 4)
 
 
 def test_not_taken_on_cpu_or_when_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,18 +36,12 @@ def test_not_taken_on_cpu_or_when_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_env_config_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(dm.CONFIG_ENV, "16")
-    with pytest.raises(ValueError, match="NWARPS,DEPTH"):
-        dm._env_config()
-    monkeypatch.setenv(dm.CONFIG_ENV, "16,4,x")
-    with pytest.raises(ValueError, match="NWARPS,DEPTH"):
-        dm._env_config()
-    monkeypatch.setenv(dm.CONFIG_ENV, "8,6")
-    assert dm._env_config() == DecodeMlpConfig(8, 6)
-    monkeypatch.setenv(dm.CONFIG_ENV, "16,4,8")
-    assert dm._env_config() == DecodeMlpConfig(16, 4, 8)
-    with pytest.raises(ValueError, match="prefetch"):
-        DecodeMlpConfig(16, 4, 65)
+    for bad in ("16", "8,1", "8,1,x"):
+        monkeypatch.setenv(dm.CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match="NWARPS,STEPS,STAGES"):
+            dm._env_config()
+    monkeypatch.setenv(dm.CONFIG_ENV, "4,2,8")
+    assert dm._env_config() == DecodeMlpConfig(4, 2, 8)
 
 
 def _layer(hidden: int, q: int, inter: int, dtype: torch.dtype, device: str,
@@ -159,8 +155,9 @@ def test_matches_the_reference_gpu(hidden: int, q: int, inter: int, dtype: torch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [DecodeMlpConfig(16, 1), DecodeMlpConfig(16, 3, 8),
-                                 DecodeMlpConfig(8, 8), DecodeMlpConfig(4, 4, 2)])
+@pytest.mark.parametrize("cfg", [DecodeMlpConfig(8, 1, 4), DecodeMlpConfig(8, 1, 11),
+                                 DecodeMlpConfig(4, 2, 8), DecodeMlpConfig(16, 1, 5),
+                                 DecodeMlpConfig(4, 1, 12)])
 def test_launch_configs_gpu(cfg: DecodeMlpConfig) -> None:
     dev = _need()
     t = _layer(4096, 4096, 14336, torch.bfloat16, "cuda", seed=7)
