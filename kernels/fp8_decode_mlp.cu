@@ -111,20 +111,22 @@ __device__ __forceinline__ int tile_row(int m, int cta, int G) {
     return KIND == 0 ? 16 * (cta + G * m) : 16 * (cta + G * (m >> 1)) + (m & 1) * I;
 }
 
-// Producer: a phase's tiles, stage by stage, continuing the ring's unit count `u`.
+// Producer (the whole warp): a phase's tiles, stage by stage, continuing the ring's unit
+// count `u`. Lane r < 16 copies row r of a stage: one bulk copy a lane, issued together
+// (one thread issuing 16 copies a stage could not keep up: ~110 cycles a copy).
 template <int K, int KIND>
 __device__ __forceinline__ void produce(const unsigned char* w, int tiles, int& u, u32 ring,
                                         u32 full, u32 empty, int cta, int G) {
+    const int lane = threadIdx.x & 31;
     for (int m = 0; m < tiles; ++m) {
-        const unsigned char* src = w + (size_t)tile_row<KIND>(m, cta, G) * K;
+        const unsigned char* src = w + (size_t)(tile_row<KIND>(m, cta, G) + (lane & 15)) * K;
         for (int kc = 0; kc < K / KC; ++kc, ++u) {
             const int s = u % STAGES;
             mbar_wait(empty + 8 * s, ((u / STAGES) & 1) ^ 1);
-            mbar_expect_tx(full + 8 * s, 16 * KC);
-#pragma unroll 4
-            for (int r = 0; r < 16; ++r)
-                bulk_copy(ring + s * STAGE_BYTES + r * PITCH, src + (size_t)r * K + kc * KC, KC,
-                          full + 8 * s);
+            if (lane == 0) mbar_expect_tx(full + 8 * s, 16 * KC);
+            __syncwarp();
+            if (lane < 16)
+                bulk_copy(ring + s * STAGE_BYTES + lane * PITCH, src + kc * KC, KC, full + 8 * s);
         }
     }
 }
@@ -251,13 +253,14 @@ __device__ __forceinline__ void grid_barrier(u64* counter, u64 target) {
     consumers_sync();
 }
 
-// Shared memory (dynamic): the ring, x for o / down, x for gate | up, per-tile sums, the
-// reductions' slots, the mbarriers. `fp8_decode_mlp.py` computes the same size.
+// Shared memory (dynamic): the ring, x for o / down, x for gate | up, per-tile sums, per-row
+// weight scales and residual, the reductions' slots, the mbarriers. `fp8_decode_mlp.py` computes the same size.
 #define XS_OD_BYTES (Q > I ? Q : I)
 #define OFF_XS_OD (STAGES * STAGE_BYTES)
 #define OFF_XS_GU (OFF_XS_OD + XS_OD_BYTES)
 #define OFF_PARTIAL (OFF_XS_GU + H)
-#define OFF_RED (OFF_PARTIAL + MAX_TILES * NWARPS * 16 * 4)
+#define OFF_ROWS (OFF_PARTIAL + MAX_TILES * NWARPS * 16 * 4)  // 4 x MAX_TILES x 16 floats
+#define OFF_RED (OFF_ROWS + MAX_TILES * 16 * 4 * 4)
 #define OFF_BARS ((OFF_RED + NWARPS * 4 + 7) / 8 * 8)
 
 extern "C" __global__ void __launch_bounds__(NTC + 32, 1)
@@ -273,6 +276,10 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     unsigned char* xs_gu = smem + OFF_XS_GU;
     float (*partial)[NWARPS][16] = reinterpret_cast<float (*)[NWARPS][16]>(smem + OFF_PARTIAL);
     float* red = reinterpret_cast<float*>(smem + OFF_RED);
+    float* s_wo = reinterpret_cast<float*>(smem + OFF_ROWS);  // per row of this CTA's tiles
+    float* s_wgu = s_wo + MAX_TILES * 16;
+    float* s_wd = s_wgu + MAX_TILES * 16;
+    float* s_res = s_wd + MAX_TILES * 16;
     const u32 ring = smem_addr(smem), full = smem_addr(smem + OFF_BARS);
     const u32 empty = full + 8 * STAGES;
     const int cta = blockIdx.x, G = gridDim.x;
@@ -292,18 +299,28 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     __syncthreads();
 
     if (warp == NWARPS) {  // the producer: weights only, so it need not wait for anything
-        if ((threadIdx.x & 31) == 0) {
-            int u = 0;
-            produce<Q, 0>(wo, o_tiles, u, ring, full, empty, cta, G);
-            produce<H, 1>(wgu, gu_tiles, u, ring, full, empty, cta, G);
-            produce<I, 0>(wd, d_tiles, u, ring, full, empty, cta, G);
-        }
+        int u = 0;
+        produce<Q, 0>(wo, o_tiles, u, ring, full, empty, cta, G);
+        produce<H, 1>(wgu, gu_tiles, u, ring, full, empty, cta, G);
+        produce<I, 0>(wd, d_tiles, u, ring, full, empty, cta, G);
         return;
     }
+
+    // this CTA's rows' weight scales (and, after the wait, the residual), in shared memory
+    // before they are needed: the epilogues then load nothing from global memory, whose
+    // latency is long while the ring streams
+    for (int r = threadIdx.x; r < 16 * o_tiles; r += NTC)
+        s_wo[r] = wo_s[tile_row<0>(r >> 4, cta, G) + (r & 15)];
+    for (int r = threadIdx.x; r < 16 * gu_tiles; r += NTC)
+        s_wgu[r] = wgu_s[tile_row<1>(r >> 4, cta, G) + (r & 15)];
+    for (int r = threadIdx.x; r < 16 * d_tiles; r += NTC)
+        s_wd[r] = wd_s[tile_row<0>(r >> 4, cta, G) + (r & 15)];
 
     STAMP(0);
     grid_dependency_wait();
     STAMP(1);
+    for (int r = threadIdx.x; r < 16 * o_tiles; r += NTC)
+        s_res[r] = to_f32(ld_cg_u16(residual + tile_row<0>(r >> 4, cta, G) + (r & 15)));
     u64 base = 0;
     if (threadIdx.x == 0) {
         u64 v;
@@ -322,8 +339,8 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     STAMP(2);
     for (int r = threadIdx.x; r < 16 * o_tiles; r += NTC) {
         const int m = r >> 4, n = 16 * (cta + G * m) + (r & 15);
-        const float y = round_model(tile_sum(partial, m, r & 15) * o_scale * wo_s[n]);
-        residual[n] = to_out(y + to_f32(ld_cg_u16(residual + n)));
+        const float y = round_model(tile_sum(partial, m, r & 15) * o_scale * s_wo[r]);
+        residual[n] = to_out(y + s_res[r]);
     }
     grid_barrier(counter, base + G);
     STAMP(3);
@@ -383,9 +400,10 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     float amax = 0.0f;
     for (int r = threadIdx.x; r < 8 * gu_tiles; r += NTC) {  // 16 rows a pair of tiles
         const int p = r >> 4, k = 16 * (cta + G * p) + (r & 15);
-        const float gate = round_model(tile_sum(partial, 2 * p, r & 15) * gu_scale * wgu_s[k]);
-        const float up =
-            round_model(tile_sum(partial, 2 * p + 1, r & 15) * gu_scale * wgu_s[I + k]);
+        const float gate =
+            round_model(tile_sum(partial, 2 * p, r & 15) * gu_scale * s_wgu[32 * p + (r & 15)]);
+        const float up = round_model(tile_sum(partial, 2 * p + 1, r & 15) * gu_scale *
+                                     s_wgu[32 * p + 16 + (r & 15)]);
         const float a = round_model(gate / (1.0f + __expf(-gate)) * up);
         act[k] = to_out(a);
         amax = fmaxf(amax, fabsf(a));
@@ -406,7 +424,7 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     STAMP(8);
     for (int r = threadIdx.x; r < 16 * d_tiles; r += NTC) {
         const int m = r >> 4, n = 16 * (cta + G * m) + (r & 15);
-        out[n] = to_out(tile_sum(partial, m, r & 15) * d_scale * wd_s[n]);
+        out[n] = to_out(tile_sum(partial, m, r & 15) * d_scale * s_wd[r]);
     }
     STAMP(9);
 }

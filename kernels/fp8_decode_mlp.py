@@ -96,7 +96,8 @@ def _max_tiles(hidden: int, inter: int, ctas: int) -> int:
 def shared_bytes(hidden: int, q: int, inter: int, ctas: int, cfg: DecodeMlpConfig) -> int:
     """The launch's dynamic shared memory (the layout at the end of the .cu's helpers)."""
     ring = cfg.stages * 16 * (cfg.chunk + 64)
-    red = ring + max(q, inter) + hidden + _max_tiles(hidden, inter, ctas) * cfg.nwarps * 64
+    tiles = _max_tiles(hidden, inter, ctas)
+    red = ring + max(q, inter) + hidden + tiles * cfg.nwarps * 64 + tiles * 256
     return (red + cfg.nwarps * 4 + 7) // 8 * 8 + 16 * cfg.stages
 
 
