@@ -21,7 +21,7 @@
 // as far as the ring reaches (STAGES x 16 rows x KC bytes a SM).
 //
 // Work split: a CTA takes 16-row tiles (o, down: tiles cta, cta + G, ...; gate | up: pairs
-// of a 16-row gate tile and its up tile). A stage holds 16 rows x KC bytes of K (KC = 128 x
+// of a 16-row gate tile and its up tile, handed out one at a time by a global counter). A stage holds 16 rows x KC bytes of K (KC = 128 x
 // NWARPS x STEPS); consumer warp w takes its STEPS 128-byte steps of every stage. A lane's
 // 16-byte runs of rows g / g + 8 feed `mma.m16n8k32.e4m3` as in fp8_gemv_cuda.cu. Each warp's
 // per-tile sums go to shared memory and are added over the warps in a fixed order after the
@@ -34,7 +34,8 @@
 //
 // Compile-time parameters (NVRTC -D): H (hidden), Q (o input), I (intermediate), NWARPS
 // (consumer warps), STEPS (128-byte steps a consumer warp takes of a stage), STAGES,
-// MAX_TILES (tiles a CTA takes in one phase, at most), X_T = OUT_T (0 bfloat16, 1 float16),
+// MAX_TILES (o / down tiles a CTA takes), MAX_PAIRS (gate | up pairs a CTA may take),
+// X_T = OUT_T (0 bfloat16, 1 float16),
 // TIMING (1: each CTA's first consumer thread writes %globaltimer at 10 points to
 // timing[cta * 10 + k], for scripts/bench_decode_mlp.py; 0 in the engine). Needs sm_90 (TMA).
 
@@ -104,22 +105,18 @@ __device__ __forceinline__ void consumers_sync() {  // the consumer warps only
     asm volatile("bar.sync 1, %0;" ::"r"(NTC) : "memory");
 }
 
-// Row 0 of a phase's m-th tile of this CTA: KIND 0 plain tiles (cta + G m), KIND 1 gate | up
-// pairs (m even: the gate tile of pair cta + G (m / 2), m odd: its up tile, I rows further).
-template <int KIND>
-__device__ __forceinline__ int tile_row(int m, int cta, int G) {
-    return KIND == 0 ? 16 * (cta + G * m) : 16 * (cta + G * (m >> 1)) + (m & 1) * I;
-}
+// Row 0 of the o / down phase's m-th tile of this CTA (tiles cta, cta + G, ...).
+__device__ __forceinline__ int tile_row(int m, int cta, int G) { return 16 * (cta + G * m); }
 
 // Producer (the whole warp): a phase's tiles, stage by stage, continuing the ring's unit
 // count `u`. Lane r < 16 copies row r of a stage: one bulk copy a lane, issued together
 // (one thread issuing 16 copies a stage could not keep up: ~110 cycles a copy).
-template <int K, int KIND>
+template <int K>
 __device__ __forceinline__ void produce(const unsigned char* w, int tiles, int& u, u32 ring,
                                         u32 full, u32 empty, int cta, int G) {
     const int lane = threadIdx.x & 31;
     for (int m = 0; m < tiles; ++m) {
-        const unsigned char* src = w + (size_t)(tile_row<KIND>(m, cta, G) + (lane & 15)) * K;
+        const unsigned char* src = w + (size_t)(tile_row(m, cta, G) + (lane & 15)) * K;
         for (int kc = 0; kc < K / KC; ++kc, ++u) {
             const int s = u % STAGES;
             mbar_wait(empty + 8 * s, ((u / STAGES) & 1) ^ 1);
@@ -127,6 +124,111 @@ __device__ __forceinline__ void produce(const unsigned char* w, int tiles, int& 
             __syncwarp();
             if (lane < 16)
                 bulk_copy(ring + s * STAGE_BYTES + lane * PITCH, src + kc * KC, KC, full + 8 * s);
+        }
+    }
+}
+
+// Producer, gate | up: pairs handed out one at a time by a global counter (SMs stream at
+// different rates; a fixed split left the slowest CTA ~4 us behind the median). A pair's gate
+// tile then its up tile, stage by stage; each stage's unit (pair, half, chunk) goes to
+// stage_unit[s] for the consumers, and a last stage without copies carries -1: the end.
+// At most MAX_PAIRS a CTA (its shared memory holds that many pairs' sums).
+__device__ __forceinline__ void produce_pairs(const unsigned char* wgu, u64* work, int& u,
+                                              u32 ring, u32 full, u32 empty, int* stage_unit) {
+    const int lane = threadIdx.x & 31;
+    constexpr int CH = H / KC;  // stages a tile
+    for (int grabbed = 0;; ++grabbed) {
+        int p = I / 16;
+        if (lane == 0 && grabbed < MAX_PAIRS) p = (int)atomicAdd(work, 1ull);
+        p = __shfl_sync(0xffffffffu, p, 0);
+        if (p >= I / 16) break;
+        for (int h = 0; h < 2; ++h) {
+            const unsigned char* src = wgu + (size_t)(16 * p + h * I + (lane & 15)) * H;
+            for (int kc = 0; kc < CH; ++kc, ++u) {
+                const int s = u % STAGES;
+                mbar_wait(empty + 8 * s, ((u / STAGES) & 1) ^ 1);
+                if (lane == 0) {
+                    stage_unit[s] = (2 * p + h) * CH + kc;  // seen after the full barrier
+                    mbar_expect_tx(full + 8 * s, 16 * KC);
+                }
+                __syncwarp();
+                if (lane < 16)
+                    bulk_copy(ring + s * STAGE_BYTES + lane * PITCH, src + kc * KC, KC,
+                              full + 8 * s);
+            }
+        }
+    }
+    const int s = u % STAGES;
+    mbar_wait(empty + 8 * s, ((u / STAGES) & 1) ^ 1);
+    if (lane == 0) {
+        stage_unit[s] = -1;
+        mbar_arrive(full + 8 * s);
+    }
+    __syncwarp();
+    ++u;
+}
+
+// This warp's steps of one stage (16 rows x KC bytes) against x's KC bytes at `xs`.
+__device__ __forceinline__ void stage_mma(const unsigned char* stage, const unsigned char* xs,
+                                          float& acc0, float& acc8) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned char* st = stage + g * PITCH + t * 16;
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j) {
+        const int off = (warp * STEPS + j) * 128;
+        const uint4 a0 = *reinterpret_cast<const uint4*>(st + off);
+        const uint4 a1 = *reinterpret_cast<const uint4*>(st + off + 64);
+        const uint4 b0 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off);
+        const uint4 b1 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off + 64);
+        const uint4* xp = reinterpret_cast<const uint4*>(xs + off + t * 16);
+        const uint4 x0 = xp[0], x1 = xp[4];  // +64 bytes
+        mma_e4m3(acc0, acc8, a0.x, b0.x, a0.y, b0.y, x0.x, x0.y);
+        mma_e4m3(acc0, acc8, a0.z, b0.z, a0.w, b0.w, x0.z, x0.w);
+        mma_e4m3(acc0, acc8, a1.x, b1.x, a1.y, b1.y, x1.x, x1.y);
+        mma_e4m3(acc0, acc8, a1.z, b1.z, a1.w, b1.w, x1.z, x1.w);
+    }
+}
+
+// Consumers, gate | up: the stages produce_pairs hands out, until its end mark. Pair n of
+// this CTA's: sums in partial[2 n] (gate) / [2 n + 1] (up), its index in pairs[n], its 32
+// rows' weight scales in s_wgu[32 n ...] (loaded while its gate tile streams). Returns n.
+__device__ __forceinline__ int consume_pairs(int& u, const unsigned char* ring, u32 full,
+                                             u32 empty, const unsigned char* xs,
+                                             float (*partial)[NWARPS][16],
+                                             const int* stage_unit, int* pairs, float* s_wgu,
+                                             const float* __restrict__ wgu_s) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    constexpr int CH = H / KC;
+    int n = 0;
+    float acc0 = 0.0f, acc8 = 0.0f, scale = 0.0f;
+    for (;; ++u) {
+        const int s = u % STAGES;
+        mbar_wait(full + 8 * s, (u / STAGES) & 1);
+        const int id = stage_unit[s];
+        if (id >= 0) stage_mma(ring + s * STAGE_BYTES, xs + (id % CH) * KC, acc0, acc8);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + 8 * s);
+        if (id < 0) {
+            ++u;
+            return n;
+        }
+        const int kc = id % CH, h = (id / CH) & 1, p = id / CH / 2;
+        if (warp == 0 && kc == 0) {  // the pair's 32 scales: load at its gate, store at its up
+            if (h == 0) scale = wgu_s[16 * p + (lane & 15) + (lane >> 4) * I];
+            else s_wgu[32 * n + lane] = scale;
+        }
+        if (kc == CH - 1) {
+            if (t == 0) {
+                partial[2 * n + h][warp][g] = acc0;
+                partial[2 * n + h][warp][g + 8] = acc8;
+            }
+            acc0 = acc8 = 0.0f;
+            if (h == 1) {
+                if (warp == 0 && lane == 0) pairs[n] = p;
+                ++n;
+            }
         }
     }
 }
@@ -144,21 +246,7 @@ __device__ __forceinline__ void consume(int tiles, int& u, const unsigned char* 
         for (int kc = 0; kc < K / KC; ++kc, ++u) {
             const int s = u % STAGES;
             mbar_wait(full + 8 * s, (u / STAGES) & 1);
-            const unsigned char* st = ring + s * STAGE_BYTES + g * PITCH + t * 16;
-#pragma unroll
-            for (int j = 0; j < STEPS; ++j) {
-                const int off = (warp * STEPS + j) * 128;
-                const uint4 a0 = *reinterpret_cast<const uint4*>(st + off);
-                const uint4 a1 = *reinterpret_cast<const uint4*>(st + off + 64);
-                const uint4 b0 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off);
-                const uint4 b1 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off + 64);
-                const uint4* xp = reinterpret_cast<const uint4*>(xs + kc * KC + off + t * 16);
-                const uint4 x0 = xp[0], x1 = xp[4];  // +64 bytes
-                mma_e4m3(acc0, acc8, a0.x, b0.x, a0.y, b0.y, x0.x, x0.y);
-                mma_e4m3(acc0, acc8, a0.z, b0.z, a0.w, b0.w, x0.z, x0.w);
-                mma_e4m3(acc0, acc8, a1.x, b1.x, a1.y, b1.y, x1.x, x1.y);
-                mma_e4m3(acc0, acc8, a1.z, b1.z, a1.w, b1.w, x1.z, x1.w);
-            }
+            stage_mma(ring + s * STAGE_BYTES, xs + kc * KC, acc0, acc8);
             __syncwarp();
             if (lane == 0) mbar_arrive(empty + 8 * s);
         }
@@ -258,9 +346,11 @@ __device__ __forceinline__ void grid_barrier(u64* counter, u64 target) {
 #define XS_OD_BYTES (Q > I ? Q : I)
 #define OFF_XS_OD (STAGES * STAGE_BYTES)
 #define OFF_XS_GU (OFF_XS_OD + XS_OD_BYTES)
+#define PARTIAL_TILES (MAX_TILES > 2 * MAX_PAIRS ? MAX_TILES : 2 * MAX_PAIRS)
 #define OFF_PARTIAL (OFF_XS_GU + H)
-#define OFF_ROWS (OFF_PARTIAL + MAX_TILES * NWARPS * 16 * 4)  // 4 x MAX_TILES x 16 floats
-#define OFF_RED (OFF_ROWS + MAX_TILES * 16 * 4 * 4)
+#define OFF_ROWS (OFF_PARTIAL + PARTIAL_TILES * NWARPS * 16 * 4)
+#define OFF_INTS (OFF_ROWS + (3 * MAX_TILES * 16 + 32 * MAX_PAIRS) * 4)
+#define OFF_RED (OFF_INTS + (MAX_PAIRS + STAGES) * 4)
 #define OFF_BARS ((OFF_RED + NWARPS * 4 + 7) / 8 * 8)
 
 extern "C" __global__ void __launch_bounds__(NTC + 32, 1)
@@ -277,16 +367,18 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     float (*partial)[NWARPS][16] = reinterpret_cast<float (*)[NWARPS][16]>(smem + OFF_PARTIAL);
     float* red = reinterpret_cast<float*>(smem + OFF_RED);
     float* s_wo = reinterpret_cast<float*>(smem + OFF_ROWS);  // per row of this CTA's tiles
-    float* s_wgu = s_wo + MAX_TILES * 16;
-    float* s_wd = s_wgu + MAX_TILES * 16;
+    float* s_wd = s_wo + MAX_TILES * 16;
     float* s_res = s_wd + MAX_TILES * 16;
+    float* s_wgu = s_res + MAX_TILES * 16;  // 32 a pair
+    int* pairs = reinterpret_cast<int*>(smem + OFF_INTS);
+    int* stage_unit = pairs + MAX_PAIRS;
+    u64* work = counter + 1;
     const u32 ring = smem_addr(smem), full = smem_addr(smem + OFF_BARS);
     const u32 empty = full + 8 * STAGES;
     const int cta = blockIdx.x, G = gridDim.x;
     const int warp = threadIdx.x >> 5;
 
     const int o_tiles = (H / 16 - cta + G - 1) / G;
-    const int gu_tiles = 2 * ((I / 16 - cta + G - 1) / G);
     const int d_tiles = o_tiles;
 
     if (threadIdx.x == 0) {
@@ -300,9 +392,9 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
 
     if (warp == NWARPS) {  // the producer: weights only, so it need not wait for anything
         int u = 0;
-        produce<Q, 0>(wo, o_tiles, u, ring, full, empty, cta, G);
-        produce<H, 1>(wgu, gu_tiles, u, ring, full, empty, cta, G);
-        produce<I, 0>(wd, d_tiles, u, ring, full, empty, cta, G);
+        produce<Q>(wo, o_tiles, u, ring, full, empty, cta, G);
+        produce_pairs(wgu, work, u, ring, full, empty, stage_unit);
+        produce<I>(wd, d_tiles, u, ring, full, empty, cta, G);
         return;
     }
 
@@ -310,17 +402,15 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     // before they are needed: the epilogues then load nothing from global memory, whose
     // latency is long while the ring streams
     for (int r = threadIdx.x; r < 16 * o_tiles; r += NTC)
-        s_wo[r] = wo_s[tile_row<0>(r >> 4, cta, G) + (r & 15)];
-    for (int r = threadIdx.x; r < 16 * gu_tiles; r += NTC)
-        s_wgu[r] = wgu_s[tile_row<1>(r >> 4, cta, G) + (r & 15)];
+        s_wo[r] = wo_s[tile_row(r >> 4, cta, G) + (r & 15)];
     for (int r = threadIdx.x; r < 16 * d_tiles; r += NTC)
-        s_wd[r] = wd_s[tile_row<0>(r >> 4, cta, G) + (r & 15)];
+        s_wd[r] = wd_s[tile_row(r >> 4, cta, G) + (r & 15)];
 
     STAMP(0);
     grid_dependency_wait();
     STAMP(1);
     for (int r = threadIdx.x; r < 16 * o_tiles; r += NTC)
-        s_res[r] = to_f32(ld_cg_u16(residual + tile_row<0>(r >> 4, cta, G) + (r & 15)));
+        s_res[r] = to_f32(ld_cg_u16(residual + tile_row(r >> 4, cta, G) + (r & 15)));
     u64 base = 0;
     if (threadIdx.x == 0) {
         u64 v;
@@ -394,12 +484,13 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     STAMP(4);
 
     // ---- gate | up, SiLU x up, its amax ---------------------------------------------------
-    consume<H>(gu_tiles, u, smem, full, empty, xs_gu, partial);
+    const int n_pairs =
+        consume_pairs(u, smem, full, empty, xs_gu, partial, stage_unit, pairs, s_wgu, wgu_s);
     consumers_sync();
     STAMP(5);
     float amax = 0.0f;
-    for (int r = threadIdx.x; r < 8 * gu_tiles; r += NTC) {  // 16 rows a pair of tiles
-        const int p = r >> 4, k = 16 * (cta + G * p) + (r & 15);
+    for (int r = threadIdx.x; r < 16 * n_pairs; r += NTC) {
+        const int p = r >> 4, k = 16 * pairs[p] + (r & 15);
         const float gate =
             round_model(tile_sum(partial, 2 * p, r & 15) * gu_scale * s_wgu[32 * p + (r & 15)]);
         const float up = round_model(tile_sum(partial, 2 * p + 1, r & 15) * gu_scale *
@@ -411,6 +502,12 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     amax = block_reduce<1>(amax, red);
     if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(act_amax), __float_as_int(amax));
     grid_barrier(counter, base + 2ull * G);
+    if (cta == 0 && threadIdx.x == 0) {
+        // every pair was taken before any CTA arrived at barrier 2: ready the counter for
+        // the next launch, whose producers start after this launch's trigger below
+        atomicExch(work, 0ull);
+        __threadfence();
+    }
     STAMP(6);
 
     // ---- down projection: act quantized from its amax --------------------------------------

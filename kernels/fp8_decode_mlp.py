@@ -88,17 +88,24 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _max_tiles(hidden: int, inter: int, ctas: int) -> int:
-    """The most 16-row tiles one CTA takes in a phase (gate | up counts both tiles of a pair)."""
-    return max(math.ceil(hidden // 16 / ctas), 2 * math.ceil(inter // 16 / ctas))
+def _max_tiles(hidden: int, ctas: int) -> int:
+    """The most 16-row o / down tiles one CTA takes (tiles cta, cta + G, ...)."""
+    return math.ceil(hidden // 16 / ctas)
+
+
+def _max_pairs(inter: int, ctas: int) -> int:
+    """The most gate | up pairs one CTA may take from the shared counter: 2 above an even
+    split, room for the faster SMs (the total always fits: ctas x this >= pairs)."""
+    return math.ceil(inter // 16 / ctas) + 2
 
 
 def shared_bytes(hidden: int, q: int, inter: int, ctas: int, cfg: DecodeMlpConfig) -> int:
-    """The launch's dynamic shared memory (the layout at the end of the .cu's helpers)."""
-    ring = cfg.stages * 16 * (cfg.chunk + 64)
-    tiles = _max_tiles(hidden, inter, ctas)
-    red = ring + max(q, inter) + hidden + tiles * cfg.nwarps * 64 + tiles * 256
-    return (red + cfg.nwarps * 4 + 7) // 8 * 8 + 16 * cfg.stages
+    """The launch's dynamic shared memory (the layout before the kernel in the .cu)."""
+    tiles, pairs = _max_tiles(hidden, ctas), _max_pairs(inter, ctas)
+    size = cfg.stages * 16 * (cfg.chunk + 64) + max(q, inter) + hidden  # ring, x buffers
+    size += max(tiles, 2 * pairs) * cfg.nwarps * 64  # per-warp tile sums
+    size += (3 * tiles * 16 + 32 * pairs) * 4 + (pairs + cfg.stages) * 4  # rows, ints
+    return (size + cfg.nwarps * 4 + 7) // 8 * 8 + 16 * cfg.stages  # reductions, mbarriers
 
 
 def fits(hidden: int, q: int, inter: int, ctas: int, cfg: DecodeMlpConfig) -> bool:
@@ -110,14 +117,14 @@ def fits(hidden: int, q: int, inter: int, ctas: int, cfg: DecodeMlpConfig) -> bo
 
 
 def config_for(hidden: int, q: int, inter: int, ctas: int) -> DecodeMlpConfig | None:
-    """The launch for a shape: TRTDIST_FP8_DECODE_MLP_CONFIG if set, else 8 consumer warps of
-    one step (4 where 8 do not divide the shape) with as many stages as fit (up to 12); None
-    if none fits."""
+    """The launch for a shape: TRTDIST_FP8_DECODE_MLP_CONFIG if set, else the first of 8
+    consumer warps x 2 steps (2 KB stages), 16 x 1, 8 x 1, 4 x 2, 4 x 1 that divides the shape,
+    with as many stages as fit (up to 12); None if none fits."""
     if ENV_CONFIG is not None:
         return ENV_CONFIG if fits(hidden, q, inter, ctas, ENV_CONFIG) else None
-    for nwarps in (8, 4):
+    for nwarps, steps in ((8, 2), (16, 1), (8, 1), (4, 2), (4, 1)):
         for stages in range(12, 3, -1):
-            cfg = DecodeMlpConfig(nwarps, 1, stages)
+            cfg = DecodeMlpConfig(nwarps, steps, stages)
             if fits(hidden, q, inter, ctas, cfg):
                 return cfg
     return None
@@ -136,14 +143,15 @@ def supports(hidden: int, q: int, inter: int, dtype: torch.dtype,
 
 class DecodeMlpScratch:
     """The launch's buffers in global memory, kept for the model's life (a CUDA graph replays
-    their addresses): the SiLU x up row `act [I]`, its amax, and the grid barriers' counter
-    (64-bit, only grows, never reset: the kernel derives each launch's base from it)."""
+    their addresses): the SiLU x up row `act [I]`, its amax, and two 64-bit counters: the grid
+    barriers' (only grows, never reset: the kernel derives each launch's base from it) and
+    the gate | up pairs handed out (reset by the kernel once all are taken)."""
 
     def __init__(self, inter: int, dtype: torch.dtype, device: torch.device) -> None:
         self.act = torch.zeros(inter, dtype=dtype, device=device)
         self.inter, self.dtype, self.device = inter, dtype, self.act.device
         self.act_amax = torch.zeros(1, dtype=torch.float32, device=device)
-        self.counter = torch.zeros(1, dtype=torch.int64, device=device)
+        self.counter = torch.zeros(2, dtype=torch.int64, device=device)
         self.failed = False  # set by the caller when a launch failed: it stops using it
 
 
@@ -179,7 +187,8 @@ def fp8_decode_mlp(attn: torch.Tensor, attn_amax: torch.Tensor, wo: torch.Tensor
                          f"intermediate {inter} on {ctas} SMs ({cfg})")
     defines = dict(H=hidden, Q=q, I=inter, NWARPS=cfg.nwarps, STEPS=cfg.steps,
                    STAGES=cfg.stages,
-                   MAX_TILES=_max_tiles(hidden, inter, ctas), X_T=_DTYPE_IDS[dtype],
+                   MAX_TILES=_max_tiles(hidden, ctas), MAX_PAIRS=_max_pairs(inter, ctas),
+                   X_T=_DTYPE_IDS[dtype],
                    OUT_T=_DTYPE_IDS[dtype], TIMING=int(timing is not None))
     if timing is not None and (timing.dtype != torch.int64 or timing.numel() < 10 * ctas):
         raise ValueError(f"fp8_decode_mlp: timing must be int64 with >= {10 * ctas} elements")
