@@ -20,8 +20,9 @@
 // the row work. So DRAM keeps streaming the next weights while a barrier or the norm resolves,
 // as far as the ring reaches (STAGES x 16 rows x KC bytes a SM).
 //
-// Work split: a CTA takes 16-row tiles (o, down: tiles cta, cta + G, ...; gate | up: pairs
-// of a 16-row gate tile and its up tile, handed out one at a time by a global counter). A stage holds 16 rows x KC bytes of K (KC = 128 x
+// Work split: a CTA takes 16-row tiles (o, down: tiles cta, cta + G, ...; gate | up: tiles
+// handed out one at a time by a global counter, their outputs meeting in global memory, where
+// every CTA reads the whole row after barrier 2 for SiLU x up, its amax and E4M3 codes). A stage holds 16 rows x KC bytes of K (KC = 128 x
 // NWARPS x STEPS); consumer warp w takes its STEPS 128-byte steps of every stage. A lane's
 // 16-byte runs of rows g / g + 8 feed `mma.m16n8k32.e4m3` as in fp8_gemv_cuda.cu. Each warp's
 // per-tile sums go to shared memory and are added over the warps in a fixed order after the
@@ -34,7 +35,7 @@
 //
 // Compile-time parameters (NVRTC -D): H (hidden), Q (o input), I (intermediate), NWARPS
 // (consumer warps), STEPS (128-byte steps a consumer warp takes of a stage), STAGES,
-// MAX_TILES (o / down tiles a CTA takes), MAX_PAIRS (gate | up pairs a CTA may take),
+// MAX_TILES (o / down tiles a CTA takes), MAX_GU (gate | up tiles a CTA may take),
 // X_T = OUT_T (0 bfloat16, 1 float16),
 // TIMING (1: each CTA's first consumer thread writes %globaltimer at 10 points to
 // timing[cta * 10 + k], for scripts/bench_decode_mlp.py; 0 in the engine). Needs sm_90 (TMA).
@@ -128,34 +129,33 @@ __device__ __forceinline__ void produce(const unsigned char* w, int tiles, int& 
     }
 }
 
-// Producer, gate | up: pairs handed out one at a time by a global counter (SMs stream at
-// different rates; a fixed split left the slowest CTA ~4 us behind the median). A pair's gate
-// tile then its up tile, stage by stage; each stage's unit (pair, half, chunk) goes to
-// stage_unit[s] for the consumers, and a last stage without copies carries -1: the end.
-// At most MAX_PAIRS a CTA (its shared memory holds that many pairs' sums).
-__device__ __forceinline__ void produce_pairs(const unsigned char* wgu, u64* work, int& u,
-                                              u32 ring, u32 full, u32 empty, int* stage_unit) {
+// Producer, gate | up: 16-row tiles of the [2I, H] weight (gate rows, then up rows) handed
+// out one at a time by a global counter: SMs stream at different rates, and a fixed split
+// (or pairs of tiles) left the slowest CTA 4-6 us behind the median. Each stage's unit
+// (tile, chunk) goes to stage_unit[s] for the consumers; a last stage without copies
+// carries -1: the end. At most MAX_GU tiles a CTA (its shared memory holds their sums).
+__device__ __forceinline__ void produce_gate_up(const unsigned char* wgu, u64* work, int& u,
+                                                u32 ring, u32 full, u32 empty,
+                                                int* stage_unit) {
     const int lane = threadIdx.x & 31;
     constexpr int CH = H / KC;  // stages a tile
     for (int grabbed = 0;; ++grabbed) {
-        int p = I / 16;
-        if (lane == 0 && grabbed < MAX_PAIRS) p = (int)atomicAdd(work, 1ull);
-        p = __shfl_sync(0xffffffffu, p, 0);
-        if (p >= I / 16) break;
-        for (int h = 0; h < 2; ++h) {
-            const unsigned char* src = wgu + (size_t)(16 * p + h * I + (lane & 15)) * H;
-            for (int kc = 0; kc < CH; ++kc, ++u) {
-                const int s = u % STAGES;
-                mbar_wait(empty + 8 * s, ((u / STAGES) & 1) ^ 1);
-                if (lane == 0) {
-                    stage_unit[s] = (2 * p + h) * CH + kc;  // seen after the full barrier
-                    mbar_expect_tx(full + 8 * s, 16 * KC);
-                }
-                __syncwarp();
-                if (lane < 16)
-                    bulk_copy(ring + s * STAGE_BYTES + lane * PITCH, src + kc * KC, KC,
-                              full + 8 * s);
+        int tile = I / 8;
+        if (lane == 0 && grabbed < MAX_GU) tile = (int)atomicAdd(work, 1ull);
+        tile = __shfl_sync(0xffffffffu, tile, 0);
+        if (tile >= I / 8) break;
+        const unsigned char* src = wgu + (size_t)(16 * tile + (lane & 15)) * H;
+        for (int kc = 0; kc < CH; ++kc, ++u) {
+            const int s = u % STAGES;
+            mbar_wait(empty + 8 * s, ((u / STAGES) & 1) ^ 1);
+            if (lane == 0) {
+                stage_unit[s] = tile * CH + kc;  // seen by the consumers after the full barrier
+                mbar_expect_tx(full + 8 * s, 16 * KC);
             }
+            __syncwarp();
+            if (lane < 16)
+                bulk_copy(ring + s * STAGE_BYTES + lane * PITCH, src + kc * KC, KC,
+                          full + 8 * s);
         }
     }
     const int s = u % STAGES;
@@ -190,14 +190,14 @@ __device__ __forceinline__ void stage_mma(const unsigned char* stage, const unsi
     }
 }
 
-// Consumers, gate | up: the stages produce_pairs hands out, until its end mark. Pair n of
-// this CTA's: sums in partial[2 n] (gate) / [2 n + 1] (up), its index in pairs[n], its 32
-// rows' weight scales in s_wgu[32 n ...] (loaded while its gate tile streams). Returns n.
-__device__ __forceinline__ int consume_pairs(int& u, const unsigned char* ring, u32 full,
-                                             u32 empty, const unsigned char* xs,
-                                             float (*partial)[NWARPS][16],
-                                             const int* stage_unit, int* pairs, float* s_wgu,
-                                             const float* __restrict__ wgu_s) {
+// Consumers, gate | up: the stages produce_gate_up hands out, until its end mark. Tile n of
+// this CTA's: sums in partial[n], its index in tiles[n], its 16 rows' weight scales in
+// s_wgu[16 n ...] (loaded at its first stage, stored at its last). Returns n.
+__device__ __forceinline__ int consume_gate_up(int& u, const unsigned char* ring, u32 full,
+                                               u32 empty, const unsigned char* xs,
+                                               float (*partial)[NWARPS][16],
+                                               const int* stage_unit, int* tiles, float* s_wgu,
+                                               const float* __restrict__ wgu_s) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     constexpr int CH = H / KC;
@@ -214,21 +214,17 @@ __device__ __forceinline__ int consume_pairs(int& u, const unsigned char* ring, 
             ++u;
             return n;
         }
-        const int kc = id % CH, h = (id / CH) & 1, p = id / CH / 2;
-        if (warp == 0 && kc == 0) {  // the pair's 32 scales: load at its gate, store at its up
-            if (h == 0) scale = wgu_s[16 * p + (lane & 15) + (lane >> 4) * I];
-            else s_wgu[32 * n + lane] = scale;
-        }
+        const int kc = id % CH, tile = id / CH;
+        if (warp == 0 && kc == 0 && lane < 16) scale = wgu_s[16 * tile + lane];
         if (kc == CH - 1) {
+            if (warp == 0 && lane < 16) s_wgu[16 * n + lane] = scale;
+            if (warp == 0 && lane == 0) tiles[n] = tile;
             if (t == 0) {
-                partial[2 * n + h][warp][g] = acc0;
-                partial[2 * n + h][warp][g + 8] = acc8;
+                partial[n][warp][g] = acc0;
+                partial[n][warp][g + 8] = acc8;
             }
             acc0 = acc8 = 0.0f;
-            if (h == 1) {
-                if (warp == 0 && lane == 0) pairs[n] = p;
-                ++n;
-            }
+            ++n;
         }
     }
 }
@@ -346,11 +342,11 @@ __device__ __forceinline__ void grid_barrier(u64* counter, u64 target) {
 #define XS_OD_BYTES (Q > I ? Q : I)
 #define OFF_XS_OD (STAGES * STAGE_BYTES)
 #define OFF_XS_GU (OFF_XS_OD + XS_OD_BYTES)
-#define PARTIAL_TILES (MAX_TILES > 2 * MAX_PAIRS ? MAX_TILES : 2 * MAX_PAIRS)
+#define PARTIAL_TILES (MAX_TILES > MAX_GU ? MAX_TILES : MAX_GU)
 #define OFF_PARTIAL (OFF_XS_GU + H)
 #define OFF_ROWS (OFF_PARTIAL + PARTIAL_TILES * NWARPS * 16 * 4)
-#define OFF_INTS (OFF_ROWS + (3 * MAX_TILES * 16 + 32 * MAX_PAIRS) * 4)
-#define OFF_RED (OFF_INTS + (MAX_PAIRS + STAGES) * 4)
+#define OFF_INTS (OFF_ROWS + (3 * MAX_TILES * 16 + 16 * MAX_GU) * 4)
+#define OFF_RED (OFF_INTS + (MAX_GU + STAGES) * 4)
 #define OFF_BARS ((OFF_RED + NWARPS * 4 + 7) / 8 * 8)
 
 extern "C" __global__ void __launch_bounds__(NTC + 32, 1)
@@ -359,7 +355,7 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
                u16* residual, const u16* __restrict__ norm_w, float eps,
                const unsigned char* __restrict__ wgu, const float* __restrict__ wgu_s,
                const unsigned char* __restrict__ wd, const float* __restrict__ wd_s,
-               u16* act, float* act_amax, u64* counter, u16* __restrict__ out,
+               u16* gu, u64* counter, u16* __restrict__ out,
                u64* timing) {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* xs_od = smem + OFF_XS_OD;  // o's input, later down's
@@ -369,9 +365,9 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     float* s_wo = reinterpret_cast<float*>(smem + OFF_ROWS);  // per row of this CTA's tiles
     float* s_wd = s_wo + MAX_TILES * 16;
     float* s_res = s_wd + MAX_TILES * 16;
-    float* s_wgu = s_res + MAX_TILES * 16;  // 32 a pair
-    int* pairs = reinterpret_cast<int*>(smem + OFF_INTS);
-    int* stage_unit = pairs + MAX_PAIRS;
+    float* s_wgu = s_res + MAX_TILES * 16;  // 16 a gate | up tile
+    int* tiles = reinterpret_cast<int*>(smem + OFF_INTS);
+    int* stage_unit = tiles + MAX_GU;
     u64* work = counter + 1;
     const u32 ring = smem_addr(smem), full = smem_addr(smem + OFF_BARS);
     const u32 empty = full + 8 * STAGES;
@@ -393,7 +389,7 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     if (warp == NWARPS) {  // the producer: weights only, so it need not wait for anything
         int u = 0;
         produce<Q>(wo, o_tiles, u, ring, full, empty, cta, G);
-        produce_pairs(wgu, work, u, ring, full, empty, stage_unit);
+        produce_gate_up(wgu, work, u, ring, full, empty, stage_unit);
         produce<I>(wd, d_tiles, u, ring, full, empty, cta, G);
         return;
     }
@@ -416,7 +412,6 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
         u64 v;
         asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(counter) : "memory");
         base = v - v % (2ull * G);
-        if (cta == 0) *act_amax = 0.0f;  // read after barrier 2, maxed into after barrier 1
     }
     int u = 0;
 
@@ -483,38 +478,63 @@ fp8_decode_mlp(const u16* __restrict__ attn, const float* __restrict__ attn_amax
     consumers_sync();
     STAMP(4);
 
-    // ---- gate | up, SiLU x up, its amax ---------------------------------------------------
-    const int n_pairs =
-        consume_pairs(u, smem, full, empty, xs_gu, partial, stage_unit, pairs, s_wgu, wgu_s);
+    // ---- gate | up: this CTA's tiles, rounded to the model dtype, to gu[2I] ----------------
+    const int n_tiles =
+        consume_gate_up(u, smem, full, empty, xs_gu, partial, stage_unit, tiles, s_wgu, wgu_s);
     consumers_sync();
     STAMP(5);
-    float amax = 0.0f;
-    for (int r = threadIdx.x; r < 16 * n_pairs; r += NTC) {
-        const int p = r >> 4, k = 16 * pairs[p] + (r & 15);
-        const float gate =
-            round_model(tile_sum(partial, 2 * p, r & 15) * gu_scale * s_wgu[32 * p + (r & 15)]);
-        const float up = round_model(tile_sum(partial, 2 * p + 1, r & 15) * gu_scale *
-                                     s_wgu[32 * p + 16 + (r & 15)]);
-        const float a = round_model(gate / (1.0f + __expf(-gate)) * up);
-        act[k] = to_out(a);
-        amax = fmaxf(amax, fabsf(a));
-    }
-    amax = block_reduce<1>(amax, red);
-    if (threadIdx.x == 0) atomicMax(reinterpret_cast<int*>(act_amax), __float_as_int(amax));
+    for (int r = threadIdx.x; r < 16 * n_tiles; r += NTC)
+        gu[16 * tiles[r >> 4] + (r & 15)] =
+            to_out(tile_sum(partial, r >> 4, r & 15) * gu_scale * s_wgu[r]);
     grid_barrier(counter, base + 2ull * G);
     if (cta == 0 && threadIdx.x == 0) {
-        // every pair was taken before any CTA arrived at barrier 2: ready the counter for
+        // every tile was taken before any CTA arrived at barrier 2: ready the counter for
         // the next launch, whose producers start after this launch's trigger below
         atomicExch(work, 0ull);
         __threadfence();
     }
     STAMP(6);
 
-    // ---- down projection: act quantized from its amax --------------------------------------
-    const float d_scale = dynamic_scale(ld_cg_f32(act_amax));
-    quantize_row(act, xs_od, I, __frcp_rn(d_scale));
+    // ---- SiLU x up over the whole row (every CTA: no third barrier), its amax, E4M3 codes ----
+    float d_scale;
+    {
+        constexpr int RUNS = (I / 8 + NTC - 1) / NTC;  // 8-value runs a thread
+        float a[RUNS][8];
+        float amax = 0.0f;
+#pragma unroll
+        for (int r = 0; r < RUNS; ++r) {
+            const int i = threadIdx.x + r * NTC;
+            if (i < I / 8) {
+                const uint4 gv = ld_cg(reinterpret_cast<const uint4*>(gu) + i);
+                const uint4 uv = ld_cg(reinterpret_cast<const uint4*>(gu + I) + i);
+                const u32 g4[4] = {gv.x, gv.y, gv.z, gv.w}, u4[4] = {uv.x, uv.y, uv.z, uv.w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float g0 = lo_to_f32(g4[e]), g1 = hi_to_f32(g4[e]);
+                    a[r][2 * e] = round_model(g0 / (1.0f + __expf(-g0)) * lo_to_f32(u4[e]));
+                    a[r][2 * e + 1] = round_model(g1 / (1.0f + __expf(-g1)) * hi_to_f32(u4[e]));
+                }
+#pragma unroll
+                for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(a[r][e]));
+            }
+        }
+        d_scale = dynamic_scale(block_reduce<1>(amax, red));
+        const float inv = __frcp_rn(d_scale);
+#pragma unroll
+        for (int r = 0; r < RUNS; ++r) {
+            const int i = threadIdx.x + r * NTC;
+            if (i < I / 8) {
+                uint2 q;
+                q.x = e4m3_pair(a[r][0], a[r][1], inv) | (e4m3_pair(a[r][2], a[r][3], inv) << 16);
+                q.y = e4m3_pair(a[r][4], a[r][5], inv) | (e4m3_pair(a[r][6], a[r][7], inv) << 16);
+                reinterpret_cast<uint2*>(xs_od)[i] = q;
+            }
+        }
+    }
     consumers_sync();
     STAMP(7);
+
+    // ---- down projection ------------------------------------------------------------------
     consume<I>(d_tiles, u, smem, full, empty, xs_od, partial);
     launch_dependents();
     consumers_sync();

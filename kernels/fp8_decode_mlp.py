@@ -93,18 +93,18 @@ def _max_tiles(hidden: int, ctas: int) -> int:
     return math.ceil(hidden // 16 / ctas)
 
 
-def _max_pairs(inter: int, ctas: int) -> int:
-    """The most gate | up pairs one CTA may take from the shared counter: 2 above an even
-    split, room for the faster SMs (the total always fits: ctas x this >= pairs)."""
-    return math.ceil(inter // 16 / ctas) + 2
+def _max_gate_up(inter: int, ctas: int) -> int:
+    """The most gate | up tiles one CTA may take from the shared counter: 2 above an even
+    split, room for the faster SMs (the total always fits: ctas x this >= tiles)."""
+    return math.ceil(inter // 8 / ctas) + 2
 
 
 def shared_bytes(hidden: int, q: int, inter: int, ctas: int, cfg: DecodeMlpConfig) -> int:
     """The launch's dynamic shared memory (the layout before the kernel in the .cu)."""
-    tiles, pairs = _max_tiles(hidden, ctas), _max_pairs(inter, ctas)
+    tiles, gu = _max_tiles(hidden, ctas), _max_gate_up(inter, ctas)
     size = cfg.stages * 16 * (cfg.chunk + 64) + max(q, inter) + hidden  # ring, x buffers
-    size += max(tiles, 2 * pairs) * cfg.nwarps * 64  # per-warp tile sums
-    size += (3 * tiles * 16 + 32 * pairs) * 4 + (pairs + cfg.stages) * 4  # rows, ints
+    size += max(tiles, gu) * cfg.nwarps * 64  # per-warp tile sums
+    size += (3 * tiles * 16 + 16 * gu) * 4 + (gu + cfg.stages) * 4  # rows, ints
     return (size + cfg.nwarps * 4 + 7) // 8 * 8 + 16 * cfg.stages  # reductions, mbarriers
 
 
@@ -143,14 +143,14 @@ def supports(hidden: int, q: int, inter: int, dtype: torch.dtype,
 
 class DecodeMlpScratch:
     """The launch's buffers in global memory, kept for the model's life (a CUDA graph replays
-    their addresses): the SiLU x up row `act [I]`, its amax, and two 64-bit counters: the grid
-    barriers' (only grows, never reset: the kernel derives each launch's base from it) and
-    the gate | up pairs handed out (reset by the kernel once all are taken)."""
+    their addresses): the gate | up row `gu [2I]` (where the CTAs' tiles meet), and two
+    64-bit counters: the grid barriers' (only grows, never reset: the kernel derives each
+    launch's base from it) and the gate | up tiles handed out (reset by the kernel once all
+    are taken)."""
 
     def __init__(self, inter: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.act = torch.zeros(inter, dtype=dtype, device=device)
-        self.inter, self.dtype, self.device = inter, dtype, self.act.device
-        self.act_amax = torch.zeros(1, dtype=torch.float32, device=device)
+        self.gu = torch.zeros(2 * inter, dtype=dtype, device=device)
+        self.inter, self.dtype, self.device = inter, dtype, self.gu.device
         self.counter = torch.zeros(2, dtype=torch.int64, device=device)
         self.failed = False  # set by the caller when a launch failed: it stops using it
 
@@ -187,7 +187,7 @@ def fp8_decode_mlp(attn: torch.Tensor, attn_amax: torch.Tensor, wo: torch.Tensor
                          f"intermediate {inter} on {ctas} SMs ({cfg})")
     defines = dict(H=hidden, Q=q, I=inter, NWARPS=cfg.nwarps, STEPS=cfg.steps,
                    STAGES=cfg.stages,
-                   MAX_TILES=_max_tiles(hidden, ctas), MAX_PAIRS=_max_pairs(inter, ctas),
+                   MAX_TILES=_max_tiles(hidden, ctas), MAX_GU=_max_gate_up(inter, ctas),
                    X_T=_DTYPE_IDS[dtype],
                    OUT_T=_DTYPE_IDS[dtype], TIMING=int(timing is not None))
     if timing is not None and (timing.dtype != torch.int64 or timing.numel() < 10 * ctas):
@@ -195,7 +195,7 @@ def fp8_decode_mlp(attn: torch.Tensor, attn_amax: torch.Tensor, wo: torch.Tensor
     fn = cuda_jit.load(SOURCE, "fp8_decode_mlp", defines, attn.device)
     P, F = cuda_jit.POINTER, cuda_jit.FLOAT
     args = (attn, attn_amax, wo, wo_scale, residual, norm_weight, float(eps), wgu, wgu_scale,
-            wd, wd_scale, scratch.act, scratch.act_amax, scratch.counter, out,
+            wd, wd_scale, scratch.gu, scratch.counter, out,
             timing if timing is not None else out)  # unused without TIMING
     fn.launch(ctas, 32 * (cfg.nwarps + 1),
               tuple(a if isinstance(a, float) else a.data_ptr() for a in args),

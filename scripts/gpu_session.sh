@@ -945,6 +945,21 @@ c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
       TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $M --quant fp8 $B
       bench b1 $M $B
       ;;
+    s11g)  # decode MLP: single gate | up tiles handed out, SiLU x up after barrier 2 in every CTA
+      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8_decode_mlp.py 2>&1 \
+          | tee "$OUT/s11g_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s11g decode-mlp tests: $(tail -1 "$OUT/s11g_tests.log")"
+      timeout 300 python3 scripts/bench_decode_mlp.py --configs 8,2,6 16,1,5 8,2,5 8,1,11 \
+          --output "$OUT/decode_mlp.json" 2>&1 | tee "$OUT/decode_mlp.log" | tail -16 | tee -a "$SUMMARY"
+      BEST=$(python3 -c "import json; c = json.load(open('$OUT/decode_mlp.json'))['cases']; \
+c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
+      note "best config $BEST"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      TRTDIST_FP8_DECODE_MLP_CONFIG=$BEST bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $M --quant fp8 $B
+      bench b1 $M $B
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
