@@ -17,9 +17,8 @@ import ctypes
 import hashlib
 import logging
 import os
-import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,7 @@ _log = logging.getLogger("trtdist")
 _lock = threading.Lock()
 _functions: dict[tuple[int, str, str, tuple[tuple[str, int], ...]], CudaFunction] = {}
 _available: dict[int, bool] = {}
-# path -> (source, its quoted #include files as (name, text), digest of all of them)
-_sources: dict[Path, tuple[str, tuple[tuple[str, str], ...], str]] = {}
-_INCLUDE = re.compile(r'^#include "([^"/]+)"', re.MULTILINE)
+_sources: dict[Path, tuple[str, str]] = {}  # path -> (source, digest)
 
 
 class CudaJitError(RuntimeError):
@@ -77,30 +74,20 @@ class CudaFunction:
     name: str
     handle: Any
     device_index: int
-    # the dynamic shared memory limit set so far (a list: the dataclass is frozen)
-    _shared_limit: list[int] = field(default_factory=lambda: [48 * 1024])
 
     def launch(self, grid: int, block: int, args: tuple[Any, ...],
-               types: tuple[Any, ...], *, pdl: bool, shared: int = 0) -> None:
+               types: tuple[Any, ...], *, pdl: bool) -> None:
         """Launch on PyTorch's current stream of the function's device (the capturing stream
         under a CUDA graph) with a 1-D grid and block. `args` are ints (device pointers:
         `tensor.data_ptr()`), `types` their ctypes types. `pdl`: programmatic dependent
         launch (the kernel may start while the previous one drains; it must
-        `griddepcontrol.wait` first). `shared`: dynamic shared memory in bytes (above 48 KB
-        the function's limit is raised once)."""
+        `griddepcontrol.wait` first)."""
         driver, _ = _bindings()
-        if shared > 48 * 1024 and shared > self._shared_limit[0]:
-            attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            status = driver.cuFuncSetAttribute(self.handle, attr, shared)[0]
-            if int(status) != 0:
-                raise CudaJitError(f"{self.name}: {shared} bytes of shared memory refused: "
-                                   f"{status!r}")
-            self._shared_limit[0] = shared
         s = torch.cuda.current_stream(self.device_index)
         cfg = driver.CUlaunchConfig()
         cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid, 1, 1
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
-        cfg.sharedMemBytes = shared
+        cfg.sharedMemBytes = 0
         cfg.hStream = driver.CUstream(s.cuda_stream)
         if pdl:
             attr = driver.CUlaunchAttribute()
@@ -116,12 +103,9 @@ class CudaFunction:
             raise CudaJitError(f"launch of {self.name} failed: {status!r}")
 
 
-def _compile(source: str, headers: tuple[tuple[str, str], ...], name: str,
-             defines: dict[str, int], arch: str) -> bytes:
+def _compile(source: str, name: str, defines: dict[str, int], arch: str) -> bytes:
     _, nvrtc = _bindings()
-    prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), len(headers),
-                                           [text.encode() for _, text in headers],
-                                           [inc.encode() for inc, _ in headers]),
+    prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []),
                   "nvrtcCreateProgram")
     try:
         opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
@@ -143,16 +127,6 @@ def _compile(source: str, headers: tuple[tuple[str, str], ...], name: str,
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-def _read_source(path: Path) -> tuple[str, tuple[tuple[str, str], ...], str]:
-    """The source, the files it includes with `#include "name"` (beside it, one level: NVRTC
-    gets them by name) and a digest of all of them (the compile cache's key)."""
-    text = path.read_text()
-    headers = tuple((inc, path.with_name(inc).read_text())
-                    for inc in dict.fromkeys(_INCLUDE.findall(text)))
-    digest = hashlib.sha1("\0".join([text, *(h for _, h in headers)]).encode()).hexdigest()
-    return text, headers, digest
-
-
 def load(source_file: str | Path, name: str, defines: dict[str, int],
          device: torch.device) -> CudaFunction:
     """The kernel `name` of the CUDA source file, compiled for `device`'s architecture with
@@ -161,8 +135,9 @@ def load(source_file: str | Path, name: str, defines: dict[str, int],
     path = Path(source_file)
     cached = _sources.get(path)
     if cached is None:  # read once: this runs on every eager launch
-        cached = _sources[path] = _read_source(path)
-    source, headers, digest = cached
+        text = path.read_text()
+        cached = _sources[path] = (text, hashlib.sha1(text.encode()).hexdigest())
+    source, digest = cached
     key = (index, digest, name, tuple(sorted(defines.items())))
     fn = _functions.get(key)
     if fn is not None:
@@ -175,7 +150,7 @@ def load(source_file: str | Path, name: str, defines: dict[str, int],
         major, minor = torch.cuda.get_device_capability(index)
         # NOTE: "a" targets (sm_90a) unlock wgmma / setmaxnreg; nothing here needs them, and the
         # plain target runs on every GPU of that capability.
-        cubin = _compile(source, headers, name, defines, f"sm_{major}{minor}")
+        cubin = _compile(source, name, defines, f"sm_{major}{minor}")
         with torch.cuda.device(index):
             torch.cuda.current_stream()  # makes the primary context current on this thread
             module = _check(driver.cuModuleLoadData(cubin), f"cuModuleLoadData({name})")
@@ -188,4 +163,3 @@ def load(source_file: str | Path, name: str, defines: dict[str, int],
 
 
 POINTER = ctypes.c_void_p  # the ctypes type of a device-pointer argument of `launch`
-FLOAT = ctypes.c_float  # a float32 scalar argument

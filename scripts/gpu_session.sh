@@ -853,6 +853,9 @@ $(grep "^linear" "$OUT/tl_s10c.log" | cut -c31-)"
       bench fp8_b1 $M --quant fp8 $B
       bench b1 $M $B
       ;;
+    # s11a-s11g: records of the eleventh session's calls. The one-launch decode MLP, its tests
+    # and scripts/bench_decode_mlp.py were removed after them (PERF_NOTES.md, eleventh
+    # session; code at ad28e68, the fastest version, and 9005655, the last).
     s11a)  # the one-launch decode MLP (o .. down persistent): GPU tests, timelines per launch
       # config, batch 1 FP8 on / off against bf16
       timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8_decode_mlp.py 2>&1 \
@@ -959,6 +962,18 @@ c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
       TRTDIST_FP8_DECODE_MLP_CONFIG=$BEST bench fp8_b1 $M --quant fp8 $B
       TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $M --quant fp8 $B
       bench b1 $M $B
+      ;;
+    s11r)  # the session's last code (the decode MLP removed): GPU tests of the FP8 decode path,
+      # batch 1 FP8 / bf16
+      timeout 240 python3 -m pytest -q -rf -n 4 -m gpu tests/test_fp8_gemv_cuda.py \
+          tests/test_fp8_kernels.py tests/test_row_amax.py 2>&1 | tee "$OUT/s11r_tests.log" \
+          | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s11r gpu tests: $(tail -1 "$OUT/s11r_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      bench b1 $M $B
+      bench fp8_b1_again $M --quant fp8 $B
       ;;
     *) note "unknown phase $phase";;
   esac

@@ -6,7 +6,6 @@ Stage 0 also owns the embedding; the last stage owns the final norm and the LM h
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,9 +16,7 @@ from torch import nn
 from trtdist.comm.base import Communicator
 from trtdist.config import ModelConfig
 from trtdist.kernels.activation import silu_and_mul
-from trtdist.kernels import fp8_decode_mlp as decode_mlp
 from trtdist.kernels.attention import AttentionBackend, LayerKV, TorchAttentionBackend
-from trtdist.kernels.cuda_jit import CudaJitError
 from trtdist.kernels.fp8_fused import rms_norm_quant_triton, silu_and_mul_quant_triton
 from trtdist.kernels.norm import add_rms_norm, rms_norm
 from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
@@ -39,7 +36,6 @@ from trtdist.parallel.shard import attention_shard, vocab_range
 # NOTE: "0" turns off the row-amax handoff to the FP8 o and down projections (A/B measures).
 ROW_AMAX_ENV = "TRTDIST_FP8_ROW_AMAX"
 ROW_AMAX_ROWS = 16  # steps of at most this many tokens use it (the small-M FP8 GEMM's range)
-_log = logging.getLogger("trtdist")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +48,6 @@ class StepContext:
     backend: AttentionBackend
     # [ROW_AMAX_ROWS] float32 or None: see `LlamaStage.row_amax`
     row_amax: torch.Tensor | None = None
-    # one-token steps of an FP8 stage that can run o .. down as one launch: its buffers
-    decode_mlp: decode_mlp.DecodeMlpScratch | None = None
 
 
 class RMSNorm(nn.Module):
@@ -102,23 +96,17 @@ class LlamaAttention(nn.Module):
                 ctx: StepContext, row_amax: torch.Tensor | None = None) -> torch.Tensor:
         """`row_amax` (zeroed by the norm before): the attention maxes its output rows' amax
         into it and the FP8 o projection quantizes from it."""
-        amax = row_amax if row_amax is not None and self.o.wants_row_amax(x.shape[0]) else None
-        o = self.attend(x, cos_sin, kv, ctx, amax)
-        return self.o(o if amax is None else ActivationWithAmax(o, amax))
-
-    def attend(self, x: torch.Tensor | QuantizedActivation, cos_sin: torch.Tensor,
-               kv: LayerKV, ctx: StepContext, row_amax: torch.Tensor | None) -> torch.Tensor:
-        """qkv, rotary, the cache write and attention: the o projection's input `[T, Q]`;
-        its rows' amax is maxed into `row_amax` when given."""
         t = x.shape[0]
         # Rotary on q and k, and the write of k and v into the paged cache, in one op.
         q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
                                    self.kv_heads, self.head_dim, kv.k, kv.v, ctx.slot_mapping,
                                    k_scale=kv.k_scale, v_scale=kv.v_scale)
+        amax = row_amax if row_amax is not None and self.o.wants_row_amax(t) else None
         o = ctx.backend.forward(q, k, v, kv.k, kv.v, ctx.meta, self.scale, self.window,
                                 k_scale=kv.k_scale, v_scale=kv.v_scale,
-                                row_amax=row_amax)  # [T, Hq, D]
-        return o.reshape(t, self.q_size)
+                                row_amax=amax)  # [T, Hq, D]
+        o = o.reshape(t, self.q_size)
+        return self.o(o if amax is None else ActivationWithAmax(o, amax))
 
 
 class LlamaMLP(nn.Module):
@@ -169,34 +157,9 @@ class LlamaDecoderLayer(nn.Module):
         attn_amax = amax if amax is not None and self.attn.qkv.wants_quantized_input else None
         mlp_amax = amax if amax is not None and self.mlp.gate_up.wants_quantized_input else None
         x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv, clear=attn_amax)
-        if ctx.decode_mlp is not None and attn_amax is not None:
-            o = self.attn.attend(x, cos_sin, kv_cache, ctx, attn_amax)
-            out = self._decode_mlp(o, attn_amax, residual, ctx.decode_mlp)
-            if out is not None:
-                return out, residual
-            attn_out = self.attn.o(ActivationWithAmax(o, attn_amax))
-        else:
-            attn_out = self.attn(x, cos_sin, kv_cache, ctx, attn_amax)
-        x, residual = self.post_norm(attn_out, residual, quant_for=self.mlp.gate_up,
-                                     clear=mlp_amax)
+        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx, attn_amax), residual,
+                                     quant_for=self.mlp.gate_up, clear=mlp_amax)
         return self.mlp(x, mlp_amax), residual
-
-    def _decode_mlp(self, o: torch.Tensor, amax: torch.Tensor, residual: torch.Tensor,
-                    scratch: decode_mlp.DecodeMlpScratch) -> torch.Tensor | None:
-        """o projection .. down as one launch (`kernels/fp8_decode_mlp.py`); the residual
-        stream is updated in place. None when the kernel cannot run here (it is then turned
-        off for the stage, with a warning, and the separate kernels run)."""
-        try:
-            return decode_mlp.fp8_decode_mlp(
-                o, amax, self.attn.o.weight, self.attn.o.weight_scale, residual,
-                self.post_norm.weight, self.post_norm.eps, self.mlp.gate_up.weight,
-                self.mlp.gate_up.weight_scale, self.mlp.down.weight, self.mlp.down.weight_scale,
-                scratch)
-        except CudaJitError as e:
-            _log.warning("the one-launch FP8 decode MLP failed (%s); using the separate "
-                         "kernels", e)
-            scratch.failed = True
-            return None
 
     def row_amax_users(self, rows: int) -> tuple[str, ...]:
         """Which projections take their input with its row amax at `rows` tokens (tests,
@@ -241,31 +204,12 @@ class LlamaStage(nn.Module):
                          if quant is not None and quant.quant.method == "fp8"
                          and not quant.quant.static and device.type == "cuda"
                          and os.environ.get(ROW_AMAX_ENV, "1") != "0" else None)
-        self.decode_mlp = self._decode_mlp_scratch(cfg, mapping, quant)
-
-    def _decode_mlp_scratch(self, cfg: ModelConfig, mapping: Mapping,
-                            quant: LinearMethod | None) -> decode_mlp.DecodeMlpScratch | None:
-        """The one-launch o .. down kernel's buffers where it can run: FP8 per token (the
-        row amax handoff on), one rank (no all-reduce after o; no pipeline peers' kernels
-        beside its grid barriers), no biases, a shape it takes."""
-        if (self.row_amax is None or mapping.world_size != 1 or cfg.o_bias or cfg.mlp_bias
-                or not self.layers):
-            return None
-        first = next(iter(self.layers.values()))
-        hidden, q = first.attn.o.weight.shape
-        inter = first.mlp.inter
-        if not decode_mlp.supports(hidden, q, inter, self.dtype, self.device):
-            return None
-        return decode_mlp.DecodeMlpScratch(inter, self.dtype, self.device)
 
     def context(self, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 meta: object) -> StepContext:
-        rows = positions.shape[0]
-        amax = self.row_amax if self.row_amax is not None and rows <= ROW_AMAX_ROWS else None
-        mlp = self.decode_mlp
-        if mlp is not None and (rows != 1 or mlp.failed):
-            mlp = None
-        return StepContext(positions, slot_mapping, meta, self.attention_backend, amax, mlp)
+        amax = (self.row_amax if self.row_amax is not None
+                and positions.shape[0] <= ROW_AMAX_ROWS else None)
+        return StepContext(positions, slot_mapping, meta, self.attention_backend, amax)
 
     def forward(self, tokens_or_hidden: torch.Tensor,
                 kv_caches: Sequence[LayerKV],
