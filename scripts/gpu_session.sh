@@ -975,6 +975,10 @@ c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
       bench b1 $M $B
       bench fp8_b1_again $M --quant fp8 $B
       ;;
+    s11s)  # raw streaming through a TMA ring by stage shape (no math), against a torch read
+      timeout 300 python3 scripts/bench_tma_stream.py --output "$OUT/tma_stream.json" 2>&1 \
+          | tee "$OUT/tma_stream.log" | tail -20 | tee -a "$SUMMARY"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

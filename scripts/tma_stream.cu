@@ -1,0 +1,96 @@
+// Raw weight streaming through a TMA-fed shared-memory ring, no math: how fast can one CTA a
+// SM pull an [N, K] byte matrix with stages of R rows x KC bytes (R bulk copies a stage,
+// issued by R lanes of a producer warp), S stages, consumers that only wait and release?
+// For scripts/bench_tma_stream.py (PERF_NOTES.md, eleventh session). Needs sm_90.
+// -D: K, R, KC, STAGES, NWARPS (consumer warps), DYN (1: tiles from a global counter).
+#define PITCH (KC + 64)
+#define STAGE_BYTES (R * PITCH)
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
+            "selp.u32 %0, 1, 0, p; }"
+            : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32 + 32, 1)
+tma_stream(const unsigned char* __restrict__ w, int tiles, u64* work, unsigned int* sink) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const u32 ring = (u32)__cvta_generic_to_shared(smem);
+    const u32 full = ring + STAGES * STAGE_BYTES, empty = full + 8 * STAGES;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, NWARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    constexpr int CH = K / KC;
+    int* unit = reinterpret_cast<int*>(smem + STAGES * STAGE_BYTES + 16 * STAGES);
+    if (warp == NWARPS) {
+        int u = 0;
+        for (int m = 0;; ++m) {
+            int tile;
+#if DYN
+            tile = 0;
+            if (lane == 0) tile = (int)atomicAdd(work, 1ull);
+            tile = __shfl_sync(0xffffffffu, tile, 0);
+#else
+            tile = blockIdx.x + gridDim.x * m;
+#endif
+            if (tile >= tiles) break;
+            const unsigned char* src = w + (size_t)(tile * R + (lane % R)) * K;
+            for (int kc = 0; kc < CH; ++kc, ++u) {
+                const int s = u % STAGES;
+                mbar_wait(empty + 8 * s, ((u / STAGES) & 1) ^ 1);
+                if (lane == 0) {
+                    unit[s] = 1;
+                    mbar_expect_tx(full + 8 * s, R * KC);
+                }
+                __syncwarp();
+                if (lane < R) bulk_copy(ring + s * STAGE_BYTES + lane * PITCH, src + kc * KC, KC,
+                                        full + 8 * s);
+            }
+        }
+        const int s = u % STAGES;
+        mbar_wait(empty + 8 * s, ((u / STAGES) & 1) ^ 1);
+        if (lane == 0) {
+            unit[s] = -1;
+            mbar_arrive(full + 8 * s);
+        }
+        return;
+    }
+    unsigned int acc = 0;
+    for (int u = 0;; ++u) {
+        const int s = u % STAGES;
+        mbar_wait(full + 8 * s, (u / STAGES) & 1);
+        const int id = unit[s];
+        if (id > 0) acc += *reinterpret_cast<const unsigned int*>(smem + s * STAGE_BYTES + lane * 4);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + 8 * s);
+        if (id < 0) break;
+    }
+    if (acc == 0x12345678u) *sink = acc;  // keeps the reads
+}
