@@ -10,6 +10,7 @@ statically or handed out by a global counter. Against torch's copy bandwidth and
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def main() -> None:
     sink = torch.zeros(1, dtype=torch.int32, device=dev)
     work = torch.zeros(len(mats), dtype=torch.int64, device=dev)  # one counter a matrix
     ctas = torch.cuda.get_device_properties(dev).multi_processor_count
-    P, I32 = cuda_jit.POINTER, __import__("ctypes").c_int
+    P, I32 = cuda_jit.POINTER, ctypes.c_int
     rows = {"copy_bandwidth_gb_s": roof["copy_bandwidth_gb_s"],
             "bf16_matmul_tflop_s": roof["bf16_matmul_tflop_s"], "cases": []}
 
@@ -79,7 +80,8 @@ def main() -> None:
             shared = stages * r * (kc + 64) + 16 * stages + 4 * stages
             _allow_shared(fn, shared)
 
-            def stream() -> None:
+            def stream(fn: cuda_jit.CudaFunction = fn, nwarps: int = nwarps,
+                       shared: int = shared, r: int = r) -> None:
                 work.zero_()
                 for i, m in enumerate(mats):
                     _launch(fn, ctas, 32 * (nwarps + 1), shared,
