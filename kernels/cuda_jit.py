@@ -76,18 +76,25 @@ class CudaFunction:
     device_index: int
 
     def launch(self, grid: int, block: int, args: tuple[Any, ...],
-               types: tuple[Any, ...], *, pdl: bool) -> None:
+               types: tuple[Any, ...], *, pdl: bool, shared: int = 0) -> None:
         """Launch on PyTorch's current stream of the function's device (the capturing stream
         under a CUDA graph) with a 1-D grid and block. `args` are ints (device pointers:
         `tensor.data_ptr()`), `types` their ctypes types. `pdl`: programmatic dependent
         launch (the kernel may start while the previous one drains; it must
-        `griddepcontrol.wait` first)."""
+        `griddepcontrol.wait` first). `shared`: dynamic shared memory in bytes (above the
+        default 48 KB the function's limit is raised to it)."""
         driver, _ = _bindings()
+        if shared > 48 * 1024:
+            attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            status = driver.cuFuncSetAttribute(self.handle, attr, shared)[0]
+            if int(status) != 0:
+                raise CudaJitError(f"{self.name}: {shared} bytes of shared memory refused: "
+                                   f"{status!r}")
         s = torch.cuda.current_stream(self.device_index)
         cfg = driver.CUlaunchConfig()
         cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid, 1, 1
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
-        cfg.sharedMemBytes = 0
+        cfg.sharedMemBytes = shared
         cfg.hStream = driver.CUstream(s.cuda_stream)
         if pdl:
             attr = driver.CUlaunchAttribute()

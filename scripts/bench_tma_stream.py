@@ -26,31 +26,6 @@ SHAPES = [(16, 2048, 6, 8), (16, 1024, 12, 8), (16, 4096, 3, 8), (8, 4096, 6, 8)
           (32, 1024, 6, 8), (8, 2048, 12, 8), (4, 4096, 12, 4), (16, 2048, 6, 4)]
 
 
-def _allow_shared(fn: cuda_jit.CudaFunction, shared: int) -> None:
-    from cuda.bindings import driver
-
-    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    status = driver.cuFuncSetAttribute(fn.handle, attr, shared)[0]
-    if int(status) != 0:
-        raise cuda_jit.CudaJitError(f"{shared} bytes of shared memory refused: {status!r}")
-
-
-def _launch(fn: cuda_jit.CudaFunction, grid: int, block: int, shared: int,
-            args: tuple[int, ...], types: tuple[object, ...]) -> None:
-    """A launch with dynamic shared memory (cuda_jit's launch takes none)."""
-    from cuda.bindings import driver
-
-    cfg = driver.CUlaunchConfig()
-    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid, 1, 1
-    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
-    cfg.sharedMemBytes = shared
-    cfg.hStream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
-    cfg.numAttrs = 0
-    status = driver.cuLaunchKernelEx(cfg, fn.handle, (args, types), 0)[0]
-    if int(status) != 0:
-        raise cuda_jit.CudaJitError(f"launch failed: {status!r}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", default=None)
@@ -78,15 +53,14 @@ def main() -> None:
             defines = dict(K=k, R=r, KC=kc, STAGES=stages, NWARPS=nwarps, DYN=dyn)
             fn = cuda_jit.load(SOURCE, "tma_stream", defines, dev)
             shared = stages * r * (kc + 64) + 16 * stages + 4 * stages
-            _allow_shared(fn, shared)
 
             def stream(fn: cuda_jit.CudaFunction = fn, nwarps: int = nwarps,
                        shared: int = shared, r: int = r) -> None:
                 work.zero_()
                 for i, m in enumerate(mats):
-                    _launch(fn, ctas, 32 * (nwarps + 1), shared,
-                            (m.data_ptr(), n // r, work[i:].data_ptr(), sink.data_ptr()),
-                            (P, I32, P, P))
+                    fn.launch(ctas, 32 * (nwarps + 1),
+                              (m.data_ptr(), n // r, work[i:].data_ptr(), sink.data_ptr()),
+                              (P, I32, P, P), pdl=False, shared=shared)
 
             try:
                 t = time_graph(stream, 1, 10) / len(mats)

@@ -44,6 +44,25 @@ $(grep -E "^_(quant_fp8|silu_and_mul|silu_mul_quant|decode_reduce)" "$OUT/var/ti
   bench b1 $m $b
 }
 
+decode_mlp_call() {  # decode_mlp_call TAG CONFIGS...: the (removed) decode MLP's GPU tests,
+  # its microbench over CONFIGS, then batch 1 with the fastest against the separate kernels
+  # and bf16 (phases s11c-s11g)
+  local tag=$1; shift
+  timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8_decode_mlp.py 2>&1 \
+      | tee "$OUT/${tag}_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+  note "$tag decode-mlp tests: $(tail -1 "$OUT/${tag}_tests.log")"
+  timeout 300 python3 scripts/bench_decode_mlp.py --configs "$@" \
+      --output "$OUT/decode_mlp.json" 2>&1 | tee "$OUT/decode_mlp.log" | tail -16 | tee -a "$SUMMARY"
+  local best; best=$(python3 -c "import json; c = json.load(open('$OUT/decode_mlp.json'))['cases']; \
+c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
+  note "best config $best"
+  local m="llama3-8b --dummy-weights --dtype bfloat16"
+  local b="--num-requests 1 --input-len 128 --output-len 256"
+  TRTDIST_FP8_DECODE_MLP_CONFIG=$best bench fp8_b1 $m --quant fp8 $b
+  TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $m --quant fp8 $b
+  bench b1 $m $b
+}
+
 for phase in "$@"; do
   case $phase in
     kernels)
@@ -884,84 +903,21 @@ $(grep -E "^fp8_decode_mlp" "$OUT/tl_$c.log" | cut -c61-)"
       ;;
     s11c)  # L2 prefetch beyond the ring before each grid barrier: tests, microbench of
       # configs, then batch 1 with the fastest against the separate kernels and bf16
-      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8_decode_mlp.py 2>&1 \
-          | tee "$OUT/s11c_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
-      note "s11c decode-mlp tests: $(tail -1 "$OUT/s11c_tests.log")"
-      timeout 300 python3 scripts/bench_decode_mlp.py \
-          --configs 16,4 16,4,4 16,4,8 16,4,16 16,2,8 16,3,12 \
-          --output "$OUT/decode_mlp.json" 2>&1 | tee "$OUT/decode_mlp.log" | tail -16 | tee -a "$SUMMARY"
-      BEST=$(python3 -c "import json; c = json.load(open('$OUT/decode_mlp.json'))['cases']; \
-c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
-      note "best config $BEST"
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      TRTDIST_FP8_DECODE_MLP_CONFIG=$BEST bench fp8_b1 $M --quant fp8 $B
-      TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $M --quant fp8 $B
-      bench b1 $M $B
+      decode_mlp_call s11c 16,4 16,4,4 16,4,8 16,4,16 16,2,8 16,3,12
       ;;
     s11d)  # the TMA-fed decode MLP (producer warp, shared-memory ring): tests, microbench,
       # batch 1 with the fastest config against the separate kernels and bf16
-      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8_decode_mlp.py 2>&1 \
-          | tee "$OUT/s11d_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
-      note "s11d decode-mlp tests: $(tail -1 "$OUT/s11d_tests.log")"
-      timeout 300 python3 scripts/bench_decode_mlp.py \
-          --configs 8,1,11 8,1,6 4,1,12 4,2,8 16,1,5 8,2,6 \
-          --output "$OUT/decode_mlp.json" 2>&1 | tee "$OUT/decode_mlp.log" | tail -16 | tee -a "$SUMMARY"
-      BEST=$(python3 -c "import json; c = json.load(open('$OUT/decode_mlp.json'))['cases']; \
-c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
-      note "best config $BEST"
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      TRTDIST_FP8_DECODE_MLP_CONFIG=$BEST bench fp8_b1 $M --quant fp8 $B
-      TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $M --quant fp8 $B
-      bench b1 $M $B
+      decode_mlp_call s11d 8,1,11 8,1,6 4,1,12 4,2,8 16,1,5 8,2,6
       ;;
     s11e)  # decode MLP: the producer warp's 16 lanes copy a stage's rows together; scales and
       # residual staged in shared memory. Tests, microbench, batch 1 with the fastest config
-      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8_decode_mlp.py 2>&1 \
-          | tee "$OUT/s11e_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
-      note "s11e decode-mlp tests: $(tail -1 "$OUT/s11e_tests.log")"
-      timeout 300 python3 scripts/bench_decode_mlp.py \
-          --configs 8,1,11 8,2,6 16,1,5 4,4,6 4,2,11 8,1,6 \
-          --output "$OUT/decode_mlp.json" 2>&1 | tee "$OUT/decode_mlp.log" | tail -16 | tee -a "$SUMMARY"
-      BEST=$(python3 -c "import json; c = json.load(open('$OUT/decode_mlp.json'))['cases']; \
-c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
-      note "best config $BEST"
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      TRTDIST_FP8_DECODE_MLP_CONFIG=$BEST bench fp8_b1 $M --quant fp8 $B
-      TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $M --quant fp8 $B
-      bench b1 $M $B
+      decode_mlp_call s11e 8,1,11 8,2,6 16,1,5 4,4,6 4,2,11 8,1,6
       ;;
     s11f)  # decode MLP: gate | up pairs handed out by a global counter (dynamic balance)
-      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8_decode_mlp.py 2>&1 \
-          | tee "$OUT/s11f_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
-      note "s11f decode-mlp tests: $(tail -1 "$OUT/s11f_tests.log")"
-      timeout 300 python3 scripts/bench_decode_mlp.py --configs 8,2,6 16,1,5 8,1,11 4,4,6 8,2,4 \
-          --output "$OUT/decode_mlp.json" 2>&1 | tee "$OUT/decode_mlp.log" | tail -16 | tee -a "$SUMMARY"
-      BEST=$(python3 -c "import json; c = json.load(open('$OUT/decode_mlp.json'))['cases']; \
-c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
-      note "best config $BEST"
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      TRTDIST_FP8_DECODE_MLP_CONFIG=$BEST bench fp8_b1 $M --quant fp8 $B
-      TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $M --quant fp8 $B
-      bench b1 $M $B
+      decode_mlp_call s11f 8,2,6 16,1,5 8,1,11 4,4,6 8,2,4
       ;;
     s11g)  # decode MLP: single gate | up tiles handed out, SiLU x up after barrier 2 in every CTA
-      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_fp8_decode_mlp.py 2>&1 \
-          | tee "$OUT/s11g_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
-      note "s11g decode-mlp tests: $(tail -1 "$OUT/s11g_tests.log")"
-      timeout 300 python3 scripts/bench_decode_mlp.py --configs 8,2,6 16,1,5 8,2,5 8,1,11 \
-          --output "$OUT/decode_mlp.json" 2>&1 | tee "$OUT/decode_mlp.log" | tail -16 | tee -a "$SUMMARY"
-      BEST=$(python3 -c "import json; c = json.load(open('$OUT/decode_mlp.json'))['cases']; \
-c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
-      note "best config $BEST"
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      TRTDIST_FP8_DECODE_MLP_CONFIG=$BEST bench fp8_b1 $M --quant fp8 $B
-      TRTDIST_FP8_DECODE_MLP=0 bench fp8_b1_sep $M --quant fp8 $B
-      bench b1 $M $B
+      decode_mlp_call s11g 8,2,6 16,1,5 8,2,5 8,1,11
       ;;
     s11r)  # the session's last code (the decode MLP removed): GPU tests of the FP8 decode path,
       # batch 1 FP8 / bf16
@@ -976,6 +932,14 @@ c.pop('separate'); print(min(c, key=lambda k: c[k]['us_per_layer']))")
       bench fp8_b1_again $M --quant fp8 $B
       ;;
     s11s)  # raw streaming through a TMA ring by stage shape (no math), against a torch read
+      timeout 300 python3 scripts/bench_tma_stream.py --output "$OUT/tma_stream.json" 2>&1 \
+          | tee "$OUT/tma_stream.log" | tail -20 | tee -a "$SUMMARY"
+      ;;
+    s11v)  # after the review (launch takes dynamic shared memory; the TMA bench calls it)
+      timeout 240 python3 -m pytest -q -rf -n 4 -m gpu tests/test_fp8_gemv_cuda.py \
+          tests/test_row_amax.py 2>&1 | tee "$OUT/s11v_tests.log" \
+          | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s11v gpu tests: $(tail -1 "$OUT/s11v_tests.log")"
       timeout 300 python3 scripts/bench_tma_stream.py --output "$OUT/tma_stream.json" 2>&1 \
           | tee "$OUT/tma_stream.log" | tail -20 | tee -a "$SUMMARY"
       ;;
