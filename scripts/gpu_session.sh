@@ -943,6 +943,17 @@ $(grep -E "^fp8_decode_mlp" "$OUT/tl_$c.log" | cut -c61-)"
       timeout 300 python3 scripts/bench_tma_stream.py --output "$OUT/tma_stream.json" 2>&1 \
           | tee "$OUT/tma_stream.log" | tail -20 | tee -a "$SUMMARY"
       ;;
+    s12a)  # split-K for the one-token FP8 GEMVs (fixup / epilogue / partials only), and the
+      # batch-1 timelines of both dtypes at the session's start
+      timeout 420 python3 scripts/bench_split_gemv.py --output "$OUT/split_gemv.json" 2>&1 \
+          | tee "$OUT/split_gemv.log" | tail -6 | tee -a "$SUMMARY"
+      for q in fp8 none; do
+        timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
+            --quant $q --max-model-len 8192 --timeline "$OUT/timeline_$q.json" \
+            > "$OUT/timeline_$q.log" 2>&1
+        note "timeline $q: $(grep wall_ms "$OUT/timeline_$q.log" | cut -c1-80)"
+      done
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

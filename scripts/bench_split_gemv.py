@@ -1,0 +1,158 @@
+"""Split-K for the one-token FP8 GEMVs of llama3-8b: does cutting each program's K (shorter
+programs, more of them, a shorter last wave) beat the shipped whole-K tiles, and what would a
+reduction folded into the next kernel leave (the partials written, no reduction at all)?
+
+Each case is 32 chained launches of distinct weights (nothing stays in L2) in one CUDA graph,
+PDL on, as `bench_fp8_gemv_cuda.py` times them. Cases per shape: the engine's call (CUDA GEMV
+for o), the shipped Triton tile, then tiles at split 2-14 with the in-GEMM fixup (the last
+slice program of an N block sums the partials), with the second-kernel epilogue (quantized
+input only), and "partials": the split launch alone (a lower bound for a reduction done by the
+next row kernel).
+
+    python scripts/bench_split_gemv.py --output split_gemv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+from bench_fp8_gemv_cuda import ulps  # scripts/ is on sys.path when run as a script
+from bench_fused_kernels import time_graph
+from trtdist.kernels import fp8_gemm as g
+from trtdist.kernels import fp8_gemm_configs as cfgs
+from trtdist.kernels._triton import pdl_launch
+from trtdist.kernels.fp8_gemm import fp8_gemm_small_m, fp8_gemm_small_m_quantizing, fp8_gemm_torch
+from trtdist.parallel.quant_fp8 import quantize_activation, quantize_weight_per_channel
+
+from trtdist.device_roofline import measure
+
+H, QKV, INTER = 4096, 6144, 14336
+# name: (N, K, X_MODE as the engine calls it at batch 1)
+SHAPES = {"qkv": (QKV, H, 0), "o": (H, H, 1), "gate_up": (2 * INTER, H, 0),
+          "down": (H, INTER, 1)}
+C = cfgs.Fp8GemmConfig
+# (block_n, block_k, num_warps) tiles tried with splits, per K
+TILES = {4096: [(2, 2048, 4), (2, 1024, 4), (4, 1024, 4), (1, 2048, 4)],
+         14336: [(4, 1024, 4), (2, 1024, 4), (2, 2048, 4), (4, 512, 4), (8, 512, 4)]}
+SPLITS = {4096: (2, 4), 14336: (2, 4, 7, 14)}
+
+
+def partials_only(xq, xs, x_mode, w, ws, out, cfg, split):  # type: ignore[no-untyped-def]
+    """The split launch of `fp8_gemm._gemm` without any reduction: float32 partials only."""
+    m, k = xq.shape
+    n = w.shape[0]
+    bk = cfg.block_k
+    k_steps = -(-k // bk)
+    split = max(1, min(split, k_steps))
+    k_per_split = -(-k_steps // split) * bk
+    split = -(-k // k_per_split)
+    part = g._workspace(xq.device, n, split, cfg.block_m)
+    grid = (triton.cdiv(n, cfg.block_n), split)
+    g._fp8_gemm_kernel[grid](
+        xq, xs, w, ws, ws, out, part, xs, xs, m, n, k, xq.stride(0), w.stride(0),
+        out.stride(0), K_PER_SPLIT=k_per_split, SPLIT_K=split,
+        EVEN_K=k_per_split * split == k, FIXUP=False, HAS_BIAS=False, DOT_FP8=False,
+        MODE=2, K_ACC=cfg.k_acc, X_2D=cfg.x_2d, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, X_MODE=x_mode, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl_launch(xq.device))
+    return part
+
+
+def bench_shape(name: str, dev: torch.device, L: int) -> tuple[dict, dict]:
+    bf = torch.bfloat16
+    n, k, mode = SHAPES[name]
+    ws_ = [quantize_weight_per_channel(torch.randn(n, k, device=dev, dtype=bf) * 0.02)
+           for _ in range(L)]
+    x = torch.randn(1, k, device=dev, dtype=bf)
+    xq, xs = quantize_activation(x, None)
+    amax = torch.zeros(16, device=dev)
+    amax[0] = x.float().abs().amax()
+    out = torch.empty(1, n, device=dev, dtype=bf)
+    w0, s0 = ws_[0]
+    ref = fp8_gemm_torch(xq, xs, w0, s0, None, bf)
+    xin, xsc = (xq, xs) if mode == 0 else (x, amax)
+
+    def call(cfg, split, fixup):  # type: ignore[no-untyped-def]
+        def run(w, s, o):  # type: ignore[no-untyped-def]
+            if mode == 0:
+                return fp8_gemm_small_m(xq, xs, w, s, None, bf, out=o, config=cfg,
+                                        split_k=split, fixup=fixup)
+            return fp8_gemm_small_m_quantizing(x, amax, None, w, s, None, out=o, config=cfg,
+                                               split_k=split, fixup=fixup)
+        return run
+
+    def engine(w, s, o):  # type: ignore[no-untyped-def]
+        if mode == 0:
+            return fp8_gemm_small_m(xq, xs, w, s, None, bf, out=o)
+        return fp8_gemm_small_m_quantizing(x, amax, None, w, s, None, out=o)
+
+    shipped = cfgs.lookup(1, n, k, quantizing=mode != 0)
+    cases = {"engine": engine, f"shipped {shipped.block_n}x{shipped.block_k}w"
+             f"{shipped.num_warps}": call(shipped, 1, None)}
+    for bn, bk, nw in TILES[k]:
+        cfg = C("gemv", 1, bn, bk, 1, nw, 1, True, False, False)
+        tag = f"{bn}x{bk}w{nw}"
+        cases[f"{tag} s1"] = call(cfg, 1, None)
+        for sp in SPLITS[k]:
+            if -(-k // bk) < sp:
+                continue
+            cases[f"{tag} s{sp} fixup"] = call(cfg, sp, True)
+            if mode == 0:
+                cases[f"{tag} s{sp} epilogue"] = call(cfg, sp, False)
+            cases[f"{tag} s{sp} partials"] = (
+                lambda w, s, o, cfg=cfg, sp=sp: partials_only(xin, xsc, mode, w, s, o, cfg, sp))
+    checks, times = {}, {}
+    for key, fn in cases.items():
+        try:
+            y = fn(w0, s0, torch.empty_like(out))
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"check {name} {key}: FAILED {type(e).__name__}: {str(e)[:200]}")
+            continue
+        if "partials" not in key:
+            checks[key] = ulps(y, ref)
+
+        def chain(fn=fn):  # type: ignore[no-untyped-def]
+            for w, s in ws_:
+                fn(w, s, out)
+        times[key] = time_graph(chain, 1, 20) / L * 1e6
+    for key, (d, eq) in checks.items():
+        if d > 2:
+            print(f"check {name} {key}: max {d:.2f} bf16 ulps ({eq:.3f} bit-equal) WRONG?")
+    for key, t in sorted(times.items(), key=lambda kv: kv[1])[:12]:
+        print(f"time {name} {key}: {t:.2f} us ({n * k / t / 1e3:.0f} GB/s)")
+    return checks, times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--output", default="split_gemv.json")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    roof = measure(dev)
+    print(f"roofline: {roof}")
+    result: dict = {"roofline": roof, "layers": args.layers, "checks": {}, "times_us": {}}
+    rows = []
+    for name in args.shapes.split(","):
+        checks, times = bench_shape(name, dev, args.layers)
+        result["checks"][name], result["times_us"][name] = checks, times
+        best = {kind: min(((t, c) for c, t in times.items() if kind in c), default=(0, "-"))
+                for kind in ("engine", "shipped", "fixup", "epilogue", "partials")}
+        rows.append((name, best))
+        torch.cuda.empty_cache()
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=1)
+    print("==== shape | engine | shipped | best fixup | best epilogue | best partials (us)")
+    for name, best in rows:
+        cells = [f"{t:.2f} {c}" if kind in ("fixup", "epilogue", "partials") else f"{t:.2f}"
+                 for kind, (t, c) in best.items()]
+        print(f"{name} | " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
