@@ -188,6 +188,18 @@ fp8_gemv(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
     const unsigned char* p0 = w + (size_t)(row0 + g) * K + warp * SEG + t * 16;
     const unsigned char* p8 = p0 + (size_t)8 * K;
 
+    // the epilogue's constants first, before the wait (they are weights): loaded after the
+    // main loop they cost every CTA one more DRAM round trip at its end
+    float wsc = 0.0f;
+#if HAS_BIAS
+    float bias_v = 0.0f;
+#endif
+    if (threadIdx.x < 16) {
+        wsc = w_scale[row0 + threadIdx.x];
+#if HAS_BIAS
+        bias_v = bias_to_f32(bias, row0 + threadIdx.x);
+#endif
+    }
     Batch cur;
 #if EARLY
     load_batch(cur, p0, p8, 0);
@@ -253,9 +265,9 @@ fp8_gemv(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
 #pragma unroll
         for (int i = 0; i < NWARPS; ++i) s += partial[i][threadIdx.x];  // fixed order
         const int n = row0 + threadIdx.x;
-        float y = s * scale * w_scale[n];
+        float y = s * scale * wsc;
 #if HAS_BIAS
-        y += bias_to_f32(bias, n);
+        y += bias_v;
 #endif
         out[n] = to_out(y);
     }

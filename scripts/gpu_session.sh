@@ -954,6 +954,25 @@ $(grep -E "^fp8_decode_mlp" "$OUT/tl_$c.log" | cut -c61-)"
         note "timeline $q: $(grep wall_ms "$OUT/timeline_$q.log" | cut -c1-80)"
       done
       ;;
+    s12b)  # the FP8 GEMVs' epilogue constants loaded before the PDL wait: GPU tests, the
+      # chained shapes, batch-1 timeline and TPOT of both dtypes
+      timeout 240 python3 -m pytest -q -rf -n 4 -m gpu tests/test_fp8_gemv_cuda.py \
+          tests/test_fp8_kernels.py tests/test_row_amax.py 2>&1 | tee "$OUT/s12b_tests.log" \
+          | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s12b gpu tests: $(tail -1 "$OUT/s12b_tests.log")"
+      timeout 300 python3 scripts/bench_split_gemv.py --output "$OUT/split_gemv.json" 2>&1 \
+          | tee "$OUT/split_gemv.log" | tail -5 | tee -a "$SUMMARY"
+      timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
+          --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_fp8.json" \
+          > "$OUT/timeline_fp8.log" 2>&1
+      note "timeline fp8: $(grep wall_ms "$OUT/timeline_fp8.log" | cut -c1-80)"
+      note "$(grep "^linear" "$OUT/timeline_fp8.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      bench b1 $M $B
+      bench fp8_b1_again $M --quant fp8 $B
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
