@@ -169,12 +169,6 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
     mask_n = rn < N
     k_start = pid_k * K_PER_SPLIT
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (k_start + rk)[None, :]  # [BN, BK]
-    # NOTE: the epilogue's constants are loaded first, before the PDL wait (they are weights):
-    # loaded after the main loop, each program's last step was one more DRAM round trip
-    # with no weight bytes in flight, which lengthened every kernel's tail.
-    ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
     if MODE == 2:
         # NOTE: one accumulator per token row, all in the weight tile's layout (no layout
         # conversion in the loop); rows past M load zeros. K_ACC keeps the elementwise
@@ -197,7 +191,6 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
             acc2 = tl.zeros_like(acc0)
             acc3 = tl.zeros_like(acc0)
         pdl_wait(PDL)
-        xs = _x_scale(amax_ptr, xs_ptr, rm, mask_m, X_MODE)
         one = tl.full([], 1.0, dtype=tl.float32)
         inv0 = one
         inv1 = one
@@ -250,7 +243,6 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
             acc = tl.where(rm[:, None] == 3, _row_sum(acc3, K_ACC)[None, :], acc)
     else:
         pdl_wait(PDL)
-        xs = _x_scale(amax_ptr, xs_ptr, rm, mask_m, X_MODE)
         inv_m = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if X_MODE != 0:
             inv_m = inverse_scale(_x_scale(amax_ptr, xs_ptr, rm, mask_m, X_MODE))
@@ -302,9 +294,11 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
                                    mask=mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(cnt_ptr + pid_n, 0)
     if last:
+        xs = _x_scale(amax_ptr, xs_ptr, rm, mask_m, X_MODE)
+        ws = tl.load(ws_ptr + rn, mask=mask_n, other=0.0)
         y = acc * xs[:, None] * ws[None, :]
         if HAS_BIAS:
-            y += bias[None, :]
+            y += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         o_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
         tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -507,6 +501,7 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
                   X_2D=cfg.x_2d, PREFETCH=cfg.prefetch,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, X_MODE=x_mode,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                  **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
                   **pdl_launch(xq.device))
     try:
         _fp8_gemm_kernel[grid](*args, DOT_FP8=dot_fp8, **consts)

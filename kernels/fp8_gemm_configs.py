@@ -51,6 +51,10 @@ class Fp8GemmConfig:
     k_acc: bool = True  # gemv: keep [BN, BK] partial sums per row until the end of K
     x_2d: bool = False  # gemv: load token rows as [BN, BK] broadcasts (no layout conversion)
     prefetch: bool = False  # gemv: load the next weight tile before this one's math
+    # NOTE: a register cap (0: the compiler's choice). At M = 1 the gemv streams as fast as
+    # its resident programs keep weight bytes in flight, and programs an SM are set by
+    # registers (4 warps: <= 32 registers for 16, 40 for 12, 64 for 8).
+    maxnreg: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -67,6 +71,9 @@ class Fp8GemmConfig:
             raise ValueError(f"Fp8GemmConfig: tl.dot needs block_m, block_n >= 16 and "
                              f"block_k >= 32, got {self.block_m} x {self.block_n} x "
                              f"{self.block_k}")
+        if self.maxnreg and not 24 <= self.maxnreg <= 255:
+            raise ValueError(f"Fp8GemmConfig: maxnreg must be 0 (no cap) or 24..255, got "
+                             f"{self.maxnreg}")
         if self.split_k < 0 or self.num_stages < 1:
             raise ValueError(f"Fp8GemmConfig: split_k >= 0 and num_stages >= 1 needed, got "
                              f"{self.split_k}, {self.num_stages}")

@@ -34,10 +34,49 @@ H, QKV, INTER = 4096, 6144, 14336
 SHAPES = {"qkv": (QKV, H, 0), "o": (H, H, 1), "gate_up": (2 * INTER, H, 0),
           "down": (H, INTER, 1)}
 C = cfgs.Fp8GemmConfig
-# (block_n, block_k, num_warps) tiles tried with splits, per K
+# split set: (block_n, block_k, num_warps) tiles tried with splits, per K (K_ACC on)
 TILES = {4096: [(2, 2048, 4), (2, 1024, 4), (4, 1024, 4), (1, 2048, 4)],
          14336: [(4, 1024, 4), (2, 1024, 4), (2, 2048, 4), (4, 512, 4), (8, 512, 4)]}
 SPLITS = {4096: (2, 4), 14336: (2, 4, 7, 14)}
+# occupancy set: tiles reduced every K step (K_ACC off: fewer registers, more programs an
+# SM), with and without a 32-register cap (16 programs of 4 warps an SM)
+OCC_TILES = {4096: [(2, 2048, 4), (1, 4096, 4), (2, 4096, 4), (2, 4096, 8), (4, 2048, 4),
+                    (4, 1024, 4), (1, 2048, 4), (8, 1024, 4), (16, 512, 4)],
+             14336: [(4, 1024, 4), (2, 1024, 4), (2, 2048, 4), (4, 512, 4), (8, 512, 4),
+                     (4, 2048, 4), (8, 1024, 8)]}
+OCC_SPLITS = {4096: (1,), 14336: (1, 2, 4)}
+
+
+def candidates(k: int, mode: int, which: str) -> list[tuple[str, C, int, bool | None]]:
+    """(label, config, split, fixup: None = the default; False with partials = no
+    reduction) of one shape's cases."""
+    out = []
+    if which == "split":
+        for bn, bk, nw in TILES[k]:
+            cfg = C("gemv", 1, bn, bk, 1, nw, 1, True, False, False)
+            tag = f"{bn}x{bk}w{nw}"
+            out.append((f"{tag} s1", cfg, 1, None))
+            for sp in SPLITS[k]:
+                if -(-k // bk) < sp:
+                    continue
+                out.append((f"{tag} s{sp} fixup", cfg, sp, True))
+                if mode == 0:
+                    out.append((f"{tag} s{sp} epilogue", cfg, sp, False))
+                out.append((f"{tag} s{sp} partials", cfg, sp, False))
+        return out
+    for bn, bk, nw in OCC_TILES[k]:
+        for k_acc, cap in ((False, 0), (False, 32), (True, 32)):
+            if k_acc and (bn, bk, nw) not in ((2, 2048, 4), (4, 1024, 4)):
+                continue
+            cfg = C("gemv", 1, bn, bk, 1, nw, 1, k_acc, False, False, cap)
+            tag = f"{bn}x{bk}w{nw}{'acc' if k_acc else ''}{f' r{cap}' if cap else ''}"
+            for sp in OCC_SPLITS[k]:
+                if sp == 1:
+                    out.append((f"{tag} s1", cfg, 1, None))
+                elif -(-k // bk) >= sp:
+                    out.append((f"{tag} s{sp} fixup", cfg, sp, True))
+                    out.append((f"{tag} s{sp} partials", cfg, sp, False))
+    return out
 
 
 def partials_only(xq, xs, x_mode, w, ws, out, cfg, split):  # type: ignore[no-untyped-def]
@@ -57,11 +96,12 @@ def partials_only(xq, xs, x_mode, w, ws, out, cfg, split):  # type: ignore[no-un
         EVEN_K=k_per_split * split == k, FIXUP=False, HAS_BIAS=False, DOT_FP8=False,
         MODE=2, K_ACC=cfg.k_acc, X_2D=cfg.x_2d, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=bk, X_MODE=x_mode, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_launch(xq.device))
+        num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+        **pdl_launch(xq.device))
     return part
 
 
-def bench_shape(name: str, dev: torch.device, L: int) -> tuple[dict, dict]:
+def bench_shape(name: str, dev: torch.device, L: int, which: str) -> tuple[dict, dict]:
     bf = torch.bfloat16
     n, k, mode = SHAPES[name]
     ws_ = [quantize_weight_per_channel(torch.randn(n, k, device=dev, dtype=bf) * 0.02)
@@ -92,18 +132,12 @@ def bench_shape(name: str, dev: torch.device, L: int) -> tuple[dict, dict]:
     shipped = cfgs.lookup(1, n, k, quantizing=mode != 0)
     cases = {"engine": engine, f"shipped {shipped.block_n}x{shipped.block_k}w"
              f"{shipped.num_warps}": call(shipped, 1, None)}
-    for bn, bk, nw in TILES[k]:
-        cfg = C("gemv", 1, bn, bk, 1, nw, 1, True, False, False)
-        tag = f"{bn}x{bk}w{nw}"
-        cases[f"{tag} s1"] = call(cfg, 1, None)
-        for sp in SPLITS[k]:
-            if -(-k // bk) < sp:
-                continue
-            cases[f"{tag} s{sp} fixup"] = call(cfg, sp, True)
-            if mode == 0:
-                cases[f"{tag} s{sp} epilogue"] = call(cfg, sp, False)
-            cases[f"{tag} s{sp} partials"] = (
-                lambda w, s, o, cfg=cfg, sp=sp: partials_only(xin, xsc, mode, w, s, o, cfg, sp))
+    for label, cfg, sp, fixup in candidates(k, mode, which):
+        if label.endswith("partials"):
+            cases[label] = (lambda w, s, o, cfg=cfg, sp=sp:
+                            partials_only(xin, xsc, mode, w, s, o, cfg, sp))
+        else:
+            cases[label] = call(cfg, sp, fixup)
     checks, times = {}, {}
     for key, fn in cases.items():
         try:
@@ -126,11 +160,45 @@ def bench_shape(name: str, dev: torch.device, L: int) -> tuple[dict, dict]:
     return checks, times
 
 
+def write_best(path: str, times_us: dict[str, dict[str, float]], which: str) -> None:
+    """The tables' entries (plain: qkv, gate_up; quantizing: o, down) with each shape's
+    fastest reducing case where it beats the shipped tile; the quantizing table keeps its
+    shipped entries otherwise (the file replaces it whole)."""
+    by_label = {}
+    for k in (4096, 14336):
+        for mode in (0, 1):
+            for label, cfg, sp, _ in candidates(k, mode, which):
+                by_label[(k, mode, label)] = (cfg, sp)
+    plain, quantizing = [], []
+    for name, times in times_us.items():
+        n, k, mode = SHAPES[name]
+        shipped = next(t for c, t in times.items() if c.startswith("shipped"))
+        real = {c: t for c, t in times.items() if c not in ("engine",)
+                and not c.startswith("shipped") and not c.endswith("partials")}
+        cfg = cfgs.lookup(1, n, k, quantizing=mode != 0)
+        if real:
+            label = min(real, key=real.get)
+            if real[label] < shipped:
+                best, sp = by_label[(k, mode, label)]
+                cfg = C(**{**best.to_dict(), "split_k": sp})
+                print(f"best {name}: {label} {real[label]:.2f} us (shipped {shipped:.2f})")
+        row = {"m": 1, "n": n, "k": k, "config": cfg.to_dict()}
+        (quantizing if mode != 0 else plain).append(row)
+    with open(path, "w") as f:
+        json.dump({"configs": plain, "quantizing": quantizing}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--output", default="split_gemv.json")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--best", default="",
+                    help="write the fastest real (reducing) case per shape, where it beats the "
+                         "shipped tile, as a TRTDIST_FP8_GEMM_CONFIGS file")
+    ap.add_argument("--set", choices=("split", "occupancy"), default="split",
+                    help="split: K_ACC tiles at split 1-14; occupancy: K_ACC off and a "
+                         "32-register cap")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -139,17 +207,21 @@ def main() -> None:
     result: dict = {"roofline": roof, "layers": args.layers, "checks": {}, "times_us": {}}
     rows = []
     for name in args.shapes.split(","):
-        checks, times = bench_shape(name, dev, args.layers)
+        checks, times = bench_shape(name, dev, args.layers, args.set)
         result["checks"][name], result["times_us"][name] = checks, times
+        kinds = ("engine", "shipped", "s1", "fixup", "epilogue", "partials")
         best = {kind: min(((t, c) for c, t in times.items() if kind in c), default=(0, "-"))
-                for kind in ("engine", "shipped", "fixup", "epilogue", "partials")}
+                for kind in kinds}
         rows.append((name, best))
         torch.cuda.empty_cache()
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
-    print("==== shape | engine | shipped | best fixup | best epilogue | best partials (us)")
+    if args.best:
+        write_best(args.best, result["times_us"], args.set)
+    print("==== shape | engine | shipped | best s1 | best fixup | best epilogue | best partials"
+          " (us)")
     for name, best in rows:
-        cells = [f"{t:.2f} {c}" if kind in ("fixup", "epilogue", "partials") else f"{t:.2f}"
+        cells = [f"{t:.2f} {c}" if kind in ("s1", "fixup", "epilogue", "partials") else f"{t:.2f}"
                  for kind, (t, c) in best.items()]
         print(f"{name} | " + " | ".join(cells))
 

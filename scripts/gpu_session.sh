@@ -973,6 +973,22 @@ $(grep -E "^fp8_decode_mlp" "$OUT/tl_$c.log" | cut -c61-)"
       bench b1 $M $B
       bench fp8_b1_again $M --quant fp8 $B
       ;;
+    s12c)  # gemv tiles reduced every K step and a 32-register cap (more programs an SM), then
+      # batch 1 with the fastest per shape against the shipped tables and bf16
+      timeout 420 python3 scripts/bench_split_gemv.py --set occupancy \
+          --output "$OUT/occ_gemv.json" --best "$OUT/occ_best.json" 2>&1 \
+          | tee "$OUT/occ_gemv.log" | grep -E "^best|^====|\|" | tee -a "$SUMMARY"
+      TRTDIST_FP8_GEMM_CONFIGS="$OUT/occ_best.json" timeout 150 python3 \
+          scripts/profile_decode.py --batch 1 --context 128 --steps 24 --quant fp8 \
+          --max-model-len 8192 --timeline "$OUT/timeline_best.json" > "$OUT/timeline_best.log" 2>&1
+      note "timeline best: $(grep wall_ms "$OUT/timeline_best.log" | cut -c1-80)"
+      note "$(grep "^linear" "$OUT/timeline_best.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      TRTDIST_FP8_GEMM_CONFIGS="$OUT/occ_best.json" bench fp8_b1_best $M --quant fp8 $B
+      bench b1 $M $B
+      bench fp8_b1 $M --quant fp8 $B
+      ;;
     *) note "unknown phase $phase";;
   esac
 done

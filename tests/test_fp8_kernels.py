@@ -273,8 +273,7 @@ _AOT_SCRIPT = textwrap.dedent("""
                 num_stages=1)
             assert "mma" not in ptx and any("ld.global" in ln and ".v4" in ln
                                                  for ln in ptx.splitlines()), (cc, bm)
-        if cc >= 90:  # programmatic dependent launch: before the wait only the weight scales
-            # (constants) are loaded, nothing is stored, no weight tile or activation read
+        if cc >= 90:  # programmatic dependent launch: nothing loaded or stored before the wait
             ptx = compile_(g._fp8_gemm_kernel, dict(gemm), dict(
                 K_PER_SPLIT=4096, SPLIT_K=1, EVEN_K=True, FIXUP=True, HAS_BIAS=False,
                 DOT_FP8=True, MODE=2, K_ACC=True, X_2D=False, PREFETCH=False, PDL=True,
@@ -283,9 +282,7 @@ _AOT_SCRIPT = textwrap.dedent("""
             lines = ptx.splitlines()
             wait = next(i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln)
             trigger = next(i for i, ln in enumerate(lines) if "launch_dependents" in ln)
-            early = [ln for ln in lines[:wait] if "ld.global" in ln]
-            assert not any("st.global" in ln for ln in lines[:wait])
-            assert len(early) == 1 and ".v4" not in early[0] and ".b32" in early[0], early
+            assert not any("ld.global" in ln or "st.global" in ln for ln in lines[:wait])
             assert wait < trigger and any("ld.global" in ln for ln in lines[wait:trigger])
         # X_MODE 1 / 2: bf16 rows quantized inside the GEMM (row amax / static scale)
         for mode, x_mode in ((2, 1), (2, 2), (0, 1), (1, 1)):
