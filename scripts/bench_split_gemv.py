@@ -45,6 +45,12 @@ OCC_TILES = {4096: [(2, 2048, 4), (1, 4096, 4), (2, 4096, 4), (2, 4096, 8), (4, 
              14336: [(4, 1024, 4), (2, 1024, 4), (2, 2048, 4), (4, 512, 4), (8, 512, 4),
                      (4, 2048, 4), (8, 1024, 8)]}
 OCC_SPLITS = {4096: (1,), 14336: (1, 2, 4)}
+# capped set: every shape split 1-4 under a 32-register cap (all programs resident in one
+# wave where they fit: 16 an SM), partials and fixup
+CAP_TILES = {4096: [(2, 2048, 4), (4, 1024, 4), (8, 512, 4), (4, 512, 4), (2, 1024, 4),
+                    (8, 1024, 8)],
+             14336: [(8, 512, 4), (4, 512, 4), (16, 256, 4), (8, 256, 4), (8, 1024, 8)]}
+CAP_SPLITS = {4096: (1, 2, 4), 14336: (2, 4, 7)}
 
 
 def candidates(k: int, mode: int, which: str) -> list[tuple[str, C, int, bool | None]]:
@@ -63,6 +69,18 @@ def candidates(k: int, mode: int, which: str) -> list[tuple[str, C, int, bool | 
                 if mode == 0:
                     out.append((f"{tag} s{sp} epilogue", cfg, sp, False))
                 out.append((f"{tag} s{sp} partials", cfg, sp, False))
+        return out
+    if which == "capped":
+        for bn, bk, nw in CAP_TILES[k]:
+            for k_acc in (False, True):
+                cfg = C("gemv", 1, bn, bk, 1, nw, 1, k_acc, False, False, 32)
+                tag = f"{bn}x{bk}w{nw}{'acc' if k_acc else ''} r32"
+                for sp in CAP_SPLITS[k]:
+                    if sp == 1:
+                        out.append((f"{tag} s1", cfg, 1, None))
+                    elif -(-k // bk) >= sp:
+                        out.append((f"{tag} s{sp} fixup", cfg, sp, True))
+                        out.append((f"{tag} s{sp} partials", cfg, sp, False))
         return out
     for bn, bk, nw in OCC_TILES[k]:
         for k_acc, cap in ((False, 0), (False, 32), (True, 32)):
@@ -196,9 +214,9 @@ def main() -> None:
     ap.add_argument("--best", default="",
                     help="write the fastest real (reducing) case per shape, where it beats the "
                          "shipped tile, as a TRTDIST_FP8_GEMM_CONFIGS file")
-    ap.add_argument("--set", choices=("split", "occupancy"), default="split",
+    ap.add_argument("--set", choices=("split", "occupancy", "capped"), default="split",
                     help="split: K_ACC tiles at split 1-14; occupancy: K_ACC off and a "
-                         "32-register cap")
+                         "32-register cap; capped: every tile under the cap at splits 1-7")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)

@@ -989,6 +989,16 @@ $(grep -E "^fp8_decode_mlp" "$OUT/tl_$c.log" | cut -c61-)"
       bench b1 $M $B
       bench fp8_b1 $M --quant fp8 $B
       ;;
+    s12d)  # every shape split under a 32-register cap: partials (the reduction left to the
+      # consumer row kernel) and fixup
+      timeout 420 python3 scripts/bench_split_gemv.py --set capped \
+          --output "$OUT/cap_gemv.json" 2>&1 | tee "$OUT/cap_gemv.log" \
+          | grep -E "^====|\|" | tee -a "$SUMMARY"
+      python3 -c "import json; d = json.load(open('$OUT/cap_gemv.json'))['times_us']
+for s, t in d.items():
+    print(s, ' '.join(f'{c}={v:.2f}' for c, v in sorted(t.items(), key=lambda kv: kv[1])[:6]))" \
+          | tee -a "$SUMMARY"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
