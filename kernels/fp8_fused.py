@@ -98,7 +98,6 @@ def _rms_norm_quant_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, q_ptr, q
     """Grid (rows,). With HAS_RESIDUAL, `res <- x + res` in place (rounded to the model dtype),
     then normalise res; the normalised row (model dtype) is quantized to E4M3. With CLEAR,
     `clear[row] = 0` as well."""
-    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     res_row = res_ptr + row * res_stride
@@ -106,16 +105,20 @@ def _rms_norm_quant_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, q_ptr, q
     cols = tl.arange(0, BLOCK)
     if ONE_PASS:
         mask = cols < N
+        # NOTE: the weight (a constant) before the wait, off the critical path (see
+        # `kernels/norm.py`)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
         hf = add_residual(x_row + cols, res_row + cols, mask, HAS_RESIDUAL)
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
         normed = (hf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = (normed * w).to(Y_DTYPE).to(tl.float32)
         scale = _scale_of(tl.max(tl.abs(y), axis=0), in_scale_ptr, STATIC)
         pdl_trigger(PDL)
         tl.store(q_row + cols, _quantize(y, inverse_scale(scale)).to(q_ptr.dtype.element_ty),
                  mask=mask)
     else:
+        pdl_wait(PDL)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             c = start + cols

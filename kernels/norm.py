@@ -55,7 +55,6 @@ def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_s
 
     NOTE: the hidden size N is a compile-time constant (fixed per model): exact masks, and the
     chunk loop stays a static range (which Triton's interpreter needs)."""
-    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     res_row = res_ptr + row * res_stride
@@ -63,13 +62,17 @@ def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_s
     cols = tl.arange(0, BLOCK)
     if ONE_PASS:
         mask = cols < N
+        # NOTE: the weight (a constant) before the wait: loaded after the row's reduction it
+        # was a DRAM round trip on this latency-bound kernel's critical path.
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
         hf = add_residual(x_row + cols, res_row + cols, mask, HAS_RESIDUAL)
         rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / N + eps)
         normed = (hf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         pdl_trigger(PDL)
         tl.store(out_row + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
     else:
+        pdl_wait(PDL)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             c = start + cols

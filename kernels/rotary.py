@@ -122,7 +122,6 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
     `[o1 o2] R = [(o1 + o2) B, (o1 - o2) B] / sqrt(2)`, each `. B` (unnormalized Walsh-Hadamard
     blocks of ROT_BLOCK) a butterfly transform in float32 (`_hadamard`), then one multiply by
     ROT_NORM = 1 / sqrt(2 * ROT_BLOCK)."""
-    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     half: tl.constexpr = D // 2
@@ -130,10 +129,16 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
     dmask = d < half
     mask = (heads < HQ + HKV)[:, None] & dmask[None, :]  # [BH, HP]
 
+    # NOTE: before the wait: the positions, the cache slots (the step's inputs, written
+    # before its first kernel) and the cos | sin table (a constant) are not the previous
+    # kernel's output; loaded after it, position -> cos | sin were two round trips on this
+    # latency-bound kernel's critical path.
     pos = tl.load(pos_ptr + t * pos_stride).to(tl.int64)
+    slot = tl.load(slot_ptr + t * slot_stride).to(tl.int64)
     cos = tl.load(cs_ptr + pos * cs_stride + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(cs_ptr + pos * cs_stride + half + d, mask=dmask,
                   other=0.0).to(tl.float32)[None, :]
+    pdl_wait(PDL)
 
     row = qkv_ptr + t * qkv_stride
     lo = row + heads[:, None] * D + d[None, :]  # [BH, HP] first halves
@@ -156,7 +161,6 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
     # NOTE: a branch uniform over the program: with HQ a multiple of BLOCK_H, the programs of
     # q heads only (4 of Llama-3-8B's 5) skip the cache write, its loads and quantization.
     if tl.program_id(1) * BLOCK_H + BLOCK_H > HQ:
-        slot = tl.load(slot_ptr + t * slot_stride).to(tl.int64)
         block = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE
         kv_head = heads - HQ  # [BH], negative for q heads (masked off)

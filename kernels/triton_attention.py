@@ -235,10 +235,11 @@ def _decode_partial(
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
     V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
 ):
-    pdl_wait(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
+    # NOTE: the lengths and query offsets are the step's inputs (written before its first
+    # kernel), not the previous kernel's output: loaded before the wait, off the critical path
     seq_len = tl.load(seq_lens_ptr + seq)
     row = seq  # the query's row in q / out
     valid = seq >= 0
@@ -262,6 +263,7 @@ def _decode_partial(
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g  # [G]
+    pdl_wait(PDL)
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [G, D]
     if not USE_DOT:

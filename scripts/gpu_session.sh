@@ -999,6 +999,36 @@ for s, t in d.items():
     print(s, ' '.join(f'{c}={v:.2f}' for c, v in sorted(t.items(), key=lambda kv: kv[1])[:6]))" \
           | tee -a "$SUMMARY"
       ;;
+    s12e)  # constants loaded before the PDL wait in the row kernels (norm weights; rotary's
+      # positions, slots and cos | sin; attention's lengths): their GPU tests, batch-1
+      # timelines and TPOT of both dtypes
+      timeout 300 python3 -m pytest -q -rf -m gpu -n 4 tests/test_triton_attention.py \
+          tests/test_fused_kernels.py tests/test_kernels.py tests/test_fp8_fused.py \
+          tests/test_kv_fp8.py tests/test_row_amax.py tests/test_fp8_kernels.py \
+          -k "not long_context" 2>&1 | tee "$OUT/s12e_tests.log" \
+          | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s12e gpu tests: $(tail -1 "$OUT/s12e_tests.log")"
+      for q in fp8 none; do
+        timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
+            --quant $q --max-model-len 8192 --timeline "$OUT/timeline_$q.json" \
+            > "$OUT/timeline_$q.log" 2>&1
+        note "timeline $q: $(grep wall_ms "$OUT/timeline_$q.log" | cut -c1-80)"
+        note "$(grep -E "^_(rms_norm|rotary|decode_partial|decode_reduce|silu)" "$OUT/timeline_$q.log" \
+          | head -6 | awk '{printf "%s %s  ", $1, $3}')"
+      done
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      bench b1 $M $B
+      bench fp8_b1_again $M --quant fp8 $B
+      ;;
+    s12f)  # the throughput goals at this session's code: 1024 x 128/128 FP8, 1000/1000 FP8 +
+      # FP8 KV
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8"
+      bench fp8_r1024 $M --num-requests 1024 --input-len 128 --output-len 128 --max-batch-size 1024
+      bench fp8kv_long $M --kv-cache-dtype fp8 --num-requests 1024 --input-len 1000 \
+          --output-len 1000 --max-batch-size 1024
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
