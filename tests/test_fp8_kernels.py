@@ -144,7 +144,7 @@ def test_small_m_gemm_rejects_bad_input() -> None:
 _CONFIGS = [Fp8GemmConfig("gemv", 1, 16, 64, k_acc=True, x_2d=True, prefetch=True),
             Fp8GemmConfig("gemv", 2, 16, 64, k_acc=False, x_2d=False),
             Fp8GemmConfig("gemv", 4, 32, 128, k_acc=True, x_2d=False, prefetch=True),
-            Fp8GemmConfig("gemv", 4, 16, 64, k_acc=False, x_2d=True),
+            Fp8GemmConfig("gemv", 4, 16, 64, k_acc=False, x_2d=True, maxnreg=32),
             Fp8GemmConfig("dot_swap", 16, 64, 128, num_stages=3),
             Fp8GemmConfig("dot", 32, 32, 64, num_stages=3)]
 
@@ -170,7 +170,7 @@ def test_small_m_gemm_configs_interpreter(cfg: Fp8GemmConfig, n: int, k: int,
 
 
 def test_config_table_lookup_and_json(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    gemv = Fp8GemmConfig("gemv", 4, 16, 512, split_k=4, num_warps=8)
+    gemv = Fp8GemmConfig("gemv", 4, 16, 512, split_k=4, num_warps=8, maxnreg=40)
     monkeypatch.setattr(fp8_gemm_configs, "TUNED", {})
     monkeypatch.setattr(fp8_gemm_configs, "CONFIGS", {(4, 6144, 4096): gemv})
     assert fp8_gemm_configs.lookup(3, 6144, 4096) == gemv  # bucket 4
@@ -190,6 +190,8 @@ def test_config_table_lookup_and_json(monkeypatch: pytest.MonkeyPatch, tmp_path)
         Fp8GemmConfig("gemv", 8)
     with pytest.raises(ValueError, match="tl.dot needs"):
         Fp8GemmConfig("dot", 8)
+    with pytest.raises(ValueError, match="maxnreg must be 0 .no cap. or 24..255, got 16"):
+        Fp8GemmConfig("gemv", 1, maxnreg=16)
     with pytest.raises(ValueError, match="mode 'mma' unknown"):
         Fp8GemmConfig("mma")
     with pytest.raises(ValueError, match="bad entry"):
