@@ -476,6 +476,7 @@ _GPU_CONFIGS = [Fp8GemmConfig("gemv", 1, 16, 512, k_acc=True, x_2d=True, prefetc
                 Fp8GemmConfig("gemv", 4, 32, 256, k_acc=False, x_2d=True, prefetch=True),
                 Fp8GemmConfig("gemv", 4, 16, 512, k_acc=True, x_2d=False),
                 Fp8GemmConfig("gemv", 2, 8, 1024, k_acc=False, x_2d=True, prefetch=True),
+                Fp8GemmConfig("gemv", 1, 8, 512, k_acc=False, maxnreg=32),  # a register cap
                 Fp8GemmConfig("dot_swap", 16, 64, 256, num_stages=4),
                 Fp8GemmConfig("dot_swap", 16, 128, 128, num_warps=8),
                 Fp8GemmConfig("dot", 32, 64, 256)]
