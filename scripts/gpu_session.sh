@@ -1037,6 +1037,13 @@ for s, t in d.items():
       bench fp8kv_long_a $M $L
       bench fp8kv_long_b $M $L
       ;;
+    s12i)  # the session's last code: the FP8 GEMM / fused / row-amax GPU tests (a
+      # register-capped tile among them)
+      timeout 400 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_kernels.py \
+          tests/test_fp8_gemv_cuda.py tests/test_fp8_fused.py tests/test_row_amax.py 2>&1 \
+          | tee "$OUT/s12i_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
+      note "s12i gpu tests: $(tail -1 "$OUT/s12i_tests.log")"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
