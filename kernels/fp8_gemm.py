@@ -447,6 +447,15 @@ def _cuda_gemv_takes(xq: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
                               None if bias is None else bias.dtype)
 
 
+def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(slices, K per slice) of a split-K launch asking for `split_k` slices: whole BLOCK_K
+    steps per slice, no more slices than steps, and no empty slice."""
+    k_steps = -(-k // block_k)
+    split = max(1, min(split_k, k_steps))
+    k_per_split = -(-k_steps // split) * block_k
+    return -(-k // k_per_split), k_per_split
+
+
 def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: torch.Tensor,
           bias: torch.Tensor | None, out_dtype: torch.dtype, *, out: torch.Tensor | None,
           config: Fp8GemmConfig | None, split_k: int | None, dot_fp8: bool | None,
@@ -479,10 +488,7 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
     if split_k is None:
         split_k = cfg.split_k or _cfg.choose_split_k(n, k, _sm_count(xq.device), cfg.block_n,
                                                      bk)
-    k_steps = -(-k // bk)
-    split = max(1, min(split_k, k_steps))
-    k_per_split = -(-k_steps // split) * bk
-    split = -(-k // k_per_split)  # no empty slices
+    split, k_per_split = split_plan(k, bk, split_k)
     mode = _MODE_IDS[cfg.mode]
     auto_dot = dot_fp8 is None
     if auto_dot:
@@ -500,9 +506,7 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
                   FIXUP=fixup, HAS_BIAS=bias is not None, MODE=mode, K_ACC=cfg.k_acc,
                   X_2D=cfg.x_2d, PREFETCH=cfg.prefetch,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, X_MODE=x_mode,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                  **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
-                  **pdl_launch(xq.device))
+                  **cfg.launch_options(), **pdl_launch(xq.device))
     try:
         _fp8_gemm_kernel[grid](*args, DOT_FP8=dot_fp8, **consts)
     except Exception as e:  # noqa: BLE001 - e.g. a Triton build without FP8 MMA for this GPU

@@ -81,6 +81,13 @@ class Fp8GemmConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def launch_options(self) -> dict[str, int]:
+        """The Triton launch options of this tile (warps, stages, the register cap if set)."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg:
+            opts["maxnreg"] = self.maxnreg
+        return opts
+
 
 DEFAULT_DOT = Fp8GemmConfig()
 # NOTE: (M bucket, N, K) -> config. Filled from `scripts/tune_fp8_gemm.py` on an H200; an

@@ -48,10 +48,12 @@ def ulps(y: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return d, (y == ref).float().mean().item()
 
 
-def bench_shape(name: str, dev: torch.device, L: int) -> tuple[dict, dict, dict]:
-    """(checks, times in us a launch, the best CUDA config's table entry) of one shape."""
+def shape_inputs(name: str, dev: torch.device, L: int) -> tuple:
+    """One shape's bench inputs: `L` distinct quantized weights `[(w, ws)]`, a bf16 row x, its
+    E4M3 codes and scale (xq, xs), its amax slot, a bf16 output, and the torch reference of
+    the first weight."""
     bf = torch.bfloat16
-    n, k, mode = SHAPES[name]
+    n, k, _ = SHAPES[name]
     ws_ = [quantize_weight_per_channel(torch.randn(n, k, device=dev, dtype=bf) * 0.02)
            for _ in range(L)]
     x = torch.randn(1, k, device=dev, dtype=bf)
@@ -59,8 +61,16 @@ def bench_shape(name: str, dev: torch.device, L: int) -> tuple[dict, dict, dict]
     amax = torch.zeros(16, device=dev)
     amax[0] = x.float().abs().amax()
     out = torch.empty(1, n, device=dev, dtype=bf)
+    ref = fp8_gemm_torch(xq, xs, *ws_[0], None, bf)
+    return ws_, x, xq, xs, amax, out, ref
+
+
+def bench_shape(name: str, dev: torch.device, L: int) -> tuple[dict, dict, dict]:
+    """(checks, times in us a launch, the best CUDA config's table entry) of one shape."""
+    bf = torch.bfloat16
+    n, k, mode = SHAPES[name]
+    ws_, x, xq, xs, amax, out, ref = shape_inputs(name, dev, L)
     w0, s0 = ws_[0]
-    ref = fp8_gemm_torch(xq, xs, w0, s0, None, bf)
     xin, xsc = (xq, xs.reshape(1)) if mode == 0 else (x, amax)
     tri_cfg = cfgs.lookup(1, n, k, quantizing=mode != 0)
 

@@ -19,20 +19,15 @@ import json
 
 import torch
 import triton
-from bench_fp8_gemv_cuda import ulps  # scripts/ is on sys.path when run as a script
+from bench_fp8_gemv_cuda import SHAPES, shape_inputs, ulps  # scripts/ is on sys.path
 from bench_fused_kernels import time_graph
 from trtdist.kernels import fp8_gemm as g
 from trtdist.kernels import fp8_gemm_configs as cfgs
 from trtdist.kernels._triton import pdl_launch
-from trtdist.kernels.fp8_gemm import fp8_gemm_small_m, fp8_gemm_small_m_quantizing, fp8_gemm_torch
-from trtdist.parallel.quant_fp8 import quantize_activation, quantize_weight_per_channel
+from trtdist.kernels.fp8_gemm import fp8_gemm_small_m, fp8_gemm_small_m_quantizing
 
 from trtdist.device_roofline import measure
 
-H, QKV, INTER = 4096, 6144, 14336
-# name: (N, K, X_MODE as the engine calls it at batch 1)
-SHAPES = {"qkv": (QKV, H, 0), "o": (H, H, 1), "gate_up": (2 * INTER, H, 0),
-          "down": (H, INTER, 1)}
 C = cfgs.Fp8GemmConfig
 # split set: (block_n, block_k, num_warps) tiles tried with splits, per K (K_ACC on)
 TILES = {4096: [(2, 2048, 4), (2, 1024, 4), (4, 1024, 4), (1, 2048, 4)],
@@ -71,24 +66,20 @@ def candidates(k: int, mode: int, which: str) -> list[tuple[str, C, int, bool | 
                 out.append((f"{tag} s{sp} partials", cfg, sp, False))
         return out
     if which == "capped":
-        for bn, bk, nw in CAP_TILES[k]:
-            for k_acc in (False, True):
-                cfg = C("gemv", 1, bn, bk, 1, nw, 1, k_acc, False, False, 32)
-                tag = f"{bn}x{bk}w{nw}{'acc' if k_acc else ''} r32"
-                for sp in CAP_SPLITS[k]:
-                    if sp == 1:
-                        out.append((f"{tag} s1", cfg, 1, None))
-                    elif -(-k // bk) >= sp:
-                        out.append((f"{tag} s{sp} fixup", cfg, sp, True))
-                        out.append((f"{tag} s{sp} partials", cfg, sp, False))
-        return out
-    for bn, bk, nw in OCC_TILES[k]:
-        for k_acc, cap in ((False, 0), (False, 32), (True, 32)):
-            if k_acc and (bn, bk, nw) not in ((2, 2048, 4), (4, 1024, 4)):
+        tiles, splits = CAP_TILES[k], CAP_SPLITS[k]
+        variants = ((False, 32), (True, 32))
+    else:
+        tiles, splits = OCC_TILES[k], OCC_SPLITS[k]
+        variants = ((False, 0), (False, 32), (True, 32))
+    for bn, bk, nw in tiles:
+        for k_acc, cap in variants:
+            # occupancy: K_ACC only on the two shipped tile shapes
+            if which == "occupancy" and k_acc and (bn, bk, nw) not in ((2, 2048, 4),
+                                                                       (4, 1024, 4)):
                 continue
             cfg = C("gemv", 1, bn, bk, 1, nw, 1, k_acc, False, False, cap)
             tag = f"{bn}x{bk}w{nw}{'acc' if k_acc else ''}{f' r{cap}' if cap else ''}"
-            for sp in OCC_SPLITS[k]:
+            for sp in splits:
                 if sp == 1:
                     out.append((f"{tag} s1", cfg, 1, None))
                 elif -(-k // bk) >= sp:
@@ -102,10 +93,7 @@ def partials_only(xq, xs, x_mode, w, ws, out, cfg, split):  # type: ignore[no-un
     m, k = xq.shape
     n = w.shape[0]
     bk = cfg.block_k
-    k_steps = -(-k // bk)
-    split = max(1, min(split, k_steps))
-    k_per_split = -(-k_steps // split) * bk
-    split = -(-k // k_per_split)
+    split, k_per_split = g.split_plan(k, bk, split)
     part = g._workspace(xq.device, n, split, cfg.block_m)
     grid = (triton.cdiv(n, cfg.block_n), split)
     g._fp8_gemm_kernel[grid](
@@ -113,8 +101,7 @@ def partials_only(xq, xs, x_mode, w, ws, out, cfg, split):  # type: ignore[no-un
         out.stride(0), K_PER_SPLIT=k_per_split, SPLIT_K=split,
         EVEN_K=k_per_split * split == k, FIXUP=False, HAS_BIAS=False, DOT_FP8=False,
         MODE=2, K_ACC=cfg.k_acc, X_2D=cfg.x_2d, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=bk, X_MODE=x_mode, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, X_MODE=x_mode, **cfg.launch_options(),
         **pdl_launch(xq.device))
     return part
 
@@ -122,15 +109,8 @@ def partials_only(xq, xs, x_mode, w, ws, out, cfg, split):  # type: ignore[no-un
 def bench_shape(name: str, dev: torch.device, L: int, which: str) -> tuple[dict, dict]:
     bf = torch.bfloat16
     n, k, mode = SHAPES[name]
-    ws_ = [quantize_weight_per_channel(torch.randn(n, k, device=dev, dtype=bf) * 0.02)
-           for _ in range(L)]
-    x = torch.randn(1, k, device=dev, dtype=bf)
-    xq, xs = quantize_activation(x, None)
-    amax = torch.zeros(16, device=dev)
-    amax[0] = x.float().abs().amax()
-    out = torch.empty(1, n, device=dev, dtype=bf)
+    ws_, x, xq, xs, amax, out, ref = shape_inputs(name, dev, L)
     w0, s0 = ws_[0]
-    ref = fp8_gemm_torch(xq, xs, w0, s0, None, bf)
     xin, xsc = (xq, xs) if mode == 0 else (x, amax)
 
     def call(cfg, split, fixup):  # type: ignore[no-untyped-def]

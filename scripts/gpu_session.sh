@@ -1044,6 +1044,14 @@ for s, t in d.items():
           | tee "$OUT/s12i_tests.log" | grep -E "^FAILED|^E  |passed|failed" | cut -c1-300 | head -20
       note "s12i gpu tests: $(tail -1 "$OUT/s12i_tests.log")"
       ;;
+    s12r)  # after the review (split plan and launch options shared with the benches): the
+      # FP8 GPU tests and the chained benches on down
+      bash "$0" s12i > /dev/null 2>&1; tail -1 "$OUT/s12i_tests.log" | tee -a "$SUMMARY"
+      timeout 200 python3 scripts/bench_split_gemv.py --set capped --shapes down \
+          --output "$OUT/cap_down.json" 2>&1 | grep -E "^====|\|" | tee -a "$SUMMARY"
+      timeout 200 python3 scripts/bench_fp8_gemv_cuda.py --shapes o --output "$OUT/cuda_o.json" \
+          --best "$OUT/cuda_o_best.json" 2>&1 | tail -2 | tee -a "$SUMMARY"
+      ;;
     *) note "unknown phase $phase";;
   esac
 done
