@@ -1046,7 +1046,10 @@ for s, t in d.items():
       ;;
     s12r)  # after the review (split plan and launch options shared with the benches): the
       # FP8 GPU tests and the chained benches on down
-      bash "$0" s12i > /dev/null 2>&1; tail -1 "$OUT/s12i_tests.log" | tee -a "$SUMMARY"
+      timeout 400 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_kernels.py \
+          tests/test_fp8_gemv_cuda.py tests/test_fp8_fused.py tests/test_row_amax.py 2>&1 \
+          | tee "$OUT/s12r_tests.log" | grep -E "^FAILED|^E  " | cut -c1-300 | head -20
+      note "s12r gpu tests: $(tail -1 "$OUT/s12r_tests.log")"
       timeout 200 python3 scripts/bench_split_gemv.py --set capped --shapes down \
           --output "$OUT/cap_down.json" 2>&1 | grep -E "^====|\|" | tee -a "$SUMMARY"
       timeout 200 python3 scripts/bench_fp8_gemv_cuda.py --shapes o --output "$OUT/cuda_o.json" \
