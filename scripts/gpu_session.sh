@@ -1037,6 +1037,19 @@ for s, t in d.items():
       bench fp8kv_long_a $M $L
       bench fp8kv_long_b $M $L
       ;;
+    s13a)  # swap preemption: its GPU tests, then 1000/1000 FP8 + FP8 KV after a warm-up run,
+      # recomputing (--swap-space 0, the old behaviour) and swapping (the default), in turn
+      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_swap.py 2>&1 \
+          | tee "$OUT/s13a_tests.log" | grep -E "^FAILED|^E  " | cut -c1-300 | head -20
+      note "s13a gpu tests: $(tail -1 "$OUT/s13a_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
+      L="--num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024"
+      bench warm $M --num-requests 64 --input-len 128 --output-len 32
+      bench long_recompute $M $L --swap-space 0
+      bench long_swap $M $L
+      bench long_swap_b $M $L
+      note "$(grep -h -o "swap slots.*ready in [0-9.]* s" "$OUT"/bench_long_swap.log | head -1)"
+      ;;
     s12i)  # the session's last code: the FP8 GEMM / fused / row-amax GPU tests (a
       # register-capped tile among them)
       timeout 400 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_kernels.py \

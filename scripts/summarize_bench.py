@@ -25,7 +25,7 @@ def main(path: str) -> None:
         parts.append(f"graphs {r['cuda_graphs']}")
     if r.get("kv_blocks") is not None:
         parts.append(f"kv {r['kv_blocks']} blocks {r.get('kv_cache_dtype', '')} "
-                     f"preempt {r.get('preemptions', 0)}")
+                     f"preempt {r.get('preemptions', 0)} (swap {r.get('swapped', 0)})")
     print(" | ".join(parts))
 
 

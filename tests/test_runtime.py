@@ -60,6 +60,29 @@ def test_batch_equals_alone_and_transformers(tp: int, pp: int, hf_models: dict[s
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_swap_preemption_equals_transformers(tp: int, pp: int, hf_models: dict[str, Path],
+                                             mixed: list[dict], mixed_reference: list,
+                                             tmp_path: Path) -> None:
+    """The pool above with a host swap space: preempted sequences' KV goes to host memory
+    and back (with overlap at pp 1, with two batches in flight at pp 2); every rank's copies
+    keep the tokens equal to transformers, and every block and slot is free afterwards."""
+    need_devices(tp * pp)
+    spec = {"llm": {"model": str(hf_models["llama"]), "tp_size": tp, "pp_size": pp,
+                    "dtype": "float32", "block_size": 4, "num_kv_blocks": 40,
+                    "max_num_tokens": 24, "max_model_len": 96, "max_batch_size": 16,
+                    "swap_space": 0.01},
+            "phases": [{"mode": "batch", "requests": mixed}], "check_tables": True}
+    (batch,) = _run(tp * pp, spec, tmp_path)
+    assert batch["tables_agree"]
+    assert [o[0]["token_ids"] for o in batch["outputs"]] == mixed_reference
+    assert batch["swap_slots"] == 40  # capped at the device pool
+    assert batch["swapped"] > 0 and batch["swapped"] == batch["preemptions"]
+    assert batch["num_free"] == batch["num_blocks"]
+    assert batch["swap_free"] == batch["swap_slots"]
+
+
+@pytest.mark.mpi
 def test_guaranteed_no_evict_same_tokens_without_preemption(hf_models: dict[str, Path],
                                                            mixed: list[dict],
                                                            mixed_reference: list,

@@ -71,6 +71,60 @@ def test_preempts_newest_when_blocks_run_out_and_recovers() -> None:
     alloc.check_invariants()
 
 
+def test_swap_preemption_keeps_the_kv_and_brings_it_back() -> None:
+    """With host slots, the victim's computed blocks are listed for a swap-out, it keeps its
+    computed tokens, and on readmission the same slots are listed for a swap-in into its new
+    blocks, then released; nothing is recomputed."""
+    alloc = KVBlockAllocator(4, 4, enable_prefix_caching=False)
+    s = Scheduler(SchedulerConfig(8, 100, 100, host_blocks=3), alloc)
+    a, b = _seq(0, 7), _seq(1, 7)
+    s.add(a)
+    s.add(b)
+    _run(s, s.schedule())
+    b_blocks = list(alloc.tables[1])
+    batch = s.schedule()  # decode: a and b reach 8 tokens, still 2 blocks each
+    assert not batch.swap_out
+    _run(s, batch)
+    batch = s.schedule()  # a needs a third block: b is swapped out
+    assert batch.swap_out == list(zip(b_blocks, [0, 1]))
+    assert s.num_preemptions == s.num_swapped_out == 1
+    assert b.status is SequenceStatus.WAITING and b.num_computed == 8 and b.host_blocks == [0, 1]
+    assert s.swap_space.num_free == 1 and [e.seq for e in batch.entries] == [a]
+    _run(s, batch)
+    s.finish(a, "stop")
+    batch = s.schedule()  # b comes back: its 8 tokens copied in, its 9th computed
+    assert [(e.seq, e.num_new) for e in batch.entries] == [(b, 1)]
+    assert batch.swap_in == list(zip([0, 1], alloc.tables[1]))
+    assert b.host_blocks is None and s.swap_space.num_free == 3
+    s.finish(b, "stop")
+    assert alloc.num_free == 4
+    alloc.check_invariants()
+
+
+def test_swap_space_too_small_falls_back_to_recompute_and_abort_frees_slots() -> None:
+    alloc = KVBlockAllocator(4, 4, enable_prefix_caching=False)
+    s = Scheduler(SchedulerConfig(8, 100, 100, host_blocks=1), alloc)  # b needs 2 slots
+    a, b = _seq(0, 7), _seq(1, 7)
+    for q in (a, b):
+        s.add(q)
+    for _ in range(3):
+        batch = s.schedule()
+        _run(s, batch)
+    assert s.num_preemptions == 1 and s.num_swapped_out == 0 and not batch.swap_out
+    assert b.num_computed == 0 and b.host_blocks is None
+    # an aborted swapped-out sequence gives its slots back
+    s2 = Scheduler(SchedulerConfig(8, 100, 100, host_blocks=2),
+                   KVBlockAllocator(4, 4, enable_prefix_caching=False))
+    c, d = _seq(2, 7), _seq(3, 7)
+    for q in (c, d):
+        s2.add(q)
+    for _ in range(3):
+        _run(s2, s2.schedule())
+    assert d.host_blocks == [0, 1] and s2.swap_space.num_free == 0
+    s2.finish(d, "abort")
+    assert d.host_blocks is None and s2.swap_space.num_free == 2 and not s2.waiting
+
+
 def test_single_sequence_preempts_itself_rather_than_crash() -> None:
     alloc = KVBlockAllocator(2, 4, enable_prefix_caching=False)
     s = Scheduler(SchedulerConfig(8, 100, 100), alloc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 
@@ -88,6 +89,13 @@ def _fraction(value: str) -> float:
     return f
 
 
+def _gib(value: str) -> float:
+    f = _bounded(float, 0.0, None, "a number of GiB >= 0")(value)
+    if not math.isfinite(f):
+        raise argparse.ArgumentTypeError(f"expected a finite number of GiB >= 0, got {value!r}")
+    return f
+
+
 def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=_positive, default=256,
                    help="most sequences in one step (default 256)")
@@ -116,9 +124,15 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="attention kernels: auto = triton on CUDA, torch elsewhere")
     p.add_argument("--scheduler-policy", choices=list(POLICIES), default="max_utilization",
                    help="KV admission: max_utilization admits while blocks are free and "
-                        "preempts (recomputes) the newest sequence when full; "
+                        "preempts the newest sequence when full (swapped to host memory, or "
+                        "recomputed); "
                         "guaranteed_no_evict admits only sequences that fit at prompt + "
                         "max_tokens, so nothing is preempted")
+    p.add_argument("--swap-space", type=_gib, default=None, metavar="GIB",
+                   help="host memory per rank (GiB) that preempted sequences' KV is swapped "
+                        "to, instead of being recomputed (default: 16 on a GPU, at most a "
+                        "quarter of the rank's share of free host memory; none on CPU; 0: "
+                        "always recompute)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                    help="KV cache element type: auto = the model dtype; fp8 = E4M3 with one "
                         "scale per token and KV head, ~1.9x the KV blocks (CUDA: compute "
@@ -142,7 +156,8 @@ def _llm_kwargs(args: argparse.Namespace) -> dict[str, object]:
                 overlap=args.overlap,
                 cuda_graph_batch_sizes=args.cuda_graph_batch_sizes,
                 attention_backend=args.attention_backend, quant=args.quant,
-                scheduler_policy=args.scheduler_policy, kv_cache_dtype=args.kv_cache_dtype)
+                scheduler_policy=args.scheduler_policy, kv_cache_dtype=args.kv_cache_dtype,
+                swap_space=args.swap_space)
 
 
 _MODEL_HELP = ("engine directory, Hugging Face directory, .gguf file, or 'tiny' (random test "

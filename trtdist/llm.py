@@ -87,8 +87,11 @@ class DistributedLLM:
     `quant` ('auto', 'none', 'fp8') quantizes a Hugging Face checkpoint or dummy weights
     on the fly; an engine keeps the scheme it was built with ('auto' = the model's own: an
     FP8 checkpoint stays FP8).
-    `scheduler_policy` is "max_utilization" (admit while blocks are free, preempt and
-    recompute when full) or "guaranteed_no_evict" (admit only what can run to `max_tokens`).
+    `scheduler_policy` is "max_utilization" (admit while blocks are free, preempt when full)
+    or "guaranteed_no_evict" (admit only what can run to `max_tokens`). A preempted
+    sequence's KV is swapped to `swap_space` GiB of host memory per rank while there is room
+    (default None: 16 GiB on a GPU, capped at a quarter of the rank's share of free host
+    memory; none on CPU), else it is recomputed when it runs again.
     `kv_cache_dtype` ('auto', 'fp8'): 'fp8' stores the KV cache in E4M3 with one scale per
     token and KV head (about twice the tokens in the same memory; on CUDA it needs compute
     capability >= 8.9); 'auto' keeps the model's dtype.
@@ -111,7 +114,8 @@ class DistributedLLM:
                  cuda_graph_batch_sizes: Sequence[int] | None = None,
                  attention_backend: str = "auto", quant: str = "auto",
                  scheduler_policy: str = "max_utilization",
-                 kv_cache_dtype: str = "auto", worker_timeout: float = 10.0,
+                 kv_cache_dtype: str = "auto", swap_space: float | None = None,
+                 worker_timeout: float = 10.0,
                  on_rank_failure: Callable[[int, float], None] | None = None) -> None:
         block_size = default_block_size(kv_cache_dtype) if block_size is None else block_size
         self.options = RankOptions(
@@ -123,7 +127,8 @@ class DistributedLLM:
             verify_checksums=verify_checksums, seed=seed, enforce_eager=enforce_eager,
             cuda_graph_batch_sizes=(tuple(cuda_graph_batch_sizes)
                                     if cuda_graph_batch_sizes is not None else None),
-            attention_backend=attention_backend, quant=quant, kv_cache_dtype=kv_cache_dtype)
+            attention_backend=attention_backend, quant=quant, kv_cache_dtype=kv_cache_dtype,
+            swap_space=swap_space)
         engine_config = EngineConfig(max_batch_size, max_num_tokens, max_model_len,
                                      enable_prefix_caching, overlap, scheduler_policy)
         source = resolve_model(model, dummy_weights)

@@ -61,6 +61,9 @@ def main() -> None:
             "cached_tokens": [o.num_cached_tokens for o in outs],
             "num_free": alloc.num_free, "num_blocks": alloc.num_blocks,
             "prefix_hits": alloc.prefix_hits, "preemptions": engine.scheduler.num_preemptions,
+            "swapped": engine.scheduler.num_swapped_out,
+            "swap_free": engine.scheduler.swap_space.num_free,
+            "swap_slots": engine.scheduler.swap_space.num_slots,
             "steps": engine.stats["steps"],
         })
         alloc.check_invariants()

@@ -176,3 +176,35 @@ class KVBlockAllocator:
         for h, b in self.block_of_hash.items():
             if self.hash_of[b] != h:
                 raise AssertionError(f"hash map points at block {b} which holds another hash")
+
+
+class HostBlockAllocator:
+    """The leader's slots of the host swap space (`KVCache.host`): where a preempted
+    sequence's KV blocks wait in host memory until it runs again (swap preemption).
+
+    Slots are handed out lowest first, so one sequence's blocks mostly form runs of
+    consecutive slots and each rank copies them in few transfers (`KVCache.swap_out`).
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        if num_slots < 0:
+            raise ValueError(f"the swap space needs num_slots >= 0, got {num_slots}")
+        self.num_slots = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # descending: pop() gives the lowest
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def take(self, n: int) -> list[int] | None:
+        """`n` free slots, lowest first; None (and no change) when fewer are free."""
+        if n > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, slots: Seq[int]) -> None:
+        self._free.extend(slots)
+        self._free.sort(reverse=True)
+        if len(set(self._free)) != len(self._free) or (self._free and
+                                                         self._free[0] >= self.num_slots):
+            raise AssertionError("swap slots released twice or never taken")

@@ -29,6 +29,11 @@ from trtdist.sampling_params import DELTA, FINAL_ONLY, SamplingParams
 from trtdist.tokenizer import Tokenizer
 
 _NO_TABLES = np.zeros(0, dtype=np.int64)
+_NO_PAIRS = np.zeros((0, 2), dtype=np.int64)
+
+
+def _pairs(pairs: list[tuple[int, int]]) -> np.ndarray:
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2) if pairs else _NO_PAIRS
 FINISHED = SequenceStatus.FINISHED
 
 
@@ -94,7 +99,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_num_tokens,
                                                    self.max_model_len, self.overlap,
                                                    runner.inputs.table.shape[0],
-                                                   policy=config.scheduler_policy),
+                                                   policy=config.scheduler_policy,
+                                                   host_blocks=runner.kv.host_blocks),
                                    self.allocator)
         self.eos_ids = frozenset((tokenizer.eos_token_ids if tokenizer else ())
                                  or model_cfg.eos_token_ids)
@@ -228,7 +234,8 @@ class LLMEngine:
                         next_prompt_token=next_prompt, bias_counts=bias_counts,
                         bias_ids=np.array(bias_ids, dtype=np.int64),
                         bias_values=np.array(bias_values, dtype=np.float64), rows=rows,
-                        cleared_rows=cleared, table_updates=updates)
+                        cleared_rows=cleared, table_updates=updates,
+                        swap_out=_pairs(batch.swap_out), swap_in=_pairs(batch.swap_in))
 
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Launch batches until the pipeline is full, then finish the oldest one. Returns the

@@ -1,7 +1,9 @@
-"""This rank's share of the paged KV pool: its layers, its KV heads, every block id."""
+"""This rank's share of the paged KV pool: its layers, its KV heads, every block id; and
+its share of the host swap space that preempted sequences' blocks wait in."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from trtdist.kernels.attention import LayerKV
@@ -48,13 +50,21 @@ class KVCache:
     views of the head-major storage. In an FP8 pool V is stored token-minor within a block,
     `[kv_heads, head_dim, block_size]`, and `LayerKV.v` is a `[num_blocks + 1, block_size,
     kv_heads, head_dim]` view of that (strides `(*, 1, head_dim * block_size, block_size)`).
+
+    `host_blocks` slots of host memory (pinned when the pool is on a GPU) take whole blocks,
+    scales included, as raw bytes: `swap_out` / `swap_in` copy blocks there and back in the
+    device's stream order, so they need no synchronization with the steps around them.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+                 head_dim: int, dtype: torch.dtype, device: torch.device,
+                 host_blocks: int = 0) -> None:
         if num_blocks < 1:
             raise ValueError(f"KV cache needs at least one block, got {num_blocks}")
+        if host_blocks < 0:
+            raise ValueError(f"the host swap space needs host_blocks >= 0, got {host_blocks}")
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.device = device
         self.data = torch.zeros(num_layers, 2, num_blocks + 1, block_size, kv_heads, head_dim,
                                 dtype=dtype, device=device)
         self.scales: torch.Tensor | None = None
@@ -73,6 +83,73 @@ class KVCache:
                            for i in range(num_layers)]
         else:
             self.layers = [LayerKV(self.data[i, 0], self.data[i, 1]) for i in range(num_layers)]
+        # (device pool as bytes [layers, 2, blocks + 1, ...], host slots [host_blocks, bytes])
+        self._swap_pools: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pinned = False
+        self.host_blocks = host_blocks
+        if host_blocks:
+            for pool in (self.data, self.scales):
+                if pool is None:
+                    continue
+                raw = pool.view(torch.uint8)
+                host = torch.empty(host_blocks, raw[:, :, 0].numel(), dtype=torch.uint8)
+                self._swap_pools.append((raw, host))
+            if device.type == "cuda":
+                self._pin()
+
+    def _pin(self) -> None:
+        """Page-lock the host slots in place, so the copies are asynchronous DMA.
+        NOTE: not `pin_memory=True`: torch's pinned allocator rounds a request up to a power
+        of two, which would pin up to twice the swap space."""
+        cudart = torch.cuda.cudart()
+        for i, (_, host) in enumerate(self._swap_pools):
+            err = cudart.cudaHostRegister(host.data_ptr(), host.nbytes, 0)
+            if int(err) != 0:
+                for _, done in self._swap_pools[:i]:
+                    cudart.cudaHostUnregister(done.data_ptr())
+                raise RuntimeError(f"could not page-lock {host.nbytes / 2**30:.2f} GiB of host "
+                                   f"memory for the swap space (CUDA error {int(err)}); lower "
+                                   "--swap-space")
+        self._pinned = True
+
+    @property
+    def host_nbytes(self) -> int:
+        """Bytes of the host swap space."""
+        return sum(host.nbytes for _, host in self._swap_pools)
+
+    def _index(self, blocks: np.ndarray) -> torch.Tensor:
+        idx = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.int64))
+        if self.device.type != "cuda":
+            return idx
+        # NOTE: from pinned memory, so the upload is queued on the stream, not a host sync
+        return idx.pin_memory().to(self.device, non_blocking=True)
+
+    def swap_out(self, pairs: np.ndarray) -> None:
+        """Copy device blocks `pairs[:, 0]` into host slots `pairs[:, 1]` (queued on the
+        current stream: anything queued after may overwrite the blocks)."""
+        if not pairs.size:
+            return
+        idx = self._index(pairs[:, 0])
+        runs = _runs(pairs[:, 1])
+        for raw, host in self._swap_pools:
+            staged = raw.index_select(2, idx).movedim(2, 0).reshape(len(pairs), -1)
+            for a, b, slot in runs:
+                host[slot:slot + b - a].copy_(staged[a:b], non_blocking=True)
+
+    def swap_in(self, pairs: np.ndarray) -> None:
+        """Copy host slots `pairs[:, 0]` into device blocks `pairs[:, 1]` (queued on the
+        current stream, before anything queued after reads them)."""
+        if not pairs.size:
+            return
+        idx = self._index(pairs[:, 1])
+        runs = _runs(pairs[:, 0])
+        n = len(pairs)
+        for raw, host in self._swap_pools:
+            staged = torch.empty((n, host.shape[1]), dtype=torch.uint8, device=self.device)
+            for a, b, slot in runs:
+                staged[a:b].copy_(host[slot:slot + b - a], non_blocking=True)
+            shape = (n, *raw.shape[:2], *raw.shape[3:])
+            raw.index_copy_(2, idx, staged.view(shape).movedim(0, 2))
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +163,12 @@ class KVCache:
 
     def release(self) -> None:
         """Drop the pool's tensors (the runner's close; graphs must be gone first)."""
+        if self._pinned:
+            cudart = torch.cuda.cudart()
+            for _, host in self._swap_pools:
+                cudart.cudaHostUnregister(host.data_ptr())
+            self._pinned = False
+        self._swap_pools.clear()
         del self.data, self.scales, self.layers
 
     @staticmethod
@@ -96,3 +179,11 @@ class KVCache:
         if dtype == KV_FP8_DTYPE:
             per_head += KV_SCALE_DTYPE.itemsize
         return num_layers * 2 * block_size * kv_heads * per_head
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
+    """(start, end, first slot) of each run of consecutive slots in `slots`: one copy each."""
+    breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+    starts = [0, *breaks.tolist()]
+    ends = [*breaks.tolist(), len(slots)]
+    return [(a, b, int(slots[a])) for a, b in zip(starts, ends)]

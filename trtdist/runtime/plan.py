@@ -1,7 +1,7 @@
 """The step plan: what every rank runs in one step, sent leader -> all as one int64 buffer.
 
 Layout (int64; float fields travel bit-cast to int64):
-    header  [kind, T, S, max_blocks, flags, R, B, Z, U]
+    header  [kind, T, S, max_blocks, flags, R, B, Z, U, X, Y]
     per token     input_ids[T] positions[T]
     per sequence  query_lens context_lens seq_ids prompt_lens sample top_k seeds logprobs
                   prompt_logprobs next_prompt_token bias_counts [S]
@@ -10,6 +10,7 @@ Layout (int64; float fields travel bit-cast to int64):
     released[R]   sequences whose sampler state the last stage can drop
     logit bias    bias_ids[B] bias_values[B] (sequence i owns the next bias_counts[i] pairs)
     table changes cleared_rows[Z] table_updates[U*3] (row, column, block)
+    KV swaps      swap_out[X*2] (device block, host slot) swap_in[Y*2] (host slot, device block)
 Block tables travel in one of two ways. The engine's plans set TABLE_ROWS: sequence i uses
 row rows[i] of the persistent table every rank keeps (`runtime/block_table.py`); the plan
 first zeroes `cleared_rows`, then writes `table_updates`, so a decode step carries O(changed
@@ -18,6 +19,8 @@ carry whole padded tables instead and leave the persistent table alone.
 `prompt_logprobs` >= 0 asks the last stage for the log-probabilities of this chunk's prompt
 tokens (each predicted by the position before it); `next_prompt_token` is the prompt token
 just after the chunk (-1 if none), the target of the chunk's last position.
+Every rank makes the swap copies before the step's forward, swap-outs first (swap preemption,
+`runtime/scheduler.py`; the copies themselves: `KVCache.swap_out` / `swap_in`).
 Slot mappings are derived on each rank from positions and block tables, so they never travel.
 """
 
@@ -34,7 +37,7 @@ RETURN_ALL_LOGITS = 1
 FEEDBACK = 2
 # Block tables are rows of the persistent per-rank table plus changes (see above).
 TABLE_ROWS = 4
-_HEADER = 9
+_HEADER = 11
 _INT_FIELDS = ("query_lens", "context_lens", "seq_ids", "prompt_lens", "sample", "top_k",
                "seeds", "logprobs", "prompt_logprobs", "next_prompt_token", "bias_counts")
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition", "presence", "frequency")
@@ -72,6 +75,10 @@ class StepPlan:
     cleared_rows: np.ndarray = field(default_factory=lambda: _EMPTY)  # [Z]
     table_updates: np.ndarray = field(  # [U, 3] (row, column, block)
         default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+    swap_out: np.ndarray = field(  # [X, 2] (device block, host slot)
+        default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    swap_in: np.ndarray = field(  # [Y, 2] (host slot, device block)
+        default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     def __post_init__(self) -> None:
         t, s = self.input_ids.size, self.query_lens.size
@@ -90,6 +97,11 @@ class StepPlan:
         if self.table_updates.ndim != 2 or self.table_updates.shape[1] != 3:
             raise ValueError(f"step plan: table updates must be [U, 3] (row, column, block), "
                              f"got shape {self.table_updates.shape}")
+        for name in ("swap_out", "swap_in"):
+            a = getattr(self, name)
+            if a.ndim != 2 or a.shape[1] != 2:
+                raise ValueError(f"step plan: {name} must be [N, 2] block pairs, got shape "
+                                 f"{a.shape}")
         # Defaults for plans built without sampling settings (greedy, every sequence sampled).
         defaults = {"seq_ids": np.arange(s), "prompt_lens": self.context_lens,
                     "sample": _ints(s, 1), "top_k": _ints(s), "seeds": _ints(s, -1),
@@ -122,19 +134,21 @@ class StepPlan:
     def encode(self) -> np.ndarray:
         header = np.array([self.kind, self.num_tokens, self.num_seqs, self.block_tables.shape[1],
                            self.flags, self.released.size, self.bias_ids.size,
-                           self.cleared_rows.size, self.table_updates.shape[0]], dtype=np.int64)
+                           self.cleared_rows.size, self.table_updates.shape[0],
+                           self.swap_out.shape[0], self.swap_in.shape[0]], dtype=np.int64)
         parts = [header, self.input_ids, self.positions]
         parts += [getattr(self, name) for name in _INT_FIELDS]
         parts += [self.rows if self.flags & TABLE_ROWS else self.block_tables.reshape(-1),
                   np.ascontiguousarray(self.floats, dtype=np.float64).reshape(-1).view(np.int64),
                   self.released, self.bias_ids,
                   np.ascontiguousarray(self.bias_values, dtype=np.float64).view(np.int64),
-                  self.cleared_rows, self.table_updates.reshape(-1)]
+                  self.cleared_rows, self.table_updates.reshape(-1),
+                  self.swap_out.reshape(-1), self.swap_in.reshape(-1)]
         return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
     @classmethod
     def decode(cls, buf: np.ndarray) -> StepPlan:
-        kind, t, s, mb, flags, r, b, z, u = (int(x) for x in buf[:_HEADER])
+        kind, t, s, mb, flags, r, b, z, u, x, y = (int(v) for v in buf[:_HEADER])
         o = _HEADER
 
         def take(n: int) -> np.ndarray:
@@ -151,9 +165,10 @@ class StepPlan:
         released = take(r)
         bias_ids, bias_values = take(b), take(b).view(np.float64)
         cleared, updates = take(z), take(3 * u).reshape(u, 3)
+        swap_out, swap_in = take(2 * x).reshape(x, 2), take(2 * y).reshape(y, 2)
         if o != buf.size:
             raise ValueError(f"step plan buffer has {buf.size} entries, header implies {o}")
         return cls(kind, ids, pos, ints.pop("query_lens"), ints.pop("context_lens"), tables,
                    flags, floats=floats, released=released, bias_ids=bias_ids,
                    bias_values=bias_values, rows=rows, cleared_rows=cleared,
-                   table_updates=updates, **ints)
+                   table_updates=updates, swap_out=swap_out, swap_in=swap_in, **ints)

@@ -61,6 +61,10 @@ class RankOptions:
     attention_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere), torch, triton
     quant: str = "auto"  # linear method where the model does not fix it (see load_stage)
     kv_cache_dtype: str = "auto"  # auto (the model dtype) or fp8 (E4M3, per token-head scales)
+    # GiB of host memory per rank for swap preemption; None: 16 GiB on a GPU (at most a
+    # quarter of the rank's share of free host memory), none on CPU, whose pool is in host
+    # memory already; 0: preemption always recomputes.
+    swap_space: float | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -75,6 +79,8 @@ class RankOptions:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be auto, torch or triton, got "
                              f"{self.attention_backend!r}")
+        if self.swap_space is not None and not 0 <= self.swap_space < float("inf"):
+            raise ValueError(f"swap_space must be a number of GiB >= 0, got {self.swap_space}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
                              f"{self.kv_cache_dtype!r}")
@@ -122,6 +128,27 @@ def kv_blocks_that_fit(bytes_per_block: int, device: torch.device, opts: RankOpt
         return opts.num_kv_blocks
     useful = -(-max_model_len // opts.block_size) * opts.max_batch_size
     return min(fit, useful)
+
+
+DEFAULT_SWAP_SPACE_GIB = 16
+
+
+def swap_slots_that_fit(bytes_per_block: int, device: torch.device, opts: RankOptions,
+                        num_blocks: int, ranks_on_node: int, rank: int) -> int:
+    """Host swap slots (one KV block each) for `opts.swap_space`, at most `num_blocks`: a
+    swap space larger than the device pool would hold sequences that could never all run."""
+    share = _available_memory(torch.device("cpu"), ranks_on_node)
+    if opts.swap_space is None:
+        if device.type != "cuda":
+            return 0
+        want = min(DEFAULT_SWAP_SPACE_GIB << 30, share // 4)
+    else:
+        want = int(opts.swap_space * 2**30)
+        if want > share // 2:
+            raise ValueError(f"rank {rank}: --swap-space {opts.swap_space:g} GiB is more than "
+                             f"half of this rank's share of the free host memory "
+                             f"({share / 2**30:.1f} GiB); lower it (0 turns swapping off)")
+    return min(want // bytes_per_block, num_blocks)
 
 
 def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRunner:
@@ -181,16 +208,19 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
             torch.cuda.synchronize(device)
         blocks = kv_blocks_that_fit(per_block, device, opts, max_len, world.info.local_size,
                                     world.rank, reserved)
+        host_blocks = swap_slots_that_fit(per_block, device, opts, blocks,
+                                          world.info.local_size, world.rank)
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}"
     check_world(world, error)
-    # NOTE: every rank allocates the same number of blocks, so a block id names the same
-    # slot everywhere; the leader's allocator hands them out.
+    # NOTE: every rank allocates the same number of blocks (and swap slots), so a block id
+    # names the same slot everywhere; the leader's allocators hand them out.
     blocks = world.allreduce_min(blocks)
+    host_blocks = world.allreduce_min(host_blocks)
     graphs = None
     try:
         kv = KVCache(len(model.layer_ids), blocks, opts.block_size, shard.kv_heads,
-                     cfg.head_dim, kv_dtype, device)
+                     cfg.head_dim, kv_dtype, device, host_blocks)
         if use_graphs:
             graphs = CUDAGraphRunner(model, kv.layers, inputs, hidden_in, buckets)
             try:
@@ -214,10 +244,12 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
         graph_note = (f"{len(graphs.graphs)} CUDA graphs captured in "
                       f"{graphs.capture_seconds:.1f} s" if graphs else "eager (no CUDA graphs)")
         log.info("rank %d (tp %d, pp %d) on %s: layers %d-%d, %.1f MiB of weights, %d KV "
-                 "blocks (%s, %d B each, %.1f MiB), attention %s, %s, ready in %.1f s",
+                 "blocks (%s, %d B each, %.1f MiB), %d swap slots (%.1f MiB of host memory), "
+                 "attention %s, %s, ready in %.1f s",
                  world.rank, mapping.tp_rank, mapping.pp_rank, device, model.layer_ids.start,
                  model.layer_ids.stop - 1, weights / 2**20, blocks, kv_cache_dtype_name(kv.dtype),
-                 per_block, kv.nbytes / 2**20, model.attention_backend.name, graph_note,
+                 per_block, kv.nbytes / 2**20, host_blocks, kv.host_nbytes / 2**20,
+                 model.attention_backend.name, graph_note,
                  time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001
         error = f"{type(e).__name__}: {e}"

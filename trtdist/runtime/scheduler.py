@@ -6,7 +6,11 @@ of a prompt), then waiting prompts in arrival order, within `max_num_tokens` tok
 capacity-scheduler policies of TensorRT-LLM):
 - `max_utilization` (default): admit while the allocator has blocks for the next chunk; when
   a running sequence cannot grow, the newest running sequence is preempted: its blocks are
-  freed and it is recomputed later from its prompt and the tokens it already produced.
+  freed. With a host swap space (`host_blocks`) and room in it, its KV is first copied to
+  host memory (swap-out) and copied back into fresh blocks when it is admitted again
+  (swap-in); otherwise it is recomputed later from its prompt and the tokens it already
+  produced. A swap costs two PCIe copies of the sequence's KV, where recomputing it costs a
+  prefill of every token so far.
 - `guaranteed_no_evict`: admit only while every running sequence, grown to its prompt plus
   `max_tokens` (capped by `max_model_len`), still fits in the pool, so nothing is ever
   preempted and no work is recomputed. Fewer sequences run at once when `max_tokens` is
@@ -25,7 +29,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from trtdist.runtime.block_allocator import KVBlockAllocator
+from trtdist.runtime.block_allocator import HostBlockAllocator, KVBlockAllocator
 from trtdist.runtime.block_table import TableRows, table_rows
 from trtdist.runtime.sequence import Sequence, SequenceStatus
 
@@ -44,6 +48,8 @@ class SchedulerConfig:
     # `table_rows(max_batch_size, 1)`.
     table_rows: int = 0
     policy: str = "max_utilization"
+    # Slots (one KV block each) of the host swap space; 0: preemption always recomputes.
+    host_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.table_rows == 0:
@@ -51,6 +57,8 @@ class SchedulerConfig:
         for name in ("max_batch_size", "max_num_tokens", "max_model_len", "table_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.host_blocks < 0:
+            raise ValueError(f"host_blocks must be >= 0, got {self.host_blocks}")
         if self.policy not in POLICIES:
             raise ValueError(f"scheduler policy must be one of {', '.join(POLICIES)}, got "
                              f"{self.policy!r}")
@@ -76,6 +84,10 @@ class ScheduledBatch:
     # Entries whose block table may have grown in this schedule (admitted, or given a new
     # block): the only ones whose table changes the plan must carry.
     grown: list[int] = field(default_factory=list)
+    # KV copies every rank makes before this step's forward, swap-outs first:
+    # (device block, host slot) and (host slot, device block) pairs.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -93,6 +105,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order; the newest is last
         self.rows = TableRows(config.table_rows)
         self.num_preemptions = 0
+        self.swap_space = HostBlockAllocator(config.host_blocks)
+        self.num_swapped_out = 0  # preemptions that swapped (the others recomputed)
         # guaranteed_no_evict: blocks each running sequence may grow to, and their sum
         self._reserved: dict[int, int] = {}
         self.reserved_blocks = 0
@@ -108,6 +122,8 @@ class Scheduler:
         cfg, alloc = self.config, self.allocator
         budget, entries = cfg.max_num_tokens, []
         grown: list[int] = []
+        swap_out: list[tuple[int, int]] = []
+        swap_in: list[tuple[int, int]] = []
         scheduled: set[int] = set()
         running = RUNNING
         tables, bs = alloc.tables, alloc.block_size
@@ -135,7 +151,7 @@ class Scheduler:
                     continue  # running ahead is optional: never preempt for it
                 while not alloc.ensure(seq.seq_id, nc + n):
                     victim = self._newest_preemptible(exclude=scheduled)
-                    self._preempt(victim)
+                    self._preempt(victim, swap_out)
                     if victim is seq:
                         break
                 if seq.status is not running:
@@ -147,21 +163,30 @@ class Scheduler:
         while (self.waiting and len(entries) < cfg.max_batch_size and budget > 0
                and self.rows.num_free):
             seq = self.waiting[0]
-            if seq.parent is not None and not self._parent_ready(seq):
+            host = seq.host_blocks
+            if host is None and seq.parent is not None and not self._parent_ready(seq):
                 break  # its prompt blocks are about to be shared; keep arrival order
             reserve = self._reservation(seq)
             if reserve and self.reserved_blocks + reserve > alloc.num_blocks and self.running:
                 break  # would not be guaranteed to finish: wait, keeping arrival order
             fresh = seq.seq_id not in alloc.tables
-            if fresh:
+            if fresh and host is None:
                 seq.num_computed = self._admit_blocks(seq)
                 seq.num_cached_prompt = seq.num_computed
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not alloc.ensure(seq.seq_id, seq.num_computed + n):
                 if fresh:
                     alloc.free_seq(seq.seq_id)
-                    seq.num_computed = 0
+                    if host is None:
+                        seq.num_computed = 0
                 break
+            if host is not None:  # swapped out: its KV comes back into fresh blocks
+                swap_in.extend(zip(host, alloc.tables[seq.seq_id]))
+                # NOTE: a slot freed here is not taken again in this step (preemption, the
+                # only taker, happens above), so the swap-outs never overwrite a slot that
+                # a swap-in of the same step still reads
+                self.swap_space.release(host)
+                seq.host_blocks = None
             self.rows.assign(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -172,7 +197,10 @@ class Scheduler:
             grown.append(len(entries))
             entries.append(ScheduledSeq.of(seq, n))
             budget -= n
-        return ScheduledBatch(entries, grown) if entries else None
+        if not entries:
+            assert not swap_out and not swap_in  # preemption and swap-in both schedule
+            return None
+        return ScheduledBatch(entries, grown, swap_out, swap_in)
 
     def _reservation(self, seq: Sequence) -> int:
         """guaranteed_no_evict: the blocks `seq` holds at its longest (0 under
@@ -209,13 +237,25 @@ class Scheduler:
                 return seq
         raise AssertionError("no sequence can be preempted")  # the caller itself always can
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, swap_out: list[tuple[int, int]]) -> None:
+        """Free `seq`'s blocks and requeue it first: swapped out to host slots when they
+        are free (its blocks' copies appended to `swap_out`), else to be recomputed."""
         self._unreserve(seq)
-        self.allocator.free_seq(seq.seq_id)
+        alloc = self.allocator
+        k = alloc.blocks_for(seq.num_computed)
+        host = self.swap_space.take(k) if k else None
+        if host is not None:
+            # NOTE: the blocks are handed out again in this step; every rank copies them
+            # out before the step's forward writes them (plan order, one stream)
+            swap_out.extend(zip(alloc.tables[seq.seq_id], host))
+            seq.host_blocks = host
+            self.num_swapped_out += 1
+        else:
+            seq.num_computed = 0
+        alloc.free_seq(seq.seq_id)
         self.running.remove(seq)
         self.rows.release(seq)
         seq.status = SequenceStatus.WAITING
-        seq.num_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -225,6 +265,9 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self._unreserve(seq)
+        if seq.host_blocks is not None:  # aborted while swapped out
+            self.swap_space.release(seq.host_blocks)
+            seq.host_blocks = None
         if seq.row >= 0:  # running (only running sequences hold rows)
             self.running.remove(seq)
             self.rows.release(seq)

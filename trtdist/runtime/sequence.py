@@ -41,6 +41,9 @@ class Sequence:
     # the prompt's token logprobs, by position (None for the first), when asked for
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
     num_preemptions: int = 0
+    # Slots of the host swap space holding its KV (blocks 0.. of its table, `num_computed`
+    # tokens) while it waits, swapped out; None when its KV is on the device or is gone.
+    host_blocks: list[int] | None = None
     # the output's text (cut at a stop string), when there is a tokenizer
     detok: IncrementalDetokenizer | None = None
 
