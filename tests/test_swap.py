@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from trtdist.kernels.kv_quant import KV_FP8_DTYPE
+
 from trtdist.runtime.block_allocator import HostBlockAllocator
 from trtdist.runtime.kv_cache import KVCache
 from trtdist.runtime.plan import FORWARD, StepPlan
