@@ -1047,7 +1047,6 @@ for s, t in d.items():
       bench warm $M --num-requests 64 --input-len 128 --output-len 32
       bench long_recompute $M $L --swap-space 0
       bench long_swap $M $L
-      bench long_swap_b $M $L
       note "$(grep -h -o "swap slots.*ready in [0-9.]* s" "$OUT"/bench_long_swap.log | head -1)"
       ;;
     s12i)  # the session's last code: the FP8 GEMM / fused / row-amax GPU tests (a
