@@ -22,6 +22,7 @@ def test_host_slots_lowest_first_all_or_nothing_and_checked() -> None:
     assert h.take(2) is None and h.num_free == 1  # all or nothing
     h.release([0, 1])
     assert h.take(3) == [0, 1, 4]  # the lowest free slots: runs for the copies
+    assert h.num_used == 5 and h.peak_used == 5
     with pytest.raises(AssertionError, match="released twice"):
         h.release([2, 2])
     with pytest.raises(ValueError, match="num_slots >= 0"):
@@ -118,3 +119,21 @@ def test_cli_rejects_bad_swap_space(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
             main(["generate", "--prompt", "x", "--swap-space", bad])
         assert msg in capsys.readouterr().err
+
+
+def test_metrics_count_swaps_and_show_the_swap_space() -> None:
+    from prometheus_client import generate_latest
+
+    from trtdist.server.metrics import ServerMetrics
+
+    m = ServerMetrics("tiny")
+    m.update_engine(1, 0, 5, 10, 0, 0, 0, 0, preemptions=3, swapped=2, swap_used=7,
+                    swap_total=40)
+    m.update_engine(1, 0, 5, 10, 0, 0, 0, 0, preemptions=4, swapped=3, swap_used=0,
+                    swap_total=40)
+    text = generate_latest(m.registry).decode()
+    for line in ('trtdist:num_preemptions_total{model_name="tiny"} 4.0',
+                 'trtdist:num_swapped_preemptions_total{model_name="tiny"} 3.0',
+                 'trtdist:swap_space_used_blocks{model_name="tiny"} 0.0',
+                 'trtdist:swap_space_total_blocks{model_name="tiny"} 40.0'):
+        assert line in text, line

@@ -81,6 +81,8 @@ def run_bench(llm: DistributedLLM, num_requests: int, input_len: int, output_len
         "kv_blocks": engine.allocator.num_blocks, "preemptions": engine.scheduler.num_preemptions,
         # of which swapped to host memory (the rest recomputed), and the swap slots there were
         "swapped": engine.scheduler.num_swapped_out, "swap_slots": kv.host_blocks,
+        "swap_slots_peak": engine.scheduler.swap_space.peak_used,
+        "swap_slot_bytes": kv.block_bytes,
         "scheduler_policy": engine.scheduler.config.policy,
         "kv_cache_dtype": kv_cache_dtype_name(kv.dtype), "kv_bytes_per_block": kv.block_bytes,
         # decode batch sizes with a captured CUDA graph on the leader (0: decode ran eagerly)

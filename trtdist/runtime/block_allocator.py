@@ -191,16 +191,23 @@ class HostBlockAllocator:
             raise ValueError(f"the swap space needs num_slots >= 0, got {num_slots}")
         self.num_slots = num_slots
         self._free = list(range(num_slots - 1, -1, -1))  # descending: pop() gives the lowest
+        self.peak_used = 0  # the most slots in use at once (for sizing --swap-space)
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
+    @property
+    def num_used(self) -> int:
+        return self.num_slots - len(self._free)
+
     def take(self, n: int) -> list[int] | None:
         """`n` free slots, lowest first; None (and no change) when fewer are free."""
         if n > len(self._free):
             return None
-        return [self._free.pop() for _ in range(n)]
+        slots = [self._free.pop() for _ in range(n)]
+        self.peak_used = max(self.peak_used, self.num_used)
+        return slots
 
     def release(self, slots: Seq[int]) -> None:
         self._free.extend(slots)

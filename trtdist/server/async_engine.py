@@ -184,9 +184,12 @@ class AsyncEngine:
 
     def _update_metrics(self) -> None:
         e, a = self.engine, self.engine.allocator
+        s = e.scheduler
         self.metrics.update_engine(e.num_running, e.num_waiting, a.num_used, a.num_blocks,
                                    a.prefix_queries, a.prefix_hits, e.stats["prompt_tokens"],
-                                   e.stats["generation_tokens"], e.scheduler.num_preemptions)
+                                   e.stats["generation_tokens"], s.num_preemptions,
+                                   s.num_swapped_out, s.swap_space.num_used,
+                                   s.swap_space.num_slots)
 
     def _finish_shutdown(self, drain: bool = True) -> None:
         e = self.engine

@@ -39,6 +39,12 @@ class ServerMetrics:
         self.prompt_tokens = counter("trtdist:prompt_tokens", "Prompt tokens prefilled.")
         self.generation_tokens = counter("trtdist:generation_tokens", "Tokens generated.")
         self.preemptions = counter("trtdist:num_preemptions", "Requests preempted.")
+        self.swapped = counter("trtdist:num_swapped_preemptions",
+                               "Preemptions whose KV was swapped to host memory (the others "
+                               "recompute it).")
+        self.swap_used = gauge("trtdist:swap_space_used_blocks",
+                               "Host swap slots holding preempted requests' KV blocks.")
+        self.swap_total = gauge("trtdist:swap_space_total_blocks", "Host swap slots.")
         self.finished = Counter("trtdist:request_success", "Finished requests.",
                                 ["model_name", "finished_reason"], registry=r)
         self.ttft = hist("trtdist:time_to_first_token_seconds", "Time to first token.")
@@ -56,7 +62,8 @@ class ServerMetrics:
 
     def update_engine(self, running: int, waiting: int, used: int, total: int, queries: int,
                       hits: int, prompt_tokens: int, generation_tokens: int,
-                      preemptions: int) -> None:
+                      preemptions: int, swapped: int = 0, swap_used: int = 0,
+                      swap_total: int = 0) -> None:
         """Called by the engine thread after each step with the engine's running totals."""
         self.running.set(running)
         self.waiting.set(waiting)
@@ -69,6 +76,9 @@ class ServerMetrics:
         self.prompt_tokens.inc(self._delta("p", prompt_tokens))
         self.generation_tokens.inc(self._delta("g", generation_tokens))
         self.preemptions.inc(self._delta("pre", preemptions))
+        self.swapped.inc(self._delta("swap", swapped))
+        self.swap_used.set(swap_used)
+        self.swap_total.set(swap_total)
 
     def request_aborted(self) -> None:
         self.finished.labels(self.model_name, "abort").inc()
