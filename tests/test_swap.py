@@ -47,12 +47,13 @@ def _block(kv: KVCache, b: int) -> list[torch.Tensor]:
 
 def _round_trip(device: torch.device, dtype: torch.dtype) -> None:
     kv = KVCache(3, 9, 4, 2, 16, dtype, device, host_blocks=6)
-    if device.type == "cuda":  # page-locked, so the copies are asynchronous (no host sync)
-        assert all(host.is_pinned() for _, host in kv._swap_pools)
+    kv.pin_host_async()
     _fill(kv, 0)
     # blocks 2, 5, 3 -> slots 4, 5, 1 (two runs), then the pool is overwritten
     want = {b: _block(kv, b) for b in (2, 5, 3)}
     kv.swap_out(np.array([[2, 4], [5, 5], [3, 1]]))
+    if device.type == "cuda":  # page-locked (the copy waited), so copies are asynchronous
+        assert kv._pinned and all(host.is_pinned() for _, host in kv._swap_pools)
     _fill(kv, 1)
     untouched = {b: _block(kv, b) for b in range(10) if b not in (7, 1, 9)}
     kv.swap_in(np.array([[4, 7], [5, 1], [1, 9]]))  # into other blocks

@@ -3,11 +3,17 @@ its share of the host swap space that preempted sequences' blocks wait in."""
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import numpy as np
 import torch
 
 from trtdist.kernels.attention import LayerKV
 from trtdist.kernels.kv_quant import KV_FP8_DTYPE, KV_SCALE_DTYPE
+
+log = logging.getLogger("trtdist")
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every context
 
 #: `--kv-cache-dtype` values: auto = the model's dtype; fp8 = E4M3 with per token-head scales
 KV_CACHE_DTYPES = ("auto", "fp8")
@@ -51,9 +57,10 @@ class KVCache:
     `[kv_heads, head_dim, block_size]`, and `LayerKV.v` is a `[num_blocks + 1, block_size,
     kv_heads, head_dim]` view of that (strides `(*, 1, head_dim * block_size, block_size)`).
 
-    `host_blocks` slots of host memory (pinned when the pool is on a GPU) take whole blocks,
-    scales included, as raw bytes: `swap_out` / `swap_in` copy blocks there and back in the
-    device's stream order, so they need no synchronization with the steps around them.
+    `host_blocks` slots of host memory take whole blocks, scales included, as raw bytes:
+    `swap_out` / `swap_in` copy blocks there and back in the device's stream order, so they
+    need no synchronization with the steps around them. On a GPU, `pin_host_async` page-locks
+    the slots in the background (seconds for many GiB); the first copy waits for it.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
@@ -86,6 +93,7 @@ class KVCache:
         # (device pool as bytes [layers, 2, blocks + 1, ...], host slots [host_blocks, bytes])
         self._swap_pools: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._pinned = False
+        self._pinning: threading.Thread | None = None
         self.host_blocks = host_blocks
         if host_blocks:
             for pool in (self.data, self.scales):
@@ -94,23 +102,38 @@ class KVCache:
                 raw = pool.view(torch.uint8)
                 host = torch.empty(host_blocks, raw[:, :, 0].numel(), dtype=torch.uint8)
                 self._swap_pools.append((raw, host))
-            if device.type == "cuda":
-                self._pin()
+
+    def pin_host_async(self) -> None:
+        """Start page-locking the host slots (GPU pools), so the copies are asynchronous DMA.
+        Call it after CUDA-graph capture: a capture forbids such calls from any thread."""
+        if self._swap_pools and self.device.type == "cuda" and self._pinning is None:
+            self._pinning = threading.Thread(target=self._pin, name="trtdist-swap-pin",
+                                             daemon=True)
+            self._pinning.start()
 
     def _pin(self) -> None:
-        """Page-lock the host slots in place, so the copies are asynchronous DMA.
-        NOTE: not `pin_memory=True`: torch's pinned allocator rounds a request up to a power
-        of two, which would pin up to twice the swap space."""
+        # NOTE: registered in place, not `pin_memory=True`: torch's pinned allocator rounds a
+        # request up to a power of two, which would pin up to twice the swap space. The
+        # binding releases the GIL, so the rank goes on serving meanwhile.
+        # A new thread's current device is 0: set this rank's, or the call would make a
+        # context on GPU 0.
+        torch.cuda.set_device(self.device)
         cudart = torch.cuda.cudart()
         for i, (_, host) in enumerate(self._swap_pools):
-            err = cudart.cudaHostRegister(host.data_ptr(), host.nbytes, 0)
+            err = cudart.cudaHostRegister(host.data_ptr(), host.nbytes, _HOST_REGISTER_PORTABLE)
             if int(err) != 0:
                 for _, done in self._swap_pools[:i]:
                     cudart.cudaHostUnregister(done.data_ptr())
-                raise RuntimeError(f"could not page-lock {host.nbytes / 2**30:.2f} GiB of host "
-                                   f"memory for the swap space (CUDA error {int(err)}); lower "
-                                   "--swap-space")
+                log.warning("could not page-lock %.2f GiB of host memory for the swap space "
+                            "(CUDA error %d): swaps copy synchronously; lower --swap-space",
+                            host.nbytes / 2**30, int(err))
+                return
         self._pinned = True
+
+    def _wait_pinned(self) -> None:
+        if self._pinning is not None:
+            self._pinning.join()
+            self._pinning = None
 
     @property
     def host_nbytes(self) -> int:
@@ -129,6 +152,7 @@ class KVCache:
         current stream: anything queued after may overwrite the blocks)."""
         if not pairs.size:
             return
+        self._wait_pinned()
         idx = self._index(pairs[:, 0])
         runs = _runs(pairs[:, 1])
         for raw, host in self._swap_pools:
@@ -141,6 +165,7 @@ class KVCache:
         current stream, before anything queued after reads them)."""
         if not pairs.size:
             return
+        self._wait_pinned()
         idx = self._index(pairs[:, 1])
         runs = _runs(pairs[:, 0])
         n = len(pairs)
@@ -163,6 +188,7 @@ class KVCache:
 
     def release(self) -> None:
         """Drop the pool's tensors (the runner's close; graphs must be gone first)."""
+        self._wait_pinned()
         if self._pinned:
             cudart = torch.cuda.cudart()
             for _, host in self._swap_pools:

@@ -257,4 +257,5 @@ def start_rank(world: World, source: ModelSource, opts: RankOptions) -> ModelRun
     assert runner is not None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    kv.pin_host_async()  # after graph capture (see there)
     return runner
