@@ -1049,6 +1049,30 @@ for s, t in d.items():
       bench long_swap $M $L
       note "$(grep -h -o "swap slots.*ready in [0-9.]* s" "$OUT"/bench_long_swap.log | head -1)"
       ;;
+    s13b)  # the GPU test suite at this session's code (swap preemption, its background
+      # page-locking): every file with GPU tests, 4 workers
+      timeout 560 python3 -m pytest -q -rf -m gpu -n 4 tests/ -k "not long_context" 2>&1 \
+          | tee "$OUT/s13b_tests.log" | grep -E "^FAILED|^E  " | cut -c1-300 | head -20
+      note "s13b gpu tests: $(tail -1 "$OUT/s13b_tests.log")"
+      ;;
+    s13c)  # 1000/1000 FP8 + FP8 KV with the swap space page-locked in the background (startup
+      # back to ~9 s?), twice, after a warm-up run
+      M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
+      L="--num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024"
+      bench warm $M --num-requests 64 --input-len 128 --output-len 32
+      bench long_swap $M $L
+      bench long_swap_b $M $L
+      ;;
+    s13d)  # the other goals at this code: 1024 x 128/128 FP8, batch 1 FP8 and bf16
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench warm $M --quant fp8 --num-requests 64 --input-len 128 --output-len 32
+      bench fp8_r1024 $M --quant fp8 --num-requests 1024 --input-len 128 --output-len 128 \
+          --max-batch-size 1024
+      bench fp8_b1 $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      bench fp8_b1_again $M --quant fp8 $B
+      ;;
     s12i)  # the session's last code: the FP8 GEMM / fused / row-amax GPU tests (a
       # register-capped tile among them)
       timeout 400 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_kernels.py \
