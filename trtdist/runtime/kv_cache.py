@@ -107,27 +107,35 @@ class KVCache:
         """Start page-locking the host slots (GPU pools), so the copies are asynchronous DMA.
         Call it after CUDA-graph capture: a capture forbids such calls from any thread."""
         if self._swap_pools and self.device.type == "cuda" and self._pinning is None:
-            self._pinning = threading.Thread(target=self._pin, name="trtdist-swap-pin",
-                                             daemon=True)
+            # NOTE: a new thread's current device is 0: it sets this rank's, or the call
+            # would make a context on GPU 0
+            index = (self.device.index if self.device.index is not None
+                     else torch.cuda.current_device())
+            self._pinning = threading.Thread(target=self._pin, args=(index,),
+                                             name="trtdist-swap-pin", daemon=True)
             self._pinning.start()
 
-    def _pin(self) -> None:
+    def _pin(self, device_index: int) -> None:
         # NOTE: registered in place, not `pin_memory=True`: torch's pinned allocator rounds a
         # request up to a power of two, which would pin up to twice the swap space. The
         # binding releases the GIL, so the rank goes on serving meanwhile.
-        # A new thread's current device is 0: set this rank's, or the call would make a
-        # context on GPU 0.
-        torch.cuda.set_device(self.device)
-        cudart = torch.cuda.cudart()
-        for i, (_, host) in enumerate(self._swap_pools):
-            err = cudart.cudaHostRegister(host.data_ptr(), host.nbytes, _HOST_REGISTER_PORTABLE)
-            if int(err) != 0:
-                for _, done in self._swap_pools[:i]:
-                    cudart.cudaHostUnregister(done.data_ptr())
-                log.warning("could not page-lock %.2f GiB of host memory for the swap space "
-                            "(CUDA error %d): swaps copy synchronously; lower --swap-space",
-                            host.nbytes / 2**30, int(err))
-                return
+        done: list[torch.Tensor] = []
+        try:
+            torch.cuda.set_device(device_index)
+            cudart = torch.cuda.cudart()
+            for _, host in self._swap_pools:
+                err = int(cudart.cudaHostRegister(host.data_ptr(), host.nbytes,
+                                                  _HOST_REGISTER_PORTABLE))
+                if err != 0:
+                    raise RuntimeError(f"CUDA error {err}")
+                done.append(host)
+        except Exception as e:  # noqa: BLE001 - copies still work, synchronously
+            for host in done:
+                torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+            log.warning("could not page-lock %.2f GiB of host memory for the swap space (%s): "
+                        "swaps copy synchronously; lower --swap-space", self.host_nbytes / 2**30,
+                        e)
+            return
         self._pinned = True
 
     def _wait_pinned(self) -> None:
