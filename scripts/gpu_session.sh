@@ -1057,7 +1057,10 @@ for s, t in d.items():
       note "s13b gpu tests: $(tail -1 "$OUT/s13b_tests.log")"
       ;;
     s13c)  # 1000/1000 FP8 + FP8 KV with the swap space page-locked in the background (startup
-      # back to ~9 s?), twice, after a warm-up run
+      # back to ~9 s?), twice, after a warm-up run; first the swap GPU tests
+      timeout 120 python3 -m pytest -q -rf -m gpu tests/test_swap.py 2>&1 \
+          | tee "$OUT/s13c_tests.log" | grep -E "^FAILED|^E  " | cut -c1-300 | head -20
+      note "s13c gpu tests: $(tail -1 "$OUT/s13c_tests.log")"
       M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
       L="--num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024"
       bench warm $M --num-requests 64 --input-len 128 --output-len 32
