@@ -1077,6 +1077,12 @@ for s, t in d.items():
       bench bf16_b1 $M $B
       bench fp8_b1_again $M --quant fp8 $B
       ;;
+    s13e)  # two GPUs (nvidia-h200-x2): the batching runtime's mpirun tests over NCCL, swap
+      # preemption at (tp, pp) = (2, 1) and (1, 2) among them, against transformers
+      timeout 560 python3 -m pytest -q -rf tests/test_runtime.py tests/test_block_table.py 2>&1 \
+          | tee "$OUT/s13e_tests.log" | grep -E "^FAILED|^E  |^SKIPPED" | cut -c1-300 | head -20
+      note "s13e mpirun tests on $(nvidia-smi -L | wc -l) GPUs: $(tail -1 "$OUT/s13e_tests.log")"
+      ;;
     s12i)  # the session's last code: the FP8 GEMM / fused / row-amax GPU tests (a
       # register-capped tile among them)
       timeout 400 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_kernels.py \
