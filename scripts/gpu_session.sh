@@ -1083,6 +1083,12 @@ for s, t in d.items():
           | tee "$OUT/s13e_tests.log" | grep -E "^FAILED|^E  |^SKIPPED" | cut -c1-300 | head -20
       note "s13e mpirun tests on $(nvidia-smi -L | wc -l) GPUs: $(tail -1 "$OUT/s13e_tests.log")"
       ;;
+    s13f)  # one GPU: swap preemption in the engine (pinned slots, CUDA graphs, overlap)
+      # against transformers, and the batching runtime's other one-rank tests
+      timeout 400 python3 -m pytest -q -rf tests/test_runtime.py tests/test_swap.py 2>&1 \
+          | tee "$OUT/s13f_tests.log" | grep -E "^FAILED|^E  |^SKIPPED" | cut -c1-300 | head -20
+      note "s13f tests on $(nvidia-smi -L | wc -l) GPU: $(tail -1 "$OUT/s13f_tests.log")"
+      ;;
     s12i)  # the session's last code: the FP8 GEMM / fused / row-amax GPU tests (a
       # register-capped tile among them)
       timeout 400 python3 -m pytest -q -rf -m gpu -n 4 tests/test_fp8_kernels.py \

@@ -60,13 +60,14 @@ def test_batch_equals_alone_and_transformers(tp: int, pp: int, hf_models: dict[s
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
 def test_swap_preemption_equals_transformers(tp: int, pp: int, hf_models: dict[str, Path],
                                              mixed: list[dict], mixed_reference: list,
                                              tmp_path: Path) -> None:
     """The pool above with a host swap space: preempted sequences' KV goes to host memory
-    and back (with overlap at pp 1, with two batches in flight at pp 2); every rank's copies
-    keep the tokens equal to transformers, and every block and slot is free afterwards."""
+    and back (with overlap at pp 1, with two batches in flight at pp 2; pinned memory and
+    CUDA graphs on a GPU); every rank's copies keep the tokens equal to transformers, and
+    every block and slot is free afterwards."""
     need_devices(tp * pp)
     spec = {"llm": {"model": str(hf_models["llama"]), "tp_size": tp, "pp_size": pp,
                     "dtype": "float32", "block_size": 4, "num_kv_blocks": 40,
