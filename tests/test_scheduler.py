@@ -125,6 +125,20 @@ def test_swap_space_too_small_falls_back_to_recompute_and_abort_frees_slots() ->
     assert d.host_blocks is None and s2.swap_space.num_free == 2 and not s2.waiting
 
 
+def test_a_swap_out_no_plan_carries_becomes_a_recompute() -> None:
+    """A lone sequence that must preempt itself leaves an empty step: no plan carries its
+    swap-out, so it is recomputed instead and its slots are free again."""
+    alloc = KVBlockAllocator(2, 4, enable_prefix_caching=False)
+    s = Scheduler(SchedulerConfig(8, 100, 100, host_blocks=4), alloc)
+    a = _seq(0, 8)
+    s.add(a)
+    _run(s, s.schedule())
+    assert s.schedule() is None
+    assert a.host_blocks is None and a.num_computed == 0 and s.swap_space.num_free == 4
+    assert s.num_preemptions == 1 and s.num_swapped_out == 0
+    alloc.check_invariants()
+
+
 def test_single_sequence_preempts_itself_rather_than_crash() -> None:
     alloc = KVBlockAllocator(2, 4, enable_prefix_caching=False)
     s = Scheduler(SchedulerConfig(8, 100, 100), alloc)

@@ -198,9 +198,21 @@ class Scheduler:
             entries.append(ScheduledSeq.of(seq, n))
             budget -= n
         if not entries:
-            assert not swap_out and not swap_in  # preemption and swap-in both schedule
+            # NOTE: no plan carries this step's swap-outs (a sequence that preempted itself
+            # and nothing else to run): their blocks are already free, so they recompute
+            if swap_out:
+                self._unswap(swap_out)
             return None
         return ScheduledBatch(entries, grown, swap_out, swap_in)
+
+    def _unswap(self, swap_out: list[tuple[int, int]]) -> None:
+        slots = {h for _, h in swap_out}
+        for seq in self.waiting:
+            if seq.host_blocks is not None and seq.host_blocks[0] in slots:
+                self.swap_space.release(seq.host_blocks)
+                seq.host_blocks = None
+                seq.num_computed = 0
+                self.num_swapped_out -= 1
 
     def _reservation(self, seq: Sequence) -> int:
         """guaranteed_no_evict: the blocks `seq` holds at its longest (0 under
