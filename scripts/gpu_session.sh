@@ -23,6 +23,14 @@ bench() {  # bench NAME ARGS...: one `trtdist bench` run, JSON kept
     note "bench $name rc=$? $(python3 scripts/summarize_bench.py "$OUT/bench_$name.json" 2>&1)"
 }
 
+run_tests() {  # run_tests TAG SECONDS PYTEST_ARGS...: a pytest run, its log kept, its failures
+  # and last line in the summary
+  local tag=$1 secs=$2; shift 2
+  timeout "$secs" python3 -m pytest -q -rf "$@" 2>&1 | tee "$OUT/${tag}_tests.log" \
+      | grep -E "^FAILED|^E  " | cut -c1-300 | head -20
+  note "$tag tests on $(nvidia-smi -L | wc -l) GPU(s): $(tail -1 "$OUT/${tag}_tests.log")"
+}
+
 amax_sweep() {  # amax_sweep SET: one batch-1 FP8 timeline per handoff tile variant of
   # scripts/amax_variants.py SET, then the fastest benched against v0 and bf16
   python3 scripts/amax_variants.py write "$OUT/var" "$1" | tee -a "$SUMMARY"
@@ -1039,28 +1047,21 @@ for s, t in d.items():
       ;;
     s13a)  # swap preemption: its GPU tests, then 1000/1000 FP8 + FP8 KV after a warm-up run,
       # recomputing (--swap-space 0, the old behaviour) and swapping (the default), in turn
-      timeout 300 python3 -m pytest -q -rf -m gpu tests/test_swap.py 2>&1 \
-          | tee "$OUT/s13a_tests.log" | grep -E "^FAILED|^E  " | cut -c1-300 | head -20
-      note "s13a gpu tests: $(tail -1 "$OUT/s13a_tests.log")"
+      run_tests s13a 300 -m gpu tests/test_swap.py
       M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
       L="--num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024"
       bench warm $M --num-requests 64 --input-len 128 --output-len 32
       bench long_recompute $M $L --swap-space 0
       bench long_swap $M $L
-      note "$(grep -h -o "swap slots.*ready in [0-9.]* s" "$OUT"/bench_long_swap.log | head -1)"
       ;;
     s13b)  # the GPU test suite at this session's code (swap preemption, its background
       # page-locking): every file with GPU tests, 4 workers
-      timeout 560 python3 -m pytest -q -rf -m gpu -n 4 tests/ -k "not long_context" \
-          --ignore tests/test_server.py --ignore tests/test_openai_api.py 2>&1 \
-          | tee "$OUT/s13b_tests.log" | grep -E "^FAILED|^E  " | cut -c1-300 | head -20
-      note "s13b gpu tests: $(tail -1 "$OUT/s13b_tests.log")"
+      run_tests s13b 560 -m gpu -n 4 tests/ -k "not long_context" \
+          --ignore tests/test_server.py --ignore tests/test_openai_api.py
       ;;
     s13c)  # 1000/1000 FP8 + FP8 KV with the swap space page-locked in the background (startup
       # back to ~9 s?), twice, after a warm-up run; first the swap GPU tests
-      timeout 120 python3 -m pytest -q -rf -m gpu tests/test_swap.py 2>&1 \
-          | tee "$OUT/s13c_tests.log" | grep -E "^FAILED|^E  " | cut -c1-300 | head -20
-      note "s13c gpu tests: $(tail -1 "$OUT/s13c_tests.log")"
+      run_tests s13c 120 -m gpu tests/test_swap.py
       M="llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --kv-cache-dtype fp8"
       L="--num-requests 1024 --input-len 1000 --output-len 1000 --max-batch-size 1024"
       bench warm $M --num-requests 64 --input-len 128 --output-len 32
@@ -1079,15 +1080,11 @@ for s, t in d.items():
       ;;
     s13e)  # two GPUs (nvidia-h200-x2): the batching runtime's mpirun tests over NCCL, swap
       # preemption at (tp, pp) = (2, 1) and (1, 2) among them, against transformers
-      timeout 560 python3 -m pytest -q -rf tests/test_runtime.py tests/test_block_table.py 2>&1 \
-          | tee "$OUT/s13e_tests.log" | grep -E "^FAILED|^E  |^SKIPPED" | cut -c1-300 | head -20
-      note "s13e mpirun tests on $(nvidia-smi -L | wc -l) GPUs: $(tail -1 "$OUT/s13e_tests.log")"
+      run_tests s13e 560 tests/test_runtime.py tests/test_block_table.py
       ;;
     s13f)  # one GPU: swap preemption in the engine (pinned slots, CUDA graphs, overlap)
       # against transformers, and the batching runtime's other one-rank tests
-      timeout 400 python3 -m pytest -q -rf tests/test_runtime.py tests/test_swap.py 2>&1 \
-          | tee "$OUT/s13f_tests.log" | grep -E "^FAILED|^E  |^SKIPPED" | cut -c1-300 | head -20
-      note "s13f tests on $(nvidia-smi -L | wc -l) GPU: $(tail -1 "$OUT/s13f_tests.log")"
+      run_tests s13f 400 tests/test_runtime.py tests/test_swap.py
       ;;
     s12i)  # the session's last code: the FP8 GEMM / fused / row-amax GPU tests (a
       # register-capped tile among them)

@@ -30,11 +30,12 @@ from trtdist.tokenizer import Tokenizer
 
 _NO_TABLES = np.zeros(0, dtype=np.int64)
 _NO_PAIRS = np.zeros((0, 2), dtype=np.int64)
+FINISHED = SequenceStatus.FINISHED
 
 
 def _pairs(pairs: list[tuple[int, int]]) -> np.ndarray:
+    """A schedule's (block, block) copy pairs as the plan's `[N, 2]` array."""
     return np.array(pairs, dtype=np.int64).reshape(-1, 2) if pairs else _NO_PAIRS
-FINISHED = SequenceStatus.FINISHED
 
 
 @dataclass(frozen=True, slots=True)

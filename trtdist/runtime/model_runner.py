@@ -126,9 +126,8 @@ class ModelRunner:
 
     def _execute(self, plan: StepPlan) -> None:
         # swap preemption: queued before the forward, which may write the swapped-out blocks
-        if plan.swap_out.size or plan.swap_in.size:
-            self.kv.swap_out(plan.swap_out)
-            self.kv.swap_in(plan.swap_in)
+        self.kv.swap_out(plan.swap_out)
+        self.kv.swap_in(plan.swap_in)
         logits = self._forward(plan)
         if logits is None:
             return
