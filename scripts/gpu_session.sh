@@ -1078,6 +1078,26 @@ for s, t in d.items():
       bench bf16_b1 $M $B
       bench fp8_b1_again $M --quant fp8 $B
       ;;
+    s14a)  # the next weight's head prefetched into L2 from each decode GEMV's tail: GPU
+      # tests, batch-1 timelines (FP8, without and with), TPOT of both dtypes without / with
+      run_tests s14a 300 -n 4 -m gpu tests/test_l2_prefetch.py tests/test_gemv.py \
+          tests/test_fp8_gemv_cuda.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench warm $M --quant fp8 --num-requests 8 --input-len 128 --output-len 32
+      for pf in 0 1; do
+        TRTDIST_L2_NEXT=$pf timeout 150 python3 scripts/profile_decode.py --batch 1 \
+            --context 128 --steps 24 --quant fp8 --max-model-len 8192 \
+            --timeline "$OUT/timeline_fp8_pf$pf.json" > "$OUT/timeline_fp8_pf$pf.log" 2>&1
+        note "timeline fp8 pf=$pf: $(grep wall_ms "$OUT/timeline_fp8_pf$pf.log" | cut -c1-60)"
+        grep "^linear" "$OUT/timeline_fp8_pf$pf.log" | tee -a "$SUMMARY"
+      done
+      TRTDIST_L2_NEXT=0 bench fp8_b1_off $M --quant fp8 $B
+      TRTDIST_L2_NEXT=1 bench fp8_b1_on $M --quant fp8 $B
+      TRTDIST_L2_NEXT=0 bench bf16_b1_off $M $B
+      TRTDIST_L2_NEXT=1 bench bf16_b1_on $M $B
+      TRTDIST_L2_NEXT=o=all,qkv=16,gate_up=16,down=8,lm_head=16 bench fp8_b1_more $M --quant fp8 $B
+      ;;
     s13e)  # two GPUs (nvidia-h200-x2): the batching runtime's mpirun tests over NCCL, swap
       # preemption at (tp, pp) = (2, 1) and (1, 2) among them, against transformers
       run_tests s13e 560 tests/test_runtime.py tests/test_block_table.py
