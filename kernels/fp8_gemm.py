@@ -51,8 +51,6 @@ from trtdist.kernels.fp8_quant import (
     inverse_scale,
     quantize_activation_triton,
 )
-from trtdist.kernels.l2_prefetch import launch_args as l2_launch_args
-from trtdist.kernels.l2_prefetch import prefetch_share
 
 # NOTE: up to 16 rows one tl.dot tile covers M, so the weight is read exactly once; above,
 # the GEMM starts to be compute-shaped and cuBLASLt (`torch._scaled_mm`) is the better choice.
@@ -145,14 +143,13 @@ def _row_sum(acc, K_ACC: tl.constexpr):
 
 @_jit
 def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
-                     amax_ptr, nxt_ptr, nxt_bytes, M, N, K, stride_xm, stride_wn, stride_om,
+                     amax_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                      K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                      FIXUP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP8: tl.constexpr,
                      MODE: tl.constexpr, K_ACC: tl.constexpr, X_2D: tl.constexpr,
                      PREFETCH: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     X_MODE: tl.constexpr = 0, NEXT: tl.constexpr = False,
-                     NT: tl.constexpr = 128):
+                     X_MODE: tl.constexpr = 0):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K). MODE 0: tl.dot(x, w^T); 1: tl.dot(w, x^T) (swapped);
     2: gemv (no MMA; BLOCK_M <= 4 accumulators of [BLOCK_N, BLOCK_K] or [BLOCK_N]).
     X_MODE 0: `xq` is E4M3 with per-row scales `xs`; 1: `xq` is in the model dtype and each
@@ -162,9 +159,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
     With PDL every program waits for the previous kernel before its first load. NOTE:
     loading the first weight tile before the wait (the weight is constant) made the FP8
     batch-1 step slower on an H200 (2.71 -> 2.93 ms; 3.8 ms with every step's tile
-    prefetched), where the bf16 GEMV was indifferent to it (4.01 / 4.00 ms).
-    NEXT: after its main loop each program prefetches its share of the first `nxt_bytes` of
-    the next GEMV's weight into L2 (`kernels/l2_prefetch.py`; NT = the program's threads)."""
+    prefetched), where the bf16 GEMV was indifferent to it (4.01 / 4.00 ms)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -277,9 +272,6 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
         if MODE == 1:
             acc = tl.trans(acc_t)
     pdl_trigger(PDL)
-    if NEXT:
-        prefetch_share(nxt_ptr, nxt_bytes, pid_k * tl.num_programs(0) + pid_n,
-                       tl.num_programs(0) * tl.num_programs(1), NT)
     mask = mask_m[:, None] & mask_n[None, :]
     last = True
     if SPLIT_K > 1:
@@ -409,16 +401,14 @@ def fp8_gemm_small_m(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: to
                      bias: torch.Tensor | None, out_dtype: torch.dtype, *,
                      out: torch.Tensor | None = None, config: Fp8GemmConfig | None = None,
                      split_k: int | None = None, dot_fp8: bool | None = None,
-                     fixup: bool | None = None,
-                     prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                     fixup: bool | None = None) -> torch.Tensor:
     """`xq [M, K]` E4M3 with `xs [M, 1]` float32, `w [N, K]` E4M3 with `ws [N]` float32,
     `bias [N]` or None -> `[M, N]` in `out_dtype` (a new tensor, or `out`), for
     M <= KERNEL_M_MAX. `config` (default: the table of `fp8_gemm_configs` for (M, N, K)),
     `split_k`, `dot_fp8` and `fixup` (split-K reduction in the GEMM, else in a second kernel;
-    default SPLITK_FIXUP) override the automatic choices (tests, tuning). `prefetch`: (weight,
-    bytes) of the next GEMV to bring into L2 from this one's tail (`kernels/l2_prefetch.py`)."""
+    default SPLITK_FIXUP) override the automatic choices (tests, tuning)."""
     return _gemm(xq, xs, 0, w, ws, bias, out_dtype, out=out, config=config, split_k=split_k,
-                 dot_fp8=dot_fp8, fixup=fixup, prefetch=prefetch)
+                 dot_fp8=dot_fp8, fixup=fixup)
 
 
 def fp8_gemm_small_m_quantizing(x: torch.Tensor, row_amax: torch.Tensor | None,
@@ -427,9 +417,7 @@ def fp8_gemm_small_m_quantizing(x: torch.Tensor, row_amax: torch.Tensor | None,
                                 out: torch.Tensor | None = None,
                                 config: Fp8GemmConfig | None = None,
                                 split_k: int | None = None, dot_fp8: bool | None = None,
-                                fixup: bool | None = None,
-                                prefetch: tuple[torch.Tensor, int] | None = None
-                                ) -> torch.Tensor:
+                                fixup: bool | None = None) -> torch.Tensor:
     """`fp8_gemm_small_m` of the model-dtype `x [M, K]`, quantized inside the GEMM (one
     launch): per token from `row_amax` (>= M float32 values, each row's max |x|, as written by
     the kernel that produced x) or with the static `input_scale` (one float32 value); exactly
@@ -440,7 +428,7 @@ def fp8_gemm_small_m_quantizing(x: torch.Tensor, row_amax: torch.Tensor | None,
     mode, xs = (1, row_amax) if row_amax is not None else (2, input_scale)
     assert xs is not None
     return _gemm(x, xs, mode, w, ws, bias, x.dtype, out=out, config=config, split_k=split_k,
-                 dot_fp8=dot_fp8, fixup=fixup, prefetch=prefetch)
+                 dot_fp8=dot_fp8, fixup=fixup)
 
 
 def _cuda_gemv_takes(xq: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -471,8 +459,7 @@ def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
 def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: torch.Tensor,
           bias: torch.Tensor | None, out_dtype: torch.dtype, *, out: torch.Tensor | None,
           config: Fp8GemmConfig | None, split_k: int | None, dot_fp8: bool | None,
-          fixup: bool | None, prefetch: tuple[torch.Tensor, int] | None = None
-          ) -> torch.Tensor:
+          fixup: bool | None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("fp8_gemm_small_m needs triton, which is not installed")
     _check(xq, xs, w, ws, bias, out_dtype, x_mode)
@@ -488,7 +475,7 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
     if (config is None and split_k is None and dot_fp8 is None and fixup is None
             and _cuda_gemv_takes(xq, w, bias, out)):
         try:
-            return fp8_gemv_cuda(xq, xs, x_mode, w, ws, bias, out, prefetch=prefetch)
+            return fp8_gemv_cuda(xq, xs, x_mode, w, ws, bias, out)
         except Exception as e:  # noqa: BLE001 - CudaJitError, or a cuda.bindings mismatch
             _log.warning("fp8_gemm: the CUDA GEMV failed (%s: %s); using the Triton kernel",
                          type(e).__name__, e)
@@ -513,14 +500,12 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
     b = bias if bias is not None else ws  # unused when HAS_BIAS is False
     grid = (triton.cdiv(n, cfg.block_n), split)
     # X_MODE 1 reads the amax where the launch's `xs_ptr` would be: pass it in both
-    nxt, nxt_bytes, has_next = l2_launch_args(prefetch, w)
-    args = (xq, xs, w, ws, b, out, part, cnt, xs, nxt, nxt_bytes, m, n, k, xq.stride(0),
-            w.stride(0), out.stride(0))
+    args = (xq, xs, w, ws, b, out, part, cnt, xs, m, n, k, xq.stride(0), w.stride(0),
+            out.stride(0))
     consts = dict(K_PER_SPLIT=k_per_split, SPLIT_K=split, EVEN_K=k_per_split * split == k,
                   FIXUP=fixup, HAS_BIAS=bias is not None, MODE=mode, K_ACC=cfg.k_acc,
                   X_2D=cfg.x_2d, PREFETCH=cfg.prefetch,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, X_MODE=x_mode,
-                  NEXT=has_next, NT=32 * cfg.num_warps,
                   **cfg.launch_options(), **pdl_launch(xq.device))
     try:
         _fp8_gemm_kernel[grid](*args, DOT_FP8=dot_fp8, **consts)

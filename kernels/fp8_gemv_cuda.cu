@@ -177,8 +177,7 @@ __device__ __forceinline__ void mma_batch(const Batch& b, const unsigned char* x
 extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS)
 fp8_gemv(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
          const void* __restrict__ x, const float* __restrict__ x_scale,
-         const u16* __restrict__ bias, u16* __restrict__ out,
-         const unsigned char* __restrict__ nxt, unsigned long long nxt_bytes) {
+         const u16* __restrict__ bias, u16* __restrict__ out) {
 #if !XDIRECT
     __shared__ __align__(16) unsigned char xs[K];
 #endif
@@ -255,23 +254,6 @@ fp8_gemv(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
 #endif
     }
     launch_dependents();
-#if NEXT
-    // the head of the next GEMV's weight into L2, this CTA's share (kernels/l2_prefetch.py):
-    // fire-and-forget bulk prefetches of at most 4 KB a thread
-    {
-        const unsigned long long share =
-            ((nxt_bytes + gridDim.x - 1) / gridDim.x + 15) / 16 * 16;
-        const unsigned long long mine = (unsigned long long)threadIdx.x * 4096;
-        const unsigned long long off = blockIdx.x * share + mine;
-        if (mine < share && off < nxt_bytes) {
-            unsigned long long size = share - mine;
-            if (size > 4096) size = 4096;
-            if (size > nxt_bytes - off) size = nxt_bytes - off;
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                         :: "l"(nxt + off), "r"((unsigned)size) : "memory");
-        }
-    }
-#endif
 
     if (t == 0) {
         partial[warp][g] = acc0;

@@ -25,7 +25,6 @@ are far below the E4M3 rounding of the inputs (2^-4).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -148,14 +147,11 @@ def supports(m: int, n: int, k: int, x_dtype: torch.dtype, out_dtype: torch.dtyp
 
 def fp8_gemv_cuda(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torch.Tensor,
                   ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, *,
-                  config: CudaGemvConfig | None = None,
-                  prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                  config: CudaGemvConfig | None = None) -> torch.Tensor:
     """`out [1, N] = x [1, K] . w [N, K]^T` scaled (see the module docstring). `x_scale`:
     X_MODE 0 the token's float32 scale, 1 its row amax (float32 slot), 2 the static scale.
-    `prefetch`: (weight, bytes, a multiple of 16) of the next GEMV, brought into L2 from
-    this one's tail (`kernels/l2_prefetch.py`). The caller checks `supports` (shapes,
-    dtypes) and contiguity; raises `CudaJitError` when the kernel cannot compile or
-    launch."""
+    The caller checks `supports` (shapes, dtypes) and contiguity; raises `CudaJitError`
+    when the kernel cannot compile or launch."""
     n, k = w.shape
     cfg = config or config_for(n, k) or default_config(k)
     if cfg is None or not cfg.fits(k):
@@ -165,15 +161,13 @@ def fp8_gemv_cuda(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torch.
     defines = dict(K=k, NWARPS=cfg.nwarps, BATCH=cfg.batch, DOUBLE=int(cfg.double),
                    EARLY=int(cfg.early), MIN_BLOCKS=cfg.min_blocks,
                    XDIRECT=int(cfg.xdirect and x_mode == 0), X_MODE=x_mode, X_T=x_t,
-                   OUT_T=out_t, HAS_BIAS=int(bias is not None), NEXT=int(prefetch is not None))
+                   OUT_T=out_t, HAS_BIAS=int(bias is not None))
     fn = cuda_jit.load(SOURCE, "fp8_gemv", defines, w.device)
     b = bias if bias is not None else out  # unused when HAS_BIAS is 0
     P = cuda_jit.POINTER
-    nxt, nxt_bytes = (prefetch[0].data_ptr(), prefetch[1]) if prefetch is not None else (0, 0)
     fn.launch(n // ROWS_PER_CTA, cfg.nwarps * 32,
               (w.data_ptr(), ws.data_ptr(), x.data_ptr(), x_scale.data_ptr(), b.data_ptr(),
-               out.data_ptr(), nxt, nxt_bytes), (P, P, P, P, P, P, P, ctypes.c_uint64),
-              pdl=pdl_enabled(w.device))
+               out.data_ptr()), (P, P, P, P, P, P), pdl=pdl_enabled(w.device))
     return out
 
 

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
-from trtdist.kernels.l2_prefetch import launch_args as l2_launch_args
-from trtdist.kernels.l2_prefetch import prefetch_share
 
 GEMV_M_MAX = 4
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -57,14 +55,11 @@ def gemv_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 @_jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, nxt_ptr, nxt_bytes, M, N, stride_xm, stride_wn,
-                 stride_om, K: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
+                 K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                 NEXT: tl.constexpr = False, NT: tl.constexpr = 128):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Grid (cdiv(N, BLOCK_N),): BLOCK_N output channels of all M (<= BLOCK_M) rows.
-    NEXT: after the main loop each program prefetches its share of the first `nxt_bytes` of
-    the next GEMV's weight into L2 (`kernels/l2_prefetch.py`; NT = the program's threads).
 
     NOTE: K is a compile-time constant (a few shapes per model) so the loop trip count and the
     alignment of every row are known: full-width vector loads, no runtime K masks."""
@@ -108,8 +103,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, nxt_ptr, nxt_bytes, M, N, stride_
             acc3 += w * x3.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
     pdl_trigger(PDL)
-    if NEXT:
-        prefetch_share(nxt_ptr, nxt_bytes, pid, tl.num_programs(0), NT)
     if HAS_BIAS:
         b = tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
     else:
@@ -138,13 +131,10 @@ def gemv_config(m: int, n: int, k: int) -> tuple[int, int, int]:
 
 def gemv_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
                 out: torch.Tensor | None = None,
-                config: tuple[int, int, int] | None = None,
-                prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """`x [M, K]` (M <= GEMV_M_MAX) @ `w [N, K]`^T (+ `bias [N]`) -> `[M, N]` in x's dtype,
     in a new tensor or `out`. No host syncs, no allocation besides the output: CUDA-graph
-    capturable. `config` overrides (BLOCK_N, BLOCK_K, num_warps) (tuning, tests).
-    `prefetch`: (weight, bytes) of the next GEMV to bring into L2 from this one's tail
-    (`kernels/l2_prefetch.py`)."""
+    capturable. `config` overrides (BLOCK_N, BLOCK_K, num_warps) (tuning, tests)."""
     if triton is None:
         raise RuntimeError("gemv_triton needs triton, which is not installed")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
@@ -170,22 +160,20 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
         return out
     block_n, block_k, warps = config or gemv_config(m, n, k)
     block_k = min(block_k, triton.next_power_of_2(k))
-    nxt, nxt_bytes, has_next = l2_launch_args(prefetch, w)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, w, bias if bias is not None else w, out, nxt, nxt_bytes, m, n, x.stride(0),
-        w.stride(0), out.stride(0), K=k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        BLOCK_M=_m_bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, NEXT=has_next, NT=32 * warps,
-        num_warps=warps, **pdl_launch(x.device))
+        x, w, bias if bias is not None else w, out, m, n, x.stride(0), w.stride(0),
+        out.stride(0), K=k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
+        BLOCK_M=_m_bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        **pdl_launch(x.device))
     return out
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-           prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, except for 2-D CUDA inputs of at most GEMV_M_MAX rows in float16 / bfloat16
-    whose shape has a tuned entry in CONFIGS: those take `gemv_triton` (with `prefetch`)."""
+    whose shape has a tuned entry in CONFIGS: those take `gemv_triton`."""
     if (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_M_MAX and triton is not None
             and x.dtype in (torch.float16, torch.bfloat16) and w.dtype == x.dtype
             and (_m_bucket(x.shape[0]), w.shape[0], w.shape[1]) in CONFIGS
             and x.stride(-1) == 1 and w.stride(-1) == 1 and x.shape[0] > 0):
-        return gemv_triton(x, w, bias, prefetch=prefetch)
+        return gemv_triton(x, w, bias)
     return F.linear(x, w, bias)

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 from trtdist.comm.base import Communicator
 from trtdist.kernels import gemv
-from trtdist.kernels.l2_prefetch import L2Prefetch
 from trtdist.parallel.linear_methods import (
     ActivationWithAmax,
     Fp8LinearMethod,
@@ -37,9 +36,6 @@ class _Linear(nn.Module):
         self.method = quant or UnquantizedLinearMethod()
         self.method.create_weights(self, out_features, in_features, dtype, device)
         self.bias = empty_param((out_features,), dtype, device) if bias else None
-        # The weight this layer's decode GEMV brings into L2 for the GEMV after it (set by
-        # the model, `LlamaStage.link_l2_prefetch`; None: nothing).
-        self.l2_next: L2Prefetch | None = None
 
     @property
     def wants_quantized_input(self) -> bool:

@@ -108,13 +108,6 @@ class LinearMethod:
         raise NotImplementedError
 
 
-def _l2_next(layer: nn.Module, rows: int) -> tuple[torch.Tensor, int] | None:
-    """(weight, bytes) the layer's GEMV prefetches into L2 for the next one at this many
-    rows (`kernels/l2_prefetch.py`), or None."""
-    nxt = getattr(layer, "l2_next", None)
-    return None if nxt is None else nxt.target(rows)
-
-
 def empty_param(shape: tuple[int, ...], dtype: torch.dtype,
                 device: torch.device) -> nn.Parameter:
     """An uninitialised, frozen parameter (filled by the loader)."""
@@ -139,8 +132,7 @@ class UnquantizedLinearMethod(LinearMethod):
         if isinstance(x, (QuantizedActivation, ActivationWithAmax)):
             raise TypeError(f"an unquantized linear layer got an FP8 {type(x).__name__}; only "
                             "FP8 layers that ask for one take it")
-        rows = x.shape[0] if x.dim() == 2 else x.numel() // max(1, x.shape[-1])
-        return gemv.linear(x, layer.weight, bias, prefetch=_l2_next(layer, rows))
+        return gemv.linear(x, layer.weight, bias)
 
     def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                 where: str) -> dict[str, torch.Tensor]:
@@ -201,20 +193,17 @@ class Fp8LinearMethod(LinearMethod):
         if isinstance(x, ActivationWithAmax):
             if layer.use_scaled_mm:
                 return fp8_linear_amax_cuda(x.x, x.amax, layer.weight,
-                                            layer.weight_scale.view(1, -1), bias,
-                                            prefetch=_l2_next(layer, x.x.shape[0]))
+                                            layer.weight_scale.view(1, -1), bias)
             x = x.x  # the reference quantizes per token itself: the same numbers
         if isinstance(x, QuantizedActivation):
             if layer.use_scaled_mm:
                 return fp8_linear_quantized_cuda(x.q, x.scale, layer.weight,
-                                                 layer.weight_scale.view(1, -1), bias, x.dtype,
-                                                 prefetch=_l2_next(layer, x.q.shape[0]))
+                                                 layer.weight_scale.view(1, -1), bias, x.dtype)
             return fp8_linear_quantized_reference(x.q, x.scale, layer.weight,
                                                   layer.weight_scale, bias, x.dtype)
         if layer.use_scaled_mm:
-            rows = x.numel() // max(1, x.shape[-1])
             return fp8_linear_cuda(x, layer.weight, layer.weight_scale.view(1, -1),
-                                   layer.input_scale, bias, prefetch=_l2_next(layer, rows))
+                                   layer.input_scale, bias)
         return fp8_linear_reference(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
 
     def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,

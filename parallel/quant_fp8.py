@@ -179,8 +179,7 @@ def _disable_fast(reason: str) -> None:
 
 def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale_row: torch.Tensor,
                     input_scale: torch.Tensor | None,
-                    bias: torch.Tensor | None, *,
-                    prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None) -> torch.Tensor:
     """FP8 linear on CUDA; `weight_scale_row` is the weight scale as `[1, N]` float32.
 
     - M <= SMALL_M_MAX (decode): `kernels.fp8_gemm.fp8_linear_small_m`, a bandwidth-bound
@@ -188,8 +187,7 @@ def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale_row: tor
     - larger M: the fused Triton quantization (`kernels.fp8_quant`, one launch) and
       `torch._scaled_mm` (cuBLASLt) with row-wise scales and `use_fast_accum=True`.
     If the Triton kernels fail to import or to run, a warning is logged once and the torch
-    quantization (`quantize_activation`) is used from then on. `prefetch` (small M only):
-    the next GEMV's weight head, brought into L2 (`kernels/l2_prefetch.py`).
+    quantization (`quantize_activation`) is used from then on.
 
     NOTE: row-wise scaling in `_scaled_mm` only produces bf16, so fp16/fp32 models get a bf16
     result cast back (one extra rounding, far below the FP8 error)."""
@@ -201,7 +199,7 @@ def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale_row: tor
         try:
             if x2.shape[0] <= fast["small_m_max"] and x2.stride(-1) == 1:  # type: ignore[operator]
                 y = fast["small_m"](x2, weight, weight_scale_row.view(-1),  # type: ignore[operator]
-                                    input_scale, bias, prefetch=prefetch)
+                                    input_scale, bias)
                 return y.reshape(*shape[:-1], weight.shape[0])
             xq, xs = fast["quant"](x2.contiguous(), input_scale)  # type: ignore[operator]
         except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch
@@ -225,9 +223,7 @@ def _scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
 
 def fp8_linear_quantized_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
                               weight_scale_row: torch.Tensor, bias: torch.Tensor | None,
-                              out_dtype: torch.dtype, *,
-                              prefetch: tuple[torch.Tensor, int] | None = None
-                              ) -> torch.Tensor:
+                              out_dtype: torch.dtype) -> torch.Tensor:
     """`fp8_linear_cuda` for an activation already quantized by the kernel that produced it
     (`kernels/fp8_fused.py`): `xq [M, K]` E4M3, `xs [M, 1]` float32 -> `[M, N]` in
     `out_dtype`. The small-M GEMM at M <= SMALL_M_MAX (falling back as there), else
@@ -236,7 +232,7 @@ def fp8_linear_quantized_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.
     if "off" not in fast and xq.shape[0] <= fast["small_m_max"]:  # type: ignore[operator]
         try:
             return fast["gemm"](xq, xs, weight, weight_scale_row.view(-1),  # type: ignore[operator]
-                                bias, out_dtype, prefetch=prefetch)
+                                bias, out_dtype)
         except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch
             _disable_fast(f"{type(e).__name__}: {e}")
     return _scaled_mm(xq, xs, weight, weight_scale_row, bias, out_dtype)
@@ -244,8 +240,7 @@ def fp8_linear_quantized_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.
 
 def fp8_linear_amax_cuda(x: torch.Tensor, row_amax: torch.Tensor, weight: torch.Tensor,
                          weight_scale_row: torch.Tensor,
-                         bias: torch.Tensor | None, *,
-                         prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None) -> torch.Tensor:
     """`fp8_linear_cuda` (per token) of the model-dtype `x [M, K]` whose rows' max |value| the
     producer wrote into `row_amax` (>= M float32 values): at M <= SMALL_M_MAX one launch, the
     small-M GEMM quantizing its tiles from the amax; otherwise (or if the kernel fails) the
@@ -256,8 +251,7 @@ def fp8_linear_amax_cuda(x: torch.Tensor, row_amax: torch.Tensor, weight: torch.
             and m <= row_amax.numel() and x.stride(-1) == 1):
         try:
             return fast["gemm_quantizing"](x, row_amax, None, weight,  # type: ignore[operator]
-                                           weight_scale_row.view(-1), bias,
-                                           prefetch=prefetch)
+                                           weight_scale_row.view(-1), bias)
         except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch
             _disable_fast(f"{type(e).__name__}: {e}")
-    return fp8_linear_cuda(x, weight, weight_scale_row, None, bias, prefetch=prefetch)
+    return fp8_linear_cuda(x, weight, weight_scale_row, None, bias)

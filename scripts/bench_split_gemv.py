@@ -97,7 +97,7 @@ def partials_only(xq, xs, x_mode, w, ws, out, cfg, split):  # type: ignore[no-un
     part = g._workspace(xq.device, n, split, cfg.block_m)
     grid = (triton.cdiv(n, cfg.block_n), split)
     g._fp8_gemm_kernel[grid](
-        xq, xs, w, ws, ws, out, part, xs, xs, w, 0, m, n, k, xq.stride(0), w.stride(0),
+        xq, xs, w, ws, ws, out, part, xs, xs, m, n, k, xq.stride(0), w.stride(0),
         out.stride(0), K_PER_SPLIT=k_per_split, SPLIT_K=split,
         EVEN_K=k_per_split * split == k, FIXUP=False, HAS_BIAS=False, DOT_FP8=False,
         MODE=2, K_ACC=cfg.k_acc, X_2D=cfg.x_2d, PREFETCH=cfg.prefetch, BLOCK_M=cfg.block_m,

@@ -1078,8 +1078,9 @@ for s, t in d.items():
       bench bf16_b1 $M $B
       bench fp8_b1_again $M --quant fp8 $B
       ;;
-    s14a)  # the next weight's head prefetched into L2 from each decode GEMV's tail: GPU
-      # tests, batch-1 timelines (FP8, without and with), TPOT of both dtypes without / with
+    s14a)  # the next weight's head prefetched into L2 from each decode GEMV's tail (code at
+      # c252481, removed after this phase measured it slower): GPU tests, batch-1 timelines
+      # (FP8, without and with), TPOT of both dtypes without / with
       run_tests s14a 300 -n 4 -m gpu tests/test_l2_prefetch.py tests/test_gemv.py \
           tests/test_fp8_gemv_cuda.py
       M="llama3-8b --dummy-weights --dtype bfloat16"

@@ -15,7 +15,6 @@ from trtdist.engine.build import rank_file, resolve_dtype, sha256_file, validate
 from trtdist.engine.checkpoint import HFCheckpoint, open_checkpoint, resolve_quant
 from trtdist.engine.gguf_source import GGUFCheckpoint
 from trtdist.engine.source import ModelSource
-from trtdist.kernels.l2_prefetch import L2PrefetchPlan
 from trtdist.models.llama import LlamaStage
 from trtdist.models.llama_weights import process_linears, shard_llama
 from trtdist.parallel.layers import ColumnParallelLinear, RowParallelLinear, make_linear_method
@@ -160,5 +159,4 @@ def load_stage(source: ModelSource, mapping: Mapping, tp: Communicator, device: 
             _copy_into(model, process_linears(shard, method, torch_dtype, where), where)
         else:
             _dummy_fill(model, seed, mapping.rank)
-    model.link_l2_prefetch(L2PrefetchPlan.for_device(device))
     return model.eval()

@@ -18,7 +18,6 @@ from trtdist.config import ModelConfig
 from trtdist.kernels.activation import silu_and_mul
 from trtdist.kernels.attention import AttentionBackend, LayerKV, TorchAttentionBackend
 from trtdist.kernels.fp8_fused import rms_norm_quant_triton, silu_and_mul_quant_triton
-from trtdist.kernels.l2_prefetch import L2Prefetch, L2PrefetchPlan
 from trtdist.kernels.norm import add_rms_norm, rms_norm
 from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
 from trtdist.models.rope import inv_frequencies
@@ -205,22 +204,6 @@ class LlamaStage(nn.Module):
                          if quant is not None and quant.quant.method == "fp8"
                          and not quant.quant.static and device.type == "cuda"
                          and os.environ.get(ROW_AMAX_ENV, "1") != "0" else None)
-
-    def link_l2_prefetch(self, plan: L2PrefetchPlan | None) -> None:
-        """Have each decode GEMV bring the head of the next one's weight into L2 from its
-        tail, as `plan` says (`kernels/l2_prefetch.py`); None: no prefetch. The chain runs
-        qkv -> o -> gate_up -> down -> the next layer's qkv, and on the last stage the last
-        down -> the LM head."""
-        chain: list[tuple[nn.Module, int | None]] = []
-        for layer in self.layers.values():
-            p = plan or L2PrefetchPlan()
-            chain += [(layer.attn.qkv, p.qkv), (layer.attn.o, p.o),
-                      (layer.mlp.gate_up, p.gate_up), (layer.mlp.down, p.down)]
-        if self.mapping.is_last_stage:
-            chain.append((self.lm_head, (plan or L2PrefetchPlan()).lm_head))
-        for (cur, _), (nxt, nbytes) in zip(chain, chain[1:]):
-            cur.l2_next = (None if plan is None or nbytes == 0
-                           else L2Prefetch(nxt, nbytes, plan.max_tokens))
 
     def context(self, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 meta: object) -> StepContext:
