@@ -1078,6 +1078,20 @@ for s, t in d.items():
       bench bf16_b1 $M $B
       bench fp8_b1_again $M --quant fp8 $B
       ;;
+    s14b)  # issue 12's three goals at this session's final code: 1000/1000 FP8 + FP8 KV
+      # (defaults), 1024 x 128/128 FP8, batch 1 FP8 / bf16 / FP8 again
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench warm $M --quant fp8 --kv-cache-dtype fp8 --num-requests 64 --input-len 128 \
+          --output-len 32
+      bench long $M --quant fp8 --kv-cache-dtype fp8 --num-requests 1024 --input-len 1000 \
+          --output-len 1000 --max-batch-size 1024
+      bench fp8_r1024 $M --quant fp8 --num-requests 1024 --input-len 128 --output-len 128 \
+          --max-batch-size 1024
+      bench fp8_b1 $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      bench fp8_b1_again $M --quant fp8 $B
+      ;;
     s14a)  # the next weight's head prefetched into L2 from each decode GEMV's tail (code at
       # c252481, removed after this phase measured it slower): GPU tests, batch-1 timelines
       # (FP8, without and with), TPOT of both dtypes without / with
