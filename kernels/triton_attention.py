@@ -271,37 +271,42 @@ def _attend_tile(acc, l_i, m_i, q, k, v, k_sc, v_sc, mask_n, qk_scale, USE_DOT: 
 
 
 @triton.jit
-def _attend_newest(acc, l_i, m_i, q, has_new, blk, slot, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh,
-                   offs_d, mask_d, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb,
-                   stride_vs, stride_vh, stride_ksb, stride_kss, stride_ksh, stride_vsb,
-                   stride_vss, stride_vsh, KV_FP8: tl.constexpr, V_T: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr):
-    """Decode (EARLY): the newest token's cached K and V rows `[D]`, read after the wait, into
-    the online softmax state (nothing where `has_new` is false). Its probability is rounded
-    to V's dtype before the product, as the tiles' `P @ V` does."""
+def _newest_row(has_new, blk, slot, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, offs_d, mask_d,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ksb,
+                stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                KV_FP8: tl.constexpr, V_T: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Decode (EARLY): the newest token's cached K and V rows `[D]` in float32, FP8 values
+    scaled (zeros where `has_new` is false)."""
     md = mask_d & has_new
     k = tl.load(kc_ptr + blk * stride_kb + slot * stride_ks + kvh * stride_kh + offs_d,
-                mask=md, other=0.0)
+                mask=md, other=0.0).to(tl.float32)
     if V_T:
         v = tl.load(vc_ptr + blk * stride_vb + kvh * stride_vh + offs_d * BLOCK_SIZE + slot,
-                    mask=md, other=0.0)
+                    mask=md, other=0.0).to(tl.float32)
     else:
         v = tl.load(vc_ptr + blk * stride_vb + slot * stride_vs + kvh * stride_vh + offs_d,
-                    mask=md, other=0.0)
-    qk = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1)  # [G]
-    vf = v.to(tl.float32)
+                    mask=md, other=0.0).to(tl.float32)
     if KV_FP8:
-        qk = qk * tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
-                          mask=has_new, other=0.0)
-        vf = vf * tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
-                          mask=has_new, other=0.0)
+        k = k * tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
+                        mask=has_new, other=0.0)
+        v = v * tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
+                        mask=has_new, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_row(acc, l_i, m_i, q, k, v, has_new, qk_scale):
+    """Decode (EARLY): one key row `k`, `v` `[D]` (float32) into the online softmax state
+    (nothing where `has_new` is false). Its probability is rounded to q's dtype before the
+    product, as the tiles' `P @ V` operand is."""
+    qk = tl.sum(q.to(tl.float32) * k[None, :], 1)  # [G]
     qk = tl.where(has_new, qk * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, qk)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new)
     l_i = l_i * alpha + p
-    p_v = p.to(q.dtype).to(tl.float32)  # as the tiles' P @ V operand
-    acc = acc * alpha[:, None] + p_v[:, None] * vf[None, :]
+    p_v = p.to(q.dtype).to(tl.float32)
+    acc = acc * alpha[:, None] + p_v[:, None] * v[None, :]
     return acc, l_i, m_new
 
 
@@ -376,6 +381,12 @@ def _decode_partial(
     pdl_wait(PDL)
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [G, D]
+    if EARLY:  # right after the wait, beside q: one round trip for both
+        k_new, v_new = _newest_row(
+            has_new, blk_new, newest % BLOCK_SIZE, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, offs_d,
+            mask_d, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh, KV_FP8,
+            V_T, BLOCK_SIZE)
     if not USE_DOT:
         q = q.to(tl.float32)
     if KV_F16:  # FP8 tiles convert natively to fp16: the dots run in fp16
@@ -398,11 +409,7 @@ def _decode_partial(
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, k_sc, v_sc, mask_n, qk_scale,
                                      USE_DOT, KV_FP8, KV_F16, DOT_PREC)
     if EARLY:
-        acc, l_i, m_i = _attend_newest(
-            acc, l_i, m_i, q, has_new, blk_new, newest % BLOCK_SIZE, kc_ptr, vc_ptr, ks_ptr,
-            vs_ptr, kvh, offs_d, mask_d, qk_scale, stride_kb, stride_ks, stride_kh, stride_vb,
-            stride_vs, stride_vh, stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss,
-            stride_vsh, KV_FP8, V_T, BLOCK_SIZE)
+        acc, l_i, m_i = _attend_row(acc, l_i, m_i, q, k_new, v_new, has_new, qk_scale)
 
     pdl_trigger(PDL)
     has = l_i > 0.0

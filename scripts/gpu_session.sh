@@ -1099,6 +1099,22 @@ for s, t in d.items():
       TRTDIST_EARLY_KV_MAX_SEQS=0 bench bf16_b1_off $M $B
       bench bf16_b1_on $M $B
       ;;
+    s14d)  # s14c with the newest token's row loaded beside q right after the wait (not after
+      # the tiles): attention GPU tests, FP8 timelines off / on, TPOT of both dtypes off / on
+      run_tests s14d 300 -n 4 -m gpu tests/test_triton_attention.py tests/test_kv_fp8.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      for e in 0 8; do
+        TRTDIST_EARLY_KV_MAX_SEQS=$e timeout 150 python3 scripts/profile_decode.py --batch 1 \
+            --context 128 --steps 24 --quant fp8 --max-model-len 8192 \
+            --timeline "$OUT/timeline_fp8_e$e.json" > "$OUT/timeline_fp8_e$e.log" 2>&1
+        note "timeline fp8 early=$e: $(grep wall_ms "$OUT/timeline_fp8_e$e.log" | cut -c1-60)"
+        grep -E "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " \
+            "$OUT/timeline_fp8_e$e.log" | tee -a "$SUMMARY"
+      done
+      TRTDIST_EARLY_KV_MAX_SEQS=0 bench fp8_b1_off $M --quant fp8 $B
+      bench fp8_b1_on $M --quant fp8 $B
+      ;;
     s14b)  # issue 12's three goals at this session's final code: 1000/1000 FP8 + FP8 KV
       # (defaults), 1024 x 128/128 FP8, batch 1 FP8 / bf16 / FP8 again
       M="llama3-8b --dummy-weights --dtype bfloat16"
