@@ -34,12 +34,6 @@ except ImportError:  # no Triton, or one without grid dependency control: PDL st
     gdc_wait = gdc_launch_dependents = None
 
 PDL_ENV = "TRTDIST_PDL"  # "0" turns programmatic dependent launch off
-# Decode steps of at most this many sequences load their first key tile before the PDL wait
-# (`triton_attention._decode_partial`'s EARLY), and the rotary kernel before lets them launch
-# right after its own wait (`rotary.py`). TRTDIST_EARLY_KV_MAX_SEQS=0 turns it off. 8 is a
-# CUDA-graph bucket, so a graph and the eager step it stands for take the same path.
-EARLY_KV_ENV = "TRTDIST_EARLY_KV_MAX_SEQS"
-EARLY_KV_MAX_SEQS = int(os.environ.get(EARLY_KV_ENV, "8"))
 _pdl_on: dict[Any, bool] = {}
 
 

@@ -21,8 +21,8 @@ closer to the exact rotation, and within about one ulp of the reference.
 from __future__ import annotations
 
 import torch
-from trtdist.kernels._triton import EARLY_KV_MAX_SEQS, pdl_launch, pdl_trigger, pdl_wait, tl, triton
 from trtdist.kernels._triton import jit as _jit
+from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
 from trtdist.kernels.fp8_quant import FP8_MAX, MIN_SCALE
 from trtdist.kernels.fp8_quant import quantize_by_division as _quantize_e4m3
 from trtdist.kernels.kv_quant import (
@@ -110,8 +110,7 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                              HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, KV_FP8: tl.constexpr,
-                             ROT_BLOCK: tl.constexpr, ROT_NORM: tl.constexpr, PDL: tl.constexpr,
-                             EARLY_TRIGGER: tl.constexpr = False):
+                             ROT_BLOCK: tl.constexpr, ROT_NORM: tl.constexpr, PDL: tl.constexpr):
     """Grid (T, cdiv(HQ + HKV, BLOCK_H)) over the rotated heads of one token.
 
     Within a qkv row the q heads and then the k heads lie back to back, so rotated head h is at
@@ -122,9 +121,7 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
     every row (q and k) is multiplied by the format's rotation `R = H2 (x) B / sqrt(2)`:
     `[o1 o2] R = [(o1 + o2) B, (o1 - o2) B] / sqrt(2)`, each `. B` (unnormalized Walsh-Hadamard
     blocks of ROT_BLOCK) a butterfly transform in float32 (`_hadamard`), then one multiply by
-    ROT_NORM = 1 / sqrt(2 * ROT_BLOCK).
-    EARLY_TRIGGER (small decode batches): the next kernel (decode attention) may launch right
-    after this one's wait, to load its cached keys while this one runs."""
+    ROT_NORM = 1 / sqrt(2 * ROT_BLOCK)."""
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     half: tl.constexpr = D // 2
@@ -142,8 +139,6 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
     sin = tl.load(cs_ptr + pos * cs_stride + half + d, mask=dmask,
                   other=0.0).to(tl.float32)[None, :]
     pdl_wait(PDL)
-    if EARLY_TRIGGER:
-        pdl_trigger(PDL)
 
     row = qkv_ptr + t * qkv_stride
     lo = row + heads[:, None] * D + d[None, :]  # [BH, HP] first halves
@@ -159,8 +154,7 @@ def _rotary_and_cache_kernel(qkv_ptr, qkv_stride, pos_ptr, pos_stride, cs_ptr, c
                   _hadamard(r1 - r2, BLOCK_H, HALF_PAD, ROT_BLOCK) * ROT_NORM)
     o1 = r1.to(qkv_ptr.dtype.element_ty)
     o2 = r2.to(qkv_ptr.dtype.element_ty)
-    if not EARLY_TRIGGER:
-        pdl_trigger(PDL)
+    pdl_trigger(PDL)
     tl.store(lo, o1, mask=mask)
     tl.store(lo + half, o2, mask=mask)
 
@@ -280,7 +274,7 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
         *_scale_args(k_scale, k_cache), *_scale_args(v_scale, v_cache),
         HQ=q_heads, HKV=kv_heads, D=head_dim, HALF_PAD=half_pad, BLOCK_H=block_h,
         BLOCK_SIZE=k_cache.shape[1], KV_FP8=fp8, ROT_BLOCK=rot_block,
-        ROT_NORM=(2 * rot_block) ** -0.5, EARLY_TRIGGER=t <= EARLY_KV_MAX_SEQS,
+        ROT_NORM=(2 * rot_block) ** -0.5,
         num_warps=warps, **pdl_launch(qkv.device))
     return q, k, v
 

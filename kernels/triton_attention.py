@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
-from trtdist.kernels._triton import EARLY_KV_MAX_SEQS, pdl_launch, pdl_trigger, pdl_wait
+from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait
 from trtdist.kernels.attention import AttentionInputs
 from trtdist.kernels.fp8_quant import check_row_amax, max_rows_into
 
@@ -218,98 +218,6 @@ def _new_tokens_kv(k_ptr, v_ptr, kv_base, j, mask_n, kvh, offs_d, mask_d,
     return k, v
 
 
-@triton.jit
-def _kv_tile(start, hi, kv_start, table, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, offs_n, offs_d,
-             mask_d, like, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-             HAS_WINDOW: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
-             V_T: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Decode: the cached K, V `[N, D]` (and FP8 scales `[N]`) of positions [start, start +
-    N) below `hi` (from `kv_start` with a window), through the block table; and their mask."""
-    pos = start + offs_n  # [N] token positions
-    mask_n = pos < hi
-    if HAS_WINDOW:
-        mask_n = mask_n & (pos >= kv_start)
-    page = pos // BLOCK_SIZE
-    # NOTE: masked by whole pages, so a page's tokens share one block id (null past hi)
-    blk = tl.load(table + page, mask=page * BLOCK_SIZE < hi, other=0).to(tl.int64)
-    slot = pos % BLOCK_SIZE
-    k, v, k_sc, v_sc = _load_kv(
-        kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, like,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-        stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-        KV_FP8, KV_F16, V_T, BLOCK_SIZE, BLOCK_N)
-    return k, v, k_sc, v_sc, mask_n
-
-
-@triton.jit
-def _attend_tile(acc, l_i, m_i, q, k, v, k_sc, v_sc, mask_n, qk_scale, USE_DOT: tl.constexpr,
-                 KV_FP8: tl.constexpr, KV_F16: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Decode: one tile of keys into the online softmax state of the group's queries."""
-    if USE_DOT:
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
-    else:
-        qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)  # [G, N]
-    if KV_FP8:
-        qk = qk * k_sc[None, :]
-    qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-    if USE_DOT:
-        if KV_FP8:
-            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC, KV_F16)
-        else:
-            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
-    else:  # one query head per program: float32 products instead of a one-row MMA
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if KV_FP8:
-            p = p * v_sc[None, :]
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-        m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _newest_row(has_new, blk, slot, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, offs_d, mask_d,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_ksb,
-                stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                KV_FP8: tl.constexpr, V_T: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Decode (EARLY): the newest token's cached K and V rows `[D]` in float32, FP8 values
-    scaled (zeros where `has_new` is false)."""
-    md = mask_d & has_new
-    k = tl.load(kc_ptr + blk * stride_kb + slot * stride_ks + kvh * stride_kh + offs_d,
-                mask=md, other=0.0).to(tl.float32)
-    if V_T:
-        v = tl.load(vc_ptr + blk * stride_vb + kvh * stride_vh + offs_d * BLOCK_SIZE + slot,
-                    mask=md, other=0.0).to(tl.float32)
-    else:
-        v = tl.load(vc_ptr + blk * stride_vb + slot * stride_vs + kvh * stride_vh + offs_d,
-                    mask=md, other=0.0).to(tl.float32)
-    if KV_FP8:
-        k = k * tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
-                        mask=has_new, other=0.0)
-        v = v * tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
-                        mask=has_new, other=0.0)
-    return k, v
-
-
-@triton.jit
-def _attend_row(acc, l_i, m_i, q, k, v, has_new, qk_scale):
-    """Decode (EARLY): one key row `k`, `v` `[D]` (float32) into the online softmax state
-    (nothing where `has_new` is false). Its probability is rounded to q's dtype before the
-    product, as the tiles' `P @ V` operand is."""
-    qk = tl.sum(q.to(tl.float32) * k[None, :], 1)  # [G]
-    qk = tl.where(has_new, qk * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, qk)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new)
-    l_i = l_i * alpha + p
-    p_v = p.to(q.dtype).to(tl.float32)
-    acc = acc * alpha[:, None] + p_v[:, None] * v[None, :]
-    return acc, l_i, m_new
-
-
 @triton.jit(do_not_specialize=["num_parts"])
 def _decode_partial(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_o_ptr,
@@ -326,13 +234,7 @@ def _decode_partial(
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
     V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
-    EARLY: tl.constexpr = False,
 ):
-    """EARLY (pure decode at small batch): the block table and the first tile of cached keys
-    are loaded before the PDL wait (they are the step's inputs and earlier steps' writes), so
-    their DRAM round trips overlap the kernel before (rotary, which lets this one launch
-    right after its own wait); the newest token, which that kernel writes, is excluded from
-    the tiles and added by one row read after the wait."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -361,32 +263,9 @@ def _decode_partial(
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g  # [G]
-    table = bt_ptr + seq.to(tl.int64) * stride_bt
-    # the positions the tiles cover: EARLY leaves out the newest token (the previous kernel
-    # writes it), which is added on its own after them
-    newest = seq_len - 1
-    tiles_hi = hi
-    if EARLY:
-        tiles_hi = tl.minimum(hi, newest)
-        # the dtype q has after its conversions below (FP8 tiles convert to it)
-        like = tl.zeros([1, D_PAD], dtype=tl.float16 if KV_F16 else (
-            q_ptr.dtype.element_ty if USE_DOT else tl.float32))
-        k0, v0, ks0, vs0, mask0 = _kv_tile(
-            lo, tiles_hi, kv_start, table, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, offs_n, offs_d,
-            mask_d, like, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            HAS_WINDOW, KV_FP8, KV_F16, V_T, BLOCK_SIZE, BLOCK_N)
-        has_new = valid & (newest >= lo) & (newest < hi)
-        blk_new = tl.load(table + newest // BLOCK_SIZE, mask=has_new, other=0).to(tl.int64)
     pdl_wait(PDL)
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [G, D]
-    if EARLY:  # right after the wait, beside q: one round trip for both
-        k_new, v_new = _newest_row(
-            has_new, blk_new, newest % BLOCK_SIZE, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, offs_d,
-            mask_d, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh, KV_FP8,
-            V_T, BLOCK_SIZE)
     if not USE_DOT:
         q = q.to(tl.float32)
     if KV_F16:  # FP8 tiles convert natively to fp16: the dots run in fp16
@@ -395,21 +274,43 @@ def _decode_partial(
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], _NEG, dtype=tl.float32)
-    first = lo
-    if EARLY:
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k0, v0, ks0, vs0, mask0, qk_scale,
-                                     USE_DOT, KV_FP8, KV_F16, DOT_PREC)
-        first = lo + BLOCK_N
-    for start in range(first, tiles_hi, BLOCK_N):
-        k, v, k_sc, v_sc, mask_n = _kv_tile(  # [N, D] x 2, [N] x 3
-            start, tiles_hi, kv_start, table, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, offs_n,
-            offs_d, mask_d, q, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-            stride_vh, stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-            HAS_WINDOW, KV_FP8, KV_F16, V_T, BLOCK_SIZE, BLOCK_N)
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k, v, k_sc, v_sc, mask_n, qk_scale,
-                                     USE_DOT, KV_FP8, KV_F16, DOT_PREC)
-    if EARLY:
-        acc, l_i, m_i = _attend_row(acc, l_i, m_i, q, k_new, v_new, has_new, qk_scale)
+    table = bt_ptr + seq.to(tl.int64) * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n  # [N] token positions
+        mask_n = pos < hi
+        if HAS_WINDOW:
+            mask_n = mask_n & (pos >= kv_start)
+        page = pos // BLOCK_SIZE
+        # NOTE: masked by whole pages, so a page's tokens share one block id (null past hi)
+        blk = tl.load(table + page, mask=page * BLOCK_SIZE < hi, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        k, v, k_sc, v_sc = _load_kv(  # [N, D] x 2, [N] x 2
+            kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            KV_FP8, KV_F16, V_T, BLOCK_SIZE, BLOCK_N)
+        if USE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
+        else:
+            qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)  # [G, N]
+        if KV_FP8:
+            qk = qk * k_sc[None, :]
+        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+        if USE_DOT:
+            if KV_FP8:
+                acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
+                                                      KV_F16)
+            else:
+                acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
+        else:  # one query head per program: float32 products instead of a one-row MMA
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if KV_FP8:
+                p = p * v_sc[None, :]
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+            m_i = m_new
 
     pdl_trigger(PDL)
     has = l_i > 0.0
@@ -854,7 +755,7 @@ class TritonAttentionBackend:
             BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
-            AMAX=row_amax is not None and parts == 1, EARLY=not mixed and s <= EARLY_KV_MAX_SEQS,
+            AMAX=row_amax is not None and parts == 1,
             num_warps=warps, num_stages=stages, **pdl_launch(q.device))
         if parts > 1:
             _decode_reduce[(s, hq)](

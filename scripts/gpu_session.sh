@@ -1078,7 +1078,8 @@ for s, t in d.items():
       bench bf16_b1 $M $B
       bench fp8_b1_again $M --quant fp8 $B
       ;;
-    s14c)  # small decode batches: the first key tile loaded before the PDL wait, rotary letting
+    s14c)  # (code at b5b1166 / 3c2b929, removed: slower) small decode batches: the first key
+      # tile loaded before the PDL wait, rotary letting
       # attention launch after its own wait (TRTDIST_EARLY_KV_MAX_SEQS 0 = off): GPU tests,
       # FP8 batch-1 timelines off / on, TPOT of both dtypes off / on
       run_tests s14c 400 -n 4 -m gpu tests/test_triton_attention.py tests/test_kv_fp8.py \

@@ -138,20 +138,6 @@ def test_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int,
     check(case, window, TritonAttentionBackend(target_programs=target))
 
 
-@pytest.mark.parametrize("early", [0, 8])
-@pytest.mark.parametrize("window,target", [(None, 1000), (5, 1000), (None, 1)])
-def test_decode_early_tile_and_plain_loop(early: int, window: int | None, target: int,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small decode batches load their first key tile before the PDL wait and add the
-    newest token on its own (EARLY); both paths match the reference, with the newest token
-    at a page start, mid-page, alone, in a later partition, and in padded rows."""
-    from trtdist.kernels import triton_attention
-
-    monkeypatch.setattr(triton_attention, "EARLY_KV_MAX_SEQS", early)
-    case = Case([1, 5, 8, 9, 33, 300, 0], [1] * 7, 8, 2, 16, 4, torch.float32, seed=3)
-    check(case, window, TritonAttentionBackend(target_programs=target))
-
-
 @pytest.mark.parametrize("dtype,hq,hkv,d,bs,window", [
     (torch.float32, 4, 4, 16, 4, None),
     (torch.float32, 8, 2, 16, 16, 5),
