@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MPI_SCRIPTS, hf_reference, load_hf, mpirun, need_devices, trtdist_cli
+from helpers import (
+    MPI_SCRIPTS,
+    assert_greedy_agrees,
+    hf_reference,
+    load_hf,
+    mpirun,
+    need_devices,
+    trtdist_cli,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -186,10 +194,17 @@ def test_fp8_engine_matches_fake_quant_transformers(kind: str, tp: int, pp: int,
     mpirun(tp * pp, [str(MPI_SCRIPTS / "run_model.py"), str(out), str(tp), str(pp), "auto",
                      ",".join(map(str, PROMPT)), "12", str(eng)])
     res = np.load(out)
-    logits, tokens = hf_reference(_fp8_reference_model(src, tp), PROMPT, 12)
+    ref = _fp8_reference_model(src, tp)
+    logits, tokens = hf_reference(ref, PROMPT, 12)
     err = float(np.abs(res["logits0"] - logits.numpy()).max() / logits.abs().max())
     assert err < 1e-4, err
-    assert res["tokens0"].tolist() == tokens
+    # NOTE: decode attention sums in another order than a prefill, and an activation on an
+    # E4M3 rounding boundary then quantizes one code away: a greedy step whose top two logits
+    # are that close may go either way. Seen with qwen2 at tp 2 on transformers 5.24's random
+    # weights: token 11's top two 1.6% apart; the engine's prefill over the same tokens
+    # matched transformers to 6e-7, and 1e-6 relative noise on transformers' own o_proj
+    # inputs flipped that token in 15 of 20 tries.
+    assert_greedy_agrees(res["tokens0"].tolist(), tokens, ref, PROMPT, rel_gap=0.03)
     # and FP8 really changed something: the unquantized model's logits differ
     plain, _ = hf_reference(src, PROMPT, 0)
     assert float((plain - logits).abs().max() / plain.abs().max()) > 1e-4
