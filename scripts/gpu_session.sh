@@ -1116,6 +1116,26 @@ for s, t in d.items():
       TRTDIST_EARLY_KV_MAX_SEQS=0 bench fp8_b1_off $M --quant fp8 $B
       bench fp8_b1_on $M --quant fp8 $B
       ;;
+    s14e)  # the decode GEMVs triggering the next launch right after their wait (the next
+      # kernel is a one-program row kernel): GPU tests with it on, FP8 timelines off / on,
+      # TPOT of both dtypes off / on
+      TRTDIST_GEMV_EARLY_TRIGGER=1 run_tests s14e 300 -n 4 -m gpu tests/test_gemv.py \
+          tests/test_fp8_gemv_cuda.py tests/test_fp8_kernels.py tests/test_row_amax.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      for e in 0 1; do
+        TRTDIST_GEMV_EARLY_TRIGGER=$e timeout 150 python3 scripts/profile_decode.py --batch 1 \
+            --context 128 --steps 24 --quant fp8 --max-model-len 8192 \
+            --timeline "$OUT/timeline_fp8_t$e.json" > "$OUT/timeline_fp8_t$e.log" 2>&1
+        note "timeline fp8 gemv early trigger=$e: $(grep wall_ms "$OUT/timeline_fp8_t$e.log" | cut -c1-60)"
+        grep -E "^linear|^_(rms_norm_quant_kernel|silu_and_mul_kernel|rotary_and_cache_kernel|decode_partial) " \
+            "$OUT/timeline_fp8_t$e.log" | tee -a "$SUMMARY"
+      done
+      TRTDIST_GEMV_EARLY_TRIGGER=0 bench fp8_b1_off $M --quant fp8 $B
+      TRTDIST_GEMV_EARLY_TRIGGER=1 bench fp8_b1_on $M --quant fp8 $B
+      TRTDIST_GEMV_EARLY_TRIGGER=0 bench bf16_b1_off $M $B
+      TRTDIST_GEMV_EARLY_TRIGGER=1 bench bf16_b1_on $M $B
+      ;;
     s14b)  # issue 12's three goals at this session's final code: 1000/1000 FP8 + FP8 KV
       # (defaults), 1024 x 128/128 FP8, batch 1 FP8 / bf16 / FP8 again
       M="llama3-8b --dummy-weights --dtype bfloat16"
