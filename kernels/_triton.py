@@ -34,10 +34,6 @@ except ImportError:  # no Triton, or one without grid dependency control: PDL st
     gdc_wait = gdc_launch_dependents = None
 
 PDL_ENV = "TRTDIST_PDL"  # "0" turns programmatic dependent launch off
-# "1": the decode GEMVs let the next kernel (a one-program row kernel) launch right after
-# their own wait instead of after their main loop (measured in PERF_NOTES.md, fourteenth
-# session)
-GEMV_EARLY_TRIGGER = os.environ.get("TRTDIST_GEMV_EARLY_TRIGGER", "0") == "1"
 _pdl_on: dict[Any, bool] = {}
 
 

@@ -39,15 +39,8 @@ import logging
 
 import torch
 from trtdist.kernels import fp8_gemm_configs as _cfg
-from trtdist.kernels._triton import (
-    GEMV_EARLY_TRIGGER,
-    pdl_launch,
-    pdl_trigger,
-    pdl_wait,
-    tl,
-    triton,
-)
 from trtdist.kernels._triton import jit as _jit
+from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
 from trtdist.kernels.fp8_gemm_configs import Fp8GemmConfig
 from trtdist.kernels.fp8_gemv_cuda import fp8_gemv_cuda
 from trtdist.kernels.fp8_gemv_cuda import supports as gemv_cuda_supports
@@ -156,7 +149,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
                      MODE: tl.constexpr, K_ACC: tl.constexpr, X_2D: tl.constexpr,
                      PREFETCH: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     X_MODE: tl.constexpr = 0, EARLY_TRIGGER: tl.constexpr = False):
+                     X_MODE: tl.constexpr = 0):
     """Grid (cdiv(N, BLOCK_N), SPLIT_K). MODE 0: tl.dot(x, w^T); 1: tl.dot(w, x^T) (swapped);
     2: gemv (no MMA; BLOCK_M <= 4 accumulators of [BLOCK_N, BLOCK_K] or [BLOCK_N]).
     X_MODE 0: `xq` is E4M3 with per-row scales `xs`; 1: `xq` is in the model dtype and each
@@ -198,8 +191,6 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
             acc2 = tl.zeros_like(acc0)
             acc3 = tl.zeros_like(acc0)
         pdl_wait(PDL)
-        if EARLY_TRIGGER:
-            pdl_trigger(PDL)
         one = tl.full([], 1.0, dtype=tl.float32)
         inv0 = one
         inv1 = one
@@ -252,8 +243,6 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
             acc = tl.where(rm[:, None] == 3, _row_sum(acc3, K_ACC)[None, :], acc)
     else:
         pdl_wait(PDL)
-        if EARLY_TRIGGER:
-            pdl_trigger(PDL)
         inv_m = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
         if X_MODE != 0:
             inv_m = inverse_scale(_x_scale(amax_ptr, xs_ptr, rm, mask_m, X_MODE))
@@ -282,8 +271,7 @@ def _fp8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cn
             w_ptrs += BLOCK_K
         if MODE == 1:
             acc = tl.trans(acc_t)
-    if not EARLY_TRIGGER:
-        pdl_trigger(PDL)
+    pdl_trigger(PDL)
     mask = mask_m[:, None] & mask_n[None, :]
     last = True
     if SPLIT_K > 1:
@@ -518,8 +506,7 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
                   FIXUP=fixup, HAS_BIAS=bias is not None, MODE=mode, K_ACC=cfg.k_acc,
                   X_2D=cfg.x_2d, PREFETCH=cfg.prefetch,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk, X_MODE=x_mode,
-                  EARLY_TRIGGER=GEMV_EARLY_TRIGGER, **cfg.launch_options(),
-                  **pdl_launch(xq.device))
+                  **cfg.launch_options(), **pdl_launch(xq.device))
     try:
         _fp8_gemm_kernel[grid](*args, DOT_FP8=dot_fp8, **consts)
     except Exception as e:  # noqa: BLE001 - e.g. a Triton build without FP8 MMA for this GPU

@@ -205,9 +205,6 @@ fp8_gemv(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
     load_batch(cur, p0, p8, 0);
 #endif
     grid_dependency_wait();
-#if EARLY_TRIGGER
-    launch_dependents();
-#endif
 #if !EARLY
     load_batch(cur, p0, p8, 0);
 #endif
@@ -256,9 +253,7 @@ fp8_gemv(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
         mma_batch(cur, xs_lane, b * BATCH, acc0, acc8);
 #endif
     }
-#if !EARLY_TRIGGER
     launch_dependents();
-#endif
 
     if (t == 0) {
         partial[warp][g] = acc0;

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from trtdist.kernels import cuda_jit
-from trtdist.kernels._triton import GEMV_EARLY_TRIGGER, pdl_enabled
+from trtdist.kernels._triton import pdl_enabled
 
 SOURCE = Path(__file__).with_name("fp8_gemv_cuda.cu")
 ROWS_PER_CTA = 16
@@ -161,8 +161,7 @@ def fp8_gemv_cuda(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torch.
     defines = dict(K=k, NWARPS=cfg.nwarps, BATCH=cfg.batch, DOUBLE=int(cfg.double),
                    EARLY=int(cfg.early), MIN_BLOCKS=cfg.min_blocks,
                    XDIRECT=int(cfg.xdirect and x_mode == 0), X_MODE=x_mode, X_T=x_t,
-                   OUT_T=out_t, HAS_BIAS=int(bias is not None),
-                   EARLY_TRIGGER=int(GEMV_EARLY_TRIGGER))
+                   OUT_T=out_t, HAS_BIAS=int(bias is not None))
     fn = cuda_jit.load(SOURCE, "fp8_gemv", defines, w.device)
     b = bias if bias is not None else out  # unused when HAS_BIAS is 0
     P = cuda_jit.POINTER

@@ -19,15 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from trtdist.kernels._triton import (
-    GEMV_EARLY_TRIGGER,
-    pdl_launch,
-    pdl_trigger,
-    pdl_wait,
-    tl,
-    triton,
-)
 from trtdist.kernels._triton import jit as _jit
+from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
 
 GEMV_M_MAX = 4
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -65,8 +58,7 @@ def gemv_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
                  K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                 EARLY_TRIGGER: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Grid (cdiv(N, BLOCK_N),): BLOCK_N output channels of all M (<= BLOCK_M) rows.
 
     NOTE: K is a compile-time constant (a few shapes per model) so the loop trip count and the
@@ -83,8 +75,6 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, strid
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     pdl_wait(PDL)  # before the first load: see the FP8 GEMV's note (kernels/fp8_gemm.py)
-    if EARLY_TRIGGER:
-        pdl_trigger(PDL)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         if EVEN_K:
@@ -112,8 +102,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, strid
             acc2 += w * x2.to(tl.float32)[None, :]
             acc3 += w * x3.to(tl.float32)[None, :]
         w_ptrs += BLOCK_K
-    if not EARLY_TRIGGER:
-        pdl_trigger(PDL)
+    pdl_trigger(PDL)
     if HAS_BIAS:
         b = tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
     else:
@@ -174,8 +163,8 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, w, bias if bias is not None else w, out, m, n, x.stride(0), w.stride(0),
         out.stride(0), K=k, HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0,
-        BLOCK_M=_m_bucket(m), BLOCK_N=block_n, BLOCK_K=block_k,
-        EARLY_TRIGGER=GEMV_EARLY_TRIGGER, num_warps=warps, **pdl_launch(x.device))
+        BLOCK_M=_m_bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        **pdl_launch(x.device))
     return out
 
 

@@ -1116,7 +1116,8 @@ for s, t in d.items():
       TRTDIST_EARLY_KV_MAX_SEQS=0 bench fp8_b1_off $M --quant fp8 $B
       bench fp8_b1_on $M --quant fp8 $B
       ;;
-    s14e)  # the decode GEMVs triggering the next launch right after their wait (the next
+    s14e)  # (code at the commit that added this phase, removed: no clear gain) the decode
+      # GEMVs triggering the next launch right after their wait (the next
       # kernel is a one-program row kernel): GPU tests with it on, FP8 timelines off / on,
       # TPOT of both dtypes off / on
       TRTDIST_GEMV_EARLY_TRIGGER=1 run_tests s14e 300 -n 4 -m gpu tests/test_gemv.py \
