@@ -31,6 +31,26 @@ run_tests() {  # run_tests TAG SECONDS PYTEST_ARGS...: a pytest run, its log kep
   note "$tag tests on $(nvidia-smi -L | wc -l) GPU(s): $(tail -1 "$OUT/${tag}_tests.log")"
 }
 
+batch1_ab() {  # batch1_ab VAR OFF ON PATTERN DTYPES...: FP8 batch-1 timelines with the
+  # environment variable VAR at OFF, then ON (the lines matching PATTERN kept in the summary),
+  # then batch-1 TPOT off / on for each of DTYPES (fp8, bf16): one A/B in one call
+  local var=$1 off=$2 on=$3 pattern=$4 v d q; shift 4
+  local m="llama3-8b --dummy-weights --dtype bfloat16"
+  local b="--num-requests 1 --input-len 128 --output-len 256"
+  for v in "$off" "$on"; do
+    env "$var=$v" timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 \
+        --steps 24 --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_fp8_$v.json" \
+        > "$OUT/timeline_fp8_$v.log" 2>&1
+    note "timeline fp8 $var=$v: $(grep wall_ms "$OUT/timeline_fp8_$v.log" | cut -c1-60)"
+    grep -E "$pattern" "$OUT/timeline_fp8_$v.log" | tee -a "$SUMMARY"
+  done
+  for d in "$@"; do
+    q=""; [ "$d" = fp8 ] && q="--quant fp8"
+    (export "$var=$off"; bench "${d}_b1_off" $m $q $b)
+    (export "$var=$on"; bench "${d}_b1_on" $m $q $b)
+  done
+}
+
 amax_sweep() {  # amax_sweep SET: one batch-1 FP8 timeline per handoff tile variant of
   # scripts/amax_variants.py SET, then the fastest benched against v0 and bf16
   python3 scripts/amax_variants.py write "$OUT/var" "$1" | tee -a "$SUMMARY"
@@ -1084,37 +1104,16 @@ for s, t in d.items():
       # FP8 batch-1 timelines off / on, TPOT of both dtypes off / on
       run_tests s14c 400 -n 4 -m gpu tests/test_triton_attention.py tests/test_kv_fp8.py \
           tests/test_graphs.py tests/test_kernels.py
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      bench warm $M --quant fp8 --num-requests 8 --input-len 128 --output-len 32
-      for e in 0 8; do
-        TRTDIST_EARLY_KV_MAX_SEQS=$e timeout 150 python3 scripts/profile_decode.py --batch 1 \
-            --context 128 --steps 24 --quant fp8 --max-model-len 8192 \
-            --timeline "$OUT/timeline_fp8_e$e.json" > "$OUT/timeline_fp8_e$e.log" 2>&1
-        note "timeline fp8 early=$e: $(grep wall_ms "$OUT/timeline_fp8_e$e.log" | cut -c1-60)"
-        grep -E "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " \
-            "$OUT/timeline_fp8_e$e.log" | tee -a "$SUMMARY"
-      done
-      TRTDIST_EARLY_KV_MAX_SEQS=0 bench fp8_b1_off $M --quant fp8 $B
-      bench fp8_b1_on $M --quant fp8 $B
-      TRTDIST_EARLY_KV_MAX_SEQS=0 bench bf16_b1_off $M $B
-      bench bf16_b1_on $M $B
+      bench warm llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --num-requests 8 \
+          --input-len 128 --output-len 32
+      batch1_ab TRTDIST_EARLY_KV_MAX_SEQS 0 8 \
+          "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " fp8 bf16
       ;;
     s14d)  # s14c with the newest token's row loaded beside q right after the wait (not after
       # the tiles): attention GPU tests, FP8 timelines off / on, TPOT of both dtypes off / on
       run_tests s14d 300 -n 4 -m gpu tests/test_triton_attention.py tests/test_kv_fp8.py
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      for e in 0 8; do
-        TRTDIST_EARLY_KV_MAX_SEQS=$e timeout 150 python3 scripts/profile_decode.py --batch 1 \
-            --context 128 --steps 24 --quant fp8 --max-model-len 8192 \
-            --timeline "$OUT/timeline_fp8_e$e.json" > "$OUT/timeline_fp8_e$e.log" 2>&1
-        note "timeline fp8 early=$e: $(grep wall_ms "$OUT/timeline_fp8_e$e.log" | cut -c1-60)"
-        grep -E "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " \
-            "$OUT/timeline_fp8_e$e.log" | tee -a "$SUMMARY"
-      done
-      TRTDIST_EARLY_KV_MAX_SEQS=0 bench fp8_b1_off $M --quant fp8 $B
-      bench fp8_b1_on $M --quant fp8 $B
+      batch1_ab TRTDIST_EARLY_KV_MAX_SEQS 0 8 \
+          "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " fp8
       ;;
     s14e)  # (code at the commit that added this phase, removed: no clear gain) the decode
       # GEMVs triggering the next launch right after their wait (the next
@@ -1122,20 +1121,8 @@ for s, t in d.items():
       # TPOT of both dtypes off / on
       TRTDIST_GEMV_EARLY_TRIGGER=1 run_tests s14e 300 -n 4 -m gpu tests/test_gemv.py \
           tests/test_fp8_gemv_cuda.py tests/test_fp8_kernels.py tests/test_row_amax.py
-      M="llama3-8b --dummy-weights --dtype bfloat16"
-      B="--num-requests 1 --input-len 128 --output-len 256"
-      for e in 0 1; do
-        TRTDIST_GEMV_EARLY_TRIGGER=$e timeout 150 python3 scripts/profile_decode.py --batch 1 \
-            --context 128 --steps 24 --quant fp8 --max-model-len 8192 \
-            --timeline "$OUT/timeline_fp8_t$e.json" > "$OUT/timeline_fp8_t$e.log" 2>&1
-        note "timeline fp8 gemv early trigger=$e: $(grep wall_ms "$OUT/timeline_fp8_t$e.log" | cut -c1-60)"
-        grep -E "^linear|^_(rms_norm_quant_kernel|silu_and_mul_kernel|rotary_and_cache_kernel|decode_partial) " \
-            "$OUT/timeline_fp8_t$e.log" | tee -a "$SUMMARY"
-      done
-      TRTDIST_GEMV_EARLY_TRIGGER=0 bench fp8_b1_off $M --quant fp8 $B
-      TRTDIST_GEMV_EARLY_TRIGGER=1 bench fp8_b1_on $M --quant fp8 $B
-      TRTDIST_GEMV_EARLY_TRIGGER=0 bench bf16_b1_off $M $B
-      TRTDIST_GEMV_EARLY_TRIGGER=1 bench bf16_b1_on $M $B
+      ROWS="rms_norm_quant_kernel|silu_and_mul_kernel|rotary_and_cache_kernel|decode_partial"
+      batch1_ab TRTDIST_GEMV_EARLY_TRIGGER 0 1 "^linear|^_($ROWS) " fp8 bf16
       ;;
     s14b)  # issue 12's three goals at this session's final code: 1000/1000 FP8 + FP8 KV
       # (defaults), 1024 x 128/128 FP8, batch 1 FP8 / bf16 / FP8 again
@@ -1156,20 +1143,11 @@ for s, t in d.items():
       # (FP8, without and with), TPOT of both dtypes without / with
       run_tests s14a 300 -n 4 -m gpu tests/test_l2_prefetch.py tests/test_gemv.py \
           tests/test_fp8_gemv_cuda.py
+      bench warm llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --num-requests 8 \
+          --input-len 128 --output-len 32
+      batch1_ab TRTDIST_L2_NEXT 0 1 "^linear" fp8 bf16
       M="llama3-8b --dummy-weights --dtype bfloat16"
       B="--num-requests 1 --input-len 128 --output-len 256"
-      bench warm $M --quant fp8 --num-requests 8 --input-len 128 --output-len 32
-      for pf in 0 1; do
-        TRTDIST_L2_NEXT=$pf timeout 150 python3 scripts/profile_decode.py --batch 1 \
-            --context 128 --steps 24 --quant fp8 --max-model-len 8192 \
-            --timeline "$OUT/timeline_fp8_pf$pf.json" > "$OUT/timeline_fp8_pf$pf.log" 2>&1
-        note "timeline fp8 pf=$pf: $(grep wall_ms "$OUT/timeline_fp8_pf$pf.log" | cut -c1-60)"
-        grep "^linear" "$OUT/timeline_fp8_pf$pf.log" | tee -a "$SUMMARY"
-      done
-      TRTDIST_L2_NEXT=0 bench fp8_b1_off $M --quant fp8 $B
-      TRTDIST_L2_NEXT=1 bench fp8_b1_on $M --quant fp8 $B
-      TRTDIST_L2_NEXT=0 bench bf16_b1_off $M $B
-      TRTDIST_L2_NEXT=1 bench bf16_b1_on $M $B
       TRTDIST_L2_NEXT=o=all,qkv=16,gate_up=16,down=8,lm_head=16 bench fp8_b1_more $M --quant fp8 $B
       ;;
     s13e)  # two GPUs (nvidia-h200-x2): the batching runtime's mpirun tests over NCCL, swap
