@@ -234,9 +234,14 @@ def _decode_partial(
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
     V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
+    HEAD_FASTEST: tl.constexpr = False,
 ):
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEAD_FASTEST:  # grid (Hkv, S, P): a sequence's KV heads launch side by side
+        kvh = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
     part = tl.program_id(2)
     # NOTE: the lengths and query offsets are the step's inputs (written before its first
     # kernel), not the previous kernel's output: loaded before the wait, off the critical path
@@ -746,7 +751,9 @@ class TritonAttentionBackend:
         ws_strides = (ws_o.stride(0), ws_o.stride(1), ws_o.stride(2)) if parts > 1 else (0,) * 3
         lse_stride = ws_lse.stride(0) if parts > 1 else 0
         amax = row_amax if row_amax is not None else ws_lse  # unused without AMAX
-        _decode_partial[(s, hkv, parts)](
+        head_fastest = os.environ.get("TRTDIST_DECODE_HEAD_FASTEST") == "1"
+        grid = (hkv, s, parts) if head_fastest else (s, hkv, parts)
+        _decode_partial[grid](
             q, kv.k_cache, kv.v_cache, kv.k_scale, kv.v_scale, meta.block_tables, meta.seq_lens,
             meta.query_start_loc, out, ws_o, ws_lse, amax, scale * _LOG2E, window or 0, parts,
             q.stride(0), q.stride(1), *kv.strides,
@@ -755,7 +762,7 @@ class TritonAttentionBackend:
             BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
-            AMAX=row_amax is not None and parts == 1,
+            AMAX=row_amax is not None and parts == 1, HEAD_FASTEST=head_fastest,
             num_warps=warps, num_stages=stages, **pdl_launch(q.device))
         if parts > 1:
             _decode_reduce[(s, hq)](

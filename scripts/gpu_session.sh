@@ -1115,6 +1115,32 @@ for s, t in d.items():
       batch1_ab TRTDIST_EARLY_KV_MAX_SEQS 0 8 \
           "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " fp8
       ;;
+    s15a)  # (a) the FP8-cache decode kernel with a sequence's KV heads launched side by side
+      # (grid (Hkv, S, P), TRTDIST_DECODE_HEAD_FASTEST) against (S, Hkv, P): attention GPU
+      # tests with it on, kernel fractions of copy off / on, 32-token pages; (b) batch-1
+      # timelines with decode graphs captured at max_model_len 256 (one decode partition, no
+      # merge kernel) against 8192 (32 partitions + merge), both dtypes
+      TRTDIST_DECODE_HEAD_FASTEST=1 run_tests s15a 300 -n 4 -m gpu tests/test_triton_attention.py \
+          tests/test_kv_fp8.py
+      for v in 0 1 0 1; do
+        TRTDIST_DECODE_HEAD_FASTEST=$v timeout 200 python3 scripts/sweep_fp8_decode.py \
+            --block-sizes 32,64 --configs 128:4:3 --output "$OUT/hf_$v.json" 2>&1 \
+            | grep -E "of copy" | sed "s/^/head_fastest=$v /" | tee -a "$SUMMARY"
+        TRTDIST_DECODE_HEAD_FASTEST=$v timeout 200 python3 scripts/bench_kernels.py \
+            --only "decode b" --output "$OUT/hf_kernels_$v.json" 2>&1 | grep -E "^decode" \
+            | sed "s/^/head_fastest=$v /" | tee -a "$SUMMARY"
+      done
+      ROWS="decode_partial|decode_reduce|rotary_and_cache_kernel"
+      for q in fp8 none; do
+        for mml in 8192 256; do
+          timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
+              --quant $q --max-model-len $mml --timeline "$OUT/timeline_${q}_$mml.json" \
+              > "$OUT/timeline_${q}_$mml.log" 2>&1
+          note "timeline $q max_model_len $mml: $(grep wall_ms "$OUT/timeline_${q}_$mml.log" | cut -c1-70)"
+          grep -E "^linear|^_($ROWS) " "$OUT/timeline_${q}_$mml.log" | tee -a "$SUMMARY"
+        done
+      done
+      ;;
     s14e)  # (code at the commit that added this phase, removed: no clear gain) the decode
       # GEMVs triggering the next launch right after their wait (the next
       # kernel is a one-program row kernel): GPU tests with it on, FP8 timelines off / on,
