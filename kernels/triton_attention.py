@@ -234,7 +234,7 @@ def _decode_partial(
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
     V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
-    HEAD_FASTEST: tl.constexpr = False,
+    HEAD_FASTEST: tl.constexpr = False, TABLE_AHEAD: tl.constexpr = False,
 ):
     if HEAD_FASTEST:  # grid (Hkv, S, P): a sequence's KV heads launch side by side
         kvh = tl.program_id(0)
@@ -280,6 +280,9 @@ def _decode_partial(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], _NEG, dtype=tl.float32)
     table = bt_ptr + seq.to(tl.int64) * stride_bt
+    if TABLE_AHEAD:
+        first = (lo + offs_n) // BLOCK_SIZE
+        blk_next = tl.load(table + first, mask=first * BLOCK_SIZE < hi, other=0).to(tl.int64)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n  # [N] token positions
         mask_n = pos < hi
@@ -287,7 +290,13 @@ def _decode_partial(
             mask_n = mask_n & (pos >= kv_start)
         page = pos // BLOCK_SIZE
         # NOTE: masked by whole pages, so a page's tokens share one block id (null past hi)
-        blk = tl.load(table + page, mask=page * BLOCK_SIZE < hi, other=0).to(tl.int64)
+        if TABLE_AHEAD:
+            blk = blk_next
+            ahead = (pos + BLOCK_N) // BLOCK_SIZE
+            blk_next = tl.load(table + ahead, mask=ahead * BLOCK_SIZE < hi,
+                               other=0).to(tl.int64)
+        else:
+            blk = tl.load(table + page, mask=page * BLOCK_SIZE < hi, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
         k, v, k_sc, v_sc = _load_kv(  # [N, D] x 2, [N] x 2
             kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
@@ -590,6 +599,11 @@ def _decode_config(d_pad: int, dtype: torch.dtype, kv_fp8: bool = False
     return (128, 4, 3) if kv_fp8 else (64, 4, 2)
 
 
+def _maxnreg() -> dict[str, int]:
+    cap = int(os.environ.get("TRTDIST_DECODE_MAXNREG", "0"))  # experiment switch
+    return {"maxnreg": cap} if cap else {}
+
+
 def _num_partitions(num_seqs: int, kv_heads: int, max_seq_len: int, target: int) -> int:
     """Split the keys only as far as it takes to give the GPU about `target` programs, and
     never below `_MIN_CHUNK` keys per partition of the longest sequence."""
@@ -763,7 +777,8 @@ class TritonAttentionBackend:
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
             AMAX=row_amax is not None and parts == 1, HEAD_FASTEST=head_fastest,
-            num_warps=warps, num_stages=stages, **pdl_launch(q.device))
+            TABLE_AHEAD=os.environ.get("TRTDIST_DECODE_TABLE_AHEAD") == "1",
+            num_warps=warps, num_stages=stages, **_maxnreg(), **pdl_launch(q.device))
         if parts > 1:
             _decode_reduce[(s, hq)](
                 out, ws_o, ws_lse, meta.query_start_loc, amax, parts, out.stride(0),

@@ -1115,6 +1115,18 @@ for s, t in d.items():
       batch1_ab TRTDIST_EARLY_KV_MAX_SEQS 0 8 \
           "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " fp8
       ;;
+    s15b)  # the decode kernel's block-table load one tile ahead (TRTDIST_DECODE_TABLE_AHEAD), so
+      # Triton's pipeliner multi-buffers the K / V copies: attention GPU tests with it on, then
+      # launch configs off / on, FP8 cache at 32-token pages and bf16 at 16
+      TRTDIST_DECODE_TABLE_AHEAD=1 run_tests s15b 300 -n 4 -m gpu tests/test_triton_attention.py \
+          tests/test_kv_fp8.py
+      timeout 300 python3 scripts/sweep_decode_pipeline.py --kv fp8 --block-size 32 \
+          --configs 128:4:3:0:0,128:4:3:0:1,64:4:3:128:1,64:4:4:128:1,64:4:3:0:1,128:4:4:0:1 \
+          --output "$OUT/pipe_fp8.json" 2>&1 | grep -E "of copy|^copy" | tee -a "$SUMMARY"
+      timeout 300 python3 scripts/sweep_decode_pipeline.py --kv bf16 --block-size 16 \
+          --configs 64:4:2:0:0,64:4:3:0:1,64:4:4:0:1,32:4:4:0:1,64:4:3:128:1 \
+          --output "$OUT/pipe_bf16.json" 2>&1 | grep -E "of copy|^copy" | tee -a "$SUMMARY"
+      ;;
     s15a)  # (a) the FP8-cache decode kernel with a sequence's KV heads launched side by side
       # (grid (Hkv, S, P), TRTDIST_DECODE_HEAD_FASTEST) against (S, Hkv, P): attention GPU
       # tests with it on, kernel fractions of copy off / on, 32-token pages; (b) batch-1
