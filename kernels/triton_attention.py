@@ -218,6 +218,19 @@ def _new_tokens_kv(k_ptr, v_ptr, kv_base, j, mask_n, kvh, offs_d, mask_d,
     return k, v
 
 
+@triton.jit
+def _block_ids(table, start, offs_n, hi, BLOCK_SIZE: tl.constexpr):
+    """The block ids `[N]` of the tokens `start + offs_n`, masked by whole pages below `hi`
+    (the null block past it).
+
+    NOTE: the paged loops load these one tile ahead (a loop-carried value). Triton's pipeliner
+    does not multi-buffer a load whose address comes from another load of the same iteration:
+    with the block ids loaded in the tile's own iteration, the K / V copies of tile i + 1 were
+    issued after tile i's math and waited for at once (`cp.async.wait_group 0`, one buffer)."""
+    page = (start + offs_n) // BLOCK_SIZE
+    return tl.load(table + page, mask=page * BLOCK_SIZE < hi, other=0).to(tl.int64)
+
+
 @triton.jit(do_not_specialize=["num_parts"])
 def _decode_partial(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_o_ptr,
@@ -234,14 +247,10 @@ def _decode_partial(
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
     V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
-    HEAD_FASTEST: tl.constexpr = False, TABLE_AHEAD: tl.constexpr = False,
+    TABLE_AHEAD: tl.constexpr = True,
 ):
-    if HEAD_FASTEST:  # grid (Hkv, S, P): a sequence's KV heads launch side by side
-        kvh = tl.program_id(0)
-        seq = tl.program_id(1)
-    else:
-        seq = tl.program_id(0)
-        kvh = tl.program_id(1)
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
     part = tl.program_id(2)
     # NOTE: the lengths and query offsets are the step's inputs (written before its first
     # kernel), not the previous kernel's output: loaded before the wait, off the critical path
@@ -281,8 +290,7 @@ def _decode_partial(
     m_i = tl.full([GROUP_PAD], _NEG, dtype=tl.float32)
     table = bt_ptr + seq.to(tl.int64) * stride_bt
     if TABLE_AHEAD:
-        first = (lo + offs_n) // BLOCK_SIZE
-        blk_next = tl.load(table + first, mask=first * BLOCK_SIZE < hi, other=0).to(tl.int64)
+        blk_next = _block_ids(table, lo, offs_n, hi, BLOCK_SIZE)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n  # [N] token positions
         mask_n = pos < hi
@@ -292,9 +300,7 @@ def _decode_partial(
         # NOTE: masked by whole pages, so a page's tokens share one block id (null past hi)
         if TABLE_AHEAD:
             blk = blk_next
-            ahead = (pos + BLOCK_N) // BLOCK_SIZE
-            blk_next = tl.load(table + ahead, mask=ahead * BLOCK_SIZE < hi,
-                               other=0).to(tl.int64)
+            blk_next = _block_ids(table, start + BLOCK_N, offs_n, hi, BLOCK_SIZE)
         else:
             blk = tl.load(table + page, mask=page * BLOCK_SIZE < hi, other=0).to(tl.int64)
         slot = pos % BLOCK_SIZE
@@ -400,7 +406,7 @@ def _decode_reduce(
 
 
 @triton.jit
-def _prefill_cache_tile(acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table,
+def _prefill_cache_tile(acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk,
                         kvh, kv_hi, qk_scale, window, offs_n, offs_d, mask_d,
                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                         stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -409,11 +415,10 @@ def _prefill_cache_tile(acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, 
                         KV_F16: tl.constexpr, V_T: tl.constexpr, CAUSAL: tl.constexpr):
     """One prefill tile over an FP8 cache: the keys at absolute positions [start, start +
     BLOCK_N) below kv_hi, for queries at `q_pos` `[M]`; CAUSAL: some keys lie after some
-    queries. Returns the updated online softmax state."""
+    queries; `blk` `[N]`: the tile's block ids (`_block_ids`, loaded a tile ahead). Returns
+    the updated online softmax state."""
     pos = start + offs_n
     mask_n = pos < kv_hi
-    page = pos // BLOCK_SIZE
-    blk = tl.load(table + page, mask=page * BLOCK_SIZE < kv_hi, other=0).to(tl.int64)
     slot = pos % BLOCK_SIZE
     k, v, k_sc, v_sc = _load_kv(
         kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
@@ -488,16 +493,22 @@ def _prefill(
             kv_lo = tl.maximum(ctx_len + m0 - window + 1, 0) // BLOCK_N * BLOCK_N
         kv_hi = ctx_len + tl.minimum(m0 + BLOCK_M, q_len)
         diag = tl.maximum((ctx_len + m0) // BLOCK_N * BLOCK_N, kv_lo)
+        blk_next = _block_ids(table, kv_lo, offs_n, kv_hi, BLOCK_SIZE)
         for start in range(kv_lo, diag, BLOCK_N):
+            blk = blk_next
+            blk_next = _block_ids(table, start + BLOCK_N, offs_n, kv_hi, BLOCK_SIZE)
             acc, l_i, m_i = _prefill_cache_tile(
-                acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kvh,
+                acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, kvh,
                 kv_hi, qk_scale, window, offs_n, offs_d, mask_d, stride_kb, stride_ks,
                 stride_kch, stride_vb, stride_vs, stride_vch, stride_ksb, stride_kss,
                 stride_ksh, stride_vsb, stride_vss, stride_vsh, BLOCK_SIZE, BLOCK_N,
                 HAS_WINDOW, DOT_PREC, KV_F16, V_T, False)
+        # NOTE: kv_lo and diag are whole tiles apart, so blk_next is diag's tile here
         for start in range(diag, kv_hi, BLOCK_N):
+            blk = blk_next
+            blk_next = _block_ids(table, start + BLOCK_N, offs_n, kv_hi, BLOCK_SIZE)
             acc, l_i, m_i = _prefill_cache_tile(
-                acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, vs_ptr, table, kvh,
+                acc, l_i, m_i, start, q, q_pos, kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, kvh,
                 kv_hi, qk_scale, window, offs_n, offs_d, mask_d, stride_kb, stride_ks,
                 stride_kch, stride_vb, stride_vs, stride_vch, stride_ksb, stride_kss,
                 stride_ksh, stride_vsb, stride_vss, stride_vsh, BLOCK_SIZE, BLOCK_N,
@@ -507,10 +518,12 @@ def _prefill(
         lo = 0
         if HAS_WINDOW:
             lo = tl.maximum(ctx_len + m0 - window + 1, 0)
+        blk_next = _block_ids(table, lo, offs_n, ctx_len, BLOCK_SIZE)
         for start in range(lo, ctx_len, BLOCK_N):
             pos = start + offs_n
             mask_n = pos < ctx_len
-            blk = tl.load(table + pos // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+            blk = blk_next
+            blk_next = _block_ids(table, start + BLOCK_N, offs_n, ctx_len, BLOCK_SIZE)
             slot = pos % BLOCK_SIZE
             k, v, _, _ = _load_kv(
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,
@@ -582,26 +595,26 @@ def _prefill_config(d_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]
 
 
 def _decode_config(d_pad: int, dtype: torch.dtype, kv_fp8: bool = False
-                   ) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for the decode partial kernel (spill-free on sm_90a;
-    K/V tiles are prefetched with cp.async).
+                   ) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, num_warps, num_stages, TABLE_AHEAD) for the decode partial kernel (spill-free
+    on sm_90a; K/V tiles are prefetched with cp.async).
 
     NOTE: an FP8 cache moves half the bytes a tile: 128 tokens a step measured 1,975 GB/s
     against 1,560 with 64 (b64 x 4k, H200, 2026-11-23; bf16 caches reach 4,249 at 64). With
     fp16 dots and V converted in registers (2026-11-24, H200, b64 x 4k): 128 tokens and 2
     stages 2,218 GB/s (54% of copy); 1 stage 2,132; 3 stages 2,207; 64 tokens 1,705-1,952.
     With V stored token-minor (no layout round trip, 42 KB of shared memory): 3 stages need
-    128 registers (ptxas, sm_90a), so four programs fit an SM, as for bf16."""
+    128 registers (ptxas, sm_90a), so four programs fit an SM, as for bf16.
+    TABLE_AHEAD (block ids a tile ahead, see `_block_ids`) makes the loop truly pipelined:
+    bf16 caches at 3 stages (100 registers, 71.7 KB) went 96.9 -> 103.5% of copy at
+    b256 x 1.5k, 97.0 -> 98.1% at b64 x 4k, 45 -> 50% at b1 x 8k; FP8 caches gained nothing
+    (168 registers, three programs an SM: 84.8 -> 79.9% at b64 x 4k, 87.0 -> 87.8% at
+    b256 x 1.5k; H200, `scripts/sweep_decode_pipeline.py`, 2026-11-24)."""
     if dtype == torch.float32:
-        return 16, 4, 2 if d_pad <= 128 else 1
+        return 16, 4, 2 if d_pad <= 128 else 1, False
     if d_pad > 128:
-        return 32, 4, 2
-    return (128, 4, 3) if kv_fp8 else (64, 4, 2)
-
-
-def _maxnreg() -> dict[str, int]:
-    cap = int(os.environ.get("TRTDIST_DECODE_MAXNREG", "0"))  # experiment switch
-    return {"maxnreg": cap} if cap else {}
+        return 32, 4, 2, False
+    return (128, 4, 3, False) if kv_fp8 else (64, 4, 3, True)
 
 
 def _num_partitions(num_seqs: int, kv_heads: int, max_seq_len: int, target: int) -> int:
@@ -755,7 +768,7 @@ class TritonAttentionBackend:
         group = hq // hkv
         d_pad = _d_pad(d)
         parts = _num_partitions(s, hkv, meta.max_seq_len, self._target_programs(q.device))
-        block_n, warps, stages = _decode_config(d_pad, q.dtype, kv.fp8)
+        block_n, warps, stages, ahead = _decode_config(d_pad, q.dtype, kv.fp8)
         use_dot = group >= 2
         group_pad = max(16, triton.next_power_of_2(group)) if use_dot else 1
         if parts > 1:
@@ -765,9 +778,7 @@ class TritonAttentionBackend:
         ws_strides = (ws_o.stride(0), ws_o.stride(1), ws_o.stride(2)) if parts > 1 else (0,) * 3
         lse_stride = ws_lse.stride(0) if parts > 1 else 0
         amax = row_amax if row_amax is not None else ws_lse  # unused without AMAX
-        head_fastest = os.environ.get("TRTDIST_DECODE_HEAD_FASTEST") == "1"
-        grid = (hkv, s, parts) if head_fastest else (s, hkv, parts)
-        _decode_partial[grid](
+        _decode_partial[(s, hkv, parts)](
             q, kv.k_cache, kv.v_cache, kv.k_scale, kv.v_scale, meta.block_tables, meta.seq_lens,
             meta.query_start_loc, out, ws_o, ws_lse, amax, scale * _LOG2E, window or 0, parts,
             q.stride(0), q.stride(1), *kv.strides,
@@ -776,9 +787,8 @@ class TritonAttentionBackend:
             BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
-            AMAX=row_amax is not None and parts == 1, HEAD_FASTEST=head_fastest,
-            TABLE_AHEAD=os.environ.get("TRTDIST_DECODE_TABLE_AHEAD") == "1",
-            num_warps=warps, num_stages=stages, **_maxnreg(), **pdl_launch(q.device))
+            AMAX=row_amax is not None and parts == 1, TABLE_AHEAD=ahead,
+            num_warps=warps, num_stages=stages, **pdl_launch(q.device))
         if parts > 1:
             _decode_reduce[(s, hq)](
                 out, ws_o, ws_lse, meta.query_start_loc, amax, parts, out.stride(0),

@@ -1115,6 +1115,35 @@ for s, t in d.items():
       batch1_ab TRTDIST_EARLY_KV_MAX_SEQS 0 8 \
           "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " fp8
       ;;
+    s15c)  # block ids a tile ahead in every paged loop (decode: bf16 caches at 3 stages; the
+      # prefill's cached-prefix and FP8 loops): GPU tests, prefill TFLOP/s before (the copy in
+      # scripts/_baseline_triton_attention.py) / after over launch configs, then the engine
+      # before / after: 1024 x 128/128 FP8 (bf16 cache) and 1000/1000 FP8 + FP8 KV
+      run_tests s15c 400 -n 4 -m gpu tests/test_triton_attention.py tests/test_kv_fp8.py \
+          tests/test_fp8.py
+      S=scripts/sweep_decode_pipeline.py; BASE=scripts/_baseline_triton_attention.py
+      timeout 200 python3 $S --kv fp8 --block-size 32 --prefill-configs 128:64:8:3 \
+          --kernels-file $BASE --tag "before " 2>&1 | grep -E "TFLOP" | tee -a "$SUMMARY"
+      timeout 300 python3 $S --kv fp8 --block-size 32 --prefill-configs \
+          128:64:8:3,128:32:8:3,128:64:8:4,64:32:4:3,64:64:4:3 --tag "after " 2>&1 \
+          | grep -E "TFLOP" | tee -a "$SUMMARY"
+      timeout 200 python3 $S --kv bf16 --block-size 16 --prefill-configs 128:64:8:3 \
+          --kernels-file $BASE --tag "before " 2>&1 | grep -E "TFLOP" | tee -a "$SUMMARY"
+      timeout 200 python3 $S --kv bf16 --block-size 16 --prefill-configs 128:64:8:3 \
+          --tag "after " 2>&1 | grep -E "TFLOP" | tee -a "$SUMMARY"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      bench warm $M --quant fp8 --num-requests 64 --input-len 128 --output-len 32
+      cp kernels/triton_attention.py /tmp/ta_new.py
+      for v in before after; do
+        if [ $v = before ]; then cp $BASE kernels/triton_attention.py
+        else cp /tmp/ta_new.py kernels/triton_attention.py; fi
+        bench "r1024_$v" $M --quant fp8 --num-requests 1024 --input-len 128 --output-len 128 \
+            --max-batch-size 1024
+        bench "long_$v" $M --quant fp8 --kv-cache-dtype fp8 --num-requests 1024 \
+            --input-len 1000 --output-len 1000 --max-batch-size 1024
+      done
+      cp /tmp/ta_new.py kernels/triton_attention.py
+      ;;
     s15b)  # the decode kernel's block-table load one tile ahead (TRTDIST_DECODE_TABLE_AHEAD), so
       # Triton's pipeliner multi-buffers the K / V copies: attention GPU tests with it on, then
       # launch configs off / on, FP8 cache at 32-token pages and bf16 at 16

@@ -42,7 +42,7 @@ def main() -> None:
     for bs in (int(b) for b in args.block_sizes.split(",")):
         for cfg in configs:
             ta._decode_config = (lambda c: lambda d_pad, dtype, kv_fp8=False: (
-                c if kv_fp8 else shipped(d_pad, dtype, kv_fp8)))(cfg)
+                (*c, False) if kv_fp8 else shipped(d_pad, dtype, kv_fp8)))(cfg)
             for batch, context in ((64, 4096), (256, 1536)):
                 try:
                     r = bench_decode(ta, dev, batch, context, 20, bs=bs, fp8=True)
