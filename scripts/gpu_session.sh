@@ -1115,6 +1115,19 @@ for s, t in d.items():
       batch1_ab TRTDIST_EARLY_KV_MAX_SEQS 0 8 \
           "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " fp8
       ;;
+    s15d)  # the prefill kernel before (scripts/_baseline_triton_attention.py) / after the block
+      # ids a tile ahead, twice over, FP8 cache at 32-token pages and bf16 at 16
+      S=scripts/sweep_decode_pipeline.py; BASE=scripts/_baseline_triton_attention.py
+      for round in 1 2; do
+        for kv in "fp8 32" "bf16 16"; do
+          set -- $kv
+          timeout 200 python3 $S --kv $1 --block-size $2 --prefill-configs 128:64:8:3 \
+              --kernels-file $BASE --tag "before " 2>&1 | grep -E "TFLOP|Error" | tee -a "$SUMMARY"
+          timeout 200 python3 $S --kv $1 --block-size $2 --prefill-configs 128:64:8:3 \
+              --tag "after " 2>&1 | grep -E "TFLOP|Error" | tee -a "$SUMMARY"
+        done
+      done
+      ;;
     s15c)  # block ids a tile ahead in every paged loop (decode: bf16 caches at 3 stages; the
       # prefill's cached-prefix and FP8 loops): GPU tests, prefill TFLOP/s before (the copy in
       # scripts/_baseline_triton_attention.py) / after over launch configs, then the engine

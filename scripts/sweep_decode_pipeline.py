@@ -42,6 +42,7 @@ def _load(path: Path):  # noqa: ANN202 - a module
     spec = importlib.util.spec_from_file_location("trtdist_kernels_under_test", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while it executes
     spec.loader.exec_module(mod)
     return mod
 
