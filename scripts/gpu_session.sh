@@ -1116,8 +1116,10 @@ for s, t in d.items():
           "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " fp8
       ;;
     s15d)  # the prefill kernel before (scripts/_baseline_triton_attention.py) / after the block
-      # ids a tile ahead, twice over, FP8 cache at 32-token pages and bf16 at 16
-      S=scripts/sweep_decode_pipeline.py; BASE=scripts/_baseline_triton_attention.py
+      # ids a tile ahead, twice over, FP8 cache at 32-token pages and bf16 at 16. The "before"
+      # file was this kernel at 139b8b9 (carried as scripts/_baseline_triton_attention.py then)
+      S=scripts/sweep_decode_pipeline.py; BASE=/tmp/_baseline_triton_attention.py
+      git show 139b8b9:kernels/triton_attention.py > $BASE || note "s15d needs the git history"
       for round in 1 2; do
         for kv in "fp8 32" "bf16 16"; do
           set -- $kv
@@ -1129,12 +1131,13 @@ for s, t in d.items():
       done
       ;;
     s15c)  # block ids a tile ahead in every paged loop (decode: bf16 caches at 3 stages; the
-      # prefill's cached-prefix and FP8 loops): GPU tests, prefill TFLOP/s before (the copy in
-      # scripts/_baseline_triton_attention.py) / after over launch configs, then the engine
-      # before / after: 1024 x 128/128 FP8 (bf16 cache) and 1000/1000 FP8 + FP8 KV
+      # prefill's cached-prefix and FP8 loops): GPU tests, prefill TFLOP/s before (the kernel
+      # at 139b8b9) / after over launch configs, then the engine before / after: 1024 x
+      # 128/128 FP8 (bf16 cache) and 1000/1000 FP8 + FP8 KV
       run_tests s15c 400 -n 4 -m gpu tests/test_triton_attention.py tests/test_kv_fp8.py \
           tests/test_fp8.py
-      S=scripts/sweep_decode_pipeline.py; BASE=scripts/_baseline_triton_attention.py
+      S=scripts/sweep_decode_pipeline.py; BASE=/tmp/_baseline_triton_attention.py
+      git show 139b8b9:kernels/triton_attention.py > $BASE || note "s15c needs the git history"
       timeout 200 python3 $S --kv fp8 --block-size 32 --prefill-configs 128:64:8:3 \
           --kernels-file $BASE --tag "before " 2>&1 | grep -E "TFLOP" | tee -a "$SUMMARY"
       timeout 300 python3 $S --kv fp8 --block-size 32 --prefill-configs \
@@ -1157,7 +1160,9 @@ for s, t in d.items():
       done
       cp /tmp/ta_new.py kernels/triton_attention.py
       ;;
-    s15b)  # the decode kernel's block-table load one tile ahead (TRTDIST_DECODE_TABLE_AHEAD), so
+    s15b)  # (code at 3926b9e; the switch is now `_decode_config`'s fourth field and the
+      # sweep's configs take BLOCK_N:warps:stages:ahead) the decode kernel's block-table load
+      # one tile ahead (TRTDIST_DECODE_TABLE_AHEAD), so
       # Triton's pipeliner multi-buffers the K / V copies: attention GPU tests with it on, then
       # launch configs off / on, FP8 cache at 32-token pages and bf16 at 16
       TRTDIST_DECODE_TABLE_AHEAD=1 run_tests s15b 300 -n 4 -m gpu tests/test_triton_attention.py \
@@ -1169,7 +1174,7 @@ for s, t in d.items():
           --configs 64:4:2:0:0,64:4:3:0:1,64:4:4:0:1,32:4:4:0:1,64:4:3:128:1 \
           --output "$OUT/pipe_bf16.json" 2>&1 | grep -E "of copy|^copy" | tee -a "$SUMMARY"
       ;;
-    s15a)  # (a) the FP8-cache decode kernel with a sequence's KV heads launched side by side
+    s15a)  # (code at 139b8b9; the switch is removed) (a) the FP8-cache decode kernel with a sequence's KV heads launched side by side
       # (grid (Hkv, S, P), TRTDIST_DECODE_HEAD_FASTEST) against (S, Hkv, P): attention GPU
       # tests with it on, kernel fractions of copy off / on, 32-token pages; (b) batch-1
       # timelines with decode graphs captured at max_model_len 256 (one decode partition, no
