@@ -1115,6 +1115,15 @@ for s, t in d.items():
       batch1_ab TRTDIST_EARLY_KV_MAX_SEQS 0 8 \
           "^_(decode_partial|decode_reduce|rotary_and_cache_kernel) " fp8
       ;;
+    s15e)  # batch 1 at the session's final code (the bf16-cache decode now pipelined at 3
+      # stages): FP8, bf16, FP8 again, after a warm-up run
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench warm $M --quant fp8 --num-requests 8 --input-len 128 --output-len 32
+      bench fp8_b1 $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      bench fp8_b1_again $M --quant fp8 $B
+      ;;
     s15d)  # the prefill kernel before (scripts/_baseline_triton_attention.py) / after the block
       # ids a tile ahead, twice over, FP8 cache at 32-token pages and bf16 at 16. The "before"
       # file was this kernel at 139b8b9 (carried as scripts/_baseline_triton_attention.py then)
