@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -324,3 +328,60 @@ def test_gpu_decode_graph_replay_equals_eager(batch: int) -> None:
         assert ((out.double() - eager.double()).norm() / want.norm()).item() < 1e-2
         if batch > 1:
             assert (out[-1] == 0).all()
+
+
+_PIPELINE_SCRIPT = textwrap.dedent("""
+    import re, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from trtdist.kernels import triton_attention as ta
+
+    PTRS = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", bt_ptr="*i32", seq_lens_ptr="*i32",
+                qsl_ptr="*i32", out_ptr="*bf16", ws_o_ptr="*fp32", ws_lse_ptr="*fp32",
+                amax_ptr="*fp32")
+
+    def waits(fn, consts, fp8, warps, stages):
+        cache = "*fp8e4nv" if fp8 else "*bf16"
+        ptrs = dict(PTRS, kc_ptr=cache, vc_ptr=cache, ks_ptr="*fp32" if fp8 else cache,
+                    vs_ptr="*fp32" if fp8 else cache)
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "qk_scale"
+                                                            else "i32") for n in fn.arg_names}
+        # as the runtime specialises pointers and strides (multiples of 16)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if sig[n] not in ("constexpr", "fp32") and n not in ("window", "num_parts")}
+        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=warps, num_stages=stages))
+        return [int(n) for n in re.findall(r"async_wait[^\\n]*num = (\\d+)", k.asm["ttgir"])]
+
+    common = dict(HEAD_DIM=128, D_PAD=128, HAS_WINDOW=False, DOT_PREC="tf32")
+    for fp8, bs in ((False, 16), (True, 32)):
+        bn, warps, stages, ahead = ta._decode_config(128, torch.bfloat16, fp8)
+        w = waits(ta._decode_partial, dict(common, GROUP=4, GROUP_PAD=16, BLOCK_SIZE=bs,
+                  BLOCK_N=bn, SPLIT=False, USE_DOT=True, MIXED=False, KV_FP8=fp8,
+                  KV_F16=fp8, V_T=fp8, PDL=True, AMAX=False, TABLE_AHEAD=ahead), fp8,
+                  warps, stages)
+        # the bf16 decode loop keeps tiles in flight while it computes; FP8 keeps its loop
+        assert (max(w) > 0) == ahead, ("decode", fp8, w)
+        bm, bn, warps, stages = ta._prefill_config(128, torch.bfloat16)
+        w = waits(ta._prefill, dict(common, GROUP=4, BLOCK_SIZE=bs, BLOCK_M=bm, BLOCK_N=bn,
+                  SKIP_SINGLE=False, KV_FP8=fp8, KV_F16=fp8, V_T=fp8), fp8, warps, stages)
+        # every loop over keys pipelined: bf16 the cached prefix and two over the new
+        # tokens, FP8 two over the cache
+        assert sum(n > 0 for n in w) == (2 if fp8 else 3), ("prefill", fp8, w)
+    print("pipelined")
+""")
+
+
+def test_paged_loops_keep_tiles_in_flight_on_hopper() -> None:
+    """Without a GPU: compile the decode and prefill kernels for sm_90 and check that Triton
+    multi-buffers their paged K / V loads (an `async_wait` that leaves copies in flight in
+    every loop over keys). Loading a tile's block ids in its own iteration silently turned
+    each loop into load-then-compute (`_block_ids`)."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _PIPELINE_SCRIPT], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "pipelined" in run.stdout, run.stderr[-3000:]
