@@ -296,13 +296,11 @@ def _decode_partial(
         mask_n = pos < hi
         if HAS_WINDOW:
             mask_n = mask_n & (pos >= kv_start)
-        page = pos // BLOCK_SIZE
-        # NOTE: masked by whole pages, so a page's tokens share one block id (null past hi)
         if TABLE_AHEAD:
             blk = blk_next
             blk_next = _block_ids(table, start + BLOCK_N, offs_n, hi, BLOCK_SIZE)
         else:
-            blk = tl.load(table + page, mask=page * BLOCK_SIZE < hi, other=0).to(tl.int64)
+            blk = _block_ids(table, start, offs_n, hi, BLOCK_SIZE)
         slot = pos % BLOCK_SIZE
         k, v, k_sc, v_sc = _load_kv(  # [N, D] x 2, [N] x 2
             kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk, slot, kvh, offs_d, mask_n, mask_d, q,

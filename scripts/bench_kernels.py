@@ -133,35 +133,40 @@ def bench_decode(ta: types.ModuleType, device: str, batch: int, context: int, re
 
 
 def bench_prefill(ta: types.ModuleType, device: str, tokens: int, reps: int, hq: int = 32,
-                  hkv: int = 8, d: int = 128, bs: int = 16,
-                  fp8: bool = False) -> dict[str, float]:
-    """Causal prefill of one `tokens`-long prompt (no cached prefix); beside torch's SDPA."""
+                  hkv: int = 8, d: int = 128, bs: int = 16, fp8: bool = False,
+                  prefix: int = 0, scattered: bool = False) -> dict[str, float]:
+    """Causal prefill of one `tokens`-long chunk after `prefix` cached tokens; without a
+    prefix and in bf16 also torch's SDPA on the same shapes. `scattered`: the sequence's
+    pages in random order (else consecutive)."""
     import torch
     import torch.nn.functional as F
     from trtdist.kernels.attention import AttentionInputs
 
     dtype = torch.bfloat16
+    total = prefix + tokens
     q = torch.randn(tokens, hq, d, dtype=dtype, device=device)
     k = torch.randn(tokens, hkv, d, dtype=dtype, device=device)
     v = torch.randn(tokens, hkv, d, dtype=dtype, device=device)
-    nb = -(-tokens // bs)
+    nb = -(-total // bs)
     # NOTE: with FP8 the new tokens are read back from the cache (random here)
     k_cache, v_cache, k_scale, v_scale = _caches(nb + 1, bs, hkv, d, fp8, device)
+    pages = (torch.randperm(nb, device=device) + 1 if scattered
+             else torch.arange(1, nb + 1, device=device))
     backend = ta.TritonAttentionBackend()
     meta = backend.prepare(AttentionInputs(
         query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([tokens], dtype=torch.int32, device=device),
-        block_tables=torch.arange(1, nb + 1, dtype=torch.int32, device=device)[None],
-        slot_mapping=torch.arange(bs, bs + tokens, device=device),
-        block_size=bs, max_query_len=tokens, max_seq_len=tokens, is_decode=False))
+        seq_lens=torch.tensor([total], dtype=torch.int32, device=device),
+        block_tables=pages.to(torch.int32)[None],
+        slot_mapping=torch.arange(bs + prefix, bs + total, device=device),
+        block_size=bs, max_query_len=tokens, max_seq_len=total, is_decode=False))
     scale = d ** -0.5
     fn = lambda: backend.forward(q, k, v, k_cache, v_cache, meta, scale,  # noqa: E731
                                  k_scale=k_scale, v_scale=v_scale)
     fn()
     ms = _median_ms(fn, reps)
-    flops = 2 * 2 * tokens * tokens * hq * d / 2
+    flops = 2 * 2 * hq * d * (tokens * prefix + tokens * tokens / 2)
     result = {"time_us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12}
-    if fp8:
+    if fp8 or prefix:
         return result
     # For scale only: torch's own causal SDPA on the same shapes (its flash kernel).
     qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from bench_kernels import bench_decode  # noqa: E402
+from bench_kernels import bench_decode, bench_prefill  # noqa: E402
 from trtdist.kernels import triton_attention as ta  # noqa: E402
 
 from trtdist import device_roofline as roof  # noqa: E402
@@ -45,31 +45,6 @@ def _load(path: Path):  # noqa: ANN202 - a module
     sys.modules[spec.name] = mod  # dataclasses look their module up while it executes
     spec.loader.exec_module(mod)
     return mod
-
-
-def bench_chunk(mod, new: int, prefix: int, bs: int, fp8: bool, reps: int = 20,  # noqa: ANN001
-                hq: int = 32, hkv: int = 8, d: int = 128) -> dict[str, float]:
-    """One sequence's prefill chunk of `new` tokens after `prefix` cached ones (causal)."""
-    from bench_kernels import _caches, _median_ms
-    from trtdist.kernels.attention import AttentionInputs
-
-    dev, total = "cuda", prefix + new
-    q, k, v = (torch.randn(new, h, d, dtype=torch.bfloat16, device=dev) for h in (hq, hkv, hkv))
-    nb = -(-total // bs)
-    k_cache, v_cache, k_scale, v_scale = _caches(nb + 1, bs, hkv, d, fp8, dev)
-    backend = mod.TritonAttentionBackend()
-    meta = backend.prepare(AttentionInputs(
-        query_start_loc=torch.tensor([0, new], dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor([total], dtype=torch.int32, device=dev),
-        block_tables=(torch.randperm(nb, device=dev).to(torch.int32) + 1)[None],
-        slot_mapping=torch.arange(prefix, total, device=dev),
-        block_size=bs, max_query_len=new, max_seq_len=total, is_decode=False))
-    fn = lambda: backend.forward(q, k, v, k_cache, v_cache, meta, d ** -0.5,  # noqa: E731
-                                 k_scale=k_scale, v_scale=v_scale)
-    fn()
-    ms = _median_ms(fn, reps)
-    flops = 2 * 2 * hq * d * (new * prefix + new * new / 2)
-    return {"time_us": ms * 1e3, "tflops": flops / (ms * 1e-3) / 1e12}
 
 
 def main() -> None:
@@ -93,7 +68,8 @@ def main() -> None:
         mod._prefill_config = lambda d_pad, dtype, *a, c=cfg: c
         for new, prefix in PREFILLS:
             try:
-                r = bench_chunk(mod, new, prefix, args.block_size, fp8)
+                r = bench_prefill(mod, "cuda", new, 20, bs=args.block_size, fp8=fp8,
+                                  prefix=prefix, scattered=True)
             except Exception as e:  # noqa: BLE001 - a config that does not compile / fit
                 r = {"error": repr(e)[:200], "tflops": math.nan, "time_us": math.nan}
             rows.append({"kv": args.kv, "prefill": item, "new": new, "prefix": prefix, **r})
