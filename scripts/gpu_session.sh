@@ -1119,8 +1119,8 @@ for s, t in d.items():
       # prefill through bench_kernels.bench_prefill): attention GPU tests, the prefill sweep
       run_tests s15r 400 -n 4 -m gpu tests/test_triton_attention.py tests/test_kv_fp8.py
       timeout 200 python3 scripts/sweep_decode_pipeline.py --kv fp8 --block-size 32 \
-          --prefill-configs 128:64:8:3 --configs 128:4:3:0 2>&1 | grep -E "TFLOP|of copy" \
-          | tee -a "$SUMMARY"
+          --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
+          | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
     s15e)  # batch 1 at the session's final code (the bf16-cache decode now pipelined at 3
       # stages): FP8, bf16, FP8 again, after a warm-up run
