@@ -76,13 +76,15 @@ class CudaFunction:
     device_index: int
 
     def launch(self, grid: int, block: int, args: tuple[Any, ...],
-               types: tuple[Any, ...], *, pdl: bool, shared: int = 0) -> None:
+               types: tuple[Any, ...], *, pdl: bool, shared: int = 0,
+               cooperative: bool = False) -> None:
         """Launch on PyTorch's current stream of the function's device (the capturing stream
         under a CUDA graph) with a 1-D grid and block. `args` are ints (device pointers:
         `tensor.data_ptr()`), `types` their ctypes types. `pdl`: programmatic dependent
         launch (the kernel may start while the previous one drains; it must
         `griddepcontrol.wait` first). `shared`: dynamic shared memory in bytes (above the
-        default 48 KB the function's limit is raised to it)."""
+        default 48 KB the function's limit is raised to it). `cooperative`: every CTA is
+        resident at once or the launch fails (kernels with grid barriers)."""
         driver, _ = _bindings()
         if shared > 48 * 1024:
             attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
@@ -96,15 +98,20 @@ class CudaFunction:
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
         cfg.sharedMemBytes = shared
         cfg.hStream = driver.CUstream(s.cuda_stream)
+        attrs = []
         if pdl:
             attr = driver.CUlaunchAttribute()
             attr.id = (driver.CUlaunchAttributeID
                        .CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
             attr.value.programmaticStreamSerializationAllowed = 1
-            cfg.attrs = [attr]
-            cfg.numAttrs = 1
-        else:
-            cfg.numAttrs = 0
+            attrs.append(attr)
+        if cooperative:
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+            attr.value.cooperative = 1
+            attrs.append(attr)
+        cfg.attrs = attrs
+        cfg.numAttrs = len(attrs)
         status = driver.cuLaunchKernelEx(cfg, self.handle, (args, types), 0)[0]
         if int(status) != 0:
             raise CudaJitError(f"launch of {self.name} failed: {status!r}")

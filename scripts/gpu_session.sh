@@ -18,7 +18,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 note() { echo "$*" | tee -a "$SUMMARY"; }
 bench() {  # bench NAME ARGS...: one `trtdist bench` run, JSON kept
     local name=$1; shift
-    timeout 900 python3 -m trtdist.cli bench "$@" --output "$OUT/bench_$name.json" \
+    timeout ${BENCH_TIMEOUT:-900} python3 -m trtdist.cli bench "$@" --output "$OUT/bench_$name.json" \
         > "$OUT/bench_$name.log" 2>&1
     note "bench $name rc=$? $(python3 scripts/summarize_bench.py "$OUT/bench_$name.json" 2>&1)"
 }
@@ -1121,6 +1121,18 @@ for s, t in d.items():
       timeout 200 python3 scripts/sweep_decode_pipeline.py --kv fp8 --block-size 32 \
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
+      ;;
+    s16a)  # the one-launch batch-1 decode step: its GPU tests, then batch 1 FP8 with it on /
+      # off and bf16, after a warm-up run
+      export BENCH_TIMEOUT=240
+      run_tests s16a 300 -x -m gpu tests/test_fp8_decode_step.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench warm $M --quant fp8 --num-requests 8 --input-len 128 --output-len 32
+      bench fp8_b1_step $M --quant fp8 $B
+      TRTDIST_DECODE_STEP=0 bench fp8_b1_loop $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      bench fp8_b1_step_again $M --quant fp8 $B
       ;;
     s15e)  # batch 1 at the session's final code (the bf16-cache decode now pipelined at 3
       # stages): FP8, bf16, FP8 again, after a warm-up run

@@ -17,6 +17,7 @@ from trtdist.comm.base import Communicator
 from trtdist.config import ModelConfig
 from trtdist.kernels.activation import silu_and_mul
 from trtdist.kernels.attention import AttentionBackend, LayerKV, TorchAttentionBackend
+from trtdist.kernels.fp8_decode_step import DecodeStep
 from trtdist.kernels.fp8_fused import rms_norm_quant_triton, silu_and_mul_quant_triton
 from trtdist.kernels.norm import add_rms_norm, rms_norm
 from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
@@ -205,6 +206,16 @@ class LlamaStage(nn.Module):
                          and not quant.quant.static and device.type == "cuda"
                          and os.environ.get(ROW_AMAX_ENV, "1") != "0" else None)
 
+        # The one-launch batch-1 decode step (kernels/fp8_decode_step.py), made at the first
+        # one-token decode (weights loaded by then); False: this stage does not fit it.
+        self._decode_step: DecodeStep | None | bool = None
+
+    def decode_step(self) -> DecodeStep | None:
+        """The stage's one-launch batch-1 decode kernel, or None (see `DecodeStep.build`)."""
+        if self._decode_step is None:
+            self._decode_step = DecodeStep.build(self) or False
+        return self._decode_step or None
+
     def context(self, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 meta: object) -> StepContext:
         amax = (self.row_amax if self.row_amax is not None
@@ -218,6 +229,12 @@ class LlamaStage(nn.Module):
         Returns hidden states `[T, hidden]`: after the final norm on the last stage, else
         the residual stream's sum (what the next stage receives)."""
         h = self.embed(tokens_or_hidden) if self.embed is not None else tokens_or_hidden
+        seq_lens = getattr(ctx.meta, "seq_lens", None)
+        if (h.shape[0] == 1 and seq_lens is not None and getattr(ctx.meta, "is_decode", False)
+                and h.is_cuda and (step := self.decode_step()) is not None):
+            out, residual = step(h, kv_caches, seq_lens, ctx.meta.block_tables[0],
+                                 ctx.slot_mapping)
+            return self.norm(out, residual)[0]
         residual = None
         for layer, cache in zip(self.layers.values(), kv_caches):
             h, residual = layer(h, residual, self.cos_sin, cache, ctx)

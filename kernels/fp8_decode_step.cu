@@ -1,0 +1,797 @@
+// One decode step of a Llama-family stage at batch 1, every layer in one persistent launch
+// (FP8 weights with per-output-channel scales, per-token FP8 activations, a model-dtype
+// paged KV cache, one tensor- and pipeline-parallel rank). Per layer:
+//
+//   x    = quant(RMSNorm(h) * ln1)                          h: the residual stream
+//   qkv  = x . Wqkv^T                                       (rounded to the model dtype)
+//   q, k = RoPE(q, k); k, v -> the cache slot of the new token
+//   a    = softmax(q k^T * scale) v over the cached keys    (flash-decoding partitions)
+//   h    = h + a . Wo^T
+//   x    = quant(RMSNorm(h) * ln2)
+//   act  = SiLU(x . Wg^T) * (x . Wu^T)
+//   h    = h + act . Wd^T
+//
+// with the roundings of the separate kernels the engine otherwise runs (kernels/fp8_fused.py
+// norm + quantize, rotary.py, activation.py, the FP8 GEMV epilogues): values are rounded to
+// the model dtype where those kernels store them. Attention and GEMV sums run in a different
+// order, so results agree to float32 rounding, not bit for bit.
+//
+// Why one launch: at batch 1 a step is 32 x 4 short weight streams with latency-bound row
+// work between them; with one kernel each, DRAM idles at every boundary while the next kernel
+// ramps up and the row kernels run (~20 us a layer on an H200, PERF_NOTES.md, sessions 7-15).
+// Here a producer warp in every CTA streams the weights of every layer with TMA bulk copies
+// into a ring of shared-memory stages from the kernel's first instruction to its last; weights
+// depend on nothing the kernel computes, so the producer never waits for the row work, the
+// attention or the grid barriers, only for a free stage. The consumer warps do the MMAs, the
+// row work and the barriers, and find the next weights already in shared memory.
+//
+// Work split: the weights come in units of 16 output rows (one m16n8k32 MMA tile) over a
+// range of K; a unit's K is copied in stages of KC bytes a row. Producers take units from a
+// global counter per (layer, projection), the next one requested while the current one's
+// copies are issued, so SMs that stream faster take more (a static split waits for the
+// slowest SM at every barrier: PERF_NOTES.md, eleventh session). The row work every phase
+// begins with (residual add, norm, quantize, attention merge) is done by every CTA for the
+// whole row (a few KB from L2), so it needs no barrier of its own; each CTA keeps the
+// residual stream in its shared memory. Five grid barriers a layer: after qkv, attention,
+// o, gate | up and down.
+//
+// Tiles: gate | up units are 8 gate rows (MMA rows g) with the matching 8 up rows (g + 8),
+// so a lane holds both sums of an output and SiLU x up is the unit's epilogue. The down
+// projection's K is split DS ways (units of 16 rows x I / DS) into float32 partial sums
+// that the next phase adds up. Attention: items (KV head, partition of the keys), one CTA
+// each; the new token's K / V go to the cache from the item that holds its position.
+//
+// All CTAs must be resident together (grid barriers): one CTA a SM, launched cooperatively.
+// Compile-time parameters (NVRTC -D): H, I, HQ, HKV, D (128), BS (cache block size), NWARPS
+// (consumer warps), KC, STAGES, DS, P_MAX (attention partitions at most, HKV * P_MAX <= grid),
+// PART_MIN (keys a partition at least). Model dtype bfloat16.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned long long u64;
+
+#define QD (HQ * D)
+#define NQKV (QD + 2 * HKV * D)
+#define GQA (HQ / HKV)
+#define NTC (NWARPS * 32)
+#define STEPS (KC / 128 / NWARPS)
+#define PITCH (KC + 64)  // rows g and g + 1 of a stage in other banks
+#define STAGE_BYTES (16 * PITCH)
+
+static_assert(D == 128, "attention lanes hold 4 of 128 dims");
+static_assert(KC % (128 * NWARPS) == 0, "a stage splits into 128-byte steps per warp");
+static_assert(H % KC == 0 && QD % KC == 0 && (I / DS) % KC == 0 && I % DS == 0,
+              "every K splits into stages");
+static_assert(H % (8 * NTC) == 0 && QD % (8 * NTC) == 0 && I % (8 * NTC) == 0,
+              "rows split into 8-value runs a consumer thread");
+static_assert(NQKV % 16 == 0 && H % 16 == 0 && I % 8 == 0, "units of 16 rows");
+static_assert(GQA * D <= 2 * NTC, "an attention item's outputs: two a thread");
+
+struct LayerWeights {
+    const unsigned char* wqkv;
+    const float* sqkv;
+    const unsigned char* wo;
+    const float* so;
+    const unsigned char* wgu;
+    const float* sgu;
+    const unsigned char* wd;
+    const float* sd;
+    const u16* ln1;
+    const u16* ln2;
+    u16* kc;
+    u16* vc;
+};
+
+#define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h
+
+enum { PH_QKV = 0, PH_O = 1, PH_GU = 2, PH_DN = 3 };
+
+// ---- memory helpers ------------------------------------------------------------------------
+__device__ __forceinline__ uint4 ld_cg(const void* p) {
+    // written earlier in this launch by another CTA: read at L2 (L1 may hold an old copy)
+    uint4 r;
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint2 ld_cg2(const void* p) {
+    uint2 r;
+    asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ float ld_cg_f32(const float* p) {
+    float r;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ u32 ld_acquire(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ float bf_lo(u32 v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf_hi(u32 v) { return __uint_as_float(v & 0xffff0000u); }
+__device__ __forceinline__ float bf(u16 v) { return __uint_as_float(((u32)v) << 16); }
+__device__ __forceinline__ u16 to_bf(float y) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(y));
+    return r;
+}
+__device__ __forceinline__ float round_bf(float v) { return bf(to_bf(v)); }
+__device__ __forceinline__ u32 pack_bf(float lo, float hi) {
+    return (u32)to_bf(lo) | ((u32)to_bf(hi) << 16);
+}
+
+// Two float32 values (lo at the lower address) times `inv`, clamped to +-448, as E4M3 codes
+// (kernels/fp8_quant.py's formula).
+__device__ __forceinline__ u32 e4m3_pair(float lo, float hi, float inv) {
+    lo = fminf(fmaxf(__fmul_rn(lo, inv), -448.0f), 448.0f);
+    hi = fminf(fmaxf(__fmul_rn(hi, inv), -448.0f), 448.0f);
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// acc0 / acc8 += rows g / g + 8 of one m16n8k32 product started from zero (the MMA's own
+// accumulation is shorter than float32; see fp8_gemv_cuda.cu).
+__device__ __forceinline__ void mma_e4m3(float& acc0, float& acc8, u32 a0, u32 a1, u32 a2,
+                                         u32 a3, u32 b0, u32 b1) {
+    float d0, d1, d2, d3;
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};"
+        : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.0f));
+    acc0 += d0;
+    acc8 += d2;
+}
+
+// ---- shared-memory pipeline ------------------------------------------------------------------
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Wait until the phase of parity `parity` has completed (a fresh barrier: parity 1 passes).
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
+            "selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+        ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void consumers_sync() {  // the consumer warps only
+    asm volatile("bar.sync 1, %0;" ::"r"(NTC) : "memory");
+}
+
+// Every CTA's consumers arrive; returns when all G have. `target` = G x (barriers so far + 1).
+__device__ __forceinline__ void grid_barrier(u32* counter, u32 target) {
+    consumers_sync();
+    if (threadIdx.x == 0) {
+        __threadfence();  // this CTA's writes (ordered before thread 0 by the bar) go first
+        atomicAdd(counter, 1u);
+        while (ld_acquire(counter) < target) {
+        }
+        __threadfence();
+    }
+    consumers_sync();
+}
+
+// Consumer-wide sum (OP 0) or max (OP 1), the same value to every consumer thread, in a fixed
+// order (every CTA computes the same row work and must get the same bits).
+template <int OP>
+__device__ __forceinline__ float block_reduce(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float u = __shfl_xor_sync(0xffffffffu, v, o);
+        v = OP == 0 ? v + u : fmaxf(v, u);
+    }
+    consumers_sync();  // red may still be read by a previous reduction
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    consumers_sync();
+    float r = red[0];
+#pragma unroll
+    for (int w = 1; w < NWARPS; ++w) r = OP == 0 ? r + red[w] : fmaxf(r, red[w]);
+    return r;
+}
+
+__device__ __forceinline__ float dynamic_scale(float amax) {  // kernels/fp8_quant.py
+    return fmaxf(__fdiv_rn(amax, 448.0f), 1e-12f);
+}
+
+// N values, RUN = N / NTC contiguous ones a consumer thread, held as float32 in `y`: their
+// amax over the row, then E4M3 codes into xs. Returns the dequantizing scale.
+template <int RUN>
+__device__ __forceinline__ float quantize_row(const float (&y)[RUN], unsigned char* xs,
+                                              float* red) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int e = 0; e < RUN; ++e) amax = fmaxf(amax, fabsf(y[e]));
+    const float scale = dynamic_scale(block_reduce<1>(amax, red));
+    const float inv = __frcp_rn(scale);
+#pragma unroll
+    for (int e = 0; e < RUN; e += 8) {
+        uint2 q;
+        q.x = e4m3_pair(y[e], y[e + 1], inv) | (e4m3_pair(y[e + 2], y[e + 3], inv) << 16);
+        q.y = e4m3_pair(y[e + 4], y[e + 5], inv) | (e4m3_pair(y[e + 6], y[e + 7], inv) << 16);
+        *reinterpret_cast<uint2*>(xs + threadIdx.x * RUN + e) = q;
+    }
+    return scale;
+}
+
+// RMSNorm of the residual stream hs (model dtype, in shared memory) times w, quantized into
+// xs (kernels/fp8_fused.py's roundings: (h * rstd) rounded, times the weight, rounded).
+__device__ __forceinline__ float norm_quantize(const u16* hs, const u16* __restrict__ w,
+                                               float eps, unsigned char* xs, float* red) {
+    constexpr int RUN = H / NTC;
+    float y[RUN];
+    float ss = 0.0f;
+    const int base = threadIdx.x * RUN;
+#pragma unroll
+    for (int e = 0; e < RUN; e += 8) {
+        const uint4 v = *reinterpret_cast<const uint4*>(hs + base + e);
+        const u32 p[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            y[e + 2 * i] = bf_lo(p[i]);
+            y[e + 2 * i + 1] = bf_hi(p[i]);
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < RUN; ++e) ss += y[e] * y[e];
+    const float rstd = rsqrtf(block_reduce<0>(ss, red) / H + eps);
+#pragma unroll
+    for (int e = 0; e < RUN; e += 8) {
+        const uint4 v = *reinterpret_cast<const uint4*>(w + base + e);
+        const u32 p[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            y[e + 2 * i] = round_bf(round_bf(y[e + 2 * i] * rstd) * bf_lo(p[i]));
+            y[e + 2 * i + 1] = round_bf(round_bf(y[e + 2 * i + 1] * rstd) * bf_hi(p[i]));
+        }
+    }
+    return quantize_row<RUN>(y, xs, red);
+}
+
+// hs <- hs + delta (rounded to the model dtype, as `x + residual` in torch); delta is the sum
+// of NP float32 rows (rounded first) or, with NP == 0, one model-dtype row.
+template <int NP>
+__device__ __forceinline__ void residual_add(u16* hs, const void* delta) {
+    constexpr int RUN = H / NTC;
+    const int base = threadIdx.x * RUN;
+#pragma unroll
+    for (int e = 0; e < RUN; e += 8) {
+        float d[8];
+        if (NP == 0) {
+            const uint4 v = ld_cg(reinterpret_cast<const u16*>(delta) + base + e);
+            const u32 p[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                d[2 * i] = bf_lo(p[i]);
+                d[2 * i + 1] = bf_hi(p[i]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) d[i] = 0.0f;
+#pragma unroll
+            for (int s = 0; s < (NP > 0 ? NP : 1); ++s) {
+                const float* src = reinterpret_cast<const float*>(delta) + s * H + base + e;
+                const uint4 a = ld_cg(src), b = ld_cg(src + 4);
+                d[0] += __uint_as_float(a.x); d[1] += __uint_as_float(a.y);
+                d[2] += __uint_as_float(a.z); d[3] += __uint_as_float(a.w);
+                d[4] += __uint_as_float(b.x); d[5] += __uint_as_float(b.y);
+                d[6] += __uint_as_float(b.z); d[7] += __uint_as_float(b.w);
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) d[i] = round_bf(d[i]);
+        }
+        uint4 v = *reinterpret_cast<const uint4*>(hs + base + e);
+        v.x = pack_bf(bf_lo(v.x) + d[0], bf_hi(v.x) + d[1]);
+        v.y = pack_bf(bf_lo(v.y) + d[2], bf_hi(v.y) + d[3]);
+        v.z = pack_bf(bf_lo(v.z) + d[4], bf_hi(v.z) + d[5]);
+        v.w = pack_bf(bf_lo(v.w) + d[6], bf_hi(v.w) + d[7]);
+        *reinterpret_cast<uint4*>(hs + base + e) = v;
+    }
+}
+
+// ---- the weight stream -----------------------------------------------------------------------
+struct PhaseShape {
+    int units, chunks, k;  // units, stages a unit, the weight's row length (bytes)
+};
+
+__device__ __forceinline__ PhaseShape phase_shape(int ph) {
+    switch (ph) {
+        case PH_QKV: return {NQKV / 16, H / KC, H};
+        case PH_O: return {H / 16, QD / KC, QD};
+        case PH_GU: return {I / 8, H / KC, H};
+        default: return {(H / 16) * DS, I / DS / KC, I};
+    }
+}
+
+// Weight row of MMA row r (0..15) of unit u.
+__device__ __forceinline__ int unit_row(int ph, int u, int r) {
+    if (ph == PH_GU) return r < 8 ? 8 * u + r : I + 8 * u + r - 8;
+    if (ph == PH_DN) return 16 * (u / DS) + r;
+    return 16 * u + r;
+}
+
+// Byte offset along K where unit u starts (the down projection's K split).
+__device__ __forceinline__ int unit_k0(int ph, int u) {
+    return ph == PH_DN ? (u % DS) * (I / DS) : 0;
+}
+
+__device__ __forceinline__ const unsigned char* phase_weight(const LayerWeights& L, int ph) {
+    return ph == PH_QKV ? L.wqkv : ph == PH_O ? L.wo : ph == PH_GU ? L.wgu : L.wd;
+}
+
+// The producer warp: every layer's four weights, unit by unit, stage by stage. Lane r < 16
+// copies row r of a stage (one bulk copy each, issued together). Each stage's (unit, chunk)
+// goes to stage_unit[s] for the consumers; a stage with -1 and no copy ends a phase.
+__device__ void produce(const LayerWeights* __restrict__ layers, int num_layers, u32* work,
+                        u32 ring, u32 full, u32 empty, int* stage_unit) {
+    const int lane = threadIdx.x & 31;
+    u32 it = 0;
+    for (int l = 0; l < num_layers; ++l) {
+        const LayerWeights L = layers[l];
+        for (int ph = 0; ph < 4; ++ph) {
+            const PhaseShape sh = phase_shape(ph);
+            const unsigned char* w = phase_weight(L, ph);
+            u32* ctr = work + 4 * l + ph;
+            int cur = 0;
+            if (lane == 0) cur = (int)atomicAdd(ctr, 1u);
+            cur = __shfl_sync(0xffffffffu, cur, 0);
+            while (cur < sh.units) {
+                int nxt = 0;
+                if (lane == 0) nxt = (int)atomicAdd(ctr, 1u);  // in flight while cur streams
+                const unsigned char* src =
+                    w + (size_t)unit_row(ph, cur, lane & 15) * sh.k + unit_k0(ph, cur);
+                for (int c = 0; c < sh.chunks; ++c, ++it) {
+                    const int s = it % STAGES;
+                    mbar_wait(empty + 8 * s, ((it / STAGES) & 1) ^ 1);
+                    if (lane == 0) {
+                        stage_unit[s] = cur * sh.chunks + c;
+                        mbar_expect_tx(full + 8 * s, 16 * KC);
+                    }
+                    __syncwarp();
+                    if (lane < 16)
+                        bulk_copy(ring + s * STAGE_BYTES + lane * PITCH, src + c * KC, KC,
+                                  full + 8 * s);
+                }
+                cur = __shfl_sync(0xffffffffu, nxt, 0);
+            }
+            const int s = it % STAGES;
+            mbar_wait(empty + 8 * s, ((it / STAGES) & 1) ^ 1);
+            if (lane == 0) {
+                stage_unit[s] = -1;
+                mbar_arrive(full + 8 * s);
+            }
+            __syncwarp();
+            ++it;
+        }
+    }
+}
+
+// This warp's steps of one stage (16 rows x KC bytes) against x's KC bytes at `xs`.
+__device__ __forceinline__ void stage_mma(const unsigned char* stage, const unsigned char* xs,
+                                          float& acc0, float& acc8) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned char* st = stage + g * PITCH + t * 16;
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j) {
+        const int off = (warp * STEPS + j) * 128;
+        const uint4 a0 = *reinterpret_cast<const uint4*>(st + off);
+        const uint4 a1 = *reinterpret_cast<const uint4*>(st + off + 64);
+        const uint4 b0 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off);
+        const uint4 b1 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off + 64);
+        const uint4* xp = reinterpret_cast<const uint4*>(xs + off + t * 16);
+        const uint4 x0 = xp[0], x1 = xp[4];  // +64 bytes
+        mma_e4m3(acc0, acc8, a0.x, b0.x, a0.y, b0.y, x0.x, x0.y);
+        mma_e4m3(acc0, acc8, a0.z, b0.z, a0.w, b0.w, x0.z, x0.w);
+        mma_e4m3(acc0, acc8, a1.x, b1.x, a1.y, b1.y, x1.x, x1.y);
+        mma_e4m3(acc0, acc8, a1.z, b1.z, a1.w, b1.w, x1.z, x1.w);
+    }
+}
+
+struct Scratch {
+    u16* qkv;        // [NQKV] the qkv projection (rotated in the attention phase, not here)
+    float* part;     // [P_MAX][HQ][D] attention partials (unnormalised)
+    float* part_ml;  // [P_MAX][HQ][2] their running max (log2 domain) and sum
+    u16* o;          // [H] the o projection
+    u16* act;        // [I] SiLU(gate) x up
+    float* down;     // [DS][H] the down projection's partial sums (scaled)
+};
+
+// Consumers: one phase's stages until its end mark; each unit's 16 sums over the warps (fixed
+// order) go through the phase's epilogue. x: E4M3 at xs, dequantizing scale x_scale.
+__device__ __forceinline__ void consume(int ph, const LayerWeights& L, u32& it,
+                                        const unsigned char* ring, u32 full, u32 empty,
+                                        const int* stage_unit, const unsigned char* xs,
+                                        float x_scale, float (*partial)[NWARPS][16],
+                                        const Scratch& S) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const PhaseShape sh = phase_shape(ph);
+    const float* wscale = ph == PH_QKV ? L.sqkv : ph == PH_O ? L.so : ph == PH_GU ? L.sgu : L.sd;
+    float acc0 = 0.0f, acc8 = 0.0f, ws0 = 0.0f, ws1 = 0.0f;
+    int buf = 0;
+    for (;; ++it) {
+        const int s = it % STAGES;
+        mbar_wait(full + 8 * s, (it / STAGES) & 1);
+        const int id = stage_unit[s];
+        if (id < 0) {
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + 8 * s);
+            ++it;
+            return;
+        }
+        const int u = id / sh.chunks, c = id % sh.chunks;
+        if (c == 0 && threadIdx.x < 16) {  // the epilogue's scales, loaded a unit ahead of use
+            const int r = threadIdx.x;
+            if (ph == PH_GU) {
+                ws0 = r < 8 ? wscale[unit_row(ph, u, r)] : 0.0f;
+                ws1 = r < 8 ? wscale[unit_row(ph, u, r + 8)] : 0.0f;
+            } else {
+                ws0 = wscale[unit_row(ph, u, r)];
+            }
+        }
+        stage_mma(ring + s * STAGE_BYTES, xs + unit_k0(ph, u) + c * KC, acc0, acc8);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + 8 * s);
+        if (c == sh.chunks - 1) {
+            if (t == 0) {
+                partial[buf][warp][g] = acc0;
+                partial[buf][warp][g + 8] = acc8;
+            }
+            acc0 = acc8 = 0.0f;
+            consumers_sync();
+            if (threadIdx.x < 16) {
+                const int r = threadIdx.x;
+                float sum = 0.0f, sum8 = 0.0f;
+#pragma unroll
+                for (int w = 0; w < NWARPS; ++w) {
+                    sum += partial[buf][w][r];
+                    if (ph == PH_GU) sum8 += partial[buf][w][(r + 8) & 15];
+                }
+                if (ph == PH_QKV) {
+                    S.qkv[unit_row(ph, u, r)] = to_bf(sum * x_scale * ws0);
+                } else if (ph == PH_O) {
+                    S.o[unit_row(ph, u, r)] = to_bf(sum * x_scale * ws0);
+                } else if (ph == PH_GU) {
+                    if (r < 8) {
+                        const float gate = round_bf(sum * x_scale * ws0);
+                        const float up = round_bf(sum8 * x_scale * ws1);
+                        S.act[8 * u + r] = to_bf(gate / (1.0f + __expf(-gate)) * up);
+                    }
+                } else {
+                    S.down[(u % DS) * H + unit_row(ph, u, r)] = sum * x_scale * ws0;
+                }
+            }
+            buf ^= 1;  // the other buffer next: no second barrier before it is rewritten
+        }
+    }
+}
+
+// ---- attention ---------------------------------------------------------------------------------
+__device__ __forceinline__ int num_partitions(int seq_len) {
+    const int p = (seq_len + PART_MIN - 1) / PART_MIN;
+    return p < 1 ? 1 : (p > P_MAX ? P_MAX : p);
+}
+
+// RoPE on the 4 dims [4 lane, 4 lane + 4) of a head (the rotate-half partner is lane ^ 16),
+// float32, rounded to the model dtype (rotary.py).
+__device__ __forceinline__ void rope4(float (&x)[4], const float* cs, int lane) {
+    const int half = D / 2, d0 = (lane * 4) % half;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float other = __shfl_xor_sync(0xffffffffu, x[i], 16);
+        const float c = cs[d0 + i], s = cs[half + d0 + i];
+        x[i] = round_bf(lane < 16 ? x[i] * c - other * s : x[i] * c + other * s);
+    }
+}
+
+__device__ __forceinline__ void load4(float (&x)[4], const u16* p) {
+    const uint2 v = ld_cg2(p);
+    x[0] = bf_lo(v.x); x[1] = bf_hi(v.x); x[2] = bf_lo(v.y); x[3] = bf_hi(v.y);
+}
+
+// One item: KV head j, keys [start, end) of the sequence; the GQA query heads of j. Writes the
+// item's partial (unnormalised sums, running max in the log2 domain, sum of weights).
+__device__ void attention_item(const LayerWeights& L, int j, int p, int start, int end, int pos,
+                               long long slot, const float* __restrict__ cos_sin,
+                               const int* __restrict__ table, int kc_s0, int kc_s1, int vc_s0,
+                               int vc_s1, float qk_scale, const Scratch& S, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* cs = cos_sin + (size_t)pos * D;
+    float q[GQA][4];
+#pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        load4(q[h], S.qkv + (j * GQA + h) * D + lane * 4);
+        rope4(q[h], cs, lane);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) q[h][i] *= qk_scale;
+    }
+    if (warp == 0 && slot >= 0 && pos >= start && pos < end) {  // the new token's K / V
+        float k[4], v[4];
+        load4(k, S.qkv + QD + j * D + lane * 4);
+        rope4(k, cs, lane);
+        load4(v, S.qkv + QD + HKV * D + j * D + lane * 4);
+        const long long blk = slot / BS, off = slot % BS;
+        uint2 kw, vw;
+        kw.x = pack_bf(k[0], k[1]); kw.y = pack_bf(k[2], k[3]);
+        vw.x = pack_bf(v[0], v[1]); vw.y = pack_bf(v[2], v[3]);
+        *reinterpret_cast<uint2*>(L.kc + blk * kc_s0 + off * kc_s1 + j * D + lane * 4) = kw;
+        *reinterpret_cast<uint2*>(L.vc + blk * vc_s0 + off * vc_s1 + j * D + lane * 4) = vw;
+    }
+    consumers_sync();  // the new row is in the cache before any warp reads it
+
+    float m[GQA], l[GQA], acc[GQA][4];
+#pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        m[h] = NEG_INF;
+        l[h] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[h][i] = 0.0f;
+    }
+    constexpr int U = 4;  // keys a warp loads before their math
+    for (int t0 = start + warp; t0 < end; t0 += U * NWARPS) {
+        float kf[U][4], vf[U][4];
+#pragma unroll
+        for (int uu = 0; uu < U; ++uu) {
+            const int t = t0 + uu * NWARPS;
+            if (t < end) {
+                const long long blk = table[t / BS];
+                const int off = t % BS;
+                load4(kf[uu], L.kc + blk * kc_s0 + off * kc_s1 + j * D + lane * 4);
+                load4(vf[uu], L.vc + blk * vc_s0 + off * vc_s1 + j * D + lane * 4);
+            }
+        }
+#pragma unroll
+        for (int uu = 0; uu < U; ++uu) {
+            if (t0 + uu * NWARPS >= end) break;
+            float sc[GQA];
+#pragma unroll
+            for (int h = 0; h < GQA; ++h) {
+                float d = q[h][0] * kf[uu][0];
+#pragma unroll
+                for (int i = 1; i < 4; ++i) d += q[h][i] * kf[uu][i];
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                sc[h] = d;
+            }
+#pragma unroll
+            for (int h = 0; h < GQA; ++h) {
+                const float mn = fmaxf(m[h], sc[h]);
+                const float corr = exp2f(m[h] - mn), w = exp2f(sc[h] - mn);
+                l[h] = l[h] * corr + w;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[h][i] = acc[h][i] * corr + w * vf[uu][i];
+                m[h] = mn;
+            }
+        }
+    }
+    // the warps' partials -> the item's (fixed order)
+    float* sm = scratch;                      // [NWARPS][GQA]
+    float* sl = sm + NWARPS * GQA;            // [NWARPS][GQA]
+    float* sa = sl + NWARPS * GQA;            // [NWARPS][GQA][D]
+#pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        if (lane == 0) {
+            sm[warp * GQA + h] = m[h];
+            sl[warp * GQA + h] = l[h];
+        }
+        *reinterpret_cast<float4*>(sa + (warp * GQA + h) * D + lane * 4) =
+            make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+    }
+    consumers_sync();
+    for (int e = threadIdx.x; e < GQA * D; e += NTC) {
+        const int h = e / D, d = e % D;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, sm[w * GQA + h]);
+        float num = 0.0f, den = 0.0f;
+        if (mx != NEG_INF) {
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) {
+                const float mw = sm[w * GQA + h];
+                const float c = mw == NEG_INF ? 0.0f : exp2f(mw - mx);
+                num += sa[(w * GQA + h) * D + d] * c;
+                den += sl[w * GQA + h] * c;
+            }
+        }
+        const int head = j * GQA + h;
+        S.part[((size_t)p * HQ + head) * D + d] = num;
+        if (d == 0) {
+            S.part_ml[(p * HQ + head) * 2] = mx;
+            S.part_ml[(p * HQ + head) * 2 + 1] = den;
+        }
+    }
+}
+
+// Every CTA: the partitions' partials -> the attention row (model dtype) -> E4M3 in xs.
+// Returns the dequantizing scale.
+__device__ __forceinline__ float merge_quantize(const Scratch& S, int np, unsigned char* xs,
+                                                float* wts, float* red) {
+    // per head: each partition's weight exp2(m_p - M) / sum_p l_p exp2(m_p - M)
+    for (int h = threadIdx.x; h < HQ; h += NTC) {
+        float mx = NEG_INF;
+        for (int p = 0; p < np; ++p) mx = fmaxf(mx, ld_cg_f32(S.part_ml + (p * HQ + h) * 2));
+        float den = 0.0f;
+        for (int p = 0; p < np; ++p) {
+            const float mp = ld_cg_f32(S.part_ml + (p * HQ + h) * 2);
+            const float c = mp == NEG_INF ? 0.0f : exp2f(mp - mx);
+            wts[p * HQ + h] = c;
+            den += ld_cg_f32(S.part_ml + (p * HQ + h) * 2 + 1) * c;
+        }
+        const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+        for (int p = 0; p < np; ++p) wts[p * HQ + h] *= inv;
+    }
+    consumers_sync();
+    constexpr int RUN = QD / NTC;
+    const int base = threadIdx.x * RUN, head = base / D;
+    float y[RUN];
+#pragma unroll
+    for (int e = 0; e < RUN; ++e) y[e] = 0.0f;
+    for (int p = 0; p < np; ++p) {
+        const float c = wts[p * HQ + head];
+        const float* src = S.part + (size_t)p * QD + base;
+#pragma unroll
+        for (int e = 0; e < RUN; e += 4) {
+            const uint4 v = ld_cg(src + e);
+            y[e] += __uint_as_float(v.x) * c;
+            y[e + 1] += __uint_as_float(v.y) * c;
+            y[e + 2] += __uint_as_float(v.z) * c;
+            y[e + 3] += __uint_as_float(v.w) * c;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < RUN; ++e) y[e] = round_bf(y[e]);
+    return quantize_row<RUN>(y, xs, red);
+}
+
+// ---- shared memory -------------------------------------------------------------------------
+#define ATT_SCRATCH (NWARPS * GQA * (D + 2) * 4)
+#define XS_BYTES_RAW (I > ATT_SCRATCH ? (I > H ? I : H) : ATT_SCRATCH)
+#define XS_BYTES ((XS_BYTES_RAW + 127) / 128 * 128)
+#define OFF_XS (STAGES * STAGE_BYTES)
+#define OFF_HS (OFF_XS + XS_BYTES)
+#define OFF_PARTIAL (OFF_HS + H * 2)
+#define OFF_RED (OFF_PARTIAL + 2 * NWARPS * 16 * 4)
+#define OFF_WTS (OFF_RED + NWARPS * 4)
+#define OFF_UNITS (OFF_WTS + P_MAX * HQ * 4)
+#define OFF_BARS ((OFF_UNITS + STAGES * 4 + 7) / 8 * 8)
+#define SMEM_BYTES (OFF_BARS + 2 * STAGES * 8)
+
+// The dynamic shared memory a launch needs (the host reads it from here).
+extern "C" __global__ void decode_step_smem_bytes(int* out) { *out = SMEM_BYTES; }
+
+extern "C" __global__ void __launch_bounds__(NTC + 32, 1)
+fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
+                const u16* __restrict__ hidden_in, u16* hidden_out, u16* residual_out,
+                const int* __restrict__ seq_lens, const int* __restrict__ block_table,
+                const long long* __restrict__ slot_mapping, const float* __restrict__ cos_sin,
+                int kc_s0, int kc_s1, int vc_s0, int vc_s1, float eps, float qk_scale,
+                u16* qkv, float* part, float* part_ml, u16* o, u16* act, float* down,
+                u32* sync) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char* xs = smem + OFF_XS;
+    u16* hs = reinterpret_cast<u16*>(smem + OFF_HS);
+    float (*partial)[NWARPS][16] = reinterpret_cast<float (*)[NWARPS][16]>(smem + OFF_PARTIAL);
+    float* red = reinterpret_cast<float*>(smem + OFF_RED);
+    float* wts = reinterpret_cast<float*>(smem + OFF_WTS);
+    int* stage_unit = reinterpret_cast<int*>(smem + OFF_UNITS);
+    const u32 ring = smem_addr(smem), full = smem_addr(smem + OFF_BARS);
+    const u32 empty = full + 8 * STAGES;
+    u32* barrier = sync;  // sync: [0] grid barrier, [1] CTAs done, [2 ...] work per (layer, ph)
+    u32* work = sync + 2;
+    const int G = gridDim.x, cta = blockIdx.x, warp = threadIdx.x >> 5;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, NWARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp == NWARPS) {
+        produce(layers, num_layers, work, ring, full, empty, stage_unit);
+    } else {
+        const Scratch S{qkv, part, part_ml, o, act, down};
+        const int seq_len = seq_lens[0];
+        const int pos = seq_len > 0 ? seq_len - 1 : 0;
+        const long long slot = slot_mapping[0];
+        const int np = num_partitions(seq_len);
+        const int span = (seq_len + np - 1) / np;
+        u32 it = 0, nbar = 0;
+        {  // the residual stream starts as the embedding row
+            const int base = threadIdx.x * (H / NTC);
+            for (int e = 0; e < H / NTC; e += 8)
+                *reinterpret_cast<uint4*>(hs + base + e) = ld_cg(hidden_in + base + e);
+        }
+        for (int li = 0; li < num_layers; ++li) {
+            const LayerWeights L = layers[li];
+            if (li > 0) residual_add<DS>(hs, down);
+            float scale = norm_quantize(hs, L.ln1, eps, xs, red);
+            consumers_sync();
+            consume(PH_QKV, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            grid_barrier(barrier, G * ++nbar);
+
+            if (cta < HKV * np) {
+                const int j = cta % HKV, p = cta / HKV;
+                const int start = p * span, end = min(seq_len, start + span);
+                attention_item(L, j, p, start, end, pos, slot, cos_sin, block_table, kc_s0,
+                               kc_s1, vc_s0, vc_s1, qk_scale, S,
+                               reinterpret_cast<float*>(xs));
+            }
+            grid_barrier(barrier, G * ++nbar);
+
+            scale = merge_quantize(S, np, xs, wts, red);
+            consumers_sync();
+            consume(PH_O, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            grid_barrier(barrier, G * ++nbar);
+
+            residual_add<0>(hs, o);
+            scale = norm_quantize(hs, L.ln2, eps, xs, red);
+            consumers_sync();
+            consume(PH_GU, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            grid_barrier(barrier, G * ++nbar);
+
+            {  // SiLU x up, quantized
+                constexpr int RUN = I / NTC;
+                float y[RUN];
+                const u16* src = act + threadIdx.x * RUN;
+#pragma unroll
+                for (int e = 0; e < RUN; e += 8) {
+                    const uint4 v = ld_cg(src + e);
+                    const u32 pp[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        y[e + 2 * i] = bf_lo(pp[i]);
+                        y[e + 2 * i + 1] = bf_hi(pp[i]);
+                    }
+                }
+                scale = quantize_row<RUN>(y, xs, red);
+            }
+            consumers_sync();
+            consume(PH_DN, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            grid_barrier(barrier, G * ++nbar);
+        }
+        if (cta == 0) {  // the last MLP output and the residual stream before it
+            const int base = threadIdx.x * (H / NTC);
+            for (int e = 0; e < H / NTC; ++e) {
+                float d = 0.0f;
+                for (int s = 0; s < DS; ++s) d += ld_cg_f32(down + s * H + base + e);
+                hidden_out[base + e] = to_bf(d);
+                residual_out[base + e] = hs[base + e];
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the last CTA out readies the counters for the next launch
+        __threadfence();
+        if (atomicAdd(sync + 1, 1u) == (u32)G - 1) {
+            for (int i = 0; i < 2 + 4 * num_layers; ++i) sync[i] = 0u;
+            __threadfence();
+        }
+    }
+}

@@ -1,0 +1,190 @@
+"""The one-launch batch-1 decode step (`kernels/fp8_decode_step.py`) against the stage's layer
+loop (one kernel per op, itself tested against transformers) on the same weights and cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from trtdist.kernels.fp8_decode_step import (
+    DecodeStep,
+    DecodeStepConfig,
+    _Shape,
+    smem_bytes,
+    unsupported_reason,
+)
+
+CUDA = torch.cuda.is_available()
+HOPPER = CUDA and torch.cuda.get_device_capability() >= (9, 0)
+gpu = pytest.mark.gpu
+
+
+def _stage(device: torch.device, layers: int = 2, quant: bool = True):
+    """A Llama stage (hidden 2048, 16 q / 4 KV heads of 128, intermediate 4096) with random
+    weights of realistic size, FP8 per-token when `quant`."""
+    from test_fp8_fused import _OneRank
+    from trtdist.kernels.triton_attention import TritonAttentionBackend
+    from trtdist.parallel.linear_methods import Fp8LinearMethod
+    from trtdist.parallel.mapping import Mapping
+
+    from trtdist.config import ModelConfig
+    from trtdist.models.llama import LlamaStage
+
+    cfg = ModelConfig(model_type="llama", vocab_size=256, hidden_size=2048,
+                      intermediate_size=4096, num_layers=layers, num_heads=16, num_kv_heads=4,
+                      head_dim=128, max_position_embeddings=4096,
+                      sliding_windows=(None,) * layers)
+    stage = LlamaStage(cfg, Mapping(), range(layers), _OneRank(), torch.bfloat16, device,
+                       Fp8LinearMethod("dynamic") if quant else None)
+    if device.type == "cuda":
+        stage.attention_backend = TritonAttentionBackend()
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, p in stage.named_parameters():
+        if p.dtype == torch.bfloat16:
+            if "norm" in name:
+                p.data.normal_(1.0, 0.2, generator=gen)
+            else:
+                p.data.normal_(0.0, 1.0, generator=gen)
+    for module in stage.modules():
+        if isinstance(getattr(module, "method", None), Fp8LinearMethod):
+            module.method.dummy_fill(module, gen)
+    return stage, cfg
+
+
+def test_not_built_on_cpu() -> None:
+    stage, _ = _stage(torch.device("cpu"), layers=1)
+    assert unsupported_reason(stage) == "needs CUDA with cuda.bindings"
+    assert DecodeStep.build(stage) is None
+
+
+def test_shared_memory_fits_llama3_8b() -> None:
+    """The ring of llama3-8b's default launch fits an H100 / H200 SM with 11 stages."""
+    shape = _Shape(4096, 14336, 32, 8, 128, 16)
+    assert smem_bytes(shape, DecodeStepConfig(), 11, 16) <= 227 * 1024
+    assert smem_bytes(shape, DecodeStepConfig(), 12, 16) > 227 * 1024
+
+
+def _need() -> torch.device:
+    if not HOPPER:
+        pytest.skip("needs a compute capability 9.0 GPU")
+    return torch.device("cuda")
+
+
+def _kv(stage, cfg, seq_len: int, bs: int = 16, seed: int = 1):
+    """Random caches holding `seq_len - 1` keys in scattered blocks, and the step's inputs."""
+    from trtdist.kernels.attention import AttentionInputs, LayerKV
+
+    dev = stage.device
+    width = -(-4096 // bs)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    blocks = width + 1
+    kv = [LayerKV(*(torch.randn(blocks, bs, cfg.num_kv_heads, cfg.head_dim, generator=g,
+                                device=dev).to(torch.bfloat16) for _ in range(2)))
+          for _ in range(cfg.num_layers)]
+    table = (torch.randperm(width, generator=g, device=dev) + 1).to(torch.int32)[None, :]
+    last = seq_len - 1
+    slot = table[0, last // bs].long() * bs + last % bs
+    inputs = AttentionInputs(
+        query_start_loc=torch.arange(2, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor([seq_len], dtype=torch.int32, device=dev), block_tables=table,
+        slot_mapping=slot.view(1), block_size=bs, max_query_len=1, max_seq_len=bs * width,
+        is_decode=True)
+    return kv, inputs, torch.tensor([last], device=dev)
+
+
+def _run(stage, kv, inputs, positions, token: int, use_step: bool) -> torch.Tensor:
+    stage._decode_step = None if use_step else False
+    ctx = stage.context(positions, inputs.slot_mapping, stage.attention_backend.prepare(inputs))
+    out = stage(torch.tensor([token], device=stage.device), kv, ctx)
+    assert (stage.decode_step() is not None) == use_step
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@gpu
+@pytest.mark.parametrize("seq_len", [1, 7, 129, 700, 4000])
+def test_step_equals_the_layer_loop_gpu(seq_len: int) -> None:
+    """The last hidden state and the cache row written agree with the layer loop to the
+    rounding of the model dtype (sums run in another order); nothing else in the cache moves.
+    The lengths cover one key, one partition, several, and the most partitions."""
+    dev = _need()
+    stage, cfg = _stage(dev)
+    kv_a, inputs, pos = _kv(stage, cfg, seq_len)
+    kv_b = [type(x)(x.k.clone(), x.v.clone()) for x in kv_a]
+    ref = _run(stage, kv_a, inputs, pos, 11, use_step=False)
+    out = _run(stage, kv_b, inputs, pos, 11, use_step=True)
+    assert not out.isnan().any()
+    assert _rel(out, ref) < 2e-2, _rel(out, ref)
+    slot = int(inputs.slot_mapping[0])
+    blk, off = divmod(slot, inputs.block_size)
+    for a, b in zip(kv_a, kv_b):
+        for ca, cb in ((a.k, b.k), (a.v, b.v)):
+            assert _rel(cb[blk, off], ca[blk, off]) < 2e-2
+            ca[blk, off] = cb[blk, off]
+            assert torch.equal(ca, cb)  # only the new token's row was written
+
+
+@gpu
+def test_step_is_deterministic_and_graph_capturable_gpu() -> None:
+    """Two eager runs and a CUDA-graph replay give the same bits (the row work is repeated
+    by every CTA in a fixed order; the grid-barrier and work counters are reset each launch)."""
+    dev = _need()
+    stage, cfg = _stage(dev, layers=3)
+    kv, inputs, pos = _kv(stage, cfg, 300)
+    first = _run(stage, kv, inputs, pos, 5, use_step=True).clone()
+    second = _run(stage, kv, inputs, pos, 5, use_step=True).clone()
+    assert torch.equal(first, second)
+    ctx = stage.context(pos, inputs.slot_mapping,
+                        stage.attention_backend.prepare_for_capture(inputs))
+    ids = torch.tensor([5], device=dev)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = stage(ids, kv, ctx)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first)
+
+
+@gpu
+def test_shared_memory_size_matches_the_kernel_gpu() -> None:
+    """`smem_bytes` computes the kernel's SMEM_BYTES (read back from the compiled source)."""
+    from trtdist.kernels import cuda_jit
+    from trtdist.kernels.fp8_decode_step import SOURCE
+
+    dev = _need()
+    for h, i, hq, hkv, kc, stages, ds in ((4096, 14336, 32, 8, 1024, 11, 2),
+                                           (2048, 4096, 16, 4, 2048, 5, 1)):
+        defines = dict(H=h, I=i, HQ=hq, HKV=hkv, D=128, BS=16, NWARPS=8, KC=kc, STAGES=stages,
+                       DS=ds, P_MAX=16, PART_MIN=128)
+        fn = cuda_jit.load(SOURCE, "decode_step_smem_bytes", defines, dev)
+        out = torch.zeros(1, dtype=torch.int32, device=dev)
+        fn.launch(1, 1, (out.data_ptr(),), (cuda_jit.POINTER,), pdl=False)
+        shape = _Shape(h, i, hq, hkv, 128, 16)
+        assert int(out) == smem_bytes(shape, DecodeStepConfig(kc=kc, ds=ds), stages, 16)
+
+
+@gpu
+@pytest.mark.parametrize("config", [DecodeStepConfig(kc=2048, ds=1), DecodeStepConfig(ds=4),
+                                    DecodeStepConfig(stages=4, part_min=64)])
+def test_launch_configs_gpu(config: DecodeStepConfig) -> None:
+    dev = _need()
+    stage, cfg = _stage(dev)
+    kv_a, inputs, pos = _kv(stage, cfg, 500)
+    kv_b = [type(x)(x.k.clone(), x.v.clone()) for x in kv_a]
+    ref = _run(stage, kv_a, inputs, pos, 3, use_step=False)
+    stage._decode_step = DecodeStep(stage, config)
+    ctx = stage.context(pos, inputs.slot_mapping, stage.attention_backend.prepare(inputs))
+    out = stage(torch.tensor([3], device=dev), kv_b, ctx)
+    assert _rel(out, ref) < 2e-2
+
+
+@gpu
+def test_bf16_stage_is_not_built_gpu() -> None:
+    dev = _need()
+    stage, _ = _stage(dev, layers=1, quant=False)
+    assert unsupported_reason(stage) == "FP8 weights with dynamic per-token activations only"
