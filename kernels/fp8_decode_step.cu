@@ -84,6 +84,24 @@ struct LayerWeights {
 
 #define NEG_INF __int_as_float(0xff800000)  // NVRTC has no math.h
 
+// TIMING (scripts/bench_decode_step.py): %globaltimer stamps of layer TIMING_LAYER, NSTAMP a
+// CTA (consumers: 0-13 at its phase boundaries; producer: 14 at the layer's first copy, 15
+// after its last); 0 in the engine.
+#ifndef TIMING
+#define TIMING 0
+#endif
+#define NSTAMP 16
+#if TIMING
+#define STAMP(k)                                                                           \
+    if (li == TIMING_LAYER && (threadIdx.x == 0 || threadIdx.x == NTC)) {                                   \
+        u64 now;                                                                           \
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));                            \
+        timing[blockIdx.x * NSTAMP + (k)] = now;                                           \
+    }
+#else
+#define STAMP(k)
+#endif
+
 enum { PH_QKV = 0, PH_O = 1, PH_GU = 2, PH_DN = 3 };
 
 // ---- memory helpers ------------------------------------------------------------------------
@@ -346,10 +364,12 @@ __device__ __forceinline__ const unsigned char* phase_weight(const LayerWeights&
 // copies row r of a stage (one bulk copy each, issued together). Each stage's (unit, chunk)
 // goes to stage_unit[s] for the consumers; a stage with -1 and no copy ends a phase.
 __device__ void produce(const LayerWeights* __restrict__ layers, int num_layers, u32* work,
-                        u32 ring, u32 full, u32 empty, int* stage_unit) {
+                        u32 ring, u32 full, u32 empty, int* stage_unit, u64* timing) {
     const int lane = threadIdx.x & 31;
     u32 it = 0;
     for (int l = 0; l < num_layers; ++l) {
+        const int li = l;
+        STAMP(14);
         const LayerWeights L = layers[l];
         for (int ph = 0; ph < 4; ++ph) {
             const PhaseShape sh = phase_shape(ph);
@@ -386,6 +406,7 @@ __device__ void produce(const LayerWeights* __restrict__ layers, int num_layers,
             __syncwarp();
             ++it;
         }
+        STAMP(15);
     }
 }
 
@@ -690,7 +711,7 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
                 const long long* __restrict__ slot_mapping, const float* __restrict__ cos_sin,
                 int kc_s0, int kc_s1, int vc_s0, int vc_s1, float eps, float qk_scale,
                 u16* qkv, float* part, float* part_ml, u16* o, u16* act, float* down,
-                u32* sync) {
+                u32* sync, u64* timing) {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* xs = smem + OFF_XS;
     u16* hs = reinterpret_cast<u16*>(smem + OFF_HS);
@@ -714,7 +735,7 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
     __syncthreads();
 
     if (warp == NWARPS) {
-        produce(layers, num_layers, work, ring, full, empty, stage_unit);
+        produce(layers, num_layers, work, ring, full, empty, stage_unit, timing);
     } else {
         const Scratch S{qkv, part, part_ml, o, act, down};
         const int seq_len = seq_lens[0];
@@ -730,11 +751,14 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
         }
         for (int li = 0; li < num_layers; ++li) {
             const LayerWeights L = layers[li];
+            STAMP(0);
             if (li > 0) residual_add<DS>(hs, down);
             float scale = norm_quantize(hs, L.ln1, eps, xs, red);
             consumers_sync();
             consume(PH_QKV, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            STAMP(1);
             grid_barrier(barrier, G * ++nbar);
+            STAMP(2);
 
             if (cta < HKV * np) {
                 const int j = cta % HKV, p = cta / HKV;
@@ -743,18 +767,26 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
                                kc_s1, vc_s0, vc_s1, qk_scale, S,
                                reinterpret_cast<float*>(xs));
             }
+            STAMP(3);
             grid_barrier(barrier, G * ++nbar);
+            STAMP(4);
 
             scale = merge_quantize(S, np, xs, wts, red);
             consumers_sync();
+            STAMP(5);
             consume(PH_O, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            STAMP(6);
             grid_barrier(barrier, G * ++nbar);
+            STAMP(7);
 
             residual_add<0>(hs, o);
             scale = norm_quantize(hs, L.ln2, eps, xs, red);
             consumers_sync();
+            STAMP(8);
             consume(PH_GU, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            STAMP(9);
             grid_barrier(barrier, G * ++nbar);
+            STAMP(10);
 
             {  // SiLU x up, quantized
                 constexpr int RUN = I / NTC;
@@ -773,8 +805,11 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
                 scale = quantize_row<RUN>(y, xs, red);
             }
             consumers_sync();
+            STAMP(11);
             consume(PH_DN, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            STAMP(12);
             grid_barrier(barrier, G * ++nbar);
+            STAMP(13);
         }
         if (cta == 0) {  // the last MLP output and the residual stream before it
             const int base = threadIdx.x * (H / NTC);

@@ -43,7 +43,9 @@ MAX_SMEM = 227 * 1024  # an H100 / H200 CTA's shared memory at most
 class DecodeStepConfig:
     """Launch shape: `nwarps` consumer warps; stages of 16 rows x `kc` bytes, `stages` of them
     in the ring (None: as many as fit); the down projection's K split `ds` ways; attention
-    partitions of at least `part_min` keys, at most `p_max` (None: grid / KV heads, <= 16)."""
+    partitions of at least `part_min` keys, at most `p_max` (None: grid / KV heads, <= 16).
+    `timing_layer` (benchmarks): each CTA stamps %globaltimer at the phase boundaries of that
+    layer into `DecodeStep.timing` `[grid, 16]` (see the .cu file's TIMING)."""
 
     nwarps: int = 8
     kc: int = 1024
@@ -51,6 +53,7 @@ class DecodeStepConfig:
     ds: int = 2
     part_min: int = 128
     p_max: int | None = None
+    timing_layer: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +148,8 @@ class DecodeStep:
         self.out = torch.empty(1, h, dtype=torch.bfloat16, device=dev)
         self.residual = torch.empty(1, h, dtype=torch.bfloat16, device=dev)
         self.qk_scale = cfg.head_dim ** -0.5 * math.log2(math.e)
+        self.timing = (torch.zeros(self.grid, 16, dtype=torch.int64, device=dev)
+                       if c.timing_layer is not None else None)
         self._table: torch.Tensor | None = None
         self._table_key: tuple[int, ...] = ()
         self._fn: cuda_jit.CudaFunction | None = None
@@ -187,6 +192,8 @@ class DecodeStep:
         defines = dict(H=shape.hidden, I=shape.inter, HQ=shape.q_heads, HKV=shape.kv_heads,
                        D=d, BS=bs, NWARPS=c.nwarps, KC=c.kc, STAGES=stages, DS=c.ds,
                        P_MAX=self.p_max, PART_MIN=c.part_min)
+        if c.timing_layer is not None:
+            defines.update(TIMING=1, TIMING_LAYER=c.timing_layer)
         self.defines = defines
         self._fn = cuda_jit.load(SOURCE, "fp8_decode_step", defines, self.device)
         rows = []
@@ -225,8 +232,9 @@ class DecodeStep:
                 float(self.stage.cfg.rms_norm_eps), float(self.qk_scale),
                 self.qkv.data_ptr(), self.part.data_ptr(), self.part_ml.data_ptr(),
                 self.o.data_ptr(), self.act.data_ptr(), self.down.data_ptr(),
-                self.sync.data_ptr())
-        types = (P, I32, P, P, P, P, P, P, P, I32, I32, I32, I32, F32, F32, P, P, P, P, P, P, P)
+                self.sync.data_ptr(), 0 if self.timing is None else self.timing.data_ptr())
+        types = (P, I32, P, P, P, P, P, P, P, I32, I32, I32, I32, F32, F32, P, P, P, P, P, P, P,
+                 P)
         self._fn.launch(self.grid, self.config.nwarps * 32 + 32, args, types, pdl=False,
                         shared=self._smem, cooperative=True)
         return self.out, self.residual

@@ -1122,6 +1122,16 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s16b)  # the decode step: its GPU tests (errors against the dequantized twin printed),
+      # then the standalone bench with per-CTA stamps of one layer, over launch configs
+      timeout 300 python3 -m pytest -q -s -x -m gpu tests/test_fp8_decode_step.py 2>&1 \
+          | tee "$OUT/s16b_tests.log" | grep -E "^seq_len|^FAILED|^E  " | cut -c1-200 | tee -a "$SUMMARY"
+      note "s16b tests: $(tail -1 "$OUT/s16b_tests.log")"
+      timeout 300 python3 scripts/bench_decode_step.py --context 384 \
+          --configs 1024:2:0:128 2048:1:0:128 1024:4:0:128 1024:2:6:128 \
+          --output "$OUT/decode_step.json" 2>&1 | tee "$OUT/decode_step.log" | tail -16 \
+          | tee -a "$SUMMARY"
+      ;;
     s16a)  # the one-launch batch-1 decode step: its GPU tests, then batch 1 FP8 with it on /
       # off and bf16, after a warm-up run
       export BENCH_TIMEOUT=240

@@ -103,20 +103,43 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def _dequantized_twin(stage, cfg):
+    """The same model in bfloat16 with the FP8 weights dequantized: the reference both FP8
+    paths approximate (their error is the per-token activation quantization)."""
+    twin, _ = _stage(stage.device, cfg.num_layers, quant=False)
+    params = dict(stage.named_parameters())
+    for name, p in twin.named_parameters():
+        src = params[name]
+        if src.dtype == torch.float8_e4m3fn:
+            scale = params[name.replace("weight", "weight_scale")]
+            p.data.copy_(src.float() * scale[:, None])
+        else:
+            p.data.copy_(src)
+    return twin
+
+
 @gpu
 @pytest.mark.parametrize("seq_len", [1, 7, 129, 700, 4000])
 def test_step_equals_the_layer_loop_gpu(seq_len: int) -> None:
-    """The last hidden state and the cache row written agree with the layer loop to the
-    rounding of the model dtype (sums run in another order); nothing else in the cache moves.
-    The lengths cover one key, one partition, several, and the most partitions."""
+    """Against the model with dequantized weights and unquantized activations, the step is
+    as close as the layer loop (both quantize activations per token; their sums run in
+    other orders, so E4M3 codes near a rounding boundary may differ); the cache row written
+    agrees to the model dtype's rounding and nothing else in the cache moves. The lengths
+    cover one key, one partition, several, and the most partitions."""
     dev = _need()
     stage, cfg = _stage(dev)
     kv_a, inputs, pos = _kv(stage, cfg, seq_len)
     kv_b = [type(x)(x.k.clone(), x.v.clone()) for x in kv_a]
-    ref = _run(stage, kv_a, inputs, pos, 11, use_step=False)
+    kv_c = [type(x)(x.k.clone(), x.v.clone()) for x in kv_a]
+    loop = _run(stage, kv_a, inputs, pos, 11, use_step=False)
     out = _run(stage, kv_b, inputs, pos, 11, use_step=True)
+    twin = _dequantized_twin(stage, cfg)
+    ctx = twin.context(pos, inputs.slot_mapping, twin.attention_backend.prepare(inputs))
+    ref = twin(torch.tensor([11], device=dev), kv_c, ctx)
     assert not out.isnan().any()
-    assert _rel(out, ref) < 2e-2, _rel(out, ref)
+    err_loop, err_step, apart = _rel(loop, ref), _rel(out, ref), _rel(out, loop)
+    print(f"seq_len {seq_len}: loop {err_loop:.4f} step {err_step:.4f} apart {apart:.4f}")
+    assert err_step < 1.25 * err_loop + 2e-3, (err_loop, err_step, apart)
     slot = int(inputs.slot_mapping[0])
     blk, off = divmod(slot, inputs.block_size)
     for a, b in zip(kv_a, kv_b):
