@@ -55,6 +55,7 @@ typedef unsigned long long u64;
 #define GQA (HQ / HKV)
 #define NTC (NWARPS * 32)
 #define STEPS (KC / 128 / NWARPS)
+#define MAX_REGS ((65536 / (32 * (NWARPS + 1))) / 8 * 8 > 255 ? 255 : (65536 / (32 * (NWARPS + 1))) / 8 * 8)
 #define PITCH (KC + 64)  // rows g and g + 1 of a stage in other banks
 #define STAGE_BYTES (16 * PITCH)
 
@@ -363,8 +364,13 @@ __device__ __forceinline__ const unsigned char* phase_weight(const LayerWeights&
 // The producer warp: every layer's four weights, unit by unit, stage by stage. Lane r < 16
 // copies row r of a stage (one bulk copy each, issued together). Each stage's (unit, chunk)
 // goes to stage_unit[s] for the consumers; a stage with -1 and no copy ends a phase.
+__device__ __forceinline__ const float* phase_scale(const LayerWeights& L, int ph) {
+    return ph == PH_QKV ? L.sqkv : ph == PH_O ? L.so : ph == PH_GU ? L.sgu : L.sd;
+}
+
 __device__ void produce(const LayerWeights* __restrict__ layers, int num_layers, u32* work,
-                        u32 ring, u32 full, u32 empty, int* stage_unit, u64* timing) {
+                        u32 ring, u32 side, u32 full, u32 empty, int* stage_unit,
+                        u64* timing) {
     const int lane = threadIdx.x & 31;
     u32 it = 0;
     for (int l = 0; l < num_layers; ++l) {
@@ -374,6 +380,7 @@ __device__ void produce(const LayerWeights* __restrict__ layers, int num_layers,
         for (int ph = 0; ph < 4; ++ph) {
             const PhaseShape sh = phase_shape(ph);
             const unsigned char* w = phase_weight(L, ph);
+            const float* ws = phase_scale(L, ph);
             u32* ctr = work + 4 * l + ph;
             int cur = 0;
             if (lane == 0) cur = (int)atomicAdd(ctr, 1u);
@@ -385,15 +392,24 @@ __device__ void produce(const LayerWeights* __restrict__ layers, int num_layers,
                     w + (size_t)unit_row(ph, cur, lane & 15) * sh.k + unit_k0(ph, cur);
                 for (int c = 0; c < sh.chunks; ++c, ++it) {
                     const int s = it % STAGES;
+                    const bool last = c == sh.chunks - 1;
                     mbar_wait(empty + 8 * s, ((it / STAGES) & 1) ^ 1);
                     if (lane == 0) {
                         stage_unit[s] = cur * sh.chunks + c;
-                        mbar_expect_tx(full + 8 * s, 16 * KC);
+                        mbar_expect_tx(full + 8 * s, 16 * KC + (last ? 64 : 0));
                     }
                     __syncwarp();
                     if (lane < 16)
                         bulk_copy(ring + s * STAGE_BYTES + lane * PITCH, src + c * KC, KC,
                                   full + 8 * s);
+                    // the unit's 16 weight scales with its last stage: the epilogue then reads
+                    // shared memory, not DRAM (a global load there stalled its warp ~1 us a
+                    // unit, and the ring with it)
+                    if (last && ph == PH_GU && lane >= 16 && lane < 18)
+                        bulk_copy(side + s * 64 + (lane - 16) * 32,
+                                  ws + 8 * cur + (lane - 16) * I, 32, full + 8 * s);
+                    else if (last && ph != PH_GU && lane == 16)
+                        bulk_copy(side + s * 64, ws + unit_row(ph, cur, 0), 64, full + 8 * s);
                 }
                 cur = __shfl_sync(0xffffffffu, nxt, 0);
             }
@@ -443,16 +459,15 @@ struct Scratch {
 
 // Consumers: one phase's stages until its end mark; each unit's 16 sums over the warps (fixed
 // order) go through the phase's epilogue. x: E4M3 at xs, dequantizing scale x_scale.
-__device__ __forceinline__ void consume(int ph, const LayerWeights& L, u32& it,
-                                        const unsigned char* ring, u32 full, u32 empty,
+__device__ __forceinline__ void consume(int ph, u32& it, const unsigned char* ring,
+                                        const float* side, u32 full, u32 empty,
                                         const int* stage_unit, const unsigned char* xs,
                                         float x_scale, float (*partial)[NWARPS][16],
                                         const Scratch& S) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const PhaseShape sh = phase_shape(ph);
-    const float* wscale = ph == PH_QKV ? L.sqkv : ph == PH_O ? L.so : ph == PH_GU ? L.sgu : L.sd;
-    float acc0 = 0.0f, acc8 = 0.0f, ws0 = 0.0f, ws1 = 0.0f;
+    float acc0 = 0.0f, acc8 = 0.0f;
     int buf = 0;
     for (;; ++it) {
         const int s = it % STAGES;
@@ -465,19 +480,16 @@ __device__ __forceinline__ void consume(int ph, const LayerWeights& L, u32& it,
             return;
         }
         const int u = id / sh.chunks, c = id % sh.chunks;
-        if (c == 0 && threadIdx.x < 16) {  // the epilogue's scales, loaded a unit ahead of use
-            const int r = threadIdx.x;
-            if (ph == PH_GU) {
-                ws0 = r < 8 ? wscale[unit_row(ph, u, r)] : 0.0f;
-                ws1 = r < 8 ? wscale[unit_row(ph, u, r + 8)] : 0.0f;
-            } else {
-                ws0 = wscale[unit_row(ph, u, r)];
-            }
-        }
         stage_mma(ring + s * STAGE_BYTES, xs + unit_k0(ph, u) + c * KC, acc0, acc8);
+        float ws0 = 0.0f, ws1 = 0.0f;
+        const bool last = c == sh.chunks - 1;
+        if (last && threadIdx.x < 16) {  // the unit's scales, in the stage's side slot
+            ws0 = side[s * 16 + threadIdx.x];
+            ws1 = side[s * 16 + ((threadIdx.x + 8) & 15)];
+        }
         __syncwarp();
         if (lane == 0) mbar_arrive(empty + 8 * s);
-        if (c == sh.chunks - 1) {
+        if (last) {
             if (t == 0) {
                 partial[buf][warp][g] = acc0;
                 partial[buf][warp][g + 8] = acc8;
@@ -497,7 +509,7 @@ __device__ __forceinline__ void consume(int ph, const LayerWeights& L, u32& it,
                 } else if (ph == PH_O) {
                     S.o[unit_row(ph, u, r)] = to_bf(sum * x_scale * ws0);
                 } else if (ph == PH_GU) {
-                    if (r < 8) {
+                    if (r < 8) {  // gate scales are the slot's first 8, up scales its last 8
                         const float gate = round_bf(sum * x_scale * ws0);
                         const float up = round_bf(sum8 * x_scale * ws1);
                         S.act[8 * u + r] = to_bf(gate / (1.0f + __expf(-gate)) * up);
@@ -534,13 +546,69 @@ __device__ __forceinline__ void load4(float (&x)[4], const u16* p) {
     x[0] = bf_lo(v.x); x[1] = bf_hi(v.x); x[2] = bf_lo(v.y); x[3] = bf_hi(v.y);
 }
 
-// One item: KV head j, keys [start, end) of the sequence; the GQA query heads of j. Writes the
-// item's partial (unnormalised sums, running max in the log2 domain, sum of weights).
-__device__ void attention_item(const LayerWeights& L, int j, int p, int start, int end, int pos,
-                               long long slot, const float* __restrict__ cos_sin,
-                               const int* __restrict__ table, int kc_s0, int kc_s1, int vc_s0,
-                               int vc_s1, float qk_scale, const Scratch& S, float* scratch) {
+__device__ __forceinline__ void unpack4(float (&x)[4], uint2 v) {
+    x[0] = bf_lo(v.x); x[1] = bf_hi(v.x); x[2] = bf_lo(v.y); x[3] = bf_hi(v.y);
+}
+
+// The first KPRE cached keys a warp attends to are loaded before the layer's qkv phase (their
+// block ids once a launch): cached rows do not depend on this step, and under the weight
+// stream each DRAM round trip after the barrier cost ~2-3 us (stamps, PERF_NOTES.md).
+#define KPRE 4
+struct AttnItem {
+    int j, p, start, end, cend;  // KV head, partition, keys [start, end), cached below cend
+    long long off[KPRE];         // element offset of cached key i's row (-1: none)
+};
+
+struct KeyRows {
+    uint2 k[KPRE], v[KPRE];
+};
+
+__device__ __forceinline__ void prefetch_keys(const LayerWeights& L, const AttnItem& it,
+                                              KeyRows& rows) {
+#pragma unroll
+    for (int i = 0; i < KPRE; ++i) {
+        if (it.off[i] >= 0) {
+            rows.k[i] = ld_cg2(L.kc + it.off[i]);
+            rows.v[i] = ld_cg2(L.vc + it.off[i]);
+        }
+    }
+}
+
+// Online softmax over one key for the warp's GQA heads (scores in the log2 domain).
+__device__ __forceinline__ void attend(const float (&q)[GQA][4], const float (&kf)[4],
+                                       const float (&vf)[4], float (&m)[GQA], float (&l)[GQA],
+                                       float (&acc)[GQA][4]) {
+    float sc[GQA];
+#pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        float d = q[h][0] * kf[0];
+#pragma unroll
+        for (int i = 1; i < 4; ++i) d += q[h][i] * kf[i];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        sc[h] = d;
+    }
+#pragma unroll
+    for (int h = 0; h < GQA; ++h) {
+        const float mn = fmaxf(m[h], sc[h]);
+        const float corr = exp2f(m[h] - mn), w = exp2f(sc[h] - mn);
+        l[h] = l[h] * corr + w;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[h][i] = acc[h][i] * corr + w * vf[i];
+        m[h] = mn;
+    }
+}
+
+// One item: KV head j, keys [start, end) of the sequence; the GQA query heads of j. The new
+// token (position pos, if in range) comes from the qkv row, rotated, and warp 0 writes it to
+// the cache. Writes the item's partial (unnormalised sums, running max in the log2 domain,
+// sum of weights).
+__device__ __forceinline__ void attention_item(const LayerWeights& L, const AttnItem& it, const KeyRows& rows,
+                               int pos, long long slot, const float* __restrict__ cos_sin,
+                               const int* __restrict__ table, int kc_s0, int kc_s1,
+                               float qk_scale, const Scratch& S, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int j = it.j;
     const float* cs = cos_sin + (size_t)pos * D;
     float q[GQA][4];
 #pragma unroll
@@ -550,20 +618,6 @@ __device__ void attention_item(const LayerWeights& L, int j, int p, int start, i
 #pragma unroll
         for (int i = 0; i < 4; ++i) q[h][i] *= qk_scale;
     }
-    if (warp == 0 && slot >= 0 && pos >= start && pos < end) {  // the new token's K / V
-        float k[4], v[4];
-        load4(k, S.qkv + QD + j * D + lane * 4);
-        rope4(k, cs, lane);
-        load4(v, S.qkv + QD + HKV * D + j * D + lane * 4);
-        const long long blk = slot / BS, off = slot % BS;
-        uint2 kw, vw;
-        kw.x = pack_bf(k[0], k[1]); kw.y = pack_bf(k[2], k[3]);
-        vw.x = pack_bf(v[0], v[1]); vw.y = pack_bf(v[2], v[3]);
-        *reinterpret_cast<uint2*>(L.kc + blk * kc_s0 + off * kc_s1 + j * D + lane * 4) = kw;
-        *reinterpret_cast<uint2*>(L.vc + blk * vc_s0 + off * vc_s1 + j * D + lane * 4) = vw;
-    }
-    consumers_sync();  // the new row is in the cache before any warp reads it
-
     float m[GQA], l[GQA], acc[GQA][4];
 #pragma unroll
     for (int h = 0; h < GQA; ++h) {
@@ -572,41 +626,48 @@ __device__ void attention_item(const LayerWeights& L, int j, int p, int start, i
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[h][i] = 0.0f;
     }
-    constexpr int U = 4;  // keys a warp loads before their math
-    for (int t0 = start + warp; t0 < end; t0 += U * NWARPS) {
+    if (warp == 0 && pos >= it.start && pos < it.end) {  // the new token's K / V
+        float k[4], v[4];
+        load4(k, S.qkv + QD + j * D + lane * 4);
+        rope4(k, cs, lane);
+        load4(v, S.qkv + QD + HKV * D + j * D + lane * 4);
+        if (slot >= 0) {
+            const long long blk = slot / BS, off = slot % BS;
+            uint2 kw, vw;
+            kw.x = pack_bf(k[0], k[1]); kw.y = pack_bf(k[2], k[3]);
+            vw.x = pack_bf(v[0], v[1]); vw.y = pack_bf(v[2], v[3]);
+            *reinterpret_cast<uint2*>(L.kc + blk * kc_s0 + off * kc_s1 + j * D + lane * 4) = kw;
+            *reinterpret_cast<uint2*>(L.vc + blk * kc_s0 + off * kc_s1 + j * D + lane * 4) = vw;
+        }
+        attend(q, k, v, m, l, acc);
+    }
+#pragma unroll
+    for (int i = 0; i < KPRE; ++i) {
+        if (it.off[i] >= 0) {
+            float kf[4], vf[4];
+            unpack4(kf, rows.k[i]);
+            unpack4(vf, rows.v[i]);
+            attend(q, kf, vf, m, l, acc);
+        }
+    }
+    // keys past the prefetched ones (long contexts): loaded here, U at a time
+    constexpr int U = 4;
+    for (int t0 = it.start + warp + KPRE * NWARPS; t0 < it.cend; t0 += U * NWARPS) {
         float kf[U][4], vf[U][4];
 #pragma unroll
         for (int uu = 0; uu < U; ++uu) {
             const int t = t0 + uu * NWARPS;
-            if (t < end) {
-                const long long blk = table[t / BS];
-                const int off = t % BS;
-                load4(kf[uu], L.kc + blk * kc_s0 + off * kc_s1 + j * D + lane * 4);
-                load4(vf[uu], L.vc + blk * vc_s0 + off * vc_s1 + j * D + lane * 4);
+            if (t < it.cend) {
+                const long long off = (long long)table[t / BS] * kc_s0 + (t % BS) * kc_s1 +
+                                      j * D + lane * 4;
+                load4(kf[uu], L.kc + off);
+                load4(vf[uu], L.vc + off);
             }
         }
 #pragma unroll
         for (int uu = 0; uu < U; ++uu) {
-            if (t0 + uu * NWARPS >= end) break;
-            float sc[GQA];
-#pragma unroll
-            for (int h = 0; h < GQA; ++h) {
-                float d = q[h][0] * kf[uu][0];
-#pragma unroll
-                for (int i = 1; i < 4; ++i) d += q[h][i] * kf[uu][i];
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                sc[h] = d;
-            }
-#pragma unroll
-            for (int h = 0; h < GQA; ++h) {
-                const float mn = fmaxf(m[h], sc[h]);
-                const float corr = exp2f(m[h] - mn), w = exp2f(sc[h] - mn);
-                l[h] = l[h] * corr + w;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[h][i] = acc[h][i] * corr + w * vf[uu][i];
-                m[h] = mn;
-            }
+            if (t0 + uu * NWARPS >= it.cend) break;
+            attend(q, kf[uu], vf[uu], m, l, acc);
         }
     }
     // the warps' partials -> the item's (fixed order)
@@ -639,10 +700,10 @@ __device__ void attention_item(const LayerWeights& L, int j, int p, int start, i
             }
         }
         const int head = j * GQA + h;
-        S.part[((size_t)p * HQ + head) * D + d] = num;
+        S.part[((size_t)it.p * HQ + head) * D + d] = num;
         if (d == 0) {
-            S.part_ml[(p * HQ + head) * 2] = mx;
-            S.part_ml[(p * HQ + head) * 2 + 1] = den;
+            S.part_ml[(it.p * HQ + head) * 2] = mx;
+            S.part_ml[(it.p * HQ + head) * 2 + 1] = den;
         }
     }
 }
@@ -650,29 +711,42 @@ __device__ void attention_item(const LayerWeights& L, int j, int p, int start, i
 // Every CTA: the partitions' partials -> the attention row (model dtype) -> E4M3 in xs.
 // Returns the dequantizing scale.
 __device__ __forceinline__ float merge_quantize(const Scratch& S, int np, unsigned char* xs,
-                                                float* wts, float* red) {
-    // per head: each partition's weight exp2(m_p - M) / sum_p l_p exp2(m_p - M)
-    for (int h = threadIdx.x; h < HQ; h += NTC) {
-        float mx = NEG_INF;
-        for (int p = 0; p < np; ++p) mx = fmaxf(mx, ld_cg_f32(S.part_ml + (p * HQ + h) * 2));
-        float den = 0.0f;
-        for (int p = 0; p < np; ++p) {
-            const float mp = ld_cg_f32(S.part_ml + (p * HQ + h) * 2);
-            const float c = mp == NEG_INF ? 0.0f : exp2f(mp - mx);
-            wts[p * HQ + h] = c;
-            den += ld_cg_f32(S.part_ml + (p * HQ + h) * 2 + 1) * c;
-        }
-        const float inv = den > 0.0f ? 1.0f / den : 0.0f;
-        for (int p = 0; p < np; ++p) wts[p * HQ + h] *= inv;
-    }
-    consumers_sync();
+                                                float* red) {
     constexpr int RUN = QD / NTC;
     const int base = threadIdx.x * RUN, head = base / D;
+    // this thread's head: each partition's weight exp2(m_p - M) / sum_p l_p exp2(m_p - M)
+    // (every thread of the head computes the same; one round trip for all partitions)
+    float mp[P_MAX], lp[P_MAX];
+#pragma unroll
+    for (int p = 0; p < P_MAX; ++p) {
+        if (p < np) {
+            const uint2 v = ld_cg2(S.part_ml + (p * HQ + head) * 2);
+            mp[p] = __uint_as_float(v.x);
+            lp[p] = __uint_as_float(v.y);
+        }
+    }
+    float mx = NEG_INF;
+#pragma unroll
+    for (int p = 0; p < P_MAX; ++p)
+        if (p < np) mx = fmaxf(mx, mp[p]);
+    float den = 0.0f;
+#pragma unroll
+    for (int p = 0; p < P_MAX; ++p) {
+        if (p < np) {
+            mp[p] = mp[p] == NEG_INF ? 0.0f : exp2f(mp[p] - mx);
+            den += lp[p] * mp[p];
+        }
+    }
+    const float inv = den > 0.0f ? 1.0f / den : 0.0f;
     float y[RUN];
 #pragma unroll
     for (int e = 0; e < RUN; ++e) y[e] = 0.0f;
+#pragma unroll 4
     for (int p = 0; p < np; ++p) {
-        const float c = wts[p * HQ + head];
+        float c = 0.0f;
+#pragma unroll
+        for (int q = 0; q < P_MAX; ++q)
+            if (q == p) c = mp[q] * inv;
         const float* src = S.part + (size_t)p * QD + base;
 #pragma unroll
         for (int e = 0; e < RUN; e += 4) {
@@ -692,24 +766,26 @@ __device__ __forceinline__ float merge_quantize(const Scratch& S, int np, unsign
 #define ATT_SCRATCH (NWARPS * GQA * (D + 2) * 4)
 #define XS_BYTES_RAW (I > ATT_SCRATCH ? (I > H ? I : H) : ATT_SCRATCH)
 #define XS_BYTES ((XS_BYTES_RAW + 127) / 128 * 128)
-#define OFF_XS (STAGES * STAGE_BYTES)
+#define OFF_SIDE (STAGES * STAGE_BYTES)
+#define OFF_XS (OFF_SIDE + STAGES * 64)
 #define OFF_HS (OFF_XS + XS_BYTES)
 #define OFF_PARTIAL (OFF_HS + H * 2)
 #define OFF_RED (OFF_PARTIAL + 2 * NWARPS * 16 * 4)
-#define OFF_WTS (OFF_RED + NWARPS * 4)
-#define OFF_UNITS (OFF_WTS + P_MAX * HQ * 4)
+#define OFF_UNITS (OFF_RED + NWARPS * 4)
 #define OFF_BARS ((OFF_UNITS + STAGES * 4 + 7) / 8 * 8)
 #define SMEM_BYTES (OFF_BARS + 2 * STAGES * 8)
 
 // The dynamic shared memory a launch needs (the host reads it from here).
 extern "C" __global__ void decode_step_smem_bytes(int* out) { *out = SMEM_BYTES; }
 
-extern "C" __global__ void __launch_bounds__(NTC + 32, 1)
+// NOTE: one CTA of NWARPS + 1 warps a SM, so each thread may hold 65536 / (32 (NWARPS + 1))
+// registers (224 at 8 + 1 warps); __launch_bounds__(.., 1) let ptxas stop at 168 and spill.
+extern "C" __global__ void __maxnreg__(MAX_REGS)
 fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
                 const u16* __restrict__ hidden_in, u16* hidden_out, u16* residual_out,
                 const int* __restrict__ seq_lens, const int* __restrict__ block_table,
                 const long long* __restrict__ slot_mapping, const float* __restrict__ cos_sin,
-                int kc_s0, int kc_s1, int vc_s0, int vc_s1, float eps, float qk_scale,
+                int kc_s0, int kc_s1, float eps, float qk_scale,
                 u16* qkv, float* part, float* part_ml, u16* o, u16* act, float* down,
                 u32* sync, u64* timing) {
     extern __shared__ __align__(128) unsigned char smem[];
@@ -717,8 +793,8 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
     u16* hs = reinterpret_cast<u16*>(smem + OFF_HS);
     float (*partial)[NWARPS][16] = reinterpret_cast<float (*)[NWARPS][16]>(smem + OFF_PARTIAL);
     float* red = reinterpret_cast<float*>(smem + OFF_RED);
-    float* wts = reinterpret_cast<float*>(smem + OFF_WTS);
     int* stage_unit = reinterpret_cast<int*>(smem + OFF_UNITS);
+    const float* side = reinterpret_cast<const float*>(smem + OFF_SIDE);
     const u32 ring = smem_addr(smem), full = smem_addr(smem + OFF_BARS);
     const u32 empty = full + 8 * STAGES;
     u32* barrier = sync;  // sync: [0] grid barrier, [1] CTAs done, [2 ...] work per (layer, ph)
@@ -735,7 +811,8 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
     __syncthreads();
 
     if (warp == NWARPS) {
-        produce(layers, num_layers, work, ring, full, empty, stage_unit, timing);
+        produce(layers, num_layers, work, ring, smem_addr(smem + OFF_SIDE), full, empty, stage_unit,
+                timing);
     } else {
         const Scratch S{qkv, part, part_ml, o, act, down};
         const int seq_len = seq_lens[0];
@@ -743,6 +820,22 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
         const long long slot = slot_mapping[0];
         const int np = num_partitions(seq_len);
         const int span = (seq_len + np - 1) / np;
+        const bool attends = cta < HKV * np;
+        AttnItem item;
+        item.j = cta % HKV;
+        item.p = cta / HKV;
+        item.start = item.p * span;
+        item.end = min(seq_len, item.start + span);
+        item.cend = min(item.end, pos);  // the new token is not in the cache yet
+#pragma unroll
+        for (int i = 0; i < KPRE; ++i) {
+            const int t = item.start + warp + i * NWARPS;
+            item.off[i] = attends && t < item.cend
+                              ? (long long)block_table[t / BS] * kc_s0 + (t % BS) * kc_s1 +
+                                    item.j * D + (threadIdx.x & 31) * 4
+                              : -1;
+        }
+        KeyRows rows;
         u32 it = 0, nbar = 0;
         {  // the residual stream starts as the embedding row
             const int base = threadIdx.x * (H / NTC);
@@ -754,27 +847,24 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
             STAMP(0);
             if (li > 0) residual_add<DS>(hs, down);
             float scale = norm_quantize(hs, L.ln1, eps, xs, red);
+            if (attends) prefetch_keys(L, item, rows);  // held across the qkv phase
             consumers_sync();
-            consume(PH_QKV, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            consume(PH_QKV, it, smem, side, full, empty, stage_unit, xs, scale, partial, S);
             STAMP(1);
             grid_barrier(barrier, G * ++nbar);
             STAMP(2);
 
-            if (cta < HKV * np) {
-                const int j = cta % HKV, p = cta / HKV;
-                const int start = p * span, end = min(seq_len, start + span);
-                attention_item(L, j, p, start, end, pos, slot, cos_sin, block_table, kc_s0,
-                               kc_s1, vc_s0, vc_s1, qk_scale, S,
-                               reinterpret_cast<float*>(xs));
-            }
+            if (attends)
+                attention_item(L, item, rows, pos, slot, cos_sin, block_table, kc_s0, kc_s1,
+                               qk_scale, S, reinterpret_cast<float*>(xs));
             STAMP(3);
             grid_barrier(barrier, G * ++nbar);
             STAMP(4);
 
-            scale = merge_quantize(S, np, xs, wts, red);
+            scale = merge_quantize(S, np, xs, red);
             consumers_sync();
             STAMP(5);
-            consume(PH_O, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            consume(PH_O, it, smem, side, full, empty, stage_unit, xs, scale, partial, S);
             STAMP(6);
             grid_barrier(barrier, G * ++nbar);
             STAMP(7);
@@ -783,7 +873,7 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
             scale = norm_quantize(hs, L.ln2, eps, xs, red);
             consumers_sync();
             STAMP(8);
-            consume(PH_GU, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            consume(PH_GU, it, smem, side, full, empty, stage_unit, xs, scale, partial, S);
             STAMP(9);
             grid_barrier(barrier, G * ++nbar);
             STAMP(10);
@@ -806,7 +896,7 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
             }
             consumers_sync();
             STAMP(11);
-            consume(PH_DN, L, it, smem, full, empty, stage_unit, xs, scale, partial, S);
+            consume(PH_DN, it, smem, side, full, empty, stage_unit, xs, scale, partial, S);
             STAMP(12);
             grid_barrier(barrier, G * ++nbar);
             STAMP(13);

@@ -48,10 +48,10 @@ class DecodeStepConfig:
     layer into `DecodeStep.timing` `[grid, 16]` (see the .cu file's TIMING)."""
 
     nwarps: int = 8
-    kc: int = 1024
+    kc: int = 2048
     stages: int | None = None
-    ds: int = 2
-    part_min: int = 128
+    ds: int = 1
+    part_min: int = 32
     p_max: int | None = None
     timing_layer: int | None = None
 
@@ -73,8 +73,7 @@ def smem_bytes(shape: _Shape, cfg: DecodeStepConfig, stages: int, p_max: int) ->
     stage = 16 * (cfg.kc + 64)
     att = cfg.nwarps * gqa * (d + 2) * 4
     xs = -(-max(i, h, shape.q_heads * d, att) // 128) * 128
-    off = stages * stage + xs + h * 2 + 2 * cfg.nwarps * 16 * 4 + cfg.nwarps * 4
-    off += p_max * shape.q_heads * 4
+    off = stages * (stage + 64) + xs + h * 2 + 2 * cfg.nwarps * 16 * 4 + cfg.nwarps * 4
     off = -(-(off + stages * 4) // 8) * 8
     return off + 2 * stages * 8
 
@@ -130,6 +129,7 @@ class DecodeStep:
         self.shape = _Shape(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                             cfg.num_kv_heads, cfg.head_dim, 0)
         c = self.config
+        self._check(c, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
         self.p_max = c.p_max or min(16, self.grid // cfg.num_kv_heads)
         if cfg.num_kv_heads * self.p_max > self.grid:
             raise ValueError(f"p_max {self.p_max} x {cfg.num_kv_heads} KV heads exceeds the "
@@ -154,7 +154,16 @@ class DecodeStep:
         self._table_key: tuple[int, ...] = ()
         self._fn: cuda_jit.CudaFunction | None = None
         self._smem = 0
-        self._strides = (0, 0, 0, 0)
+        self._strides = (0, 0)
+
+    @staticmethod
+    def _check(c: DecodeStepConfig, hidden: int, inter: int, q_dim: int) -> None:
+        if c.nwarps < 1 or c.kc % (128 * c.nwarps) or c.ds < 1 or c.part_min < 1:
+            raise ValueError(f"{c}: want kc a multiple of 128 x nwarps, ds >= 1, part_min >= 1")
+        for k, what in ((hidden, "hidden_size"), (q_dim, "q heads x head_dim"),
+                        (inter // c.ds if inter % c.ds == 0 else 1, "intermediate_size / ds")):
+            if k % c.kc:
+                raise ValueError(f"{c}: {what} ({k}) is not a multiple of kc {c.kc}")
 
     @classmethod
     def build(cls, stage: LlamaStage, config: DecodeStepConfig | None = None
@@ -176,7 +185,10 @@ class DecodeStep:
                 if t.stride(3) != 1 or t.stride(2) != d:
                     raise ValueError("the decode step kernel wants [blocks, bs, heads, D] "
                                      "caches with heads and dims contiguous")
-        self._strides = (kv0.k.stride(0), kv0.k.stride(1), kv0.v.stride(0), kv0.v.stride(1))
+                if t.stride()[:2] != kv0.k.stride()[:2]:
+                    raise ValueError("the decode step kernel wants K and V caches of one "
+                                     "layout")
+        self._strides = (kv0.k.stride(0), kv0.k.stride(1))
         c = self.config
         shape = _Shape(self.shape.hidden, self.shape.inter, self.shape.q_heads,
                        self.shape.kv_heads, d, bs)
@@ -224,17 +236,16 @@ class DecodeStep:
             raise ValueError("slot_mapping must be int64")
         hidden = hidden.contiguous()
         P, I32, F32 = cuda_jit.POINTER, ctypes.c_int, ctypes.c_float
-        ks0, ks1, vs0, vs1 = self._strides
+        ks0, ks1 = self._strides
         args = (self._table.data_ptr(), len(self.layers), hidden.data_ptr(),
                 self.out.data_ptr(), self.residual.data_ptr(), seq_lens.data_ptr(),
                 block_table.data_ptr(), slot_mapping.data_ptr(),
-                self.stage.cos_sin.data_ptr(), ks0, ks1, vs0, vs1,
+                self.stage.cos_sin.data_ptr(), ks0, ks1,
                 float(self.stage.cfg.rms_norm_eps), float(self.qk_scale),
                 self.qkv.data_ptr(), self.part.data_ptr(), self.part_ml.data_ptr(),
                 self.o.data_ptr(), self.act.data_ptr(), self.down.data_ptr(),
                 self.sync.data_ptr(), 0 if self.timing is None else self.timing.data_ptr())
-        types = (P, I32, P, P, P, P, P, P, P, I32, I32, I32, I32, F32, F32, P, P, P, P, P, P, P,
-                 P)
+        types = (P, I32, P, P, P, P, P, P, P, I32, I32, F32, F32, P, P, P, P, P, P, P, P)
         self._fn.launch(self.grid, self.config.nwarps * 32 + 32, args, types, pdl=False,
                         shared=self._smem, cooperative=True)
         return self.out, self.residual

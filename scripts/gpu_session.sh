@@ -1122,6 +1122,23 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s16c)  # the decode step with scales through TMA, keys loaded before the qkv phase, a
+      # two-round-trip merge, 224 registers: GPU tests, standalone bench with stamps, then
+      # batch 1 FP8 step / loop and bf16 in the engine
+      export BENCH_TIMEOUT=240
+      timeout 300 python3 -m pytest -q -s -m gpu tests/test_fp8_decode_step.py 2>&1 \
+          | tee "$OUT/s16c_tests.log" | grep -E "^seq_len|^FAILED|^E  " | cut -c1-200 | tee -a "$SUMMARY"
+      note "s16c tests: $(tail -1 "$OUT/s16c_tests.log")"
+      timeout 300 python3 scripts/bench_decode_step.py --context 384 \
+          --configs 2048:1:0:32 1024:2:0:32 2048:1:0:16 \
+          --output "$OUT/decode_step.json" 2>&1 | grep -a -v "warning\|^ *^\|float d0\|Remark\|^$" \
+          | tee "$OUT/decode_step.log" | tail -12 | tee -a "$SUMMARY"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1_step $M --quant fp8 $B
+      TRTDIST_DECODE_STEP=0 bench fp8_b1_loop $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      ;;
     s16b)  # the decode step: its GPU tests (errors against the dequantized twin printed),
       # then the standalone bench with per-CTA stamps of one layer, over launch configs
       timeout 300 python3 -m pytest -q -s -x -m gpu tests/test_fp8_decode_step.py 2>&1 \
