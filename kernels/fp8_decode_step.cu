@@ -55,7 +55,6 @@ typedef unsigned long long u64;
 #define GQA (HQ / HKV)
 #define NTC (NWARPS * 32)
 #define STEPS (KC / 128 / NWARPS)
-#define MAX_REGS ((65536 / (32 * (NWARPS + 1))) / 8 * 8 > 255 ? 255 : (65536 / (32 * (NWARPS + 1))) / 8 * 8)
 #define PITCH (KC + 64)  // rows g and g + 1 of a stage in other banks
 #define STAGE_BYTES (16 * PITCH)
 
@@ -778,9 +777,9 @@ __device__ __forceinline__ float merge_quantize(const Scratch& S, int np, unsign
 // The dynamic shared memory a launch needs (the host reads it from here).
 extern "C" __global__ void decode_step_smem_bytes(int* out) { *out = SMEM_BYTES; }
 
-// NOTE: one CTA of NWARPS + 1 warps a SM, so each thread may hold 65536 / (32 (NWARPS + 1))
-// registers (224 at 8 + 1 warps); __launch_bounds__(.., 1) let ptxas stop at 168 and spill.
-extern "C" __global__ void __maxnreg__(MAX_REGS)
+// NOTE: one CTA a SM; with 8 + 1 warps three share one of the SM's four register-file
+// quarters, so 168 registers a thread is the most (224 was refused by the cooperative launch).
+extern "C" __global__ void __launch_bounds__(NTC + 32, 1)
 fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
                 const u16* __restrict__ hidden_in, u16* hidden_out, u16* residual_out,
                 const int* __restrict__ seq_lens, const int* __restrict__ block_table,

@@ -1122,13 +1122,13 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
-    s16c)  # the decode step with scales through TMA, keys loaded before the qkv phase, a
-      # two-round-trip merge, 224 registers: GPU tests, standalone bench with stamps, then
+    s16c|s16d)  # the decode step with scales through TMA, keys loaded before the qkv phase, a
+      # two-round-trip merge (s16c: refused at 224 registers; s16d: 168): GPU tests, standalone bench with stamps, then
       # batch 1 FP8 step / loop and bf16 in the engine
       export BENCH_TIMEOUT=240
       timeout 300 python3 -m pytest -q -s -m gpu tests/test_fp8_decode_step.py 2>&1 \
-          | tee "$OUT/s16c_tests.log" | grep -E "^seq_len|^FAILED|^E  " | cut -c1-200 | tee -a "$SUMMARY"
-      note "s16c tests: $(tail -1 "$OUT/s16c_tests.log")"
+          | tee "$OUT/${phase}_tests.log" | grep -E "^seq_len|^FAILED|^E  " | cut -c1-200 | tee -a "$SUMMARY"
+      note "$phase tests: $(tail -1 "$OUT/${phase}_tests.log")"
       timeout 300 python3 scripts/bench_decode_step.py --context 384 \
           --configs 2048:1:0:32 1024:2:0:32 2048:1:0:16 \
           --output "$OUT/decode_step.json" 2>&1 | grep -a -v "warning\|^ *^\|float d0\|Remark\|^$" \
