@@ -13,7 +13,10 @@ output and the residual stream before it, as the loop does, so the stage's final
 LM head follow unchanged. CUDA-graph capturable (no allocation, no host sync once built for
 a KV pool).
 
-TRTDIST_DECODE_STEP=0 turns it off (A/B measures).
+Opt-in (TRTDIST_DECODE_STEP=1): measured slower than the layer loop so far (PERF_NOTES.md,
+sixteenth session: on an H200 3.24 against 2.52 ms a step). Under the weight stream every
+L2 round trip of the consumers' chain (grid barriers, the attention merge) costs 1.5-2 us,
+and the chain between the qkv and o phases outlasts what the ring holds.
 """
 
 from __future__ import annotations
@@ -168,8 +171,8 @@ class DecodeStep:
     @classmethod
     def build(cls, stage: LlamaStage, config: DecodeStepConfig | None = None
               ) -> DecodeStep | None:
-        """An instance for `stage`, or None when it does not fit or TRTDIST_DECODE_STEP=0."""
-        if os.environ.get(ENV, "1") == "0" or unsupported_reason(stage) is not None:
+        """An instance for `stage`, or None unless TRTDIST_DECODE_STEP=1 and it fits."""
+        if os.environ.get(ENV, "0") != "1" or unsupported_reason(stage) is not None:
             return None
         return cls(stage, config)
 

@@ -1135,7 +1135,7 @@ for s, t in d.items():
           | tee "$OUT/decode_step.log" | tail -12 | tee -a "$SUMMARY"
       M="llama3-8b --dummy-weights --dtype bfloat16"
       B="--num-requests 1 --input-len 128 --output-len 256"
-      bench fp8_b1_step $M --quant fp8 $B
+      TRTDIST_DECODE_STEP=1 bench fp8_b1_step $M --quant fp8 $B
       TRTDIST_DECODE_STEP=0 bench fp8_b1_loop $M --quant fp8 $B
       bench bf16_b1 $M $B
       ;;
@@ -1149,17 +1149,17 @@ for s, t in d.items():
           --output "$OUT/decode_step.json" 2>&1 | tee "$OUT/decode_step.log" | tail -16 \
           | tee -a "$SUMMARY"
       ;;
-    s16a)  # the one-launch batch-1 decode step: its GPU tests, then batch 1 FP8 with it on /
+    s16a)  # the one-launch batch-1 decode step (on by default when s16a ran; opt-in since): its GPU tests, then batch 1 FP8 with it on /
       # off and bf16, after a warm-up run
       export BENCH_TIMEOUT=240
       run_tests s16a 300 -x -m gpu tests/test_fp8_decode_step.py
       M="llama3-8b --dummy-weights --dtype bfloat16"
       B="--num-requests 1 --input-len 128 --output-len 256"
       bench warm $M --quant fp8 --num-requests 8 --input-len 128 --output-len 32
-      bench fp8_b1_step $M --quant fp8 $B
+      TRTDIST_DECODE_STEP=1 bench fp8_b1_step $M --quant fp8 $B
       TRTDIST_DECODE_STEP=0 bench fp8_b1_loop $M --quant fp8 $B
       bench bf16_b1 $M $B
-      bench fp8_b1_step_again $M --quant fp8 $B
+      TRTDIST_DECODE_STEP=1 bench fp8_b1_step_again $M --quant fp8 $B
       ;;
     s15e)  # batch 1 at the session's final code (the bf16-cache decode now pipelined at 3
       # stages): FP8, bf16, FP8 again, after a warm-up run

@@ -206,8 +206,9 @@ class LlamaStage(nn.Module):
                          and not quant.quant.static and device.type == "cuda"
                          and os.environ.get(ROW_AMAX_ENV, "1") != "0" else None)
 
-        # The one-launch batch-1 decode step (kernels/fp8_decode_step.py), made at the first
-        # one-token decode (weights loaded by then); False: this stage does not fit it.
+        # The one-launch batch-1 decode step (kernels/fp8_decode_step.py, opt-in), made at the
+        # first one-token decode (weights loaded by then); False: off, or the stage does not
+        # fit it.
         self._decode_step: DecodeStep | None | bool = None
 
     def decode_step(self) -> DecodeStep | None:
