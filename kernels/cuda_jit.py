@@ -122,7 +122,9 @@ def _compile(source: str, name: str, defines: dict[str, int], arch: str) -> byte
     prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []),
                   "nvrtcCreateProgram")
     try:
-        opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
+        # the shared device helpers (cuda_common.cuh) sit beside this module
+        opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17",
+                f"--include-path={Path(__file__).parent}".encode()]
         opts += [f"-D{k}={int(v)}".encode() for k, v in sorted(defines.items())]
         status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
         if int(status) != 0:

@@ -46,9 +46,7 @@
 // (consumer warps), KC, STAGES, DS, P_MAX (attention partitions at most, HKV * P_MAX <= grid),
 // PART_MIN (keys a partition at least). Model dtype bfloat16.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned long long u64;
+#include "cuda_common.cuh"
 
 #define QD (HQ * D)
 #define NQKV (QD + 2 * HKV * D)
@@ -105,21 +103,9 @@ struct LayerWeights {
 enum { PH_QKV = 0, PH_O = 1, PH_GU = 2, PH_DN = 3 };
 
 // ---- memory helpers ------------------------------------------------------------------------
-__device__ __forceinline__ uint4 ld_cg(const void* p) {
-    // written earlier in this launch by another CTA: read at L2 (L1 may hold an old copy)
-    uint4 r;
-    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
 __device__ __forceinline__ uint2 ld_cg2(const void* p) {
     uint2 r;
     asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
-    return r;
-}
-__device__ __forceinline__ float ld_cg_f32(const float* p) {
-    float r;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p));
     return r;
 }
 __device__ __forceinline__ u32 ld_acquire(const u32* p) {
@@ -137,6 +123,15 @@ __device__ __forceinline__ u16 to_bf(float y) {
     return r;
 }
 __device__ __forceinline__ float round_bf(float v) { return bf(to_bf(v)); }
+// Eight model-dtype values (16 bytes, lowest address first) as float32.
+__device__ __forceinline__ void unpack8(uint4 v, float* y) {
+    const u32 p[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        y[2 * i] = bf_lo(p[i]);
+        y[2 * i + 1] = bf_hi(p[i]);
+    }
+}
 __device__ __forceinline__ u32 pack_bf(float lo, float hi) {
     return (u32)to_bf(lo) | ((u32)to_bf(hi) << 16);
 }
@@ -151,51 +146,7 @@ __device__ __forceinline__ u32 e4m3_pair(float lo, float hi, float inv) {
     return r;
 }
 
-// acc0 / acc8 += rows g / g + 8 of one m16n8k32 product started from zero (the MMA's own
-// accumulation is shorter than float32; see fp8_gemv_cuda.cu).
-__device__ __forceinline__ void mma_e4m3(float& acc0, float& acc8, u32 a0, u32 a1, u32 a2,
-                                         u32 a3, u32 b0, u32 b1) {
-    float d0, d1, d2, d3;
-    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};"
-        : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.0f));
-    acc0 += d0;
-    acc8 += d2;
-}
-
 // ---- shared-memory pipeline ------------------------------------------------------------------
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    return (u32)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-// Wait until the phase of parity `parity` has completed (a fresh barrier: parity 1 passes).
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    u32 done;
-    do {
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
-            "selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (!done);
-}
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-        ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
-        : "memory");
-}
 __device__ __forceinline__ void consumers_sync() {  // the consumer warps only
     asm volatile("bar.sync 1, %0;" ::"r"(NTC) : "memory");
 }
@@ -264,15 +215,8 @@ __device__ __forceinline__ float norm_quantize(const u16* hs, const u16* __restr
     float ss = 0.0f;
     const int base = threadIdx.x * RUN;
 #pragma unroll
-    for (int e = 0; e < RUN; e += 8) {
-        const uint4 v = *reinterpret_cast<const uint4*>(hs + base + e);
-        const u32 p[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            y[e + 2 * i] = bf_lo(p[i]);
-            y[e + 2 * i + 1] = bf_hi(p[i]);
-        }
-    }
+    for (int e = 0; e < RUN; e += 8)
+        unpack8(*reinterpret_cast<const uint4*>(hs + base + e), y + e);
 #pragma unroll
     for (int e = 0; e < RUN; ++e) ss += y[e] * y[e];
     const float rstd = rsqrtf(block_reduce<0>(ss, red) / H + eps);
@@ -299,13 +243,7 @@ __device__ __forceinline__ void residual_add(u16* hs, const void* delta) {
     for (int e = 0; e < RUN; e += 8) {
         float d[8];
         if (NP == 0) {
-            const uint4 v = ld_cg(reinterpret_cast<const u16*>(delta) + base + e);
-            const u32 p[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                d[2 * i] = bf_lo(p[i]);
-                d[2 * i + 1] = bf_hi(p[i]);
-            }
+            unpack8(ld_cg(reinterpret_cast<const u16*>(delta) + base + e), d);
         } else {
 #pragma unroll
             for (int i = 0; i < 8; ++i) d[i] = 0.0f;
@@ -372,15 +310,14 @@ __device__ void produce(const LayerWeights* __restrict__ layers, int num_layers,
                         u64* timing) {
     const int lane = threadIdx.x & 31;
     u32 it = 0;
-    for (int l = 0; l < num_layers; ++l) {
-        const int li = l;
+    for (int li = 0; li < num_layers; ++li) {
         STAMP(14);
-        const LayerWeights L = layers[l];
+        const LayerWeights L = layers[li];
         for (int ph = 0; ph < 4; ++ph) {
             const PhaseShape sh = phase_shape(ph);
             const unsigned char* w = phase_weight(L, ph);
             const float* ws = phase_scale(L, ph);
-            u32* ctr = work + 4 * l + ph;
+            u32* ctr = work + 4 * li + ph;
             int cur = 0;
             if (lane == 0) cur = (int)atomicAdd(ctr, 1u);
             cur = __shfl_sync(0xffffffffu, cur, 0);
@@ -763,8 +700,8 @@ __device__ __forceinline__ float merge_quantize(const Scratch& S, int np, unsign
 
 // ---- shared memory -------------------------------------------------------------------------
 #define ATT_SCRATCH (NWARPS * GQA * (D + 2) * 4)
-#define XS_BYTES_RAW (I > ATT_SCRATCH ? (I > H ? I : H) : ATT_SCRATCH)
-#define XS_BYTES ((XS_BYTES_RAW + 127) / 128 * 128)
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+#define XS_BYTES ((MAX2(MAX2(I, H), MAX2(QD, ATT_SCRATCH)) + 127) / 128 * 128)
 #define OFF_SIDE (STAGES * STAGE_BYTES)
 #define OFF_XS (OFF_SIDE + STAGES * 64)
 #define OFF_HS (OFF_XS + XS_BYTES)
@@ -882,15 +819,7 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
                 float y[RUN];
                 const u16* src = act + threadIdx.x * RUN;
 #pragma unroll
-                for (int e = 0; e < RUN; e += 8) {
-                    const uint4 v = ld_cg(src + e);
-                    const u32 pp[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        y[e + 2 * i] = bf_lo(pp[i]);
-                        y[e + 2 * i + 1] = bf_hi(pp[i]);
-                    }
-                }
+                for (int e = 0; e < RUN; e += 8) unpack8(ld_cg(src + e), y + e);
                 scale = quantize_row<RUN>(y, xs, red);
             }
             consumers_sync();

@@ -66,7 +66,6 @@ class _Shape:
     q_heads: int
     kv_heads: int
     head_dim: int
-    block_size: int
 
 
 def smem_bytes(shape: _Shape, cfg: DecodeStepConfig, stages: int, p_max: int) -> int:
@@ -130,7 +129,7 @@ class DecodeStep:
         self.grid = props.multi_processor_count
         self.layers = list(stage.layers.values())
         self.shape = _Shape(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
-                            cfg.num_kv_heads, cfg.head_dim, 0)
+                            cfg.num_kv_heads, cfg.head_dim)
         c = self.config
         self._check(c, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
         self.p_max = c.p_max or min(16, self.grid // cfg.num_kv_heads)
@@ -181,7 +180,6 @@ class DecodeStep:
         kv0 = kv_layers[0]
         if kv0.k_scale is not None or kv0.k.dtype != torch.bfloat16:
             raise ValueError("the decode step kernel reads a bfloat16 KV cache")
-        bs = kv0.k.shape[1]
         d = self.shape.head_dim
         for kv in kv_layers:
             for t in (kv.k, kv.v):
@@ -192,9 +190,7 @@ class DecodeStep:
                     raise ValueError("the decode step kernel wants K and V caches of one "
                                      "layout")
         self._strides = (kv0.k.stride(0), kv0.k.stride(1))
-        c = self.config
-        shape = _Shape(self.shape.hidden, self.shape.inter, self.shape.q_heads,
-                       self.shape.kv_heads, d, bs)
+        c, shape = self.config, self.shape
         stages = c.stages
         if stages is None:
             stages = 2
@@ -205,8 +201,8 @@ class DecodeStep:
             raise ValueError(f"decode step: {self._smem} bytes of shared memory exceed "
                              f"{MAX_SMEM}")
         defines = dict(H=shape.hidden, I=shape.inter, HQ=shape.q_heads, HKV=shape.kv_heads,
-                       D=d, BS=bs, NWARPS=c.nwarps, KC=c.kc, STAGES=stages, DS=c.ds,
-                       P_MAX=self.p_max, PART_MIN=c.part_min)
+                       D=d, BS=kv0.k.shape[1], NWARPS=c.nwarps, KC=c.kc, STAGES=stages,
+                       DS=c.ds, P_MAX=self.p_max, PART_MIN=c.part_min)
         if c.timing_layer is not None:
             defines.update(TIMING=1, TIMING_LAYER=c.timing_layer)
         self.defines = defines

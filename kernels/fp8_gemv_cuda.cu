@@ -32,8 +32,7 @@ static_assert(K % (128 * NWARPS) == 0, "K must split into 128-byte steps per war
 static_assert(STEPS % BATCH == 0, "a warp's steps must split into batches");
 static_assert(!XDIRECT || X_MODE == 0, "XDIRECT reads E4M3 x as it is");
 
-typedef unsigned int u32;
-typedef unsigned short u16;
+#include "cuda_common.cuh"
 
 __device__ __forceinline__ uint4 ld_weight(const unsigned char* p) {
     // read once: keep it out of L1
@@ -41,36 +40,6 @@ __device__ __forceinline__ uint4 ld_weight(const unsigned char* p) {
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
-}
-
-__device__ __forceinline__ uint4 ld_cg(const void* p) {
-    // written by the previous kernel: read at L2 (this SM's L1 may hold an older copy)
-    uint4 r;
-    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ float ld_cg_f32(const float* p) {
-    float r;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p));
-    return r;
-}
-
-// acc0 / acc8 += rows g / g + 8 of one m16n8k32 product (C = 0). NOTE: the MMA adds its E4M3
-// products at less than float32 precision (Hopper aligns them to the largest and keeps ~14
-// bits, truncating); chained through C, the truncation of a long running sum gave errors of
-// ~1e-3 of the sum of |products| on an H200. Started from zero, each MMA's error is bounded by
-// its own 32 products, and the running sum is float32.
-__device__ __forceinline__ void mma_e4m3(float& acc0, float& acc8, u32 a0, u32 a1, u32 a2,
-                                         u32 a3, u32 b0, u32 b1) {
-    float d0, d1, d2, d3;
-    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};"
-        : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.0f));
-    acc0 += d0;  // every column holds the same product: d0 / d2 are rows g / g + 8
-    acc8 += d2;
 }
 
 __device__ __forceinline__ void grid_dependency_wait() {

@@ -1122,6 +1122,10 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s16r)  # the review: shared device helpers (kernels/cuda_common.cuh, NVRTC include path):
+      # the CUDA GEMV's and the decode step's GPU tests
+      run_tests s16r 400 -m gpu tests/test_fp8_gemv_cuda.py tests/test_fp8_decode_step.py
+      ;;
     s16c|s16d)  # the decode step with scales through TMA, keys loaded before the qkv phase, a
       # two-round-trip merge (s16c: refused at 224 registers; s16d: 168): GPU tests, standalone bench with stamps, then
       # batch 1 FP8 step / loop and bf16 in the engine

@@ -58,7 +58,7 @@ def test_not_built_on_cpu() -> None:
 
 def test_shared_memory_fits_llama3_8b() -> None:
     """The ring of llama3-8b's default launch fits an H100 / H200 SM with 11 stages."""
-    shape = _Shape(4096, 14336, 32, 8, 128, 16)
+    shape = _Shape(4096, 14336, 32, 8, 128)
     assert smem_bytes(shape, DecodeStepConfig(kc=1024), 11, 16) <= 227 * 1024
     assert smem_bytes(shape, DecodeStepConfig(kc=1024), 12, 16) > 227 * 1024
     assert smem_bytes(shape, DecodeStepConfig(), 6, 16) <= 227 * 1024
@@ -192,7 +192,7 @@ def test_shared_memory_size_matches_the_kernel_gpu() -> None:
         fn = cuda_jit.load(SOURCE, "decode_step_smem_bytes", defines, dev)
         out = torch.zeros(1, dtype=torch.int32, device=dev)
         fn.launch(1, 1, (out.data_ptr(),), (cuda_jit.POINTER,), pdl=False)
-        shape = _Shape(h, i, hq, hkv, 128, 16)
+        shape = _Shape(h, i, hq, hkv, 128)
         assert int(out) == smem_bytes(shape, DecodeStepConfig(kc=kc, ds=ds), stages, 16)
 
 
