@@ -34,6 +34,9 @@ except ImportError:  # no Triton, or one without grid dependency control: PDL st
     gdc_wait = gdc_launch_dependents = None
 
 PDL_ENV = "TRTDIST_PDL"  # "0" turns programmatic dependent launch off
+# "1" / "0": row kernels let the next kernel launch at their start / after their work; unset:
+# at their start exactly when the streaming FP8 GEMV is on (kernels/fp8_gemv_stream.py)
+EARLY_ENV = "TRTDIST_PDL_EARLY"
 _pdl_on: dict[Any, bool] = {}
 
 
@@ -54,18 +57,34 @@ def pdl_enabled(device: Any) -> bool:
     return on
 
 
-def pdl_launch(device: Any) -> dict[str, Any]:
+def early_trigger() -> bool:
+    """Whether row kernels let the next kernel launch at their start (see EARLY_ENV): a GEMV
+    after them that streams its weights before its wait is then resident, and streaming,
+    while they run. Multi-wave GEMVs after them would lose slots to it (fifth and tenth
+    sessions, PERF_NOTES.md), so it goes with the streaming GEMV."""
+    v = os.environ.get(EARLY_ENV)
+    if v is not None:
+        return v == "1"
+    return os.environ.get("TRTDIST_STREAM_GEMV", "0") == "1"
+
+
+def pdl_launch(device: Any, row: bool = False) -> dict[str, Any]:
     """Launch keyword arguments for a kernel with a `PDL` constexpr: `{"PDL": True,
-    "launch_pdl": True}` where PDL is on, else `{"PDL": False}`."""
-    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
+    "launch_pdl": True}` where PDL is on, else `{"PDL": False}`. `row`: a row kernel (one
+    wave, short), which gets `PDL = 2` (trigger at its start) where `early_trigger()`."""
+    if not pdl_enabled(device):
+        return {"PDL": False}
+    return {"PDL": 2 if row and early_trigger() else True, "launch_pdl": True}
 
 
 if triton is not None:
     @jit
     def pdl_wait(PDL: tl.constexpr):
         """Wait until the previous kernel on the stream has completed (its writes visible).
-        A no-op without PDL."""
+        A no-op without PDL. With PDL = 2 the next kernel may launch first (early trigger)."""
         if PDL:
+            if PDL == 2:
+                gdc_launch_dependents()
             gdc_wait()
 
     @jit

@@ -76,3 +76,14 @@ __device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u
         ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
         : "memory");
 }
+
+// ---- programmatic dependent launch (sm_90) ----------------------------------------------------
+// Wait until the previous kernel on the stream has completed and its writes are visible.
+__device__ __forceinline__ void grid_dependency_wait() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+// Let the next kernel on the stream launch once every CTA of this one has said so (or exited).
+__device__ __forceinline__ void launch_dependents() {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}

@@ -44,6 +44,8 @@ from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, trito
 from trtdist.kernels.fp8_gemm_configs import Fp8GemmConfig
 from trtdist.kernels.fp8_gemv_cuda import fp8_gemv_cuda
 from trtdist.kernels.fp8_gemv_cuda import supports as gemv_cuda_supports
+from trtdist.kernels.fp8_gemv_stream import fp8_gemv_stream
+from trtdist.kernels.fp8_gemv_stream import supports as gemv_stream_supports
 from trtdist.kernels.fp8_quant import (
     FP8_DTYPE,
     _quantize,
@@ -66,6 +68,7 @@ _workspaces: dict[tuple[torch.device, int, int, int], torch.Tensor] = {}
 _counters: dict[tuple[torch.device, int, int], torch.Tensor] = {}
 _sm_counts: dict[torch.device, int] = {}
 _cuda_gemv_off: set[torch.device] = set()  # devices where the CUDA GEMV failed once
+_stream_gemv_off: set[torch.device] = set()  # likewise the streaming GEMV
 # NOTE: per device, whether the FP8 x FP8 tl.dot compiled; set False after a compile failure
 # (the float16-operand dot is then used: same numbers, more conversion work).
 _dot_fp8_ok: dict[torch.device, bool] = {}
@@ -431,20 +434,37 @@ def fp8_gemm_small_m_quantizing(x: torch.Tensor, row_amax: torch.Tensor | None,
                  dot_fp8=dot_fp8, fixup=fixup)
 
 
+def _one_token_operands(xq: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                        out: torch.Tensor) -> bool:
+    """What the CUDA GEMVs need of the operands: one token row on a GPU, contiguous,
+    16-byte-aligned x and weight."""
+    if xq.shape[0] != 1 or xq.device.type != "cuda":
+        return False
+    if not (xq.is_contiguous() and w.is_contiguous() and out.is_contiguous()
+            and (bias is None or bias.is_contiguous())):
+        return False
+    return not any(t.data_ptr() % 16 for t in (xq, w))
+
+
 def _cuda_gemv_takes(xq: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                      out: torch.Tensor) -> bool:
     """Whether the one-token CUDA GEMV (`kernels/fp8_gemv_cuda.py`) runs this call: M = 1,
     contiguous 16-byte-aligned operands, a shape and dtypes it takes, CUDA kernels available
     and not turned off after a failure."""
-    if xq.shape[0] != 1 or xq.device.type != "cuda" or xq.device in _cuda_gemv_off:
-        return False
-    if not (xq.is_contiguous() and w.is_contiguous() and out.is_contiguous()
-            and (bias is None or bias.is_contiguous())):
-        return False
-    if any(t.data_ptr() % 16 for t in (xq, w)):
+    if xq.device in _cuda_gemv_off or not _one_token_operands(xq, w, bias, out):
         return False
     return gemv_cuda_supports(1, w.shape[0], w.shape[1], xq.dtype, out.dtype, xq.device,
                               None if bias is None else bias.dtype)
+
+
+def _stream_gemv_takes(xq: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                       out: torch.Tensor) -> bool:
+    """Whether the streaming one-token GEMV (`kernels/fp8_gemv_stream.py`, opt-in) runs this
+    call: as `_cuda_gemv_takes`, with that kernel's own shapes."""
+    if xq.device in _stream_gemv_off or not _one_token_operands(xq, w, bias, out):
+        return False
+    return gemv_stream_supports(1, w.shape[0], w.shape[1], xq.dtype, out.dtype, xq.device,
+                                None if bias is None else bias.dtype)
 
 
 def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -472,6 +492,14 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
                          f"last stride, got {tuple(out.shape)} {out.dtype} {tuple(out.stride())}")
     if m == 0 or n == 0:
         return out
+    if (config is None and split_k is None and dot_fp8 is None and fixup is None
+            and _stream_gemv_takes(xq, w, bias, out)):
+        try:
+            return fp8_gemv_stream(xq, xs, x_mode, w, ws, bias, out)
+        except Exception as e:  # noqa: BLE001 - CudaJitError, or a cuda.bindings mismatch
+            _log.warning("fp8_gemm: the streaming GEMV failed (%s: %s); using the others",
+                         type(e).__name__, e)
+            _stream_gemv_off.add(xq.device)
     if (config is None and split_k is None and dot_fp8 is None and fixup is None
             and _cuda_gemv_takes(xq, w, bias, out)):
         try:

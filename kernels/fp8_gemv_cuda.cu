@@ -33,69 +33,13 @@ static_assert(STEPS % BATCH == 0, "a warp's steps must split into batches");
 static_assert(!XDIRECT || X_MODE == 0, "XDIRECT reads E4M3 x as it is");
 
 #include "cuda_common.cuh"
+#include "fp8_gemv_common.cuh"  // x / output conversions, per-token quantization
 
 __device__ __forceinline__ uint4 ld_weight(const unsigned char* p) {
     // read once: keep it out of L1
     uint4 r;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ void grid_dependency_wait() {
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-}
-
-__device__ __forceinline__ void launch_dependents() {
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-
-__device__ __forceinline__ float lo_to_f32(u32 v) {  // the element at the lower address
-#if X_T == 0
-    return __uint_as_float(v << 16);
-#else
-    float f;
-    asm("{ .reg .b16 h; mov.b32 {h, _}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(v));
-    return f;
-#endif
-}
-
-__device__ __forceinline__ float hi_to_f32(u32 v) {
-#if X_T == 0
-    return __uint_as_float(v & 0xffff0000u);
-#else
-    float f;
-    asm("{ .reg .b16 h; mov.b32 {_, h}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(v));
-    return f;
-#endif
-}
-
-__device__ __forceinline__ u32 quantize_pair(u32 v, float inv) {
-    // clamp(x * inv, -448, 448) rounded to nearest-even E4M3 (kernels/fp8_quant.py's formula)
-    float lo = fminf(fmaxf(__fmul_rn(lo_to_f32(v), inv), -448.0f), 448.0f);
-    float hi = fminf(fmaxf(__fmul_rn(hi_to_f32(v), inv), -448.0f), 448.0f);
-    u16 r;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ float bias_to_f32(const u16* b, int i) {
-#if OUT_T == 0
-    return __uint_as_float(((u32)b[i]) << 16);
-#else
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b[i]));
-    return f;
-#endif
-}
-
-__device__ __forceinline__ u16 to_out(float y) {
-    u16 r;
-#if OUT_T == 0
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(y));
-#else
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(y));
-#endif
     return r;
 }
 
@@ -181,26 +125,10 @@ fp8_gemv(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
     // stage x as E4M3 in shared memory (quantized here in X_MODE 1 / 2); XDIRECT (X_MODE 0
     // only): no staging, each lane reads its x runs at L2 next to its MMAs
     float scale;
-#if X_MODE == 0
+#if XDIRECT
     scale = ld_cg_f32(x_scale);
-#if !XDIRECT
-    for (int i = threadIdx.x; i < K / 16; i += NT)
-        reinterpret_cast<uint4*>(xs)[i] = ld_cg(reinterpret_cast<const uint4*>(x) + i);
-#endif
 #else
-#if X_MODE == 1
-    scale = fmaxf(__fdiv_rn(ld_cg_f32(x_scale), 448.0f), 1e-12f);
-#else
-    scale = ld_cg_f32(x_scale);
-#endif
-    const float inv = __frcp_rn(scale);
-    for (int i = threadIdx.x; i < K / 8; i += NT) {
-        const uint4 v = ld_cg(reinterpret_cast<const uint4*>(x) + i);
-        uint2 q;
-        q.x = quantize_pair(v.x, inv) | (quantize_pair(v.y, inv) << 16);
-        q.y = quantize_pair(v.z, inv) | (quantize_pair(v.w, inv) << 16);
-        reinterpret_cast<uint2*>(xs)[i] = q;
-    }
+    scale = stage_x<K, NT>(xs, x, x_scale, threadIdx.x);
 #endif
 #if XDIRECT
     const unsigned char* xs_lane =

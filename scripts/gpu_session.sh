@@ -1122,6 +1122,18 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s17a)  # the streaming GEMV (kernels/fp8_gemv_stream.cu): its GPU tests (and the CUDA
+      # GEMV's, whose source shares its new header), the per-shape / layer-chain bench, then
+      # FP8 batch-1 timelines and TPOT with TRTDIST_STREAM_GEMV off / on, bf16 once
+      export BENCH_TIMEOUT=240
+      run_tests s17a 400 -m gpu tests/test_fp8_gemv_stream.py tests/test_fp8_gemv_cuda.py
+      timeout 400 python3 scripts/bench_fp8_gemv_stream.py --output "$OUT/stream.json" 2>&1 \
+          | grep -a -v "warning\|Remark" | tee "$OUT/stream.log" | tail -40 | tee -a "$SUMMARY"
+      ROWS="rms_norm_quant_kernel|silu_mul_quant|rotary_and_cache_kernel|decode_partial|decode_reduce"
+      batch1_ab TRTDIST_STREAM_GEMV 0 1 "^linear|^_($ROWS)|^fp8_gemv" fp8
+      bench bf16_b1 llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 \
+          --input-len 128 --output-len 256
+      ;;
     s16r)  # the review: shared device helpers (kernels/cuda_common.cuh, NVRTC include path):
       # the CUDA GEMV's and the decode step's GPU tests
       run_tests s16r 400 -m gpu tests/test_fp8_gemv_cuda.py tests/test_fp8_decode_step.py

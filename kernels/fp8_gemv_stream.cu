@@ -1,0 +1,171 @@
+// One-token FP8 GEMV that keeps DRAM busy across kernel boundaries:
+// y[N] = (x . W[n, :]) * x_scale * w_scale[n] (+ bias[n]), W E4M3 [N, K] row-major, x one
+// token row (fp8_gemv_common.cuh: X_MODE, X_T, OUT_T).
+//
+// Why: at batch 1 every decode GEMV (and every row kernel between two of them) leaves DRAM
+// idle while it ramps up and drains, ~2 us a boundary on an H200 (PERF_NOTES.md, sessions
+// 10-16). The weights depend on nothing earlier kernels compute, so this kernel starts
+// streaming them before its programmatic-dependent-launch wait, into shared memory, and lets
+// the next kernel launch at its own start. Then the kernel after a row kernel is resident
+// while the GEMV before it still streams, and its ring fills during that GEMV's tail and the
+// row kernels between them. That needs room for two of these CTAs on an SM (plus a row
+// kernel's), so the kernel is persistent (one CTA an SM, a single wave: a successor that
+// becomes resident early never takes a slot a later wave of this kernel would need) and small
+// (a few stages of ring, a capped register count).
+//
+// Layout: CTA b owns the 16-row units [b * U / G, (b + 1) * U / G) (U = N / 16, G CTAs). A
+// producer warp copies each unit's K in stages of 16 rows x KC bytes with TMA bulk copies
+// (lane r < 16: row r) into a ring of STAGES stages; NWARPS consumer warps split a stage's K
+// in 128-byte steps and feed `mma.m16n8k32.e4m3` straight from shared memory (the fragment
+// layout of fp8_gemv_cuda.cu), summing a unit's 16 rows over the warps in a fixed order.
+//
+// Compile-time parameters (NVRTC -D): K, NWARPS, KC, STAGES, MAXU (units a CTA at most),
+// MIN_BLOCKS (register cap: CTAs an SM), PREFILL (1: stream before the wait), EARLY_TRIGGER
+// (1: the next kernel may launch at this one's start; 0: after the main loop), X_MODE, X_T,
+// OUT_T, HAS_BIAS.
+
+#include "cuda_common.cuh"
+#include "fp8_gemv_common.cuh"
+
+#define NTC (NWARPS * 32)
+#define STEPS (KC / 128 / NWARPS)
+#define CHUNKS (K / KC)
+#define PITCH (KC + 64)  // rows g and g + 1 of a stage in other banks
+#define STAGE_BYTES (16 * PITCH)
+
+static_assert(K % KC == 0, "K must split into stages");
+static_assert(KC % (128 * NWARPS) == 0, "a stage must split into 128-byte steps per warp");
+static_assert(KC % 16 == 0 && KC <= 65536, "bulk copies: 16-byte multiples");
+
+// This warp's steps of one stage (16 rows x KC bytes) against x's KC bytes at `xs`.
+__device__ __forceinline__ void stage_mma(const unsigned char* stage, const unsigned char* xs,
+                                          float& acc0, float& acc8) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned char* st = stage + g * PITCH + t * 16;
+#pragma unroll
+    for (int j = 0; j < STEPS; ++j) {
+        const int off = (warp * STEPS + j) * 128;
+        const uint4 a0 = *reinterpret_cast<const uint4*>(st + off);
+        const uint4 a1 = *reinterpret_cast<const uint4*>(st + off + 64);
+        const uint4 b0 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off);
+        const uint4 b1 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off + 64);
+        const uint4* xp = reinterpret_cast<const uint4*>(xs + off + t * 16);
+        const uint4 x0 = xp[0], x1 = xp[4];  // +64 bytes
+        mma_e4m3(acc0, acc8, a0.x, b0.x, a0.y, b0.y, x0.x, x0.y);
+        mma_e4m3(acc0, acc8, a0.z, b0.z, a0.w, b0.w, x0.z, x0.w);
+        mma_e4m3(acc0, acc8, a1.x, b1.x, a1.y, b1.y, x1.x, x1.y);
+        mma_e4m3(acc0, acc8, a1.z, b1.z, a1.w, b1.w, x1.z, x1.w);
+    }
+}
+
+__device__ __forceinline__ void consumers_sync() {  // the consumer warps only
+    asm volatile("bar.sync 1, %0;" ::"r"(NTC) : "memory");
+}
+
+// Shared memory: the ring, x (E4M3), the CTA's weight scales and bias, the units' partial
+// sums (two buffers), the full / empty mbarriers. Must match fp8_gemv_stream.py's smem_bytes.
+#define XS_OFF (STAGES * STAGE_BYTES)
+#define WS_OFF (XS_OFF + K)
+#define BS_OFF (WS_OFF + MAXU * 16 * 4)
+#define PART_OFF (BS_OFF + MAXU * 16 * 4)
+#define BAR_OFF (PART_OFF + 2 * NWARPS * 16 * 4)
+
+extern "C" __global__ void __launch_bounds__(NTC + 32, MIN_BLOCKS)
+fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
+                const void* __restrict__ x, const float* __restrict__ x_scale,
+                const u16* __restrict__ bias, u16* __restrict__ out, int units) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    unsigned char* xs = smem + XS_OFF;
+    float* wss = reinterpret_cast<float*>(smem + WS_OFF);
+    float* bss = reinterpret_cast<float*>(smem + BS_OFF);
+    float(*partial)[NWARPS][16] = reinterpret_cast<float(*)[NWARPS][16]>(smem + PART_OFF);
+    const u32 ring = smem_addr(smem), full = smem_addr(smem + BAR_OFF);
+    const u32 empty = full + 8 * STAGES;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int u0 = (int)((long long)blockIdx.x * units / gridDim.x);
+    const int u1 = (int)((long long)(blockIdx.x + 1) * units / gridDim.x);
+#if EARLY_TRIGGER
+    launch_dependents();
+#endif
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, NWARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp == NWARPS) {  // the producer: weights only, so it need not wait (PREFILL)
+#if !PREFILL
+        grid_dependency_wait();
+#endif
+        int s = 0;
+        u32 phase = 0;
+        for (int u = u0; u < u1; ++u) {
+            const unsigned char* src = w + (size_t)(16 * u + (lane & 15)) * K;
+            for (int c = 0; c < CHUNKS; ++c) {
+                mbar_wait(empty + 8 * s, phase ^ 1);
+                if (lane == 0) mbar_expect_tx(full + 8 * s, 16 * KC);
+                __syncwarp();
+                if (lane < 16)
+                    bulk_copy(ring + s * STAGE_BYTES + lane * PITCH, src + c * KC, KC,
+                              full + 8 * s);
+                if (++s == STAGES) {
+                    s = 0;
+                    phase ^= 1;
+                }
+            }
+        }
+        return;
+    }
+
+    // the epilogue's constants before the wait (weights, not the previous kernel's output)
+    for (int i = threadIdx.x; i < (u1 - u0) * 16; i += NTC) {
+        wss[i] = w_scale[u0 * 16 + i];
+#if HAS_BIAS
+        bss[i] = bias_to_f32(bias, u0 * 16 + i);
+#endif
+    }
+    grid_dependency_wait();
+    const float scale = stage_x<K, NTC>(xs, x, x_scale, threadIdx.x);
+    consumers_sync();
+
+    const int g = lane >> 2, t = lane & 3;
+    int s = 0, buf = 0;
+    u32 phase = 0;
+    for (int u = u0; u < u1; ++u) {
+        float acc0 = 0.0f, acc8 = 0.0f;
+        for (int c = 0; c < CHUNKS; ++c) {
+            mbar_wait(full + 8 * s, phase);
+            stage_mma(smem + s * STAGE_BYTES, xs + c * KC, acc0, acc8);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(empty + 8 * s);
+            if (++s == STAGES) {
+                s = 0;
+                phase ^= 1;
+            }
+        }
+        if (t == 0) {
+            partial[buf][warp][g] = acc0;
+            partial[buf][warp][g + 8] = acc8;
+        }
+        consumers_sync();
+        if (threadIdx.x < 16) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NWARPS; ++i) sum += partial[buf][i][threadIdx.x];  // fixed order
+            const int r = (u - u0) * 16 + threadIdx.x;
+            float y = sum * scale * wss[r];
+#if HAS_BIAS
+            y += bss[r];
+#endif
+            out[16 * u + threadIdx.x] = to_out(y);
+        }
+        buf ^= 1;  // the other buffer next: no second barrier before this one is rewritten
+    }
+#if !EARLY_TRIGGER
+    launch_dependents();
+#endif
+}

@@ -1,0 +1,161 @@
+"""One-token FP8 GEMV that streams its weights across kernel boundaries (`fp8_gemv_stream.cu`,
+compiled by NVRTC through `kernels/cuda_jit.py`): `y [1, N] = (x . W^T) * x_scale * w_scale
+(+ bias)` for E4M3 `W [N, K]`, the batch-1 decode case of `kernels/fp8_gemm.py`'s small-M
+GEMM, with the input modes of `fp8_gemv_cuda.py` (0 E4M3 x and its scale, 1 model-dtype x
+quantized from its row amax, 2 with a static scale).
+
+Design: one persistent CTA an SM; a producer warp copies the CTA's rows with TMA bulk copies
+into a small shared-memory ring, starting before the programmatic-dependent-launch wait (the
+weights depend on nothing the previous kernels compute), and the kernel lets the next one
+launch at its start. With the row kernels between two GEMVs also letting the next launch at
+their start (`kernels/_triton.py`, early trigger), the next GEMV is resident and filling its
+ring while the current one drains, so DRAM does not idle at the boundaries.
+
+Opt-in while it is measured: `TRTDIST_STREAM_GEMV=1` sends every one-token FP8 GEMM it can
+take here (and turns the row kernels' early trigger on); `TRTDIST_STREAM_GEMV_CONFIG=
+"kc:stages:nwarps"` picks the launch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from trtdist.kernels import cuda_jit
+from trtdist.kernels._triton import pdl_enabled
+
+SOURCE = Path(__file__).with_name("fp8_gemv_stream.cu")
+ENV = "TRTDIST_STREAM_GEMV"
+CONFIG_ENV = "TRTDIST_STREAM_GEMV_CONFIG"
+ROWS_PER_UNIT = 16
+SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's dynamic shared memory at most
+_DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1}
+_sms: dict[torch.device, int] = {}
+_capabilities: dict[torch.device, tuple[int, int]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class StreamGemvConfig:
+    """One launch of `fp8_gemv_stream`: stages of 16 rows x `kc` bytes, `stages` of them in
+    the ring, `nwarps` consumer warps (plus the producer warp); `min_blocks` caps registers
+    so that many CTAs fit an SM; `prefill`: the producer streams before the wait;
+    `early_trigger`: the next kernel may launch at this one's start."""
+
+    kc: int = 1024
+    stages: int = 4
+    nwarps: int = 4
+    min_blocks: int = 3
+    prefill: bool = True
+    early_trigger: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.kc <= 0 or self.kc % (128 * self.nwarps) or not 2 <= self.stages <= 32
+                or not 1 <= self.nwarps <= 16 or not 1 <= self.min_blocks <= 8):
+            raise ValueError(f"StreamGemvConfig: want kc a positive multiple of 128 x nwarps, "
+                             f"2 <= stages <= 32, 1 <= nwarps <= 16, 1 <= min_blocks <= 8; "
+                             f"got {self}")
+
+    def fits(self, k: int) -> bool:
+        """Whether K splits into this config's stages."""
+        return k % self.kc == 0
+
+    @classmethod
+    def parse(cls, text: str) -> StreamGemvConfig:
+        """`"kc:stages:nwarps"` (the TRTDIST_STREAM_GEMV_CONFIG form)."""
+        try:
+            kc, stages, nwarps = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise ValueError(f"{CONFIG_ENV}: want 'kc:stages:nwarps' (e.g. 1024:4:4), got "
+                             f"{text!r}") from None
+        return cls(kc=kc, stages=stages, nwarps=nwarps)
+
+
+def enabled() -> bool:
+    """Whether the engine sends one-token FP8 GEMMs here (TRTDIST_STREAM_GEMV=1)."""
+    return os.environ.get(ENV, "0") == "1"
+
+
+def default_config(k: int) -> StreamGemvConfig | None:
+    """TRTDIST_STREAM_GEMV_CONFIG if set, else 1 KB stages; None if K does not split."""
+    text = os.environ.get(CONFIG_ENV)
+    cfg = StreamGemvConfig.parse(text) if text else StreamGemvConfig()
+    if not cfg.fits(k):
+        cfg = StreamGemvConfig(kc=512, stages=cfg.stages * 2, nwarps=4) if k % 512 == 0 else None
+    return cfg
+
+
+def _sm_count(device: torch.device) -> int:
+    n = _sms.get(device)
+    if n is None:
+        n = _sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def smem_bytes(cfg: StreamGemvConfig, k: int, max_units: int) -> int:
+    """Dynamic shared memory of one CTA (the layout of fp8_gemv_stream.cu)."""
+    ring = cfg.stages * ROWS_PER_UNIT * (cfg.kc + 64)
+    return ring + k + 2 * max_units * 16 * 4 + 2 * cfg.nwarps * 16 * 4 + 16 * cfg.stages
+
+
+def plan(n: int, k: int, device: torch.device, cfg: StreamGemvConfig) -> tuple[int, int, int]:
+    """(CTAs, units a CTA at most, shared memory bytes) of a launch for `[N, K]`."""
+    units = n // ROWS_PER_UNIT
+    grid = min(_sm_count(device), units)
+    max_units = -(-units // grid)
+    return grid, max_units, smem_bytes(cfg, k, max_units)
+
+
+def supports(m: int, n: int, k: int, x_dtype: torch.dtype, out_dtype: torch.dtype,
+             device: torch.device, has_bias_dtype: torch.dtype | None = None) -> bool:
+    """Whether `fp8_gemv_stream` takes this call: opted in, one token row, N a multiple of 16,
+    K of the config's stage, 16-bit output (model-dtype input of the same type, or E4M3), on
+    a GPU with TMA bulk copies (sm_90+) where the CUDA kernels are available."""
+    if not enabled() or m != 1 or n % ROWS_PER_UNIT or out_dtype not in _DTYPE_IDS:
+        return False
+    if x_dtype != torch.float8_e4m3fn and x_dtype != out_dtype:
+        return False
+    if has_bias_dtype is not None and has_bias_dtype != out_dtype:
+        return False
+    if device.type != "cuda":
+        return False
+    cap = _capabilities.get(device)
+    if cap is None:
+        cap = _capabilities[device] = torch.cuda.get_device_capability(device)
+    if cap < (9, 0) or not cuda_jit.available(device):
+        return False
+    cfg = default_config(k)
+    return cfg is not None and plan(n, k, device, cfg)[2] <= SMEM_LIMIT
+
+
+def fp8_gemv_stream(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torch.Tensor,
+                    ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, *,
+                    config: StreamGemvConfig | None = None) -> torch.Tensor:
+    """`out [1, N] = x [1, K] . w [N, K]^T` scaled (see the module docstring). `x_scale`:
+    X_MODE 0 the token's float32 scale, 1 its row amax (float32 slot), 2 the static scale.
+    The caller checks shapes, dtypes, contiguity and 16-byte alignment (`supports`); raises
+    `CudaJitError` when the kernel cannot compile or launch."""
+    n, k = w.shape
+    cfg = config or default_config(k)
+    if cfg is None or not cfg.fits(k) or n % ROWS_PER_UNIT:
+        raise ValueError(f"fp8_gemv_stream: no launch for [N, K] = [{n}, {k}] ({cfg})")
+    grid, max_units, shared = plan(n, k, w.device, cfg)
+    if shared > SMEM_LIMIT:
+        raise ValueError(f"fp8_gemv_stream: {shared} bytes of shared memory for K = {k} with "
+                         f"{cfg}; at most {SMEM_LIMIT}")
+    defines = dict(K=k, NWARPS=cfg.nwarps, KC=cfg.kc, STAGES=cfg.stages, MAXU=max_units,
+                   MIN_BLOCKS=cfg.min_blocks, PREFILL=int(cfg.prefill),
+                   EARLY_TRIGGER=int(cfg.early_trigger), X_MODE=x_mode,
+                   X_T=_DTYPE_IDS.get(x.dtype, 0), OUT_T=_DTYPE_IDS[out.dtype],
+                   HAS_BIAS=int(bias is not None))
+    fn = cuda_jit.load(SOURCE, "fp8_gemv_stream", defines, w.device)
+    b = bias if bias is not None else out  # unused when HAS_BIAS is 0
+    P = cuda_jit.POINTER
+    fn.launch(grid, cfg.nwarps * 32 + 32,
+              (w.data_ptr(), ws.data_ptr(), x.data_ptr(), x_scale.data_ptr(), b.data_ptr(),
+               out.data_ptr(), n // ROWS_PER_UNIT),
+              (P, P, P, P, P, P, ctypes.c_int), pdl=pdl_enabled(w.device),
+              shared=shared)
+    return out
