@@ -1126,7 +1126,7 @@ for s, t in d.items():
       # GEMV's, whose source shares its new header), the per-shape / layer-chain bench, then
       # FP8 batch-1 timelines and TPOT with TRTDIST_STREAM_GEMV off / on, bf16 once
       export BENCH_TIMEOUT=240
-      run_tests s17a 400 -m gpu tests/test_fp8_gemv_stream.py tests/test_fp8_gemv_cuda.py
+      run_tests s17a 300 -n 4 -m gpu tests/test_fp8_gemv_stream.py tests/test_fp8_gemv_cuda.py
       timeout 400 python3 scripts/bench_fp8_gemv_stream.py --output "$OUT/stream.json" 2>&1 \
           | grep -a -v "warning\|Remark" | tee "$OUT/stream.log" | tail -40 | tee -a "$SUMMARY"
       ROWS="rms_norm_quant_kernel|silu_mul_quant|rotary_and_cache_kernel|decode_partial|decode_reduce"
