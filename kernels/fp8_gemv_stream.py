@@ -12,8 +12,8 @@ their start (`kernels/_triton.py`, early trigger), the next GEMV is resident and
 ring while the current one drains, so DRAM does not idle at the boundaries.
 
 Opt-in while it is measured: `TRTDIST_STREAM_GEMV=1` sends every one-token FP8 GEMM it can
-take here (and turns the row kernels' early trigger on); `TRTDIST_STREAM_GEMV_CONFIG=
-"kc:stages:nwarps"` picks the launch.
+take here (and turns the row kernels' early trigger on); `TRTDIST_STREAM_GEMV_CONFIG`
+picks the launch (`parse_table`).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ class StreamGemvConfig:
     so that many CTAs fit an SM; `prefill`: the producer streams before the wait;
     `early_trigger`: the next kernel may launch at this one's start."""
 
-    kc: int = 1024
-    stages: int = 4
+    kc: int = 2048
+    stages: int = 3
     nwarps: int = 4
-    min_blocks: int = 3
+    min_blocks: int = 2
     prefill: bool = True
     early_trigger: bool = True
 
@@ -64,13 +64,27 @@ class StreamGemvConfig:
 
     @classmethod
     def parse(cls, text: str) -> StreamGemvConfig:
-        """`"kc:stages:nwarps"` (the TRTDIST_STREAM_GEMV_CONFIG form)."""
+        """`"kc:stages:nwarps"` (one entry of the TRTDIST_STREAM_GEMV_CONFIG form)."""
         try:
             kc, stages, nwarps = (int(v) for v in text.split(":"))
         except ValueError:
-            raise ValueError(f"{CONFIG_ENV}: want 'kc:stages:nwarps' (e.g. 1024:4:4), got "
+            raise ValueError(f"{CONFIG_ENV}: want 'kc:stages:nwarps' (e.g. 2048:3:4), got "
                              f"{text!r}") from None
         return cls(kc=kc, stages=stages, nwarps=nwarps)
+
+
+def parse_table(text: str) -> dict[int | None, StreamGemvConfig]:
+    """TRTDIST_STREAM_GEMV_CONFIG: comma-separated `kc:stages:nwarps` entries, each for every K
+    or, as `K=kc:stages:nwarps`, for that K only (e.g. `2048:3:4,14336=2048:6:4`)."""
+    table: dict[int | None, StreamGemvConfig] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, cfg = item.rpartition("=")
+        try:
+            k = int(key) if key else None
+        except ValueError:
+            raise ValueError(f"{CONFIG_ENV}: bad K {key!r} in {item!r}") from None
+        table[k] = StreamGemvConfig.parse(cfg)
+    return table
 
 
 def enabled() -> bool:
@@ -79,11 +93,13 @@ def enabled() -> bool:
 
 
 def default_config(k: int) -> StreamGemvConfig | None:
-    """TRTDIST_STREAM_GEMV_CONFIG if set, else 1 KB stages; None if K does not split."""
-    text = os.environ.get(CONFIG_ENV)
-    cfg = StreamGemvConfig.parse(text) if text else StreamGemvConfig()
+    """TRTDIST_STREAM_GEMV_CONFIG's entry for K (or for every K) if set, else 2 KB stages;
+    None if K does not split."""
+    table = parse_table(os.environ.get(CONFIG_ENV, ""))
+    cfg = table.get(k) or table.get(None) or StreamGemvConfig()
     if not cfg.fits(k):
-        cfg = StreamGemvConfig(kc=512, stages=cfg.stages * 2, nwarps=4) if k % 512 == 0 else None
+        cfg = (StreamGemvConfig(kc=512, stages=cfg.stages * 4, nwarps=4)
+               if k % 512 == 0 and cfg.stages * 4 <= 32 else None)
     return cfg
 
 

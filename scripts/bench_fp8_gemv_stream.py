@@ -36,12 +36,19 @@ H, QKV, INTER = 4096, 6144, 14336
 SHAPES = {"qkv": (QKV, H, 0), "o": (H, H, 1), "gate_up": (2 * INTER, H, 0),
           "down": (H, INTER, 0)}
 S = StreamGemvConfig
-CONFIGS = [S(1024, 4, 4), S(1024, 3, 4), S(1024, 6, 4), S(2048, 3, 4), S(2048, 4, 8),
-           S(512, 8, 4), S(1024, 4, 4, prefill=False, early_trigger=False)]
+CONFIGS = [S(1024, 4, 4), S(2048, 3, 4), S(2048, 4, 4), S(2048, 6, 4), S(4096, 2, 4),
+           S(4096, 3, 4), S(2048, 4, 8), S(2048, 6, 4, prefill=False, early_trigger=False)]
+# TRTDIST_STREAM_GEMV_CONFIG tables for the layer chain (rings ~100 KB: two CTAs an SM;
+# ~200 KB: one, the next kernel's CTA taking an SM as this one's leaves)
+TABLES = ["2048:3:4", "2048:6:4", "4096:3:4,14336=2048:6:4"]
 
 
-def set_stream(on: bool, early: bool | None = None) -> None:
+def set_stream(on: bool, early: bool | None = None, table: str | None = None) -> None:
     os.environ["TRTDIST_STREAM_GEMV"] = "1" if on else "0"
+    if table is None:
+        os.environ.pop("TRTDIST_STREAM_GEMV_CONFIG", None)
+    else:
+        os.environ["TRTDIST_STREAM_GEMV_CONFIG"] = table
     if early is None:
         os.environ.pop("TRTDIST_PDL_EARLY", None)
     else:
@@ -76,6 +83,8 @@ def bench_shape(name: str, dev: torch.device, L: int) -> dict:
     times = {"shipped": time_graph(chain(shipped), 1, 20) / L * 1e6}
     errs = {}
     for cfg in CONFIGS:
+        if not cfg.fits(k):
+            continue
         try:
             y = fp8_gemv_stream(xin, xsc, mode, *mats[0], None, torch.empty_like(out), config=cfg)
         except Exception as e:  # noqa: BLE001 - report and go on with the others
@@ -119,10 +128,13 @@ def bench_layers(dev: torch.device, L: int) -> dict:
             y = fp8_gemm_small_m(xq, xs, wd, sd, None, bf)
 
     out = {}
-    for label, on, early in (("shipped", False, None), ("stream, early row triggers", True, None),
-                             ("stream, late row triggers", True, False)):
-        set_stream(on, early)
-        out[label] = time_graph(step, 1, 20) / L * 1e6
+    set_stream(False)
+    out["shipped"] = time_graph(step, 1, 20) / L * 1e6
+    for table in TABLES:
+        for early in (True, False):
+            set_stream(True, early, table)
+            label = f"stream {table}, {'early' if early else 'late'} row triggers"
+            out[label] = time_graph(step, 1, 20) / L * 1e6
     total = sum(n * k for n, k, _ in SHAPES.values())  # weight bytes a layer
     for label, t in out.items():
         print(f"layer    {t:7.2f} us {total / t / 1e3:6.0f} GB/s  {label}")

@@ -25,14 +25,21 @@ def test_config_validation_and_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         StreamGemvConfig.parse("2048x3")
     monkeypatch.setenv(stream.CONFIG_ENV, "512:6:4")
     assert stream.default_config(4096) == StreamGemvConfig(kc=512, stages=6, nwarps=4)
+    monkeypatch.setenv(stream.CONFIG_ENV, "1024:4:4, 14336=2048:6:4")
+    assert stream.default_config(4096) == StreamGemvConfig(kc=1024, stages=4, nwarps=4)
+    assert stream.default_config(14336) == StreamGemvConfig(kc=2048, stages=6, nwarps=4)
+    monkeypatch.setenv(stream.CONFIG_ENV, "x=1024:4:4")
+    with pytest.raises(ValueError, match="bad K"):
+        stream.default_config(4096)
     monkeypatch.delenv(stream.CONFIG_ENV)
-    assert stream.default_config(4096 + 512) == StreamGemvConfig(kc=512, stages=8, nwarps=4)
+    assert stream.default_config(4096) == StreamGemvConfig()
+    assert stream.default_config(4096 + 512) == StreamGemvConfig(kc=512, stages=12, nwarps=4)
     assert stream.default_config(4096 + 128) is None
 
 
 def test_shared_memory_two_ctas_fit_an_sm() -> None:
     """llama3-8b's shapes leave room for a second CTA (the next kernel) on a 228 KB SM."""
-    cfg = StreamGemvConfig()
+    cfg = StreamGemvConfig(kc=1024, stages=4)
     for k, units in ((4096, 3), (4096, 14), (14336, 2)):
         assert 2 * (smem_bytes(cfg, k, units) + 1024) <= 228 * 1024, k
 
