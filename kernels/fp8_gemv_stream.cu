@@ -19,10 +19,18 @@
 // in 128-byte steps and feed `mma.m16n8k32.e4m3` straight from shared memory (the fragment
 // layout of fp8_gemv_cuda.cu), summing a unit's 16 rows over the warps in a fixed order.
 //
+// Input modes beyond fp8_gemv_common.cuh's 0-2 (per-token dynamic quantization, the amax
+// computed here: every CTA reads the whole row from L2, which replaces a row kernel and its
+// boundary, and the weight ring keeps filling meanwhile):
+//   3  x = RMSNorm(x + residual) * norm_w (HAS_RES; else RMSNorm(x)), the residual sum also
+//      written to res_out (each CTA a part); the roundings of kernels/fp8_fused.py's norm
+//   4  x = SiLU(gate) * up of a [2K] gate | up row (kernels/activation.py's rounding)
+//   5  x in the model dtype as it is
+//
 // Compile-time parameters (NVRTC -D): K, NWARPS, KC, STAGES, MAXU (units a CTA at most),
 // MIN_BLOCKS (register cap: CTAs an SM), PREFILL (1: stream before the wait), EARLY_TRIGGER
 // (1: the next kernel may launch at this one's start; 0: after the main loop), X_MODE, X_T,
-// OUT_T, HAS_BIAS.
+// OUT_T, HAS_BIAS, HAS_RES (mode 3).
 
 #include "cuda_common.cuh"
 #include "fp8_gemv_common.cuh"
@@ -63,18 +71,81 @@ __device__ __forceinline__ void consumers_sync() {  // the consumer warps only
     asm volatile("bar.sync 1, %0;" ::"r"(NTC) : "memory");
 }
 
+#if X_MODE >= 3
+static_assert(X_T == OUT_T, "modes 3-5: x in the model dtype");
+#define RUN (K / NTC)  // row elements a consumer thread
+static_assert(K % (8 * NTC) == 0, "modes 3-5: 16-byte runs a consumer thread");
+
+__device__ __forceinline__ float to_x(u16 v) {  // a model-dtype value as float32
+    return lo_to_f32((u32)v);
+}
+__device__ __forceinline__ float round_x(float v) {  // rounded to the model dtype
+    return to_x(to_out(v));
+}
+__device__ __forceinline__ void unpack8(uint4 v, float* y) {
+    const u32 p[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        y[2 * i] = lo_to_f32(p[i]);
+        y[2 * i + 1] = hi_to_f32(p[i]);
+    }
+}
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return (u32)to_out(lo) | ((u32)to_out(hi) << 16);
+}
+
+// Consumer-wide sum (OP 0) or max (OP 1), in a fixed order.
+template <int OP>
+__device__ __forceinline__ float consumers_reduce(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float u = __shfl_xor_sync(0xffffffffu, v, o);
+        v = OP == 0 ? v + u : fmaxf(v, u);
+    }
+    consumers_sync();  // red may still be read by a previous reduction
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    consumers_sync();
+    float r = red[0];
+#pragma unroll
+    for (int w = 1; w < NWARPS; ++w) r = OP == 0 ? r + red[w] : fmaxf(r, red[w]);
+    return r;
+}
+
+// The row (model dtype, packed in pairs: RUN values from element threadIdx.x * RUN) as E4M3
+// into xs, scaled per token from its amax (kernels/fp8_quant.py's formula); returns the scale.
+__device__ __forceinline__ float quantize_run(const u32 (&y)[RUN / 2], unsigned char* xs,
+                                              float* red) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RUN / 2; ++i)
+        amax = fmaxf(amax, fmaxf(fabsf(lo_to_f32(y[i])), fabsf(hi_to_f32(y[i]))));
+    const float scale = fmaxf(__fdiv_rn(consumers_reduce<1>(amax, red), 448.0f), 1e-12f);
+    const float inv = __frcp_rn(scale);
+#pragma unroll
+    for (int i = 0; i < RUN / 2; i += 2) {
+        *reinterpret_cast<u32*>(xs + threadIdx.x * RUN + 2 * i) =
+            quantize_pair(y[i], inv) | (quantize_pair(y[i + 1], inv) << 16);
+    }
+    return scale;
+}
+#endif
+
 // Shared memory: the ring, x (E4M3), the CTA's weight scales and bias, the units' partial
 // sums (two buffers), the full / empty mbarriers. Must match fp8_gemv_stream.py's smem_bytes.
 #define XS_OFF (STAGES * STAGE_BYTES)
 #define WS_OFF (XS_OFF + K)
 #define BS_OFF (WS_OFF + MAXU * 16 * 4)
 #define PART_OFF (BS_OFF + MAXU * 16 * 4)
-#define BAR_OFF (PART_OFF + 2 * NWARPS * 16 * 4)
+#define RED_OFF (PART_OFF + 2 * NWARPS * 16 * 4)
+#define BAR_OFF (RED_OFF + 8 * ((NWARPS + 1) / 2))  // mbarriers: 8-byte aligned
 
+// `x_scale`: modes 0-2 (fp8_gemv_common.cuh); `res`, `res_out`, `norm_w`, `eps`: mode 3.
 extern "C" __global__ void __launch_bounds__(NTC + 32, MIN_BLOCKS)
 fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
                 const void* __restrict__ x, const float* __restrict__ x_scale,
-                const u16* __restrict__ bias, u16* __restrict__ out, int units) {
+                const u16* __restrict__ bias, u16* __restrict__ out, int units,
+                const u16* __restrict__ res, u16* __restrict__ res_out,
+                const u16* __restrict__ norm_w, float eps) {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* xs = smem + XS_OFF;
     float* wss = reinterpret_cast<float*>(smem + WS_OFF);
@@ -128,8 +199,72 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
         bss[i] = bias_to_f32(bias, u0 * 16 + i);
 #endif
     }
+#if X_MODE == 3
+    u32 nw[RUN / 2];  // the norm weight (a constant) before the wait too
+#pragma unroll
+    for (int e = 0; e < RUN; e += 8) {
+        const uint4 v = *reinterpret_cast<const uint4*>(norm_w + threadIdx.x * RUN + e);
+        nw[e / 2] = v.x; nw[e / 2 + 1] = v.y; nw[e / 2 + 2] = v.z; nw[e / 2 + 3] = v.w;
+    }
+#endif
     grid_dependency_wait();
+#if X_MODE < 3
     const float scale = stage_x<K, NTC>(xs, x, x_scale, threadIdx.x);
+#else
+    float* red = reinterpret_cast<float*>(smem + RED_OFF);
+    const int base = threadIdx.x * RUN;
+    u32 y[RUN / 2];
+#if X_MODE == 3
+    float ss = 0.0f;
+#pragma unroll
+    for (int e = 0; e < RUN; e += 8) {
+        float h[8];
+        unpack8(ld_cg(reinterpret_cast<const u16*>(x) + base + e), h);
+#if HAS_RES
+        float r[8];
+        unpack8(ld_cg(res + base + e), r);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) h[i] = round_x(h[i] + r[i]);  // as `x + residual`
+#endif
+#pragma unroll
+        for (int i = 0; i < 8; i += 2) {
+            ss += h[i] * h[i] + h[i + 1] * h[i + 1];
+            y[(e + i) / 2] = pack2(h[i], h[i + 1]);
+        }
+#if HAS_RES
+        // every CTA holds the sum; CTA b stores the runs of threads b, b + G, ...
+        if (threadIdx.x % gridDim.x == blockIdx.x)
+            *reinterpret_cast<uint4*>(res_out + base + e) =
+                make_uint4(y[e / 2], y[e / 2 + 1], y[e / 2 + 2], y[e / 2 + 3]);
+#endif
+    }
+    const float rstd = rsqrtf(consumers_reduce<0>(ss, red) / K + eps);
+#pragma unroll
+    for (int i = 0; i < RUN / 2; ++i) {
+        const float lo = round_x(round_x(lo_to_f32(y[i]) * rstd) * lo_to_f32(nw[i]));
+        const float hi = round_x(round_x(hi_to_f32(y[i]) * rstd) * hi_to_f32(nw[i]));
+        y[i] = pack2(lo, hi);
+    }
+#elif X_MODE == 4
+#pragma unroll
+    for (int e = 0; e < RUN; e += 8) {
+        float g[8], u[8];
+        unpack8(ld_cg(reinterpret_cast<const u16*>(x) + base + e), g);
+        unpack8(ld_cg(reinterpret_cast<const u16*>(x) + K + base + e), u);
+#pragma unroll
+        for (int i = 0; i < 8; i += 2)
+            y[(e + i) / 2] = pack2(g[i] / (1.0f + __expf(-g[i])) * u[i],
+                                   g[i + 1] / (1.0f + __expf(-g[i + 1])) * u[i + 1]);
+    }
+#else
+#pragma unroll
+    for (int e = 0; e < RUN; e += 8) {
+        const uint4 v = ld_cg(reinterpret_cast<const u16*>(x) + base + e);
+        y[e / 2] = v.x; y[e / 2 + 1] = v.y; y[e / 2 + 2] = v.z; y[e / 2 + 3] = v.w;
+    }
+#endif
+    const float scale = quantize_run(y, xs, red);
+#endif
     consumers_sync();
 
     const int g = lane >> 2, t = lane & 3;

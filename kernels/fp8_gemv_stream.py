@@ -113,7 +113,8 @@ def _sm_count(device: torch.device) -> int:
 def smem_bytes(cfg: StreamGemvConfig, k: int, max_units: int) -> int:
     """Dynamic shared memory of one CTA (the layout of fp8_gemv_stream.cu)."""
     ring = cfg.stages * ROWS_PER_UNIT * (cfg.kc + 64)
-    return ring + k + 2 * max_units * 16 * 4 + 2 * cfg.nwarps * 16 * 4 + 16 * cfg.stages
+    return (ring + k + 2 * max_units * 16 * 4 + 2 * cfg.nwarps * 16 * 4
+            + 8 * ((cfg.nwarps + 1) // 2) + 16 * cfg.stages)
 
 
 def plan(n: int, k: int, device: torch.device, cfg: StreamGemvConfig) -> tuple[int, int, int]:
@@ -124,35 +125,49 @@ def plan(n: int, k: int, device: torch.device, cfg: StreamGemvConfig) -> tuple[i
     return grid, max_units, smem_bytes(cfg, k, max_units)
 
 
+def _device_ok(device: torch.device) -> bool:
+    if not enabled() or device.type != "cuda":
+        return False
+    cap = _capabilities.get(device)
+    if cap is None:
+        cap = _capabilities[device] = torch.cuda.get_device_capability(device)
+    return cap >= (9, 0) and cuda_jit.available(device)
+
+
+def _shape_ok(n: int, k: int, device: torch.device) -> bool:
+    cfg = default_config(k)
+    return (n % ROWS_PER_UNIT == 0 and cfg is not None
+            and plan(n, k, device, cfg)[2] <= SMEM_LIMIT)
+
+
 def supports(m: int, n: int, k: int, x_dtype: torch.dtype, out_dtype: torch.dtype,
              device: torch.device, has_bias_dtype: torch.dtype | None = None) -> bool:
     """Whether `fp8_gemv_stream` takes this call: opted in, one token row, N a multiple of 16,
     K of the config's stage, 16-bit output (model-dtype input of the same type, or E4M3), on
     a GPU with TMA bulk copies (sm_90+) where the CUDA kernels are available."""
-    if not enabled() or m != 1 or n % ROWS_PER_UNIT or out_dtype not in _DTYPE_IDS:
+    if m != 1 or out_dtype not in _DTYPE_IDS:
         return False
     if x_dtype != torch.float8_e4m3fn and x_dtype != out_dtype:
         return False
     if has_bias_dtype is not None and has_bias_dtype != out_dtype:
         return False
-    if device.type != "cuda":
-        return False
-    cap = _capabilities.get(device)
-    if cap is None:
-        cap = _capabilities[device] = torch.cuda.get_device_capability(device)
-    if cap < (9, 0) or not cuda_jit.available(device):
-        return False
+    return _device_ok(device) and _shape_ok(n, k, device)
+
+
+def supports_prologue(n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused-input launches (`fp8_gemv_stream_norm` / `_silu` / `_dynamic`) take a
+    one-token GEMM of `[N, K]` in model dtype `dtype`: as `supports`, with K in 16-byte runs
+    of the consumer threads."""
     cfg = default_config(k)
-    return cfg is not None and plan(n, k, device, cfg)[2] <= SMEM_LIMIT
+    return (dtype in _DTYPE_IDS and cfg is not None and k % (8 * 32 * cfg.nwarps) == 0
+            and _device_ok(device) and _shape_ok(n, k, device))
 
 
-def fp8_gemv_stream(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torch.Tensor,
-                    ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, *,
-                    config: StreamGemvConfig | None = None) -> torch.Tensor:
-    """`out [1, N] = x [1, K] . w [N, K]^T` scaled (see the module docstring). `x_scale`:
-    X_MODE 0 the token's float32 scale, 1 its row amax (float32 slot), 2 the static scale.
-    The caller checks shapes, dtypes, contiguity and 16-byte alignment (`supports`); raises
-    `CudaJitError` when the kernel cannot compile or launch."""
+def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch.Tensor,
+            ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            config: StreamGemvConfig | None, res: torch.Tensor | None = None,
+            res_out: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
+            eps: float = 0.0) -> torch.Tensor:
     n, k = w.shape
     cfg = config or default_config(k)
     if cfg is None or not cfg.fits(k) or n % ROWS_PER_UNIT:
@@ -165,13 +180,79 @@ def fp8_gemv_stream(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torc
                    MIN_BLOCKS=cfg.min_blocks, PREFILL=int(cfg.prefill),
                    EARLY_TRIGGER=int(cfg.early_trigger), X_MODE=x_mode,
                    X_T=_DTYPE_IDS.get(x.dtype, 0), OUT_T=_DTYPE_IDS[out.dtype],
-                   HAS_BIAS=int(bias is not None))
+                   HAS_BIAS=int(bias is not None), HAS_RES=int(res is not None))
     fn = cuda_jit.load(SOURCE, "fp8_gemv_stream", defines, w.device)
-    b = bias if bias is not None else out  # unused when HAS_BIAS is 0
     P = cuda_jit.POINTER
+
+    def ptr(t: torch.Tensor | None) -> int:
+        return (t if t is not None else out).data_ptr()  # `out`: a placeholder, never read
+
     fn.launch(grid, cfg.nwarps * 32 + 32,
-              (w.data_ptr(), ws.data_ptr(), x.data_ptr(), x_scale.data_ptr(), b.data_ptr(),
-               out.data_ptr(), n // ROWS_PER_UNIT),
-              (P, P, P, P, P, P, ctypes.c_int), pdl=pdl_enabled(w.device),
-              shared=shared)
+              (w.data_ptr(), ws.data_ptr(), x.data_ptr(), ptr(x_scale), ptr(bias),
+               out.data_ptr(), n // ROWS_PER_UNIT, ptr(res), ptr(res_out), ptr(norm_w),
+               float(eps)),
+              (P, P, P, P, P, P, ctypes.c_int, P, P, P, ctypes.c_float),
+              pdl=pdl_enabled(w.device), shared=shared)
     return out
+
+
+def fp8_gemv_stream(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torch.Tensor,
+                    ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, *,
+                    config: StreamGemvConfig | None = None) -> torch.Tensor:
+    """`out [1, N] = x [1, K] . w [N, K]^T` scaled (see the module docstring). `x_scale`:
+    X_MODE 0 the token's float32 scale, 1 its row amax (float32 slot), 2 the static scale.
+    The caller checks shapes, dtypes, contiguity and 16-byte alignment (`supports`); raises
+    `CudaJitError` when the kernel cannot compile or launch."""
+    if x_mode not in (0, 1, 2):
+        raise ValueError(f"fp8_gemv_stream: x_mode must be 0, 1 or 2, got {x_mode}")
+    return _launch(x, x_scale, x_mode, w, ws, bias, out, config)
+
+
+def _check_row(name: str, t: torch.Tensor, k: int, dtype: torch.dtype) -> None:
+    if t.numel() != k or t.dtype != dtype or not t.is_contiguous() or t.data_ptr() % 16:
+        raise ValueError(f"fp8_gemv_stream: {name} must be a contiguous 16-byte-aligned row of "
+                         f"{k} {dtype} values, got {tuple(t.shape)} {t.dtype}")
+
+
+def fp8_gemv_stream_norm(x: torch.Tensor, residual: torch.Tensor | None,
+                         residual_out: torch.Tensor | None, norm_weight: torch.Tensor,
+                         eps: float, w: torch.Tensor, ws: torch.Tensor,
+                         bias: torch.Tensor | None, out: torch.Tensor, *,
+                         config: StreamGemvConfig | None = None) -> torch.Tensor:
+    """`out = quant(RMSNorm(x + residual) * norm_weight) . w^T` scaled, per token, in one
+    launch (`kernels/fp8_fused.py`'s `rms_norm_quant_torch` then the GEMM, up to summation
+    order); `residual_out` receives `x + residual` (rounded to the model dtype). Without a
+    residual the norm is of x and nothing is written. All rows `[1, K]` in the model dtype,
+    `residual_out` not aliasing `x` or `residual` (every CTA reads them whole)."""
+    k = w.shape[1]
+    for name, t in (("x", x), ("norm_weight", norm_weight), ("residual", residual),
+                    ("residual_out", residual_out)):
+        if t is not None:
+            _check_row(name, t, k, out.dtype)
+    if (residual is None) != (residual_out is None):
+        raise ValueError("fp8_gemv_stream_norm: give residual and residual_out together")
+    if residual_out is not None and residual_out.data_ptr() in (x.data_ptr(),
+                                                                residual.data_ptr()):
+        raise ValueError("fp8_gemv_stream_norm: residual_out must not alias x or residual")
+    return _launch(x, None, 3, w, ws, bias, out, config, residual, residual_out, norm_weight,
+                   eps)
+
+
+def fp8_gemv_stream_silu(gate_up: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                         bias: torch.Tensor | None, out: torch.Tensor, *,
+                         config: StreamGemvConfig | None = None) -> torch.Tensor:
+    """`out = quant(SiLU(gate) * up) . w^T` scaled, per token, in one launch, for the row
+    `gate_up [1, 2K]` (gate | up) in the model dtype (`silu_and_mul_quant_torch`, then the
+    GEMM)."""
+    k = w.shape[1]
+    _check_row("gate_up", gate_up, 2 * k, out.dtype)
+    return _launch(gate_up, None, 4, w, ws, bias, out, config)
+
+
+def fp8_gemv_stream_dynamic(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
+                            bias: torch.Tensor | None, out: torch.Tensor, *,
+                            config: StreamGemvConfig | None = None) -> torch.Tensor:
+    """`out = quant(x) . w^T` scaled, x `[1, K]` in the model dtype quantized per token here
+    (its amax computed in the launch: no amax slot, no quantize kernel)."""
+    _check_row("x", x, w.shape[1], out.dtype)
+    return _launch(x, None, 5, w, ws, bias, out, config)

@@ -135,7 +135,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     _rms_norm_kernel[(rows,)](
         x2, x2.stride(0), r2, r2.stride(0), weight, o2, o2.stride(0), eps,
         N=n, HAS_RESIDUAL=residual is not None, BLOCK=block, ONE_PASS=block >= n,
-        num_warps=num_warps, **pdl_launch(x.device, row=True))
+        num_warps=num_warps, **pdl_launch(x.device))  # before GEMVs of many waves
     return out
 
 

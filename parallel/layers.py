@@ -12,17 +12,21 @@ from torch import nn
 from trtdist.comm.base import Communicator
 from trtdist.kernels import gemv
 from trtdist.parallel.linear_methods import (
+    Activation,
     ActivationWithAmax,
     Fp8LinearMethod,
+    GatedActivation,
     LinearMethod,
+    NormedActivation,
     QuantizedActivation,
     UnquantizedLinearMethod,
     empty_param,
     make_linear_method,
 )
 
-__all__ = ["ActivationWithAmax", "ColumnParallelLinear", "Fp8LinearMethod", "LinearMethod",
-           "ParallelLMHead", "QuantizedActivation", "RowParallelLinear", "UnquantizedLinearMethod",
+__all__ = ["Activation", "ActivationWithAmax", "ColumnParallelLinear", "Fp8LinearMethod",
+           "GatedActivation", "LinearMethod", "NormedActivation", "ParallelLMHead",
+           "QuantizedActivation", "RowParallelLinear", "UnquantizedLinearMethod",
            "VocabParallelEmbedding", "make_linear_method"]
 
 
@@ -46,6 +50,10 @@ class _Linear(nn.Module):
         """See `LinearMethod.wants_row_amax`."""
         return self.method.wants_row_amax(self, rows)
 
+    def wants_fused_input(self, rows: int) -> bool:
+        """See `LinearMethod.wants_fused_input`."""
+        return self.method.wants_fused_input(self, rows)
+
     @property
     def activation_scale(self) -> torch.Tensor | None:
         """The static FP8 input scale, or None (per token, or unquantized)."""
@@ -60,8 +68,7 @@ class ColumnParallelLinear(_Linear):
                  device: torch.device, quant: LinearMethod | None = None) -> None:
         super().__init__(out_local, in_features, bias, dtype, device, quant)
 
-    def forward(self, x: torch.Tensor | QuantizedActivation | ActivationWithAmax
-                ) -> torch.Tensor:
+    def forward(self, x: Activation) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
 
 
@@ -76,8 +83,7 @@ class RowParallelLinear(_Linear):
         super().__init__(out_features, in_local, bias, dtype, device, quant)
         self.comm = comm
 
-    def forward(self, x: torch.Tensor | QuantizedActivation | ActivationWithAmax
-                ) -> torch.Tensor:
+    def forward(self, x: Activation) -> torch.Tensor:
         y = self.comm.all_reduce(self.method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 

@@ -19,9 +19,13 @@ from trtdist.parallel.quant_fp8 import (
     dequantize,
     fp8_linear_amax_cuda,
     fp8_linear_cuda,
+    fp8_linear_dynamic_cuda,
+    fp8_linear_norm_cuda,
     fp8_linear_quantized_cuda,
     fp8_linear_quantized_reference,
     fp8_linear_reference,
+    fp8_linear_silu_cuda,
+    fused_input_supported,
     fused_quantization_available,
     quantize_weight_per_channel,
     scaled_mm_supported,
@@ -60,6 +64,63 @@ class ActivationWithAmax:
     amax: torch.Tensor  # [>= T] float32
 
 
+@dataclass(frozen=True, slots=True)
+class NormedActivation:
+    """The row `RMSNorm(x + residual) * weight` (vLLM's fused add + norm), not computed yet:
+    handed to a linear layer whose method `wants_fused_input(layer, 1)`, whose GEMM computes
+    it from x and the residual itself and writes `x + residual` into `residual_out` (no norm
+    launch). Without a residual it is `RMSNorm(x) * weight` and nothing is written."""
+
+    x: torch.Tensor  # [1, K] model dtype
+    residual: torch.Tensor | None  # [1, K]
+    residual_out: torch.Tensor | None  # [1, K], not aliasing x or residual
+    weight: torch.Tensor  # [K]
+    eps: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def materialize(self) -> torch.Tensor:
+        """The normalised row, computed by the norm kernels (and `residual_out` written)."""
+        from trtdist.kernels.norm import add_rms_norm, rms_norm
+
+        if self.residual is None:
+            return rms_norm(self.x, self.weight, self.eps)
+        assert self.residual_out is not None
+        self.residual_out.copy_(self.residual)
+        return add_rms_norm(self.x, self.residual_out, self.weight, self.eps)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class GatedActivation:
+    """The row `SiLU(gate) * up` of `gate_up [1, 2K]`, not computed yet: handed to a linear
+    layer whose method `wants_fused_input(layer, 1)`, whose GEMM computes it itself."""
+
+    gate_up: torch.Tensor  # [1, 2K] model dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.gate_up.shape[:-1], self.gate_up.shape[-1] // 2))
+
+    @property
+    def device(self) -> torch.device:
+        return self.gate_up.device
+
+    def materialize(self) -> torch.Tensor:
+        from trtdist.kernels.activation import silu_and_mul
+
+        return silu_and_mul(self.gate_up)
+
+
+Activation = (torch.Tensor | QuantizedActivation | ActivationWithAmax | NormedActivation
+              | GatedActivation)
+
+
 class LinearMethod:
     """How a linear layer stores and multiplies its weight: the seam every quantization scheme
     plugs into (unquantized, FP8; INT4 would be one more subclass).
@@ -76,11 +137,11 @@ class LinearMethod:
                        dtype: torch.dtype, device: torch.device) -> None:
         raise NotImplementedError
 
-    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation | ActivationWithAmax,
-              bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: Activation, bias: torch.Tensor | None) -> torch.Tensor:
         """[..., in] -> [..., out] in x's dtype, plus `bias` when given. A
         `QuantizedActivation` is accepted when `wants_quantized_input(layer)`, an
-        `ActivationWithAmax` when `wants_row_amax(layer)`."""
+        `ActivationWithAmax` when `wants_row_amax(layer)`, a `NormedActivation` or
+        `GatedActivation` when `wants_fused_input(layer, 1)`."""
         raise NotImplementedError
 
     def wants_quantized_input(self, layer: nn.Module) -> bool:
@@ -91,6 +152,12 @@ class LinearMethod:
     def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
         """The static activation scale `[1]` float32, or None (dynamic, per token)."""
         return None
+
+    def wants_fused_input(self, layer: nn.Module, rows: int) -> bool:
+        """Whether this layer's GEMM of `rows` tokens computes its input itself: the producer
+        hands `apply` a `NormedActivation` / `GatedActivation` instead of running the norm /
+        SiLU kernel."""
+        return False
 
     def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
         """Whether this layer's producer should hand `apply` an `ActivationWithAmax` (the
@@ -127,11 +194,12 @@ class UnquantizedLinearMethod(LinearMethod):
                        dtype: torch.dtype, device: torch.device) -> None:
         layer.weight = empty_param((out_features, in_features), dtype, device)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation | ActivationWithAmax,
-              bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: Activation, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(x, (QuantizedActivation, ActivationWithAmax)):
             raise TypeError(f"an unquantized linear layer got an FP8 {type(x).__name__}; only "
                             "FP8 layers that ask for one take it")
+        if isinstance(x, (NormedActivation, GatedActivation)):
+            x = x.materialize()
         return gemv.linear(x, layer.weight, bias)
 
     def process(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -170,6 +238,7 @@ class Fp8LinearMethod(LinearMethod):
         layer.input_scale = empty_param((1,), torch.float32, device) if self.quant.static else None
         layer.use_scaled_mm = device.type == "cuda" and scaled_mm_supported(out_features,
                                                                             in_features)
+        layer.act_dtype = dtype
 
     def wants_quantized_input(self, layer: nn.Module) -> bool:
         # NOTE: only where the Triton kernels run (CUDA, cuBLASLt-compatible shape); the CPU
@@ -179,7 +248,14 @@ class Fp8LinearMethod(LinearMethod):
     def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
         return layer.input_scale
 
+    def wants_fused_input(self, layer: nn.Module, rows: int) -> bool:
+        # NOTE: one token, per-token activations, where the streaming GEMV runs (opt-in)
+        return (rows == 1 and not self.quant.static and bool(layer.use_scaled_mm)
+                and fused_input_supported(layer.weight, layer.act_dtype))
+
     def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
+        if self.wants_fused_input(layer, rows):  # it quantizes a plain row itself
+            return False
         # NOTE: per token only (static scales need no amax: the small-M GEMM quantizes a plain
         # tensor itself), only where the Triton kernels run, and only for the shapes where the
         # input-quantizing GEMM was measured to win (its table in kernels/fp8_gemm_configs.py).
@@ -188,8 +264,23 @@ class Fp8LinearMethod(LinearMethod):
                 and fp8_gemm_configs.quantizing_config(rows, n, k) is not None
                 and fused_quantization_available())
 
-    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation | ActivationWithAmax,
-              bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: Activation, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, NormedActivation | GatedActivation):
+            y = None
+            if layer.use_scaled_mm:
+                ws = layer.weight_scale.view(1, -1)
+                y = (fp8_linear_norm_cuda(x.x, x.residual, x.residual_out, x.weight, x.eps,
+                                          layer.weight, ws, bias)
+                     if isinstance(x, NormedActivation)
+                     else fp8_linear_silu_cuda(x.gate_up, layer.weight, ws, bias))
+            if y is not None:
+                return y
+            x = x.materialize()
+        if (isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == 1
+                and self.wants_fused_input(layer, 1)):
+            y = fp8_linear_dynamic_cuda(x, layer.weight, layer.weight_scale.view(1, -1), bias)
+            if y is not None:
+                return y
         if isinstance(x, ActivationWithAmax):
             if layer.use_scaled_mm:
                 return fp8_linear_amax_cuda(x.x, x.amax, layer.weight,

@@ -238,6 +238,66 @@ def fp8_linear_quantized_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.
     return _scaled_mm(xq, xs, weight, weight_scale_row, bias, out_dtype)
 
 
+# ---- one-token GEMMs that compute their own input (kernels/fp8_gemv_stream.py, opt-in) ----
+_fused_input_off: list[str] = []  # set once a launch failed: the layers stop asking
+
+
+def fused_input_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a one-token FP8 GEMM of `weight` can take its input unnormalised (RMSNorm of
+    x + residual) or ungated (SiLU x up) and compute it itself, per CTA, in the launch that
+    streams the weight (`kernels/fp8_gemv_stream.py`: opt-in, Hopper)."""
+    if _fused_input_off or not weight.is_cuda:
+        return False
+    from trtdist.kernels import fp8_gemv_stream
+
+    n, k = weight.shape
+    return fp8_gemv_stream.supports_prologue(n, k, dtype, weight.device)
+
+
+def _fused_input(launch: str, *args: object) -> torch.Tensor | None:
+    """Run `fp8_gemv_stream.<launch>(*args)`, or None after turning the fused inputs off (with
+    a warning) when it fails: the caller then computes the input the usual way."""
+    from trtdist.kernels import fp8_gemv_stream
+
+    try:
+        return getattr(fp8_gemv_stream, launch)(*args)
+    except Exception as e:  # noqa: BLE001 - a kernel that fails to compile or launch
+        _fused_input_off.append(f"{type(e).__name__}: {e}")
+        _log.warning("FP8 GEMMs with fused inputs disabled (%s failed: %s); using the norm / "
+                     "SiLU kernels", launch, _fused_input_off[0])
+        return None
+
+
+def fp8_linear_norm_cuda(x: torch.Tensor, residual: torch.Tensor | None,
+                         residual_out: torch.Tensor | None, norm_weight: torch.Tensor,
+                         eps: float, weight: torch.Tensor, weight_scale_row: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`fp8_linear(RMSNorm(x + residual) * norm_weight)` of one token in one launch, writing
+    `x + residual` into `residual_out` (`fused_input_supported`); None if the launch failed."""
+    out = torch.empty((1, weight.shape[0]), dtype=x.dtype, device=x.device)
+    return _fused_input("fp8_gemv_stream_norm", x, residual, residual_out, norm_weight, eps,
+                        weight, weight_scale_row.view(-1), bias, out)
+
+
+def fp8_linear_silu_cuda(gate_up: torch.Tensor, weight: torch.Tensor,
+                         weight_scale_row: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`fp8_linear(SiLU(gate) * up)` of one token `[1, 2K]` in one launch; None if it failed."""
+    out = torch.empty((1, weight.shape[0]), dtype=gate_up.dtype, device=gate_up.device)
+    return _fused_input("fp8_gemv_stream_silu", gate_up, weight, weight_scale_row.view(-1),
+                        bias, out)
+
+
+def fp8_linear_dynamic_cuda(x: torch.Tensor, weight: torch.Tensor,
+                            weight_scale_row: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`fp8_linear(x)` of one token `[1, K]`, quantized per token inside the launch (no
+    quantize kernel, no amax slot); None if it failed."""
+    out = torch.empty((1, weight.shape[0]), dtype=x.dtype, device=x.device)
+    return _fused_input("fp8_gemv_stream_dynamic", x, weight, weight_scale_row.view(-1), bias,
+                        out)
+
+
 def fp8_linear_amax_cuda(x: torch.Tensor, row_amax: torch.Tensor, weight: torch.Tensor,
                          weight_scale_row: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:

@@ -185,3 +185,124 @@ def test_chain_with_early_row_kernels_gpu(monkeypatch: pytest.MonkeyPatch) -> No
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+# ---- GEMMs that compute their own input (modes 3-5) ---------------------------------------
+def _close_to(y: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """Within 1% of the reference's largest output: the fused input is the kernels' row up to
+    float32 summation order (the norm's sum of squares, the SiLU's exp), which may move an
+    element by one model-dtype step and, rarely, the row's amax (and so every code) with it."""
+    err = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+    assert err < 0.01, f"{what}: {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_norm_input_matches_the_fused_norm_kernel_gpu(dtype: torch.dtype,
+                                                      with_residual: bool) -> None:
+    from trtdist.kernels.fp8_fused import rms_norm_quant_torch
+    from trtdist.kernels.fp8_gemm import fp8_gemm_torch
+
+    dev = _hopper()
+    torch.manual_seed(3)
+    n, k = 6144, 4096
+    w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev) * 0.02)
+    x = (torch.randn(1, k, device=dev) * 2).to(dtype)
+    res = (torch.randn(1, k, device=dev) * 4).to(dtype) if with_residual else None
+    nw = (torch.rand(k, device=dev) + 0.5).to(dtype)
+    bias = torch.randn(n, device=dev, dtype=dtype)
+    xq, xs, res_sum = rms_norm_quant_torch(x, None if res is None else res.clone(), nw, 1e-5,
+                                           None)
+    ref = fp8_gemm_torch(xq, xs, w, ws, bias, dtype)
+    res_out = torch.full_like(x, float("nan")) if with_residual else None
+    out = torch.full((1, n), float("nan"), device=dev, dtype=dtype)
+    stream.fp8_gemv_stream_norm(x, res, res_out, nw, 1e-5, w, ws, bias, out)
+    _close_to(out, ref, f"norm {dtype}")
+    if with_residual:
+        assert torch.equal(res_out, res_sum)  # x + residual, rounded as torch rounds it
+    with pytest.raises(ValueError, match="alias"):
+        stream.fp8_gemv_stream_norm(x, x, x, nw, 1e-5, w, ws, bias, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 14336), (2048, 8192), (4096, 4096)])
+def test_silu_and_dynamic_inputs_gpu(n: int, k: int) -> None:
+    from trtdist.kernels.fp8_fused import silu_and_mul_quant_torch
+    from trtdist.kernels.fp8_gemm import fp8_gemm_torch
+    from trtdist.parallel.quant_fp8 import quantize_activation
+
+    dev = _hopper()
+    torch.manual_seed(n + k)
+    w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev) * 0.02)
+    gu = (torch.randn(1, 2 * k, device=dev) * 3).to(torch.bfloat16)
+    xq, xs = silu_and_mul_quant_torch(gu, None)
+    out = torch.full((1, n), float("nan"), device=dev, dtype=torch.bfloat16)
+    stream.fp8_gemv_stream_silu(gu, w, ws, None, out)
+    _close_to(out, fp8_gemm_torch(xq, xs, w, ws, None, torch.bfloat16), "silu")
+    x = gu[:, :k].contiguous()
+    xq, xs = quantize_activation(x, None)
+    stream.fp8_gemv_stream_dynamic(x, w, ws, None, out)
+    _assert_close(out, fp8_gemm_torch(xq, xs, w, ws, None, torch.bfloat16),
+                  _abs_sum(xq, xs, w, ws), "dynamic")
+
+
+def _twin_error(stage, cfg, seq_len: int, monkeypatch: pytest.MonkeyPatch,
+                fused: bool) -> tuple[float, torch.Tensor]:
+    """A one-token decode of the FP8 stage, against its twin with dequantized weights."""
+    from test_fp8_decode_step import _dequantized_twin, _kv, _rel, _run
+
+    monkeypatch.setenv(stream.ENV, "1" if fused else "0")
+    kv_a, inputs, pos = _kv(stage, cfg, seq_len)
+    kv_c = [type(x)(x.k.clone(), x.v.clone()) for x in kv_a]
+    out = _run(stage, kv_a, inputs, pos, 11, use_step=False)
+    twin = _dequantized_twin(stage, cfg)
+    ctx = twin.context(pos, inputs.slot_mapping, twin.attention_backend.prepare(inputs))
+    ref = twin(torch.tensor([11], device=stage.device), kv_c, ctx)
+    return _rel(out, ref), out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", [1, 129, 2000])
+def test_stage_with_fused_inputs_gpu(seq_len: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Llama stage whose one-token GEMMs compute their norms and SiLU x up themselves is as
+    close to the model with dequantized weights as the stage with separate kernels."""
+    from test_fp8_decode_step import _stage
+
+    dev = _hopper()
+    stage, cfg = _stage(dev)
+    monkeypatch.setenv(stream.ENV, "1")
+    assert all(layer.fuses_one_token() for layer in stage.layers.values())
+    err_loop, loop = _twin_error(stage, cfg, seq_len, monkeypatch, fused=False)
+    err_fused, out = _twin_error(stage, cfg, seq_len, monkeypatch, fused=True)
+    print(f"seq_len {seq_len}: separate kernels {err_loop:.4f} fused inputs {err_fused:.4f}")
+    assert not out.isnan().any()
+    assert err_fused < 1.25 * err_loop + 2e-3, (err_loop, err_fused)
+
+
+@pytest.mark.gpu
+def test_stage_with_fused_inputs_in_a_graph_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager and CUDA-graph replays give the same bits (each CTA reduces the row in a fixed
+    order; the residual pair is the stage's own)."""
+    from test_fp8_decode_step import _kv, _stage
+
+    dev = _hopper()
+    monkeypatch.setenv(stream.ENV, "1")
+    stage, cfg = _stage(dev, layers=3)
+    stage._decode_step = False
+    kv, inputs, pos = _kv(stage, cfg, 300)
+    ids = torch.tensor([5], device=dev)
+    ctx = stage.context(pos, inputs.slot_mapping, stage.attention_backend.prepare(inputs))
+    first = stage(ids, kv, ctx).clone()
+    assert torch.equal(stage(ids, kv, ctx), first)
+    ctx = stage.context(pos, inputs.slot_mapping,
+                        stage.attention_backend.prepare_for_capture(inputs))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        out = stage(ids, kv, ctx)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)

@@ -25,7 +25,9 @@ from trtdist.models.rope import inv_frequencies
 from trtdist.parallel.layers import (
     ActivationWithAmax,
     ColumnParallelLinear,
+    GatedActivation,
     LinearMethod,
+    NormedActivation,
     ParallelLMHead,
     QuantizedActivation,
     RowParallelLinear,
@@ -49,6 +51,8 @@ class StepContext:
     backend: AttentionBackend
     # [ROW_AMAX_ROWS] float32 or None: see `LlamaStage.row_amax`
     row_amax: torch.Tensor | None = None
+    # [2, 1, hidden] or None: see `LlamaStage.residual_pair`
+    residual_pair: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -148,10 +152,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(cfg, mapping, tp, dtype, device, quant)
 
+    def fuses_one_token(self) -> bool:
+        """Whether a one-token step runs the layer's norms and SiLU x up inside the FP8 GEMMs
+        that consume them (`LinearMethod.wants_fused_input`): qkv and gate | up normalise
+        their input, down gates its own, o quantizes its own."""
+        return (self.attn.qkv.wants_fused_input(1) and self.mlp.gate_up.wants_fused_input(1)
+                and self.mlp.down.wants_fused_input(1))
+
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
                 kv_cache: LayerKV, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream travels beside the layer output (vLLM style): the add that
         closes one block is fused with the norm that opens the next."""
+        if ctx.residual_pair is not None and h.shape[0] == 1 and self.fuses_one_token():
+            return self._forward_fused(h, residual, cos_sin, kv_cache, ctx.residual_pair, ctx)
         # NOTE: the slot is handed on only behind a norm that zeroes it (the fused FP8 one);
         # o and down each then take it where their GEMM wants it (`wants_row_amax`).
         amax = ctx.row_amax
@@ -161,6 +174,21 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx, attn_amax), residual,
                                      quant_for=self.mlp.gate_up, clear=mlp_amax)
         return self.mlp(x, mlp_amax), residual
+
+    def _forward_fused(self, h: torch.Tensor, residual: torch.Tensor | None,
+                       cos_sin: torch.Tensor, kv_cache: LayerKV, pair: torch.Tensor,
+                       ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token with no norm or SiLU launch: each GEMM computes its input (see
+        `fuses_one_token`). The residual sums go to the stage's pair of rows: the input norm
+        writes row 0 (reading row 1, the previous layer's), the post-attention norm row 1, so
+        no launch writes a row it (or a concurrent CTA) still reads."""
+        first = residual is None
+        x = NormedActivation(h, residual, None if first else pair[0], self.input_norm.weight,
+                             self.input_norm.eps)
+        residual = h if first else pair[0]
+        a = self.attn(x, cos_sin, kv_cache, ctx, None)
+        y = NormedActivation(a, residual, pair[1], self.post_norm.weight, self.post_norm.eps)
+        return self.mlp.down(GatedActivation(self.mlp.gate_up(y))), pair[1]
 
     def row_amax_users(self, rows: int) -> tuple[str, ...]:
         """Which projections take their input with its row amax at `rows` tokens (tests,
@@ -206,6 +234,13 @@ class LlamaStage(nn.Module):
                          and not quant.quant.static and device.type == "cuda"
                          and os.environ.get(ROW_AMAX_ENV, "1") != "0" else None)
 
+        # NOTE: one-token FP8 steps whose GEMMs compute their own inputs
+        # (`LlamaDecoderLayer.fuses_one_token`) keep the residual stream in these two rows
+        # instead of updating it in place: every CTA of the GEMM that adds it reads it whole.
+        self.residual_pair = (torch.zeros(2, 1, cfg.hidden_size, dtype=dtype, device=device)
+                              if quant is not None and quant.quant.method == "fp8"
+                              and not quant.quant.static and device.type == "cuda" else None)
+
         # The one-launch batch-1 decode step (kernels/fp8_decode_step.py, opt-in), made at the
         # first one-token decode (weights loaded by then); False: off, or the stage does not
         # fit it.
@@ -221,7 +256,8 @@ class LlamaStage(nn.Module):
                 meta: object) -> StepContext:
         amax = (self.row_amax if self.row_amax is not None
                 and positions.shape[0] <= ROW_AMAX_ROWS else None)
-        return StepContext(positions, slot_mapping, meta, self.attention_backend, amax)
+        pair = self.residual_pair if positions.shape[0] == 1 else None
+        return StepContext(positions, slot_mapping, meta, self.attention_backend, amax, pair)
 
     def forward(self, tokens_or_hidden: torch.Tensor,
                 kv_caches: Sequence[LayerKV],
