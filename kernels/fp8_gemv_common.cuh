@@ -54,16 +54,28 @@ __device__ __forceinline__ u16 to_out(float y) {
     return r;
 }
 
-// x [KX] as E4M3 into xs, by threads tid = 0 .. NTHREADS - 1 (the caller synchronizes them after);
-// returns x's dequantizing scale. x is the previous kernel's output: call after the wait.
+// x [KX] as E4M3 into xs, by threads tid = 0 .. NTHREADS - 1 (the caller synchronizes them
+// after); returns x's dequantizing scale. x is the previous kernel's output: call after the
+// wait. Every load is issued before any is used: one L2 round trip, not one a 16-byte run.
 template <int KX, int NTHREADS>
 __device__ __forceinline__ float stage_x(unsigned char* xs, const void* __restrict__ x,
                                          const float* __restrict__ x_scale, int tid) {
+    constexpr int RUNS = X_MODE == 0 ? KX / 16 : KX / 8;  // 16-byte runs of x
+    constexpr int IT = (RUNS + NTHREADS - 1) / NTHREADS;
+    uint4 v[IT];
+#pragma unroll
+    for (int j = 0; j < IT; ++j) {
+        const int i = tid + j * NTHREADS;
+        if (i < RUNS) v[j] = ld_cg(reinterpret_cast<const uint4*>(x) + i);
+    }
     float scale;
 #if X_MODE == 0
     scale = ld_cg_f32(x_scale);
-    for (int i = tid; i < KX / 16; i += NTHREADS)
-        reinterpret_cast<uint4*>(xs)[i] = ld_cg(reinterpret_cast<const uint4*>(x) + i);
+#pragma unroll
+    for (int j = 0; j < IT; ++j) {
+        const int i = tid + j * NTHREADS;
+        if (i < RUNS) reinterpret_cast<uint4*>(xs)[i] = v[j];
+    }
 #else
 #if X_MODE == 1
     scale = fmaxf(__fdiv_rn(ld_cg_f32(x_scale), 448.0f), 1e-12f);
@@ -71,12 +83,15 @@ __device__ __forceinline__ float stage_x(unsigned char* xs, const void* __restri
     scale = ld_cg_f32(x_scale);
 #endif
     const float inv = __frcp_rn(scale);
-    for (int i = tid; i < KX / 8; i += NTHREADS) {
-        const uint4 v = ld_cg(reinterpret_cast<const uint4*>(x) + i);
-        uint2 q;
-        q.x = quantize_pair(v.x, inv) | (quantize_pair(v.y, inv) << 16);
-        q.y = quantize_pair(v.z, inv) | (quantize_pair(v.w, inv) << 16);
-        reinterpret_cast<uint2*>(xs)[i] = q;
+#pragma unroll
+    for (int j = 0; j < IT; ++j) {
+        const int i = tid + j * NTHREADS;
+        if (i < RUNS) {
+            uint2 q;
+            q.x = quantize_pair(v[j].x, inv) | (quantize_pair(v[j].y, inv) << 16);
+            q.y = quantize_pair(v[j].z, inv) | (quantize_pair(v[j].w, inv) << 16);
+            reinterpret_cast<uint2*>(xs)[i] = q;
+        }
     }
 #endif
     return scale;

@@ -214,28 +214,40 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
     float* red = reinterpret_cast<float*>(smem + RED_OFF);
     const int base = threadIdx.x * RUN;
     u32 y[RUN / 2];
+    // every load before any use: one L2 round trip for the row, not one a 16-byte run
 #if X_MODE == 3
+    uint4 xv[RUN / 8];
+#if HAS_RES
+    uint4 rv[RUN / 8];
+#endif
+#pragma unroll
+    for (int j = 0; j < RUN / 8; ++j) {
+        xv[j] = ld_cg(reinterpret_cast<const u16*>(x) + base + 8 * j);
+#if HAS_RES
+        rv[j] = ld_cg(res + base + 8 * j);
+#endif
+    }
     float ss = 0.0f;
 #pragma unroll
-    for (int e = 0; e < RUN; e += 8) {
+    for (int j = 0; j < RUN / 8; ++j) {
         float h[8];
-        unpack8(ld_cg(reinterpret_cast<const u16*>(x) + base + e), h);
+        unpack8(xv[j], h);
 #if HAS_RES
         float r[8];
-        unpack8(ld_cg(res + base + e), r);
+        unpack8(rv[j], r);
 #pragma unroll
         for (int i = 0; i < 8; ++i) h[i] = round_x(h[i] + r[i]);  // as `x + residual`
 #endif
 #pragma unroll
         for (int i = 0; i < 8; i += 2) {
             ss += h[i] * h[i] + h[i + 1] * h[i + 1];
-            y[(e + i) / 2] = pack2(h[i], h[i + 1]);
+            y[4 * j + i / 2] = pack2(h[i], h[i + 1]);
         }
 #if HAS_RES
         // every CTA holds the sum; CTA b stores the runs of threads b, b + G, ...
         if (threadIdx.x % gridDim.x == blockIdx.x)
-            *reinterpret_cast<uint4*>(res_out + base + e) =
-                make_uint4(y[e / 2], y[e / 2 + 1], y[e / 2 + 2], y[e / 2 + 3]);
+            *reinterpret_cast<uint4*>(res_out + base + 8 * j) =
+                make_uint4(y[4 * j], y[4 * j + 1], y[4 * j + 2], y[4 * j + 3]);
 #endif
     }
     const float rstd = rsqrtf(consumers_reduce<0>(ss, red) / K + eps);
@@ -246,21 +258,27 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
         y[i] = pack2(lo, hi);
     }
 #elif X_MODE == 4
+    uint4 gv[RUN / 8], uv[RUN / 8];
 #pragma unroll
-    for (int e = 0; e < RUN; e += 8) {
+    for (int j = 0; j < RUN / 8; ++j) {
+        gv[j] = ld_cg(reinterpret_cast<const u16*>(x) + base + 8 * j);
+        uv[j] = ld_cg(reinterpret_cast<const u16*>(x) + K + base + 8 * j);
+    }
+#pragma unroll
+    for (int j = 0; j < RUN / 8; ++j) {
         float g[8], u[8];
-        unpack8(ld_cg(reinterpret_cast<const u16*>(x) + base + e), g);
-        unpack8(ld_cg(reinterpret_cast<const u16*>(x) + K + base + e), u);
+        unpack8(gv[j], g);
+        unpack8(uv[j], u);
 #pragma unroll
         for (int i = 0; i < 8; i += 2)
-            y[(e + i) / 2] = pack2(g[i] / (1.0f + __expf(-g[i])) * u[i],
-                                   g[i + 1] / (1.0f + __expf(-g[i + 1])) * u[i + 1]);
+            y[4 * j + i / 2] = pack2(g[i] / (1.0f + __expf(-g[i])) * u[i],
+                                     g[i + 1] / (1.0f + __expf(-g[i + 1])) * u[i + 1]);
     }
 #else
 #pragma unroll
-    for (int e = 0; e < RUN; e += 8) {
-        const uint4 v = ld_cg(reinterpret_cast<const u16*>(x) + base + e);
-        y[e / 2] = v.x; y[e / 2 + 1] = v.y; y[e / 2 + 2] = v.z; y[e / 2 + 3] = v.w;
+    for (int j = 0; j < RUN / 8; ++j) {
+        const uint4 v = ld_cg(reinterpret_cast<const u16*>(x) + base + 8 * j);
+        y[4 * j] = v.x; y[4 * j + 1] = v.y; y[4 * j + 2] = v.z; y[4 * j + 3] = v.w;
     }
 #endif
     const float scale = quantize_run(y, xs, red);

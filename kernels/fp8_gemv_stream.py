@@ -29,6 +29,7 @@ from trtdist.kernels._triton import pdl_enabled
 
 SOURCE = Path(__file__).with_name("fp8_gemv_stream.cu")
 ENV = "TRTDIST_STREAM_GEMV"
+FUSED_ENV = "TRTDIST_STREAM_GEMV_FUSED"  # "0": no norm / SiLU / quantization inside (A/B)
 CONFIG_ENV = "TRTDIST_STREAM_GEMV_CONFIG"
 ROWS_PER_UNIT = 16
 SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's dynamic shared memory at most
@@ -158,6 +159,8 @@ def supports_prologue(n: int, k: int, dtype: torch.dtype, device: torch.device) 
     """Whether the fused-input launches (`fp8_gemv_stream_norm` / `_silu` / `_dynamic`) take a
     one-token GEMM of `[N, K]` in model dtype `dtype`: as `supports`, with K in 16-byte runs
     of the consumer threads."""
+    if os.environ.get(FUSED_ENV, "1") == "0":
+        return False
     cfg = default_config(k)
     return (dtype in _DTYPE_IDS and cfg is not None and k % (8 * 32 * cfg.nwarps) == 0
             and _device_ok(device) and _shape_ok(n, k, device))

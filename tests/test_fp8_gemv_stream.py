@@ -230,7 +230,7 @@ def test_norm_input_matches_the_fused_norm_kernel_gpu(dtype: torch.dtype,
 def test_silu_and_dynamic_inputs_gpu(n: int, k: int) -> None:
     from trtdist.kernels.fp8_fused import silu_and_mul_quant_torch
     from trtdist.kernels.fp8_gemm import fp8_gemm_torch
-    from trtdist.parallel.quant_fp8 import quantize_activation
+    from trtdist.kernels.fp8_quant import quantize_activation_triton
 
     dev = _hopper()
     torch.manual_seed(n + k)
@@ -241,7 +241,7 @@ def test_silu_and_dynamic_inputs_gpu(n: int, k: int) -> None:
     stream.fp8_gemv_stream_silu(gu, w, ws, None, out)
     _close_to(out, fp8_gemm_torch(xq, xs, w, ws, None, torch.bfloat16), "silu")
     x = gu[:, :k].contiguous()
-    xq, xs = quantize_activation(x, None)
+    xq, xs = quantize_activation_triton(x, None)  # IEEE-rounded scale, as the kernel's
     stream.fp8_gemv_stream_dynamic(x, w, ws, None, out)
     _assert_close(out, fp8_gemm_torch(xq, xs, w, ws, None, torch.bfloat16),
                   _abs_sum(xq, xs, w, ws), "dynamic")
