@@ -73,7 +73,11 @@ __device__ __forceinline__ void consumers_sync() {  // the consumer warps only
 
 #if X_MODE >= 3
 static_assert(X_T == OUT_T, "modes 3-5: x in the model dtype");
+// 16-byte runs of 8 values: thread t holds runs t, t + NTC, ... (coalesced loads; a run per
+// thread each, a warp's 32 runs contiguous), RUNS_T of them
 #define RUN (K / NTC)  // row elements a consumer thread
+#define RUNS_T (RUN / 8)
+#define RUN_AT(j) (threadIdx.x + (j) * NTC)  // the thread's j-th run
 static_assert(K % (8 * NTC) == 0, "modes 3-5: 16-byte runs a consumer thread");
 
 __device__ __forceinline__ float to_x(u16 v) {  // a model-dtype value as float32
@@ -111,8 +115,8 @@ __device__ __forceinline__ float consumers_reduce(float v, float* red) {
     return r;
 }
 
-// The row (model dtype, packed in pairs: RUN values from element threadIdx.x * RUN) as E4M3
-// into xs, scaled per token from its amax (kernels/fp8_quant.py's formula); returns the scale.
+// The row (model dtype, packed in pairs: run RUN_AT(j) in y[4 j .. 4 j + 3]) as E4M3 into xs,
+// scaled per token from its amax (kernels/fp8_quant.py's formula); returns the scale.
 __device__ __forceinline__ float quantize_run(const u32 (&y)[RUN / 2], unsigned char* xs,
                                               float* red) {
     float amax = 0.0f;
@@ -122,9 +126,11 @@ __device__ __forceinline__ float quantize_run(const u32 (&y)[RUN / 2], unsigned 
     const float scale = fmaxf(__fdiv_rn(consumers_reduce<1>(amax, red), 448.0f), 1e-12f);
     const float inv = __frcp_rn(scale);
 #pragma unroll
-    for (int i = 0; i < RUN / 2; i += 2) {
-        *reinterpret_cast<u32*>(xs + threadIdx.x * RUN + 2 * i) =
-            quantize_pair(y[i], inv) | (quantize_pair(y[i + 1], inv) << 16);
+    for (int j = 0; j < RUNS_T; ++j) {
+        uint2 q;
+        q.x = quantize_pair(y[4 * j], inv) | (quantize_pair(y[4 * j + 1], inv) << 16);
+        q.y = quantize_pair(y[4 * j + 2], inv) | (quantize_pair(y[4 * j + 3], inv) << 16);
+        *reinterpret_cast<uint2*>(xs + 8 * RUN_AT(j)) = q;
     }
     return scale;
 }
@@ -202,9 +208,9 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
 #if X_MODE == 3
     u32 nw[RUN / 2];  // the norm weight (a constant) before the wait too
 #pragma unroll
-    for (int e = 0; e < RUN; e += 8) {
-        const uint4 v = *reinterpret_cast<const uint4*>(norm_w + threadIdx.x * RUN + e);
-        nw[e / 2] = v.x; nw[e / 2 + 1] = v.y; nw[e / 2 + 2] = v.z; nw[e / 2 + 3] = v.w;
+    for (int j = 0; j < RUNS_T; ++j) {
+        const uint4 v = *reinterpret_cast<const uint4*>(norm_w + 8 * RUN_AT(j));
+        nw[4 * j] = v.x; nw[4 * j + 1] = v.y; nw[4 * j + 2] = v.z; nw[4 * j + 3] = v.w;
     }
 #endif
     grid_dependency_wait();
@@ -212,7 +218,6 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
     const float scale = stage_x<K, NTC>(xs, x, x_scale, threadIdx.x);
 #else
     float* red = reinterpret_cast<float*>(smem + RED_OFF);
-    const int base = threadIdx.x * RUN;
     u32 y[RUN / 2];
     // every load before any use: one L2 round trip for the row, not one a 16-byte run
 #if X_MODE == 3
@@ -222,9 +227,9 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
 #endif
 #pragma unroll
     for (int j = 0; j < RUN / 8; ++j) {
-        xv[j] = ld_cg(reinterpret_cast<const u16*>(x) + base + 8 * j);
+        xv[j] = ld_cg(reinterpret_cast<const u16*>(x) + 8 * RUN_AT(j));
 #if HAS_RES
-        rv[j] = ld_cg(res + base + 8 * j);
+        rv[j] = ld_cg(res + 8 * RUN_AT(j));
 #endif
     }
     float ss = 0.0f;
@@ -244,9 +249,9 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
             y[4 * j + i / 2] = pack2(h[i], h[i + 1]);
         }
 #if HAS_RES
-        // every CTA holds the sum; CTA b stores the runs of threads b, b + G, ...
-        if (threadIdx.x % gridDim.x == blockIdx.x)
-            *reinterpret_cast<uint4*>(res_out + base + 8 * j) =
+        // every CTA holds the sum; CTA b stores runs b, b + G, ...
+        if (RUN_AT(j) % gridDim.x == blockIdx.x)
+            *reinterpret_cast<uint4*>(res_out + 8 * RUN_AT(j)) =
                 make_uint4(y[4 * j], y[4 * j + 1], y[4 * j + 2], y[4 * j + 3]);
 #endif
     }
@@ -261,8 +266,8 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
     uint4 gv[RUN / 8], uv[RUN / 8];
 #pragma unroll
     for (int j = 0; j < RUN / 8; ++j) {
-        gv[j] = ld_cg(reinterpret_cast<const u16*>(x) + base + 8 * j);
-        uv[j] = ld_cg(reinterpret_cast<const u16*>(x) + K + base + 8 * j);
+        gv[j] = ld_cg(reinterpret_cast<const u16*>(x) + 8 * RUN_AT(j));
+        uv[j] = ld_cg(reinterpret_cast<const u16*>(x) + K + 8 * RUN_AT(j));
     }
 #pragma unroll
     for (int j = 0; j < RUN / 8; ++j) {
@@ -270,14 +275,14 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
         unpack8(gv[j], g);
         unpack8(uv[j], u);
 #pragma unroll
-        for (int i = 0; i < 8; i += 2)
-            y[4 * j + i / 2] = pack2(g[i] / (1.0f + __expf(-g[i])) * u[i],
-                                     g[i + 1] / (1.0f + __expf(-g[i + 1])) * u[i + 1]);
+        for (int i = 0; i < 8; i += 2)  // fast division, as Triton's (kernels/activation.py)
+            y[4 * j + i / 2] = pack2(__fdividef(g[i], 1.0f + __expf(-g[i])) * u[i],
+                                     __fdividef(g[i + 1], 1.0f + __expf(-g[i + 1])) * u[i + 1]);
     }
 #else
 #pragma unroll
     for (int j = 0; j < RUN / 8; ++j) {
-        const uint4 v = ld_cg(reinterpret_cast<const u16*>(x) + base + 8 * j);
+        const uint4 v = ld_cg(reinterpret_cast<const u16*>(x) + 8 * RUN_AT(j));
         y[4 * j] = v.x; y[4 * j + 1] = v.y; y[4 * j + 2] = v.z; y[4 * j + 3] = v.w;
     }
 #endif

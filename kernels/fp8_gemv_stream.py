@@ -29,7 +29,10 @@ from trtdist.kernels._triton import pdl_enabled
 
 SOURCE = Path(__file__).with_name("fp8_gemv_stream.cu")
 ENV = "TRTDIST_STREAM_GEMV"
-FUSED_ENV = "TRTDIST_STREAM_GEMV_FUSED"  # "0": no norm / SiLU / quantization inside (A/B)
+# which inputs a launch may compute itself (A/B): "1" all (norm, SiLU x up, plain rows),
+# "norm" norms and plain rows (SiLU x up by its own kernel), "0" none
+FUSED_ENV = "TRTDIST_STREAM_GEMV_FUSED"
+PROLOGUE_KINDS = {"1": ("norm", "gated", "plain"), "norm": ("norm", "plain"), "0": ()}
 CONFIG_ENV = "TRTDIST_STREAM_GEMV_CONFIG"
 ROWS_PER_UNIT = 16
 SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's dynamic shared memory at most
@@ -155,11 +158,16 @@ def supports(m: int, n: int, k: int, x_dtype: torch.dtype, out_dtype: torch.dtyp
     return _device_ok(device) and _shape_ok(n, k, device)
 
 
-def supports_prologue(n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the fused-input launches (`fp8_gemv_stream_norm` / `_silu` / `_dynamic`) take a
-    one-token GEMM of `[N, K]` in model dtype `dtype`: as `supports`, with K in 16-byte runs
-    of the consumer threads."""
-    if os.environ.get(FUSED_ENV, "1") == "0":
+def supports_prologue(n: int, k: int, dtype: torch.dtype, device: torch.device,
+                      kind: str = "norm") -> bool:
+    """Whether the fused-input launch of `kind` ("norm": `fp8_gemv_stream_norm`, "gated":
+    `_silu`, "plain": `_dynamic`) takes a one-token GEMM of `[N, K]` in model dtype `dtype`:
+    as `supports`, with K in 16-byte runs of the consumer threads."""
+    allowed = PROLOGUE_KINDS.get(os.environ.get(FUSED_ENV, "1"))
+    if allowed is None:
+        raise ValueError(f"{FUSED_ENV} must be one of {sorted(PROLOGUE_KINDS)}, got "
+                         f"{os.environ.get(FUSED_ENV)!r}")
+    if kind not in allowed:
         return False
     cfg = default_config(k)
     return (dtype in _DTYPE_IDS and cfg is not None and k % (8 * 32 * cfg.nwarps) == 0

@@ -50,9 +50,9 @@ class _Linear(nn.Module):
         """See `LinearMethod.wants_row_amax`."""
         return self.method.wants_row_amax(self, rows)
 
-    def wants_fused_input(self, rows: int) -> bool:
+    def wants_fused_input(self, rows: int, kind: str) -> bool:
         """See `LinearMethod.wants_fused_input`."""
-        return self.method.wants_fused_input(self, rows)
+        return self.method.wants_fused_input(self, rows, kind)
 
     @property
     def activation_scale(self) -> torch.Tensor | None:

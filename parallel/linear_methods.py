@@ -67,9 +67,9 @@ class ActivationWithAmax:
 @dataclass(frozen=True, slots=True)
 class NormedActivation:
     """The row `RMSNorm(x + residual) * weight` (vLLM's fused add + norm), not computed yet:
-    handed to a linear layer whose method `wants_fused_input(layer, 1)`, whose GEMM computes
-    it from x and the residual itself and writes `x + residual` into `residual_out` (no norm
-    launch). Without a residual it is `RMSNorm(x) * weight` and nothing is written."""
+    handed to a linear layer whose method `wants_fused_input(layer, 1, "norm")`, whose GEMM
+    computes it from x and the residual itself and writes `x + residual` into `residual_out`
+    (no norm launch). Without a residual it is `RMSNorm(x) * weight` and nothing is written."""
 
     x: torch.Tensor  # [1, K] model dtype
     residual: torch.Tensor | None  # [1, K]
@@ -99,7 +99,8 @@ class NormedActivation:
 @dataclass(frozen=True, slots=True)
 class GatedActivation:
     """The row `SiLU(gate) * up` of `gate_up [1, 2K]`, not computed yet: handed to a linear
-    layer whose method `wants_fused_input(layer, 1)`, whose GEMM computes it itself."""
+    layer whose method `wants_fused_input(layer, 1, "gated")`, whose GEMM computes it
+    itself."""
 
     gate_up: torch.Tensor  # [1, 2K] model dtype
 
@@ -141,7 +142,7 @@ class LinearMethod:
         """[..., in] -> [..., out] in x's dtype, plus `bias` when given. A
         `QuantizedActivation` is accepted when `wants_quantized_input(layer)`, an
         `ActivationWithAmax` when `wants_row_amax(layer)`, a `NormedActivation` or
-        `GatedActivation` when `wants_fused_input(layer, 1)`."""
+        `GatedActivation` when `wants_fused_input(layer, 1, "norm" / "gated")`."""
         raise NotImplementedError
 
     def wants_quantized_input(self, layer: nn.Module) -> bool:
@@ -153,10 +154,11 @@ class LinearMethod:
         """The static activation scale `[1]` float32, or None (dynamic, per token)."""
         return None
 
-    def wants_fused_input(self, layer: nn.Module, rows: int) -> bool:
-        """Whether this layer's GEMM of `rows` tokens computes its input itself: the producer
-        hands `apply` a `NormedActivation` / `GatedActivation` instead of running the norm /
-        SiLU kernel."""
+    def wants_fused_input(self, layer: nn.Module, rows: int, kind: str) -> bool:
+        """Whether this layer's GEMM of `rows` tokens computes its input itself: `kind`
+        "norm", the producer hands `apply` a `NormedActivation` instead of running the norm
+        kernel; "gated", a `GatedActivation` instead of the SiLU x up kernel; "plain", a
+        model-dtype row it quantizes itself (no amax from the producer)."""
         return False
 
     def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
@@ -248,13 +250,13 @@ class Fp8LinearMethod(LinearMethod):
     def input_scale(self, layer: nn.Module) -> torch.Tensor | None:
         return layer.input_scale
 
-    def wants_fused_input(self, layer: nn.Module, rows: int) -> bool:
+    def wants_fused_input(self, layer: nn.Module, rows: int, kind: str) -> bool:
         # NOTE: one token, per-token activations, where the streaming GEMV runs (opt-in)
         return (rows == 1 and not self.quant.static and bool(layer.use_scaled_mm)
-                and fused_input_supported(layer.weight, layer.act_dtype))
+                and fused_input_supported(layer.weight, layer.act_dtype, kind))
 
     def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
-        if self.wants_fused_input(layer, rows):  # it quantizes a plain row itself
+        if self.wants_fused_input(layer, rows, "plain"):  # it quantizes a plain row itself
             return False
         # NOTE: per token only (static scales need no amax: the small-M GEMM quantizes a plain
         # tensor itself), only where the Triton kernels run, and only for the shapes where the
@@ -277,7 +279,7 @@ class Fp8LinearMethod(LinearMethod):
                 return y
             x = x.materialize()
         if (isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == 1
-                and self.wants_fused_input(layer, 1)):
+                and self.wants_fused_input(layer, 1, "plain")):
             y = fp8_linear_dynamic_cuda(x, layer.weight, layer.weight_scale.view(1, -1), bias)
             if y is not None:
                 return y

@@ -242,16 +242,17 @@ def fp8_linear_quantized_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.
 _fused_input_off: list[str] = []  # set once a launch failed: the layers stop asking
 
 
-def fused_input_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a one-token FP8 GEMM of `weight` can take its input unnormalised (RMSNorm of
-    x + residual) or ungated (SiLU x up) and compute it itself, per CTA, in the launch that
-    streams the weight (`kernels/fp8_gemv_stream.py`: opt-in, Hopper)."""
+def fused_input_supported(weight: torch.Tensor, dtype: torch.dtype, kind: str) -> bool:
+    """Whether a one-token FP8 GEMM of `weight` can take its input unnormalised (`kind`
+    "norm": RMSNorm of x + residual), ungated ("gated": SiLU x up) or unquantized ("plain")
+    and compute it itself, per CTA, in the launch that streams the weight
+    (`kernels/fp8_gemv_stream.py`: opt-in, Hopper)."""
     if _fused_input_off or not weight.is_cuda:
         return False
     from trtdist.kernels import fp8_gemv_stream
 
     n, k = weight.shape
-    return fp8_gemv_stream.supports_prologue(n, k, dtype, weight.device)
+    return fp8_gemv_stream.supports_prologue(n, k, dtype, weight.device, kind)
 
 
 def _fused_input(launch: str, *args: object) -> torch.Tensor | None:

@@ -1122,6 +1122,29 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s17e)  # the fused inputs read coalesced (run r by thread r mod threads) with fast
+      # division in SiLU: GPU tests, then FP8 batch-1 timelines / TPOT: off, fused, norms
+      # only (SiLU x up by its kernel), unfused; bf16
+      export BENCH_TIMEOUT=240
+      run_tests s17e 400 -n 4 -m gpu tests/test_fp8_gemv_stream.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      ROWS="rms_norm_quant_kernel|rms_norm_kernel|silu_and_mul_kernel|rotary_and_cache_kernel|decode_partial|decode_reduce"
+      i=0
+      for v in "0 1" "1 1" "1 norm" "1 0"; do
+        set -- $v; i=$((i + 1))
+        export TRTDIST_STREAM_GEMV=$1 TRTDIST_STREAM_GEMV_CONFIG=2048:6:4 TRTDIST_STREAM_GEMV_FUSED=$2
+        timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
+            --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_$i.json" \
+            > "$OUT/timeline_$i.log" 2>&1
+        note "variant $i ($v): $(grep wall_ms "$OUT/timeline_$i.log" | cut -c1-60)"
+        grep -E "^linear|^_($ROWS) |^fp8_gemv" "$OUT/timeline_$i.log" | head -9 | tee -a "$SUMMARY"
+        sed -n '/one step/,/last 12/p' "$OUT/timeline_$i.log" | sed -n 6,16p >> "$SUMMARY"
+        bench fp8_b1_v$i $M --quant fp8 $B
+      done
+      unset TRTDIST_STREAM_GEMV TRTDIST_STREAM_GEMV_CONFIG TRTDIST_STREAM_GEMV_FUSED
+      bench bf16_b1 $M $B
+      ;;
     s17d)  # s17c with every input row loaded before any use (one L2 round trip, not one a
       # 16-byte run): GPU tests, then FP8 batch-1 timelines and TPOT: off, fused with two
       # rings, unfused; bf16

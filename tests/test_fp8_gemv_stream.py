@@ -53,6 +53,16 @@ def test_off_by_default_and_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
                                torch.device("cpu"))
 
 
+def test_fused_input_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(stream.FUSED_ENV, "sometimes")
+    with pytest.raises(ValueError, match="TRTDIST_STREAM_GEMV_FUSED must be one of"):
+        stream.supports_prologue(4096, 4096, torch.bfloat16, cpu)
+    monkeypatch.setenv(stream.FUSED_ENV, "norm")
+    assert not stream.supports_prologue(4096, 14336, torch.bfloat16, cpu, "gated")
+    assert stream.PROLOGUE_KINDS["1"] == ("norm", "gated", "plain")
+
+
 # ---- GPU ---------------------------------------------------------------------------------
 def _hopper() -> torch.device:
     dev = _need()

@@ -153,11 +153,11 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, mapping, tp, dtype, device, quant)
 
     def fuses_one_token(self) -> bool:
-        """Whether a one-token step runs the layer's norms and SiLU x up inside the FP8 GEMMs
-        that consume them (`LinearMethod.wants_fused_input`): qkv and gate | up normalise
-        their input, down gates its own, o quantizes its own."""
-        return (self.attn.qkv.wants_fused_input(1) and self.mlp.gate_up.wants_fused_input(1)
-                and self.mlp.down.wants_fused_input(1))
+        """Whether a one-token step runs the layer's norms inside the FP8 GEMMs that consume
+        them (`LinearMethod.wants_fused_input`): qkv and gate | up normalise their input
+        (and down, where it can, gates its own)."""
+        return (self.attn.qkv.wants_fused_input(1, "norm")
+                and self.mlp.gate_up.wants_fused_input(1, "norm"))
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
                 kv_cache: LayerKV, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +188,10 @@ class LlamaDecoderLayer(nn.Module):
         residual = h if first else pair[0]
         a = self.attn(x, cos_sin, kv_cache, ctx, None)
         y = NormedActivation(a, residual, pair[1], self.post_norm.weight, self.post_norm.eps)
-        return self.mlp.down(GatedActivation(self.mlp.gate_up(y))), pair[1]
+        gu = self.mlp.gate_up(y)
+        act = (GatedActivation(gu) if self.mlp.down.wants_fused_input(1, "gated")
+               else silu_and_mul(gu))
+        return self.mlp.down(act), pair[1]
 
     def row_amax_users(self, rows: int) -> tuple[str, ...]:
         """Which projections take their input with its row amax at `rows` tokens (tests,
