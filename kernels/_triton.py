@@ -70,8 +70,9 @@ def early_trigger() -> bool:
 
 def pdl_launch(device: Any, row: bool = False) -> dict[str, Any]:
     """Launch keyword arguments for a kernel with a `PDL` constexpr: `{"PDL": True,
-    "launch_pdl": True}` where PDL is on, else `{"PDL": False}`. `row`: a row kernel (one
-    wave, short), which gets `PDL = 2` (trigger at its start) where `early_trigger()`."""
+    "launch_pdl": True}` where PDL is on, else `{"PDL": False}`. `row`: a row kernel's launch
+    for one token (one short wave, followed by a one-token GEMV), which gets `PDL = 2`
+    (trigger at its start) where `early_trigger()`."""
     if not pdl_enabled(device):
         return {"PDL": False}
     return {"PDL": 2 if row and early_trigger() else True, "launch_pdl": True}

@@ -79,7 +79,7 @@ def silu_and_mul_triton(x: torch.Tensor, *, out: torch.Tensor | None = None,
         x2, x2.stride(0), o2, o2.stride(0), row_amax if row_amax is not None else o2,
         INTER=inter, BLOCK=block, AMAX=row_amax is not None,
         num_warps=max(1, block // 256),  # 8 values per thread: 16-byte loads in bf16
-        **pdl_launch(x.device, row=True))
+        **pdl_launch(x.device, row=rows == 1))
     return out
 
 

@@ -276,7 +276,7 @@ def rms_norm_quant_triton(x: torch.Tensor, residual: torch.Tensor | None, weight
         eps, N=n, HAS_RESIDUAL=residual is not None, STATIC=input_scale is not None,
         Y_DTYPE=_TL_DTYPES[torch.promote_types(x.dtype, weight.dtype)], BLOCK=block,
         ONE_PASS=one_pass, CLEAR=clear is not None, num_warps=warps,
-        **pdl_launch(x.device, row=True))
+        **pdl_launch(x.device, row=t == 1))
     return xq, xs, res
 
 
@@ -302,11 +302,11 @@ def silu_and_mul_quant_triton(x: torch.Tensor, input_scale: torch.Tensor | None
         _silu_mul_quant_split_kernel[(t, parts)](
             x, x.stride(0), xq, xq.stride(0), xs, *row_sync(x.device), INTER=inter,
             Y_DTYPE=_TL_DTYPES[x.dtype], CHUNK=chunk, PARTS=parts,
-            num_warps=max(1, min(8, chunk // 256)), **pdl_launch(x.device, row=True))
+            num_warps=max(1, min(8, chunk // 256)), **pdl_launch(x.device, row=t == 1))
         return xq, xs
     block, one_pass, warps = silu_row_config(inter)
     _silu_mul_quant_kernel[(t,)](
         x, x.stride(0), xq, xq.stride(0), xs, input_scale if input_scale is not None else xs,
         INTER=inter, STATIC=input_scale is not None, Y_DTYPE=_TL_DTYPES[x.dtype], BLOCK=block,
-        ONE_PASS=one_pass, num_warps=warps, **pdl_launch(x.device, row=True))
+        ONE_PASS=one_pass, num_warps=warps, **pdl_launch(x.device, row=t == 1))
     return xq, xs

@@ -49,7 +49,7 @@ class StreamGemvConfig:
     `early_trigger`: the next kernel may launch at this one's start."""
 
     kc: int = 2048
-    stages: int = 3
+    stages: int = 6
     nwarps: int = 4
     min_blocks: int = 2
     prefill: bool = True
@@ -97,13 +97,15 @@ def enabled() -> bool:
 
 
 def default_config(k: int) -> StreamGemvConfig | None:
-    """TRTDIST_STREAM_GEMV_CONFIG's entry for K (or for every K) if set, else 2 KB stages;
-    None if K does not split."""
+    """TRTDIST_STREAM_GEMV_CONFIG's entry for K (or for every K) if set, else 6 stages of 2 KB
+    copies (~200 KB: one CTA an SM, the next kernel's CTA taking the SM as this one leaves,
+    measured fastest in PERF_NOTES.md, seventeenth session); None if K does not split."""
     table = parse_table(os.environ.get(CONFIG_ENV, ""))
     cfg = table.get(k) or table.get(None) or StreamGemvConfig()
     if not cfg.fits(k):
-        cfg = (StreamGemvConfig(kc=512, stages=cfg.stages * 4, nwarps=4)
-               if k % 512 == 0 and cfg.stages * 4 <= 32 else None)
+        # 512-byte copies (slower, PERF_NOTES.md), in about as many ring bytes
+        cfg = (StreamGemvConfig(kc=512, stages=min(32, cfg.stages * 3), nwarps=4)
+               if k % 512 == 0 else None)
     return cfg
 
 
@@ -163,7 +165,7 @@ def supports_prologue(n: int, k: int, dtype: torch.dtype, device: torch.device,
     """Whether the fused-input launch of `kind` ("norm": `fp8_gemv_stream_norm`, "gated":
     `_silu`, "plain": `_dynamic`) takes a one-token GEMM of `[N, K]` in model dtype `dtype`:
     as `supports`, with K in 16-byte runs of the consumer threads."""
-    allowed = PROLOGUE_KINDS.get(os.environ.get(FUSED_ENV, "1"))
+    allowed = PROLOGUE_KINDS.get(os.environ.get(FUSED_ENV, "0"))
     if allowed is None:
         raise ValueError(f"{FUSED_ENV} must be one of {sorted(PROLOGUE_KINDS)}, got "
                          f"{os.environ.get(FUSED_ENV)!r}")

@@ -264,5 +264,5 @@ def quantize_activation_triton(x: torch.Tensor, input_scale: torch.Tensor | None
     _quant_fp8_kernel[(m,)](
         x, x.stride(0), xq, xq.stride(0), scale, in_scale, K=k,
         STATIC=input_scale is not None, BLOCK=block, ONE_PASS=k <= block,
-        num_warps=warps, **pdl_launch(x.device, row=True))
+        num_warps=warps, **pdl_launch(x.device, row=m == 1))
     return xq, scale

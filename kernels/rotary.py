@@ -275,7 +275,7 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
         HQ=q_heads, HKV=kv_heads, D=head_dim, HALF_PAD=half_pad, BLOCK_H=block_h,
         BLOCK_SIZE=k_cache.shape[1], KV_FP8=fp8, ROT_BLOCK=rot_block,
         ROT_NORM=(2 * rot_block) ** -0.5,
-        num_warps=warps, **pdl_launch(qkv.device, row=True))
+        num_warps=warps, **pdl_launch(qkv.device, row=t == 1))
     return q, k, v
 
 

@@ -790,13 +790,13 @@ class TritonAttentionBackend:
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
             AMAX=row_amax is not None and parts == 1, TABLE_AHEAD=ahead,
-            num_warps=warps, num_stages=stages, **pdl_launch(q.device, row=True))
+            num_warps=warps, num_stages=stages, **pdl_launch(q.device, row=s == 1))
         if parts > 1:
             _decode_reduce[(s, hq)](
                 out, ws_o, ws_lse, meta.query_start_loc, amax, parts, out.stride(0),
                 out.stride(1), *ws_strides, lse_stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16,
                 MIXED=mixed, AMAX=row_amax is not None, num_warps=4,
-                **pdl_launch(q.device, row=True))
+                **pdl_launch(q.device, row=s == 1))
 
 
 class _CacheArgs:

@@ -1122,6 +1122,27 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s17f)  # the streaming GEMV as shipped opt-in (6 x 2 KB ring, inputs unfused, early
+      # triggers only for one-row launches): GPU tests, the FP8 model / graph tests with it
+      # on, then batch 1 and batch 8 TPOT off / on, bf16, one timeline on
+      export BENCH_TIMEOUT=240
+      run_tests s17f 300 -n 4 -m gpu tests/test_fp8_gemv_stream.py tests/test_fp8_gemv_cuda.py
+      TRTDIST_STREAM_GEMV=1 run_tests s17f_model 300 -n 4 -m gpu tests/test_fp8.py \
+          tests/test_graphs.py tests/test_fp8_fused.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      B8="--num-requests 8 --input-len 128 --output-len 256"
+      TRTDIST_STREAM_GEMV=0 bench fp8_b1_off $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV=1 bench fp8_b1_on $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      TRTDIST_STREAM_GEMV=0 bench fp8_b8_off $M --quant fp8 $B8
+      TRTDIST_STREAM_GEMV=1 bench fp8_b8_on $M --quant fp8 $B8
+      TRTDIST_STREAM_GEMV=1 timeout 150 python3 scripts/profile_decode.py --batch 1 \
+          --context 128 --steps 24 --quant fp8 --max-model-len 8192 \
+          --timeline "$OUT/timeline_on.json" > "$OUT/timeline_on.log" 2>&1
+      note "timeline on: $(grep wall_ms "$OUT/timeline_on.log" | cut -c1-60)"
+      grep -E "^linear|^_[a-z_]+ |^fp8_gemv" "$OUT/timeline_on.log" | head -9 | tee -a "$SUMMARY"
+      ;;
     s17e)  # the fused inputs read coalesced (run r by thread r mod threads) with fast
       # division in SiLU: GPU tests, then FP8 batch-1 timelines / TPOT: off, fused, norms
       # only (SiLU x up by its kernel), unfused; bf16

@@ -33,7 +33,7 @@ def test_config_validation_and_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         stream.default_config(4096)
     monkeypatch.delenv(stream.CONFIG_ENV)
     assert stream.default_config(4096) == StreamGemvConfig()
-    assert stream.default_config(4096 + 512) == StreamGemvConfig(kc=512, stages=12, nwarps=4)
+    assert stream.default_config(4096 + 512) == StreamGemvConfig(kc=512, stages=18, nwarps=4)
     assert stream.default_config(4096 + 128) is None
 
 
@@ -46,7 +46,9 @@ def test_shared_memory_two_ctas_fit_an_sm() -> None:
 
 def test_off_by_default_and_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(stream.ENV, raising=False)
+    monkeypatch.delenv(stream.FUSED_ENV, raising=False)
     assert not stream.enabled()
+    assert stream.PROLOGUE_KINDS["0"] == ()  # fused inputs off unless asked (slower so far)
     monkeypatch.setenv(stream.ENV, "1")
     assert stream.enabled()
     assert not stream.supports(1, 4096, 4096, torch.bfloat16, torch.bfloat16,
@@ -273,16 +275,20 @@ def _twin_error(stage, cfg, seq_len: int, monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", ["0", "norm", "1"])
 @pytest.mark.parametrize("seq_len", [1, 129, 2000])
-def test_stage_with_fused_inputs_gpu(seq_len: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Llama stage whose one-token GEMMs compute their norms and SiLU x up themselves is as
-    close to the model with dequantized weights as the stage with separate kernels."""
+def test_stage_with_fused_inputs_gpu(seq_len: int, fused: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Llama stage whose one-token GEMMs stream (and, `fused`, compute their norms and SiLU
+    x up themselves) is as close to the model with dequantized weights as the stage with the
+    shipped kernels."""
     from test_fp8_decode_step import _stage
 
     dev = _hopper()
     stage, cfg = _stage(dev)
     monkeypatch.setenv(stream.ENV, "1")
-    assert all(layer.fuses_one_token() for layer in stage.layers.values())
+    monkeypatch.setenv(stream.FUSED_ENV, fused)
+    assert all(layer.fuses_one_token() == (fused != "0") for layer in stage.layers.values())
     err_loop, loop = _twin_error(stage, cfg, seq_len, monkeypatch, fused=False)
     err_fused, out = _twin_error(stage, cfg, seq_len, monkeypatch, fused=True)
     print(f"seq_len {seq_len}: separate kernels {err_loop:.4f} fused inputs {err_fused:.4f}")
@@ -298,6 +304,7 @@ def test_stage_with_fused_inputs_in_a_graph_gpu(monkeypatch: pytest.MonkeyPatch)
 
     dev = _hopper()
     monkeypatch.setenv(stream.ENV, "1")
+    monkeypatch.setenv(stream.FUSED_ENV, "1")
     stage, cfg = _stage(dev, layers=3)
     stage._decode_step = False
     kv, inputs, pos = _kv(stage, cfg, 300)
