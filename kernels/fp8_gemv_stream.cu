@@ -6,12 +6,13 @@
 // idle while it ramps up and drains, ~2 us a boundary on an H200 (PERF_NOTES.md, sessions
 // 10-16). The weights depend on nothing earlier kernels compute, so this kernel starts
 // streaming them before its programmatic-dependent-launch wait, into shared memory, and lets
-// the next kernel launch at its own start. Then the kernel after a row kernel is resident
-// while the GEMV before it still streams, and its ring fills during that GEMV's tail and the
-// row kernels between them. That needs room for two of these CTAs on an SM (plus a row
-// kernel's), so the kernel is persistent (one CTA an SM, a single wave: a successor that
-// becomes resident early never takes a slot a later wave of this kernel would need) and small
-// (a few stages of ring, a capped register count).
+// the next kernel launch at its own start. With the row kernels between two GEMVs doing the
+// same, the next GEMV is launched while the current one still streams; its CTA takes each SM
+// as the current one leaves it and fills its ring during the tail and the row kernels. The
+// kernel is persistent (one CTA an SM, a single wave: a successor's CTAs never take a slot
+// a later wave of this kernel would need). The ring that streams best is ~200 KB of 2 KB
+// copies (PERF_NOTES.md, seventeenth session): smaller rings or copies stream slower, and two
+// CTAs an SM did not pay.
 //
 // Layout: CTA b owns the 16-row units [b * U / G, (b + 1) * U / G) (U = N / 16, G CTAs). A
 // producer warp copies each unit's K in stages of 16 rows x KC bytes with TMA bulk copies
@@ -21,7 +22,8 @@
 //
 // Input modes beyond fp8_gemv_common.cuh's 0-2 (per-token dynamic quantization, the amax
 // computed here: every CTA reads the whole row from L2, which replaces a row kernel and its
-// boundary, and the weight ring keeps filling meanwhile):
+// boundary while the ring keeps filling; measured slower than the row kernels so far, since
+// 132 CTAs reading the same lines under the weight stream wait longer than one row kernel):
 //   3  x = RMSNorm(x + residual) * norm_w (HAS_RES; else RMSNorm(x)), the residual sum also
 //      written to res_out (each CTA a part); the roundings of kernels/fp8_fused.py's norm
 //   4  x = SiLU(gate) * up of a [2K] gate | up row (kernels/activation.py's rounding)
@@ -155,7 +157,9 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* xs = smem + XS_OFF;
     float* wss = reinterpret_cast<float*>(smem + WS_OFF);
+#if HAS_BIAS
     float* bss = reinterpret_cast<float*>(smem + BS_OFF);
+#endif
     float(*partial)[NWARPS][16] = reinterpret_cast<float(*)[NWARPS][16]>(smem + PART_OFF);
     const u32 ring = smem_addr(smem), full = smem_addr(smem + BAR_OFF);
     const u32 empty = full + 8 * STAGES;

@@ -5,15 +5,19 @@ GEMM, with the input modes of `fp8_gemv_cuda.py` (0 E4M3 x and its scale, 1 mode
 quantized from its row amax, 2 with a static scale).
 
 Design: one persistent CTA an SM; a producer warp copies the CTA's rows with TMA bulk copies
-into a small shared-memory ring, starting before the programmatic-dependent-launch wait (the
-weights depend on nothing the previous kernels compute), and the kernel lets the next one
-launch at its start. With the row kernels between two GEMVs also letting the next launch at
-their start (`kernels/_triton.py`, early trigger), the next GEMV is resident and filling its
-ring while the current one drains, so DRAM does not idle at the boundaries.
+into a shared-memory ring (~200 KB), starting before the programmatic-dependent-launch wait
+(the weights depend on nothing the previous kernels compute), and the kernel lets the next
+one launch at its start. With the one-token row kernels between two GEMVs also letting the
+next launch at their start (`kernels/_triton.py`, early trigger), the next GEMV's CTAs take
+the SMs as the current one's leave and fill their rings during its tail and the row kernels.
 
-Opt-in while it is measured: `TRTDIST_STREAM_GEMV=1` sends every one-token FP8 GEMM it can
-take here (and turns the row kernels' early trigger on); `TRTDIST_STREAM_GEMV_CONFIG`
-picks the launch (`parse_table`).
+The fused-input launches (`fp8_gemv_stream_norm` / `_silu` / `_dynamic`) compute their input
+row in every CTA (add + RMSNorm, SiLU x up, per-token quantization), replacing a row kernel.
+
+Opt-in while it is measured (llama3-8b on an H200, batch 1: 2.52 -> 2.43 ms a token;
+BENCHMARKS.md): `TRTDIST_STREAM_GEMV=1` sends every one-token FP8 GEMM it can take here (and
+turns the one-token row kernels' early trigger on); `TRTDIST_STREAM_GEMV_CONFIG` picks the
+launch (`parse_table`); `TRTDIST_STREAM_GEMV_FUSED` the fused inputs (off: slower so far).
 """
 
 from __future__ import annotations

@@ -37,11 +37,12 @@ def test_config_validation_and_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stream.default_config(4096 + 128) is None
 
 
-def test_shared_memory_two_ctas_fit_an_sm() -> None:
-    """llama3-8b's shapes leave room for a second CTA (the next kernel) on a 228 KB SM."""
-    cfg = StreamGemvConfig(kc=1024, stages=4)
+def test_shared_memory_fits_llama3_8b() -> None:
+    """The default ring fits one CTA an SM for llama3-8b's shapes (at most 227 KB), and a
+    1 KB x 4 ring leaves room for a second CTA (the next kernel) on a 228 KB SM."""
     for k, units in ((4096, 3), (4096, 14), (14336, 2)):
-        assert 2 * (smem_bytes(cfg, k, units) + 1024) <= 228 * 1024, k
+        assert smem_bytes(StreamGemvConfig(), k, units) <= stream.SMEM_LIMIT, k
+        assert 2 * (smem_bytes(StreamGemvConfig(1024, 4), k, units) + 1024) <= 228 * 1024, k
 
 
 def test_off_by_default_and_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
