@@ -34,15 +34,17 @@ __device__ __forceinline__ u32 quantize_pair(u32 v, float inv) {
     return r;
 }
 
-__device__ __forceinline__ float bias_to_f32(const u16* b, int i) {
+__device__ __forceinline__ float out_to_f32(u16 v) {  // an output-dtype value
 #if OUT_T == 0
-    return __uint_as_float(((u32)b[i]) << 16);
+    return __uint_as_float(((u32)v) << 16);
 #else
     float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b[i]));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
     return f;
 #endif
 }
+
+__device__ __forceinline__ float bias_to_f32(const u16* b, int i) { return out_to_f32(b[i]); }
 
 __device__ __forceinline__ u16 to_out(float y) {
     u16 r;

@@ -30,9 +30,14 @@
 //   5  x in the model dtype as it is
 //
 // Compile-time parameters (NVRTC -D): K, NWARPS, KC, STAGES, MAXU (units a CTA at most),
-// MIN_BLOCKS (register cap: CTAs an SM), PREFILL (1: stream before the wait), EARLY_TRIGGER
-// (1: the next kernel may launch at this one's start; 0: after the main loop), X_MODE, X_T,
-// OUT_T, HAS_BIAS, HAS_RES (mode 3).
+// MIN_BLOCKS (register cap: CTAs an SM), PREFILL_STAGES (stages copied before the producer
+// waits too; 0: it waits first), EARLY_TRIGGER (1: the next kernel may launch at this one's
+// start; 0: after the main loop), X_MODE, X_T, OUT_T, HAS_BIAS, HAS_RES (mode 3), GATED.
+//
+// GATED: W is a gate | up weight [2I, K] and the output is SiLU(gate) * up [I] (each rounded
+// to the model dtype first, kernels/activation.py): a unit is 8 gate rows (MMA rows g) with
+// the matching 8 up rows (g + 8), so its epilogue holds both sums; the row's max |output| is
+// maxed into `amax_out` (one atomic a CTA) for the next GEMM, which quantizes from it.
 
 #include "cuda_common.cuh"
 #include "fp8_gemv_common.cuh"
@@ -138,6 +143,15 @@ __device__ __forceinline__ float quantize_run(const u32 (&y)[RUN / 2], unsigned 
 }
 #endif
 
+// Weight row of MMA row r (0..15) of unit u (of `units`).
+__device__ __forceinline__ int unit_row(int u, int r, int units) {
+#if GATED
+    return r < 8 ? 8 * u + r : 8 * units + 8 * u + r - 8;  // gate rows, then the up rows
+#else
+    return 16 * u + r;
+#endif
+}
+
 // Shared memory: the ring, x (E4M3), the CTA's weight scales and bias, the units' partial
 // sums (two buffers), the full / empty mbarriers. Must match fp8_gemv_stream.py's smem_bytes.
 #define XS_OFF (STAGES * STAGE_BYTES)
@@ -153,7 +167,7 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
                 const void* __restrict__ x, const float* __restrict__ x_scale,
                 const u16* __restrict__ bias, u16* __restrict__ out, int units,
                 const u16* __restrict__ res, u16* __restrict__ res_out,
-                const u16* __restrict__ norm_w, float eps) {
+                const u16* __restrict__ norm_w, float eps, float* __restrict__ amax_out) {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* xs = smem + XS_OFF;
     float* wss = reinterpret_cast<float*>(smem + WS_OFF);
@@ -178,15 +192,20 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
     }
     __syncthreads();
 
-    if (warp == NWARPS) {  // the producer: weights only, so it need not wait (PREFILL)
-#if !PREFILL
+    if (warp == NWARPS) {  // the producer: weights only, so it need not wait
+#if PREFILL_STAGES == 0
         grid_dependency_wait();
 #endif
-        int s = 0;
+        int s = 0, issued = 0;
         u32 phase = 0;
         for (int u = u0; u < u1; ++u) {
-            const unsigned char* src = w + (size_t)(16 * u + (lane & 15)) * K;
+            const unsigned char* src = w + (size_t)unit_row(u, lane & 15, units) * K;
             for (int c = 0; c < CHUNKS; ++c) {
+#if PREFILL_STAGES > 0
+                // past its prefill the producer waits for the previous kernel too: a smaller
+                // burst in front of the row kernels' loads
+                if (issued++ == PREFILL_STAGES) grid_dependency_wait();
+#endif
                 mbar_wait(empty + 8 * s, phase ^ 1);
                 if (lane == 0) mbar_expect_tx(full + 8 * s, 16 * KC);
                 __syncwarp();
@@ -204,9 +223,10 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
 
     // the epilogue's constants before the wait (weights, not the previous kernel's output)
     for (int i = threadIdx.x; i < (u1 - u0) * 16; i += NTC) {
-        wss[i] = w_scale[u0 * 16 + i];
+        const int row = unit_row(u0 + i / 16, i % 16, units);
+        wss[i] = w_scale[row];
 #if HAS_BIAS
-        bss[i] = bias_to_f32(bias, u0 * 16 + i);
+        bss[i] = bias_to_f32(bias, row);
 #endif
     }
 #if X_MODE == 3
@@ -297,6 +317,9 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
     const int g = lane >> 2, t = lane & 3;
     int s = 0, buf = 0;
     u32 phase = 0;
+#if GATED
+    float amax = 0.0f;  // threads 0-7: their outputs' max |value|
+#endif
     for (int u = u0; u < u1; ++u) {
         float acc0 = 0.0f, acc8 = 0.0f;
         for (int c = 0; c < CHUNKS; ++c) {
@@ -314,6 +337,27 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
             partial[buf][warp][g + 8] = acc8;
         }
         consumers_sync();
+#if GATED
+        if (threadIdx.x < 8) {
+            float gs = 0.0f, us = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NWARPS; ++i) {  // fixed order
+                gs += partial[buf][i][threadIdx.x];
+                us += partial[buf][i][threadIdx.x + 8];
+            }
+            const int r = (u - u0) * 16 + threadIdx.x;
+            float gate = gs * scale * wss[r], up = us * scale * wss[r + 8];
+#if HAS_BIAS
+            gate += bss[r];
+            up += bss[r + 8];
+#endif
+            gate = out_to_f32(to_out(gate));  // the GEMM's output rounding, then SiLU x up's
+            up = out_to_f32(to_out(up));
+            const u16 a = to_out(__fdividef(gate, 1.0f + __expf(-gate)) * up);
+            out[8 * u + threadIdx.x] = a;
+            amax = fmaxf(amax, fabsf(out_to_f32(a)));
+        }
+#else
         if (threadIdx.x < 16) {
             float sum = 0.0f;
 #pragma unroll
@@ -325,8 +369,17 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
 #endif
             out[16 * u + threadIdx.x] = to_out(y);
         }
+#endif
         buf ^= 1;  // the other buffer next: no second barrier before this one is rewritten
     }
+#if GATED
+    if (warp == 0) {  // |values| order as their bits: one integer max a CTA
+#pragma unroll
+        for (int o = 4; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        if (lane == 0 && u1 > u0)
+            atomicMax(reinterpret_cast<int*>(amax_out), __float_as_int(amax));
+    }
+#endif
 #if !EARLY_TRIGGER
     launch_dependents();
 #endif

@@ -23,6 +23,7 @@ launch (`parse_table`); `TRTDIST_STREAM_GEMV_FUSED` the fused inputs (off: slowe
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ ENV = "TRTDIST_STREAM_GEMV"
 FUSED_ENV = "TRTDIST_STREAM_GEMV_FUSED"
 PROLOGUE_KINDS = {"1": ("norm", "gated", "plain"), "norm": ("norm", "plain"), "0": ()}
 CONFIG_ENV = "TRTDIST_STREAM_GEMV_CONFIG"
+PREFILL_ENV = "TRTDIST_STREAM_GEMV_PREFILL"  # stages copied before the producer waits too
+GATED_ENV = "TRTDIST_STREAM_GEMV_GATED"  # "1": gate | up GEMMs return SiLU x up (A/B)
 ROWS_PER_UNIT = 16
 SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's dynamic shared memory at most
 _DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1}
@@ -49,8 +52,9 @@ _capabilities: dict[torch.device, tuple[int, int]] = {}
 class StreamGemvConfig:
     """One launch of `fp8_gemv_stream`: stages of 16 rows x `kc` bytes, `stages` of them in
     the ring, `nwarps` consumer warps (plus the producer warp); `min_blocks` caps registers
-    so that many CTAs fit an SM; `prefill`: the producer streams before the wait;
-    `early_trigger`: the next kernel may launch at this one's start."""
+    so that many CTAs fit an SM; `prefill`: the producer streams before the wait (at most
+    `prefill_stages` stages, 0: the whole ring); `early_trigger`: the next kernel may launch
+    at this one's start."""
 
     kc: int = 2048
     stages: int = 6
@@ -58,13 +62,15 @@ class StreamGemvConfig:
     min_blocks: int = 2
     prefill: bool = True
     early_trigger: bool = True
+    prefill_stages: int = 0
 
     def __post_init__(self) -> None:
         if (self.kc <= 0 or self.kc % (128 * self.nwarps) or not 2 <= self.stages <= 32
-                or not 1 <= self.nwarps <= 16 or not 1 <= self.min_blocks <= 8):
+                or not 1 <= self.nwarps <= 16 or not 1 <= self.min_blocks <= 8
+                or self.prefill_stages < 0):
             raise ValueError(f"StreamGemvConfig: want kc a positive multiple of 128 x nwarps, "
-                             f"2 <= stages <= 32, 1 <= nwarps <= 16, 1 <= min_blocks <= 8; "
-                             f"got {self}")
+                             f"2 <= stages <= 32, 1 <= nwarps <= 16, 1 <= min_blocks <= 8, "
+                             f"prefill_stages >= 0; got {self}")
 
     def fits(self, k: int) -> bool:
         """Whether K splits into this config's stages."""
@@ -106,6 +112,13 @@ def default_config(k: int) -> StreamGemvConfig | None:
     measured fastest in PERF_NOTES.md, seventeenth session); None if K does not split."""
     table = parse_table(os.environ.get(CONFIG_ENV, ""))
     cfg = table.get(k) or table.get(None) or StreamGemvConfig()
+    prefill = os.environ.get(PREFILL_ENV)
+    if prefill:
+        try:
+            cfg = dataclasses.replace(cfg, prefill_stages=int(prefill))
+        except ValueError:
+            raise ValueError(f"{PREFILL_ENV}: want a number of stages >= 0, got "
+                             f"{prefill!r}") from None
     if not cfg.fits(k):
         # 512-byte copies (slower, PERF_NOTES.md), in about as many ring bytes
         cfg = (StreamGemvConfig(kc=512, stages=min(32, cfg.stages * 3), nwarps=4)
@@ -184,8 +197,9 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
             ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             config: StreamGemvConfig | None, res: torch.Tensor | None = None,
             res_out: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
-            eps: float = 0.0) -> torch.Tensor:
+            eps: float = 0.0, amax_out: torch.Tensor | None = None) -> torch.Tensor:
     n, k = w.shape
+    gated = amax_out is not None
     cfg = config or default_config(k)
     if cfg is None or not cfg.fits(k) or n % ROWS_PER_UNIT:
         raise ValueError(f"fp8_gemv_stream: no launch for [N, K] = [{n}, {k}] ({cfg})")
@@ -193,8 +207,9 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
     if shared > SMEM_LIMIT:
         raise ValueError(f"fp8_gemv_stream: {shared} bytes of shared memory for K = {k} with "
                          f"{cfg}; at most {SMEM_LIMIT}")
+    prefill = (cfg.prefill_stages or 1 << 30) if cfg.prefill else 0
     defines = dict(K=k, NWARPS=cfg.nwarps, KC=cfg.kc, STAGES=cfg.stages, MAXU=max_units,
-                   MIN_BLOCKS=cfg.min_blocks, PREFILL=int(cfg.prefill),
+                   MIN_BLOCKS=cfg.min_blocks, PREFILL_STAGES=prefill, GATED=int(gated),
                    EARLY_TRIGGER=int(cfg.early_trigger), X_MODE=x_mode,
                    X_T=_DTYPE_IDS.get(x.dtype, 0), OUT_T=_DTYPE_IDS[out.dtype],
                    HAS_BIAS=int(bias is not None), HAS_RES=int(res is not None))
@@ -207,8 +222,8 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
     fn.launch(grid, cfg.nwarps * 32 + 32,
               (w.data_ptr(), ws.data_ptr(), x.data_ptr(), ptr(x_scale), ptr(bias),
                out.data_ptr(), n // ROWS_PER_UNIT, ptr(res), ptr(res_out), ptr(norm_w),
-               float(eps)),
-              (P, P, P, P, P, P, ctypes.c_int, P, P, P, ctypes.c_float),
+               float(eps), ptr(amax_out)),
+              (P, P, P, P, P, P, ctypes.c_int, P, P, P, ctypes.c_float, P),
               pdl=pdl_enabled(w.device), shared=shared)
     return out
 
@@ -223,6 +238,29 @@ def fp8_gemv_stream(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torc
     if x_mode not in (0, 1, 2):
         raise ValueError(f"fp8_gemv_stream: x_mode must be 0, 1 or 2, got {x_mode}")
     return _launch(x, x_scale, x_mode, w, ws, bias, out, config)
+
+
+def gated_enabled() -> bool:
+    """Whether gate | up GEMMs return SiLU x up (TRTDIST_STREAM_GEMV_GATED=1, A/B)."""
+    return os.environ.get(GATED_ENV, "0") == "1"
+
+
+def fp8_gemv_stream_gated(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torch.Tensor,
+                          ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                          amax_out: torch.Tensor, *,
+                          config: StreamGemvConfig | None = None) -> torch.Tensor:
+    """`out [1, I] = SiLU(gate) * up` of the gate | up GEMM `x . w [2I, K]^T` (input modes as
+    `fp8_gemv_stream`), each rounded to the model dtype as the separate kernels round them;
+    the row's max |value| is maxed into `amax_out[0]` (float32, zero or a lower bound
+    before), for the next GEMM to quantize from."""
+    n = w.shape[0]
+    if n % 32 or out.numel() != n // 2 or amax_out.dtype != torch.float32:
+        raise ValueError(f"fp8_gemv_stream_gated: want 2I rows (I a multiple of 16), out of I "
+                         f"values and a float32 amax slot; got N = {n}, out {tuple(out.shape)}, "
+                         f"amax {amax_out.dtype}")
+    if x_mode not in (0, 1, 2):
+        raise ValueError(f"fp8_gemv_stream_gated: x_mode must be 0, 1 or 2, got {x_mode}")
+    return _launch(x, x_scale, x_mode, w, ws, bias, out, config, amax_out=amax_out)
 
 
 def _check_row(name: str, t: torch.Tensor, k: int, dtype: torch.dtype) -> None:

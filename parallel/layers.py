@@ -54,6 +54,10 @@ class _Linear(nn.Module):
         """See `LinearMethod.wants_fused_input`."""
         return self.method.wants_fused_input(self, rows, kind)
 
+    def wants_gated_output(self, rows: int) -> bool:
+        """See `LinearMethod.wants_gated_output`."""
+        return self.method.wants_gated_output(self, rows)
+
     @property
     def activation_scale(self) -> torch.Tensor | None:
         """The static FP8 input scale, or None (per token, or unquantized)."""
@@ -70,6 +74,10 @@ class ColumnParallelLinear(_Linear):
 
     def forward(self, x: Activation) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
+
+    def forward_gated(self, x: Activation, amax: torch.Tensor) -> torch.Tensor | None:
+        """A gate | up layer's SiLU(gate) * up (see `LinearMethod.apply_gated`), or None."""
+        return self.method.apply_gated(self, x, self.bias, amax)
 
 
 class RowParallelLinear(_Linear):

@@ -20,6 +20,7 @@ from trtdist.parallel.quant_fp8 import (
     fp8_linear_amax_cuda,
     fp8_linear_cuda,
     fp8_linear_dynamic_cuda,
+    fp8_linear_gated_cuda,
     fp8_linear_norm_cuda,
     fp8_linear_quantized_cuda,
     fp8_linear_quantized_reference,
@@ -27,8 +28,10 @@ from trtdist.parallel.quant_fp8 import (
     fp8_linear_silu_cuda,
     fused_input_supported,
     fused_quantization_available,
+    gated_output_supported,
     quantize_weight_per_channel,
     scaled_mm_supported,
+    stream_gemv_takes,
 )
 
 
@@ -161,6 +164,18 @@ class LinearMethod:
         model-dtype row it quantizes itself (no amax from the producer)."""
         return False
 
+    def wants_gated_output(self, layer: nn.Module, rows: int) -> bool:
+        """Whether this gate | up layer can return SiLU(gate) * up of `rows` tokens itself
+        (`apply_gated`) instead of its output for the SiLU x up kernel."""
+        return False
+
+    def apply_gated(self, layer: nn.Module, x: Activation, bias: torch.Tensor | None,
+                    amax: torch.Tensor) -> torch.Tensor | None:
+        """SiLU(gate) * up of this gate | up layer's output, its rows' max |value| maxed into
+        `amax` (`wants_gated_output`); None when it cannot (the caller runs `apply` and the
+        SiLU x up kernel)."""
+        return None
+
     def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
         """Whether this layer's producer should hand `apply` an `ActivationWithAmax` (the
         model-dtype rows with their amax) instead of a tensor, for a step of `rows` tokens."""
@@ -255,15 +270,28 @@ class Fp8LinearMethod(LinearMethod):
         return (rows == 1 and not self.quant.static and bool(layer.use_scaled_mm)
                 and fused_input_supported(layer.weight, layer.act_dtype, kind))
 
+    def wants_gated_output(self, layer: nn.Module, rows: int) -> bool:
+        return (rows == 1 and not self.quant.static and bool(layer.use_scaled_mm)
+                and gated_output_supported(layer.weight, layer.act_dtype))
+
+    def apply_gated(self, layer: nn.Module, x: Activation, bias: torch.Tensor | None,
+                    amax: torch.Tensor) -> torch.Tensor | None:
+        if not isinstance(x, QuantizedActivation) or x.q.shape[0] != 1:
+            return None
+        return fp8_linear_gated_cuda(x.q, x.scale, layer.weight, layer.weight_scale.view(1, -1),
+                                     bias, x.dtype, amax)
+
     def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
         if self.wants_fused_input(layer, rows, "plain"):  # it quantizes a plain row itself
             return False
         # NOTE: per token only (static scales need no amax: the small-M GEMM quantizes a plain
         # tensor itself), only where the Triton kernels run, and only for the shapes where the
-        # input-quantizing GEMM was measured to win (its table in kernels/fp8_gemm_configs.py).
+        # input-quantizing GEMM was measured to win (its table in kernels/fp8_gemm_configs.py)
+        # or, at one token, where the streaming GEMV takes it (any shape).
         n, k = layer.weight.shape
         return (not self.quant.static and bool(layer.use_scaled_mm)
-                and fp8_gemm_configs.quantizing_config(rows, n, k) is not None
+                and (fp8_gemm_configs.quantizing_config(rows, n, k) is not None
+                     or (rows == 1 and stream_gemv_takes(layer.weight, layer.act_dtype)))
                 and fused_quantization_available())
 
     def apply(self, layer: nn.Module, x: Activation, bias: torch.Tensor | None) -> torch.Tensor:

@@ -299,6 +299,42 @@ def fp8_linear_dynamic_cuda(x: torch.Tensor, weight: torch.Tensor,
                         out)
 
 
+def stream_gemv_takes(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a one-token FP8 GEMM of `weight` with a model-dtype input runs on the streaming
+    GEMV (`kernels/fp8_gemv_stream.py`, opt-in), which quantizes from a row amax at any
+    shape."""
+    if not weight.is_cuda:
+        return False
+    from trtdist.kernels import fp8_gemv_stream
+
+    n, k = weight.shape
+    return fp8_gemv_stream.supports(1, n, k, dtype, dtype, weight.device)
+
+
+def gated_output_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a one-token FP8 gate | up GEMM of `weight [2I, K]` can return SiLU(gate) * up
+    with its row amax directly (`kernels/fp8_gemv_stream.py`, opt-in
+    TRTDIST_STREAM_GEMV_GATED=1)."""
+    if _fused_input_off or not weight.is_cuda:
+        return False
+    from trtdist.kernels import fp8_gemv_stream
+
+    n, k = weight.shape
+    return (fp8_gemv_stream.gated_enabled() and n % 32 == 0
+            and fp8_gemv_stream.supports(1, n, k, FP8_DTYPE, dtype, weight.device))
+
+
+def fp8_linear_gated_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
+                          weight_scale_row: torch.Tensor, bias: torch.Tensor | None,
+                          out_dtype: torch.dtype, amax: torch.Tensor) -> torch.Tensor | None:
+    """SiLU(gate) * up `[1, I]` of the one-token gate | up GEMM of the E4M3 row `xq` (scale
+    `xs`), its max |value| maxed into `amax[0]` (`gated_output_supported`); None if the launch
+    failed."""
+    out = torch.empty((1, weight.shape[0] // 2), dtype=out_dtype, device=xq.device)
+    return _fused_input("fp8_gemv_stream_gated", xq, xs.reshape(1), 0, weight,
+                        weight_scale_row.view(-1), bias, out, amax)
+
+
 def fp8_linear_amax_cuda(x: torch.Tensor, row_amax: torch.Tensor, weight: torch.Tensor,
                          weight_scale_row: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:

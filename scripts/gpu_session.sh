@@ -1122,6 +1122,30 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s17g)  # streaming GEMV: a limited prefill before the producer waits too (a smaller burst
+      # in front of the row kernels), and SiLU x up in the gate | up epilogue (no SiLU
+      # kernel): GPU tests, then FP8 batch-1 TPOT per variant (timelines for two), bf16
+      export BENCH_TIMEOUT=240
+      run_tests s17g 300 -n 4 -m gpu tests/test_fp8_gemv_stream.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      i=0
+      for v in "0 0 0" "1 0 0" "1 3 0" "1 2 0" "1 0 1" "1 3 1"; do
+        set -- $v; i=$((i + 1))
+        export TRTDIST_STREAM_GEMV=$1 TRTDIST_STREAM_GEMV_PREFILL=$2 TRTDIST_STREAM_GEMV_GATED=$3
+        [ "$2" = 0 ] && unset TRTDIST_STREAM_GEMV_PREFILL
+        bench fp8_b1_v$i $M --quant fp8 $B
+        if [ $i = 2 ] || [ $i = 6 ]; then
+          timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
+              --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_$i.json" \
+              > "$OUT/timeline_$i.log" 2>&1
+          note "timeline $i ($v): $(grep wall_ms "$OUT/timeline_$i.log" | cut -c1-60)"
+          grep -E "^linear|^_[a-z_]+ |^fp8_gemv" "$OUT/timeline_$i.log" | head -9 | tee -a "$SUMMARY"
+        fi
+      done
+      unset TRTDIST_STREAM_GEMV TRTDIST_STREAM_GEMV_PREFILL TRTDIST_STREAM_GEMV_GATED
+      bench bf16_b1 $M $B
+      ;;
     s17f)  # the streaming GEMV as shipped opt-in (6 x 2 KB ring, inputs unfused, early
       # triggers only for one-row launches): GPU tests, the FP8 model / graph tests with it
       # on, then batch 1 and batch 8 TPOT off / on, bf16, one timeline on

@@ -5,6 +5,8 @@ graph; its config validation on CPU."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_fp8_gemv_cuda import _abs_sum, _assert_close, _need
@@ -54,6 +56,16 @@ def test_off_by_default_and_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stream.enabled()
     assert not stream.supports(1, 4096, 4096, torch.bfloat16, torch.bfloat16,
                                torch.device("cpu"))
+
+
+def test_prefill_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="prefill_stages"):
+        StreamGemvConfig(prefill_stages=-1)
+    monkeypatch.setenv(stream.PREFILL_ENV, "3")
+    assert stream.default_config(4096).prefill_stages == 3
+    monkeypatch.setenv(stream.PREFILL_ENV, "some")
+    with pytest.raises(ValueError, match="TRTDIST_STREAM_GEMV_PREFILL"):
+        stream.default_config(4096)
 
 
 def test_fused_input_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,6 +272,36 @@ def test_silu_and_dynamic_inputs_gpu(n: int, k: int) -> None:
                   _abs_sum(xq, xs, w, ws), "dynamic")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_output_gpu(dtype: torch.dtype) -> None:
+    """The gate | up GEMM returning SiLU(gate) * up: the GEMM's outputs rounded, then SiLU x up
+    in float32 rounded once (kernels/activation.py), and its max |value| in the amax slot."""
+    from trtdist.kernels.fp8_gemm import fp8_gemm_torch
+    from trtdist.kernels.fp8_quant import quantize_activation_triton
+
+    dev = _hopper()
+    torch.manual_seed(7)
+    inter, k = 14336, 4096
+    w, ws = quantize_weight_per_channel(torch.randn(2 * inter, k, device=dev) * 0.02)
+    x = (torch.randn(1, k, device=dev) * 2).to(dtype)
+    bias = torch.randn(2 * inter, device=dev, dtype=dtype) * 0.1
+    xq, xs = quantize_activation_triton(x, None)
+    for b in (None, bias):
+        gu = fp8_gemm_torch(xq, xs, w, ws, b, dtype).float()
+        gate, up = gu[:, :inter], gu[:, inter:]
+        ref = (gate / (1 + torch.exp(-gate)) * up).to(dtype)
+        out = torch.full((1, inter), float("nan"), device=dev, dtype=dtype)
+        amax = torch.zeros(4, device=dev)
+        for _ in range(2):  # a second launch maxes onto the first: the same value
+            stream.fp8_gemv_stream_gated(xq, xs.reshape(1), 0, w, ws, b, out, amax)
+        _close_to(out, ref, f"gated {dtype} bias {b is not None}")
+        assert float(amax[0]) == float(out.float().abs().max())
+        assert not amax[1:].any()
+    with pytest.raises(ValueError, match="2I rows"):
+        stream.fp8_gemv_stream_gated(xq, xs.reshape(1), 0, w, ws, None, out[:, :16], amax)
+
+
 def _twin_error(stage, cfg, seq_len: int, monkeypatch: pytest.MonkeyPatch,
                 fused: bool) -> tuple[float, torch.Tensor]:
     """A one-token decode of the FP8 stage, against its twin with dequantized weights."""
@@ -276,7 +318,7 @@ def _twin_error(stage, cfg, seq_len: int, monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", ["0", "norm", "1"])
+@pytest.mark.parametrize("fused", ["0", "norm", "1", "gated"])
 @pytest.mark.parametrize("seq_len", [1, 129, 2000])
 def test_stage_with_fused_inputs_gpu(seq_len: int, fused: str,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -288,8 +330,13 @@ def test_stage_with_fused_inputs_gpu(seq_len: int, fused: str,
     dev = _hopper()
     stage, cfg = _stage(dev)
     monkeypatch.setenv(stream.ENV, "1")
+    monkeypatch.setenv(stream.GATED_ENV, "1" if fused == "gated" else "0")
+    fused = "0" if fused == "gated" else fused
     monkeypatch.setenv(stream.FUSED_ENV, fused)
     assert all(layer.fuses_one_token() == (fused != "0") for layer in stage.layers.values())
+    mlp = stage.layers["0"].mlp
+    assert mlp.gate_up.wants_gated_output(1) == (os.environ[stream.GATED_ENV] == "1")
+    assert mlp.down.wants_row_amax(1) == (fused == "0")  # streaming: amax at any shape
     err_loop, loop = _twin_error(stage, cfg, seq_len, monkeypatch, fused=False)
     err_fused, out = _twin_error(stage, cfg, seq_len, monkeypatch, fused=True)
     print(f"seq_len {seq_len}: separate kernels {err_loop:.4f} fused inputs {err_fused:.4f}")

@@ -132,6 +132,12 @@ class LlamaMLP(nn.Module):
                 row_amax: torch.Tensor | None = None) -> torch.Tensor:
         """`row_amax` (zeroed by the norm before, see `LlamaStage.row_amax`): the SiLU x up
         kernel maxes its rows' amax into it and the FP8 down projection quantizes from it."""
+        t = x.shape[0]
+        if (row_amax is not None and self.gate_up.wants_gated_output(t)
+                and self.down.wants_row_amax(t)):
+            act = self.gate_up.forward_gated(x, row_amax)  # SiLU x up in the GEMM's epilogue
+            if act is not None:
+                return self.down(ActivationWithAmax(act, row_amax))
         h = self.gate_up(x)  # [T, 2I]
         if h.dim() == 2 and row_amax is not None and self.down.wants_row_amax(h.shape[0]):
             return self.down(ActivationWithAmax(silu_and_mul(h, row_amax=row_amax), row_amax))
