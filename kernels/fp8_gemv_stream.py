@@ -78,26 +78,35 @@ class StreamGemvConfig:
 
     @classmethod
     def parse(cls, text: str) -> StreamGemvConfig:
-        """`"kc:stages:nwarps"` (one entry of the TRTDIST_STREAM_GEMV_CONFIG form)."""
+        """`"kc:stages:nwarps[:prefill_stages]"` (one entry of the TRTDIST_STREAM_GEMV_CONFIG
+        form)."""
         try:
-            kc, stages, nwarps = (int(v) for v in text.split(":"))
+            values = [int(v) for v in text.split(":")]
+            if len(values) not in (3, 4):
+                raise ValueError
         except ValueError:
-            raise ValueError(f"{CONFIG_ENV}: want 'kc:stages:nwarps' (e.g. 2048:3:4), got "
-                             f"{text!r}") from None
-        return cls(kc=kc, stages=stages, nwarps=nwarps)
+            raise ValueError(f"{CONFIG_ENV}: want 'kc:stages:nwarps[:prefill_stages]' (e.g. "
+                             f"2048:6:4:3), got {text!r}") from None
+        return cls(*values[:3], prefill_stages=values[3] if len(values) == 4 else 0)
 
 
-def parse_table(text: str) -> dict[int | None, StreamGemvConfig]:
-    """TRTDIST_STREAM_GEMV_CONFIG: comma-separated `kc:stages:nwarps` entries, each for every K
-    or, as `K=kc:stages:nwarps`, for that K only (e.g. `2048:3:4,14336=2048:6:4`)."""
-    table: dict[int | None, StreamGemvConfig] = {}
+TableKey = tuple[int, int] | int | None  # (N, K), K, or every shape
+
+
+def parse_table(text: str) -> dict[TableKey, StreamGemvConfig]:
+    """TRTDIST_STREAM_GEMV_CONFIG: comma-separated entries `kc:stages:nwarps[:prefill]`, each
+    for every shape, or as `K=...` for that K, or as `NxK=...` for that shape (e.g.
+    `2048:6:4:3,4096x4096=2048:6:4`)."""
+    table: dict[TableKey, StreamGemvConfig] = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         key, _, cfg = item.rpartition("=")
         try:
-            k = int(key) if key else None
+            n, x, k = key.partition("x")
+            shape: TableKey = ((int(n), int(k)) if x else int(key)) if key else None
         except ValueError:
-            raise ValueError(f"{CONFIG_ENV}: bad K {key!r} in {item!r}") from None
-        table[k] = StreamGemvConfig.parse(cfg)
+            raise ValueError(f"{CONFIG_ENV}: bad shape {key!r} in {item!r} (want K or "
+                             f"NxK)") from None
+        table[shape] = StreamGemvConfig.parse(cfg)
     return table
 
 
@@ -106,12 +115,13 @@ def enabled() -> bool:
     return os.environ.get(ENV, "0") == "1"
 
 
-def default_config(k: int) -> StreamGemvConfig | None:
-    """TRTDIST_STREAM_GEMV_CONFIG's entry for K (or for every K) if set, else 6 stages of 2 KB
-    copies (~200 KB: one CTA an SM, the next kernel's CTA taking the SM as this one leaves,
-    measured fastest in PERF_NOTES.md, seventeenth session); None if K does not split."""
+def default_config(k: int, n: int | None = None) -> StreamGemvConfig | None:
+    """TRTDIST_STREAM_GEMV_CONFIG's entry for [N, K] (or K, or every shape) if set, else 6
+    stages of 2 KB copies (~200 KB: one CTA an SM, the next kernel's CTA taking the SM as this
+    one leaves, measured fastest in PERF_NOTES.md, seventeenth session); TRTDIST_STREAM_GEMV_
+    PREFILL overrides the prefill; None if K does not split."""
     table = parse_table(os.environ.get(CONFIG_ENV, ""))
-    cfg = table.get(k) or table.get(None) or StreamGemvConfig()
+    cfg = table.get((n, k)) or table.get(k) or table.get(None) or StreamGemvConfig()
     prefill = os.environ.get(PREFILL_ENV)
     if prefill:
         try:
@@ -121,7 +131,8 @@ def default_config(k: int) -> StreamGemvConfig | None:
                              f"{prefill!r}") from None
     if not cfg.fits(k):
         # 512-byte copies (slower, PERF_NOTES.md), in about as many ring bytes
-        cfg = (StreamGemvConfig(kc=512, stages=min(32, cfg.stages * 3), nwarps=4)
+        cfg = (StreamGemvConfig(kc=512, stages=min(32, cfg.stages * 3), nwarps=4,
+                                prefill_stages=cfg.prefill_stages * 4)
                if k % 512 == 0 else None)
     return cfg
 
@@ -158,7 +169,7 @@ def _device_ok(device: torch.device) -> bool:
 
 
 def _shape_ok(n: int, k: int, device: torch.device) -> bool:
-    cfg = default_config(k)
+    cfg = default_config(k, n)
     return (n % ROWS_PER_UNIT == 0 and cfg is not None
             and plan(n, k, device, cfg)[2] <= SMEM_LIMIT)
 
@@ -188,7 +199,7 @@ def supports_prologue(n: int, k: int, dtype: torch.dtype, device: torch.device,
                          f"{os.environ.get(FUSED_ENV)!r}")
     if kind not in allowed:
         return False
-    cfg = default_config(k)
+    cfg = default_config(k, n)
     return (dtype in _DTYPE_IDS and cfg is not None and k % (8 * 32 * cfg.nwarps) == 0
             and _device_ok(device) and _shape_ok(n, k, device))
 
@@ -200,7 +211,7 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
             eps: float = 0.0, amax_out: torch.Tensor | None = None) -> torch.Tensor:
     n, k = w.shape
     gated = amax_out is not None
-    cfg = config or default_config(k)
+    cfg = config or default_config(k, n)
     if cfg is None or not cfg.fits(k) or n % ROWS_PER_UNIT:
         raise ValueError(f"fp8_gemv_stream: no launch for [N, K] = [{n}, {k}] ({cfg})")
     grid, max_units, shared = plan(n, k, w.device, cfg)

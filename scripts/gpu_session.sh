@@ -1122,6 +1122,18 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s17h)  # the best of s17g again (prefill 3, SiLU x up in the gate | up epilogue), the o
+      # projection with its whole ring prefilled (its gap, the attention, is the longest),
+      # prefill 4; bf16 in the same call
+      export BENCH_TIMEOUT=200 TRTDIST_STREAM_GEMV=1 TRTDIST_STREAM_GEMV_GATED=1
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      TRTDIST_STREAM_GEMV_PREFILL=3 bench fp8_b1_p3 $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV_CONFIG=2048:6:4:3,4096x4096=2048:6:4 bench fp8_b1_p3o6 $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV_PREFILL=4 bench fp8_b1_p4 $M --quant fp8 $B
+      unset TRTDIST_STREAM_GEMV TRTDIST_STREAM_GEMV_GATED
+      bench bf16_b1 $M $B
+      ;;
     s17g)  # streaming GEMV: a limited prefill before the producer waits too (a smaller burst
       # in front of the row kernels), and SiLU x up in the gate | up epilogue (no SiLU
       # kernel): GPU tests, then FP8 batch-1 TPOT per variant (timelines for two), bf16
