@@ -14,10 +14,14 @@ the SMs as the current one's leave and fill their rings during its tail and the 
 The fused-input launches (`fp8_gemv_stream_norm` / `_silu` / `_dynamic`) compute their input
 row in every CTA (add + RMSNorm, SiLU x up, per-token quantization), replacing a row kernel.
 
-Opt-in while it is measured (llama3-8b on an H200, batch 1: 2.52 -> 2.43 ms a token;
+The gated launch (`fp8_gemv_stream_gated`) returns SiLU(gate) * up of a gate | up GEMM and
+its row amax, replacing the SiLU x up kernel.
+
+Opt-in (llama3-8b on an H200, batch 1: 2.52 -> 2.31-2.32 ms a token, 1.69x bf16;
 BENCHMARKS.md): `TRTDIST_STREAM_GEMV=1` sends every one-token FP8 GEMM it can take here (and
 turns the one-token row kernels' early trigger on); `TRTDIST_STREAM_GEMV_CONFIG` picks the
-launch (`parse_table`); `TRTDIST_STREAM_GEMV_FUSED` the fused inputs (off: slower so far).
+launch (`parse_table`), `TRTDIST_STREAM_GEMV_PREFILL` its prefill, `TRTDIST_STREAM_GEMV_GATED=0`
+keeps the SiLU x up kernel, `TRTDIST_STREAM_GEMV_FUSED` the fused inputs (off: slower).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ FUSED_ENV = "TRTDIST_STREAM_GEMV_FUSED"
 PROLOGUE_KINDS = {"1": ("norm", "gated", "plain"), "norm": ("norm", "plain"), "0": ()}
 CONFIG_ENV = "TRTDIST_STREAM_GEMV_CONFIG"
 PREFILL_ENV = "TRTDIST_STREAM_GEMV_PREFILL"  # stages copied before the producer waits too
-GATED_ENV = "TRTDIST_STREAM_GEMV_GATED"  # "1": gate | up GEMMs return SiLU x up (A/B)
+GATED_ENV = "TRTDIST_STREAM_GEMV_GATED"  # "0": gate | up GEMMs leave SiLU x up to its kernel
 ROWS_PER_UNIT = 16
 SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's dynamic shared memory at most
 _DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1}
@@ -62,7 +66,7 @@ class StreamGemvConfig:
     min_blocks: int = 2
     prefill: bool = True
     early_trigger: bool = True
-    prefill_stages: int = 0
+    prefill_stages: int = 3
 
     def __post_init__(self) -> None:
         if (self.kc <= 0 or self.kc % (128 * self.nwarps) or not 2 <= self.stages <= 32
@@ -79,7 +83,7 @@ class StreamGemvConfig:
     @classmethod
     def parse(cls, text: str) -> StreamGemvConfig:
         """`"kc:stages:nwarps[:prefill_stages]"` (one entry of the TRTDIST_STREAM_GEMV_CONFIG
-        form)."""
+        form; without the prefill, the default's; 0: the whole ring)."""
         try:
             values = [int(v) for v in text.split(":")]
             if len(values) not in (3, 4):
@@ -87,7 +91,8 @@ class StreamGemvConfig:
         except ValueError:
             raise ValueError(f"{CONFIG_ENV}: want 'kc:stages:nwarps[:prefill_stages]' (e.g. "
                              f"2048:6:4:3), got {text!r}") from None
-        return cls(*values[:3], prefill_stages=values[3] if len(values) == 4 else 0)
+        extra = {"prefill_stages": values[3]} if len(values) == 4 else {}
+        return cls(*values[:3], **extra)
 
 
 TableKey = tuple[int, int] | int | None  # (N, K), K, or every shape
@@ -118,8 +123,9 @@ def enabled() -> bool:
 def default_config(k: int, n: int | None = None) -> StreamGemvConfig | None:
     """TRTDIST_STREAM_GEMV_CONFIG's entry for [N, K] (or K, or every shape) if set, else 6
     stages of 2 KB copies (~200 KB: one CTA an SM, the next kernel's CTA taking the SM as this
-    one leaves, measured fastest in PERF_NOTES.md, seventeenth session); TRTDIST_STREAM_GEMV_
-    PREFILL overrides the prefill; None if K does not split."""
+    one leaves) of which 3 are copied before the producer waits too: measured fastest
+    (PERF_NOTES.md, seventeenth session). TRTDIST_STREAM_GEMV_PREFILL overrides the prefill
+    (0: the whole ring); None if K does not split."""
     table = parse_table(os.environ.get(CONFIG_ENV, ""))
     cfg = table.get((n, k)) or table.get(k) or table.get(None) or StreamGemvConfig()
     prefill = os.environ.get(PREFILL_ENV)
@@ -252,8 +258,8 @@ def fp8_gemv_stream(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torc
 
 
 def gated_enabled() -> bool:
-    """Whether gate | up GEMMs return SiLU x up (TRTDIST_STREAM_GEMV_GATED=1, A/B)."""
-    return os.environ.get(GATED_ENV, "0") == "1"
+    """Whether gate | up GEMMs return SiLU x up (on unless TRTDIST_STREAM_GEMV_GATED=0)."""
+    return os.environ.get(GATED_ENV, "1") != "0"
 
 
 def fp8_gemv_stream_gated(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w: torch.Tensor,

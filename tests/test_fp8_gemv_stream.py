@@ -25,14 +25,16 @@ def test_config_validation_and_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert StreamGemvConfig.parse("2048:3:8") == StreamGemvConfig(kc=2048, stages=3, nwarps=8)
     with pytest.raises(ValueError, match="kc:stages:nwarps"):
         StreamGemvConfig.parse("2048x3")
-    assert StreamGemvConfig.parse("2048:6:4:3").prefill_stages == 3
+    assert StreamGemvConfig.parse("2048:6:4:5").prefill_stages == 5
+    assert StreamGemvConfig.parse("2048:6:4").prefill_stages == StreamGemvConfig().prefill_stages
     monkeypatch.setenv(stream.CONFIG_ENV, "512:6:4")
     assert stream.default_config(4096) == StreamGemvConfig(kc=512, stages=6, nwarps=4)
-    monkeypatch.setenv(stream.CONFIG_ENV, "1024:4:4, 14336=2048:6:4")
-    assert stream.default_config(4096) == StreamGemvConfig(kc=1024, stages=4, nwarps=4)
-    assert stream.default_config(14336) == StreamGemvConfig(kc=2048, stages=6, nwarps=4)
-    monkeypatch.setenv(stream.CONFIG_ENV, "2048:6:4:3, 4096x4096=2048:6:4")
-    assert stream.default_config(4096, 4096) == StreamGemvConfig()
+    monkeypatch.setenv(stream.CONFIG_ENV, "1024:4:4:2, 14336=2048:6:4:3")
+    assert stream.default_config(4096) == StreamGemvConfig(kc=1024, stages=4, nwarps=4,
+                                                           prefill_stages=2)
+    assert stream.default_config(14336) == StreamGemvConfig()
+    monkeypatch.setenv(stream.CONFIG_ENV, "2048:6:4:3, 4096x4096=2048:6:4:0")
+    assert stream.default_config(4096, 4096) == StreamGemvConfig(prefill_stages=0)
     assert stream.default_config(4096, 6144) == StreamGemvConfig(prefill_stages=3)
     monkeypatch.setenv(stream.CONFIG_ENV, "x=1024:4:4")
     with pytest.raises(ValueError, match="bad shape"):
@@ -42,7 +44,8 @@ def test_config_validation_and_parse(monkeypatch: pytest.MonkeyPatch) -> None:
         stream.default_config(4096)
     monkeypatch.delenv(stream.CONFIG_ENV)
     assert stream.default_config(4096) == StreamGemvConfig()
-    assert stream.default_config(4096 + 512) == StreamGemvConfig(kc=512, stages=18, nwarps=4)
+    assert stream.default_config(4096 + 512) == StreamGemvConfig(kc=512, stages=18, nwarps=4,
+                                                                  prefill_stages=12)
     assert stream.default_config(4096 + 128) is None
 
 
