@@ -313,8 +313,8 @@ def stream_gemv_takes(weight: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def gated_output_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a one-token FP8 gate | up GEMM of `weight [2I, K]` can return SiLU(gate) * up
-    with its row amax directly (`kernels/fp8_gemv_stream.py`, opt-in
-    TRTDIST_STREAM_GEMV_GATED=1)."""
+    with its row amax directly (`kernels/fp8_gemv_stream.py`: with the streaming GEMV, unless
+    TRTDIST_STREAM_GEMV_GATED=0)."""
     if _fused_input_off or not weight.is_cuda:
         return False
     from trtdist.kernels import fp8_gemv_stream
