@@ -1122,6 +1122,9 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    # NOTE: s17a-s17g ran with the streaming GEMV's defaults of the commits that added them
+    # (ring 1 KB x 4 in s17a, 2 KB x 3 in s17b-s17c; fused inputs on in s17c-s17d; no prefill
+    # limit and no gated output before s17h): their variants name what they measured.
     s17h)  # the best of s17g again (prefill 3, SiLU x up in the gate | up epilogue), the o
       # projection with its whole ring prefilled (its gap, the attention, is the longest),
       # prefill 4; bf16 in the same call
