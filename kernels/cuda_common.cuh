@@ -87,3 +87,52 @@ __device__ __forceinline__ void grid_dependency_wait() {
 __device__ __forceinline__ void launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
+
+// ---- warp-specialised kernels: the consumer warps (threads 0 .. NT_ - 1, a producer warp after
+// them) -------------------------------------------------------------------------------------
+template <int NT_>
+__device__ __forceinline__ void consumers_bar() {  // named barrier 1: the consumers only
+    asm volatile("bar.sync 1, %0;" ::"r"(NT_) : "memory");
+}
+
+// Consumer-wide sum (OP 0) or max (OP 1), the same value to every consumer thread, in a fixed
+// order (so that every CTA doing the same row work gets the same bits). `red`: NT_ / 32 floats.
+template <int OP, int NT_>
+__device__ __forceinline__ float consumers_reduce(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float u = __shfl_xor_sync(0xffffffffu, v, o);
+        v = OP == 0 ? v + u : fmaxf(v, u);
+    }
+    consumers_bar<NT_>();  // red may still be read by a previous reduction
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    consumers_bar<NT_>();
+    float r = red[0];
+#pragma unroll
+    for (int w = 1; w < NT_ / 32; ++w) r = OP == 0 ? r + red[w] : fmaxf(r, red[w]);
+    return r;
+}
+
+// This warp's STEPS 128-byte steps of one ring stage (16 weight rows PITCH bytes apart, MMA
+// rows g / g + 8, the fragment layout of fp8_gemv_cuda.cu) against x's bytes at `xs`.
+template <int PITCH_, int STEPS_>
+__device__ __forceinline__ void stage_mma(const unsigned char* stage, const unsigned char* xs,
+                                          float& acc0, float& acc8) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned char* st = stage + g * PITCH_ + t * 16;
+#pragma unroll
+    for (int j = 0; j < STEPS_; ++j) {
+        const int off = (warp * STEPS_ + j) * 128;
+        const uint4 a0 = *reinterpret_cast<const uint4*>(st + off);
+        const uint4 a1 = *reinterpret_cast<const uint4*>(st + off + 64);
+        const uint4 b0 = *reinterpret_cast<const uint4*>(st + 8 * PITCH_ + off);
+        const uint4 b1 = *reinterpret_cast<const uint4*>(st + 8 * PITCH_ + off + 64);
+        const uint4* xp = reinterpret_cast<const uint4*>(xs + off + t * 16);
+        const uint4 x0 = xp[0], x1 = xp[4];  // +64 bytes
+        mma_e4m3(acc0, acc8, a0.x, b0.x, a0.y, b0.y, x0.x, x0.y);
+        mma_e4m3(acc0, acc8, a0.z, b0.z, a0.w, b0.w, x0.z, x0.w);
+        mma_e4m3(acc0, acc8, a1.x, b1.x, a1.y, b1.y, x1.x, x1.y);
+        mma_e4m3(acc0, acc8, a1.z, b1.z, a1.w, b1.w, x1.z, x1.w);
+    }
+}

@@ -147,9 +147,7 @@ __device__ __forceinline__ u32 e4m3_pair(float lo, float hi, float inv) {
 }
 
 // ---- shared-memory pipeline ------------------------------------------------------------------
-__device__ __forceinline__ void consumers_sync() {  // the consumer warps only
-    asm volatile("bar.sync 1, %0;" ::"r"(NTC) : "memory");
-}
+__device__ __forceinline__ void consumers_sync() { consumers_bar<NTC>(); }
 
 // Every CTA's consumers arrive; returns when all G have. `target` = G x (barriers so far + 1).
 __device__ __forceinline__ void grid_barrier(u32* counter, u32 target) {
@@ -164,24 +162,6 @@ __device__ __forceinline__ void grid_barrier(u32* counter, u32 target) {
     consumers_sync();
 }
 
-// Consumer-wide sum (OP 0) or max (OP 1), the same value to every consumer thread, in a fixed
-// order (every CTA computes the same row work and must get the same bits).
-template <int OP>
-__device__ __forceinline__ float block_reduce(float v, float* red) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float u = __shfl_xor_sync(0xffffffffu, v, o);
-        v = OP == 0 ? v + u : fmaxf(v, u);
-    }
-    consumers_sync();  // red may still be read by a previous reduction
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-    consumers_sync();
-    float r = red[0];
-#pragma unroll
-    for (int w = 1; w < NWARPS; ++w) r = OP == 0 ? r + red[w] : fmaxf(r, red[w]);
-    return r;
-}
-
 __device__ __forceinline__ float dynamic_scale(float amax) {  // kernels/fp8_quant.py
     return fmaxf(__fdiv_rn(amax, 448.0f), 1e-12f);
 }
@@ -194,7 +174,7 @@ __device__ __forceinline__ float quantize_row(const float (&y)[RUN], unsigned ch
     float amax = 0.0f;
 #pragma unroll
     for (int e = 0; e < RUN; ++e) amax = fmaxf(amax, fabsf(y[e]));
-    const float scale = dynamic_scale(block_reduce<1>(amax, red));
+    const float scale = dynamic_scale(consumers_reduce<1, NTC>(amax, red));
     const float inv = __frcp_rn(scale);
 #pragma unroll
     for (int e = 0; e < RUN; e += 8) {
@@ -219,7 +199,7 @@ __device__ __forceinline__ float norm_quantize(const u16* hs, const u16* __restr
         unpack8(*reinterpret_cast<const uint4*>(hs + base + e), y + e);
 #pragma unroll
     for (int e = 0; e < RUN; ++e) ss += y[e] * y[e];
-    const float rstd = rsqrtf(block_reduce<0>(ss, red) / H + eps);
+    const float rstd = rsqrtf(consumers_reduce<0, NTC>(ss, red) / H + eps);
 #pragma unroll
     for (int e = 0; e < RUN; e += 8) {
         const uint4 v = *reinterpret_cast<const uint4*>(w + base + e);
@@ -362,28 +342,6 @@ __device__ void produce(const LayerWeights* __restrict__ layers, int num_layers,
     }
 }
 
-// This warp's steps of one stage (16 rows x KC bytes) against x's KC bytes at `xs`.
-__device__ __forceinline__ void stage_mma(const unsigned char* stage, const unsigned char* xs,
-                                          float& acc0, float& acc8) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const unsigned char* st = stage + g * PITCH + t * 16;
-#pragma unroll
-    for (int j = 0; j < STEPS; ++j) {
-        const int off = (warp * STEPS + j) * 128;
-        const uint4 a0 = *reinterpret_cast<const uint4*>(st + off);
-        const uint4 a1 = *reinterpret_cast<const uint4*>(st + off + 64);
-        const uint4 b0 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off);
-        const uint4 b1 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off + 64);
-        const uint4* xp = reinterpret_cast<const uint4*>(xs + off + t * 16);
-        const uint4 x0 = xp[0], x1 = xp[4];  // +64 bytes
-        mma_e4m3(acc0, acc8, a0.x, b0.x, a0.y, b0.y, x0.x, x0.y);
-        mma_e4m3(acc0, acc8, a0.z, b0.z, a0.w, b0.w, x0.z, x0.w);
-        mma_e4m3(acc0, acc8, a1.x, b1.x, a1.y, b1.y, x1.x, x1.y);
-        mma_e4m3(acc0, acc8, a1.z, b1.z, a1.w, b1.w, x1.z, x1.w);
-    }
-}
-
 struct Scratch {
     u16* qkv;        // [NQKV] the qkv projection (rotated in the attention phase, not here)
     float* part;     // [P_MAX][HQ][D] attention partials (unnormalised)
@@ -416,7 +374,8 @@ __device__ __forceinline__ void consume(int ph, u32& it, const unsigned char* ri
             return;
         }
         const int u = id / sh.chunks, c = id % sh.chunks;
-        stage_mma(ring + s * STAGE_BYTES, xs + unit_k0(ph, u) + c * KC, acc0, acc8);
+        stage_mma<PITCH, STEPS>(ring + s * STAGE_BYTES, xs + unit_k0(ph, u) + c * KC, acc0,
+                                acc8);
         float ws0 = 0.0f, ws1 = 0.0f;
         const bool last = c == sh.chunks - 1;
         if (last && threadIdx.x < 16) {  // the unit's scales, in the stage's side slot

@@ -492,22 +492,20 @@ def _gemm(xq: torch.Tensor, xs: torch.Tensor, x_mode: int, w: torch.Tensor, ws: 
                          f"last stride, got {tuple(out.shape)} {out.dtype} {tuple(out.stride())}")
     if m == 0 or n == 0:
         return out
-    if (config is None and split_k is None and dot_fp8 is None and fixup is None
-            and _stream_gemv_takes(xq, w, bias, out)):
-        try:
-            return fp8_gemv_stream(xq, xs, x_mode, w, ws, bias, out)
-        except Exception as e:  # noqa: BLE001 - CudaJitError, or a cuda.bindings mismatch
-            _log.warning("fp8_gemm: the streaming GEMV failed (%s: %s); using the others",
-                         type(e).__name__, e)
-            _stream_gemv_off.add(xq.device)
-    if (config is None and split_k is None and dot_fp8 is None and fixup is None
-            and _cuda_gemv_takes(xq, w, bias, out)):
-        try:
-            return fp8_gemv_cuda(xq, xs, x_mode, w, ws, bias, out)
-        except Exception as e:  # noqa: BLE001 - CudaJitError, or a cuda.bindings mismatch
-            _log.warning("fp8_gemm: the CUDA GEMV failed (%s: %s); using the Triton kernel",
-                         type(e).__name__, e)
-            _cuda_gemv_off.add(xq.device)
+    if config is None and split_k is None and dot_fp8 is None and fixup is None:
+        # the one-token CUDA GEMVs, in order of preference; one that fails is turned off
+        # for the device (with a warning) and the next takes the call
+        for name, takes, off in (("streaming", _stream_gemv_takes, _stream_gemv_off),
+                                 ("CUDA", _cuda_gemv_takes, _cuda_gemv_off)):
+            if takes(xq, w, bias, out):
+                # looked up at call time (tests wrap these module attributes)
+                launch = fp8_gemv_stream if name == "streaming" else fp8_gemv_cuda
+                try:
+                    return launch(xq, xs, x_mode, w, ws, bias, out)
+                except Exception as e:  # noqa: BLE001 - CudaJitError, a bindings mismatch
+                    _log.warning("fp8_gemm: the %s GEMV failed (%s: %s); using another "
+                                 "kernel", name, type(e).__name__, e)
+                    off.add(xq.device)
     cfg = config if config is not None else _cfg.lookup(m, n, k, quantizing=x_mode != 0)
     if m > cfg.block_m:
         raise ValueError(f"fp8_gemm_small_m: config block_m = {cfg.block_m} cannot hold "

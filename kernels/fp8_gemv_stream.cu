@@ -52,31 +52,7 @@ static_assert(K % KC == 0, "K must split into stages");
 static_assert(KC % (128 * NWARPS) == 0, "a stage must split into 128-byte steps per warp");
 static_assert(KC % 16 == 0 && KC <= 65536, "bulk copies: 16-byte multiples");
 
-// This warp's steps of one stage (16 rows x KC bytes) against x's KC bytes at `xs`.
-__device__ __forceinline__ void stage_mma(const unsigned char* stage, const unsigned char* xs,
-                                          float& acc0, float& acc8) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const unsigned char* st = stage + g * PITCH + t * 16;
-#pragma unroll
-    for (int j = 0; j < STEPS; ++j) {
-        const int off = (warp * STEPS + j) * 128;
-        const uint4 a0 = *reinterpret_cast<const uint4*>(st + off);
-        const uint4 a1 = *reinterpret_cast<const uint4*>(st + off + 64);
-        const uint4 b0 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off);
-        const uint4 b1 = *reinterpret_cast<const uint4*>(st + 8 * PITCH + off + 64);
-        const uint4* xp = reinterpret_cast<const uint4*>(xs + off + t * 16);
-        const uint4 x0 = xp[0], x1 = xp[4];  // +64 bytes
-        mma_e4m3(acc0, acc8, a0.x, b0.x, a0.y, b0.y, x0.x, x0.y);
-        mma_e4m3(acc0, acc8, a0.z, b0.z, a0.w, b0.w, x0.z, x0.w);
-        mma_e4m3(acc0, acc8, a1.x, b1.x, a1.y, b1.y, x1.x, x1.y);
-        mma_e4m3(acc0, acc8, a1.z, b1.z, a1.w, b1.w, x1.z, x1.w);
-    }
-}
-
-__device__ __forceinline__ void consumers_sync() {  // the consumer warps only
-    asm volatile("bar.sync 1, %0;" ::"r"(NTC) : "memory");
-}
+__device__ __forceinline__ void consumers_sync() { consumers_bar<NTC>(); }
 
 #if X_MODE >= 3
 static_assert(X_T == OUT_T, "modes 3-5: x in the model dtype");
@@ -105,23 +81,6 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return (u32)to_out(lo) | ((u32)to_out(hi) << 16);
 }
 
-// Consumer-wide sum (OP 0) or max (OP 1), in a fixed order.
-template <int OP>
-__device__ __forceinline__ float consumers_reduce(float v, float* red) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float u = __shfl_xor_sync(0xffffffffu, v, o);
-        v = OP == 0 ? v + u : fmaxf(v, u);
-    }
-    consumers_sync();  // red may still be read by a previous reduction
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-    consumers_sync();
-    float r = red[0];
-#pragma unroll
-    for (int w = 1; w < NWARPS; ++w) r = OP == 0 ? r + red[w] : fmaxf(r, red[w]);
-    return r;
-}
-
 // The row (model dtype, packed in pairs: run RUN_AT(j) in y[4 j .. 4 j + 3]) as E4M3 into xs,
 // scaled per token from its amax (kernels/fp8_quant.py's formula); returns the scale.
 __device__ __forceinline__ float quantize_run(const u32 (&y)[RUN / 2], unsigned char* xs,
@@ -130,7 +89,7 @@ __device__ __forceinline__ float quantize_run(const u32 (&y)[RUN / 2], unsigned 
 #pragma unroll
     for (int i = 0; i < RUN / 2; ++i)
         amax = fmaxf(amax, fmaxf(fabsf(lo_to_f32(y[i])), fabsf(hi_to_f32(y[i]))));
-    const float scale = fmaxf(__fdiv_rn(consumers_reduce<1>(amax, red), 448.0f), 1e-12f);
+    const float scale = fmaxf(__fdiv_rn(consumers_reduce<1, NTC>(amax, red), 448.0f), 1e-12f);
     const float inv = __frcp_rn(scale);
 #pragma unroll
     for (int j = 0; j < RUNS_T; ++j) {
@@ -279,7 +238,7 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
                 make_uint4(y[4 * j], y[4 * j + 1], y[4 * j + 2], y[4 * j + 3]);
 #endif
     }
-    const float rstd = rsqrtf(consumers_reduce<0>(ss, red) / K + eps);
+    const float rstd = rsqrtf(consumers_reduce<0, NTC>(ss, red) / K + eps);
 #pragma unroll
     for (int i = 0; i < RUN / 2; ++i) {
         const float lo = round_x(round_x(lo_to_f32(y[i]) * rstd) * lo_to_f32(nw[i]));
@@ -324,7 +283,7 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
         float acc0 = 0.0f, acc8 = 0.0f;
         for (int c = 0; c < CHUNKS; ++c) {
             mbar_wait(full + 8 * s, phase);
-            stage_mma(smem + s * STAGE_BYTES, xs + c * KC, acc0, acc8);
+            stage_mma<PITCH, STEPS>(smem + s * STAGE_BYTES, xs + c * KC, acc0, acc8);
             __syncwarp();
             if (lane == 0) mbar_arrive(empty + 8 * s);
             if (++s == STAGES) {

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,7 @@ class StreamGemvConfig:
 TableKey = tuple[int, int] | int | None  # (N, K), K, or every shape
 
 
+@functools.lru_cache(maxsize=8)  # read on every eligible GEMM call: parse each text once
 def parse_table(text: str) -> dict[TableKey, StreamGemvConfig]:
     """TRTDIST_STREAM_GEMV_CONFIG: comma-separated entries `kc:stages:nwarps[:prefill]`, each
     for every shape, or as `K=...` for that K, or as `NxK=...` for that shape (e.g.

@@ -20,15 +20,15 @@ import json
 import os
 
 import torch
-from bench_fused_kernels import time_graph  # scripts/ is on sys.path when run as a script
+from bench_fp8_gemv_cuda import shape_inputs  # scripts/ is on sys.path when run as a script
+from bench_fused_kernels import time_graph
 from trtdist.kernels.fp8_fused import rms_norm_quant_triton, silu_and_mul_quant_triton
 from trtdist.kernels.fp8_gemm import (
     fp8_gemm_small_m,
     fp8_gemm_small_m_quantizing,
-    fp8_gemm_torch,
 )
 from trtdist.kernels.fp8_gemv_stream import StreamGemvConfig, fp8_gemv_stream
-from trtdist.parallel.quant_fp8 import quantize_activation, quantize_weight_per_channel
+from trtdist.parallel.quant_fp8 import quantize_weight_per_channel
 
 from trtdist.device_roofline import measure
 
@@ -58,14 +58,7 @@ def set_stream(on: bool, early: bool | None = None, table: str | None = None) ->
 def bench_shape(name: str, dev: torch.device, L: int) -> dict:
     bf = torch.bfloat16
     n, k, mode = SHAPES[name]
-    mats = [quantize_weight_per_channel(torch.randn(n, k, device=dev, dtype=bf) * 0.02)
-            for _ in range(L)]
-    x = torch.randn(1, k, device=dev, dtype=bf)
-    xq, xs = quantize_activation(x, None)
-    amax = torch.zeros(16, device=dev)
-    amax[0] = x.float().abs().amax()
-    out = torch.empty(1, n, device=dev, dtype=bf)
-    ref = fp8_gemm_torch(xq, xs, *mats[0], None, bf)
+    mats, x, xq, xs, amax, out, ref = shape_inputs(name, dev, L)  # the same [N, K] by name
     xin, xsc = (xq, xs.reshape(1)) if mode == 0 else (x, amax)
 
     def shipped(w, s, o):

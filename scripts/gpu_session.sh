@@ -51,6 +51,18 @@ batch1_ab() {  # batch1_ab VAR OFF ON PATTERN DTYPES...: FP8 batch-1 timelines w
   done
 }
 
+fp8_variant() {  # fp8_variant TAG LABEL PATTERN: in the current environment, an FP8
+  # batch-1 timeline (its lines matching PATTERN kept in the summary) and TPOT (s17 phases)
+  local tag=$1 label=$2 pattern=$3
+  timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
+      --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_$tag.json" \
+      > "$OUT/timeline_$tag.log" 2>&1
+  note "variant $tag ($label): $(grep wall_ms "$OUT/timeline_$tag.log" | cut -c1-60)"
+  grep -E "$pattern" "$OUT/timeline_$tag.log" | head -9 | tee -a "$SUMMARY"
+  bench fp8_b1_v$tag llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 \
+      --num-requests 1 --input-len 128 --output-len 256
+}
+
 amax_sweep() {  # amax_sweep SET: one batch-1 FP8 timeline per handoff tile variant of
   # scripts/amax_variants.py SET, then the fastest benched against v0 and bf16
   python3 scripts/amax_variants.py write "$OUT/var" "$1" | tee -a "$SUMMARY"
@@ -1194,13 +1206,8 @@ for s, t in d.items():
       for v in "0 1" "1 1" "1 norm" "1 0"; do
         set -- $v; i=$((i + 1))
         export TRTDIST_STREAM_GEMV=$1 TRTDIST_STREAM_GEMV_CONFIG=2048:6:4 TRTDIST_STREAM_GEMV_FUSED=$2
-        timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
-            --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_$i.json" \
-            > "$OUT/timeline_$i.log" 2>&1
-        note "variant $i ($v): $(grep wall_ms "$OUT/timeline_$i.log" | cut -c1-60)"
-        grep -E "^linear|^_($ROWS) |^fp8_gemv" "$OUT/timeline_$i.log" | head -9 | tee -a "$SUMMARY"
+        fp8_variant $i "$v" "^linear|^_($ROWS) |^fp8_gemv"
         sed -n '/one step/,/last 12/p' "$OUT/timeline_$i.log" | sed -n 6,16p >> "$SUMMARY"
-        bench fp8_b1_v$i $M --quant fp8 $B
       done
       unset TRTDIST_STREAM_GEMV TRTDIST_STREAM_GEMV_CONFIG TRTDIST_STREAM_GEMV_FUSED
       bench bf16_b1 $M $B
@@ -1218,12 +1225,7 @@ for s, t in d.items():
         set -- $v; i=$((i + 1))
         export TRTDIST_STREAM_GEMV=$1 TRTDIST_STREAM_GEMV_CONFIG=$2 TRTDIST_STREAM_GEMV_FUSED=$3
         [ "$2" = - ] && unset TRTDIST_STREAM_GEMV_CONFIG
-        timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
-            --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_$i.json" \
-            > "$OUT/timeline_$i.log" 2>&1
-        note "variant $i ($v): $(grep wall_ms "$OUT/timeline_$i.log" | cut -c1-60)"
-        grep -E "^linear|^_($ROWS) |^fp8_gemv" "$OUT/timeline_$i.log" | head -9 | tee -a "$SUMMARY"
-        bench fp8_b1_v$i $M --quant fp8 $B
+        fp8_variant $i "$v" "^linear|^_($ROWS) |^fp8_gemv"
       done
       unset TRTDIST_STREAM_GEMV TRTDIST_STREAM_GEMV_CONFIG TRTDIST_STREAM_GEMV_FUSED
       bench bf16_b1 $M $B
@@ -1243,12 +1245,7 @@ for s, t in d.items():
         set -- $v; i=$((i + 1))
         export TRTDIST_STREAM_GEMV=$1 TRTDIST_STREAM_GEMV_CONFIG=$2
         [ "$2" = - ] && unset TRTDIST_STREAM_GEMV_CONFIG
-        timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
-            --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_$i.json" \
-            > "$OUT/timeline_$i.log" 2>&1
-        note "variant $i ($v): $(grep wall_ms "$OUT/timeline_$i.log" | cut -c1-60)"
-        grep -E "^linear|^_($ROWS) |^fp8_gemv" "$OUT/timeline_$i.log" | head -9 | tee -a "$SUMMARY"
-        bench fp8_b1_v$i $M --quant fp8 $B
+        fp8_variant $i "$v" "^linear|^_($ROWS) |^fp8_gemv"
       done
       unset TRTDIST_STREAM_GEMV TRTDIST_STREAM_GEMV_CONFIG
       bench bf16_b1 $M $B
@@ -1269,12 +1266,7 @@ for s, t in d.items():
         set -- $v; i=$((i + 1))
         export TRTDIST_STREAM_GEMV=$1 TRTDIST_PDL_EARLY=$2 TRTDIST_STREAM_GEMV_CONFIG=$3
         [ "$2" = - ] && unset TRTDIST_PDL_EARLY TRTDIST_STREAM_GEMV_CONFIG
-        timeout 150 python3 scripts/profile_decode.py --batch 1 --context 128 --steps 24 \
-            --quant fp8 --max-model-len 8192 --timeline "$OUT/timeline_$i.json" \
-            > "$OUT/timeline_$i.log" 2>&1
-        note "variant $i ($v): $(grep wall_ms "$OUT/timeline_$i.log" | cut -c1-60)"
-        grep -E "^linear|^_($ROWS) |^fp8_gemv" "$OUT/timeline_$i.log" | head -8 | tee -a "$SUMMARY"
-        bench fp8_b1_v$i $M --quant fp8 $B
+        fp8_variant $i "$v" "^linear|^_($ROWS) |^fp8_gemv"
       done
       unset TRTDIST_STREAM_GEMV TRTDIST_PDL_EARLY TRTDIST_STREAM_GEMV_CONFIG
       bench bf16_b1 $M $B

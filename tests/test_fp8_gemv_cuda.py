@@ -102,11 +102,11 @@ def _abs_sum(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (256, 384), (4096, 1152)]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_every_mode_matches_the_reference_gpu(n: int, k: int, dtype: torch.dtype) -> None:
-    dev = _need()
+def check_every_mode(launch, n: int, k: int, dtype: torch.dtype) -> None:
+    """A one-token GEMV `launch(x, x_scale, x_mode, w, ws, bias, out)` against the torch
+    reference in input modes 0-2, with and without a bias (shared with the streaming GEMV's
+    test)."""
+    dev = torch.device("cuda")
     torch.manual_seed(n + k)
     w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev) * 0.02)
     x = (torch.randn(1, k, device=dev) * 3).to(dtype)
@@ -124,13 +124,21 @@ def test_every_mode_matches_the_reference_gpu(n: int, k: int, dtype: torch.dtype
         ref = fp8_gemm_torch(xq, xs, w, ws, b, dtype)
         for mode, xin, sc in ((0, xq, xs.reshape(1)), (1, x, amax)):
             out = torch.full((1, n), float("nan"), device=dev, dtype=dtype)
-            fp8_gemv_cuda.fp8_gemv_cuda(xin, sc, mode, w, ws, b, out)
+            launch(xin, sc, mode, w, ws, b, out)
             _assert_close(out, ref, _abs_sum(xq, xs, w, ws, b), f"mode {mode} bias {b is not None}")
         xq2, xs2 = quantize_activation_triton(x, static)
         out = torch.full((1, n), float("nan"), device=dev, dtype=dtype)
-        fp8_gemv_cuda.fp8_gemv_cuda(x, static, 2, w, ws, b, out)
+        launch(x, static, 2, w, ws, b, out)
         _assert_close(out, fp8_gemm_torch(xq2, xs2, w, ws, b, dtype),
                       _abs_sum(xq2, xs2, w, ws, b), f"static bias {b is not None}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_mode_matches_the_reference_gpu(n: int, k: int, dtype: torch.dtype) -> None:
+    _need()
+    check_every_mode(fp8_gemv_cuda.fp8_gemv_cuda, n, k, dtype)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from test_fp8_gemv_cuda import _abs_sum, _assert_close, _need
+from test_fp8_gemv_cuda import _abs_sum, _assert_close, _need, check_every_mode
 from trtdist.kernels import fp8_gemv_stream as stream
 from trtdist.kernels.fp8_gemv_stream import StreamGemvConfig, smem_bytes
 from trtdist.parallel.quant_fp8 import quantize_weight_per_channel
@@ -104,30 +104,8 @@ SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (256, 1024),
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_mode_matches_the_reference_gpu(n: int, k: int, dtype: torch.dtype) -> None:
-    from trtdist.kernels.fp8_gemm import fp8_gemm_torch
-    from trtdist.kernels.fp8_quant import quantize_activation_triton
-
-    dev = _hopper()
-    torch.manual_seed(n + k)
-    w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev) * 0.02)
-    x = (torch.randn(1, k, device=dev) * 3).to(dtype)
-    x[0, : k // 3] = 0
-    bias = torch.randn(n, device=dev, dtype=dtype)
-    amax = torch.zeros(16, device=dev)
-    amax[0] = x.float().abs().amax()
-    static = (amax[:1] / 448 * 1.7).contiguous()
-    for b in (None, bias):
-        xq, xs = quantize_activation_triton(x, None)
-        ref = fp8_gemm_torch(xq, xs, w, ws, b, dtype)
-        for mode, xin, sc in ((0, xq, xs.reshape(1)), (1, x, amax)):
-            out = torch.full((1, n), float("nan"), device=dev, dtype=dtype)
-            stream.fp8_gemv_stream(xin, sc, mode, w, ws, b, out)
-            _assert_close(out, ref, _abs_sum(xq, xs, w, ws, b), f"mode {mode} bias {b is not None}")
-        xq2, xs2 = quantize_activation_triton(x, static)
-        out = torch.full((1, n), float("nan"), device=dev, dtype=dtype)
-        stream.fp8_gemv_stream(x, static, 2, w, ws, b, out)
-        _assert_close(out, fp8_gemm_torch(xq2, xs2, w, ws, b, dtype),
-                      _abs_sum(xq2, xs2, w, ws, b), f"static bias {b is not None}")
+    _hopper()
+    check_every_mode(stream.fp8_gemv_stream, n, k, dtype)
 
 
 @pytest.mark.gpu
