@@ -35,9 +35,10 @@ except ImportError:  # no Triton, or one without grid dependency control: PDL st
 
 PDL_ENV = "TRTDIST_PDL"  # "0" turns programmatic dependent launch off
 # "1" / "0": row kernels let the next kernel launch at their start / after their work; unset:
-# at their start exactly when the streaming FP8 GEMV is on (kernels/fp8_gemv_stream.py)
+# at their start on a device where the streaming FP8 GEMV has run (kernels/fp8_gemv_stream.py)
 EARLY_ENV = "TRTDIST_PDL_EARLY"
 _pdl_on: dict[Any, bool] = {}
+_streaming_devices: set[Any] = set()
 
 
 def pdl_enabled(device: Any) -> bool:
@@ -57,25 +58,37 @@ def pdl_enabled(device: Any) -> bool:
     return on
 
 
-def early_trigger() -> bool:
-    """Whether row kernels let the next kernel launch at their start (see EARLY_ENV): a GEMV
-    after them that streams its weights before its wait is then resident, and streaming,
-    while they run. Multi-wave GEMVs after them would lose slots to it (fifth and tenth
-    sessions, PERF_NOTES.md), so it goes with the streaming GEMV."""
+def mark_streaming(device: Any) -> None:
+    """Record that a GEMV streaming its weights before its wait (one CTA an SM, e.g.
+    `fp8_gemv_stream`) launches on `device`: from then on one-token row kernels there let the
+    next kernel launch at their start (`early_trigger`). The engine's graph runner warms every
+    bucket up eagerly before capturing it, so the captured row kernels already see it."""
+    _streaming_devices.add(device)
+
+
+def early_trigger(device: Any) -> bool:
+    """Whether one-token row kernels on `device` let the next kernel launch at their start
+    (TRTDIST_PDL_EARLY if set, else: a streaming GEMV has launched there, `mark_streaming`).
+    A GEMV after them that streams its weights before its wait is then resident, and
+    streaming, while they run. Multi-wave GEMVs after them (bf16 models, the Triton FP8
+    GEMV) would lose slots to it (fifth and tenth sessions, PERF_NOTES.md), so a device that
+    never ran a streaming GEMV keeps the late trigger."""
     v = os.environ.get(EARLY_ENV)
     if v is not None:
+        if v not in ("0", "1"):
+            raise ValueError(f"{EARLY_ENV} must be 0 or 1 (or unset), got {v!r}")
         return v == "1"
-    return os.environ.get("TRTDIST_STREAM_GEMV", "0") == "1"
+    return device in _streaming_devices
 
 
 def pdl_launch(device: Any, row: bool = False) -> dict[str, Any]:
     """Launch keyword arguments for a kernel with a `PDL` constexpr: `{"PDL": True,
     "launch_pdl": True}` where PDL is on, else `{"PDL": False}`. `row`: a row kernel's launch
     for one token (one short wave, followed by a one-token GEMV), which gets `PDL = 2`
-    (trigger at its start) where `early_trigger()`."""
+    (trigger at its start) where `early_trigger(device)`."""
     if not pdl_enabled(device):
         return {"PDL": False}
-    return {"PDL": 2 if row and early_trigger() else True, "launch_pdl": True}
+    return {"PDL": 2 if row and early_trigger(device) else True, "launch_pdl": True}
 
 
 if triton is not None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from trtdist.kernels import cuda_jit
-from trtdist.kernels._triton import pdl_enabled
+from trtdist.kernels._triton import mark_streaming, pdl_enabled
 
 SOURCE = Path(__file__).with_name("fp8_gemv_stream.cu")
 ENV = "TRTDIST_STREAM_GEMV"
@@ -118,8 +118,11 @@ def parse_table(text: str) -> dict[TableKey, StreamGemvConfig]:
 
 
 def enabled() -> bool:
-    """Whether the engine sends one-token FP8 GEMMs here (TRTDIST_STREAM_GEMV=1)."""
-    return os.environ.get(ENV, "0") == "1"
+    """Whether the engine sends one-token FP8 GEMMs here (on unless TRTDIST_STREAM_GEMV=0)."""
+    v = os.environ.get(ENV, "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"{ENV} must be 0 or 1 (default 1), got {v!r}")
+    return v == "1"
 
 
 def default_config(k: int, n: int | None = None) -> StreamGemvConfig | None:
@@ -176,10 +179,26 @@ def _device_ok(device: torch.device) -> bool:
     return cap >= (9, 0) and cuda_jit.available(device)
 
 
+MAX_IMBALANCE = 1.05  # the busiest CTA's units over the mean, at most (default dispatch)
+
+
+def worth_streaming(n: int, k: int, device: torch.device, cfg: StreamGemvConfig) -> bool:
+    """Whether the default dispatch streams `[N, K]` with `cfg`: only where it was measured
+    fast, i.e. 2 KB copies (smaller ones stream slower: 1 KB rings 20% slower on gate | up,
+    512 B twice as slow, PERF_NOTES.md, seventeenth session) and a static split of the N / 16
+    units over the SMs within 5% of even (e.g. tensor-parallel qkv shards of 192 units over
+    132 SMs would run at the pace of 2 units a CTA, 37% over the mean). Other shapes keep
+    the CUDA GEMV; a TRTDIST_STREAM_GEMV_CONFIG table overrides this."""
+    units = n // ROWS_PER_UNIT
+    grid, max_units, _ = plan(n, k, device, cfg)
+    return cfg.kc == 2048 and max_units * grid <= MAX_IMBALANCE * units
+
+
 def _shape_ok(n: int, k: int, device: torch.device) -> bool:
     cfg = default_config(k, n)
-    return (n % ROWS_PER_UNIT == 0 and cfg is not None
-            and plan(n, k, device, cfg)[2] <= SMEM_LIMIT)
+    if n % ROWS_PER_UNIT or cfg is None or plan(n, k, device, cfg)[2] > SMEM_LIMIT:
+        return False
+    return bool(os.environ.get(CONFIG_ENV)) or worth_streaming(n, k, device, cfg)
 
 
 def supports(m: int, n: int, k: int, x_dtype: torch.dtype, out_dtype: torch.dtype,
@@ -234,6 +253,8 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
                    HAS_BIAS=int(bias is not None), HAS_RES=int(res is not None))
     fn = cuda_jit.load(SOURCE, "fp8_gemv_stream", defines, w.device)
     P = cuda_jit.POINTER
+    if cfg.early_trigger:
+        mark_streaming(w.device)
 
     def ptr(t: torch.Tensor | None) -> int:
         return (t if t is not None else out).data_ptr()  # `out`: a placeholder, never read

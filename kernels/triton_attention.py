@@ -1,14 +1,17 @@
 """Triton paged attention: flash-decoding for decode steps, a varlen flash-attention kernel for
 prefill / mixed chunks. The CUDA default backend (see `attention.py` for the contract).
 
-Decode (one query token per sequence), two kernels:
-1. `_decode_partial`: grid `(S, Hkv, P)`. A program takes one sequence, one KV head and the
-   whole GQA group of query heads that share it (so each K/V tile is read once for the group),
-   over the p-th of P equal slices of the sequence's keys, walking its pages through the block
-   table. Online softmax in fp32, exp2 with the scale folded in. It writes the slice's
-   normalised output and its log-sum-exp (base 2) to a workspace; with P == 1 it writes the
-   final output directly and the second kernel is skipped.
-2. `_decode_reduce`: grid `(S, Hq)`, merges the P partial outputs by their log-sum-exp.
+Decode (one query token per sequence), one kernel:
+`_decode_partial`: grid `(S, Hkv, P)`. A program takes one sequence, one KV head and the whole
+GQA group of query heads that share it (so each K/V tile is read once for the group), over
+the p-th of P equal slices of the sequence's keys, walking its pages through the block table.
+Online softmax in fp32, exp2 with the scale folded in. With P == 1 it writes the final output.
+Split (P > 1): the slices holding keys write their normalised output and log-sum-exp (base 2)
+to a workspace and count themselves in on an arrival counter of their (sequence, KV head);
+the last to arrive merges them by their log-sum-exp and writes the output (a sequence whose
+keys fit one slice is written by that slice alone). This replaced a second kernel,
+`_decode_reduce` (grid `(S, Hq)`, kept behind TRTDIST_ATTN_MERGE=kernel): at batch 1 its
+launch cost ~2.8 us a layer.
 NOTE: the slice length is computed on the device from each sequence's own length
 (`ceil(len / P)`), so a fixed grid (CUDA graphs: P from max_model_len) keeps every program busy
 whatever the lengths, and programs past a sequence's end write an empty partial (lse = -inf).
@@ -234,7 +237,7 @@ def _block_ids(table, start, offs_n, hi, BLOCK_SIZE: tl.constexpr):
 @triton.jit(do_not_specialize=["num_parts"])
 def _decode_partial(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, ws_o_ptr,
-    ws_lse_ptr, amax_ptr, qk_scale, window, num_parts,
+    ws_lse_ptr, amax_ptr, count_ptr, qk_scale, window, num_parts,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -247,7 +250,8 @@ def _decode_partial(
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
     V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
-    TABLE_AHEAD: tl.constexpr = True,
+    TABLE_AHEAD: tl.constexpr = True, MERGE: tl.constexpr = False,
+    GROUP_M: tl.constexpr = 1, BLOCK_P: tl.constexpr = 8,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -335,17 +339,88 @@ def _decode_partial(
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no keys stay 0
     gd_mask = mask_g[:, None] & mask_d[None, :]
     if not SPLIT:
-        o = out.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 o, mask=gd_mask & valid)
-        if AMAX:
-            a = tl.where(gd_mask, tl.abs(o.to(tl.float32)), 0.0)
-            _max_into_row(amax_ptr, row, tl.max(tl.max(a, axis=1), axis=0), valid)
-    else:
+        _store_rows(out_ptr, amax_ptr, row, heads, offs_d, out, gd_mask, valid, stride_ot,
+                    stride_oh, AMAX)
+    elif not MERGE:
         ws = seq.to(tl.int64) * stride_ws_s + heads * stride_ws_h + part * stride_ws_p  # [G]
         tl.store(ws_o_ptr + ws[:, None] + offs_d[None, :], out, mask=gd_mask)
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(ws_lse_ptr + seq * stride_lse_s + heads * num_parts + part, lse, mask=mask_g)
+    else:
+        # Only the partitions holding keys take part (the same count in every program);
+        # with one, it is the whole answer.
+        active = (seq_len - kv_first + chunk - 1) // tl.maximum(chunk, 1)
+        if active <= 1:
+            if part == 0:
+                _store_rows(out_ptr, amax_ptr, row, heads, offs_d, out, gd_mask, valid,
+                            stride_ot, stride_oh, AMAX)
+        elif part < active:
+            ws = seq.to(tl.int64) * stride_ws_s + heads * stride_ws_h + part * stride_ws_p
+            tl.store(ws_o_ptr + ws[:, None] + offs_d[None, :], out, mask=gd_mask)
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            tl.store(ws_lse_ptr + seq * stride_lse_s + heads * num_parts + part, lse,
+                     mask=mask_g)
+            # NOTE: the barrier orders every thread's partial stores before the one thread's
+            # release of the arrival (cumulativity), as a cooperative grid sync does; the
+            # last arrival's acquire then makes every partition's partials visible to it.
+            tl.debug_barrier()
+            counter = count_ptr + seq * tl.num_programs(1) + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel") == active - 1:
+                _merge_partitions(out_ptr, ws_o_ptr, ws_lse_ptr, amax_ptr, seq, row, kvh,
+                                  active, num_parts, valid, offs_d, mask_d, stride_ot,
+                                  stride_oh, stride_ws_s, stride_ws_h, stride_ws_p,
+                                  stride_lse_s, GROUP, GROUP_M, D_PAD, BLOCK_P, AMAX)
+                tl.store(counter, 0)  # ready for the next launch (it waits for this one)
+
+
+@triton.jit
+def _store_rows(out_ptr, amax_ptr, row, heads, offs_d, out, mask, valid, stride_ot, stride_oh,
+                AMAX: tl.constexpr):
+    """Store a program's final `[G, D]` output rows (and max their |value| into the row's
+    amax slot with AMAX)."""
+    o = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :], o,
+             mask=mask & valid)
+    if AMAX:
+        a = tl.where(mask, tl.abs(o.to(tl.float32)), 0.0)
+        _max_into_row(amax_ptr, row, tl.max(tl.max(a, axis=1), axis=0), valid)
+
+
+@triton.jit
+def _merge_partitions(out_ptr, ws_o_ptr, ws_lse_ptr, amax_ptr, seq, row, kvh, active,
+                      num_parts, valid, offs_d, mask_d, stride_ot, stride_oh, stride_ws_s,
+                      stride_ws_h, stride_ws_p, stride_lse_s, GROUP: tl.constexpr,
+                      GROUP_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
+                      AMAX: tl.constexpr):
+    """Merge the first `active` partitions of one (sequence, KV head)'s query heads by their
+    base-2 log-sum-exp (as `_decode_reduce`), BLOCK_P partitions a round trip, reading the
+    partials from L2 (`.cg`: other SMs wrote them)."""
+    offs_g = tl.arange(0, GROUP_M)
+    mask_g = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    offs_p = tl.arange(0, BLOCK_P)
+    o_base = ws_o_ptr + seq.to(tl.int64) * stride_ws_s + heads * stride_ws_h  # [GM]
+    lse_base = ws_lse_ptr + seq * stride_lse_s + heads * num_parts  # [GM]
+    acc = tl.zeros([GROUP_M, D_PAD], dtype=tl.float32)
+    total = tl.zeros([GROUP_M], dtype=tl.float32)
+    m = tl.full([GROUP_M], _NEG, dtype=tl.float32)
+    for p0 in range(0, active, BLOCK_P):
+        pp = p0 + offs_p
+        mask_gp = mask_g[:, None] & (pp < active)[None, :]  # [GM, BP]
+        lse = tl.load(lse_base[:, None] + pp[None, :], mask=mask_gp, other=float("-inf"),
+                      cache_modifier=".cg")
+        o = tl.load(o_base[:, None, None] + pp[None, :, None] * stride_ws_p
+                    + offs_d[None, None, :], mask=mask_gp[:, :, None] & mask_d[None, None, :],
+                    other=0.0, cache_modifier=".cg")  # [GM, BP, D]
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new[:, None])
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+        total = total * alpha + tl.sum(w, 1)
+        m = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    _store_rows(out_ptr, amax_ptr, row, heads, offs_d, out, mask_g[:, None] & mask_d[None, :],
+                valid, stride_ot, stride_oh, AMAX)
 
 
 @triton.jit
@@ -630,9 +705,24 @@ def _num_partitions(num_seqs: int, kv_heads: int, max_seq_len: int, target: int)
 # --------------------------------------------------------------------------------------------
 # backend
 
+MERGE_ENV = "TRTDIST_ATTN_MERGE"
+_MERGE_MODES = {"partial": True, "kernel": False}
+
+
+def merge_from_env() -> bool:
+    """TRTDIST_ATTN_MERGE: "partial" (default) merges a split decode in its last partition
+    program, "kernel" in a second kernel (`_decode_reduce`)."""
+    v = os.environ.get(MERGE_ENV, "partial")
+    if v not in _MERGE_MODES:
+        raise ValueError(f"{MERGE_ENV} must be one of {sorted(_MERGE_MODES)}, got {v!r}")
+    return _MERGE_MODES[v]
+
+
 
 class _Workspace:
-    """Decode partials `[S, Hq, P, D_PAD]` fp32 and their log-sum-exp `[S, Hq, P]`.
+    """Decode partials `[S, Hq, P, D_PAD]` fp32, their log-sum-exp `[S, Hq, P]`, and the
+    merge's arrival counters `[S * Hq]` int32 (zero between launches: the last arrival resets
+    its counter).
 
     NOTE: the eager workspace (`for_graph=False`) grows when a step needs more: reallocating
     is safe there, no graph holds its address. A graph's workspace is allocated once (in
@@ -643,9 +733,10 @@ class _Workspace:
         self.for_graph = for_graph
         self.out: torch.Tensor | None = None
         self.lse: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
 
     def views(self, s: int, h: int, p: int, d_pad: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         need = s * h * p * d_pad
         if self.out is None or self.out.numel() < need or self.out.device != device:
             if self.for_graph and self.out is not None:
@@ -655,8 +746,14 @@ class _Workspace:
                     f"serves one model shape")
             self.out = torch.empty(need, dtype=torch.float32, device=device)
             self.lse = torch.empty(s * h * p, dtype=torch.float32, device=device)
+        if self.counts is None or self.counts.numel() < s * h or self.counts.device != device:
+            if self.for_graph and self.counts is not None:
+                raise RuntimeError(f"this graph's decode counters hold {self.counts.numel()} "
+                                   f"entries but S={s}, Hq={h} needs {s * h}")
+            self.counts = torch.zeros(s * h, dtype=torch.int32, device=device)
         assert self.lse is not None
-        return (self.out[:need].view(s, h, p, d_pad), self.lse[:s * h * p].view(s, h, p))
+        return (self.out[:need].view(s, h, p, d_pad), self.lse[:s * h * p].view(s, h, p),
+                self.counts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -688,8 +785,13 @@ class TritonAttentionBackend:
     name = "triton"
 
     def __init__(self, num_q_heads: int | None = None, num_kv_heads: int | None = None,
-                 head_dim: int | None = None, target_programs: int | None = None) -> None:
+                 head_dim: int | None = None, target_programs: int | None = None,
+                 merge_in_partial: bool | None = None) -> None:
         self.shape = (num_q_heads, num_kv_heads, head_dim)
+        # The split decode's merge: by the last partition program of each (sequence, KV
+        # head) to finish (default), or by the `_decode_reduce` kernel (TRTDIST_ATTN_MERGE).
+        self.merge_in_partial = (merge_from_env() if merge_in_partial is None
+                                 else merge_in_partial)
         self._eager_ws = _Workspace(for_graph=False)
         # Programs the decode split aims for; None = 4 per SM of the device (tests set it to
         # force or forbid the split).
@@ -774,24 +876,28 @@ class TritonAttentionBackend:
         use_dot = group >= 2
         group_pad = max(16, triton.next_power_of_2(group)) if use_dot else 1
         if parts > 1:
-            ws_o, ws_lse = meta.workspace.views(s, hq, parts, d_pad, q.device)
+            ws_o, ws_lse, counts = meta.workspace.views(s, hq, parts, d_pad, q.device)
         else:
-            ws_o, ws_lse = out, out  # unused by the kernel when P == 1
+            ws_o, ws_lse, counts = out, out, out  # unused by the kernel when P == 1
+        merge = parts > 1 and self.merge_in_partial
         ws_strides = (ws_o.stride(0), ws_o.stride(1), ws_o.stride(2)) if parts > 1 else (0,) * 3
         lse_stride = ws_lse.stride(0) if parts > 1 else 0
         amax = row_amax if row_amax is not None else ws_lse  # unused without AMAX
         _decode_partial[(s, hkv, parts)](
             q, kv.k_cache, kv.v_cache, kv.k_scale, kv.v_scale, meta.block_tables, meta.seq_lens,
-            meta.query_start_loc, out, ws_o, ws_lse, amax, scale * _LOG2E, window or 0, parts,
+            meta.query_start_loc, out, ws_o, ws_lse, amax, counts, scale * _LOG2E, window or 0,
+            parts,
             q.stride(0), q.stride(1), *kv.strides,
             meta.block_tables.stride(0), out.stride(0), out.stride(1), *ws_strides, lse_stride,
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, D_PAD=d_pad,
             BLOCK_SIZE=meta.block_size, BLOCK_N=block_n, SPLIT=parts > 1,
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
-            AMAX=row_amax is not None and parts == 1, TABLE_AHEAD=ahead,
+            AMAX=row_amax is not None and (parts == 1 or merge), TABLE_AHEAD=ahead,
+            MERGE=merge, GROUP_M=triton.next_power_of_2(group),
+            BLOCK_P=max(2, 32 // triton.next_power_of_2(group)),
             num_warps=warps, num_stages=stages, **pdl_launch(q.device, row=s == 1))
-        if parts > 1:
+        if parts > 1 and not merge:
             _decode_reduce[(s, hq)](
                 out, ws_o, ws_lse, meta.query_start_loc, amax, parts, out.stride(0),
                 out.stride(1), *ws_strides, lse_stride, HEAD_DIM=d, D_PAD=d_pad, BLOCK_P=16,

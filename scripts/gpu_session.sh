@@ -1134,6 +1134,25 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s18a)  # the split decode merged by its last partition program (no _decode_reduce
+      # launch), the streaming GEMV on by default with a per-device early trigger: GPU
+      # tests, then batch-1 TPOT, FP8 and bf16, with the merge in the partial / its own kernel,
+      # FP8 without the stream; an FP8 timeline; FP8 batch 8
+      export BENCH_TIMEOUT=200
+      run_tests s18a_attn 300 -n 4 -m gpu tests/test_triton_attention.py tests/test_kv_fp8.py \
+          tests/test_row_amax.py
+      run_tests s18a_fp8 300 -n 4 -m gpu tests/test_fp8_gemv_stream.py tests/test_fp8.py \
+          tests/test_graphs.py tests/test_fp8_fused.py tests/test_fp8_gemv_cuda.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_ATTN_MERGE=kernel bench fp8_b1_mergekernel $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      TRTDIST_ATTN_MERGE=kernel bench bf16_b1_mergekernel $M $B
+      TRTDIST_STREAM_GEMV=0 bench fp8_b1_nostream $M --quant fp8 $B
+      fp8_variant t "defaults" "^linear|^_[a-z_]+ |^fp8_gemv"
+      bench fp8_b8 $M --quant fp8 --num-requests 8 --input-len 128 --output-len 256
+      ;;
     # NOTE: s17a-s17g ran with the streaming GEMV's defaults of the commits that added them
     # (ring 1 KB x 4 in s17a, 2 KB x 3 in s17b-s17c; fused inputs on in s17c-s17d; no prefill
     # limit and no gated output before s17h): their variants name what they measured.

@@ -15,6 +15,13 @@ from trtdist.kernels.fp8_gemv_stream import StreamGemvConfig, smem_bytes
 from trtdist.parallel.quant_fp8 import quantize_weight_per_channel
 
 
+@pytest.fixture(autouse=True)
+def _stream_every_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test models' shapes (e.g. a 192-unit qkv) are ones the default dispatch leaves to
+    the CUDA GEMV (`worth_streaming`); a launch table of the default launch streams them all."""
+    monkeypatch.setenv(stream.CONFIG_ENV, "2048:6:4:3")
+
+
 def test_config_validation_and_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     assert StreamGemvConfig().fits(4096) and StreamGemvConfig().fits(14336)
     assert not StreamGemvConfig(kc=2048).fits(14336 + 1024)
@@ -57,15 +64,54 @@ def test_shared_memory_fits_llama3_8b() -> None:
         assert 2 * (smem_bytes(StreamGemvConfig(1024, 4), k, units) + 1024) <= 228 * 1024, k
 
 
-def test_off_by_default_and_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_by_default_never_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(stream.ENV, raising=False)
     monkeypatch.delenv(stream.FUSED_ENV, raising=False)
-    assert not stream.enabled()
-    assert stream.PROLOGUE_KINDS["0"] == ()  # fused inputs off unless asked (slower so far)
-    monkeypatch.setenv(stream.ENV, "1")
     assert stream.enabled()
+    assert stream.PROLOGUE_KINDS["0"] == ()  # fused inputs off unless asked (slower so far)
     assert not stream.supports(1, 4096, 4096, torch.bfloat16, torch.bfloat16,
                                torch.device("cpu"))
+    monkeypatch.setenv(stream.ENV, "0")
+    assert not stream.enabled()
+    monkeypatch.setenv(stream.ENV, "yes")
+    with pytest.raises(ValueError, match="TRTDIST_STREAM_GEMV must be 0 or 1"):
+        stream.enabled()
+
+
+def test_row_kernels_trigger_early_only_where_a_streaming_gemv_ran(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 models' multi-wave GEMVs keep late-triggering row kernels before them: the early
+    trigger is per device, set by the first streaming launch there (or forced by the env)."""
+    from trtdist.kernels import _triton
+
+    monkeypatch.setattr(_triton, "_streaming_devices", set())
+    monkeypatch.delenv(_triton.EARLY_ENV, raising=False)
+    here, there = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert not _triton.early_trigger(here)
+    _triton.mark_streaming(torch.device("cuda:0"))
+    assert _triton.early_trigger(here) and not _triton.early_trigger(there)
+    monkeypatch.setenv(_triton.EARLY_ENV, "0")
+    assert not _triton.early_trigger(here)
+    monkeypatch.setenv(_triton.EARLY_ENV, "1")
+    assert _triton.early_trigger(there)
+    monkeypatch.setenv(_triton.EARLY_ENV, "early")
+    with pytest.raises(ValueError, match="TRTDIST_PDL_EARLY must be 0 or 1"):
+        _triton.early_trigger(here)
+
+
+def test_default_dispatch_streams_only_even_2kb_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama3-8b's one-GPU shapes split within 5% of even over an H200's 132 SMs in 2 KB
+    copies; a tensor-parallel qkv shard (192 units) or a K of 7168 (1 KB copies) keep the CUDA
+    GEMV unless a launch table says otherwise."""
+    dev = torch.device("cuda", 7)
+    monkeypatch.setitem(stream._sms, dev, 132)
+    monkeypatch.delenv(stream.CONFIG_ENV, raising=False)
+    for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+        assert stream._shape_ok(n, k, dev), (n, k)
+    assert not stream._shape_ok(3072, 4096, dev)  # 2 units on 60 CTAs, 1 on 72
+    assert not stream._shape_ok(4096, 7168, dev)  # 512-byte copies
+    monkeypatch.setenv(stream.CONFIG_ENV, "2048:6:4")
+    assert stream._shape_ok(3072, 4096, dev)
 
 
 def test_prefill_stages(monkeypatch: pytest.MonkeyPatch) -> None:

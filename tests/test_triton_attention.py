@@ -136,10 +136,25 @@ def check(case: Case, window: int | None, backend: TritonAttentionBackend | None
     (torch.float16, 8, 1, 80, 16, None, 1),  # no split, non-power-of-two head_dim
     (torch.float16, 12, 4, 32, 8, 300, 1000),  # GQA 3, window across partitions
 ])
+@pytest.mark.parametrize("merge_in_partial", [True, False], ids=["merge-partial",
+                                                                  "merge-kernel"])
 def test_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int,
-                window: int | None, target: int) -> None:
+                window: int | None, target: int, merge_in_partial: bool) -> None:
     case = Case([9, 1, 600, 16, 0, 4], [1] * 6, hq, hkv, d, bs, dtype, seed=hq + d)
-    check(case, window, TritonAttentionBackend(target_programs=target))
+    backend = TritonAttentionBackend(target_programs=target, merge_in_partial=merge_in_partial)
+    check(case, window, backend)
+    counts = backend._eager_ws.counts
+    assert counts is None or not counts.any()  # every last arrival reset its counter
+
+
+def test_merge_mode_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRTDIST_ATTN_MERGE", raising=False)
+    assert TritonAttentionBackend().merge_in_partial
+    monkeypatch.setenv("TRTDIST_ATTN_MERGE", "kernel")
+    assert not TritonAttentionBackend().merge_in_partial
+    monkeypatch.setenv("TRTDIST_ATTN_MERGE", "both")
+    with pytest.raises(ValueError, match="TRTDIST_ATTN_MERGE must be one of"):
+        TritonAttentionBackend()
 
 
 @pytest.mark.parametrize("dtype,hq,hkv,d,bs,window", [
@@ -157,14 +172,15 @@ def test_prefill_with_cached_prefix(dtype: torch.dtype, hq: int, hkv: int, d: in
     check(case, window)
 
 
-@pytest.mark.parametrize("target", [1, 1000])
-def test_capture_metadata_survives_new_lengths(target: int) -> None:
+@pytest.mark.parametrize("target,merge_in_partial", [(1, True), (1000, True), (1000, False)])
+def test_capture_metadata_survives_new_lengths(target: int, merge_in_partial: bool) -> None:
     """prepare_for_capture's metadata (grid fixed by max_model_len) stays right when the
     static buffers are refilled with other lengths, padded rows included."""
     max_model_len, bs, hq, hkv, d = 1024, 16, 8, 2, 16
     width = max_model_len // bs
     first = Case([5, 300, 17, 0], [1] * 4, hq, hkv, d, bs, seed=1, width=width)
-    backend = TritonAttentionBackend(hq, hkv, d, target_programs=target)
+    backend = TritonAttentionBackend(hq, hkv, d, target_programs=target,
+                                     merge_in_partial=merge_in_partial)
     static = first.inputs()
     meta = backend.prepare_for_capture(
         AttentionInputs(**{**_fields(static), "max_seq_len": max_model_len}))
