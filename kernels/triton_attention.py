@@ -251,7 +251,7 @@ def _decode_partial(
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
     V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
     TABLE_AHEAD: tl.constexpr = True, MERGE: tl.constexpr = False,
-    GROUP_M: tl.constexpr = 1, BLOCK_P: tl.constexpr = 8,
+    GROUP_M: tl.constexpr = 1, BLOCK_P: tl.constexpr = 8, MIN_CHUNK: tl.constexpr = 0,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -272,6 +272,8 @@ def _decode_partial(
     # first key's page (tiles then cover whole pages: see `_load_tile`'s TOKEN_MINOR).
     kv_first = kv_start // BLOCK_SIZE * BLOCK_SIZE
     chunk = tl.cdiv(tl.cdiv(seq_len - kv_first, num_parts), BLOCK_N) * BLOCK_N
+    if MIN_CHUNK > 0:  # short sequences in fewer, longer slices (whole tiles: BLOCK_N | MIN)
+        chunk = tl.maximum(chunk, MIN_CHUNK)
     lo = kv_first + part * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
@@ -718,6 +720,17 @@ def merge_from_env() -> bool:
     return _MERGE_MODES[v]
 
 
+MIN_CHUNK_ENV = "TRTDIST_ATTN_MIN_CHUNK"
+
+
+def min_chunk_from_env() -> int:
+    """TRTDIST_ATTN_MIN_CHUNK: the fewest keys a split decode's slice takes (default 0)."""
+    v = os.environ.get(MIN_CHUNK_ENV, "0")
+    if not v.isdigit():
+        raise ValueError(f"{MIN_CHUNK_ENV} must be a number of keys >= 0, got {v!r}")
+    return int(v)
+
+
 
 class _Workspace:
     """Decode partials `[S, Hq, P, D_PAD]` fp32, their log-sum-exp `[S, Hq, P]`, and the
@@ -786,12 +799,17 @@ class TritonAttentionBackend:
 
     def __init__(self, num_q_heads: int | None = None, num_kv_heads: int | None = None,
                  head_dim: int | None = None, target_programs: int | None = None,
-                 merge_in_partial: bool | None = None) -> None:
+                 merge_in_partial: bool | None = None, min_chunk: int | None = None) -> None:
         self.shape = (num_q_heads, num_kv_heads, head_dim)
         # The split decode's merge: by the last partition program of each (sequence, KV
         # head) to finish (default), or by the `_decode_reduce` kernel (TRTDIST_ATTN_MERGE).
         self.merge_in_partial = (merge_from_env() if merge_in_partial is None
                                  else merge_in_partial)
+        # Fewest keys a slice of a short sequence gets on the device (0: as many slices as
+        # the grid has, each a tile or more; TRTDIST_ATTN_MIN_CHUNK).
+        self.min_chunk = min_chunk_from_env() if min_chunk is None else min_chunk
+        if self.min_chunk < 0:
+            raise ValueError(f"min_chunk must be >= 0, got {self.min_chunk}")
         self._eager_ws = _Workspace(for_graph=False)
         # Programs the decode split aims for; None = 4 per SM of the device (tests set it to
         # force or forbid the split).
@@ -896,6 +914,7 @@ class TritonAttentionBackend:
             AMAX=row_amax is not None and (parts == 1 or merge), TABLE_AHEAD=ahead,
             MERGE=merge, GROUP_M=triton.next_power_of_2(group),
             BLOCK_P=max(2, 32 // triton.next_power_of_2(group)),
+            MIN_CHUNK=-(-self.min_chunk // block_n) * block_n,
             num_warps=warps, num_stages=stages, **pdl_launch(q.device, row=s == 1))
         if parts > 1 and not merge:
             _decode_reduce[(s, hq)](

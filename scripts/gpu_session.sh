@@ -1134,6 +1134,24 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s18b)  # FP8 batch-1 TPOT over per-shape prefill limits of the streaming GEMV and over
+      # the split decode's fewest keys a slice (short sequences unsplit: no merge); bf16 too
+      export BENCH_TIMEOUT=200
+      run_tests s18b 300 -n 4 -m gpu tests/test_triton_attention.py -k "decode or merge" \
+          tests/test_fp8_gemv_cuda.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      D=2048:6:4:3
+      bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_ATTN_MIN_CHUNK=128 bench fp8_b1_mc128 $M --quant fp8 $B
+      TRTDIST_ATTN_MIN_CHUNK=256 bench fp8_b1_mc256 $M --quant fp8 $B
+      for v in 4096x4096:1 4096x4096:2 28672x4096:2 6144x4096:0 4096x14336:4 4096x14336:2; do
+        TRTDIST_STREAM_GEMV_CONFIG="$D,${v%:*}=2048:6:4:${v#*:}" bench "fp8_b1_${v/:/_p}" \
+            $M --quant fp8 $B
+      done
+      bench bf16_b1 $M $B
+      TRTDIST_ATTN_MIN_CHUNK=256 bench bf16_b1_mc256 $M $B
+      ;;
     s18a)  # the split decode merged by its last partition program (no _decode_reduce
       # launch), the streaming GEMV on by default with a per-device early trigger: GPU
       # tests, then batch-1 TPOT, FP8 and bf16, with the merge in the partial / its own kernel,

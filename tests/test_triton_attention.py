@@ -136,12 +136,13 @@ def check(case: Case, window: int | None, backend: TritonAttentionBackend | None
     (torch.float16, 8, 1, 80, 16, None, 1),  # no split, non-power-of-two head_dim
     (torch.float16, 12, 4, 32, 8, 300, 1000),  # GQA 3, window across partitions
 ])
-@pytest.mark.parametrize("merge_in_partial", [True, False], ids=["merge-partial",
-                                                                  "merge-kernel"])
+@pytest.mark.parametrize("merge_in_partial,min_chunk", [(True, 0), (False, 0), (True, 250)],
+                         ids=["merge-partial", "merge-kernel", "min-chunk"])
 def test_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int,
-                window: int | None, target: int, merge_in_partial: bool) -> None:
+                window: int | None, target: int, merge_in_partial: bool, min_chunk: int) -> None:
     case = Case([9, 1, 600, 16, 0, 4], [1] * 6, hq, hkv, d, bs, dtype, seed=hq + d)
-    backend = TritonAttentionBackend(target_programs=target, merge_in_partial=merge_in_partial)
+    backend = TritonAttentionBackend(target_programs=target, merge_in_partial=merge_in_partial,
+                                     min_chunk=min_chunk)
     check(case, window, backend)
     counts = backend._eager_ws.counts
     assert counts is None or not counts.any()  # every last arrival reset its counter
@@ -154,6 +155,12 @@ def test_merge_mode_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not TritonAttentionBackend().merge_in_partial
     monkeypatch.setenv("TRTDIST_ATTN_MERGE", "both")
     with pytest.raises(ValueError, match="TRTDIST_ATTN_MERGE must be one of"):
+        TritonAttentionBackend()
+    monkeypatch.delenv("TRTDIST_ATTN_MERGE")
+    monkeypatch.setenv("TRTDIST_ATTN_MIN_CHUNK", "256")
+    assert TritonAttentionBackend().min_chunk == 256
+    monkeypatch.setenv("TRTDIST_ATTN_MIN_CHUNK", "-1")
+    with pytest.raises(ValueError, match="TRTDIST_ATTN_MIN_CHUNK must be a number"):
         TritonAttentionBackend()
 
 
