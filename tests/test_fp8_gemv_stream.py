@@ -405,3 +405,103 @@ def test_stage_with_fused_inputs_in_a_graph_gpu(monkeypatch: pytest.MonkeyPatch)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336), (2048, 2048)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_mode", [0, 1])
+def test_norm_out_matches_the_gemm_then_the_norm_kernel_gpu(n: int, k: int, dtype: torch.dtype,
+                                                            x_mode: int) -> None:
+    """The launch's output row is the plain launch's, bit for bit; the residual sum too; the
+    quantized norm is `rms_norm_quant_triton`'s up to the reduction order of the sum of
+    squares (a code one step off at most, rarely); the amax slot is cleared and the arrival
+    counter back at zero after each launch."""
+    from trtdist.kernels.fp8_fused import rms_norm_quant_triton
+    from trtdist.parallel.quant_fp8 import quantize_activation
+
+    dev = _hopper()
+    gen = torch.Generator(device=dev).manual_seed(n + k + x_mode)
+    w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev, generator=gen) * 0.02)
+    x = torch.randn(1, k, device=dev, dtype=dtype, generator=gen)
+    if x_mode == 0:
+        src, xs = quantize_activation(x, None)
+    else:
+        src, xs = x, x.float().abs().amax().reshape(1)
+    residual = torch.randn(1, n, device=dev, dtype=dtype, generator=gen)
+    norm_w = (torch.rand(n, device=dev, generator=gen) + 0.5).to(dtype)
+    plain = torch.empty(1, n, device=dev, dtype=dtype)
+    stream.fp8_gemv_stream(src, xs.reshape(-1).clone(), x_mode, w, ws, None, plain)
+    ref_res = residual.clone()
+    ref_q, ref_s, _ = rms_norm_quant_triton(plain, ref_res, norm_w, 1e-5, None)
+    arrivals = torch.zeros(1, device=dev, dtype=torch.int32)
+    for _ in range(2):
+        res = residual.clone()
+        slot = xs.reshape(-1).clone() if x_mode == 1 else torch.full((1,), 7.0, device=dev)
+        out = torch.full((1, n), float("nan"), device=dev, dtype=dtype)
+        q = torch.empty(1, n, device=dev, dtype=torch.float8_e4m3fn)
+        s = torch.empty(1, 1, device=dev)
+        stream.fp8_gemv_stream_norm_out(src, slot if x_mode == 1 else xs.reshape(-1), x_mode,
+                                        w, ws, None, out, res, norm_w, 1e-5, q, s, slot,
+                                        arrivals)
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain)
+        assert torch.equal(res, ref_res)
+        assert float(slot[0]) == 0.0 and int(arrivals[0]) == 0
+        torch.testing.assert_close(s, ref_s, rtol=2e-3, atol=0)
+        same = (q.view(torch.uint8) == ref_q.view(torch.uint8)).float().mean().item()
+        assert same > 0.99, same
+        deq, ref_deq = q.float() * s, ref_q.float() * ref_s
+        assert float((deq - ref_deq).norm() / ref_deq.norm()) < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", [1, 129, 2000])
+def test_stage_with_norm_out_gpu(seq_len: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Llama stage whose o and down GEMMs run the next norm in their launch is as close to
+    the model with dequantized weights as the stage with the norm kernels, and every o / down
+    but the last down took it; eager and CUDA-graph replays give the same bits."""
+    from test_fp8_decode_step import _kv, _stage
+    from trtdist.parallel import layers as parallel_layers
+
+    dev = _hopper()
+    stage, cfg = _stage(dev, layers=3)
+    monkeypatch.setenv(stream.NORM_OUT_ENV, "0")
+    err_off, _ = _twin_error(stage, cfg, seq_len, monkeypatch, fused=True)
+    monkeypatch.setenv(stream.NORM_OUT_ENV, "1")
+    calls = []
+    real = parallel_layers.RowParallelLinear.forward_norm_out
+
+    def counted(self, *a, **kw):
+        y = real(self, *a, **kw)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(parallel_layers.RowParallelLinear, "forward_norm_out", counted)
+    err_on, out = _twin_error(stage, cfg, seq_len, monkeypatch, fused=True)
+    print(f"seq_len {seq_len}: norm kernels {err_off:.4f} norm in o / down {err_on:.4f}")
+    assert calls == [True] * 5  # o x 3, down x 2 (the last down has no next input norm)
+    assert not out.isnan().any()
+    assert err_on < 1.25 * err_off + 2e-3, (err_off, err_on)
+    assert all(not lin.norm_arrivals.any() for layer in stage.layers.values()
+               for lin in (layer.attn.o, layer.mlp.down))
+
+    stage._decode_step = False
+    kv, inputs, pos = _kv(stage, cfg, 300)
+    ids = torch.tensor([5], device=dev)
+    ctx = stage.context(pos, inputs.slot_mapping, stage.attention_backend.prepare(inputs))
+    first = stage(ids, kv, ctx).clone()
+    ctx = stage.context(pos, inputs.slot_mapping,
+                        stage.attention_backend.prepare_for_capture(inputs))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        stage(ids, kv, ctx)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        out = stage(ids, kv, ctx)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
