@@ -1134,6 +1134,22 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s18c)  # o / down GEMMs running the next add + RMSNorm + quantization in their last CTA
+      # (NORM_OUT): GPU tests, then batch-1 TPOT FP8 on / off, bf16, a timeline, batch 8
+      export BENCH_TIMEOUT=200
+      run_tests s18c 400 -n 4 -m gpu tests/test_fp8_gemv_stream.py tests/test_fp8.py \
+          tests/test_graphs.py tests/test_row_amax.py tests/test_fp8_fused.py \
+          tests/test_fp8_decode_step.py
+      grep -a "^seq_len" "$OUT/s18c_tests.log" | head -6 | tee -a "$SUMMARY"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV_NORM_OUT=0 bench fp8_b1_normkernels $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      fp8_variant t "defaults" "^linear|^_[a-z_]+ |^fp8_gemv"
+      sed -n '/one step/,/last 12/p' "$OUT/timeline_t.log" | sed -n 2,12p >> "$SUMMARY"
+      bench fp8_b8 $M --quant fp8 --num-requests 8 --input-len 128 --output-len 256
+      ;;
     s18b)  # FP8 batch-1 TPOT over per-shape prefill limits of the streaming GEMV and over
       # the split decode's fewest keys a slice (short sequences unsplit: no merge); bf16 too
       export BENCH_TIMEOUT=200
