@@ -32,13 +32,7 @@
 // Compile-time parameters (NVRTC -D): K, NWARPS, KC, STAGES, MAXU (units a CTA at most),
 // MIN_BLOCKS (register cap: CTAs an SM), PREFILL_STAGES (stages copied before the producer
 // waits too; 0: it waits first), EARLY_TRIGGER (1: the next kernel may launch at this one's
-// start; 0: after the main loop), X_MODE, X_T, OUT_T, HAS_BIAS, HAS_RES (mode 3), GATED,
-// NORM_OUT, NORM_N.
-//
-// NORM_OUT (with NORM_N = N, a plain GEMV of modes 0-2): the output row is also handed on
-// normalised, as kernels/fp8_fused.py's rms_norm_quant_triton would: the last CTA to finish
-// (an arrival counter) computes x + residual (into res_out, in place allowed), RMSNorm *
-// norm_w and its per-token E4M3 (q_out, scale_out), and zeroes `clear` (a row-amax slot).
+// start; 0: after the main loop), X_MODE, X_T, OUT_T, HAS_BIAS, HAS_RES (mode 3), GATED.
 //
 // GATED: W is a gate | up weight [2I, K] and the output is SiLU(gate) * up [I] (each rounded
 // to the model dtype first, kernels/activation.py): a unit is 8 gate rows (MMA rows g) with
@@ -47,16 +41,6 @@
 
 #include "cuda_common.cuh"
 #include "fp8_gemv_common.cuh"
-
-#ifndef NORM_OUT
-#define NORM_OUT 0
-#define NORM_N 0
-#endif
-#if NORM_OUT
-static_assert(!GATED && X_MODE < 3, "NORM_OUT: a plain GEMV of input modes 0-2");
-static_assert(X_T == OUT_T, "NORM_OUT: the row in the output dtype");
-static_assert(NORM_N % (8 * NWARPS * 32) == 0, "NORM_OUT: 16-byte runs a consumer thread");
-#endif
 
 #define NTC (NWARPS * 32)
 #define STEPS (KC / 128 / NWARPS)
@@ -70,15 +54,14 @@ static_assert(KC % 16 == 0 && KC <= 65536, "bulk copies: 16-byte multiples");
 
 __device__ __forceinline__ void consumers_sync() { consumers_bar<NTC>(); }
 
-// A row held by the consumer threads in 16-byte runs of 8 values: thread t holds runs t,
-// t + NTC, ... (coalesced loads; a warp's 32 runs contiguous)
-#define RUN_AT(j) (threadIdx.x + (j) * NTC)  // the thread's j-th run
 #if X_MODE >= 3
 static_assert(X_T == OUT_T, "modes 3-5: x in the model dtype");
+// 16-byte runs of 8 values: thread t holds runs t, t + NTC, ... (coalesced loads; a run per
+// thread each, a warp's 32 runs contiguous), RUNS_T of them
 #define RUN (K / NTC)  // row elements a consumer thread
 #define RUNS_T (RUN / 8)
+#define RUN_AT(j) (threadIdx.x + (j) * NTC)  // the thread's j-th run
 static_assert(K % (8 * NTC) == 0, "modes 3-5: 16-byte runs a consumer thread");
-#endif
 
 __device__ __forceinline__ float to_x(u16 v) {  // a model-dtype value as float32
     return lo_to_f32((u32)v);
@@ -98,20 +81,18 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return (u32)to_out(lo) | ((u32)to_out(hi) << 16);
 }
 
-// The row (model dtype, R values a thread packed in pairs: run RUN_AT(j) in y[4 j .. 4 j + 3])
-// as E4M3 into xs (shared or global), scaled per token from its amax (kernels/fp8_quant.py's
-// formula); returns the scale.
-template <int R>
-__device__ __forceinline__ float quantize_run(const u32 (&y)[R / 2], unsigned char* xs,
+// The row (model dtype, packed in pairs: run RUN_AT(j) in y[4 j .. 4 j + 3]) as E4M3 into xs,
+// scaled per token from its amax (kernels/fp8_quant.py's formula); returns the scale.
+__device__ __forceinline__ float quantize_run(const u32 (&y)[RUN / 2], unsigned char* xs,
                                               float* red) {
     float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < R / 2; ++i)
+    for (int i = 0; i < RUN / 2; ++i)
         amax = fmaxf(amax, fmaxf(fabsf(lo_to_f32(y[i])), fabsf(hi_to_f32(y[i]))));
     const float scale = fmaxf(__fdiv_rn(consumers_reduce<1, NTC>(amax, red), 448.0f), 1e-12f);
     const float inv = __frcp_rn(scale);
 #pragma unroll
-    for (int j = 0; j < R / 8; ++j) {
+    for (int j = 0; j < RUNS_T; ++j) {
         uint2 q;
         q.x = quantize_pair(y[4 * j], inv) | (quantize_pair(y[4 * j + 1], inv) << 16);
         q.y = quantize_pair(y[4 * j + 2], inv) | (quantize_pair(y[4 * j + 3], inv) << 16);
@@ -119,49 +100,7 @@ __device__ __forceinline__ float quantize_run(const u32 (&y)[R / 2], unsigned ch
     }
     return scale;
 }
-
-// (x + residual, then RMSNorm * norm_w) of a row of R values a thread, packed in pairs into y,
-// with kernels/fp8_fused.py's roundings; x + residual also stored to res_out (each thread its
-// runs: res_out may be res). Every load before any use: one L2 round trip for the row.
-template <int R>
-__device__ __forceinline__ void add_rms_norm_run(const u16* x, const u16* res, u16* res_out,
-                                                 const u16* norm_w, float eps, u32 (&y)[R / 2],
-                                                 float* red) {
-    uint4 xv[R / 8], rv[R / 8], wv[R / 8];
-#pragma unroll
-    for (int j = 0; j < R / 8; ++j) {
-        xv[j] = ld_cg(x + 8 * RUN_AT(j));
-        rv[j] = ld_cg(res + 8 * RUN_AT(j));
-        wv[j] = ld_cg(norm_w + 8 * RUN_AT(j));
-    }
-    float ss = 0.0f;
-#pragma unroll
-    for (int j = 0; j < R / 8; ++j) {
-        float h[8], r[8];
-        unpack8(xv[j], h);
-        unpack8(rv[j], r);
-#pragma unroll
-        for (int i = 0; i < 8; i += 2) {
-            h[i] = round_x(h[i] + r[i]);  // as `x + residual`
-            h[i + 1] = round_x(h[i + 1] + r[i + 1]);
-            ss += h[i] * h[i] + h[i + 1] * h[i + 1];
-            y[4 * j + i / 2] = pack2(h[i], h[i + 1]);
-        }
-        *reinterpret_cast<uint4*>(res_out + 8 * RUN_AT(j)) =
-            make_uint4(y[4 * j], y[4 * j + 1], y[4 * j + 2], y[4 * j + 3]);
-    }
-    const float rstd = rsqrtf(consumers_reduce<0, NTC>(ss, red) / (R * NTC) + eps);
-#pragma unroll
-    for (int j = 0; j < R / 8; ++j) {
-        const u32 nw[4] = {wv[j].x, wv[j].y, wv[j].z, wv[j].w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const u32 v = y[4 * j + i];
-            y[4 * j + i] = pack2(round_x(round_x(lo_to_f32(v) * rstd) * lo_to_f32(nw[i])),
-                                 round_x(round_x(hi_to_f32(v) * rstd) * hi_to_f32(nw[i])));
-        }
-    }
-}
+#endif
 
 // Weight row of MMA row r (0..15) of unit u (of `units`).
 __device__ __forceinline__ int unit_row(int u, int r, int units) {
@@ -187,9 +126,7 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
                 const void* __restrict__ x, const float* __restrict__ x_scale,
                 const u16* __restrict__ bias, u16* __restrict__ out, int units,
                 const u16* __restrict__ res, u16* __restrict__ res_out,
-                const u16* __restrict__ norm_w, float eps, float* __restrict__ amax_out,
-                unsigned char* __restrict__ q_out, float* __restrict__ scale_out,
-                float* __restrict__ clear, int* __restrict__ arrivals) {
+                const u16* __restrict__ norm_w, float eps, float* __restrict__ amax_out) {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* xs = smem + XS_OFF;
     float* wss = reinterpret_cast<float*>(smem + WS_OFF);
@@ -332,7 +269,7 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
         y[4 * j] = v.x; y[4 * j + 1] = v.y; y[4 * j + 2] = v.z; y[4 * j + 3] = v.w;
     }
 #endif
-    const float scale = quantize_run<RUN>(y, xs, red);
+    const float scale = quantize_run(y, xs, red);
 #endif
     consumers_sync();
 
@@ -404,30 +341,5 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
 #endif
 #if !EARLY_TRIGGER
     launch_dependents();
-#endif
-#if NORM_OUT
-    // The last CTA to finish takes the whole output row on: + residual, RMSNorm, per-token
-    // E4M3 (replacing the norm kernel after this GEMM and its launch boundary). The barrier
-    // orders this CTA's output stores before thread 0's release of its arrival (as a
-    // cooperative grid sync); the last arrival's acquire makes every CTA's visible to it.
-    consumers_sync();
-    int* last = reinterpret_cast<int*>(partial);  // free once every unit's sums are read
-    if (threadIdx.x == 0) {
-        int prev;
-        asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;"
-                     : "=r"(prev) : "l"(arrivals) : "memory");
-        *last = prev == (int)gridDim.x - 1;
-    }
-    consumers_sync();
-    if (!*last) return;
-    float* red = reinterpret_cast<float*>(smem + RED_OFF);
-    u32 y[NORM_N / NTC / 2];
-    add_rms_norm_run<NORM_N / NTC>(out, res, res_out, norm_w, eps, y, red);
-    const float qscale = quantize_run<NORM_N / NTC>(y, q_out, red);
-    if (threadIdx.x == 0) {
-        *scale_out = qscale;
-        if (clear != nullptr) *clear = 0.0f;  // the row-amax slot the next producers max into
-        *arrivals = 0;  // for the next launch (it waits for this one to complete)
-    }
 #endif
 }

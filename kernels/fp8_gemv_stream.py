@@ -235,9 +235,7 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
             ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             config: StreamGemvConfig | None, res: torch.Tensor | None = None,
             res_out: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
-            eps: float = 0.0, amax_out: torch.Tensor | None = None,
-            norm_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]
-            | None = None) -> torch.Tensor:
+            eps: float = 0.0, amax_out: torch.Tensor | None = None) -> torch.Tensor:
     n, k = w.shape
     gated = amax_out is not None
     cfg = config or default_config(k, n)
@@ -251,9 +249,7 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
     defines = dict(K=k, NWARPS=cfg.nwarps, KC=cfg.kc, STAGES=cfg.stages, MAXU=max_units,
                    MIN_BLOCKS=cfg.min_blocks, PREFILL_STAGES=prefill, GATED=int(gated),
                    EARLY_TRIGGER=int(cfg.early_trigger), X_MODE=x_mode,
-                   X_T=_DTYPE_IDS.get(x.dtype, _DTYPE_IDS[out.dtype]),
-                   OUT_T=_DTYPE_IDS[out.dtype], NORM_OUT=int(norm_out is not None),
-                   NORM_N=n if norm_out is not None else 0,
+                   X_T=_DTYPE_IDS.get(x.dtype, 0), OUT_T=_DTYPE_IDS[out.dtype],
                    HAS_BIAS=int(bias is not None), HAS_RES=int(res is not None))
     fn = cuda_jit.load(SOURCE, "fp8_gemv_stream", defines, w.device)
     P = cuda_jit.POINTER
@@ -263,13 +259,11 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
     def ptr(t: torch.Tensor | None) -> int:
         return (t if t is not None else out).data_ptr()  # `out`: a placeholder, never read
 
-    q_out, scale_out, clear, arrivals = norm_out or (None, None, None, None)
     fn.launch(grid, cfg.nwarps * 32 + 32,
               (w.data_ptr(), ws.data_ptr(), x.data_ptr(), ptr(x_scale), ptr(bias),
                out.data_ptr(), n // ROWS_PER_UNIT, ptr(res), ptr(res_out), ptr(norm_w),
-               float(eps), ptr(amax_out), ptr(q_out), ptr(scale_out),
-               clear.data_ptr() if clear is not None else 0, ptr(arrivals)),
-              (P, P, P, P, P, P, ctypes.c_int, P, P, P, ctypes.c_float, P, P, P, P, P),
+               float(eps), ptr(amax_out)),
+              (P, P, P, P, P, P, ctypes.c_int, P, P, P, ctypes.c_float, P),
               pdl=pdl_enabled(w.device), shared=shared)
     return out
 
@@ -307,52 +301,6 @@ def fp8_gemv_stream_gated(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w
     if x_mode not in (0, 1, 2):
         raise ValueError(f"fp8_gemv_stream_gated: x_mode must be 0, 1 or 2, got {x_mode}")
     return _launch(x, x_scale, x_mode, w, ws, bias, out, config, amax_out=amax_out)
-
-
-NORM_OUT_ENV = "TRTDIST_STREAM_GEMV_NORM_OUT"  # "0": the norm after o / down by its kernel
-
-
-def supports_norm_out(n: int, k: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `fp8_gemv_stream_norm_out` takes a one-token GEMM of `[N, K]` whose output
-    row (model dtype `dtype`) goes on through add + RMSNorm + per-token E4M3: as `supports`,
-    N in 16-byte runs of the consumer threads; on unless TRTDIST_STREAM_GEMV_NORM_OUT=0."""
-    v = os.environ.get(NORM_OUT_ENV, "1")
-    if v not in ("0", "1"):
-        raise ValueError(f"{NORM_OUT_ENV} must be 0 or 1 (default 1), got {v!r}")
-    cfg = default_config(k, n)
-    return (v == "1" and dtype in _DTYPE_IDS and cfg is not None
-            and n % (8 * 32 * cfg.nwarps) == 0
-            and supports(1, n, k, torch.float8_e4m3fn, dtype, device))
-
-
-def fp8_gemv_stream_norm_out(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int,
-                             w: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
-                             out: torch.Tensor, residual: torch.Tensor,
-                             norm_weight: torch.Tensor, eps: float, q_out: torch.Tensor,
-                             scale_out: torch.Tensor, clear: torch.Tensor | None,
-                             arrivals: torch.Tensor, *,
-                             config: StreamGemvConfig | None = None) -> torch.Tensor:
-    """`fp8_gemv_stream` whose output row `out [1, N]` also goes on as `rms_norm_quant_triton`
-    would take it: `residual` becomes `out + residual` (IN PLACE), `q_out [1, N]` E4M3 and
-    `scale_out` (float32) the per-token quantization of `RMSNorm(out + residual) *
-    norm_weight`, and `clear` (a float32 row-amax slot) is zeroed, all by the launch's last
-    CTA to finish. `arrivals`: one int32, zero before (and after) every launch; launches
-    sharing it must not overlap (a stream's kernels do not)."""
-    n = w.shape[0]
-    if x_mode not in (0, 1, 2):
-        raise ValueError(f"fp8_gemv_stream_norm_out: x_mode must be 0, 1 or 2, got {x_mode}")
-    _check_row("residual", residual, n, out.dtype)
-    _check_row("norm_weight", norm_weight, n, out.dtype)
-    if (q_out.numel() != n or q_out.dtype != torch.float8_e4m3fn or scale_out.numel() != 1
-            or scale_out.dtype != torch.float32 or arrivals.numel() != 1
-            or arrivals.dtype != torch.int32
-            or (clear is not None and clear.dtype != torch.float32)):
-        raise ValueError(f"fp8_gemv_stream_norm_out: want q_out [{n}] E4M3, a float32 "
-                         f"scale_out and clear slot, one int32 arrival counter; got "
-                         f"{tuple(q_out.shape)} {q_out.dtype}, {scale_out.dtype}, "
-                         f"{None if clear is None else clear.dtype}, {arrivals.dtype}")
-    return _launch(x, x_scale, x_mode, w, ws, bias, out, config, residual, residual,
-                   norm_weight, eps, norm_out=(q_out, scale_out, clear, arrivals))
 
 
 def _check_row(name: str, t: torch.Tensor, k: int, dtype: torch.dtype) -> None:

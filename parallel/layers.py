@@ -18,7 +18,6 @@ from trtdist.parallel.linear_methods import (
     GatedActivation,
     LinearMethod,
     NormedActivation,
-    NormOutput,
     QuantizedActivation,
     UnquantizedLinearMethod,
     empty_param,
@@ -26,7 +25,7 @@ from trtdist.parallel.linear_methods import (
 )
 
 __all__ = ["Activation", "ActivationWithAmax", "ColumnParallelLinear", "Fp8LinearMethod",
-           "GatedActivation", "LinearMethod", "NormOutput", "NormedActivation", "ParallelLMHead",
+           "GatedActivation", "LinearMethod", "NormedActivation", "ParallelLMHead",
            "QuantizedActivation", "RowParallelLinear", "UnquantizedLinearMethod",
            "VocabParallelEmbedding", "make_linear_method"]
 
@@ -91,28 +90,10 @@ class RowParallelLinear(_Linear):
                  quant: LinearMethod | None = None) -> None:
         super().__init__(out_features, in_local, bias, dtype, device, quant)
         self.comm = comm
-        # the arrival counter of `forward_norm_out`'s launches (zero between them)
-        self.norm_arrivals = (torch.zeros(1, dtype=torch.int32, device=device)
-                              if comm.size == 1 and device.type == "cuda" else None)
 
     def forward(self, x: Activation) -> torch.Tensor:
         y = self.comm.all_reduce(self.method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
-
-    def wants_norm_out(self, rows: int) -> bool:
-        """Whether `forward_norm_out` can run at `rows` tokens: one rank (no all-reduce
-        between the GEMM and the norm) and `LinearMethod.wants_norm_out`."""
-        return self.norm_arrivals is not None and self.method.wants_norm_out(self, rows)
-
-    def forward_norm_out(self, x: Activation, residual: torch.Tensor, weight: torch.Tensor,
-                         eps: float, clear: torch.Tensor | None) -> QuantizedActivation | None:
-        """`rms_norm_quant_triton(self(x), residual, weight, eps, None, clear=clear)`'s
-        quantized row in one launch (`residual` updated in place), or None where the method
-        cannot (then nothing ran)."""
-        if self.norm_arrivals is None:
-            return None
-        return self.method.apply_norm_out(self, x, self.bias, NormOutput(
-            residual, weight, eps, clear, self.norm_arrivals))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -22,7 +22,6 @@ from trtdist.parallel.quant_fp8 import (
     fp8_linear_dynamic_cuda,
     fp8_linear_gated_cuda,
     fp8_linear_norm_cuda,
-    fp8_linear_norm_out_cuda,
     fp8_linear_quantized_cuda,
     fp8_linear_quantized_reference,
     fp8_linear_reference,
@@ -30,7 +29,6 @@ from trtdist.parallel.quant_fp8 import (
     fused_input_supported,
     fused_quantization_available,
     gated_output_supported,
-    norm_out_supported,
     quantize_weight_per_channel,
     scaled_mm_supported,
     stream_gemv_takes,
@@ -127,20 +125,6 @@ Activation = (torch.Tensor | QuantizedActivation | ActivationWithAmax | NormedAc
               | GatedActivation)
 
 
-@dataclass(frozen=True, slots=True)
-class NormOutput:
-    """What a one-token GEMM whose method `wants_norm_out` does with its output row `y`
-    besides: `rms_norm_quant_triton(y, residual, weight, eps, None, clear=clear)` (the add +
-    RMSNorm + per-token FP8 quantization that opens the next block), `residual` updated in
-    place. `arrivals`: the launch's arrival counter (one int32, zero between launches)."""
-
-    residual: torch.Tensor  # [1, N] model dtype
-    weight: torch.Tensor  # [N]
-    eps: float
-    clear: torch.Tensor | None  # the float32 row-amax slot the next producers max into
-    arrivals: torch.Tensor
-
-
 class LinearMethod:
     """How a linear layer stores and multiplies its weight: the seam every quantization scheme
     plugs into (unquantized, FP8; INT4 would be one more subclass).
@@ -190,17 +174,6 @@ class LinearMethod:
         """SiLU(gate) * up of this gate | up layer's output, its rows' max |value| maxed into
         `amax` (`wants_gated_output`); None when it cannot (the caller runs `apply` and the
         SiLU x up kernel)."""
-        return None
-
-    def wants_norm_out(self, layer: nn.Module, rows: int) -> bool:
-        """Whether a `rows`-token GEMM can also hand its output on through the next block's
-        add + RMSNorm + FP8 quantization (`apply_norm_out`; one token, FP8, Hopper)."""
-        return False
-
-    def apply_norm_out(self, layer: nn.Module, x: Activation, bias: torch.Tensor | None,
-                       norm: NormOutput) -> QuantizedActivation | None:
-        """The GEMM's output normalised and quantized as `norm` says (`wants_norm_out`), or
-        None where it cannot (the caller then runs the GEMM and the norm kernel)."""
         return None
 
     def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
@@ -307,25 +280,6 @@ class Fp8LinearMethod(LinearMethod):
             return None
         return fp8_linear_gated_cuda(x.q, x.scale, layer.weight, layer.weight_scale.view(1, -1),
                                      bias, x.dtype, amax)
-
-    def wants_norm_out(self, layer: nn.Module, rows: int) -> bool:
-        return (rows == 1 and not self.quant.static and bool(layer.use_scaled_mm)
-                and norm_out_supported(layer.weight, layer.act_dtype))
-
-    def apply_norm_out(self, layer: nn.Module, x: Activation, bias: torch.Tensor | None,
-                       norm: NormOutput) -> QuantizedActivation | None:
-        if isinstance(x, QuantizedActivation):
-            src, x_scale, mode, dtype = x.q, x.scale, 0, x.dtype
-        elif isinstance(x, ActivationWithAmax):
-            src, x_scale, mode, dtype = x.x, x.amax[:1], 1, x.x.dtype
-        else:
-            return None
-        if src.dim() != 2 or src.shape[0] != 1 or not src.is_contiguous():
-            return None
-        out = fp8_linear_norm_out_cuda(src, x_scale, mode, layer.weight,
-                                       layer.weight_scale.view(1, -1), bias, norm.residual,
-                                       norm.weight, norm.eps, norm.clear, norm.arrivals)
-        return None if out is None else QuantizedActivation(out[0], out[1], dtype)
 
     def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
         if self.wants_fused_input(layer, rows, "plain"):  # it quantizes a plain row itself

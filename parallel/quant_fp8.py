@@ -335,38 +335,6 @@ def fp8_linear_gated_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tens
                         weight_scale_row.view(-1), bias, out, amax)
 
 
-def norm_out_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a one-token FP8 GEMM of `weight` can hand its output row on normalised and
-    quantized (`kernels/fp8_gemv_stream.py`'s `fp8_gemv_stream_norm_out`: Hopper, the
-    streaming GEMV, unless TRTDIST_STREAM_GEMV_NORM_OUT=0)."""
-    if _fused_input_off or not weight.is_cuda:
-        return False
-    from trtdist.kernels import fp8_gemv_stream
-
-    n, k = weight.shape
-    return fp8_gemv_stream.supports_norm_out(n, k, dtype, weight.device)
-
-
-def fp8_linear_norm_out_cuda(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int,
-                             weight: torch.Tensor, weight_scale_row: torch.Tensor,
-                             bias: torch.Tensor | None, residual: torch.Tensor,
-                             norm_weight: torch.Tensor, eps: float, clear: torch.Tensor | None,
-                             arrivals: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The one-token GEMM of `x` (X_MODE 0: E4M3 with its scale, 1: model dtype with its row
-    amax) followed by `rms_norm_quant_triton(y, residual, norm_weight, eps, None,
-    clear=clear)` in one launch (`norm_out_supported`): `residual` updated in place, returns
-    `(xq [1, N], scale [1, 1])`; None if the launch failed (nothing written then)."""
-    n = weight.shape[0]
-    out = torch.empty((1, n), dtype=residual.dtype, device=residual.device)
-    q = torch.empty((1, n), dtype=FP8_DTYPE, device=residual.device)
-    scale = torch.empty((1, 1), dtype=torch.float32, device=residual.device)
-    done = _fused_input("fp8_gemv_stream_norm_out", x, x_scale.reshape(-1), x_mode, weight,
-                        weight_scale_row.view(-1), bias, out, residual, norm_weight, eps, q,
-                        scale, clear, arrivals)
-    return None if done is None else (q, scale)
-
-
 def fp8_linear_amax_cuda(x: torch.Tensor, row_amax: torch.Tensor, weight: torch.Tensor,
                          weight_scale_row: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:

@@ -55,11 +55,6 @@ class StepContext:
     residual_pair: torch.Tensor | None = None
 
 
-# (residual, norm weight, eps, row-amax slot to clear): what a GEMM that also runs the next
-# norm needs (`RowParallelLinear.forward_norm_out`)
-NormOut = tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -103,12 +98,9 @@ class LlamaAttention(nn.Module):
                                    quant)
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv: LayerKV,
-                ctx: StepContext, row_amax: torch.Tensor | None = None,
-                norm_out: NormOut | None = None) -> torch.Tensor | QuantizedActivation:
+                ctx: StepContext, row_amax: torch.Tensor | None = None) -> torch.Tensor:
         """`row_amax` (zeroed by the norm before): the attention maxes its output rows' amax
-        into it and the FP8 o projection quantizes from it. `norm_out`: the o projection
-        also runs the post-attention norm where it can (`RowParallelLinear.forward_norm_out`)
-        and returns its quantized row (the residual updated in place)."""
+        into it and the FP8 o projection quantizes from it."""
         t = x.shape[0]
         # Rotary on q and k, and the write of k and v into the paged cache, in one op.
         q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
@@ -119,10 +111,7 @@ class LlamaAttention(nn.Module):
                                 k_scale=kv.k_scale, v_scale=kv.v_scale,
                                 row_amax=amax)  # [T, Hq, D]
         o = o.reshape(t, self.q_size)
-        act = o if amax is None else ActivationWithAmax(o, amax)
-        if norm_out is not None and (y := self.o.forward_norm_out(act, *norm_out)) is not None:
-            return y
-        return self.o(act)
+        return self.o(o if amax is None else ActivationWithAmax(o, amax))
 
 
 class LlamaMLP(nn.Module):
@@ -140,22 +129,15 @@ class LlamaMLP(nn.Module):
                                       quant)
 
     def forward(self, x: torch.Tensor | QuantizedActivation,
-                row_amax: torch.Tensor | None = None, norm_out: NormOut | None = None
-                ) -> torch.Tensor | QuantizedActivation:
+                row_amax: torch.Tensor | None = None) -> torch.Tensor:
         """`row_amax` (zeroed by the norm before, see `LlamaStage.row_amax`): the SiLU x up
-        kernel maxes its rows' amax into it and the FP8 down projection quantizes from it.
-        `norm_out`: the down projection also runs the next layer's input norm where it can
-        and returns its quantized row (the residual updated in place)."""
+        kernel maxes its rows' amax into it and the FP8 down projection quantizes from it."""
         t = x.shape[0]
         if (row_amax is not None and self.gate_up.wants_gated_output(t)
                 and self.down.wants_row_amax(t)):
             act = self.gate_up.forward_gated(x, row_amax)  # SiLU x up in the GEMM's epilogue
             if act is not None:
-                a = ActivationWithAmax(act, row_amax)
-                if norm_out is not None and (
-                        y := self.down.forward_norm_out(a, *norm_out)) is not None:
-                    return y
-                return self.down(a)
+                return self.down(ActivationWithAmax(act, row_amax))
         h = self.gate_up(x)  # [T, 2I]
         if h.dim() == 2 and row_amax is not None and self.down.wants_row_amax(h.shape[0]):
             return self.down(ActivationWithAmax(silu_and_mul(h, row_amax=row_amax), row_amax))
@@ -183,45 +165,21 @@ class LlamaDecoderLayer(nn.Module):
         return (self.attn.qkv.wants_fused_input(1, "norm")
                 and self.mlp.gate_up.wants_fused_input(1, "norm"))
 
-    def forward(self, h: torch.Tensor | QuantizedActivation, residual: torch.Tensor | None,
-                cos_sin: torch.Tensor, kv_cache: LayerKV, ctx: StepContext,
-                next_layer: LlamaDecoderLayer | None = None
-                ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor]:
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
+                kv_cache: LayerKV, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream travels beside the layer output (vLLM style): the add that
-        closes one block is fused with the norm that opens the next. At one token with FP8
-        GEMMs that can (`RowParallelLinear.wants_norm_out`), that add + norm runs in the
-        closing GEMM's launch: o's runs the post-attention norm, down's `next_layer`'s input
-        norm, and the layer then returns the next layer's quantized input (`h` may be one)."""
-        if (ctx.residual_pair is not None and h.shape[0] == 1
-                and not isinstance(h, QuantizedActivation) and self.fuses_one_token()):
+        closes one block is fused with the norm that opens the next."""
+        if ctx.residual_pair is not None and h.shape[0] == 1 and self.fuses_one_token():
             return self._forward_fused(h, residual, cos_sin, kv_cache, ctx.residual_pair, ctx)
         # NOTE: the slot is handed on only behind a norm that zeroes it (the fused FP8 one);
         # o and down each then take it where their GEMM wants it (`wants_row_amax`).
         amax = ctx.row_amax
         attn_amax = amax if amax is not None and self.attn.qkv.wants_quantized_input else None
         mlp_amax = amax if amax is not None and self.mlp.gate_up.wants_quantized_input else None
-        if isinstance(h, QuantizedActivation):  # the previous layer's down ran our input norm
-            x = h
-        else:
-            x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv, clear=attn_amax)
-        assert residual is not None
-        one = x.shape[0] == 1
-        post = ((residual, self.post_norm.weight, self.post_norm.eps, mlp_amax)
-                if one and mlp_amax is not None and self.attn.o.wants_norm_out(1) else None)
-        a = self.attn(x, cos_sin, kv_cache, ctx, attn_amax, post)
-        if isinstance(a, QuantizedActivation):
-            x = a
-        else:
-            x, residual = self.post_norm(a, residual, quant_for=self.mlp.gate_up,
-                                         clear=mlp_amax)
-        nxt = None
-        if (one and next_layer is not None and amax is not None
-                and next_layer.attn.qkv.wants_quantized_input
-                and self.mlp.down.wants_norm_out(1)
-                and not (ctx.residual_pair is not None and next_layer.fuses_one_token())):
-            norm = next_layer.input_norm
-            nxt = (residual, norm.weight, norm.eps, amax)
-        return self.mlp(x, mlp_amax, nxt), residual
+        x, residual = self.input_norm(h, residual, quant_for=self.attn.qkv, clear=attn_amax)
+        x, residual = self.post_norm(self.attn(x, cos_sin, kv_cache, ctx, attn_amax), residual,
+                                     quant_for=self.mlp.gate_up, clear=mlp_amax)
+        return self.mlp(x, mlp_amax), residual
 
     def _forward_fused(self, h: torch.Tensor, residual: torch.Tensor | None,
                        cos_sin: torch.Tensor, kv_cache: LayerKV, pair: torch.Tensor,
@@ -324,11 +282,8 @@ class LlamaStage(nn.Module):
                                  ctx.slot_mapping)
             return self.norm(out, residual)[0]
         residual = None
-        layers = list(self.layers.values())
-        for i, (layer, cache) in enumerate(zip(layers, kv_caches)):
-            nxt = layers[i + 1] if i + 1 < len(layers) else None
-            h, residual = layer(h, residual, self.cos_sin, cache, ctx, nxt)
-        assert not isinstance(h, QuantizedActivation)  # the last layer has no next input norm
+        for layer, cache in zip(self.layers.values(), kv_caches):
+            h, residual = layer(h, residual, self.cos_sin, cache, ctx)
         if self.mapping.is_last_stage:
             return self.norm(h, residual)[0]
         return h if residual is None else h + residual
