@@ -252,6 +252,7 @@ def _decode_partial(
     V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
     TABLE_AHEAD: tl.constexpr = True, MERGE: tl.constexpr = False,
     GROUP_M: tl.constexpr = 1, BLOCK_P: tl.constexpr = 8, MIN_CHUNK: tl.constexpr = 0,
+    TABLE_EARLY: tl.constexpr = True,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -283,6 +284,11 @@ def _decode_partial(
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g  # [G]
+    table = bt_ptr + seq.to(tl.int64) * stride_bt
+    if TABLE_AHEAD and TABLE_EARLY:
+        # NOTE: the block table is a step input too: the first tile's block ids load before
+        # the wait, so the K / V loads issue with q's, one dependent round trip fewer
+        blk_next = _block_ids(table, lo, offs_n, hi, BLOCK_SIZE)
     pdl_wait(PDL)
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [G, D]
@@ -294,8 +300,7 @@ def _decode_partial(
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], _NEG, dtype=tl.float32)
-    table = bt_ptr + seq.to(tl.int64) * stride_bt
-    if TABLE_AHEAD:
+    if TABLE_AHEAD and not TABLE_EARLY:
         blk_next = _block_ids(table, lo, offs_n, hi, BLOCK_SIZE)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n  # [N] token positions
@@ -810,6 +815,9 @@ class TritonAttentionBackend:
         self.min_chunk = min_chunk_from_env() if min_chunk is None else min_chunk
         if self.min_chunk < 0:
             raise ValueError(f"min_chunk must be >= 0, got {self.min_chunk}")
+        # the decode's first block ids loaded before its PDL wait (TRTDIST_ATTN_TABLE_EARLY=0:
+        # after, as before the eighteenth session; for A/B runs)
+        self.table_early = os.environ.get("TRTDIST_ATTN_TABLE_EARLY", "1") != "0"
         self._eager_ws = _Workspace(for_graph=False)
         # Programs the decode split aims for; None = 4 per SM of the device (tests set it to
         # force or forbid the split).
@@ -914,7 +922,7 @@ class TritonAttentionBackend:
             AMAX=row_amax is not None and (parts == 1 or merge), TABLE_AHEAD=ahead,
             MERGE=merge, GROUP_M=triton.next_power_of_2(group),
             BLOCK_P=max(2, 32 // triton.next_power_of_2(group)),
-            MIN_CHUNK=-(-self.min_chunk // block_n) * block_n,
+            MIN_CHUNK=-(-self.min_chunk // block_n) * block_n, TABLE_EARLY=self.table_early,
             num_warps=warps, num_stages=stages, **pdl_launch(q.device, row=s == 1))
         if parts > 1 and not merge:
             _decode_reduce[(s, hq)](

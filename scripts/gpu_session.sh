@@ -1134,8 +1134,31 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
-    s18c)  # o / down GEMMs running the next add + RMSNorm + quantization in their last CTA
-      # (NORM_OUT): GPU tests, then batch-1 TPOT FP8 on / off, bf16, a timeline, batch 8
+    s18d)  # the decode's first block ids loaded before its PDL wait (TRTDIST_ATTN_TABLE_EARLY
+      # A/B), with the merge in the partial and the stream by default: attention GPU tests,
+      # batch-1 TPOT FP8 / bf16 on / off, batch 8, then the two throughput goals (128 / 128
+      # with the table early on and off; 1000 / 1000 with an FP8 cache, which loads its
+      # block ids in the loop)
+      export BENCH_TIMEOUT=240
+      run_tests s18d 300 -n 4 -m gpu tests/test_triton_attention.py tests/test_kv_fp8.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_ATTN_TABLE_EARLY=0 bench fp8_b1_tablelate $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      TRTDIST_ATTN_TABLE_EARLY=0 bench bf16_b1_tablelate $M $B
+      bench fp8_b1_again $M --quant fp8 $B
+      bench fp8_b8 $M --quant fp8 --num-requests 8 --input-len 128 --output-len 256
+      bench r1024 $M --quant fp8 --num-requests 1024 --input-len 128 --output-len 128 \
+          --max-batch-size 1024
+      TRTDIST_ATTN_TABLE_EARLY=0 bench r1024_tablelate $M --quant fp8 --num-requests 1024 \
+          --input-len 128 --output-len 128 --max-batch-size 1024
+      bench long $M --quant fp8 --kv-cache-dtype fp8 --num-requests 1024 --input-len 1000 \
+          --output-len 1000 --max-batch-size 1024
+      ;;
+    s18c)  # (ran at 5ac3de7; NORM_OUT was slower and reverted) o / down GEMMs running the
+      # next add + RMSNorm + quantization in their last CTA (NORM_OUT): GPU tests, then
+      # batch-1 TPOT FP8 on / off, bf16, a timeline, batch 8
       export BENCH_TIMEOUT=200
       run_tests s18c 400 -n 4 -m gpu tests/test_fp8_gemv_stream.py tests/test_fp8.py \
           tests/test_graphs.py tests/test_row_amax.py tests/test_fp8_fused.py \
