@@ -1134,6 +1134,21 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s18e)  # two GPUs: the multi-rank GPU tests at (tp, pp) = (2, 1) / (1, 2) with this
+      # session's attention (merge in the partial, block ids before the wait) and the stream
+      # on by default; then TP 2 batch 1: FP8 with the stream (it takes o and gate | up there)
+      # and without, bf16
+      export BENCH_TIMEOUT=200
+      timeout 300 python3 -m pytest -q -rf -m mpi tests/test_graphs.py tests/test_fp8.py \
+          tests/test_kv_fp8.py tests/test_equivalence.py -k "2-1 or 1-2" 2>&1 \
+          | tee "$OUT/s18e_tests.log" | grep -E "^FAILED|^E  " | cut -c1-200 | head -20
+      note "s18e tests on $(nvidia-smi -L | wc -l) GPU(s): $(tail -1 "$OUT/s18e_tests.log")"
+      M="llama3-8b --dummy-weights --dtype bfloat16 --tp-size 2"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_tp2_b1 $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV=0 bench fp8_tp2_b1_nostream $M --quant fp8 $B
+      bench bf16_tp2_b1 $M $B
+      ;;
     s18d)  # the decode's first block ids loaded before its PDL wait (TRTDIST_ATTN_TABLE_EARLY
       # A/B), with the merge in the partial and the stream by default: attention GPU tests,
       # batch-1 TPOT FP8 / bf16 on / off, batch 8, then the two throughput goals (128 / 128
