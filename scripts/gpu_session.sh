@@ -1134,7 +1134,23 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
-    s18e)  # two GPUs: the multi-rank GPU tests at (tp, pp) = (2, 1) / (1, 2) with this
+    s18f)  # the session's last code on one H200: the GPU tests of the paths it changed, the
+      # batch-1 figures again, and 1000 / 1000 with this session's defaults against all of
+      # them off (stream, merge in the partial, block ids before the wait)
+      export BENCH_TIMEOUT=240
+      run_tests s18f 300 -n 4 -m gpu tests/test_fp8_gemv_stream.py tests/test_fp8.py \
+          tests/test_graphs.py tests/test_row_amax.py tests/test_fp8_fused.py \
+          tests/test_equivalence.py tests/test_overlap.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      L="--quant fp8 --kv-cache-dtype fp8 --num-requests 1024 --input-len 1000 --output-len 1000"
+      bench long $M $L --max-batch-size 1024
+      TRTDIST_STREAM_GEMV=0 TRTDIST_ATTN_MERGE=kernel TRTDIST_ATTN_TABLE_EARLY=0 \
+          bench long_s17 $M $L --max-batch-size 1024
+      ;;
+    s18e)  # (refused: nvidia-h200-x2 not lent in the eighteenth session) two GPUs: the multi-rank GPU tests at (tp, pp) = (2, 1) / (1, 2) with this
       # session's attention (merge in the partial, block ids before the wait) and the stream
       # on by default; then TP 2 batch 1: FP8 with the stream (it takes o and gate | up there)
       # and without, bf16
