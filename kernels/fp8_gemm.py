@@ -459,7 +459,7 @@ def _cuda_gemv_takes(xq: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
 
 def _stream_gemv_takes(xq: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                        out: torch.Tensor) -> bool:
-    """Whether the streaming one-token GEMV (`kernels/fp8_gemv_stream.py`, opt-in) runs this
+    """Whether the streaming one-token GEMV (`kernels/fp8_gemv_stream.py`, Hopper) runs this
     call: as `_cuda_gemv_takes`, with that kernel's own shapes."""
     if xq.device in _stream_gemv_off or not _one_token_operands(xq, w, bias, out):
         return False

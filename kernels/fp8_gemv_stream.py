@@ -17,11 +17,14 @@ row in every CTA (add + RMSNorm, SiLU x up, per-token quantization), replacing a
 The gated launch (`fp8_gemv_stream_gated`) returns SiLU(gate) * up of a gate | up GEMM and
 its row amax, replacing the SiLU x up kernel.
 
-Opt-in (llama3-8b on an H200, batch 1: 2.52 -> 2.31-2.32 ms a token, 1.69x bf16;
-BENCHMARKS.md): `TRTDIST_STREAM_GEMV=1` sends every one-token FP8 GEMM it can take here (and
-turns the one-token row kernels' early trigger on); `TRTDIST_STREAM_GEMV_CONFIG` picks the
-launch (`parse_table`), `TRTDIST_STREAM_GEMV_PREFILL` its prefill, `TRTDIST_STREAM_GEMV_GATED=0`
-keeps the SiLU x up kernel, `TRTDIST_STREAM_GEMV_FUSED` the fused inputs (off: slower).
+On by default (llama3-8b on an H200, batch 1: 2.59 -> 2.30 ms a token, with the rest of the
+eighteenth session's changes 1.71x bf16; BENCHMARKS.md): the engine sends here every
+one-token FP8 GEMM whose shape streams well (`worth_streaming`), and its first launch on a
+device turns the one-token row kernels' early trigger on there (`_triton.mark_streaming`).
+`TRTDIST_STREAM_GEMV=0` turns it off; `TRTDIST_STREAM_GEMV_CONFIG` picks the launch
+(`parse_table`; set, it also takes every shape that fits), `TRTDIST_STREAM_GEMV_PREFILL` its
+prefill, `TRTDIST_STREAM_GEMV_GATED=0` keeps the SiLU x up kernel, `TRTDIST_STREAM_GEMV_FUSED`
+the fused inputs (off: slower).
 """
 
 from __future__ import annotations
@@ -203,9 +206,10 @@ def _shape_ok(n: int, k: int, device: torch.device) -> bool:
 
 def supports(m: int, n: int, k: int, x_dtype: torch.dtype, out_dtype: torch.dtype,
              device: torch.device, has_bias_dtype: torch.dtype | None = None) -> bool:
-    """Whether `fp8_gemv_stream` takes this call: opted in, one token row, N a multiple of 16,
-    K of the config's stage, 16-bit output (model-dtype input of the same type, or E4M3), on
-    a GPU with TMA bulk copies (sm_90+) where the CUDA kernels are available."""
+    """Whether the engine sends this call to `fp8_gemv_stream`: on (TRTDIST_STREAM_GEMV), one
+    token row, a shape that streams well (`worth_streaming`; any that fits with a launch
+    table), 16-bit output (model-dtype input of the same type, or E4M3), on a GPU with TMA
+    bulk copies (sm_90+) where the CUDA kernels are available."""
     if m != 1 or out_dtype not in _DTYPE_IDS:
         return False
     if x_dtype != torch.float8_e4m3fn and x_dtype != out_dtype:

@@ -251,8 +251,7 @@ def _decode_partial(
     DOT_PREC: tl.constexpr, MIXED: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr,
     V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
     TABLE_AHEAD: tl.constexpr = True, MERGE: tl.constexpr = False,
-    GROUP_M: tl.constexpr = 1, BLOCK_P: tl.constexpr = 8, MIN_CHUNK: tl.constexpr = 0,
-    TABLE_EARLY: tl.constexpr = True,
+    GROUP_M: tl.constexpr = 1, BLOCK_P: tl.constexpr = 8, TABLE_EARLY: tl.constexpr = True,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -273,8 +272,6 @@ def _decode_partial(
     # first key's page (tiles then cover whole pages: see `_load_tile`'s TOKEN_MINOR).
     kv_first = kv_start // BLOCK_SIZE * BLOCK_SIZE
     chunk = tl.cdiv(tl.cdiv(seq_len - kv_first, num_parts), BLOCK_N) * BLOCK_N
-    if MIN_CHUNK > 0:  # short sequences in fewer, longer slices (whole tiles: BLOCK_N | MIN)
-        chunk = tl.maximum(chunk, MIN_CHUNK)
     lo = kv_first + part * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
@@ -713,6 +710,7 @@ def _num_partitions(num_seqs: int, kv_heads: int, max_seq_len: int, target: int)
 # backend
 
 MERGE_ENV = "TRTDIST_ATTN_MERGE"
+TABLE_EARLY_ENV = "TRTDIST_ATTN_TABLE_EARLY"
 _MERGE_MODES = {"partial": True, "kernel": False}
 
 
@@ -723,17 +721,6 @@ def merge_from_env() -> bool:
     if v not in _MERGE_MODES:
         raise ValueError(f"{MERGE_ENV} must be one of {sorted(_MERGE_MODES)}, got {v!r}")
     return _MERGE_MODES[v]
-
-
-MIN_CHUNK_ENV = "TRTDIST_ATTN_MIN_CHUNK"
-
-
-def min_chunk_from_env() -> int:
-    """TRTDIST_ATTN_MIN_CHUNK: the fewest keys a split decode's slice takes (default 0)."""
-    v = os.environ.get(MIN_CHUNK_ENV, "0")
-    if not v.isdigit():
-        raise ValueError(f"{MIN_CHUNK_ENV} must be a number of keys >= 0, got {v!r}")
-    return int(v)
 
 
 
@@ -804,20 +791,18 @@ class TritonAttentionBackend:
 
     def __init__(self, num_q_heads: int | None = None, num_kv_heads: int | None = None,
                  head_dim: int | None = None, target_programs: int | None = None,
-                 merge_in_partial: bool | None = None, min_chunk: int | None = None) -> None:
+                 merge_in_partial: bool | None = None) -> None:
         self.shape = (num_q_heads, num_kv_heads, head_dim)
         # The split decode's merge: by the last partition program of each (sequence, KV
         # head) to finish (default), or by the `_decode_reduce` kernel (TRTDIST_ATTN_MERGE).
         self.merge_in_partial = (merge_from_env() if merge_in_partial is None
                                  else merge_in_partial)
-        # Fewest keys a slice of a short sequence gets on the device (0: as many slices as
-        # the grid has, each a tile or more; TRTDIST_ATTN_MIN_CHUNK).
-        self.min_chunk = min_chunk_from_env() if min_chunk is None else min_chunk
-        if self.min_chunk < 0:
-            raise ValueError(f"min_chunk must be >= 0, got {self.min_chunk}")
         # the decode's first block ids loaded before its PDL wait (TRTDIST_ATTN_TABLE_EARLY=0:
         # after, as before the eighteenth session; for A/B runs)
-        self.table_early = os.environ.get("TRTDIST_ATTN_TABLE_EARLY", "1") != "0"
+        early = os.environ.get(TABLE_EARLY_ENV, "1")
+        if early not in ("0", "1"):
+            raise ValueError(f"{TABLE_EARLY_ENV} must be 0 or 1 (default 1), got {early!r}")
+        self.table_early = early == "1"
         self._eager_ws = _Workspace(for_graph=False)
         # Programs the decode split aims for; None = 4 per SM of the device (tests set it to
         # force or forbid the split).
@@ -922,7 +907,7 @@ class TritonAttentionBackend:
             AMAX=row_amax is not None and (parts == 1 or merge), TABLE_AHEAD=ahead,
             MERGE=merge, GROUP_M=triton.next_power_of_2(group),
             BLOCK_P=max(2, 32 // triton.next_power_of_2(group)),
-            MIN_CHUNK=-(-self.min_chunk // block_n) * block_n, TABLE_EARLY=self.table_early,
+            TABLE_EARLY=self.table_early,
             num_warps=warps, num_stages=stages, **pdl_launch(q.device, row=s == 1))
         if parts > 1 and not merge:
             _decode_reduce[(s, hq)](

@@ -266,7 +266,8 @@ class Fp8LinearMethod(LinearMethod):
         return layer.input_scale
 
     def wants_fused_input(self, layer: nn.Module, rows: int, kind: str) -> bool:
-        # NOTE: one token, per-token activations, where the streaming GEMV runs (opt-in)
+        # NOTE: one token, per-token activations, where the streaming GEMV runs (the fused
+        # inputs are opt-in: TRTDIST_STREAM_GEMV_FUSED)
         return (rows == 1 and not self.quant.static and bool(layer.use_scaled_mm)
                 and fused_input_supported(layer.weight, layer.act_dtype, kind))
 

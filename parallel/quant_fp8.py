@@ -238,7 +238,7 @@ def fp8_linear_quantized_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.
     return _scaled_mm(xq, xs, weight, weight_scale_row, bias, out_dtype)
 
 
-# ---- one-token GEMMs that compute their own input (kernels/fp8_gemv_stream.py, opt-in) ----
+# ---- one-token GEMMs on the streaming GEMV (kernels/fp8_gemv_stream.py, Hopper) ----
 _fused_input_off: list[str] = []  # set once a launch failed: the layers stop asking
 
 
@@ -246,7 +246,7 @@ def fused_input_supported(weight: torch.Tensor, dtype: torch.dtype, kind: str) -
     """Whether a one-token FP8 GEMM of `weight` can take its input unnormalised (`kind`
     "norm": RMSNorm of x + residual), ungated ("gated": SiLU x up) or unquantized ("plain")
     and compute it itself, per CTA, in the launch that streams the weight
-    (`kernels/fp8_gemv_stream.py`: opt-in, Hopper)."""
+    (`kernels/fp8_gemv_stream.py`: Hopper; opt-in, TRTDIST_STREAM_GEMV_FUSED)."""
     if _fused_input_off or not weight.is_cuda:
         return False
     from trtdist.kernels import fp8_gemv_stream
@@ -301,7 +301,7 @@ def fp8_linear_dynamic_cuda(x: torch.Tensor, weight: torch.Tensor,
 
 def stream_gemv_takes(weight: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether a one-token FP8 GEMM of `weight` with a model-dtype input runs on the streaming
-    GEMV (`kernels/fp8_gemv_stream.py`, opt-in), which quantizes from a row amax at any
+    GEMV (`kernels/fp8_gemv_stream.py`, Hopper), which quantizes from a row amax at any
     shape."""
     if not weight.is_cuda:
         return False

@@ -136,13 +136,12 @@ def check(case: Case, window: int | None, backend: TritonAttentionBackend | None
     (torch.float16, 8, 1, 80, 16, None, 1),  # no split, non-power-of-two head_dim
     (torch.float16, 12, 4, 32, 8, 300, 1000),  # GQA 3, window across partitions
 ])
-@pytest.mark.parametrize("merge_in_partial,min_chunk", [(True, 0), (False, 0), (True, 250)],
-                         ids=["merge-partial", "merge-kernel", "min-chunk"])
+@pytest.mark.parametrize("merge_in_partial", [True, False], ids=["merge-partial",
+                                                                  "merge-kernel"])
 def test_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int,
-                window: int | None, target: int, merge_in_partial: bool, min_chunk: int) -> None:
+                window: int | None, target: int, merge_in_partial: bool) -> None:
     case = Case([9, 1, 600, 16, 0, 4], [1] * 6, hq, hkv, d, bs, dtype, seed=hq + d)
-    backend = TritonAttentionBackend(target_programs=target, merge_in_partial=merge_in_partial,
-                                     min_chunk=min_chunk)
+    backend = TritonAttentionBackend(target_programs=target, merge_in_partial=merge_in_partial)
     check(case, window, backend)
     counts = backend._eager_ws.counts
     assert counts is None or not counts.any()  # every last arrival reset its counter
@@ -157,10 +156,11 @@ def test_merge_mode_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="TRTDIST_ATTN_MERGE must be one of"):
         TritonAttentionBackend()
     monkeypatch.delenv("TRTDIST_ATTN_MERGE")
-    monkeypatch.setenv("TRTDIST_ATTN_MIN_CHUNK", "256")
-    assert TritonAttentionBackend().min_chunk == 256
-    monkeypatch.setenv("TRTDIST_ATTN_MIN_CHUNK", "-1")
-    with pytest.raises(ValueError, match="TRTDIST_ATTN_MIN_CHUNK must be a number"):
+    assert TritonAttentionBackend().table_early
+    monkeypatch.setenv("TRTDIST_ATTN_TABLE_EARLY", "0")
+    assert not TritonAttentionBackend().table_early
+    monkeypatch.setenv("TRTDIST_ATTN_TABLE_EARLY", "late")
+    with pytest.raises(ValueError, match="TRTDIST_ATTN_TABLE_EARLY must be 0 or 1"):
         TritonAttentionBackend()
 
 
@@ -361,7 +361,7 @@ _PIPELINE_SCRIPT = textwrap.dedent("""
 
     PTRS = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", bt_ptr="*i32", seq_lens_ptr="*i32",
                 qsl_ptr="*i32", out_ptr="*bf16", ws_o_ptr="*fp32", ws_lse_ptr="*fp32",
-                amax_ptr="*fp32")
+                amax_ptr="*fp32", count_ptr="*i32")
 
     def waits(fn, consts, fp8, warps, stages):
         cache = "*fp8e4nv" if fp8 else "*bf16"
@@ -381,8 +381,8 @@ _PIPELINE_SCRIPT = textwrap.dedent("""
         bn, warps, stages, ahead = ta._decode_config(128, torch.bfloat16, fp8)
         w = waits(ta._decode_partial, dict(common, GROUP=4, GROUP_PAD=16, BLOCK_SIZE=bs,
                   BLOCK_N=bn, SPLIT=False, USE_DOT=True, MIXED=False, KV_FP8=fp8,
-                  KV_F16=fp8, V_T=fp8, PDL=True, AMAX=False, TABLE_AHEAD=ahead), fp8,
-                  warps, stages)
+                  KV_F16=fp8, V_T=fp8, PDL=True, AMAX=False, TABLE_AHEAD=ahead, MERGE=False,
+                  GROUP_M=4, BLOCK_P=8, TABLE_EARLY=True), fp8, warps, stages)
         # the bf16 decode loop keeps tiles in flight while it computes; FP8 keeps its loop
         assert (max(w) > 0) == ahead, ("decode", fp8, w)
         bm, bn, warps, stages = ta._prefill_config(128, torch.bfloat16)
