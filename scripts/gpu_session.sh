@@ -1134,6 +1134,15 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s18g)  # an H100: batch-1 FP8 with the streaming GEMV (default) and without, bf16, batch 8
+      export BENCH_TIMEOUT=240
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV=0 bench fp8_b1_nostream $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      bench fp8_b8 $M --quant fp8 --num-requests 8 --input-len 128 --output-len 256
+      ;;
     s18f)  # the session's last code on one H200: the GPU tests of the paths it changed, the
       # batch-1 figures again, and 1000 / 1000 with this session's defaults against all of
       # them off (stream, merge in the partial, block ids before the wait)
