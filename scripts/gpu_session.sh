@@ -1134,6 +1134,16 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s18h)  # the final code (the fewest-keys option removed, the table switch validated):
+      # attention and streaming-GEMV GPU tests, batch 1 FP8 / bf16
+      export BENCH_TIMEOUT=240
+      run_tests s18h 400 -n 4 -m gpu tests/test_triton_attention.py tests/test_kv_fp8.py \
+          tests/test_fp8_gemv_stream.py tests/test_fp8_gemv_cuda.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      ;;
     s18g)  # an H100: batch-1 FP8 with the streaming GEMV (default) and without, bf16, batch 8
       export BENCH_TIMEOUT=240
       M="llama3-8b --dummy-weights --dtype bfloat16"
