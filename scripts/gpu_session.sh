@@ -1134,6 +1134,16 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s18i)  # the final code: batch 1 FP8 and bf16 interleaved, three of each (the ratio's
+      # spread within one machine)
+      export BENCH_TIMEOUT=240
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      for i in 1 2 3; do
+        bench fp8_b1_$i $M --quant fp8 $B
+        bench bf16_b1_$i $M $B
+      done
+      ;;
     s18h)  # the final code (the fewest-keys option removed, the table switch validated):
       # attention and streaming-GEMV GPU tests, batch 1 FP8 / bf16
       export BENCH_TIMEOUT=240
