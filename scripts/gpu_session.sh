@@ -1134,6 +1134,19 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s18j)  # streaming GEMV with 8 consumer warps (half the MMA phase after x arrives) for o,
+      # qkv, both, every shape: batch-1 FP8 TPOT against the default (4 warps), bf16
+      export BENCH_TIMEOUT=240
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      D=2048:6:4:3 W=2048:6:8:3
+      bench fp8_b1 $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV_CONFIG="$D,4096x4096=$W" bench fp8_b1_o8 $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV_CONFIG="$D,6144x4096=$W" bench fp8_b1_qkv8 $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV_CONFIG="$D,4096x4096=$W,6144x4096=$W" bench fp8_b1_oqkv8 $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV_CONFIG="$W" bench fp8_b1_all8 $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      ;;
     s18i)  # the final code: batch 1 FP8 and bf16 interleaved, three of each (the ratio's
       # spread within one machine)
       export BENCH_TIMEOUT=240
