@@ -48,6 +48,20 @@ __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
 }
 
+// A ring of `stages` stages (8-byte mbarriers at full + 8 s / empty + 8 s): a stage is full
+// once its producer's one arrival and its bytes land, empty once each of `consumers` warps
+// arrived. Thread 0 sets them up; the CTA synchronizes before any use.
+__device__ __forceinline__ void ring_init(u32 full, u32 empty, int stages, u32 consumers) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            mbar_init(full + 8 * s, 1);
+            mbar_init(empty + 8 * s, consumers);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+}
+
 __device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
                  : "memory");

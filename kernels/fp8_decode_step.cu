@@ -696,14 +696,7 @@ fp8_decode_step(const LayerWeights* __restrict__ layers, int num_layers,
     u32* work = sync + 2;
     const int G = gridDim.x, cta = blockIdx.x, warp = threadIdx.x >> 5;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full + 8 * s, 1);
-            mbar_init(empty + 8 * s, NWARPS);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
+    ring_init(full, empty, STAGES, NWARPS);
 
     if (warp == NWARPS) {
         produce(layers, num_layers, work, ring, smem_addr(smem + OFF_SIDE), full, empty, stage_unit,

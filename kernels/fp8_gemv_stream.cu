@@ -142,14 +142,7 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
 #if EARLY_TRIGGER
     launch_dependents();
 #endif
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full + 8 * s, 1);
-            mbar_init(empty + 8 * s, NWARPS);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
+    ring_init(full, empty, STAGES, NWARPS);
 
     if (warp == NWARPS) {  // the producer: weights only, so it need not wait
 #if PREFILL_STAGES == 0

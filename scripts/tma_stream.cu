@@ -13,14 +13,7 @@ tma_stream(const unsigned char* __restrict__ w, int tiles, u64* work, unsigned i
     const u32 ring = (u32)__cvta_generic_to_shared(smem);
     const u32 full = ring + STAGES * STAGE_BYTES, empty = full + 8 * STAGES;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full + 8 * s, 1);
-            mbar_init(empty + 8 * s, NWARPS);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
+    ring_init(full, empty, STAGES, NWARPS);
     constexpr int CH = K / KC;
     int* unit = reinterpret_cast<int*>(smem + STAGES * STAGE_BYTES + 16 * STAGES);
     if (warp == NWARPS) {
