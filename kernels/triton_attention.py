@@ -886,7 +886,8 @@ class TritonAttentionBackend:
         parts = _num_partitions(s, hkv, meta.max_seq_len, self._target_programs(q.device))
         block_n, warps, stages, ahead = _decode_config(d_pad, q.dtype, kv.fp8)
         use_dot = group >= 2
-        group_pad = max(16, triton.next_power_of_2(group)) if use_dot else 1
+        group_m = triton.next_power_of_2(group)  # the merge's rows: the group, unpadded
+        group_pad = max(16, group_m) if use_dot else 1
         if parts > 1:
             ws_o, ws_lse, counts = meta.workspace.views(s, hq, parts, d_pad, q.device)
         else:
@@ -906,8 +907,7 @@ class TritonAttentionBackend:
             HAS_WINDOW=window is not None, USE_DOT=use_dot, DOT_PREC=_dot_prec(q.dtype),
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
             AMAX=row_amax is not None and (parts == 1 or merge), TABLE_AHEAD=ahead,
-            MERGE=merge, GROUP_M=triton.next_power_of_2(group),
-            BLOCK_P=max(2, 32 // triton.next_power_of_2(group)),
+            MERGE=merge, GROUP_M=group_m, BLOCK_P=max(2, 32 // group_m),
             TABLE_EARLY=self.table_early,
             num_warps=warps, num_stages=stages, **pdl_launch(q.device, row=s == 1))
         if parts > 1 and not merge:
