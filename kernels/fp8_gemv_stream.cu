@@ -38,6 +38,17 @@
 // to the model dtype first, kernels/activation.py): a unit is 8 gate rows (MMA rows g) with
 // the matching 8 up rows (g + 8), so its epilogue holds both sums; the row's max |output| is
 // maxed into `amax_out` (one atomic a CTA) for the next GEMM, which quantizes from it.
+//
+// ROTARY: W is a fused q | k | v weight [(HQ + 2 HKV) HD, K] and the epilogue does what
+// kernels/rotary.py's rotary_and_cache does after the GEMM (a model-dtype cache): a unit is 8
+// rows of one head's first half (MMA rows g) with their rotate-half partners HD / 2 on
+// (g + 8), so its epilogue holds both values of each pair; q and k heads are rotated at the
+// token's position (cos | sin from the float32 table, loaded before the wait: the position
+// is a step input), every output is written to `out` (the qkv row), and k and v heads also
+// into the paged cache at the token's slot (-1: not written). Cache strides and block size
+// are compile-time (KS0-3, VS0-3, BLOCK_SIZE: one layout for every layer of a pool); the
+// position and slot are int32 or int64 (POS64, SLOT64). The rounding is the kernels': the
+// GEMM's output rounded, rotated in float32, rounded once.
 
 #include "cuda_common.cuh"
 #include "fp8_gemv_common.cuh"
@@ -102,31 +113,49 @@ __device__ __forceinline__ float quantize_run(const u32 (&y)[RUN / 2], unsigned 
 }
 #endif
 
+#ifndef ROTARY
+#define ROTARY 0
+#endif
+static_assert(!(GATED && ROTARY), "one epilogue a launch");
+#if ROTARY
+static_assert(HD % 16 == 0, "rotary units: 8 rows of each half of a head");
+#endif
+
 // Weight row of MMA row r (0..15) of unit u (of `units`).
 __device__ __forceinline__ int unit_row(int u, int r, int units) {
 #if GATED
     return r < 8 ? 8 * u + r : 8 * units + 8 * u + r - 8;  // gate rows, then the up rows
+#elif ROTARY
+    // head u / (HD / 16), rows 8 j .. 8 j + 7 of its first half and their partners HD / 2 on
+    return (u / (HD / 16)) * HD + 8 * (u % (HD / 16)) + (r & 7) + (r < 8 ? 0 : HD / 2);
 #else
     return 16 * u + r;
 #endif
 }
 
-// Shared memory: the ring, x (E4M3), the CTA's weight scales and bias, the units' partial
-// sums (two buffers), the full / empty mbarriers. Must match fp8_gemv_stream.py's smem_bytes.
+// Shared memory: the ring, x (E4M3), the CTA's weight scales and bias, (ROTARY) the cos | sin
+// of its rows, the units' partial sums (two buffers), the full / empty mbarriers. Must match
+// fp8_gemv_stream.py's smem_bytes.
 #define XS_OFF (STAGES * STAGE_BYTES)
 #define WS_OFF (XS_OFF + K)
 #define BS_OFF (WS_OFF + MAXU * 16 * 4)
-#define PART_OFF (BS_OFF + MAXU * 16 * 4)
+#define CS_OFF (BS_OFF + MAXU * 16 * 4)
+#define PART_OFF (CS_OFF + ROTARY * MAXU * 16 * 4)
 #define RED_OFF (PART_OFF + 2 * NWARPS * 16 * 4)
 #define BAR_OFF (RED_OFF + 8 * ((NWARPS + 1) / 2))  // mbarriers: 8-byte aligned
 
-// `x_scale`: modes 0-2 (fp8_gemv_common.cuh); `res`, `res_out`, `norm_w`, `eps`: mode 3.
+// `x_scale`: modes 0-2 (fp8_gemv_common.cuh); `res`, `res_out`, `norm_w`, `eps`: mode 3;
+// `amax_out`: GATED; `pos`, `slot`, `cos_sin` (row stride `cs_stride`), `k_cache`, `v_cache`:
+// ROTARY.
 extern "C" __global__ void __launch_bounds__(NTC + 32, MIN_BLOCKS)
 fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w_scale,
                 const void* __restrict__ x, const float* __restrict__ x_scale,
                 const u16* __restrict__ bias, u16* __restrict__ out, int units,
                 const u16* __restrict__ res, u16* __restrict__ res_out,
-                const u16* __restrict__ norm_w, float eps, float* __restrict__ amax_out) {
+                const u16* __restrict__ norm_w, float eps, float* __restrict__ amax_out,
+                const void* __restrict__ pos, const void* __restrict__ slot,
+                const float* __restrict__ cos_sin, int cs_stride, u16* __restrict__ k_cache,
+                u16* __restrict__ v_cache) {
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* xs = smem + XS_OFF;
     float* wss = reinterpret_cast<float*>(smem + WS_OFF);
@@ -173,12 +202,30 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
         return;
     }
 
-    // the epilogue's constants before the wait (weights, not the previous kernel's output)
+    // the epilogue's constants before the wait (weights and step inputs, not the previous
+    // kernel's output)
+#if ROTARY
+    float* css = reinterpret_cast<float*>(smem + CS_OFF);
+#if POS64
+    const long long p = *reinterpret_cast<const long long*>(pos);
+#else
+    const long long p = *reinterpret_cast<const int*>(pos);
+#endif
+#if SLOT64
+    const long long slot_id = *reinterpret_cast<const long long*>(slot);
+#else
+    const long long slot_id = *reinterpret_cast<const int*>(slot);
+#endif
+#endif
     for (int i = threadIdx.x; i < (u1 - u0) * 16; i += NTC) {
         const int row = unit_row(u0 + i / 16, i % 16, units);
         wss[i] = w_scale[row];
 #if HAS_BIAS
         bss[i] = bias_to_f32(bias, row);
+#endif
+#if ROTARY
+        // row d of a head's first half: cos(p f_d), its partner d + HD / 2: sin(p f_d)
+        css[i] = cos_sin[p * cs_stride + row % HD];
 #endif
     }
 #if X_MODE == 3
@@ -308,6 +355,46 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
             const u16 a = to_out(__fdividef(gate, 1.0f + __expf(-gate)) * up);
             out[8 * u + threadIdx.x] = a;
             amax = fmaxf(amax, fabsf(out_to_f32(a)));
+        }
+#elif ROTARY
+        if (threadIdx.x < 8) {
+            float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NWARPS; ++i) {  // fixed order
+                s1 += partial[buf][i][threadIdx.x];
+                s2 += partial[buf][i][threadIdx.x + 8];
+            }
+            const int r = (u - u0) * 16 + threadIdx.x;
+            float a = s1 * scale * wss[r], b = s2 * scale * wss[r + 8];
+#if HAS_BIAS
+            a += bss[r];
+            b += bss[r + 8];
+#endif
+            a = out_to_f32(to_out(a));  // the GEMM's output rounding
+            b = out_to_f32(to_out(b));
+            const int row = unit_row(u, threadIdx.x, units), head = row / HD, d = row % HD;
+            if (head < HQ + HKV) {  // q and k: rotate-half, x * cos + cat(-x2, x1) * sin
+                const float c = css[r], sn = css[r + 8];
+                const float r1 = __fmaf_rn(a, c, -__fmul_rn(b, sn));
+                const float r2 = __fmaf_rn(b, c, __fmul_rn(a, sn));
+                a = r1;
+                b = r2;
+            }
+            const u16 o1 = to_out(a), o2 = to_out(b);
+            out[row] = o1;
+            out[row + HD / 2] = o2;
+            if (head >= HQ && slot_id >= 0) {  // k and v heads into the cache
+                const long long blk = slot_id / BLOCK_SIZE, off = slot_id % BLOCK_SIZE;
+                u16* dst;
+                if (head < HQ + HKV)
+                    dst = k_cache + blk * (long long)KS0 + off * (long long)KS1
+                          + (long long)(head - HQ) * KS2 + (long long)d * KS3;
+                else
+                    dst = v_cache + blk * (long long)VS0 + off * (long long)VS1
+                          + (long long)(head - HQ - HKV) * VS2 + (long long)d * VS3;
+                dst[0] = o1;
+                dst[(long long)(HD / 2) * (head < HQ + HKV ? KS3 : VS3)] = o2;
+            }
         }
 #else
         if (threadIdx.x < 16) {

@@ -17,14 +17,19 @@ row in every CTA (add + RMSNorm, SiLU x up, per-token quantization), replacing a
 The gated launch (`fp8_gemv_stream_gated`) returns SiLU(gate) * up of a gate | up GEMM and
 its row amax, replacing the SiLU x up kernel.
 
+The rotary launch (`fp8_gemv_stream_rotary`) of a q | k | v GEMM rotates q and k at the
+token's position and writes k and v into a model-dtype paged cache, replacing the rotary +
+cache-write kernel (`kernels/rotary.py`) and its launch boundary.
+
 On by default (llama3-8b on an H200, batch 1: 2.59 -> 2.30 ms a token, with the rest of the
 eighteenth session's changes 1.71x bf16; BENCHMARKS.md): the engine sends here every
 one-token FP8 GEMM whose shape streams well (`worth_streaming`), and its first launch on a
 device turns the one-token row kernels' early trigger on there (`_triton.mark_streaming`).
 `TRTDIST_STREAM_GEMV=0` turns it off; `TRTDIST_STREAM_GEMV_CONFIG` picks the launch
 (`parse_table`; set, it also takes every shape that fits), `TRTDIST_STREAM_GEMV_PREFILL` its
-prefill, `TRTDIST_STREAM_GEMV_GATED=0` keeps the SiLU x up kernel, `TRTDIST_STREAM_GEMV_FUSED`
-the fused inputs (off: slower).
+prefill, `TRTDIST_STREAM_GEMV_GATED=0` keeps the SiLU x up kernel,
+`TRTDIST_STREAM_GEMV_ROTARY=0` the rotary kernel, `TRTDIST_STREAM_GEMV_FUSED` the fused inputs
+(off: slower).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 import torch
 from trtdist.kernels import cuda_jit
 from trtdist.kernels._triton import mark_streaming, pdl_enabled
+from trtdist.kernels.rotary import RotaryCacheWrite
 
 SOURCE = Path(__file__).with_name("fp8_gemv_stream.cu")
 ENV = "TRTDIST_STREAM_GEMV"
@@ -49,6 +55,7 @@ PROLOGUE_KINDS = {"1": ("norm", "gated", "plain"), "norm": ("norm", "plain"), "0
 CONFIG_ENV = "TRTDIST_STREAM_GEMV_CONFIG"
 PREFILL_ENV = "TRTDIST_STREAM_GEMV_PREFILL"  # stages copied before the producer waits too
 GATED_ENV = "TRTDIST_STREAM_GEMV_GATED"  # "0": gate | up GEMMs leave SiLU x up to its kernel
+ROTARY_ENV = "TRTDIST_STREAM_GEMV_ROTARY"  # "0": qkv GEMMs leave rotary + cache to its kernel
 ROWS_PER_UNIT = 16
 SMEM_LIMIT = 227 * 1024  # an sm_90 CTA's dynamic shared memory at most
 _DTYPE_IDS = {torch.bfloat16: 0, torch.float16: 1}
@@ -158,19 +165,20 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
-def smem_bytes(cfg: StreamGemvConfig, k: int, max_units: int) -> int:
+def smem_bytes(cfg: StreamGemvConfig, k: int, max_units: int, rotary: bool = False) -> int:
     """Dynamic shared memory of one CTA (the layout of fp8_gemv_stream.cu)."""
     ring = cfg.stages * ROWS_PER_UNIT * (cfg.kc + 64)
-    return (ring + k + 2 * max_units * 16 * 4 + 2 * cfg.nwarps * 16 * 4
+    return (ring + k + (3 if rotary else 2) * max_units * 16 * 4 + 2 * cfg.nwarps * 16 * 4
             + 8 * ((cfg.nwarps + 1) // 2) + 16 * cfg.stages)
 
 
-def plan(n: int, k: int, device: torch.device, cfg: StreamGemvConfig) -> tuple[int, int, int]:
+def plan(n: int, k: int, device: torch.device, cfg: StreamGemvConfig,
+         rotary: bool = False) -> tuple[int, int, int]:
     """(CTAs, units a CTA at most, shared memory bytes) of a launch for `[N, K]`."""
     units = n // ROWS_PER_UNIT
     grid = min(_sm_count(device), units)
     max_units = -(-units // grid)
-    return grid, max_units, smem_bytes(cfg, k, max_units)
+    return grid, max_units, smem_bytes(cfg, k, max_units, rotary)
 
 
 def _device_ok(device: torch.device) -> bool:
@@ -239,13 +247,14 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
             ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             config: StreamGemvConfig | None, res: torch.Tensor | None = None,
             res_out: torch.Tensor | None = None, norm_w: torch.Tensor | None = None,
-            eps: float = 0.0, amax_out: torch.Tensor | None = None) -> torch.Tensor:
+            eps: float = 0.0, amax_out: torch.Tensor | None = None,
+            rope: RotaryCacheWrite | None = None) -> torch.Tensor:
     n, k = w.shape
     gated = amax_out is not None
     cfg = config or default_config(k, n)
     if cfg is None or not cfg.fits(k) or n % ROWS_PER_UNIT:
         raise ValueError(f"fp8_gemv_stream: no launch for [N, K] = [{n}, {k}] ({cfg})")
-    grid, max_units, shared = plan(n, k, w.device, cfg)
+    grid, max_units, shared = plan(n, k, w.device, cfg, rope is not None)
     if shared > SMEM_LIMIT:
         raise ValueError(f"fp8_gemv_stream: {shared} bytes of shared memory for K = {k} with "
                          f"{cfg}; at most {SMEM_LIMIT}")
@@ -254,7 +263,15 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
                    MIN_BLOCKS=cfg.min_blocks, PREFILL_STAGES=prefill, GATED=int(gated),
                    EARLY_TRIGGER=int(cfg.early_trigger), X_MODE=x_mode,
                    X_T=_DTYPE_IDS.get(x.dtype, 0), OUT_T=_DTYPE_IDS[out.dtype],
-                   HAS_BIAS=int(bias is not None), HAS_RES=int(res is not None))
+                   HAS_BIAS=int(bias is not None), HAS_RES=int(res is not None),
+                   ROTARY=int(rope is not None))
+    if rope is not None:
+        kc, vc = rope.k_cache, rope.v_cache
+        defines.update(HD=rope.head_dim, HQ=rope.q_heads, HKV=rope.kv_heads,
+                       BLOCK_SIZE=kc.shape[1], POS64=int(rope.positions.dtype == torch.int64),
+                       SLOT64=int(rope.slot_mapping.dtype == torch.int64),
+                       **{f"KS{i}": st for i, st in enumerate(kc.stride())},
+                       **{f"VS{i}": st for i, st in enumerate(vc.stride())})
     fn = cuda_jit.load(SOURCE, "fp8_gemv_stream", defines, w.device)
     P = cuda_jit.POINTER
     if cfg.early_trigger:
@@ -263,11 +280,15 @@ def _launch(x: torch.Tensor, x_scale: torch.Tensor | None, x_mode: int, w: torch
     def ptr(t: torch.Tensor | None) -> int:
         return (t if t is not None else out).data_ptr()  # `out`: a placeholder, never read
 
+    r = rope
     fn.launch(grid, cfg.nwarps * 32 + 32,
               (w.data_ptr(), ws.data_ptr(), x.data_ptr(), ptr(x_scale), ptr(bias),
                out.data_ptr(), n // ROWS_PER_UNIT, ptr(res), ptr(res_out), ptr(norm_w),
-               float(eps), ptr(amax_out)),
-              (P, P, P, P, P, P, ctypes.c_int, P, P, P, ctypes.c_float, P),
+               float(eps), ptr(amax_out), ptr(r and r.positions), ptr(r and r.slot_mapping),
+               ptr(r and r.cos_sin), r.cos_sin.stride(0) if r else 0, ptr(r and r.k_cache),
+               ptr(r and r.v_cache)),
+              (P, P, P, P, P, P, ctypes.c_int, P, P, P, ctypes.c_float, P, P, P, P,
+               ctypes.c_int, P, P),
               pdl=pdl_enabled(w.device), shared=shared)
     return out
 
@@ -305,6 +326,45 @@ def fp8_gemv_stream_gated(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int, w
     if x_mode not in (0, 1, 2):
         raise ValueError(f"fp8_gemv_stream_gated: x_mode must be 0, 1 or 2, got {x_mode}")
     return _launch(x, x_scale, x_mode, w, ws, bias, out, config, amax_out=amax_out)
+
+
+def rotary_enabled() -> bool:
+    """Whether one-token q | k | v GEMMs also do rotary and the cache write (on unless
+    TRTDIST_STREAM_GEMV_ROTARY=0)."""
+    v = os.environ.get(ROTARY_ENV, "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"{ROTARY_ENV} must be 0 or 1 (default 1), got {v!r}")
+    return v == "1"
+
+
+def supports_rotary(n: int, k: int, dtype: torch.dtype, head_dim: int,
+                    device: torch.device) -> bool:
+    """Whether `fp8_gemv_stream_rotary` takes a one-token q | k | v GEMM of `[N, K]` with
+    model dtype `dtype` (E4M3 input): as `supports`, heads in 16-row units (two 8-row halves)
+    and the rotary launch's shared memory within the limit."""
+    if not rotary_enabled() or head_dim <= 0 or head_dim % 16 or n % head_dim:
+        return False
+    cfg = default_config(k, n)
+    return (supports(1, n, k, torch.float8_e4m3fn, dtype, device) and cfg is not None
+            and plan(n, k, device, cfg, rotary=True)[2] <= SMEM_LIMIT)
+
+
+def fp8_gemv_stream_rotary(x: torch.Tensor, x_scale: torch.Tensor, x_mode: int,
+                           w: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None,
+                           out: torch.Tensor, rope: RotaryCacheWrite, *,
+                           config: StreamGemvConfig | None = None) -> torch.Tensor:
+    """`out [1, (Hq + 2 Hkv) D]`: the q | k | v GEMM (input modes as `fp8_gemv_stream`) with
+    q and k rotated at `rope.positions[0]` and k, v written into the model-dtype cache at
+    `rope.slot_mapping[0]` (-1: not written): `rotary_and_cache` of the GEMM's output, up to
+    float32 contraction order (the rotation may differ by one model-dtype step, rarely)."""
+    n = w.shape[0]
+    rope.check(n, out.dtype, w.device)
+    if out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"fp8_gemv_stream_rotary: out must be a contiguous row of {n} values, "
+                         f"got {tuple(out.shape)}")
+    if x_mode not in (0, 1, 2):
+        raise ValueError(f"fp8_gemv_stream_rotary: x_mode must be 0, 1 or 2, got {x_mode}")
+    return _launch(x, x_scale, x_mode, w, ws, bias, out, config, rope=rope)
 
 
 def _check_row(name: str, t: torch.Tensor, k: int, dtype: torch.dtype) -> None:

@@ -20,6 +20,8 @@ closer to the exact rotation, and within about one ulp of the reference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from trtdist.kernels._triton import jit as _jit
 from trtdist.kernels._triton import pdl_launch, pdl_trigger, pdl_wait, tl, triton
@@ -37,6 +39,51 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # NOTE: jitted code may only read globals that are tl.constexpr.
 _FP8_MAX_C = tl.constexpr(FP8_MAX) if triton is not None else FP8_MAX
 _MIN_SCALE_C = tl.constexpr(MIN_SCALE) if triton is not None else MIN_SCALE
+
+
+@dataclass(frozen=True, slots=True)
+class RotaryCacheWrite:
+    """What `rotary_and_cache` does after a q | k | v projection, as one layer's arguments: a
+    GEMM that can do it in its epilogue takes this (`fp8_gemv_stream_rotary`) instead of
+    leaving it to the rotary kernel. Model-dtype caches only (an FP8 cache's rotation spans a
+    head, beyond a GEMM unit's rows)."""
+
+    positions: torch.Tensor  # [T] int32 | int64
+    slot_mapping: torch.Tensor  # [T] int32 | int64, -1: not written
+    cos_sin: torch.Tensor  # [max_positions, D] float32
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    k_cache: torch.Tensor  # [blocks, block_size, Hkv, D] model dtype
+    v_cache: torch.Tensor
+
+    def check(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Raise ValueError unless this fits a one-token q | k | v row of `n` values of
+        `dtype` on `device`: shapes, dtypes and devices only (no device reads)."""
+        d = self.head_dim
+        if d <= 0 or d % 16 or n != (self.q_heads + 2 * self.kv_heads) * d:
+            raise ValueError(f"RotaryCacheWrite: want head_dim a positive multiple of 16 and "
+                             f"(q_heads + 2 kv_heads) * head_dim = {n}; got {self.q_heads}, "
+                             f"{self.kv_heads} heads of {d}")
+        for name, idx in (("positions", self.positions), ("slot_mapping", self.slot_mapping)):
+            if idx.numel() != 1 or idx.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"RotaryCacheWrite: {name} must be one int32 or int64 "
+                                 f"value, got {idx.dtype} {tuple(idx.shape)}")
+        cs = self.cos_sin
+        if (cs.dim() != 2 or cs.shape[1] != d or cs.stride(1) != 1
+                or cs.dtype != torch.float32):
+            raise ValueError(f"RotaryCacheWrite: cos_sin must be [max_positions, {d}] float32 "
+                             f"with a unit last stride, got {tuple(cs.shape)} {cs.dtype}")
+        for name, c in (("k_cache", self.k_cache), ("v_cache", self.v_cache)):
+            if (c.dim() != 4 or c.shape[1:] != self.k_cache.shape[1:]
+                    or c.shape[2:] != (self.kv_heads, d) or c.dtype != dtype):
+                raise ValueError(f"RotaryCacheWrite: {name} must be [blocks, block_size, "
+                                 f"{self.kv_heads}, {d}] {dtype}, got {tuple(c.shape)} {c.dtype}")
+        devices = {t.device for t in (self.positions, self.slot_mapping, cs, self.k_cache,
+                                      self.v_cache)}
+        if devices != {device}:
+            raise ValueError(f"RotaryCacheWrite: all tensors must be on {device}, got "
+                             f"{sorted(map(str, devices))}")
 
 
 def cos_sin_table(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:

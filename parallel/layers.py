@@ -6,6 +6,8 @@ multiplied is the layer's linear method (`parallel/linear_methods.py`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,9 @@ from trtdist.parallel.linear_methods import (
     empty_param,
     make_linear_method,
 )
+
+if TYPE_CHECKING:
+    from trtdist.kernels.rotary import RotaryCacheWrite
 
 __all__ = ["Activation", "ActivationWithAmax", "ColumnParallelLinear", "Fp8LinearMethod",
            "GatedActivation", "LinearMethod", "NormedActivation", "ParallelLMHead",
@@ -58,6 +63,10 @@ class _Linear(nn.Module):
         """See `LinearMethod.wants_gated_output`."""
         return self.method.wants_gated_output(self, rows)
 
+    def wants_rotary_output(self, rows: int, head_dim: int) -> bool:
+        """See `LinearMethod.wants_rotary_output`."""
+        return self.method.wants_rotary_output(self, rows, head_dim)
+
     @property
     def activation_scale(self) -> torch.Tensor | None:
         """The static FP8 input scale, or None (per token, or unquantized)."""
@@ -78,6 +87,11 @@ class ColumnParallelLinear(_Linear):
     def forward_gated(self, x: Activation, amax: torch.Tensor) -> torch.Tensor | None:
         """A gate | up layer's SiLU(gate) * up (see `LinearMethod.apply_gated`), or None."""
         return self.method.apply_gated(self, x, self.bias, amax)
+
+    def forward_rotary(self, x: Activation, rope: RotaryCacheWrite) -> torch.Tensor | None:
+        """A q | k | v layer's output, rotated and written into the cache as `rope` says (see
+        `LinearMethod.apply_rotary`), or None."""
+        return self.method.apply_rotary(self, x, self.bias, rope)
 
 
 class RowParallelLinear(_Linear):

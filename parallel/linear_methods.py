@@ -7,6 +7,7 @@ Both parallel linear layers of `parallel/layers.py` delegate to one method.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,14 +26,19 @@ from trtdist.parallel.quant_fp8 import (
     fp8_linear_quantized_cuda,
     fp8_linear_quantized_reference,
     fp8_linear_reference,
+    fp8_linear_rotary_cuda,
     fp8_linear_silu_cuda,
     fused_input_supported,
     fused_quantization_available,
     gated_output_supported,
     quantize_weight_per_channel,
+    rotary_output_supported,
     scaled_mm_supported,
     stream_gemv_takes,
 )
+
+if TYPE_CHECKING:
+    from trtdist.kernels.rotary import RotaryCacheWrite
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +182,19 @@ class LinearMethod:
         SiLU x up kernel)."""
         return None
 
+    def wants_rotary_output(self, layer: nn.Module, rows: int, head_dim: int) -> bool:
+        """Whether this q | k | v layer (heads of `head_dim`) can, for `rows` tokens, also do
+        the rotary embedding and the write of k and v into a model-dtype paged cache
+        (`apply_rotary`) instead of leaving them to the rotary kernel."""
+        return False
+
+    def apply_rotary(self, layer: nn.Module, x: Activation, bias: torch.Tensor | None,
+                     rope: RotaryCacheWrite) -> torch.Tensor | None:
+        """This q | k | v layer's output with q and k rotated and k, v written into the cache
+        as `rope` says (`wants_rotary_output`); None when it cannot (the caller runs `apply`
+        and `rotary_and_cache`)."""
+        return None
+
     def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
         """Whether this layer's producer should hand `apply` an `ActivationWithAmax` (the
         model-dtype rows with their amax) instead of a tensor, for a step of `rows` tokens."""
@@ -281,6 +300,17 @@ class Fp8LinearMethod(LinearMethod):
             return None
         return fp8_linear_gated_cuda(x.q, x.scale, layer.weight, layer.weight_scale.view(1, -1),
                                      bias, x.dtype, amax)
+
+    def wants_rotary_output(self, layer: nn.Module, rows: int, head_dim: int) -> bool:
+        return (rows == 1 and not self.quant.static and bool(layer.use_scaled_mm)
+                and rotary_output_supported(layer.weight, layer.act_dtype, head_dim))
+
+    def apply_rotary(self, layer: nn.Module, x: Activation, bias: torch.Tensor | None,
+                     rope: RotaryCacheWrite) -> torch.Tensor | None:
+        if not isinstance(x, QuantizedActivation) or x.q.shape[0] != 1:
+            return None
+        return fp8_linear_rotary_cuda(x.q, x.scale, layer.weight,
+                                      layer.weight_scale.view(1, -1), bias, x.dtype, rope)
 
     def wants_row_amax(self, layer: nn.Module, rows: int) -> bool:
         if self.wants_fused_input(layer, rows, "plain"):  # it quantizes a plain row itself

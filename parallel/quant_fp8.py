@@ -16,9 +16,13 @@ Scales follow the convention of vLLM / TensorRT-LLM / compressed-tensors: a stor
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from trtdist.kernels.rotary import RotaryCacheWrite
 
 _log = logging.getLogger("trtdist")
 
@@ -333,6 +337,28 @@ def fp8_linear_gated_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tens
     out = torch.empty((1, weight.shape[0] // 2), dtype=out_dtype, device=xq.device)
     return _fused_input("fp8_gemv_stream_gated", xq, xs.reshape(1), 0, weight,
                         weight_scale_row.view(-1), bias, out, amax)
+
+
+def rotary_output_supported(weight: torch.Tensor, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether a one-token FP8 q | k | v GEMM of `weight` can also rotate q and k and write k
+    and v into a model-dtype cache (`kernels/fp8_gemv_stream.py`: with the streaming GEMV,
+    unless TRTDIST_STREAM_GEMV_ROTARY=0)."""
+    if _fused_input_off or not weight.is_cuda:
+        return False
+    from trtdist.kernels import fp8_gemv_stream
+
+    n, k = weight.shape
+    return fp8_gemv_stream.supports_rotary(n, k, dtype, head_dim, weight.device)
+
+
+def fp8_linear_rotary_cuda(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
+                           weight_scale_row: torch.Tensor, bias: torch.Tensor | None,
+                           out_dtype: torch.dtype, rope: RotaryCacheWrite) -> torch.Tensor | None:
+    """The one-token q | k | v row `[1, N]` of the E4M3 row `xq` (scale `xs`), q and k rotated
+    and k, v written into the cache (`rotary_output_supported`); None if the launch failed."""
+    out = torch.empty((1, weight.shape[0]), dtype=out_dtype, device=xq.device)
+    return _fused_input("fp8_gemv_stream_rotary", xq, xs.reshape(1), 0, weight,
+                        weight_scale_row.view(-1), bias, out, rope)
 
 
 def fp8_linear_amax_cuda(x: torch.Tensor, row_amax: torch.Tensor, weight: torch.Tensor,

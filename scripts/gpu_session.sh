@@ -1134,6 +1134,15 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s19a)  # rotary + KV write in the qkv streaming GEMV's epilogue (TRTDIST_STREAM_GEMV_ROTARY):
+      # its GPU tests and the rotary kernel's, batch-1 FP8 timelines and TPOT off / on, bf16
+      export BENCH_TIMEOUT=240
+      run_tests s19a 400 -n 4 -m gpu tests/test_fp8_gemv_stream.py tests/test_fused_kernels.py \
+          -k "rotary or stage or gated"
+      batch1_ab TRTDIST_STREAM_GEMV_ROTARY 0 1 "^(linear|[A-Za-z_0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$)" fp8
+      bench bf16_b1 llama3-8b --dummy-weights --dtype bfloat16 --num-requests 1 \
+          --input-len 128 --output-len 256
+      ;;
     s18j)  # streaming GEMV with 8 consumer warps (half the MMA phase after x arrives) for o,
       # qkv, both, every shape: batch-1 FP8 TPOT against the default (4 warps), bf16
       export BENCH_TIMEOUT=240

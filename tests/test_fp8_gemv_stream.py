@@ -134,6 +134,58 @@ def test_fused_input_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert stream.PROLOGUE_KINDS["1"] == ("norm", "gated", "plain")
 
 
+def _rope(**changes: object):
+    from trtdist.kernels.rotary import RotaryCacheWrite
+
+    cache = torch.zeros(3, 16, 2, 128, dtype=torch.bfloat16)
+    args = dict(positions=torch.zeros(1, dtype=torch.int32),
+                slot_mapping=torch.zeros(1, dtype=torch.int64), cos_sin=torch.zeros(64, 128),
+                q_heads=4, kv_heads=2, head_dim=128, k_cache=cache, v_cache=cache.clone())
+    return RotaryCacheWrite(**{**args, **changes})
+
+
+def test_rotary_output_switch_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rotary epilogue's switch, its shared memory at llama3-8b's qkv, and the checks of
+    what it is handed (shapes, dtypes, devices: a message naming the field and what fits)."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(stream.ROTARY_ENV, raising=False)
+    assert stream.rotary_enabled()
+    assert not stream.supports_rotary(6144, 4096, torch.bfloat16, 128, cpu)
+    monkeypatch.setenv(stream.ROTARY_ENV, "0")
+    assert not stream.rotary_enabled()
+    monkeypatch.setenv(stream.ROTARY_ENV, "on")
+    with pytest.raises(ValueError, match="TRTDIST_STREAM_GEMV_ROTARY must be 0 or 1"):
+        stream.rotary_enabled()
+    assert (smem_bytes(StreamGemvConfig(), 4096, 3, rotary=True)
+            == smem_bytes(StreamGemvConfig(), 4096, 3) + 3 * 16 * 4 <= stream.SMEM_LIMIT)
+    _rope().check(1024, torch.bfloat16, cpu)
+    bad = [(dict(head_dim=120), "multiple of 16"), (dict(q_heads=5), "= 1024"),
+           (dict(positions=torch.zeros(2, dtype=torch.int32)), "positions must be one"),
+           (dict(slot_mapping=torch.zeros(1)), "slot_mapping must be one int32 or int64"),
+           (dict(cos_sin=torch.zeros(64, 128, dtype=torch.bfloat16)), "cos_sin must be"),
+           (dict(cos_sin=torch.zeros(64, 64)), "cos_sin must be"),
+           (dict(k_cache=torch.zeros(3, 16, 2, 128, dtype=torch.float16)), "k_cache must be"),
+           (dict(v_cache=torch.zeros(3, 8, 2, 128, dtype=torch.bfloat16)), "v_cache must be"),
+           (dict(cos_sin=torch.zeros(64, 128, device="meta")), "all tensors must be on cpu")]
+    for changes, match in bad:
+        with pytest.raises(ValueError, match=match):
+            _rope(**changes).check(1024, torch.bfloat16, cpu)
+
+
+def test_linear_methods_rotary_seam() -> None:
+    """Only the FP8 method's one-token CUDA GEMMs take the rotary epilogue; the base method
+    (unquantized) declines and returns None, so the layer runs the rotary kernel."""
+    from trtdist.parallel.layers import ColumnParallelLinear
+    from trtdist.parallel.linear_methods import Fp8LinearMethod
+
+    cpu = torch.device("cpu")
+    plain = ColumnParallelLinear(64, 3 * 64, False, torch.float32, cpu)
+    assert not plain.wants_rotary_output(1, 16)
+    assert plain.forward_rotary(torch.zeros(1, 64), _rope()) is None
+    fp8 = ColumnParallelLinear(64, 3 * 64, False, torch.bfloat16, cpu, Fp8LinearMethod())
+    assert not fp8.wants_rotary_output(1, 16)  # CPU: the reference path
+
+
 # ---- GPU ---------------------------------------------------------------------------------
 def _hopper() -> torch.device:
     dev = _need()
@@ -336,6 +388,67 @@ def test_gated_output_gpu(dtype: torch.dtype) -> None:
         stream.fp8_gemv_stream_gated(xq, xs.reshape(1), 0, w, ws, None, out[:, :16], amax)
 
 
+def _within_one_step(y: torch.Tensor, ref: torch.Tensor, what: str) -> int:
+    """Every element of `y` equal to `ref`'s or one model-dtype step from it (float32
+    contraction order in the rotation: rare); returns how many differ."""
+    mant = {torch.bfloat16: 7, torch.float16: 10}[ref.dtype]
+    r = ref.float()
+    step = torch.exp2(torch.floor(torch.log2(r.abs().clamp_min(2.0 ** -14))) - mant)
+    diff = (y.float() - r).abs()
+    assert not y.isnan().any() and bool((diff <= step).all()), (what, float(diff.max()))
+    return int((diff > 0).sum())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hq,hkv,d,k", [(32, 8, 128, 4096), (8, 2, 64, 2048)])
+def test_rotary_output_matches_gemv_then_rotary_kernel_gpu(dtype: torch.dtype, hq: int,
+                                                           hkv: int, d: int, k: int) -> None:
+    """The q | k | v GEMM with rotary and the cache write in its epilogue against the GEMV
+    followed by `rotary_and_cache_triton`: the row and the cache row agree to one model-dtype
+    step (the rotation's float32 contraction order), nothing else in the pool (a view of a
+    [layers, 2, blocks, bs, Hkv, D] tensor) moves, slot -1 writes no cache, positions and
+    slots int32 or int64, with and without a bias."""
+    from trtdist.kernels.fp8_quant import quantize_activation_triton
+    from trtdist.kernels.rotary import RotaryCacheWrite, cos_sin_table, rotary_and_cache_triton
+
+    dev = _hopper()
+    torch.manual_seed(d + k)
+    n = (hq + 2 * hkv) * d
+    w, ws = quantize_weight_per_channel(torch.randn(n, k, device=dev) * 0.02)
+    x = (torch.randn(1, k, device=dev) * 2).to(dtype)
+    xq, xs = quantize_activation_triton(x, None)
+    bias = (torch.randn(n, device=dev) * 0.1).to(dtype)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, d, 2, device=dev).float() / d)
+    cos_sin = cos_sin_table(inv_freq, 4096)
+    pool = torch.randn(2, 2, 9, 16, hkv, d, device=dev).to(dtype)
+    differing = 0
+    for pos_t, slot_t, position, slot, b in ((torch.int32, torch.int64, 1000, 37, None),
+                                             (torch.int64, torch.int32, 3, 5, bias),
+                                             (torch.int32, torch.int64, 4095, -1, bias)):
+        positions = torch.tensor([position], dtype=pos_t, device=dev)
+        slots = torch.tensor([slot], dtype=slot_t, device=dev)
+        ref, ref_pool = torch.empty(1, n, device=dev, dtype=dtype), pool.clone()
+        stream.fp8_gemv_stream(xq, xs.reshape(1), 0, w, ws, b, ref)
+        rotary_and_cache_triton(ref, positions, cos_sin, hq, hkv, d, ref_pool[1, 0],
+                                ref_pool[1, 1], slots)
+        out, before = torch.full((1, n), float("nan"), device=dev, dtype=dtype), pool.clone()
+        rope = RotaryCacheWrite(positions, slots, cos_sin, hq, hkv, d, pool[1, 0], pool[1, 1])
+        stream.fp8_gemv_stream_rotary(xq, xs.reshape(1), 0, w, ws, b, out, rope)
+        what = f"{dtype} position {position} slot {slot}"
+        differing += _within_one_step(out, ref, what)
+        differing += _within_one_step(pool, ref_pool, what + " cache")
+        moved = (pool != before).flatten(0, 3).any(-1).any(-1).view(2, 2, 9, 16)
+        if slot < 0:
+            assert not moved.any(), what
+        else:  # only the slot's k and v rows of layer 1
+            assert moved[1, :, slot // 16, slot % 16].all() and int(moved.sum()) == 2, what
+    assert differing <= 0.01 * 3 * (n + 2 * hkv * d), differing
+    with pytest.raises(ValueError, match="RotaryCacheWrite"):
+        stream.fp8_gemv_stream_rotary(xq, xs.reshape(1), 0, w[:-16], ws[:-16], None,
+                                      out[:, :-16], rope)
+
+
 def _twin_error(stage, cfg, seq_len: int, monkeypatch: pytest.MonkeyPatch,
                 fused: bool) -> tuple[float, torch.Tensor]:
     """A one-token decode of the FP8 stage, against its twin with dequantized weights."""
@@ -352,24 +465,26 @@ def _twin_error(stage, cfg, seq_len: int, monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", ["0", "norm", "1", "gated"])
+@pytest.mark.parametrize("fused", ["0", "norm", "1", "gated", "rotary"])
 @pytest.mark.parametrize("seq_len", [1, 129, 2000])
 def test_stage_with_fused_inputs_gpu(seq_len: int, fused: str,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A Llama stage whose one-token GEMMs stream (and, `fused`, compute their norms and SiLU
-    x up themselves) is as close to the model with dequantized weights as the stage with the
-    shipped kernels."""
+    x up themselves, or SiLU x up / rotary + cache write in their epilogues) is as close to
+    the model with dequantized weights as the stage with the shipped kernels."""
     from test_fp8_decode_step import _stage
 
     dev = _hopper()
     stage, cfg = _stage(dev)
     monkeypatch.setenv(stream.ENV, "1")
     monkeypatch.setenv(stream.GATED_ENV, "1" if fused == "gated" else "0")
-    fused = "0" if fused == "gated" else fused
+    monkeypatch.setenv(stream.ROTARY_ENV, "1" if fused == "rotary" else "0")
+    fused = "0" if fused in ("gated", "rotary") else fused
     monkeypatch.setenv(stream.FUSED_ENV, fused)
     assert all(layer.fuses_one_token() == (fused != "0") for layer in stage.layers.values())
-    mlp = stage.layers["0"].mlp
+    mlp, attn = stage.layers["0"].mlp, stage.layers["0"].attn
     assert mlp.gate_up.wants_gated_output(1) == (os.environ[stream.GATED_ENV] == "1")
+    assert attn.qkv.wants_rotary_output(1, 128) == (os.environ[stream.ROTARY_ENV] == "1")
     assert mlp.down.wants_row_amax(1) == (fused == "0")  # streaming: amax at any shape
     err_loop, loop = _twin_error(stage, cfg, seq_len, monkeypatch, fused=False)
     err_fused, out = _twin_error(stage, cfg, seq_len, monkeypatch, fused=True)
@@ -379,14 +494,19 @@ def test_stage_with_fused_inputs_gpu(seq_len: int, fused: str,
 
 
 @pytest.mark.gpu
-def test_stage_with_fused_inputs_in_a_graph_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_stage_with_fused_inputs_in_a_graph_gpu(fused: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Eager and CUDA-graph replays give the same bits (each CTA reduces the row in a fixed
-    order; the residual pair is the stage's own)."""
+    order; the residual pair is the stage's own); "0": the separate norms, with the gated
+    and rotary epilogues (the defaults)."""
     from test_fp8_decode_step import _kv, _stage
 
     dev = _hopper()
     monkeypatch.setenv(stream.ENV, "1")
-    monkeypatch.setenv(stream.FUSED_ENV, "1")
+    monkeypatch.setenv(stream.FUSED_ENV, fused)
+    monkeypatch.delenv(stream.GATED_ENV, raising=False)
+    monkeypatch.delenv(stream.ROTARY_ENV, raising=False)
     stage, cfg = _stage(dev, layers=3)
     stage._decode_step = False
     kv, inputs, pos = _kv(stage, cfg, 300)

@@ -20,7 +20,7 @@ from trtdist.kernels.attention import AttentionBackend, LayerKV, TorchAttentionB
 from trtdist.kernels.fp8_decode_step import DecodeStep
 from trtdist.kernels.fp8_fused import rms_norm_quant_triton, silu_and_mul_quant_triton
 from trtdist.kernels.norm import add_rms_norm, rms_norm
-from trtdist.kernels.rotary import cos_sin_table, rotary_and_cache
+from trtdist.kernels.rotary import RotaryCacheWrite, cos_sin_table, rotary_and_cache
 from trtdist.models.rope import inv_frequencies
 from trtdist.parallel.layers import (
     ActivationWithAmax,
@@ -102,10 +102,21 @@ class LlamaAttention(nn.Module):
         """`row_amax` (zeroed by the norm before): the attention maxes its output rows' amax
         into it and the FP8 o projection quantizes from it."""
         t = x.shape[0]
-        # Rotary on q and k, and the write of k and v into the paged cache, in one op.
-        q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
-                                   self.kv_heads, self.head_dim, kv.k, kv.v, ctx.slot_mapping,
-                                   k_scale=kv.k_scale, v_scale=kv.v_scale)
+        qkv = None
+        if kv.k_scale is None and self.qkv.wants_rotary_output(t, self.head_dim):
+            # one token, FP8: the GEMM's epilogue rotates and writes the cache (one launch)
+            qkv = self.qkv.forward_rotary(x, RotaryCacheWrite(
+                ctx.positions, ctx.slot_mapping, cos_sin, self.q_heads, self.kv_heads,
+                self.head_dim, kv.k, kv.v))
+        if qkv is not None:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
+            q, k, v = (y.view(t, -1, self.head_dim) for y in (q, k, v))
+        else:
+            # Rotary on q and k, and the write of k and v into the paged cache, in one op.
+            q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
+                                       self.kv_heads, self.head_dim, kv.k, kv.v,
+                                       ctx.slot_mapping, k_scale=kv.k_scale,
+                                       v_scale=kv.v_scale)
         amax = row_amax if row_amax is not None and self.o.wants_row_amax(t) else None
         o = ctx.backend.forward(q, k, v, kv.k, kv.v, ctx.meta, self.scale, self.window,
                                 k_scale=kv.k_scale, v_scale=kv.v_scale,
