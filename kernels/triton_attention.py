@@ -135,6 +135,35 @@ def _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC: tl.constexpr,
 
 
 @triton.jit
+def _decode_tile(q, k, v, k_sc, v_sc, mask_n, acc, l_i, m_i, qk_scale, USE_DOT: tl.constexpr,
+                 DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr, KV_F16: tl.constexpr):
+    """One tile of a decode query group's keys: scores, online softmax, `P @ V` (see
+    `_decode_partial`)."""
+    if USE_DOT:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
+    else:
+        qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)  # [G, N]
+    if KV_FP8:
+        qk = qk * k_sc[None, :]
+    qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
+    if USE_DOT:
+        if KV_FP8:
+            acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC, KV_F16)
+        else:
+            acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
+    else:  # one query head per program: float32 products instead of a one-row MMA
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if KV_FP8:
+            p = p * v_sc[None, :]
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _e4m3_to_f16_in_registers(x):
     """E4M3 -> fp16 (exact) with the native `cvt.rn.f16x2.e4m3x2`, as inline PTX.
 
@@ -254,6 +283,7 @@ def _decode_partial(
     V_T: tl.constexpr, PDL: tl.constexpr, AMAX: tl.constexpr = False,
     TABLE_AHEAD: tl.constexpr = True, MERGE: tl.constexpr = False,
     GROUP_M: tl.constexpr = 1, BLOCK_P: tl.constexpr = 8, TABLE_EARLY: tl.constexpr = True,
+    KV_EARLY: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -288,6 +318,24 @@ def _decode_partial(
         # NOTE: the block table is a step input too: the first tile's block ids load before
         # the wait, so the K / V loads issue with q's, one dependent round trip fewer
         blk_next = _block_ids(table, lo, offs_n, hi, BLOCK_SIZE)
+    loop_lo = lo
+    if KV_EARLY:  # (with TABLE_AHEAD and TABLE_EARLY; a model-dtype, head-dim-minor cache)
+        # NOTE: the slice's first tile loads before the wait too: every key in it but this
+        # step's newest (written by the previous kernel, reloaded below) is from earlier
+        # steps, so its DRAM latency leaves the critical path.
+        pos0 = lo + offs_n
+        mask0 = pos0 < hi
+        if HAS_WINDOW:
+            mask0 = mask0 & (pos0 >= kv_start)
+        k0, v0, _, _ = _load_kv(
+            kc_ptr, vc_ptr, ks_ptr, vs_ptr, blk_next, pos0 % BLOCK_SIZE, kvh, offs_d, mask0,
+            mask_d, offs_d, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+            False, False)
+        last = seq_len - 1
+        new_blk = tl.load(table + tl.maximum(last, 0) // BLOCK_SIZE).to(tl.int64)
+        loop_lo = lo + BLOCK_N
+        blk_next = _block_ids(table, loop_lo, offs_n, hi, BLOCK_SIZE)
     pdl_wait(PDL)
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [G, D]
@@ -299,9 +347,20 @@ def _decode_partial(
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     m_i = tl.full([GROUP_PAD], _NEG, dtype=tl.float32)
+    if KV_EARLY:
+        new_here = (last >= lo) & (last < loop_lo) & (last < hi)
+        off = new_blk * stride_kb + (last % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        new_k = tl.load(kc_ptr + off + offs_d, mask=mask_d & new_here, other=0.0)
+        off = new_blk * stride_vb + (last % BLOCK_SIZE) * stride_vs + kvh * stride_vh
+        new_v = tl.load(vc_ptr + off + offs_d, mask=mask_d & new_here, other=0.0)
+        is_new = ((pos0 == last) & new_here)[:, None]
+        k0 = tl.where(is_new, new_k[None, :], k0)
+        v0 = tl.where(is_new, new_v[None, :], v0)
+        acc, l_i, m_i = _decode_tile(q, k0, v0, mask0, mask0, mask0, acc, l_i, m_i, qk_scale,
+                                     USE_DOT, DOT_PREC, False, False)
     if TABLE_AHEAD and not TABLE_EARLY:
         blk_next = _block_ids(table, lo, offs_n, hi, BLOCK_SIZE)
-    for start in range(lo, hi, BLOCK_N):
+    for start in range(loop_lo, hi, BLOCK_N):
         pos = start + offs_n  # [N] token positions
         mask_n = pos < hi
         if HAS_WINDOW:
@@ -317,28 +376,8 @@ def _decode_partial(
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
             KV_FP8, KV_F16, V_T, BLOCK_SIZE, BLOCK_N)
-        if USE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G, N]
-        else:
-            qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2)  # [G, N]
-        if KV_FP8:
-            qk = qk * k_sc[None, :]
-        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
-        if USE_DOT:
-            if KV_FP8:
-                acc, l_i, m_i = _online_update_scaled(acc, l_i, m_i, qk, v, v_sc, DOT_PREC,
-                                                      KV_F16)
-            else:
-                acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, DOT_PREC)
-        else:  # one query head per program: float32 products instead of a one-row MMA
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if KV_FP8:
-                p = p * v_sc[None, :]
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-            m_i = m_new
+        acc, l_i, m_i = _decode_tile(q, k, v, k_sc, v_sc, mask_n, acc, l_i, m_i, qk_scale,
+                                     USE_DOT, DOT_PREC, KV_FP8, KV_F16)
 
     pdl_trigger(PDL)
     has = l_i > 0.0
@@ -713,7 +752,45 @@ def _num_partitions(num_seqs: int, kv_heads: int, max_seq_len: int, target: int)
 
 MERGE_ENV = "TRTDIST_ATTN_MERGE"
 TABLE_EARLY_ENV = "TRTDIST_ATTN_TABLE_EARLY"
+KV_EARLY_ENV = "TRTDIST_ATTN_KV_EARLY"
+ROW_CONFIG_ENV = "TRTDIST_ATTN_ROW_CONFIG"
+ROW_PROGRAMS_ENV = "TRTDIST_ATTN_ROW_PROGRAMS"
 _MERGE_MODES = {"partial": True, "kernel": False}
+
+
+def _switch(name: str, default: str) -> bool:
+    v = os.environ.get(name, default)
+    if v not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1 (default {default}), got {v!r}")
+    return v == "1"
+
+
+def row_config_from_env() -> tuple[int, int, int] | None:
+    """TRTDIST_ATTN_ROW_CONFIG `block_n:warps:stages`: the one-sequence decode's launch over a
+    model-dtype cache (unset: `_decode_config`'s). A smaller footprint lets its programs sit
+    beside a streaming GEMV's CTA (~208 KB of shared memory) and start while it runs."""
+    v = os.environ.get(ROW_CONFIG_ENV, "")
+    if not v:
+        return None
+    try:
+        bn, warps, stages = (int(x) for x in v.split(":"))
+    except ValueError:
+        bn = warps = stages = 0
+    if bn < 16 or bn & (bn - 1) or warps not in (1, 2, 4, 8) or not 1 <= stages <= 4:
+        raise ValueError(f"{ROW_CONFIG_ENV}: want block_n:warps:stages (block_n a power of two "
+                         f">= 16, warps 1, 2, 4 or 8, 1-4 stages), got {v!r}")
+    return bn, warps, stages
+
+
+def row_programs_from_env() -> int | None:
+    """TRTDIST_ATTN_ROW_PROGRAMS: the programs a one-sequence decode split aims for (unset:
+    the backend's target, 4 an SM)."""
+    v = os.environ.get(ROW_PROGRAMS_ENV, "")
+    if not v:
+        return None
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"{ROW_PROGRAMS_ENV} must be a positive number of programs, got {v!r}")
+    return int(v)
 
 
 def merge_from_env() -> bool:
@@ -800,19 +877,23 @@ class TritonAttentionBackend:
                                  else merge_in_partial)
         # the decode's first block ids loaded before its PDL wait (TRTDIST_ATTN_TABLE_EARLY=0:
         # after, as before the eighteenth session; for A/B runs)
-        early = os.environ.get(TABLE_EARLY_ENV, "1")
-        if early not in ("0", "1"):
-            raise ValueError(f"{TABLE_EARLY_ENV} must be 0 or 1 (default 1), got {early!r}")
-        self.table_early = early == "1"
+        self.table_early = _switch(TABLE_EARLY_ENV, "1")
+        # the slice's first K / V tile too (a model-dtype cache; the newest key reloaded
+        # after the wait): TRTDIST_ATTN_KV_EARLY
+        self.kv_early = _switch(KV_EARLY_ENV, "0")
+        self.row_config = row_config_from_env()
+        self.row_programs = row_programs_from_env()
         self._eager_ws = _Workspace(for_graph=False)
         # Programs the decode split aims for; None = 4 per SM of the device (tests set it to
         # force or forbid the split).
         self.target_programs = target_programs
         self._targets: dict[torch.device, int] = {}
 
-    def _target_programs(self, device: torch.device) -> int:
+    def _target_programs(self, device: torch.device, num_seqs: int = 0) -> int:
         if self.target_programs is not None:
             return self.target_programs
+        if num_seqs == 1 and self.row_programs is not None:
+            return self.row_programs
         if device not in self._targets:
             sms = (torch.cuda.get_device_properties(device).multi_processor_count
                    if device.type == "cuda" else 4)
@@ -830,7 +911,7 @@ class TritonAttentionBackend:
         if hq is not None and hkv is not None and d is not None:
             device = inputs.seq_lens.device
             p = _num_partitions(meta.num_seqs, hkv, meta.max_seq_len,
-                                self._target_programs(device))
+                                self._target_programs(device, meta.num_seqs))
             if p > 1:
                 meta.workspace.views(meta.num_seqs, hq, p, _d_pad(d), device)
         return meta
@@ -883,8 +964,11 @@ class TritonAttentionBackend:
         hkv = kv.k_cache.shape[2]
         group = hq // hkv
         d_pad = _d_pad(d)
-        parts = _num_partitions(s, hkv, meta.max_seq_len, self._target_programs(q.device))
+        parts = _num_partitions(s, hkv, meta.max_seq_len, self._target_programs(q.device, s))
         block_n, warps, stages, ahead = _decode_config(d_pad, q.dtype, kv.fp8)
+        if s == 1 and self.row_config is not None and not kv.fp8 and q.dtype != torch.float32:
+            block_n, warps, stages = self.row_config
+        kv_early = self.kv_early and ahead and self.table_early and not kv.fp8 and not kv.v_t
         use_dot = group >= 2
         group_m = triton.next_power_of_2(group)  # the merge's rows: the group, unpadded
         group_pad = max(16, group_m) if use_dot else 1
@@ -908,7 +992,7 @@ class TritonAttentionBackend:
             MIXED=mixed, KV_FP8=kv.fp8, KV_F16=kv.f16 and use_dot, V_T=kv.v_t,
             AMAX=row_amax is not None and (parts == 1 or merge), TABLE_AHEAD=ahead,
             MERGE=merge, GROUP_M=group_m, BLOCK_P=max(2, 32 // group_m),
-            TABLE_EARLY=self.table_early,
+            TABLE_EARLY=self.table_early, KV_EARLY=kv_early,
             num_warps=warps, num_stages=stages, **pdl_launch(q.device, row=s == 1))
         if parts > 1 and not merge:
             _decode_reduce[(s, hq)](

@@ -1134,6 +1134,28 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s19b)  # batch-1 decode attention beside the qkv GEMV: its first K / V tile before the
+      # PDL wait (TRTDIST_ATTN_KV_EARLY), a launch small enough to sit beside the GEMV's CTA
+      # (TRTDIST_ATTN_ROW_CONFIG 32:4:2, 21 KB) and one program an SM (ROW_PROGRAMS 128):
+      # attention GPU tests with them on, then FP8 / bf16 batch-1 TPOT over the variants
+      export BENCH_TIMEOUT=240
+      TRTDIST_ATTN_KV_EARLY=1 TRTDIST_ATTN_ROW_CONFIG=32:4:2 run_tests s19b 300 -n 4 -m gpu \
+          tests/test_triton_attention.py -k "decode or every_block or long"
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      P="^(linear|[A-Za-z_0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$)"
+      fp8_variant v0 "default" "$P"
+      TRTDIST_ATTN_KV_EARLY=1 bench fp8_b1_v1 $M --quant fp8 $B
+      (export TRTDIST_ATTN_KV_EARLY=1 TRTDIST_ATTN_ROW_CONFIG=32:4:2 TRTDIST_ATTN_ROW_PROGRAMS=128
+       fp8_variant v2 "kv early + 32:4:2 + 128 programs" "$P")
+      TRTDIST_ATTN_ROW_CONFIG=32:4:2 TRTDIST_ATTN_ROW_PROGRAMS=128 bench fp8_b1_v3 $M --quant fp8 $B
+      TRTDIST_ATTN_KV_EARLY=1 TRTDIST_ATTN_ROW_CONFIG=32:4:2 bench fp8_b1_v4 $M --quant fp8 $B
+      TRTDIST_STREAM_GEMV_ROTARY=0 TRTDIST_ATTN_KV_EARLY=1 TRTDIST_ATTN_ROW_CONFIG=32:4:2 \
+          TRTDIST_ATTN_ROW_PROGRAMS=128 bench fp8_b1_v5 $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      TRTDIST_ATTN_KV_EARLY=1 TRTDIST_ATTN_ROW_CONFIG=32:4:2 TRTDIST_ATTN_ROW_PROGRAMS=128 \
+          bench bf16_b1_v2 $M $B
+      ;;
     s19a)  # rotary + KV write in the qkv streaming GEMV's epilogue (TRTDIST_STREAM_GEMV_ROTARY):
       # its GPU tests and the rotary kernel's, batch-1 FP8 timelines and TPOT off / on, bf16
       export BENCH_TIMEOUT=240

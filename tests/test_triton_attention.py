@@ -147,6 +147,48 @@ def test_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int,
     assert counts is None or not counts.any()  # every last arrival reset its counter
 
 
+@pytest.mark.parametrize("dtype,hq,hkv,d,bs,window,target", [
+    (torch.float16, 8, 1, 80, 16, None, 1),  # no split, non-power-of-two head_dim
+    (torch.float16, 12, 4, 32, 8, 300, 1000),  # GQA 3, window across partitions
+    (torch.float16, 4, 4, 16, 16, 7, 1000),  # MHA (dot-free path), window
+])
+@pytest.mark.parametrize("row_config", [None, (16, 4, 1)])
+def test_decode_first_tile_before_the_wait(dtype: torch.dtype, hq: int, hkv: int, d: int,
+                                           bs: int, window: int | None, target: int,
+                                           row_config: tuple[int, int, int] | None) -> None:
+    """KV_EARLY (each slice's first K / V tile loaded before the PDL wait, the newest key
+    reloaded after it) computes what the loop does, one sequence (the row launch) or many."""
+    backend = TritonAttentionBackend(target_programs=target)
+    backend.kv_early, backend.row_config = True, row_config
+    check(Case([9, 1, 600, 16, 0, 4], [1] * 6, hq, hkv, d, bs, dtype, seed=hq + d), window,
+          backend)
+    check(Case([300], [1], hq, hkv, d, bs, dtype, seed=d), window, backend)
+    counts = backend._eager_ws.counts
+    assert counts is None or not counts.any()
+
+
+def test_row_launch_switches_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TRTDIST_ATTN_KV_EARLY", "TRTDIST_ATTN_ROW_CONFIG", "TRTDIST_ATTN_ROW_PROGRAMS"):
+        monkeypatch.delenv(name, raising=False)
+    b = TritonAttentionBackend()
+    assert (b.kv_early, b.row_config, b.row_programs) == (False, None, None)
+    monkeypatch.setenv("TRTDIST_ATTN_KV_EARLY", "1")
+    monkeypatch.setenv("TRTDIST_ATTN_ROW_CONFIG", "32:4:3")
+    monkeypatch.setenv("TRTDIST_ATTN_ROW_PROGRAMS", "128")
+    b = TritonAttentionBackend()
+    assert (b.kv_early, b.row_config, b.row_programs) == (True, (32, 4, 3), 128)
+    assert b._target_programs(torch.device("cpu"), 1) == 128
+    assert b._target_programs(torch.device("cpu"), 2) == 16  # 4 a (stand-in) CPU "SM"
+    for name, bad, match in (("TRTDIST_ATTN_KV_EARLY", "yes", "must be 0 or 1"),
+                             ("TRTDIST_ATTN_ROW_CONFIG", "24:4:3", "block_n:warps:stages"),
+                             ("TRTDIST_ATTN_ROW_CONFIG", "32:4", "block_n:warps:stages"),
+                             ("TRTDIST_ATTN_ROW_PROGRAMS", "0", "positive number")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=match):
+            TritonAttentionBackend()
+        monkeypatch.delenv(name)
+
+
 def test_merge_mode_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRTDIST_ATTN_MERGE", raising=False)
     assert TritonAttentionBackend().merge_in_partial
@@ -379,12 +421,14 @@ _PIPELINE_SCRIPT = textwrap.dedent("""
     common = dict(HEAD_DIM=128, D_PAD=128, HAS_WINDOW=False, DOT_PREC="tf32")
     for fp8, bs in ((False, 16), (True, 32)):
         bn, warps, stages, ahead = ta._decode_config(128, torch.bfloat16, fp8)
-        w = waits(ta._decode_partial, dict(common, GROUP=4, GROUP_PAD=16, BLOCK_SIZE=bs,
-                  BLOCK_N=bn, SPLIT=False, USE_DOT=True, MIXED=False, KV_FP8=fp8,
-                  KV_F16=fp8, V_T=fp8, PDL=True, AMAX=False, TABLE_AHEAD=ahead, MERGE=False,
-                  GROUP_M=4, BLOCK_P=8, TABLE_EARLY=True), fp8, warps, stages)
-        # the bf16 decode loop keeps tiles in flight while it computes; FP8 keeps its loop
-        assert (max(w) > 0) == ahead, ("decode", fp8, w)
+        for early in (False, True) if ahead else (False,):  # the first tile peeled or not
+            w = waits(ta._decode_partial, dict(common, GROUP=4, GROUP_PAD=16, BLOCK_SIZE=bs,
+                      BLOCK_N=bn, SPLIT=False, USE_DOT=True, MIXED=False, KV_FP8=fp8,
+                      KV_F16=fp8, V_T=fp8, PDL=True, AMAX=False, TABLE_AHEAD=ahead,
+                      MERGE=False, GROUP_M=4, BLOCK_P=8, TABLE_EARLY=True, KV_EARLY=early),
+                      fp8, warps, stages)
+            # the bf16 decode loop keeps tiles in flight while it computes; FP8 keeps its loop
+            assert (max(w) > 0) == ahead, ("decode", fp8, early, w)
         bm, bn, warps, stages = ta._prefill_config(128, torch.bfloat16)
         w = waits(ta._prefill, dict(common, GROUP=4, BLOCK_SIZE=bs, BLOCK_M=bm, BLOCK_N=bn,
                   SKIP_SINGLE=False, KV_FP8=fp8, KV_F16=fp8, V_T=fp8), fp8, warps, stages)
