@@ -1134,6 +1134,24 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s19c)  # s19b's variants again, interleaved (v4 = KV early + 32:4:2 at the default
+      # program target was fastest once), 32:4:1, v4 without the rotary epilogue; bf16 both
+      export BENCH_TIMEOUT=240
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      P="^(linear|[A-Za-z_0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$)"
+      V4="TRTDIST_ATTN_KV_EARLY=1 TRTDIST_ATTN_ROW_CONFIG=32:4:2"
+      bench fp8_b1_v0a $M --quant fp8 $B
+      (export $V4; bench fp8_b1_v4a $M --quant fp8 $B)
+      (export $V4 TRTDIST_ATTN_ROW_PROGRAMS=128; bench fp8_b1_v2a $M --quant fp8 $B)
+      (export TRTDIST_ATTN_KV_EARLY=1 TRTDIST_ATTN_ROW_CONFIG=32:4:1; bench fp8_b1_v7 $M --quant fp8 $B)
+      (export $V4 TRTDIST_STREAM_GEMV_ROTARY=0; bench fp8_b1_v9 $M --quant fp8 $B)
+      (export $V4; bench fp8_b1_v4b $M --quant fp8 $B)
+      bench fp8_b1_v0b $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      (export $V4; bench bf16_b1_v4 $M $B)
+      (export $V4; fp8_variant v4 "kv early + 32:4:2" "$P")
+      ;;
     s19b)  # batch-1 decode attention beside the qkv GEMV: its first K / V tile before the
       # PDL wait (TRTDIST_ATTN_KV_EARLY), a launch small enough to sit beside the GEMV's CTA
       # (TRTDIST_ATTN_ROW_CONFIG 32:4:2, 21 KB) and one program an SM (ROW_PROGRAMS 128):
