@@ -765,12 +765,19 @@ def _switch(name: str, default: str) -> bool:
     return v == "1"
 
 
+ROW_CONFIG = "32:4:2"
+
+
 def row_config_from_env() -> tuple[int, int, int] | None:
-    """TRTDIST_ATTN_ROW_CONFIG `block_n:warps:stages`: the one-sequence decode's launch over a
-    model-dtype cache (unset: `_decode_config`'s). A smaller footprint lets its programs sit
-    beside a streaming GEMV's CTA (~208 KB of shared memory) and start while it runs."""
-    v = os.environ.get(ROW_CONFIG_ENV, "")
-    if not v:
+    """TRTDIST_ATTN_ROW_CONFIG `block_n:warps:stages` (default 32:4:2; "none": the batch
+    launch of `_decode_config`): the one-sequence decode's launch over a model-dtype cache
+    with head_dim <= 128. 32-key tiles in 2 stages take 21 KB of shared memory (sm_90), so
+    its programs fit beside a streaming GEMV's CTA (~208 KB of a 228 KB SM): they land while
+    the qkv GEMV streams and load their first tile then (`KV_EARLY`). Measured: llama3-8b FP8
+    batch 1 on an H200 2.30 -> 2.25 ms a token with KV_EARLY (PERF_NOTES.md, nineteenth
+    session)."""
+    v = os.environ.get(ROW_CONFIG_ENV, ROW_CONFIG)
+    if v == "none":
         return None
     try:
         bn, warps, stages = (int(x) for x in v.split(":"))
@@ -778,7 +785,7 @@ def row_config_from_env() -> tuple[int, int, int] | None:
         bn = warps = stages = 0
     if bn < 16 or bn & (bn - 1) or warps not in (1, 2, 4, 8) or not 1 <= stages <= 4:
         raise ValueError(f"{ROW_CONFIG_ENV}: want block_n:warps:stages (block_n a power of two "
-                         f">= 16, warps 1, 2, 4 or 8, 1-4 stages), got {v!r}")
+                         f">= 16, warps 1, 2, 4 or 8, 1-4 stages) or none, got {v!r}")
     return bn, warps, stages
 
 
@@ -878,9 +885,9 @@ class TritonAttentionBackend:
         # the decode's first block ids loaded before its PDL wait (TRTDIST_ATTN_TABLE_EARLY=0:
         # after, as before the eighteenth session; for A/B runs)
         self.table_early = _switch(TABLE_EARLY_ENV, "1")
-        # the slice's first K / V tile too (a model-dtype cache; the newest key reloaded
-        # after the wait): TRTDIST_ATTN_KV_EARLY
-        self.kv_early = _switch(KV_EARLY_ENV, "0")
+        # one-sequence decodes load each slice's first K / V tile before the wait too (a
+        # model-dtype cache; the newest key reloaded after it): TRTDIST_ATTN_KV_EARLY=0 off
+        self.kv_early = _switch(KV_EARLY_ENV, "1")
         self.row_config = row_config_from_env()
         self.row_programs = row_programs_from_env()
         self._eager_ws = _Workspace(for_graph=False)
@@ -966,9 +973,14 @@ class TritonAttentionBackend:
         d_pad = _d_pad(d)
         parts = _num_partitions(s, hkv, meta.max_seq_len, self._target_programs(q.device, s))
         block_n, warps, stages, ahead = _decode_config(d_pad, q.dtype, kv.fp8)
-        if s == 1 and self.row_config is not None and not kv.fp8 and q.dtype != torch.float32:
+        # NOTE: one sequence (batch 1) over a model-dtype cache: a launch small enough to sit
+        # beside the streaming GEMV before it, its first tile loaded before the wait; the
+        # measured case only (large batches keep their launch: nothing there waits on one
+        # GEMV's CTAs to leave, and the extra tile in registers is unmeasured)
+        row = s == 1 and not kv.fp8 and q.dtype != torch.float32 and d_pad <= 128
+        if row and self.row_config is not None:
             block_n, warps, stages = self.row_config
-        kv_early = self.kv_early and ahead and self.table_early and not kv.fp8 and not kv.v_t
+        kv_early = row and self.kv_early and ahead and self.table_early and not kv.v_t
         use_dot = group >= 2
         group_m = triton.next_power_of_2(group)  # the merge's rows: the group, unpadded
         group_pad = max(16, group_m) if use_dot else 1

@@ -1134,6 +1134,27 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s19d)  # the new defaults (one-sequence decode 32:4:2 with its first tile before the
+      # wait, rotary in the qkv GEMV): the GPU tests of what changed, batch-1 FP8 / bf16 at
+      # 128 / 256 (twice) and at a ~8k context, each against the old attention launch
+      export BENCH_TIMEOUT=240
+      run_tests s19d 330 -n 4 -m gpu tests/test_triton_attention.py tests/test_fp8_gemv_stream.py \
+          tests/test_graphs.py tests/test_fp8.py tests/test_equivalence.py tests/test_kv_fp8.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      L="--num-requests 1 --input-len 7936 --output-len 128"
+      OLD="TRTDIST_ATTN_ROW_CONFIG=none TRTDIST_ATTN_KV_EARLY=0"
+      bench fp8_b1 $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      (export $OLD; bench fp8_b1_old $M --quant fp8 $B)
+      (export $OLD; bench bf16_b1_old $M $B)
+      bench fp8_b1_2 $M --quant fp8 $B
+      bench bf16_b1_2 $M $B
+      bench fp8_8k $M --quant fp8 $L
+      (export $OLD; bench fp8_8k_old $M --quant fp8 $L)
+      bench bf16_8k $M $L
+      (export $OLD; bench bf16_8k_old $M $L)
+      ;;
     s19c)  # s19b's variants again, interleaved (v4 = KV early + 32:4:2 at the default
       # program target was fastest once), 32:4:1, v4 without the rotary epilogue; bf16 both
       export BENCH_TIMEOUT=240

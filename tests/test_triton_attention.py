@@ -17,6 +17,13 @@ import textwrap
 
 import pytest
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a CPU-only install: the GPU tests skip
+    triton = None  # type: ignore[assignment]
 from trtdist.kernels.attention import AttentionInputs
 from trtdist.kernels.triton_attention import TritonAttentionBackend, TritonAttentionMetadata
 
@@ -156,8 +163,9 @@ def test_decode(dtype: torch.dtype, hq: int, hkv: int, d: int, bs: int,
 def test_decode_first_tile_before_the_wait(dtype: torch.dtype, hq: int, hkv: int, d: int,
                                            bs: int, window: int | None, target: int,
                                            row_config: tuple[int, int, int] | None) -> None:
-    """KV_EARLY (each slice's first K / V tile loaded before the PDL wait, the newest key
-    reloaded after it) computes what the loop does, one sequence (the row launch) or many."""
+    """The one-sequence launch (`row_config`, None: the batch launch) with KV_EARLY (each
+    slice's first K / V tile loaded before the PDL wait, the newest key reloaded after it)
+    computes what the loop does; batches beside it keep their launch."""
     backend = TritonAttentionBackend(target_programs=target)
     backend.kv_early, backend.row_config = True, row_config
     check(Case([9, 1, 600, 16, 0, 4], [1] * 6, hq, hkv, d, bs, dtype, seed=hq + d), window,
@@ -171,7 +179,11 @@ def test_row_launch_switches_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("TRTDIST_ATTN_KV_EARLY", "TRTDIST_ATTN_ROW_CONFIG", "TRTDIST_ATTN_ROW_PROGRAMS"):
         monkeypatch.delenv(name, raising=False)
     b = TritonAttentionBackend()
-    assert (b.kv_early, b.row_config, b.row_programs) == (False, None, None)
+    assert (b.kv_early, b.row_config, b.row_programs) == (True, (32, 4, 2), None)
+    monkeypatch.setenv("TRTDIST_ATTN_KV_EARLY", "0")
+    monkeypatch.setenv("TRTDIST_ATTN_ROW_CONFIG", "none")
+    b = TritonAttentionBackend()
+    assert (b.kv_early, b.row_config) == (False, None)
     monkeypatch.setenv("TRTDIST_ATTN_KV_EARLY", "1")
     monkeypatch.setenv("TRTDIST_ATTN_ROW_CONFIG", "32:4:3")
     monkeypatch.setenv("TRTDIST_ATTN_ROW_PROGRAMS", "128")
@@ -321,6 +333,61 @@ def test_gpu_every_block_size(bs: int, window: int | None) -> None:
     dtype = torch.bfloat16
     check(Case([1, 700, 2048, 0, 33, 4103], [1] * 6, 32, 8, 128, bs, dtype, seed=bs), window)
     check(_mixed_batch(32, 8, 128, bs, dtype), window)
+
+
+if triton is not None:
+    @triton.jit
+    def _slow_row_write(k_ptr, v_ptr, k_src, v_src, dummy, spin, D: tl.constexpr,
+                        PDL: tl.constexpr):
+        """Let the next kernel launch at once, work for a while, then write one cached K and
+        V row: what a qkv kernel does to the attention that follows it."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        x = tl.load(dummy)
+        for _ in range(spin):
+            x = x * 0.999 + 0.001
+        tl.store(dummy, x)
+        d = tl.arange(0, D)
+        tl.store(k_ptr + d, tl.load(k_src + d))
+        tl.store(v_ptr + d, tl.load(v_src + d))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("context", [1, 200, 1000])
+def test_gpu_first_tile_before_the_wait_sees_the_newest_key(context: int) -> None:
+    """With the one-sequence launch (K / V before the PDL wait), the newest key is written by
+    the kernel still running before the attention: a kernel that lets the attention launch
+    at its start and writes that row last. The attention must use the written row, not the
+    NaN the cache held when its programs loaded the tile."""
+    from trtdist.kernels._triton import pdl_enabled
+
+    dev = torch.device("cuda")
+    if not pdl_enabled(dev):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    hq, hkv, d, bs = 32, 8, 128, 16
+    case = Case([context], [1], hq, hkv, d, bs, torch.bfloat16, seed=context)
+    want = case.reference(None)
+    q, kc, vc = (case.dev(x) for x in (case.q, case.k_cache, case.v_cache))
+    slot = int(case.slots[0])
+    rows = [(kc.view(-1, hkv, d)[slot].clone(), vc.view(-1, hkv, d)[slot].clone())]
+    backend = TritonAttentionBackend()
+    assert backend.kv_early and backend.row_config is not None  # the defaults at one sequence
+    meta = backend.prepare(case.inputs(8192))
+    backend.forward(q, q[:, :hkv], q[:, :hkv], kc, vc, meta, d ** -0.5)  # compile
+    dummy = torch.zeros(1, device=dev)
+    for _ in range(3):
+        kc.view(-1, hkv, d)[slot] = math.nan  # the stale row
+        vc.view(-1, hkv, d)[slot] = math.nan
+        (k_row, v_row), = rows
+        _slow_row_write[(1,)](kc.view(-1, hkv * d)[slot], vc.view(-1, hkv * d)[slot],
+                              k_row.view(-1), v_row.view(-1), dummy, 200_000, D=hkv * d,
+                              PDL=True, launch_pdl=True)
+        got = backend.forward(q, q[:, :hkv], q[:, :hkv], kc, vc, meta, d ** -0.5)
+        torch.cuda.synchronize()
+        assert not got.isnan().any(), context
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < TOL[torch.bfloat16], (context, err)
 
 
 @pytest.mark.gpu
