@@ -739,10 +739,11 @@ def _decode_config(d_pad: int, dtype: torch.dtype, kv_fp8: bool = False
     return (128, 4, 3, False) if kv_fp8 else (64, 4, 3, True)
 
 
-def _num_partitions(num_seqs: int, kv_heads: int, max_seq_len: int, target: int) -> int:
+def _num_partitions(num_seqs: int, kv_heads: int, max_seq_len: int, target: int,
+                    min_chunk: int = _MIN_CHUNK) -> int:
     """Split the keys only as far as it takes to give the GPU about `target` programs, and
-    never below `_MIN_CHUNK` keys per partition of the longest sequence."""
-    by_len = max(1, -(-max_seq_len // _MIN_CHUNK))
+    never below `min_chunk` keys per partition of the longest sequence."""
+    by_len = max(1, -(-max_seq_len // min_chunk))
     by_occupancy = max(1, -(-target // max(1, num_seqs * kv_heads)))
     return min(by_len, by_occupancy)
 
@@ -755,6 +756,7 @@ TABLE_EARLY_ENV = "TRTDIST_ATTN_TABLE_EARLY"
 KV_EARLY_ENV = "TRTDIST_ATTN_KV_EARLY"
 ROW_CONFIG_ENV = "TRTDIST_ATTN_ROW_CONFIG"
 ROW_PROGRAMS_ENV = "TRTDIST_ATTN_ROW_PROGRAMS"
+ROW_MIN_CHUNK_ENV = "TRTDIST_ATTN_ROW_MIN_CHUNK"
 _MERGE_MODES = {"partial": True, "kernel": False}
 
 
@@ -797,6 +799,15 @@ def row_programs_from_env() -> int | None:
         return None
     if not v.isdigit() or int(v) < 1:
         raise ValueError(f"{ROW_PROGRAMS_ENV} must be a positive number of programs, got {v!r}")
+    return int(v)
+
+
+def row_min_chunk_from_env() -> int:
+    """TRTDIST_ATTN_ROW_MIN_CHUNK: the fewest keys a partition of the one-sequence launch
+    takes (default `_MIN_CHUNK`)."""
+    v = os.environ.get(ROW_MIN_CHUNK_ENV, str(_MIN_CHUNK))
+    if not v.isdigit() or int(v) < 16:
+        raise ValueError(f"{ROW_MIN_CHUNK_ENV} must be a number of keys >= 16, got {v!r}")
     return int(v)
 
 
@@ -890,6 +901,7 @@ class TritonAttentionBackend:
         self.kv_early = _switch(KV_EARLY_ENV, "1")
         self.row_config = row_config_from_env()
         self.row_programs = row_programs_from_env()
+        self.row_min_chunk = row_min_chunk_from_env()
         self._eager_ws = _Workspace(for_graph=False)
         # Programs the decode split aims for; None = 4 per SM of the device (tests set it to
         # force or forbid the split).
@@ -917,8 +929,12 @@ class TritonAttentionBackend:
         hq, hkv, d = self.shape
         if hq is not None and hkv is not None and d is not None:
             device = inputs.seq_lens.device
+            # the most partitions a decode of this bucket may use (a one-sequence launch over
+            # a model-dtype cache may split finer)
+            min_chunk = (min(_MIN_CHUNK, self.row_min_chunk) if meta.num_seqs == 1
+                         else _MIN_CHUNK)
             p = _num_partitions(meta.num_seqs, hkv, meta.max_seq_len,
-                                self._target_programs(device, meta.num_seqs))
+                                self._target_programs(device, meta.num_seqs), min_chunk)
             if p > 1:
                 meta.workspace.views(meta.num_seqs, hq, p, _d_pad(d), device)
         return meta
@@ -971,7 +987,6 @@ class TritonAttentionBackend:
         hkv = kv.k_cache.shape[2]
         group = hq // hkv
         d_pad = _d_pad(d)
-        parts = _num_partitions(s, hkv, meta.max_seq_len, self._target_programs(q.device, s))
         block_n, warps, stages, ahead = _decode_config(d_pad, q.dtype, kv.fp8)
         # NOTE: one sequence (batch 1) over a model-dtype cache: a launch small enough to sit
         # beside the streaming GEMV before it, its first tile loaded before the wait; the
@@ -981,6 +996,8 @@ class TritonAttentionBackend:
         if row and self.row_config is not None:
             block_n, warps, stages = self.row_config
         kv_early = row and self.kv_early and ahead and self.table_early and not kv.v_t
+        parts = _num_partitions(s, hkv, meta.max_seq_len, self._target_programs(q.device, s),
+                                self.row_min_chunk if row else _MIN_CHUNK)
         use_dot = group >= 2
         group_m = triton.next_power_of_2(group)  # the merge's rows: the group, unpadded
         group_pad = max(16, group_m) if use_dot else 1

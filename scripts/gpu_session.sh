@@ -1134,6 +1134,25 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s19e)  # the one-sequence launch's slices at a ~8k context (32-key tiles walk 8 a slice
+      # at the default 256-key minimum, slower than the old launch in s19d): minimum 128 and
+      # 64 keys a slice, at 8k and at 128 / 256, FP8 and bf16
+      export BENCH_TIMEOUT=240
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      L="--num-requests 1 --input-len 7936 --output-len 128"
+      OLD="TRTDIST_ATTN_ROW_CONFIG=none TRTDIST_ATTN_KV_EARLY=0"
+      (export $OLD; bench fp8_8k_old $M --quant fp8 $L)
+      bench fp8_8k_mc256 $M --quant fp8 $L
+      TRTDIST_ATTN_ROW_MIN_CHUNK=128 bench fp8_8k_mc128 $M --quant fp8 $L
+      TRTDIST_ATTN_ROW_MIN_CHUNK=64 bench fp8_8k_mc64 $M --quant fp8 $L
+      bench fp8_b1_mc256 $M --quant fp8 $B
+      TRTDIST_ATTN_ROW_MIN_CHUNK=128 bench fp8_b1_mc128 $M --quant fp8 $B
+      TRTDIST_ATTN_ROW_MIN_CHUNK=64 bench fp8_b1_mc64 $M --quant fp8 $B
+      (export $OLD; bench bf16_8k_old $M $L)
+      TRTDIST_ATTN_ROW_MIN_CHUNK=128 bench bf16_8k_mc128 $M $L
+      bench bf16_b1 $M $B
+      ;;
     s19d)  # the new defaults (one-sequence decode 32:4:2 with its first tile before the
       # wait, rotary in the qkv GEMV): the GPU tests of what changed, batch-1 FP8 / bf16 at
       # 128 / 256 (twice) and at a ~8k context, each against the old attention launch

@@ -168,6 +168,7 @@ def test_decode_first_tile_before_the_wait(dtype: torch.dtype, hq: int, hkv: int
     computes what the loop does; batches beside it keep their launch."""
     backend = TritonAttentionBackend(target_programs=target)
     backend.kv_early, backend.row_config = True, row_config
+    backend.row_min_chunk = 16 if row_config else 256  # one sequence: many slices, or few
     check(Case([9, 1, 600, 16, 0, 4], [1] * 6, hq, hkv, d, bs, dtype, seed=hq + d), window,
           backend)
     check(Case([300], [1], hq, hkv, d, bs, dtype, seed=d), window, backend)
@@ -176,7 +177,8 @@ def test_decode_first_tile_before_the_wait(dtype: torch.dtype, hq: int, hkv: int
 
 
 def test_row_launch_switches_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("TRTDIST_ATTN_KV_EARLY", "TRTDIST_ATTN_ROW_CONFIG", "TRTDIST_ATTN_ROW_PROGRAMS"):
+    for name in ("TRTDIST_ATTN_KV_EARLY", "TRTDIST_ATTN_ROW_CONFIG", "TRTDIST_ATTN_ROW_PROGRAMS",
+                 "TRTDIST_ATTN_ROW_MIN_CHUNK"):
         monkeypatch.delenv(name, raising=False)
     b = TritonAttentionBackend()
     assert (b.kv_early, b.row_config, b.row_programs) == (True, (32, 4, 2), None)
@@ -194,7 +196,8 @@ def test_row_launch_switches_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, bad, match in (("TRTDIST_ATTN_KV_EARLY", "yes", "must be 0 or 1"),
                              ("TRTDIST_ATTN_ROW_CONFIG", "24:4:3", "block_n:warps:stages"),
                              ("TRTDIST_ATTN_ROW_CONFIG", "32:4", "block_n:warps:stages"),
-                             ("TRTDIST_ATTN_ROW_PROGRAMS", "0", "positive number")):
+                             ("TRTDIST_ATTN_ROW_PROGRAMS", "0", "positive number"),
+                             ("TRTDIST_ATTN_ROW_MIN_CHUNK", "8", "number of keys >= 16")):
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=match):
             TritonAttentionBackend()
