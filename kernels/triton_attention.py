@@ -306,6 +306,15 @@ def _decode_partial(
     chunk = tl.cdiv(tl.cdiv(seq_len - kv_first, num_parts), BLOCK_N) * BLOCK_N
     lo = kv_first + part * chunk
     hi = tl.minimum(lo + chunk, seq_len)
+    # Only the partitions holding keys take part in the merge (the same count in every
+    # program); with one, it is the whole answer.
+    active = (seq_len - kv_first + chunk - 1) // tl.maximum(chunk, 1)
+    if MERGE and part > 0 and part >= active:
+        # NOTE: a partition past the keys has nothing to do (a graph captured at
+        # max_model_len launches many): it leaves before the wait, freeing its slot and
+        # counting as triggered for the next kernel. Partition 0 stays, to write a padded
+        # row's zeros.
+        return
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, D_PAD)
@@ -392,9 +401,6 @@ def _decode_partial(
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(ws_lse_ptr + seq * stride_lse_s + heads * num_parts + part, lse, mask=mask_g)
     else:
-        # Only the partitions holding keys take part (the same count in every program);
-        # with one, it is the whole answer.
-        active = (seq_len - kv_first + chunk - 1) // tl.maximum(chunk, 1)
         if active <= 1:
             if part == 0:
                 _store_rows(out_ptr, amax_ptr, row, heads, offs_d, out, gd_mask, valid,

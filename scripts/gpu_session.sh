@@ -1134,6 +1134,23 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s19f)  # partitions past the keys leave before the wait (merge in the partial): the
+      # attention GPU tests, then s19e's slice minimums again at 128 / 256 and ~8k
+      export BENCH_TIMEOUT=240
+      run_tests s19f 300 -n 4 -m gpu tests/test_triton_attention.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      L="--num-requests 1 --input-len 7936 --output-len 128"
+      OLD="TRTDIST_ATTN_ROW_CONFIG=none TRTDIST_ATTN_KV_EARLY=0"
+      bench fp8_b1_mc256 $M --quant fp8 $B
+      TRTDIST_ATTN_ROW_MIN_CHUNK=128 bench fp8_b1_mc128 $M --quant fp8 $B
+      TRTDIST_ATTN_ROW_MIN_CHUNK=64 bench fp8_b1_mc64 $M --quant fp8 $B
+      (export $OLD; bench fp8_8k_old $M --quant fp8 $L)
+      TRTDIST_ATTN_ROW_MIN_CHUNK=128 bench fp8_8k_mc128 $M --quant fp8 $L
+      TRTDIST_ATTN_ROW_MIN_CHUNK=64 bench fp8_8k_mc64 $M --quant fp8 $L
+      bench bf16_b1 $M $B
+      TRTDIST_ATTN_ROW_MIN_CHUNK=128 bench bf16_b1_mc128 $M $B
+      ;;
     s19e)  # the one-sequence launch's slices at a ~8k context (32-key tiles walk 8 a slice
       # at the default 256-key minimum, slower than the old launch in s19d): minimum 128 and
       # 64 keys a slice, at 8k and at 128 / 256, FP8 and bf16
