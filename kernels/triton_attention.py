@@ -68,6 +68,9 @@ _LOG2E = 1.4426950408889634
 # A finite "minus infinity": a fully masked tile then gives p = 0, never NaN.
 _NEG = tl.constexpr(-1.0e30)
 _MIN_CHUNK = 256  # fewest keys a decode partition is worth (below that, merging costs more)
+# the one-sequence launch's (32-key tiles, one in flight): at 256 a ~8k context walked 8 tiles a
+# slice, 4% slower a token than the batch launch; 128 matches it (PERF_NOTES.md, s19e / s19f)
+_ROW_MIN_CHUNK = 128
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 _KV_FP8 = torch.float8_e4m3fn
 # NOTE: the interpreter (CPU tests) cannot run inline PTX: it converts FP8 V tiles with `.to`.
@@ -810,8 +813,8 @@ def row_programs_from_env() -> int | None:
 
 def row_min_chunk_from_env() -> int:
     """TRTDIST_ATTN_ROW_MIN_CHUNK: the fewest keys a partition of the one-sequence launch
-    takes (default `_MIN_CHUNK`)."""
-    v = os.environ.get(ROW_MIN_CHUNK_ENV, str(_MIN_CHUNK))
+    takes (default 128)."""
+    v = os.environ.get(ROW_MIN_CHUNK_ENV, str(_ROW_MIN_CHUNK))
     if not v.isdigit() or int(v) < 16:
         raise ValueError(f"{ROW_MIN_CHUNK_ENV} must be a number of keys >= 16, got {v!r}")
     return int(v)

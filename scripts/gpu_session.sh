@@ -1134,6 +1134,28 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s19h)  # the final code: batch 1 FP8 and bf16 interleaved, three pairs, and batch 8
+      export BENCH_TIMEOUT=240
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      for i in 1 2 3; do
+        bench fp8_b1_$i $M --quant fp8 $B
+        bench bf16_b1_$i $M $B
+      done
+      bench fp8_b8 $M --quant fp8 --num-requests 8 --input-len 128 --output-len 256
+      ;;
+    s19g)  # the final code (one-sequence minimum 128 keys a slice): the GPU tests of what
+      # the session changed, then both throughput goals (the early exit of empty partitions
+      # reaches every batch size)
+      export BENCH_TIMEOUT=240
+      run_tests s19g 330 -n 4 -m gpu tests/test_triton_attention.py tests/test_fp8_gemv_stream.py \
+          tests/test_graphs.py tests/test_fp8.py tests/test_kv_fp8.py tests/test_equivalence.py
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      bench r1024 $M --quant fp8 --num-requests 1024 --input-len 128 --output-len 128 \
+          --max-batch-size 1024
+      bench long $M --quant fp8 --kv-cache-dtype fp8 --num-requests 1024 --input-len 1000 \
+          --output-len 1000 --max-batch-size 1024
+      ;;
     s19f)  # partitions past the keys leave before the wait (merge in the partial): the
       # attention GPU tests, then s19e's slice minimums again at 128 / 256 and ~8k
       export BENCH_TIMEOUT=240

@@ -181,7 +181,8 @@ def test_row_launch_switches_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
                  "TRTDIST_ATTN_ROW_MIN_CHUNK"):
         monkeypatch.delenv(name, raising=False)
     b = TritonAttentionBackend()
-    assert (b.kv_early, b.row_config, b.row_programs) == (True, (32, 4, 2), None)
+    assert (b.kv_early, b.row_config, b.row_programs, b.row_min_chunk) == (True, (32, 4, 2),
+                                                                            None, 128)
     monkeypatch.setenv("TRTDIST_ATTN_KV_EARLY", "0")
     monkeypatch.setenv("TRTDIST_ATTN_ROW_CONFIG", "none")
     b = TritonAttentionBackend()
