@@ -1134,6 +1134,16 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s19i)  # an H100 (nvidia-h100-x1): batch-1 FP8 / bf16 at the final code, FP8 with the old
+      # attention launch
+      export BENCH_TIMEOUT=240
+      M="llama3-8b --dummy-weights --dtype bfloat16"
+      B="--num-requests 1 --input-len 128 --output-len 256"
+      bench fp8_b1 $M --quant fp8 $B
+      bench bf16_b1 $M $B
+      TRTDIST_ATTN_ROW_CONFIG=none TRTDIST_ATTN_KV_EARLY=0 bench fp8_b1_old $M --quant fp8 $B
+      bench fp8_b1_2 $M --quant fp8 $B
+      ;;
     s19h)  # the final code: batch 1 FP8 and bf16 interleaved, three pairs, and batch 8
       export BENCH_TIMEOUT=240
       M="llama3-8b --dummy-weights --dtype bfloat16"
