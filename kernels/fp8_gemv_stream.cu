@@ -144,6 +144,20 @@ __device__ __forceinline__ int unit_row(int u, int r, int units) {
 #define RED_OFF (PART_OFF + 2 * NWARPS * 16 * 4)
 #define BAR_OFF (RED_OFF + 8 * ((NWARPS + 1) / 2))  // mbarriers: 8-byte aligned
 
+// The GEMM output of the CTA's row r (MMA row i of its unit): the consumer warps' partial
+// sums in a fixed order, scaled, plus the bias; not yet rounded to the output dtype.
+__device__ __forceinline__ float unit_output(const float (*part)[16], int i, int r, float scale,
+                                             const float* wss, const float* bss) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) sum += part[w][i];
+    float y = sum * scale * wss[r];
+#if HAS_BIAS
+    y += bss[r];
+#endif
+    return y;
+}
+
 // `x_scale`: modes 0-2 (fp8_gemv_common.cuh); `res`, `res_out`, `norm_w`, `eps`: mode 3;
 // `amax_out`: GATED; `pos`, `slot`, `cos_sin` (row stride `cs_stride`), `k_cache`, `v_cache`:
 // ROTARY.
@@ -159,9 +173,7 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* xs = smem + XS_OFF;
     float* wss = reinterpret_cast<float*>(smem + WS_OFF);
-#if HAS_BIAS
-    float* bss = reinterpret_cast<float*>(smem + BS_OFF);
-#endif
+    float* bss = reinterpret_cast<float*>(smem + BS_OFF);  // HAS_BIAS only
     float(*partial)[NWARPS][16] = reinterpret_cast<float(*)[NWARPS][16]>(smem + PART_OFF);
     const u32 ring = smem_addr(smem), full = smem_addr(smem + BAR_OFF);
     const u32 empty = full + 8 * STAGES;
@@ -338,40 +350,24 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
         consumers_sync();
 #if GATED
         if (threadIdx.x < 8) {
-            float gs = 0.0f, us = 0.0f;
-#pragma unroll
-            for (int i = 0; i < NWARPS; ++i) {  // fixed order
-                gs += partial[buf][i][threadIdx.x];
-                us += partial[buf][i][threadIdx.x + 8];
-            }
             const int r = (u - u0) * 16 + threadIdx.x;
-            float gate = gs * scale * wss[r], up = us * scale * wss[r + 8];
-#if HAS_BIAS
-            gate += bss[r];
-            up += bss[r + 8];
-#endif
-            gate = out_to_f32(to_out(gate));  // the GEMM's output rounding, then SiLU x up's
-            up = out_to_f32(to_out(up));
+            // the GEMM's output rounding, then SiLU x up's
+            const float gate = out_to_f32(to_out(
+                unit_output(partial[buf], threadIdx.x, r, scale, wss, bss)));
+            const float up = out_to_f32(to_out(
+                unit_output(partial[buf], threadIdx.x + 8, r + 8, scale, wss, bss)));
             const u16 a = to_out(__fdividef(gate, 1.0f + __expf(-gate)) * up);
             out[8 * u + threadIdx.x] = a;
             amax = fmaxf(amax, fabsf(out_to_f32(a)));
         }
 #elif ROTARY
         if (threadIdx.x < 8) {
-            float s1 = 0.0f, s2 = 0.0f;
-#pragma unroll
-            for (int i = 0; i < NWARPS; ++i) {  // fixed order
-                s1 += partial[buf][i][threadIdx.x];
-                s2 += partial[buf][i][threadIdx.x + 8];
-            }
             const int r = (u - u0) * 16 + threadIdx.x;
-            float a = s1 * scale * wss[r], b = s2 * scale * wss[r + 8];
-#if HAS_BIAS
-            a += bss[r];
-            b += bss[r + 8];
-#endif
-            a = out_to_f32(to_out(a));  // the GEMM's output rounding
-            b = out_to_f32(to_out(b));
+            // the GEMM's output rounding, then the rotation's
+            float a = out_to_f32(to_out(
+                unit_output(partial[buf], threadIdx.x, r, scale, wss, bss)));
+            float b = out_to_f32(to_out(
+                unit_output(partial[buf], threadIdx.x + 8, r + 8, scale, wss, bss)));
             const int row = unit_row(u, threadIdx.x, units), head = row / HD, d = row % HD;
             if (head < HQ + HKV) {  // q and k: rotate-half, x * cos + cat(-x2, x1) * sin
                 const float c = css[r], sn = css[r + 8];
@@ -397,17 +393,9 @@ fp8_gemv_stream(const unsigned char* __restrict__ w, const float* __restrict__ w
             }
         }
 #else
-        if (threadIdx.x < 16) {
-            float sum = 0.0f;
-#pragma unroll
-            for (int i = 0; i < NWARPS; ++i) sum += partial[buf][i][threadIdx.x];  // fixed order
-            const int r = (u - u0) * 16 + threadIdx.x;
-            float y = sum * scale * wss[r];
-#if HAS_BIAS
-            y += bss[r];
-#endif
-            out[16 * u + threadIdx.x] = to_out(y);
-        }
+        if (threadIdx.x < 16)
+            out[16 * u + threadIdx.x] = to_out(unit_output(
+                partial[buf], threadIdx.x, (u - u0) * 16 + threadIdx.x, scale, wss, bss));
 #endif
         buf ^= 1;  // the other buffer next: no second barrier before this one is rewritten
     }

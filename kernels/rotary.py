@@ -86,6 +86,15 @@ class RotaryCacheWrite:
                              f"{sorted(map(str, devices))}")
 
 
+def split_qkv(qkv: torch.Tensor, q_heads: int, kv_heads: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q `[T, Hq, D]`, k and v `[T, Hkv, D]`: views of the packed `[T, (Hq + 2 Hkv) D]` row."""
+    t, qs, kvs = qkv.shape[0], q_heads * head_dim, kv_heads * head_dim
+    return (qkv[:, :qs].view(t, q_heads, head_dim),
+            qkv[:, qs:qs + kvs].view(t, kv_heads, head_dim),
+            qkv[:, qs + kvs:].view(t, kv_heads, head_dim))
+
+
 def cos_sin_table(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
     """`[max_positions, D]` float32: cos(p * f) | sin(p * f) for each frequency f."""
     pos = torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device)
@@ -304,9 +313,7 @@ def rotary_and_cache_triton(qkv: torch.Tensor, positions: torch.Tensor, cos_sin:
     _check(qkv, positions, cos_sin, q_heads, kv_heads, head_dim, k_cache, v_cache, slot_mapping,
            k_scale, v_scale)
     t = qkv.shape[0]
-    q = qkv[:, :q_heads * head_dim].view(t, q_heads, head_dim)
-    k = qkv[:, q_heads * head_dim:(q_heads + kv_heads) * head_dim].view(t, kv_heads, head_dim)
-    v = qkv[:, (q_heads + kv_heads) * head_dim:].view(t, kv_heads, head_dim)
+    q, k, v = split_qkv(qkv, q_heads, kv_heads, head_dim)
     if t == 0:
         return q, k, v
     fp8 = k_scale is not None

@@ -1134,6 +1134,13 @@ for s, t in d.items():
           --prefill-configs 128:64:8:3 --configs 128:4:3:0 --output "$OUT/s15r_sweep.json" 2>&1 \
           | grep -E "TFLOP|of copy|^copy" | tee -a "$SUMMARY"
       ;;
+    s19r)  # after the review (one unit_output for every epilogue of the streaming GEMV,
+      # split_qkv shared): its GPU tests and the rotary kernel's, batch-1 FP8 TPOT
+      export BENCH_TIMEOUT=240
+      run_tests s19r 300 -n 4 -m gpu tests/test_fp8_gemv_stream.py tests/test_fused_kernels.py
+      bench fp8_b1 llama3-8b --dummy-weights --dtype bfloat16 --quant fp8 --num-requests 1 \
+          --input-len 128 --output-len 256
+      ;;
     s19i)  # an H100 (nvidia-h100-x1): batch-1 FP8 / bf16 at the final code, FP8 with the old
       # attention launch
       export BENCH_TIMEOUT=240

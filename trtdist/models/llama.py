@@ -20,7 +20,12 @@ from trtdist.kernels.attention import AttentionBackend, LayerKV, TorchAttentionB
 from trtdist.kernels.fp8_decode_step import DecodeStep
 from trtdist.kernels.fp8_fused import rms_norm_quant_triton, silu_and_mul_quant_triton
 from trtdist.kernels.norm import add_rms_norm, rms_norm
-from trtdist.kernels.rotary import RotaryCacheWrite, cos_sin_table, rotary_and_cache
+from trtdist.kernels.rotary import (
+    RotaryCacheWrite,
+    cos_sin_table,
+    rotary_and_cache,
+    split_qkv,
+)
 from trtdist.models.rope import inv_frequencies
 from trtdist.parallel.layers import (
     ActivationWithAmax,
@@ -109,8 +114,7 @@ class LlamaAttention(nn.Module):
                 ctx.positions, ctx.slot_mapping, cos_sin, self.q_heads, self.kv_heads,
                 self.head_dim, kv.k, kv.v))
         if qkv is not None:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
-            q, k, v = (y.view(t, -1, self.head_dim) for y in (q, k, v))
+            q, k, v = split_qkv(qkv, self.q_heads, self.kv_heads, self.head_dim)
         else:
             # Rotary on q and k, and the write of k and v into the paged cache, in one op.
             q, k, v = rotary_and_cache(self.qkv(x), ctx.positions, cos_sin, self.q_heads,
